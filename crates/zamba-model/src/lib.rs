@@ -1,0 +1,17 @@
+//! The Zamba hybrid Mamba/attention language model (Zyphra, arXiv 2405.16712) in Burn,
+//! numerically the same model as Hugging Face transformers' `ZambaForCausalLM`.
+
+pub mod config;
+pub mod error;
+pub mod hf;
+pub mod loss;
+pub mod model;
+pub mod params;
+pub mod weights;
+
+pub use config::{LayerKind, ZambaConfig};
+pub use error::ModelError;
+pub use hf::{load_hf, save_hf, SaveDtype};
+pub use loss::{cross_entropy, next_token_loss, IGNORE_INDEX};
+pub use model::ZambaModel;
+pub use weights::{HostTensor, Init, RandomInit, WeightSource};

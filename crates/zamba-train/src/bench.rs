@@ -1,0 +1,259 @@
+//! `zamba-train bench …`: the numbers behind docs/performance.md. Every figure is reported
+//! against a peak measured in the same process (f32 matmul GFLOP/s, memory GB/s).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Int, Tensor};
+use clap::{Args, Subcommand};
+use zamba_model::params::{FlopsPerToken, ParamCounts};
+use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Forward+backward of a model preset: tokens/s, GFLOP/s vs the matmul peak, scan share, memory.
+    Model(ModelArgs),
+    /// The fused selective-scan op alone vs its roofline, and vs the plain-tensor-op reference.
+    Scan(ScanArgs),
+    /// The machine's f32 matmul peak and memory bandwidth as this build sees them.
+    Peak,
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    #[arg(long, default_value = "zamba-bench")]
+    preset: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+}
+
+#[derive(Args)]
+pub struct ScanArgs {
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    channels: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    state: usize,
+    #[arg(long, default_value_t = 2)]
+    groups: usize,
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    println!("threads: {}", rayon::current_num_threads());
+    match cmd {
+        BenchCommand::Peak => {
+            let peak = Peak::measure();
+            peak.print();
+            Ok(())
+        }
+        BenchCommand::Scan(args) => bench_scan(&args, &Peak::measure()),
+        BenchCommand::Model(args) => bench_model(&args),
+    }
+}
+
+/// Measured machine peaks.
+struct Peak {
+    matmul_gflops: f64,
+    bandwidth_gbs: f64,
+}
+
+impl Peak {
+    /// f32 matmul: the best of square products through Burn's CPU backend (the `gemm` crate, all
+    /// threads). Bandwidth: a large copy (read + write) through the same backend.
+    fn measure() -> Self {
+        let device = Device::flex();
+        let mut best: f64 = 0.0;
+        for n in [512usize, 1024, 2048] {
+            let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
+            let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
+            let _ = a.clone().matmul(b.clone()).into_data();
+            let reps = if n >= 2048 { 3 } else { 8 };
+            let t = Instant::now();
+            for _ in 0..reps {
+                let _ = a.clone().matmul(b.clone()).into_data();
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            best = best.max(2.0 * (n * n * n) as f64 / secs / 1e9);
+        }
+        let n = 64 << 20; // 64M floats = 256 MB
+        let src = vec![1.0f32; n];
+        let mut dst = vec![0.0f32; n];
+        dst.copy_from_slice(&src);
+        let reps = 5;
+        let t = Instant::now();
+        for _ in 0..reps {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+        }
+        let bandwidth_gbs = (2 * n * 4 * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        Self { matmul_gflops: best, bandwidth_gbs }
+    }
+
+    fn print(&self) {
+        println!("f32 matmul peak (best of 512³/1024³/2048³ through burn-flex gemm): {:.1} GFLOP/s", self.matmul_gflops);
+        println!("memory bandwidth (256 MB copy, read+write, one thread): {:.1} GB/s", self.bandwidth_gbs);
+    }
+}
+
+fn time<F: FnMut()>(repeats: usize, mut f: F) -> Duration {
+    f();
+    let t = Instant::now();
+    for _ in 0..repeats {
+        f();
+    }
+    t.elapsed() / repeats as u32
+}
+
+fn bench_scan(a: &ScanArgs, peak: &Peak) -> Result<()> {
+    if a.channels % a.groups != 0 {
+        bail!("--channels {} must be divisible by --groups {}", a.channels, a.groups);
+    }
+    peak.print();
+    let device = Device::flex();
+    let (fwd, bwd) = scan_times(&device, a.batch, a.channels, a.seq_len, a.state, a.groups, a.repeats, false);
+    let (ref_fwd, ref_bwd) = scan_times(&device, a.batch, a.channels, a.seq_len, a.state, a.groups, 1, true);
+    let (flops_f, flops_b) = zamba_kernels::scan_flops(a.batch, a.channels, a.seq_len, a.state);
+    let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(a.batch, a.channels, a.seq_len, a.state, a.groups);
+    let [flops_f, flops_b, bytes_f, bytes_b] = [flops_f, flops_b, bytes_f, bytes_b].map(|v| v as f64);
+    println!(
+        "selective_scan B={} D={} L={} N={} G={}",
+        a.batch, a.channels, a.seq_len, a.state, a.groups
+    );
+    for (name, t, flops, bytes, reference) in [
+        ("forward", fwd, flops_f, bytes_f, ref_fwd),
+        ("forward+backward", fwd + bwd, flops_f + flops_b, bytes_f + bytes_b, ref_fwd + ref_bwd),
+    ] {
+        let secs = t.as_secs_f64();
+        let roofline = (flops / (peak.matmul_gflops * 1e9)).max(bytes / (peak.bandwidth_gbs * 1e9));
+        println!(
+            "  {name:<17} {:>9.3} ms  {:>6.2} GFLOP/s  {:>6.2} GB/s  roofline {:.3} ms ({:.0}% of roofline)  reference ops {:.1} ms ({:.0}x slower)",
+            secs * 1e3,
+            flops / secs / 1e9,
+            bytes / secs / 1e9,
+            roofline * 1e3,
+            100.0 * roofline / secs,
+            reference.as_secs_f64() * 1e3,
+            reference.as_secs_f64() / secs
+        );
+    }
+    Ok(())
+}
+
+/// (forward, backward) time of one scan call with inputs that all require gradients.
+#[allow(clippy::too_many_arguments)]
+fn scan_times(
+    device: &Device,
+    batch: usize,
+    channels: usize,
+    len: usize,
+    state: usize,
+    groups: usize,
+    repeats: usize,
+    reference: bool,
+) -> (Duration, Duration) {
+    let rand = |shape: Vec<usize>, lo: f64, hi: f64| {
+        Tensor::<1>::random([shape.iter().product::<usize>()], Distribution::Uniform(lo, hi), device)
+    };
+    let u = rand(vec![batch, channels, len], -1.0, 1.0).reshape([batch, channels, len]);
+    let delta = rand(vec![batch, channels, len], -3.0, 0.0).reshape([batch, channels, len]);
+    let a = rand(vec![channels, state], -2.0, -0.1).reshape([channels, state]);
+    let b = rand(vec![batch, groups, len, state], -1.0, 1.0).reshape([batch, groups, len, state]);
+    let c = rand(vec![batch, groups, len, state], -1.0, 1.0).reshape([batch, groups, len, state]);
+    let d = rand(vec![channels], 0.5, 1.5);
+    let z = rand(vec![batch, channels, len], -1.0, 1.0).reshape([batch, channels, len]);
+    let bias = rand(vec![channels], -1.0, 0.0);
+    let scan = if reference { zamba_kernels::selective_scan_reference } else { zamba_kernels::selective_scan };
+    let forward = || {
+        scan(
+            u.clone().autodiff().require_grad(),
+            delta.clone().autodiff().require_grad(),
+            a.clone().autodiff().require_grad(),
+            b.clone().autodiff().require_grad(),
+            c.clone().autodiff().require_grad(),
+            d.clone().autodiff().require_grad(),
+            z.clone().autodiff().require_grad(),
+            bias.clone().autodiff().require_grad(),
+        )
+    };
+    let fwd = time(repeats, || {
+        let _ = forward().inner().into_data();
+    });
+    let total = time(repeats, || {
+        let _ = forward().sum().backward();
+    });
+    (fwd, total.saturating_sub(fwd))
+}
+
+fn bench_model(a: &ModelArgs) -> Result<()> {
+    let config = ZambaConfig::preset(&a.preset)?;
+    let peak = Peak::measure();
+    peak.print();
+    let device = Device::flex().autodiff();
+    let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &device)?;
+    let tokens = Tensor::<2, Int>::random([a.batch, a.seq_len + 1], Distribution::Uniform(0.0, config.vocab_size as f64), &device);
+    let step = || {
+        let logits = model.forward(tokens.clone());
+        let loss = next_token_loss(logits, tokens.clone());
+        let grads = loss.backward();
+        std::hint::black_box(grads);
+    };
+    let step_time = time(a.steps, step).as_secs_f64();
+    let forward_time = time(a.steps, || {
+        let _ = model.valid().forward(tokens.clone().inner()).into_data();
+    })
+    .as_secs_f64();
+
+    let tokens_per_step = (a.batch * a.seq_len) as f64;
+    let flops = FlopsPerToken::of(&config, a.seq_len);
+    let tok_s = tokens_per_step / step_time;
+    let achieved = flops.train() * tok_s / 1e9;
+    let (scan_f, scan_b) = scan_times(
+        &Device::flex(),
+        a.batch,
+        config.d_inner(),
+        a.seq_len + 1,
+        config.mamba_d_state,
+        config.n_mamba_heads,
+        a.steps,
+        false,
+    );
+    let scan_share = config.num_hidden_layers as f64 * (scan_f + scan_b).as_secs_f64() / step_time;
+    let params = ParamCounts::of(&config).total() as f64;
+    println!("model {} ({} parameters), batch {} × seq {}", a.preset, params, a.batch, a.seq_len);
+    println!("  train step (fwd+bwd): {:.3} s  → {:.0} tokens/s", step_time, tok_s);
+    println!("  inference forward:    {:.3} s  → {:.0} tokens/s", forward_time, tokens_per_step / forward_time);
+    println!(
+        "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s = {:.1}% of the measured matmul peak",
+        flops.train(),
+        achieved,
+        100.0 * achieved / peak.matmul_gflops
+    );
+    println!("  selective scan share of the step: {:.1}%", 100.0 * scan_share);
+    if let Some(rss) = peak_rss_bytes() {
+        println!(
+            "  peak RSS {:.1} MB; params+grads+AdamW moments (16 B/param) = {:.1} MB",
+            rss as f64 / 1e6,
+            16.0 * params / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// VmHWM from /proc (Linux); None elsewhere.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
