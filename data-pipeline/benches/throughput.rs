@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn text_bytes(path: &std::path::Path) -> anyhow::Result<u64> {
+    use arrow_array::Array;
     use arrow_array::cast::AsArray;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?.build()?;
     let mut total = 0u64;

@@ -144,8 +144,7 @@ pub fn inspect(input: &InputFile, cols: &Columns) -> Result<()> {
     match input.kind {
         InputKind::Parquet => {
             let builder = open_parquet(path)?;
-            let index = text_column_index(path, builder.schema().fields(), &cols.text)?;
-            let _ = index;
+            text_column_index(path, builder.schema().fields(), &cols.text)?;
             if builder.metadata().file_metadata().num_rows() == 0 {
                 bail!("empty input: {} has no rows", path.display());
             }

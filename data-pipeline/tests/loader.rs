@@ -165,6 +165,9 @@ fn resuming_on_changed_data_needs_explicit_permission() {
     let after = loader.state();
     assert_ne!(after.fingerprint, state.fingerprint);
     assert!(after.sources["alpha"].windows > state.sources["alpha"].windows, "sources continue from their saved position");
+    // The same mixture written with other weight units is the same data.
+    let scaled = config(&f, &[("alpha", 2.0), ("beta", 2.0)], 32, 1);
+    assert!(MixtureLoader::new(&scaled, 0, 1, 4, Some(state.clone()), false).is_ok());
     // A different seq_len is different data too.
     let err = MixtureLoader::new(&config(&f, &[("alpha", 0.5), ("beta", 0.5)], 64, 1), 0, 1, 4, Some(state), false).err().unwrap();
     assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::FingerprintMismatch { .. })));
@@ -280,4 +283,18 @@ fn out_of_vocabulary_ids_surface_in_the_training_thread() {
     assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::TokenOutOfVocab { vocab: 200, .. })), "{err:#}");
     assert!(format!("{err:#}").contains("shard-00000.parquet"), "{err:#}");
     assert!(loader.next_batch().is_err(), "the loader stays failed");
+}
+
+#[test]
+fn data_config_reads_from_json_with_defaults_and_relative_paths() {
+    let f = fixture();
+    let path = f.root.join("phase1.json");
+    std::fs::write(&path, r#"{"seq_len": 64, "sources": {"web": {"paths": ["alpha"], "weight": 1, "validation": ["beta"]}}}"#).unwrap();
+    let cfg = DataConfig::load(&path).unwrap();
+    assert_eq!((cfg.seed, cfg.shuffle_blocks, cfg.prefetch, cfg.model_vocab_size), (0, 16, 4, None));
+    assert_eq!(cfg.sources["web"].paths, vec![f.root.join("alpha").to_string_lossy().into_owned()]);
+    let mut loader = MixtureLoader::new(&cfg, 0, 1, 2, None, false).unwrap();
+    assert_eq!(loader.next_batch().unwrap().rows, 2);
+    std::fs::write(&path, r#"{"seq_len": 64, "sources": {}, "typo_field": 1}"#).unwrap();
+    assert!(format!("{:#}", DataConfig::load(&path).unwrap_err()).contains("typo_field"));
 }

@@ -378,16 +378,18 @@ fn restore(saved: LoaderState, fingerprint: &str, names: &[String], allow_mismat
 /// hash, manifest fingerprint), seq_len, seed and shuffle granularity. Paths are excluded so the
 /// data may move.
 fn fingerprint(config: &DataConfig, resolved: &[Vec<ResolvedShard>]) -> String {
+    // Normalised, so weights 1:1 and 2:2 (the same mixture) give the same fingerprint.
     let sources: Vec<serde_json::Value> = config
         .sources
-        .iter()
+        .keys()
+        .zip(config.normalised_weights())
         .zip(resolved)
-        .map(|((name, source), shards)| {
+        .map(|((name, weight), shards)| {
             let shards: Vec<serde_json::Value> = shards
                 .iter()
                 .map(|s| serde_json::json!([s.manifest_fingerprint, s.info.file, s.info.bytes, s.info.blake3]))
                 .collect();
-            serde_json::json!({"name": name, "weight": source.weight, "shards": shards})
+            serde_json::json!({"name": name, "weight": weight, "shards": shards})
         })
         .collect();
     let value = serde_json::json!({
