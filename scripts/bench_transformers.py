@@ -95,13 +95,20 @@ def main() -> int:
         out.loss.backward()
         return float(out.loss.detach())
 
-    for _ in range(args.warmup):
+    def note(msg: str) -> None:
+        print(f"[bench] {msg} (loadavg {loadavg()})", file=sys.stderr, flush=True)
+
+    note(f"{n_params} params, hybrid layers {hybrid}, {args.warmup} warmup + {args.steps} timed steps")
+    for i in range(args.warmup):
+        t0 = time.perf_counter()
         step()
+        note(f"warmup step {i + 1}/{args.warmup}: {time.perf_counter() - t0:.1f} s")
     times, losses = [], []
-    for _ in range(args.steps):
+    for i in range(args.steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+        note(f"timed step {i + 1}/{args.steps}: {times[-1]:.1f} s, loss {losses[-1]:.4f}")
 
     sps = sum(times) / len(times)
     result = {
