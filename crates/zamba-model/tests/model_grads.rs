@@ -65,11 +65,13 @@ fn loss_with(model: &ZambaModel, tokens: &Tensor<2, Int>, set: impl Fn(&mut Zamb
 
 #[test]
 fn shared_block_gradient_sums_all_of_its_uses() {
-    let config = tiny();
+    // The h2 fixture: transformers weights with three hybrid layers, so the shared block is used
+    // three times and carries a gradient well above f32 noise.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/zamba-tiny-h2");
+    let device = Device::flex().autodiff();
+    let (config, model) = zamba_model::load_hf(&dir, &device).unwrap();
     assert!(config.hybrid_layers().len() >= 2, "the test needs two uses of the shared block");
-    let device = Device::flex();
-    let model = ZambaModel::from_source(&config, &mut RandomInit::new(5), &device.clone().autodiff()).unwrap();
-    let tokens_ad = tokens(&config, &device.clone().autodiff(), 2, 24);
+    let tokens_ad = tokens(&config, &device, 2, 24);
     let loss = next_token_loss(model.forward(tokens_ad.clone()), tokens_ad.clone());
     let grads = loss.backward();
     let g_q = model.shared.q_proj.weight.val().grad(&grads).unwrap();
@@ -81,7 +83,8 @@ fn shared_block_gradient_sums_all_of_its_uses() {
     let tokens = tokens_ad.inner();
     for (name, g) in [("q_proj", g_q), ("up_proj", g_up)] {
         let norm2 = g.clone().square().sum().into_scalar::<f32>() as f64;
-        let eps = 1e-2 / norm2.sqrt();
+        assert!(norm2 > 1e-4, "{name}: gradient too small to test ({norm2})");
+        let eps = 1e-3 / norm2.sqrt();
         let shift = |sign: f64| {
             let g = g.clone();
             move |m: &mut ZambaModel| {
@@ -91,7 +94,7 @@ fn shared_block_gradient_sums_all_of_its_uses() {
         };
         let fd = (loss_with(&plain, &tokens, shift(1.0)) - loss_with(&plain, &tokens, shift(-1.0))) / (2.0 * eps);
         let rel = (fd - norm2).abs() / norm2;
-        assert!(rel < 2e-2, "{name}: finite difference {fd} vs autodiff {norm2} (relative error {rel})");
+        assert!(rel < 1e-2, "{name}: finite difference {fd} vs autodiff {norm2} (relative error {rel})");
     }
 }
 
