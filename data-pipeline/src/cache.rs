@@ -28,7 +28,14 @@ pub struct SyntheticCacheOptions {
 
 impl Default for SyntheticCacheOptions {
     fn default() -> Self {
-        Self { seed: 0, web_docs: 20_000, instruct_examples: 20_000, validation_fraction: 0.05, tokenizer: TokenizerSpec::Byte, row_group_tokens: 1 << 16 }
+        Self {
+            seed: 0,
+            web_docs: 20_000,
+            instruct_examples: 20_000,
+            validation_fraction: 0.05,
+            tokenizer: TokenizerSpec::Byte,
+            row_group_tokens: 1 << 16,
+        }
     }
 }
 
@@ -57,7 +64,10 @@ impl SyntheticCache {
     /// Phase 1: synthetic web only.
     pub fn web_config(&self, seq_len: usize, seed: u64) -> DataConfig {
         DataConfig {
-            sources: BTreeMap::from([("web".to_owned(), Self::source(&self.web_train, &self.web_validation, 1.0))]),
+            sources: BTreeMap::from([(
+                "web".to_owned(),
+                Self::source(&self.web_train, &self.web_validation, 1.0),
+            )]),
             seq_len,
             seed,
             shuffle_blocks: 16,
@@ -67,10 +77,23 @@ impl SyntheticCache {
     }
 
     /// Phase 2: replayed web and instruct data with the given weights.
-    pub fn mixture_config(&self, seq_len: usize, seed: u64, web_weight: f64, instruct_weight: f64) -> DataConfig {
+    pub fn mixture_config(
+        &self,
+        seq_len: usize,
+        seed: u64,
+        web_weight: f64,
+        instruct_weight: f64,
+    ) -> DataConfig {
         let mut config = self.web_config(seq_len, seed);
         config.sources.get_mut("web").expect("web source").weight = web_weight;
-        config.sources.insert("instruct".to_owned(), Self::source(&self.instruct_train, &self.instruct_validation, instruct_weight));
+        config.sources.insert(
+            "instruct".to_owned(),
+            Self::source(
+                &self.instruct_train,
+                &self.instruct_validation,
+                instruct_weight,
+            ),
+        );
         config
     }
 }
@@ -78,36 +101,49 @@ impl SyntheticCache {
 /// Returns the cache for `opts` under `cache_dir`, generating and tokenizing it first if absent.
 /// The same options always give the same token shards (and content fingerprints); different
 /// options get a different subdirectory.
-pub fn ensure_synthetic_cache(cache_dir: &Path, opts: &SyntheticCacheOptions) -> Result<SyntheticCache> {
+pub fn ensure_synthetic_cache(
+    cache_dir: &Path,
+    opts: &SyntheticCacheOptions,
+) -> Result<SyntheticCache> {
     let tokenizer_hash = match &opts.tokenizer {
         TokenizerSpec::Byte => "byte-v1".to_owned(),
         TokenizerSpec::File(path) => hash_file(path)?,
     };
     let key_text = format!(
         "v{CACHE_VERSION}/{}/{}/{}/{}/{tokenizer_hash}/{}",
-        opts.seed, opts.web_docs, opts.instruct_examples, opts.validation_fraction, opts.row_group_tokens
+        opts.seed,
+        opts.web_docs,
+        opts.instruct_examples,
+        opts.validation_fraction,
+        opts.row_group_tokens
     );
     let key = &blake3::hash(key_text.as_bytes()).to_hex()[..16];
     let dir = cache_dir.join(format!("synth-{key}"));
     if dir.join(CACHE_FILE).exists() {
         return load(&dir);
     }
-    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating cache directory {}", cache_dir.display()))?;
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating cache directory {}", cache_dir.display()))?;
     // Built under a private name and renamed, so an interrupted build is never mistaken for a cache.
     let building = cache_dir.join(format!(".synth-{key}.building-{}", std::process::id()));
     if building.exists() {
-        std::fs::remove_dir_all(&building).with_context(|| format!("removing {}", building.display()))?;
+        std::fs::remove_dir_all(&building)
+            .with_context(|| format!("removing {}", building.display()))?;
     }
     let result = build(&building, opts);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&building);
-        return Err(e.context(format!("building the synthetic data cache in {}", cache_dir.display())));
+        return Err(e.context(format!(
+            "building the synthetic data cache in {}",
+            cache_dir.display()
+        )));
     }
     if let Err(e) = std::fs::rename(&building, &dir) {
         let _ = std::fs::remove_dir_all(&building);
         // Another process may have finished the same cache first.
         if !dir.join(CACHE_FILE).exists() {
-            return Err(e).with_context(|| format!("moving the synthetic cache into {}", dir.display()));
+            return Err(e)
+                .with_context(|| format!("moving the synthetic cache into {}", dir.display()));
         }
     }
     load(&dir)
@@ -122,9 +158,18 @@ fn build(dir: &Path, opts: &SyntheticCacheOptions) -> Result<()> {
     synth_opts.validation_fraction = opts.validation_fraction;
     synth(&synth_opts)?;
     let mut manifests = BTreeMap::new();
-    for split in ["web/train", "web/validation", "instruct/train", "instruct/validation"] {
+    for split in [
+        "web/train",
+        "web/validation",
+        "instruct/train",
+        "instruct/validation",
+    ] {
         let out = dir.join("tokenized").join(split.replace('/', "-"));
-        let mut t = TokenizeOptions::new(vec![raw.join(split).to_string_lossy().into_owned()], &out, opts.tokenizer.clone());
+        let mut t = TokenizeOptions::new(
+            vec![raw.join(split).to_string_lossy().into_owned()],
+            &out,
+            opts.tokenizer.clone(),
+        );
         t.row_group_tokens = opts.row_group_tokens;
         manifests.insert(split, tokenize(&t)?);
     }
@@ -145,10 +190,17 @@ fn build(dir: &Path, opts: &SyntheticCacheOptions) -> Result<()> {
 
 fn load(dir: &Path) -> Result<SyntheticCache> {
     let path = dir.join(CACHE_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cache: SyntheticCache = serde_json::from_str(&text).with_context(|| format!("{} is corrupt; delete {}", path.display(), dir.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cache: SyntheticCache = serde_json::from_str(&text)
+        .with_context(|| format!("{} is corrupt; delete {}", path.display(), dir.display()))?;
     let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
-    for p in [&mut cache.web_train, &mut cache.web_validation, &mut cache.instruct_train, &mut cache.instruct_validation] {
+    for p in [
+        &mut cache.web_train,
+        &mut cache.web_validation,
+        &mut cache.instruct_train,
+        &mut cache.instruct_validation,
+    ] {
         *p = dir.join(&*p);
     }
     cache.dir = dir;

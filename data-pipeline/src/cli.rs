@@ -35,7 +35,11 @@ pub struct ColumnArgs {
 
 impl ColumnArgs {
     fn columns(&self) -> Columns {
-        Columns { text: self.text_column.clone(), id: self.id_column.clone(), source: self.source_column.clone() }
+        Columns {
+            text: self.text_column.clone(),
+            id: self.id_column.clone(),
+            source: self.source_column.clone(),
+        }
     }
 }
 
@@ -67,6 +71,12 @@ pub struct TokenizeArgs {
     /// Begin-of-document token, when the tokenizer's is not one of the usual names.
     #[arg(long)]
     pub bos_token: Option<String>,
+    /// End-of-document token id (instead of --eos-token).
+    #[arg(long, conflicts_with = "eos_token")]
+    pub eos_id: Option<u32>,
+    /// Begin-of-document token id (instead of --bos-token).
+    #[arg(long, conflicts_with = "bos_token")]
+    pub bos_id: Option<u32>,
     /// Tokenizer threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -118,24 +128,33 @@ pub struct SynthArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Tokenize(a) => {
-            let mut opts = TokenizeOptions::new(a.inputs, a.out, a.tokenizer.parse::<TokenizerSpec>().expect("infallible"));
+            let mut opts = TokenizeOptions::new(
+                a.inputs,
+                a.out,
+                a.tokenizer.parse::<TokenizerSpec>().expect("infallible"),
+            );
             opts.columns = a.columns.columns();
             opts.source_name = a.source_name;
             opts.shard_tokens = a.shard_tokens;
             opts.row_group_tokens = a.row_group_tokens;
             opts.add_bos = a.bos;
-            opts.special = SpecialTokens { eos: a.eos_token, bos: a.bos_token };
+            opts.special = SpecialTokens {
+                eos: a.eos_token,
+                bos: a.bos_token,
+                eos_id: a.eos_id,
+                bos_id: a.bos_id,
+            };
             opts.threads = a.threads;
             opts.progress = !a.no_progress && std::io::stderr().is_terminal();
             let manifest = tokenize(&opts)?;
             println!(
-                "{}: {} shards, {} documents, {} tokens (vocab {}, {:?}), fingerprint {}",
+                "{}: {} shards, {} documents, {} tokens (vocab {}, {}), fingerprint {}",
                 opts.out.display(),
                 manifest.shards.len(),
                 manifest.total_docs,
                 manifest.total_tokens,
                 manifest.vocab_size(),
-                manifest.settings.token_dtype,
+                manifest.settings.token_dtype.name(),
                 manifest.content_fingerprint
             );
         }
@@ -154,7 +173,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             opts.instruct_examples = a.instruct_examples;
             opts.validation_fraction = a.validation_fraction;
             for split in synth(&opts)? {
-                println!("{}: {} rows in {} files under {}", split.name, split.rows, split.files.len(), split.dir.display());
+                println!(
+                    "{}: {} rows in {} files under {}",
+                    split.name,
+                    split.rows,
+                    split.files.len(),
+                    split.dir.display()
+                );
             }
         }
     }

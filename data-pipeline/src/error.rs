@@ -16,11 +16,21 @@ pub enum DataError {
         "sources were tokenized with different tokenizers: {first_dir} used {first} but {other_dir} used {other}; \
          re-tokenize one of them with the same tokenizer.json"
     )]
-    TokenizerMismatch { first_dir: PathBuf, first: String, other_dir: PathBuf, other: String },
+    TokenizerMismatch {
+        first_dir: PathBuf,
+        first: String,
+        other_dir: PathBuf,
+        other: String,
+    },
 
     #[error(
         "token id {id} in {file} (row group {row_group}) is >= the vocabulary size {vocab}: \
          the shard does not belong to this tokenizer/model; re-tokenize it or fix model_vocab_size"
     )]
-    TokenOutOfVocab { file: PathBuf, row_group: usize, id: u32, vocab: u32 },
+    TokenOutOfVocab {
+        file: PathBuf,
+        row_group: usize,
+        id: u32,
+        vocab: u32,
+    },
 }

@@ -42,11 +42,19 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, hasher: blake3::Hasher::new(), written: 0 }
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+        }
     }
 
     pub fn finish(self) -> (W, String, u64) {
-        (self.inner, self.hasher.finalize().to_hex().to_string(), self.written)
+        (
+            self.inner,
+            self.hasher.finalize().to_hex().to_string(),
+            self.written,
+        )
     }
 }
 

@@ -29,7 +29,10 @@ impl InputKind {
         let name = path.file_name()?.to_string_lossy().to_lowercase();
         if name.ends_with(".parquet") {
             Some(Self::Parquet)
-        } else if name.ends_with(".jsonl.gz") || name.ends_with(".json.gz") || name.ends_with(".ndjson.gz") {
+        } else if name.ends_with(".jsonl.gz")
+            || name.ends_with(".json.gz")
+            || name.ends_with(".ndjson.gz")
+        {
             Some(Self::JsonLinesGz)
         } else if name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".ndjson") {
             Some(Self::JsonLines)
@@ -60,7 +63,11 @@ pub struct Columns {
 
 impl Default for Columns {
     fn default() -> Self {
-        Self { text: "text".into(), id: "id".into(), source: "source".into() }
+        Self {
+            text: "text".into(),
+            id: "id".into(),
+            source: "source".into(),
+        }
     }
 }
 
@@ -101,9 +108,15 @@ pub fn resolve_inputs(patterns: &[String]) -> Result<Vec<InputFile>> {
                 bail!("input {pattern} matches no files (check the path or glob)");
             }
             let total = matches.len();
-            found.extend(matches.into_iter().filter(|p| p.is_file() && InputKind::of(p).is_some()));
+            found.extend(
+                matches
+                    .into_iter()
+                    .filter(|p| p.is_file() && InputKind::of(p).is_some()),
+            );
             if found.is_empty() {
-                bail!("input pattern {pattern} matches {total} paths but none is a supported file ({SUPPORTED})");
+                bail!(
+                    "input pattern {pattern} matches {total} paths but none is a supported file ({SUPPORTED})"
+                );
             }
             found.sort();
         }
@@ -114,7 +127,9 @@ pub fn resolve_inputs(patterns: &[String]) -> Result<Vec<InputFile>> {
     files
         .into_iter()
         .map(|path| {
-            let bytes = std::fs::metadata(&path).with_context(|| format!("reading metadata of {}", path.display()))?.len();
+            let bytes = std::fs::metadata(&path)
+                .with_context(|| format!("reading metadata of {}", path.display()))?
+                .len();
             let kind = InputKind::of(&path).expect("filtered to supported kinds");
             Ok(InputFile { path, kind, bytes })
         })
@@ -156,7 +171,11 @@ pub fn inspect(input: &InputFile, cols: &Columns) -> Result<()> {
             loop {
                 line.clear();
                 number += 1;
-                if reader.read_line(&mut line).with_context(|| format!("reading {}", path.display()))? == 0 {
+                if reader
+                    .read_line(&mut line)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    == 0
+                {
                     bail!("empty input: {} contains no JSON records", path.display());
                 }
                 if !line.trim().is_empty() {
@@ -188,12 +207,22 @@ pub fn for_each_doc(
         InputKind::JsonLines | InputKind::JsonLinesGz => json_docs(input, cols, skip, progress, f),
         InputKind::Text => {
             if skip == 0 {
-                let bytes = std::fs::read(&input.path).with_context(|| format!("reading {}", input.path.display()))?;
-                let text = String::from_utf8(bytes)
-                    .map_err(|e| anyhow::anyhow!("{} is not valid UTF-8 text ({e})", input.path.display()))?;
+                let bytes = std::fs::read(&input.path)
+                    .with_context(|| format!("reading {}", input.path.display()))?;
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    anyhow::anyhow!("{} is not valid UTF-8 text ({e})", input.path.display())
+                })?;
                 progress(input.bytes);
-                let id = input.path.file_name().map(|n| n.to_string_lossy().into_owned());
-                f(Doc { text, id, source: None, record: 0 })?;
+                let id = input
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                f(Doc {
+                    text,
+                    id,
+                    source: None,
+                    record: 0,
+                })?;
             }
             Ok(())
         }
@@ -208,7 +237,10 @@ fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
 }
 
 fn is_string(dt: &DataType) -> bool {
-    matches!(dt, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+    matches!(
+        dt,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    )
 }
 
 fn text_column_index(path: &Path, fields: &arrow_schema::Fields, name: &str) -> Result<usize> {
@@ -221,19 +253,34 @@ fn text_column_index(path: &Path, fields: &arrow_schema::Fields, name: &str) -> 
         );
     };
     if !is_string(field.data_type()) {
-        bail!("column {name:?} in {} has type {}, expected a string column; pass --text-column with the text column", path.display(), field.data_type());
+        bail!(
+            "column {name:?} in {} has type {}, expected a string column; pass --text-column with the text column",
+            path.display(),
+            field.data_type()
+        );
     }
     Ok(index)
 }
 
-fn parquet_docs(input: &InputFile, cols: &Columns, skip: u64, progress: &dyn Fn(u64), f: &mut dyn FnMut(Doc) -> Result<bool>) -> Result<()> {
+fn parquet_docs(
+    input: &InputFile,
+    cols: &Columns,
+    skip: u64,
+    progress: &dyn Fn(u64),
+    f: &mut dyn FnMut(Doc) -> Result<bool>,
+) -> Result<()> {
     let path = &input.path;
     let builder = open_parquet(path)?;
     let fields = builder.schema().fields().clone();
     let text_index = text_column_index(path, &fields, &cols.text)?;
     let mut roots = vec![text_index];
     roots.extend(fields.find(&cols.id).map(|(i, _)| i));
-    roots.extend(fields.find(&cols.source).map(|(i, _)| i).filter(|&i| is_string(fields[i].data_type())));
+    roots.extend(
+        fields
+            .find(&cols.source)
+            .map(|(i, _)| i)
+            .filter(|&i| is_string(fields[i].data_type())),
+    );
     let total_rows = builder.metadata().file_metadata().num_rows().max(1) as u64;
     // Skip whole row groups via the footer, then the remainder inside the first kept group.
     let mut first_group = 0;
@@ -257,7 +304,12 @@ fn parquet_docs(input: &InputFile, cols: &Columns, skip: u64, progress: &dyn Fn(
         .with_context(|| format!("reading {}", path.display()))?;
     let mut record = skip;
     for batch in reader {
-        let batch = batch.map_err(|e| anyhow::anyhow!("reading {} near row {record}: {e}; the file may be corrupt or truncated", path.display()))?;
+        let batch = batch.map_err(|e| {
+            anyhow::anyhow!(
+                "reading {} near row {record}: {e}; the file may be corrupt or truncated",
+                path.display()
+            )
+        })?;
         let rows = batch.num_rows() as u64;
         if !emit_batch(&batch, cols, &mut record, f)? {
             return Ok(());
@@ -267,18 +319,29 @@ fn parquet_docs(input: &InputFile, cols: &Columns, skip: u64, progress: &dyn Fn(
     Ok(())
 }
 
-fn emit_batch(batch: &RecordBatch, cols: &Columns, record: &mut u64, f: &mut dyn FnMut(Doc) -> Result<bool>) -> Result<bool> {
-    let text = batch.column_by_name(&cols.text).expect("projected text column");
+fn emit_batch(
+    batch: &RecordBatch,
+    cols: &Columns,
+    record: &mut u64,
+    f: &mut dyn FnMut(Doc) -> Result<bool>,
+) -> Result<bool> {
+    let text = batch
+        .column_by_name(&cols.text)
+        .expect("projected text column");
     let id = batch.column_by_name(&cols.id);
     let source = batch.column_by_name(&cols.source);
     for row in 0..batch.num_rows() {
         let index = *record;
         *record += 1;
-        let Some(text) = string_at(text.as_ref(), row) else { continue };
+        let Some(text) = string_at(text.as_ref(), row) else {
+            continue;
+        };
         let doc = Doc {
             text: text.to_owned(),
             id: id.and_then(|c| id_at(c.as_ref(), row)),
-            source: source.and_then(|c| string_at(c.as_ref(), row)).map(str::to_owned),
+            source: source
+                .and_then(|c| string_at(c.as_ref(), row))
+                .map(str::to_owned),
             record: index,
         };
         if !f(doc)? {
@@ -317,7 +380,8 @@ fn id_at(col: &dyn Array, row: usize) -> Option<String> {
     if let Some(a) = col.as_primitive_opt::<Int32Type>() {
         return Some(a.value(row).to_string());
     }
-    col.as_primitive_opt::<UInt32Type>().map(|a| a.value(row).to_string())
+    col.as_primitive_opt::<UInt32Type>()
+        .map(|a| a.value(row).to_string())
 }
 
 /// Counts bytes read from the underlying (possibly compressed) file for progress reporting.
@@ -334,11 +398,21 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-fn open_lines(path: &Path, kind: InputKind, count: Option<Arc<AtomicU64>>) -> Result<Box<dyn BufRead>> {
+fn open_lines(
+    path: &Path,
+    kind: InputKind,
+    count: Option<Arc<AtomicU64>>,
+) -> Result<Box<dyn BufRead>> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let counted = CountingReader { inner: file, count: count.unwrap_or_default() };
+    let counted = CountingReader {
+        inner: file,
+        count: count.unwrap_or_default(),
+    };
     Ok(if kind == InputKind::JsonLinesGz {
-        Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(BufReader::new(counted))))
+        Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::read::MultiGzDecoder::new(BufReader::new(counted)),
+        ))
     } else {
         Box::new(BufReader::with_capacity(1 << 20, counted))
     })
@@ -346,10 +420,13 @@ fn open_lines(path: &Path, kind: InputKind, count: Option<Arc<AtomicU64>>) -> Re
 
 /// Parses one JSON line; Ok(None) when the text field is null (skipped, as in parquet).
 fn parse_json_doc(line: &str, path: &Path, number: u64, cols: &Columns) -> Result<Option<Doc>> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).with_context(|| format!("{}:{number}: not valid JSON", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("{}:{number}: not valid JSON", path.display()))?;
     let serde_json::Value::Object(mut map) = value else {
-        bail!("{}:{number}: expected a JSON object per line", path.display());
+        bail!(
+            "{}:{number}: expected a JSON object per line",
+            path.display()
+        );
     };
     let text = match map.remove(&cols.text) {
         Some(serde_json::Value::String(s)) => s,
@@ -379,7 +456,12 @@ fn parse_json_doc(line: &str, path: &Path, number: u64, cols: &Columns) -> Resul
         Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
-    Ok(Some(Doc { text, id, source, record: number - 1 }))
+    Ok(Some(Doc {
+        text,
+        id,
+        source,
+        record: number - 1,
+    }))
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -393,7 +475,13 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn json_docs(input: &InputFile, cols: &Columns, skip: u64, progress: &dyn Fn(u64), f: &mut dyn FnMut(Doc) -> Result<bool>) -> Result<()> {
+fn json_docs(
+    input: &InputFile,
+    cols: &Columns,
+    skip: u64,
+    progress: &dyn Fn(u64),
+    f: &mut dyn FnMut(Doc) -> Result<bool>,
+) -> Result<()> {
     let path = &input.path;
     let count = Arc::new(AtomicU64::new(0));
     let mut reader = open_lines(path, input.kind, Some(count.clone()))?;
@@ -402,9 +490,12 @@ fn json_docs(input: &InputFile, cols: &Columns, skip: u64, progress: &dyn Fn(u64
     let mut reported = 0u64;
     loop {
         line.clear();
-        let n = reader
-            .read_line(&mut line)
-            .with_context(|| format!("reading {} after line {number}; the file may be corrupt, truncated or not UTF-8", path.display()))?;
+        let n = reader.read_line(&mut line).with_context(|| {
+            format!(
+                "reading {} after line {number}; the file may be corrupt, truncated or not UTF-8",
+                path.display()
+            )
+        })?;
         if n == 0 {
             break;
         }
@@ -412,10 +503,10 @@ fn json_docs(input: &InputFile, cols: &Columns, skip: u64, progress: &dyn Fn(u64
         if number <= skip || line.trim().is_empty() {
             continue;
         }
-        if let Some(doc) = parse_json_doc(&line, path, number, cols)? {
-            if !f(doc)? {
-                return Ok(());
-            }
+        if let Some(doc) = parse_json_doc(&line, path, number, cols)?
+            && !f(doc)?
+        {
+            return Ok(());
         }
         let now = count.load(Ordering::Relaxed);
         if now - reported >= 1 << 20 {

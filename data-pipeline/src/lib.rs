@@ -25,7 +25,9 @@ pub mod train_tokenizer;
 pub use cache::{SyntheticCache, SyntheticCacheOptions, ensure_synthetic_cache};
 pub use cli::{DataCommand, run};
 pub use error::DataError;
-pub use loader::{Batch, DataConfig, LoaderState, MixtureLoader, SourceConfig, SourceCursor, ValidationBatches};
+pub use loader::{
+    Batch, DataConfig, LoaderState, MixtureLoader, SourceConfig, SourceCursor, ValidationBatches,
+};
 pub use manifest::{Manifest, ShardInfo, TokenDtype};
 pub use synth::{SynthKind, SynthOptions, synth};
 pub use tokenize::{TokenizeOptions, tokenize};

@@ -19,9 +19,20 @@ pub enum TokenDtype {
 }
 
 impl TokenDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::U16 => "u16",
+            Self::U32 => "u32",
+        }
+    }
+
     /// u16 halves shard size and read bandwidth whenever every id fits.
     pub fn for_vocab(vocab_size: u32) -> Self {
-        if vocab_size <= 1 << 16 { Self::U16 } else { Self::U32 }
+        if vocab_size <= 1 << 16 {
+            Self::U16
+        } else {
+            Self::U32
+        }
     }
 }
 
@@ -106,14 +117,27 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         if !path.exists() {
             if dir.join(PROGRESS_FILE).exists() {
-                bail!("{} holds an unfinished tokenization (no {MANIFEST_FILE} yet); rerun the same `data tokenize` command to finish it", dir.display());
+                bail!(
+                    "{} holds an unfinished tokenization (no {MANIFEST_FILE} yet); rerun the same `data tokenize` command to finish it",
+                    dir.display()
+                );
             }
-            bail!("{} has no {MANIFEST_FILE}: expected a directory written by `zamba-train data tokenize`", dir.display());
+            bail!(
+                "{} has no {MANIFEST_FILE}: expected a directory written by `zamba-train data tokenize`",
+                dir.display()
+            );
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid manifest", path.display()))?;
         if manifest.format != FORMAT || manifest.version != FORMAT_VERSION {
-            bail!("{} has format {} v{}, this build reads {FORMAT} v{FORMAT_VERSION}", path.display(), manifest.format, manifest.version);
+            bail!(
+                "{} has format {} v{}, this build reads {FORMAT} v{FORMAT_VERSION}",
+                path.display(),
+                manifest.format,
+                manifest.version
+            );
         }
         Ok(manifest)
     }

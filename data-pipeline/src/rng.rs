@@ -23,7 +23,11 @@ pub fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
 /// Stable 64-bit id of a name (first 8 bytes of its blake3 hash).
 pub fn name_id(name: &str) -> u64 {
     let hash = blake3::hash(name.as_bytes());
-    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("blake3 hash has 32 bytes"))
+    u64::from_le_bytes(
+        hash.as_bytes()[..8]
+            .try_into()
+            .expect("blake3 hash has 32 bytes"),
+    )
 }
 
 pub fn rng_for(seed: u64, parts: &[u64]) -> ChaCha8Rng {

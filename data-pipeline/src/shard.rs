@@ -10,7 +10,9 @@ use arrow_array::types::{UInt16Type, UInt32Type};
 use arrow_array::{ArrayRef, ListArray, RecordBatch, StringArray, UInt16Array, UInt32Array};
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -29,7 +31,11 @@ pub fn schema(dtype: TokenDtype) -> SchemaRef {
         TokenDtype::U32 => DataType::UInt32,
     };
     Arc::new(Schema::new(vec![
-        Field::new("tokens", DataType::List(Arc::new(Field::new("item", item, false))), false),
+        Field::new(
+            "tokens",
+            DataType::List(Arc::new(Field::new("item", item, false))),
+            false,
+        ),
         Field::new("source", DataType::Utf8, false),
         Field::new("id", DataType::Utf8, true),
     ]))
@@ -37,7 +43,9 @@ pub fn schema(dtype: TokenDtype) -> SchemaRef {
 
 fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("zstd level 3 is valid")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("zstd level 3 is valid"),
+        ))
         // Row groups are cut by token count in `flush_row_group`, never by row count.
         .set_max_row_group_row_count(None)
         // Token ids have too many distinct values for dictionaries to pay; `source` has few.
@@ -77,7 +85,13 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub fn new(dir: &Path, dtype: TokenDtype, shard_tokens: u64, row_group_tokens: u64, first_index: usize) -> Self {
+    pub fn new(
+        dir: &Path,
+        dtype: TokenDtype,
+        shard_tokens: u64,
+        row_group_tokens: u64,
+        first_index: usize,
+    ) -> Self {
         Self {
             dir: dir.to_path_buf(),
             dtype,
@@ -85,18 +99,27 @@ impl ShardWriter {
             row_group_tokens: row_group_tokens.max(1),
             next_index: first_index,
             open: None,
-            buffer: RowGroupBuffer { offsets: vec![0], ..Default::default() },
+            buffer: RowGroupBuffer {
+                offsets: vec![0],
+                ..Default::default()
+            },
         }
     }
 
     /// Appends one document; returns the shard it completed, if any.
-    pub fn push(&mut self, tokens: &[u32], source: &str, id: Option<&str>) -> Result<Option<ShardInfo>> {
+    pub fn push(
+        &mut self,
+        tokens: &[u32],
+        source: &str,
+        id: Option<&str>,
+    ) -> Result<Option<ShardInfo>> {
         if self.open.is_none() {
             self.open = Some(self.open_next()?);
         }
         let buffer = &mut self.buffer;
         buffer.tokens.extend_from_slice(tokens);
-        let end = i32::try_from(buffer.tokens.len()).context("a row group exceeds 2^31 tokens; lower --row-group-tokens")?;
+        let end = i32::try_from(buffer.tokens.len())
+            .context("a row group exceeds 2^31 tokens; lower --row-group-tokens")?;
         buffer.offsets.push(end);
         buffer.sources.push(source.to_owned());
         buffer.ids.push(id.map(str::to_owned));
@@ -106,7 +129,11 @@ impl ShardWriter {
         if self.buffer.tokens.len() as u64 >= self.row_group_tokens {
             self.flush_row_group()?;
         }
-        if self.open.as_ref().is_some_and(|o| o.tokens >= self.shard_tokens) {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.tokens >= self.shard_tokens)
+        {
             return self.finish_shard().map(Some);
         }
         Ok(None)
@@ -114,7 +141,11 @@ impl ShardWriter {
 
     /// Completes the last, partially filled shard.
     pub fn finish(mut self) -> Result<Option<ShardInfo>> {
-        if self.open.is_some() { self.finish_shard().map(Some) } else { Ok(None) }
+        if self.open.is_some() {
+            self.finish_shard().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     fn open_next(&mut self) -> Result<OpenShard> {
@@ -123,35 +154,69 @@ impl ShardWriter {
         let path = self.dir.join(&file);
         let tmp = tmp_path(&path);
         let handle = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let writer = ArrowWriter::try_new(HashingWriter::new(handle), schema(self.dtype), Some(writer_properties()))
-            .with_context(|| format!("starting parquet writer for {}", tmp.display()))?;
-        Ok(OpenShard { writer, tmp, path, file, docs: 0, tokens: 0, row_groups: Vec::new() })
+        let writer = ArrowWriter::try_new(
+            HashingWriter::new(handle),
+            schema(self.dtype),
+            Some(writer_properties()),
+        )
+        .with_context(|| format!("starting parquet writer for {}", tmp.display()))?;
+        Ok(OpenShard {
+            writer,
+            tmp,
+            path,
+            file,
+            docs: 0,
+            tokens: 0,
+            row_groups: Vec::new(),
+        })
     }
 
     fn flush_row_group(&mut self) -> Result<()> {
-        let buffer = std::mem::replace(&mut self.buffer, RowGroupBuffer { offsets: vec![0], ..Default::default() });
+        let buffer = std::mem::replace(
+            &mut self.buffer,
+            RowGroupBuffer {
+                offsets: vec![0],
+                ..Default::default()
+            },
+        );
         let docs = buffer.sources.len() as u64;
         if docs == 0 {
             return Ok(());
         }
         let tokens = buffer.tokens.len() as u64;
         let schema = schema(self.dtype);
-        let DataType::List(item) = schema.field(0).data_type().clone() else { unreachable!("tokens is a list") };
+        let DataType::List(item) = schema.field(0).data_type().clone() else {
+            unreachable!("tokens is a list")
+        };
         let values: ArrayRef = match self.dtype {
             // Ids were checked against the vocabulary, which fits u16 when this dtype was chosen.
-            TokenDtype::U16 => Arc::new(UInt16Array::from_iter_values(buffer.tokens.iter().map(|&t| t as u16))),
+            TokenDtype::U16 => Arc::new(UInt16Array::from_iter_values(
+                buffer.tokens.iter().map(|&t| t as u16),
+            )),
             TokenDtype::U32 => Arc::new(UInt32Array::from(buffer.tokens)),
         };
-        let list = ListArray::new(item, OffsetBuffer::new(ScalarBuffer::from(buffer.offsets)), values, None);
+        let list = ListArray::new(
+            item,
+            OffsetBuffer::new(ScalarBuffer::from(buffer.offsets)),
+            values,
+            None,
+        );
         let columns: Vec<ArrayRef> = vec![
             Arc::new(list),
             Arc::new(StringArray::from_iter_values(buffer.sources)),
             Arc::new(StringArray::from(buffer.ids)),
         ];
         let batch = RecordBatch::try_new(schema, columns).context("building a shard row group")?;
-        let open = self.open.as_mut().expect("a shard is open while rows are buffered");
-        open.writer.write(&batch).with_context(|| format!("writing {}", open.tmp.display()))?;
-        open.writer.flush().with_context(|| format!("writing {}", open.tmp.display()))?;
+        let open = self
+            .open
+            .as_mut()
+            .expect("a shard is open while rows are buffered");
+        open.writer
+            .write(&batch)
+            .with_context(|| format!("writing {}", open.tmp.display()))?;
+        open.writer
+            .flush()
+            .with_context(|| format!("writing {}", open.tmp.display()))?;
         open.row_groups.push(RowGroupInfo { docs, tokens });
         Ok(())
     }
@@ -159,12 +224,24 @@ impl ShardWriter {
     fn finish_shard(&mut self) -> Result<ShardInfo> {
         self.flush_row_group()?;
         let open = self.open.take().expect("finish_shard needs an open shard");
-        let hashing = open.writer.into_inner().with_context(|| format!("finishing {}", open.tmp.display()))?;
+        let hashing = open
+            .writer
+            .into_inner()
+            .with_context(|| format!("finishing {}", open.tmp.display()))?;
         let (file, blake3, bytes) = hashing.finish();
-        file.sync_all().with_context(|| format!("syncing {}", open.tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("syncing {}", open.tmp.display()))?;
         drop(file);
-        std::fs::rename(&open.tmp, &open.path).with_context(|| format!("renaming {} into place", open.tmp.display()))?;
-        Ok(ShardInfo { file: open.file, docs: open.docs, tokens: open.tokens, bytes, blake3, row_groups: open.row_groups })
+        std::fs::rename(&open.tmp, &open.path)
+            .with_context(|| format!("renaming {} into place", open.tmp.display()))?;
+        Ok(ShardInfo {
+            file: open.file,
+            docs: open.docs,
+            tokens: open.tokens,
+            bytes,
+            blake3,
+            row_groups: open.row_groups,
+        })
     }
 }
 
@@ -186,17 +263,28 @@ pub struct ShardReader {
 impl ShardReader {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening shard {}", path.display()))?;
-        let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-            .map_err(|e| anyhow::anyhow!("shard {} is not a readable parquet file ({e}); re-run `data tokenize` for it", path.display()))?;
+        let metadata =
+            ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
+                anyhow::anyhow!(
+                    "shard {} is not a readable parquet file ({e}); re-run `data tokenize` for it",
+                    path.display()
+                )
+            })?;
         let ok = metadata
             .schema()
             .field_with_name("tokens")
             .ok()
             .is_some_and(|f| matches!(f.data_type(), DataType::List(item) if matches!(item.data_type(), DataType::UInt16 | DataType::UInt32)));
         if !ok {
-            bail!("{} is not a token shard: it has no `tokens` list<u16|u32> column", path.display());
+            bail!(
+                "{} is not a token shard: it has no `tokens` list<u16|u32> column",
+                path.display()
+            );
         }
-        Ok(Self { path: path.to_path_buf(), metadata })
+        Ok(Self {
+            path: path.to_path_buf(),
+            metadata,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -209,12 +297,25 @@ impl ShardReader {
 
     /// Appends the row group's tokens to `tokens` and one length per document to `doc_lens`,
     /// failing if any id is >= `vocab_limit`.
-    pub fn read_row_group(&self, row_group: usize, vocab_limit: u32, tokens: &mut Vec<u32>, doc_lens: &mut Vec<u32>) -> Result<()> {
+    pub fn read_row_group(
+        &self,
+        row_group: usize,
+        vocab_limit: u32,
+        tokens: &mut Vec<u32>,
+        doc_lens: &mut Vec<u32>,
+    ) -> Result<()> {
         if row_group >= self.num_row_groups() {
-            bail!("{} has {} row groups, the manifest expects at least {}; the shard changed after tokenization", self.path.display(), self.num_row_groups(), row_group + 1);
+            bail!(
+                "{} has {} row groups, the manifest expects at least {}; the shard changed after tokenization",
+                self.path.display(),
+                self.num_row_groups(),
+                row_group + 1
+            );
         }
-        let file = File::open(&self.path).with_context(|| format!("opening shard {}", self.path.display()))?;
-        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone());
+        let file = File::open(&self.path)
+            .with_context(|| format!("opening shard {}", self.path.display()))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone());
         let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);
         let reader = builder
             .with_projection(mask)
@@ -234,21 +335,34 @@ impl ShardReader {
             } else if let Some(v) = values.as_primitive_opt::<UInt32Type>() {
                 tokens.extend_from_slice(&v.values()[lo..hi]);
             } else {
-                bail!("{} has token type {}, expected u16 or u32", self.path.display(), values.data_type());
+                bail!(
+                    "{} has token type {}, expected u16 or u32",
+                    self.path.display(),
+                    values.data_type()
+                );
             }
             doc_lens.extend(offsets.windows(2).map(|w| (w[1] - w[0]) as u32));
         }
-        if let Some(&id) = tokens[start..].iter().max() {
-            if id >= vocab_limit {
-                return Err(DataError::TokenOutOfVocab { file: self.path.clone(), row_group, id, vocab: vocab_limit }.into());
+        if let Some(&id) = tokens[start..].iter().max()
+            && id >= vocab_limit
+        {
+            return Err(DataError::TokenOutOfVocab {
+                file: self.path.clone(),
+                row_group,
+                id,
+                vocab: vocab_limit,
             }
+            .into());
         }
         Ok(())
     }
 }
 
-/// Every document of a shard as (tokens, source, id); for tests and inspection, not for training.
-pub fn read_documents(path: &Path) -> Result<Vec<(Vec<u32>, String, Option<String>)>> {
+/// One shard row: (tokens, source, id).
+pub type ShardRow = (Vec<u32>, String, Option<String>);
+
+/// Every document of a shard; for tests and inspection, not for training.
+pub fn read_documents(path: &Path) -> Result<Vec<ShardRow>> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let mut docs = Vec::new();

@@ -2,7 +2,9 @@
 
 use crate::fsutil::write_json_atomic;
 use crate::input::{Columns, Doc, InputFile, for_each_doc, inspect, resolve_inputs};
-use crate::manifest::{InputRecord, MANIFEST_FILE, Manifest, PROGRESS_FILE, Progress, RunSettings, TokenDtype};
+use crate::manifest::{
+    InputRecord, MANIFEST_FILE, Manifest, PROGRESS_FILE, Progress, RunSettings, TokenDtype,
+};
 use crate::shard::ShardWriter;
 use crate::tokenizer::{SpecialTokens, TextTokenizer, TokenizerSpec};
 use anyhow::{Context, Result, bail};
@@ -64,7 +66,10 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
     let inputs = resolve_inputs(&opts.inputs)?;
     let tokenizer = TextTokenizer::load(&opts.tokenizer, &opts.special)?;
     if opts.add_bos && tokenizer.info.bos_id.is_none() {
-        bail!("--bos was given but tokenizer {} has no known begin-of-document token; name it with --bos-token", tokenizer.info.name);
+        bail!(
+            "--bos was given but tokenizer {} has no known begin-of-document token; name it with --bos-token or --bos-id",
+            tokenizer.info.name
+        );
     }
     for input in &inputs {
         inspect(input, &opts.columns)?;
@@ -79,7 +84,13 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
         source_name: opts.source_name.clone(),
         shard_tokens: opts.shard_tokens,
         row_group_tokens: opts.row_group_tokens,
-        inputs: inputs.iter().map(|i| InputRecord { path: i.path.display().to_string(), bytes: i.bytes }).collect(),
+        inputs: inputs
+            .iter()
+            .map(|i| InputRecord {
+                path: i.path.display().to_string(),
+                bytes: i.bytes,
+            })
+            .collect(),
     };
 
     let out = &opts.out;
@@ -88,17 +99,26 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
         if manifest.settings == settings {
             return Ok(manifest);
         }
-        bail!("{} already holds a finished tokenization with different inputs or settings; choose another --out or delete it", out.display());
+        bail!(
+            "{} already holds a finished tokenization with different inputs or settings; choose another --out or delete it",
+            out.display()
+        );
     }
     let created_dir = !out.exists();
-    std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output directory {}", out.display()))?;
     let progress = match load_progress(out)? {
         Some(p) if p.settings == settings => p,
         Some(_) => bail!(
             "{} holds an unfinished tokenization with different inputs or settings; rerun that command to finish it, or choose another --out",
             out.display()
         ),
-        None => Progress { settings: settings.clone(), shards: Vec::new(), next_input: 0, next_record: 0 },
+        None => Progress {
+            settings: settings.clone(),
+            shards: Vec::new(),
+            next_input: 0,
+            next_record: 0,
+        },
     };
     remove_stale_files(out, &progress)?;
 
@@ -125,28 +145,46 @@ fn load_progress(out: &Path) -> Result<Option<Progress>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let progress = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid tokenization journal; delete {} to start over", path.display(), out.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let progress = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a valid tokenization journal; delete {} to start over",
+            path.display(),
+            out.display()
+        )
+    })?;
     Ok(Some(progress))
 }
 
 /// Removes temp files and shards that were written after the last journal entry (a crash between
 /// renaming a shard and journaling it): they are rewritten identically.
 fn remove_stale_files(out: &Path, progress: &Progress) -> Result<()> {
-    let kept: std::collections::HashSet<&str> = progress.shards.iter().map(|s| s.file.as_str()).collect();
+    let kept: std::collections::HashSet<&str> =
+        progress.shards.iter().map(|s| s.file.as_str()).collect();
     for entry in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
         let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let stale_shard = name.starts_with("shard-") && name.ends_with(".parquet") && !kept.contains(name.as_str());
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stale_shard = name.starts_with("shard-")
+            && name.ends_with(".parquet")
+            && !kept.contains(name.as_str());
         if name.ends_with(".tmp") || stale_shard {
-            std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing stale {}", path.display()))?;
         }
     }
     Ok(())
 }
 
-fn run(opts: &TokenizeOptions, inputs: &[InputFile], tokenizer: &TextTokenizer, progress: &mut Progress) -> Result<()> {
+fn run(
+    opts: &TokenizeOptions,
+    inputs: &[InputFile],
+    tokenizer: &TextTokenizer,
+    progress: &mut Progress,
+) -> Result<()> {
     let out = &opts.out;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
@@ -154,32 +192,54 @@ fn run(opts: &TokenizeOptions, inputs: &[InputFile], tokenizer: &TextTokenizer, 
         .context("starting tokenizer threads")?;
     let total_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     let bar = progress_bar(opts.progress, total_bytes);
-    let done_bytes: u64 = inputs[..progress.next_input.min(inputs.len())].iter().map(|i| i.bytes).sum();
+    let done_bytes: u64 = inputs[..progress.next_input.min(inputs.len())]
+        .iter()
+        .map(|i| i.bytes)
+        .sum();
     bar.set_position(done_bytes);
 
-    let mut writer = ShardWriter::new(out, progress.settings.token_dtype, opts.shard_tokens, opts.row_group_tokens, progress.shards.len());
+    let mut writer = ShardWriter::new(
+        out,
+        progress.settings.token_dtype,
+        opts.shard_tokens,
+        opts.row_group_tokens,
+        progress.shards.len(),
+    );
     let (start_input, start_record) = (progress.next_input, progress.next_record);
-    let (tx, rx) = sync_channel::<Result<Vec<(usize, Doc)>>>(2);
+    // Each chunk carries the input bytes it covers, so the bar (and its ETA) follows tokenization, not reading.
+    let (tx, rx) = sync_channel::<Result<(Vec<(usize, Doc)>, u64)>>(2);
     let started = Instant::now();
     let (mut docs, mut tokens, mut text_bytes) = (0u64, 0u64, 0u64);
 
     std::thread::scope(|scope| -> Result<()> {
-        let reader_bar = bar.clone();
         scope.spawn(move || {
+            let read_bytes = std::cell::Cell::new(0u64);
             let mut chunk = Vec::new();
             let mut chunk_bytes = 0;
             let mut stopped = false;
             for (index, input) in inputs.iter().enumerate().skip(start_input) {
-                let skip = if index == start_input { start_record } else { 0 };
-                let result = for_each_doc(input, &opts.columns, skip, &|b| reader_bar.inc(b), &mut |doc| {
-                    chunk_bytes += doc.text.len();
-                    chunk.push((index, doc));
-                    if chunk_bytes >= CHUNK_TEXT_BYTES {
-                        chunk_bytes = 0;
-                        stopped = tx.send(Ok(std::mem::take(&mut chunk))).is_err();
-                    }
-                    Ok(!stopped)
-                });
+                let skip = if index == start_input {
+                    start_record
+                } else {
+                    0
+                };
+                let result = for_each_doc(
+                    input,
+                    &opts.columns,
+                    skip,
+                    &|b| read_bytes.set(read_bytes.get() + b),
+                    &mut |doc| {
+                        chunk_bytes += doc.text.len();
+                        chunk.push((index, doc));
+                        if chunk_bytes >= CHUNK_TEXT_BYTES {
+                            chunk_bytes = 0;
+                            stopped = tx
+                                .send(Ok((std::mem::take(&mut chunk), read_bytes.take())))
+                                .is_err();
+                        }
+                        Ok(!stopped)
+                    },
+                );
                 if let Err(e) = result {
                     let _ = tx.send(Err(e));
                     return;
@@ -188,20 +248,32 @@ fn run(opts: &TokenizeOptions, inputs: &[InputFile], tokenizer: &TextTokenizer, 
                     return;
                 }
             }
-            if !chunk.is_empty() {
-                let _ = tx.send(Ok(chunk));
-            }
+            let _ = tx.send(Ok((chunk, read_bytes.take())));
         });
 
         // Dropping `rx` on error makes the reader's next send fail, which stops it.
-        for chunk in rx {
-            let chunk = chunk?;
-            let encoded: Vec<Result<Vec<u32>>> =
-                pool.install(|| chunk.par_iter().map(|(_, doc)| tokenizer.encode_document(&doc.text, opts.add_bos)).collect());
+        for message in rx {
+            let (chunk, chunk_input_bytes) = message?;
+            let encoded: Vec<Result<Vec<u32>>> = pool.install(|| {
+                chunk
+                    .par_iter()
+                    .map(|(_, doc)| tokenizer.encode_document(&doc.text, opts.add_bos))
+                    .collect()
+            });
             for ((input_index, doc), ids) in chunk.iter().zip(encoded) {
                 let input = &inputs[*input_index];
-                let ids = ids.with_context(|| format!("tokenizing record {} of {}", doc.record, input.path.display()))?;
-                let source = doc.source.as_deref().or(opts.source_name.as_deref()).unwrap_or_else(|| file_stem(&input.path));
+                let ids = ids.with_context(|| {
+                    format!(
+                        "tokenizing record {} of {}",
+                        doc.record,
+                        input.path.display()
+                    )
+                })?;
+                let source = doc
+                    .source
+                    .as_deref()
+                    .or(opts.source_name.as_deref())
+                    .unwrap_or_else(|| file_stem(&input.path));
                 docs += 1;
                 tokens += ids.len() as u64;
                 text_bytes += doc.text.len() as u64;
@@ -211,12 +283,19 @@ fn run(opts: &TokenizeOptions, inputs: &[InputFile], tokenizer: &TextTokenizer, 
                     progress.next_record = doc.record + 1;
                     write_json_atomic(&out.join(PROGRESS_FILE), &*progress)?;
                     if opts.interrupt_after_shards == Some(progress.shards.len()) {
-                        bail!("interrupted after {} shards (test hook)", progress.shards.len());
+                        bail!(
+                            "interrupted after {} shards (test hook)",
+                            progress.shards.len()
+                        );
                     }
                 }
             }
+            bar.inc(chunk_input_bytes);
             let secs = started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("{docs} docs · {tokens} tokens · {:.1} MB/s text", text_bytes as f64 / secs / 1e6));
+            bar.set_message(format!(
+                "{docs} docs · {tokens} tokens · {:.1} MB/s text",
+                text_bytes as f64 / secs / 1e6
+            ));
         }
         Ok(())
     })?;
@@ -238,8 +317,10 @@ fn progress_bar(visible: bool, total_bytes: u64) -> ProgressBar {
     }
     let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ETA {eta} {msg}")
-            .expect("valid progress template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ETA {eta} {msg}",
+        )
+        .expect("valid progress template"),
     );
     bar
 }

@@ -15,7 +15,11 @@ pub enum TokenizerSpec {
 impl FromStr for TokenizerSpec {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(if s == "byte" { Self::Byte } else { Self::File(PathBuf::from(s)) })
+        Ok(if s == "byte" {
+            Self::Byte
+        } else {
+            Self::File(PathBuf::from(s))
+        })
     }
 }
 
@@ -37,7 +41,13 @@ pub struct TokenizerInfo {
 
 impl TokenizerInfo {
     pub fn describe(&self) -> String {
-        format!("{} (hash {}, vocab {}, eos {})", self.name, &self.hash[..self.hash.len().min(12)], self.vocab_size, self.eos_id)
+        format!(
+            "{} (hash {}, vocab {}, eos {})",
+            self.name,
+            &self.hash[..self.hash.len().min(12)],
+            self.vocab_size,
+            self.eos_id
+        )
     }
 }
 
@@ -50,15 +60,31 @@ pub mod byte {
 }
 
 /// Names under which tokenizer.json files commonly store their end/begin-of-document tokens, in order of preference.
-const EOS_CANDIDATES: &[&str] = &["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]"];
-const BOS_CANDIDATES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>", "[BOS]"];
+const EOS_CANDIDATES: &[&str] = &[
+    "</s>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<eos>",
+    "<|eos|>",
+    "[EOS]",
+];
+const BOS_CANDIDATES: &[&str] = &[
+    "<s>",
+    "<|begin_of_text|>",
+    "<bos>",
+    "<|bos|>",
+    "<|startoftext|>",
+    "[BOS]",
+];
 const PAD_CANDIDATES: &[&str] = &["<pad>", "<|pad|>", "[PAD]"];
 
-/// Optional overrides for special tokens that cannot be discovered by name.
+/// Optional overrides for special tokens that cannot be discovered by name: a token string or an id.
 #[derive(Clone, Debug, Default)]
 pub struct SpecialTokens {
     pub eos: Option<String>,
     pub bos: Option<String>,
+    pub eos_id: Option<u32>,
+    pub bos_id: Option<u32>,
 }
 
 pub struct TextTokenizer {
@@ -70,8 +96,16 @@ impl TextTokenizer {
     pub fn load(spec: &TokenizerSpec, special: &SpecialTokens) -> Result<Self> {
         match spec {
             TokenizerSpec::Byte => {
-                if special.eos.is_some() || special.bos.is_some() {
-                    bail!("--eos-token/--bos-token apply to a tokenizer.json; the byte tokenizer's ids are fixed (bos {}, eos {})", byte::BOS, byte::EOS);
+                if special.eos.is_some()
+                    || special.bos.is_some()
+                    || special.eos_id.is_some()
+                    || special.bos_id.is_some()
+                {
+                    bail!(
+                        "--eos-*/--bos-* apply to a tokenizer.json; the byte tokenizer's ids are fixed (bos {}, eos {})",
+                        byte::BOS,
+                        byte::EOS
+                    );
                 }
                 Ok(Self {
                     hf: None,
@@ -91,7 +125,8 @@ impl TextTokenizer {
     }
 
     fn load_file(path: &Path, special: &SpecialTokens) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading tokenizer file {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading tokenizer file {}", path.display()))?;
         let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             anyhow::anyhow!(
                 "tokenizer file {} does not parse as a Hugging Face tokenizer.json: {e}; \
@@ -102,25 +137,49 @@ impl TextTokenizer {
         let vocab = tokenizer.get_vocab(true);
         let max_id = vocab.values().copied().max().unwrap_or(0);
         let vocab_size = (tokenizer.get_vocab_size(true) as u32).max(max_id + 1);
-        let find = |explicit: &Option<String>, candidates: &[&str], what: &str| -> Result<Option<u32>> {
+        let find = |explicit: &Option<String>,
+                    explicit_id: Option<u32>,
+                    candidates: &[&str],
+                    what: &str|
+         -> Result<Option<u32>> {
+            if let Some(id) = explicit_id {
+                if id >= vocab_size {
+                    bail!(
+                        "{what} id {id} is outside the vocabulary of {} ({vocab_size} ids)",
+                        path.display()
+                    );
+                }
+                return Ok(Some(id));
+            }
             match explicit {
                 Some(token) => match tokenizer.token_to_id(token) {
                     Some(id) => Ok(Some(id)),
-                    None => bail!("{what} token {token:?} is not in the vocabulary of {}", path.display()),
+                    None => bail!(
+                        "{what} token {token:?} is not in the vocabulary of {}",
+                        path.display()
+                    ),
                 },
                 None => Ok(candidates.iter().find_map(|c| tokenizer.token_to_id(c))),
             }
         };
-        let eos_id = find(&special.eos, EOS_CANDIDATES, "end-of-document")?.with_context(|| {
+        let eos_id = find(&special.eos, special.eos_id, EOS_CANDIDATES, "end-of-document")?.with_context(|| {
             format!(
-                "tokenizer {} has none of the usual end-of-document tokens ({}); name it with --eos-token",
+                "tokenizer {} has none of the usual end-of-document tokens ({}); name it with --eos-token or --eos-id",
                 path.display(),
                 EOS_CANDIDATES.join(", ")
             )
         })?;
-        let bos_id = find(&special.bos, BOS_CANDIDATES, "begin-of-document")?;
+        let bos_id = find(
+            &special.bos,
+            special.bos_id,
+            BOS_CANDIDATES,
+            "begin-of-document",
+        )?;
         let pad_id = PAD_CANDIDATES.iter().find_map(|c| tokenizer.token_to_id(c));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Ok(Self {
             hf: Some(Box::new(tokenizer)),
             info: TokenizerInfo {
@@ -141,7 +200,9 @@ impl TextTokenizer {
             None => Ok(text.bytes().map(u32::from).collect()),
             Some(tokenizer) => {
                 // encode_fast skips offset tracking, which we never use.
-                let encoding = tokenizer.encode_fast(text, false).map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
+                let encoding = tokenizer
+                    .encode_fast(text, false)
+                    .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
                 Ok(encoding.get_ids().to_vec())
             }
         }

@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::mpsc::sync_channel;
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -43,7 +43,10 @@ impl TrainTokenizerOptions {
 pub fn train_tokenizer(opts: &TrainTokenizerOptions) -> Result<usize> {
     let minimum = 256 + opts.special_tokens.len();
     if opts.vocab_size < minimum {
-        bail!("--vocab-size {} is too small: a byte-level BPE needs at least {minimum} (256 bytes + special tokens)", opts.vocab_size);
+        bail!(
+            "--vocab-size {} is too small: a byte-level BPE needs at least {minimum} (256 bytes + special tokens)",
+            opts.vocab_size
+        );
     }
     if opts.special_tokens.is_empty() {
         bail!("at least one special token (the end-of-document token) is required");
@@ -57,7 +60,12 @@ pub fn train_tokenizer(opts: &TrainTokenizerOptions) -> Result<usize> {
         BpeTrainerBuilder::new()
             .vocab_size(opts.vocab_size)
             .min_frequency(opts.min_frequency)
-            .special_tokens(opts.special_tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect())
+            .special_tokens(
+                opts.special_tokens
+                    .iter()
+                    .map(|t| AddedToken::from(t.clone(), true))
+                    .collect(),
+            )
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .show_progress(false)
             .build(),
@@ -91,15 +99,20 @@ pub fn train_tokenizer(opts: &TrainTokenizerOptions) -> Result<usize> {
                 }
             }
         });
-        tokenizer.train(&mut trainer, rx.into_iter()).map_err(|e| anyhow::anyhow!("training the tokenizer failed: {e}"))?;
+        tokenizer
+            .train(&mut trainer, rx.into_iter())
+            .map_err(|e| anyhow::anyhow!("training the tokenizer failed: {e}"))?;
         Ok(())
     })?;
     if let Some(e) = read_error.into_inner().expect("reader thread finished") {
         return Err(e);
     }
-    let json = tokenizer.to_string(true).map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+    let json = tokenizer
+        .to_string(true)
+        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
     if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     write_atomic(&opts.out, json.as_bytes())?;
     Ok(tokenizer.get_vocab_size(true))

@@ -21,7 +21,11 @@ fn fixture() -> Fixture {
         .into_iter()
         .map(|(name, docs)| (name.to_owned(), numbered_source(&root, name, docs)))
         .collect();
-    Fixture { _tmp: tmp, root, sources }
+    Fixture {
+        _tmp: tmp,
+        root,
+        sources,
+    }
 }
 
 fn config(f: &Fixture, weights: &[(&str, f64)], seq_len: usize, seed: u64) -> DataConfig {
@@ -30,7 +34,14 @@ fn config(f: &Fixture, weights: &[(&str, f64)], seq_len: usize, seed: u64) -> Da
             .iter()
             .map(|(name, w)| {
                 let path = f.sources[*name].to_string_lossy().into_owned();
-                (name.to_string(), SourceConfig { paths: vec![path.clone()], weight: *w, validation: vec![path] })
+                (
+                    name.to_string(),
+                    SourceConfig {
+                        paths: vec![path.clone()],
+                        weight: *w,
+                        validation: vec![path],
+                    },
+                )
             })
             .collect(),
         seq_len,
@@ -41,7 +52,14 @@ fn config(f: &Fixture, weights: &[(&str, f64)], seq_len: usize, seed: u64) -> Da
     }
 }
 
-fn batches(cfg: &DataConfig, rank: usize, world: usize, global: usize, resume: Option<LoaderState>, n: usize) -> (Vec<Batch>, LoaderState) {
+fn batches(
+    cfg: &DataConfig,
+    rank: usize,
+    world: usize,
+    global: usize,
+    resume: Option<LoaderState>,
+    n: usize,
+) -> (Vec<Batch>, LoaderState) {
     let mut loader = MixtureLoader::new(cfg, rank, world, global, resume, false).unwrap();
     let out = (0..n).map(|_| loader.next_batch().unwrap()).collect();
     (out, loader.state())
@@ -67,13 +85,27 @@ fn batches_are_deterministic_and_seed_dependent() {
     let (a, _) = batches(&cfg, 0, 1, 8, None, 20);
     let (b, _) = batches(&cfg, 0, 1, 8, None, 20);
     assert_eq!(a, b);
-    let (c, _) = batches(&config(&f, &[("alpha", 0.5), ("beta", 0.5)], 64, 8), 0, 1, 8, None, 20);
+    let (c, _) = batches(
+        &config(&f, &[("alpha", 0.5), ("beta", 0.5)], 64, 8),
+        0,
+        1,
+        8,
+        None,
+        20,
+    );
     assert_ne!(a, c);
     for batch in &a {
-        assert_eq!((batch.rows, batch.seq_len, batch.inputs.len()), (8, 64, 8 * 64));
+        assert_eq!(
+            (batch.rows, batch.seq_len, batch.inputs.len()),
+            (8, 64, 8 * 64)
+        );
         for r in 0..batch.rows {
             let row = r * 64;
-            assert_eq!(batch.inputs[row + 1..row + 64], batch.targets[row..row + 63], "targets are inputs shifted by one");
+            assert_eq!(
+                batch.inputs[row + 1..row + 64],
+                batch.targets[row..row + 63],
+                "targets are inputs shifted by one"
+            );
         }
     }
 }
@@ -81,8 +113,17 @@ fn batches_are_deterministic_and_seed_dependent() {
 #[test]
 fn mixture_token_shares_hold_within_two_percent_over_1000_batches() {
     let f = fixture();
-    for weights in [[0.6, 0.3, 0.1], [0.02, 0.9, 0.08], [1.0, 1.0, 1.0], [0.0, 0.25, 0.75]] {
-        let named = [("alpha", weights[0]), ("beta", weights[1]), ("gamma", weights[2])];
+    for weights in [
+        [0.6, 0.3, 0.1],
+        [0.02, 0.9, 0.08],
+        [1.0, 1.0, 1.0],
+        [0.0, 0.25, 0.75],
+    ] {
+        let named = [
+            ("alpha", weights[0]),
+            ("beta", weights[1]),
+            ("gamma", weights[2]),
+        ];
         let cfg = config(&f, &named, 16, 3);
         let total_weight: f64 = weights.iter().sum();
         let (all, _) = batches(&cfg, 0, 1, 12, None, 1000);
@@ -95,16 +136,27 @@ fn mixture_token_shares_hold_within_two_percent_over_1000_batches() {
             let rows_so_far = 12.0 * (batch.step + 1) as f64;
             for (name, w) in named {
                 let rows = batch.source_tokens[name] as f64 / 16.0;
-                assert!((rows - 12.0 * w / total_weight).abs() < 2.0, "{weights:?} step {}: {name} has {rows} rows", batch.step);
+                assert!(
+                    (rows - 12.0 * w / total_weight).abs() < 2.0,
+                    "{weights:?} step {}: {name} has {rows} rows",
+                    batch.step
+                );
                 let cumulative = tokens[name] as f64 / 16.0;
-                assert!((cumulative - rows_so_far * w / total_weight).abs() < 1.0 + 1e-9, "{weights:?} step {}: {name}", batch.step);
+                assert!(
+                    (cumulative - rows_so_far * w / total_weight).abs() < 1.0 + 1e-9,
+                    "{weights:?} step {}: {name}",
+                    batch.step
+                );
             }
         }
         let sum: u64 = tokens.values().sum();
         assert_eq!(sum, 1000 * 12 * 16);
         for (name, w) in named {
             let share = tokens[name] as f64 / sum as f64;
-            assert!((share - w / total_weight).abs() <= 0.02, "{weights:?}: {name} share {share}");
+            assert!(
+                (share - w / total_weight).abs() <= 0.02,
+                "{weights:?}: {name} share {share}"
+            );
         }
     }
 }
@@ -115,7 +167,9 @@ fn global_batch_does_not_depend_on_world_size() {
     let cfg = config(&f, &[("alpha", 0.5), ("beta", 0.3), ("gamma", 0.2)], 32, 11);
     let (single, single_state) = batches(&cfg, 0, 1, 8, None, 12);
     for world in [2, 4] {
-        let parts: Vec<(Vec<Batch>, LoaderState)> = (0..world).map(|rank| batches(&cfg, rank, world, 8, None, 12)).collect();
+        let parts: Vec<(Vec<Batch>, LoaderState)> = (0..world)
+            .map(|rank| batches(&cfg, rank, world, 8, None, 12))
+            .collect();
         for step in 0..12 {
             let mut inputs = Vec::new();
             let mut targets = Vec::new();
@@ -128,7 +182,10 @@ fn global_batch_does_not_depend_on_world_size() {
             assert_eq!(targets, single[step].targets, "world {world} step {step}");
         }
         for (_, state) in &parts {
-            assert_eq!(*state, single_state, "the state is the same on every rank and world size");
+            assert_eq!(
+                *state, single_state,
+                "the state is the same on every rank and world size"
+            );
         }
     }
 }
@@ -145,9 +202,14 @@ fn resume_reproduces_following_batches_exactly_even_on_another_world_size() {
     let (resumed, _) = batches(&cfg, 0, 1, 4, Some(restored.clone()), 25);
     assert_eq!(resumed, straight[15..]);
     // Saved with one rank, resumed on two.
-    let halves: Vec<Vec<Batch>> = (0..2).map(|r| batches(&cfg, r, 2, 4, Some(restored.clone()), 25).0).collect();
+    let halves: Vec<Vec<Batch>> = (0..2)
+        .map(|r| batches(&cfg, r, 2, 4, Some(restored.clone()), 25).0)
+        .collect();
     for (i, whole) in straight[15..].iter().enumerate() {
-        assert_eq!([halves[0][i].inputs.clone(), halves[1][i].inputs.clone()].concat(), whole.inputs);
+        assert_eq!(
+            [halves[0][i].inputs.clone(), halves[1][i].inputs.clone()].concat(),
+            whole.inputs
+        );
     }
 }
 
@@ -157,20 +219,43 @@ fn resuming_on_changed_data_needs_explicit_permission() {
     let cfg = config(&f, &[("alpha", 0.5), ("beta", 0.5)], 32, 1);
     let (_, state) = batches(&cfg, 0, 1, 4, None, 5);
     let changed = config(&f, &[("alpha", 0.8), ("beta", 0.2)], 32, 1);
-    let err = MixtureLoader::new(&changed, 0, 1, 4, Some(state.clone()), false).err().expect("mismatch must fail");
-    assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::FingerprintMismatch { .. })), "{err:#}");
+    let err = MixtureLoader::new(&changed, 0, 1, 4, Some(state.clone()), false)
+        .err()
+        .expect("mismatch must fail");
+    assert!(
+        matches!(
+            err.downcast_ref::<DataError>(),
+            Some(DataError::FingerprintMismatch { .. })
+        ),
+        "{err:#}"
+    );
     assert!(format!("{err:#}").contains("allow"));
     let mut loader = MixtureLoader::new(&changed, 0, 1, 4, Some(state.clone()), true).unwrap();
     loader.next_batch().unwrap();
     let after = loader.state();
     assert_ne!(after.fingerprint, state.fingerprint);
-    assert!(after.sources["alpha"].windows > state.sources["alpha"].windows, "sources continue from their saved position");
+    assert!(
+        after.sources["alpha"].windows > state.sources["alpha"].windows,
+        "sources continue from their saved position"
+    );
     // The same mixture written with other weight units is the same data.
     let scaled = config(&f, &[("alpha", 2.0), ("beta", 2.0)], 32, 1);
     assert!(MixtureLoader::new(&scaled, 0, 1, 4, Some(state.clone()), false).is_ok());
     // A different seq_len is different data too.
-    let err = MixtureLoader::new(&config(&f, &[("alpha", 0.5), ("beta", 0.5)], 64, 1), 0, 1, 4, Some(state), false).err().unwrap();
-    assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::FingerprintMismatch { .. })));
+    let err = MixtureLoader::new(
+        &config(&f, &[("alpha", 0.5), ("beta", 0.5)], 64, 1),
+        0,
+        1,
+        4,
+        Some(state),
+        false,
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(
+        err.downcast_ref::<DataError>(),
+        Some(DataError::FingerprintMismatch { .. })
+    ));
 }
 
 #[test]
@@ -193,7 +278,11 @@ fn documents_are_shuffled_each_epoch_and_epochs_are_counted() {
     }
     let order: Vec<u32> = first.iter().map(|d| d.1).collect();
     assert_ne!(order, (0..60).collect::<Vec<_>>(), "not in file order");
-    assert_ne!(order, second.iter().map(|d| d.1).collect::<Vec<_>>(), "reshuffled per epoch");
+    assert_ne!(
+        order,
+        second.iter().map(|d| d.1).collect::<Vec<_>>(),
+        "reshuffled per epoch"
+    );
     let epochs = loader.epochs()["gamma"];
     assert!((2.0..2.1).contains(&epochs), "{epochs}");
 }
@@ -204,18 +293,32 @@ fn validation_is_sequential_and_split_evenly_across_ranks() {
     let cfg = config(&f, &[("beta", 1.0)], 40, 0);
     let loader = MixtureLoader::new(&cfg, 0, 1, 2, None, false).unwrap();
     assert_eq!(loader.validation_sources(), vec!["beta".to_string()]);
-    let whole: Vec<Batch> = loader.validation("beta", 16).unwrap().map(Result::unwrap).collect();
+    let whole: Vec<Batch> = loader
+        .validation("beta", 16)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let windows: usize = whole.iter().map(|b| b.rows).sum();
-    assert_eq!(windows as u64, (loader.sources()[0].validation_tokens - 1) / 40);
+    assert_eq!(
+        windows as u64,
+        (loader.sources()[0].validation_tokens - 1) / 40
+    );
     let inputs: Vec<u32> = whole.iter().flat_map(|b| b.inputs.clone()).collect();
     let numbers: Vec<u32> = doc_numbers(&inputs).iter().map(|d| d.1).collect();
-    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "validation reads in file order");
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "validation reads in file order"
+    );
     let mut parts = Vec::new();
     for rank in 0..3 {
         let l = MixtureLoader::new(&cfg, rank, 3, 3, None, false).unwrap();
         let v = l.validation("beta", 16).unwrap();
         assert_eq!(v.windows(), windows as u64 / 3);
-        parts.push(v.map(Result::unwrap).flat_map(|b| b.inputs).collect::<Vec<u32>>());
+        parts.push(
+            v.map(Result::unwrap)
+                .flat_map(|b| b.inputs)
+                .collect::<Vec<u32>>(),
+        );
     }
     // Window w goes to rank w % 3.
     for (w, window) in inputs.chunks(40).take(windows / 3 * 3).enumerate() {
@@ -225,7 +328,12 @@ fn validation_is_sequential_and_split_evenly_across_ranks() {
 }
 
 fn expect_err(cfg: &DataConfig) -> String {
-    format!("{:#}", MixtureLoader::new(cfg, 0, 1, 4, None, false).err().expect("config must be rejected"))
+    format!(
+        "{:#}",
+        MixtureLoader::new(cfg, 0, 1, 4, None, false)
+            .err()
+            .expect("config must be rejected")
+    )
 }
 
 #[test]
@@ -241,7 +349,10 @@ fn bad_configs_and_data_are_rejected_clearly() {
     let pattern = f.root.join("nothing-*").to_string_lossy().into_owned();
     cfg.sources.get_mut("alpha").unwrap().paths = vec![pattern.clone()];
     let text = expect_err(&cfg);
-    assert!(text.contains(&pattern) && text.contains("matches no shard"), "{text}");
+    assert!(
+        text.contains(&pattern) && text.contains("matches no shard"),
+        "{text}"
+    );
 
     let mut cfg = config(&f, &[("alpha", 1.0)], 32, 0);
     cfg.model_vocab_size = Some(100);
@@ -252,19 +363,37 @@ fn bad_configs_and_data_are_rejected_clearly() {
     let mut opts = zamba_data::TokenizeOptions::new(
         vec![f.root.join("beta.parquet").to_string_lossy().into_owned()],
         &bpe_dir,
-        zamba_data::TokenizerSpec::File(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bpe-1000.json")),
+        zamba_data::TokenizerSpec::File(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bpe-1000.json"),
+        ),
     );
     opts.row_group_tokens = 1000;
     zamba_data::tokenize(&opts).unwrap();
     let mut cfg = config(&f, &[("alpha", 1.0), ("beta", 1.0)], 32, 0);
     cfg.sources.get_mut("beta").unwrap().paths = vec![bpe_dir.to_string_lossy().into_owned()];
-    let err = MixtureLoader::new(&cfg, 0, 1, 4, None, false).err().unwrap();
-    assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::TokenizerMismatch { .. })), "{err:#}");
+    let err = MixtureLoader::new(&cfg, 0, 1, 4, None, false)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err.downcast_ref::<DataError>(),
+            Some(DataError::TokenizerMismatch { .. })
+        ),
+        "{err:#}"
+    );
     assert!(format!("{err:#}").contains("bpe-1000.json"));
 
     // Global batch not divisible by the world size.
     let cfg = config(&f, &[("alpha", 1.0)], 32, 0);
-    assert!(format!("{:#}", MixtureLoader::new(&cfg, 0, 3, 4, None, false).err().unwrap()).contains("multiple of the world size"));
+    assert!(
+        format!(
+            "{:#}",
+            MixtureLoader::new(&cfg, 0, 3, 4, None, false)
+                .err()
+                .unwrap()
+        )
+        .contains("multiple of the world size")
+    );
 }
 
 #[test]
@@ -273,15 +402,25 @@ fn out_of_vocabulary_ids_surface_in_the_training_thread() {
     // A manifest that claims a smaller vocabulary than the ids its shards hold.
     let dir = &f.sources["gamma"];
     let path = dir.join("manifest.json");
-    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     manifest["tokenizer"]["vocab_size"] = serde_json::json!(200);
     std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
     let cfg = config(&f, &[("gamma", 1.0)], 32, 0);
     let mut loader = MixtureLoader::new(&cfg, 0, 1, 4, None, false).unwrap();
     assert_eq!(loader.vocab_size(), 200);
     let err = loader.next_batch().unwrap_err();
-    assert!(matches!(err.downcast_ref::<DataError>(), Some(DataError::TokenOutOfVocab { vocab: 200, .. })), "{err:#}");
-    assert!(format!("{err:#}").contains("shard-00000.parquet"), "{err:#}");
+    assert!(
+        matches!(
+            err.downcast_ref::<DataError>(),
+            Some(DataError::TokenOutOfVocab { vocab: 200, .. })
+        ),
+        "{err:#}"
+    );
+    assert!(
+        format!("{err:#}").contains("shard-00000.parquet"),
+        "{err:#}"
+    );
     assert!(loader.next_batch().is_err(), "the loader stays failed");
 }
 
@@ -291,8 +430,19 @@ fn data_config_reads_from_json_with_defaults_and_relative_paths() {
     let path = f.root.join("phase1.json");
     std::fs::write(&path, r#"{"seq_len": 64, "sources": {"web": {"paths": ["alpha"], "weight": 1, "validation": ["beta"]}}}"#).unwrap();
     let cfg = DataConfig::load(&path).unwrap();
-    assert_eq!((cfg.seed, cfg.shuffle_blocks, cfg.prefetch, cfg.model_vocab_size), (0, 16, 4, None));
-    assert_eq!(cfg.sources["web"].paths, vec![f.root.join("alpha").to_string_lossy().into_owned()]);
+    assert_eq!(
+        (
+            cfg.seed,
+            cfg.shuffle_blocks,
+            cfg.prefetch,
+            cfg.model_vocab_size
+        ),
+        (0, 16, 4, None)
+    );
+    assert_eq!(
+        cfg.sources["web"].paths,
+        vec![f.root.join("alpha").to_string_lossy().into_owned()]
+    );
     let mut loader = MixtureLoader::new(&cfg, 0, 1, 2, None, false).unwrap();
     assert_eq!(loader.next_batch().unwrap().rows, 2);
     std::fs::write(&path, r#"{"seq_len": 64, "sources": {}, "typo_field": 1}"#).unwrap();

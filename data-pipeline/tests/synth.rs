@@ -11,22 +11,40 @@ use zamba_data::synth::instruct::expected_answer;
 use zamba_data::synth::world::{Fact, World};
 use zamba_data::tokenizer::{SpecialTokens, TextTokenizer};
 use zamba_data::{
-    DataCommand, MixtureLoader, SynthKind, SynthOptions, SyntheticCacheOptions, TokenizerSpec, TrainTokenizerOptions, ensure_synthetic_cache, synth,
-    train_tokenizer,
+    DataCommand, MixtureLoader, SynthKind, SynthOptions, SyntheticCacheOptions, TokenizerSpec,
+    TrainTokenizerOptions, ensure_synthetic_cache, synth, train_tokenizer,
 };
 
 /// Every row of the parquet files in `dir` as column name → value.
 fn read_rows(dir: &Path) -> Vec<BTreeMap<String, String>> {
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     let mut rows = Vec::new();
     for file in files {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap()).unwrap().build().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
             let schema = batch.schema();
             for r in 0..batch.num_rows() {
-                rows.push(schema.fields().iter().enumerate().map(|(c, f)| (f.name().clone(), batch.column(c).as_string::<i32>().value(r).to_owned())).collect());
+                rows.push(
+                    schema
+                        .fields()
+                        .iter()
+                        .enumerate()
+                        .map(|(c, f)| {
+                            (
+                                f.name().clone(),
+                                batch.column(c).as_string::<i32>().value(r).to_owned(),
+                            )
+                        })
+                        .collect(),
+                );
             }
         }
     }
@@ -55,7 +73,11 @@ fn synth_is_deterministic_with_disjoint_held_out_splits() {
         for file in &report.files {
             let relative = file.strip_prefix(tmp.path().join("a")).unwrap();
             let a = std::fs::read(file).unwrap();
-            assert_eq!(a, std::fs::read(tmp.path().join("b").join(relative)).unwrap(), "same seed, same bytes");
+            assert_eq!(
+                a,
+                std::fs::read(tmp.path().join("b").join(relative)).unwrap(),
+                "same seed, same bytes"
+            );
         }
     }
     let web_train = read_rows(&tmp.path().join("a/web/train"));
@@ -67,7 +89,10 @@ fn synth_is_deterministic_with_disjoint_held_out_splits() {
     assert!((0.07..0.13).contains(&held_out), "{held_out}");
     let train_ids: BTreeSet<_> = web_train.iter().map(|r| r["id"].clone()).collect();
     assert!(web_val.iter().all(|r| !train_ids.contains(&r["id"])));
-    assert_eq!(web_train[0].keys().cloned().collect::<Vec<_>>(), ["id", "source", "text"]);
+    assert_eq!(
+        web_train[0].keys().cloned().collect::<Vec<_>>(),
+        ["id", "source", "text"]
+    );
     let distinct: BTreeSet<_> = web_train.iter().map(|r| r["text"].clone()).collect();
     assert!(distinct.len() > web_train.len() * 9 / 10, "documents vary");
 }
@@ -76,16 +101,29 @@ fn synth_is_deterministic_with_disjoint_held_out_splits() {
 fn instruct_answers_are_checkable() {
     let tmp = tempfile::tempdir().unwrap();
     synth(&options(tmp.path(), 4)).unwrap();
-    let web_docs: Vec<String> = read_rows(&tmp.path().join("web/train")).into_iter().map(|r| r["text"].clone()).collect();
+    let web_docs: Vec<String> = read_rows(&tmp.path().join("web/train"))
+        .into_iter()
+        .map(|r| r["text"].clone())
+        .collect();
     let world = World::new(4);
-    let questions: BTreeMap<String, Fact> = world.facts.iter().map(|&f| (world.question(f).0, f)).collect();
+    let questions: BTreeMap<String, Fact> = world
+        .facts
+        .iter()
+        .map(|&f| (world.question(f).0, f))
+        .collect();
     let mut fact_questions = BTreeMap::new();
     let train = read_rows(&tmp.path().join("instruct/train"));
     let validation = read_rows(&tmp.path().join("instruct/validation"));
     let mut tasks: BTreeMap<String, usize> = BTreeMap::new();
     for row in train.iter().chain(&validation) {
         *tasks.entry(row["task"].clone()).or_default() += 1;
-        assert_eq!(row["text"], format!("<|user|>\n{}\n<|assistant|>\n{}", row["prompt"], row["answer"]));
+        assert_eq!(
+            row["text"],
+            format!(
+                "<|user|>\n{}\n<|assistant|>\n{}",
+                row["prompt"], row["answer"]
+            )
+        );
         match expected_answer(&row["task"], &row["prompt"]) {
             Some(expected) => assert_eq!(expected, row["answer"], "{row:?}"),
             None => {
@@ -99,30 +137,55 @@ fn instruct_answers_are_checkable() {
         let fact = questions[prompt];
         assert_eq!(world.question(fact).1, *answer);
         let (subject, object) = (world.subject(fact), world.object(fact));
-        assert!(web_docs.iter().any(|d| d.contains(subject) && d.contains(object)), "{prompt} is not answered by the web training set");
+        assert!(
+            web_docs
+                .iter()
+                .any(|d| d.contains(subject) && d.contains(object)),
+            "{prompt} is not answered by the web training set"
+        );
     }
     assert!(fact_questions.len() > 50);
     for task in ["arithmetic", "sort", "copy", "reverse", "count", "fact"] {
-        assert!(tasks.get(task).copied().unwrap_or(0) > 50, "task {task} is represented: {tasks:?}");
+        assert!(
+            tasks.get(task).copied().unwrap_or(0) > 50,
+            "task {task} is represented: {tasks:?}"
+        );
     }
     let train_prompts: BTreeSet<_> = train.iter().map(|r| r["prompt"].clone()).collect();
     assert!(!validation.is_empty());
-    assert!(validation.iter().all(|r| !train_prompts.contains(&r["prompt"])), "held-out problems never appear in training");
+    assert!(
+        validation
+            .iter()
+            .all(|r| !train_prompts.contains(&r["prompt"])),
+        "held-out problems never appear in training"
+    );
 }
 
 #[test]
 fn synthetic_cache_is_built_once_and_loads() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = SyntheticCacheOptions { web_docs: 1500, instruct_examples: 1500, ..Default::default() };
+    let opts = SyntheticCacheOptions {
+        web_docs: 1500,
+        instruct_examples: 1500,
+        ..Default::default()
+    };
     let cache = ensure_synthetic_cache(tmp.path(), &opts).unwrap();
     let manifest = std::fs::read(cache.web_train.join("manifest.json")).unwrap();
     let again = ensure_synthetic_cache(tmp.path(), &opts).unwrap();
     assert_eq!(again.web_train, cache.web_train);
-    assert_eq!(std::fs::read(again.web_train.join("manifest.json")).unwrap(), manifest, "not rebuilt");
+    assert_eq!(
+        std::fs::read(again.web_train.join("manifest.json")).unwrap(),
+        manifest,
+        "not rebuilt"
+    );
     let other = tempfile::tempdir().unwrap();
     let rebuilt = ensure_synthetic_cache(other.path(), &opts).unwrap();
     let fingerprint = |dir: &Path| zamba_data::Manifest::load(dir).unwrap().content_fingerprint;
-    assert_eq!(fingerprint(&rebuilt.instruct_train), fingerprint(&cache.instruct_train), "deterministic");
+    assert_eq!(
+        fingerprint(&rebuilt.instruct_train),
+        fingerprint(&cache.instruct_train),
+        "deterministic"
+    );
 
     let cfg = cache.mixture_config(128, 0, 0.6, 0.4);
     let mut loader = MixtureLoader::new(&cfg, 0, 1, 8, None, false).unwrap();
@@ -130,7 +193,10 @@ fn synthetic_cache_is_built_once_and_loads() {
     let batch = loader.next_batch().unwrap();
     assert_eq!(batch.inputs.len(), 8 * 128);
     assert!(batch.inputs.iter().all(|&t| t < 259));
-    assert_eq!(loader.validation_sources(), vec!["instruct".to_string(), "web".to_string()]);
+    assert_eq!(
+        loader.validation_sources(),
+        vec!["instruct".to_string(), "web".to_string()]
+    );
     assert!(loader.validation("web", 4).unwrap().next().is_some());
 }
 
@@ -141,18 +207,41 @@ fn trained_tokenizer_is_a_standard_tokenizer_json() {
     o.kind = SynthKind::Web;
     synth(&o).unwrap();
     let out = tmp.path().join("tok/tokenizer.json");
-    let opts = TrainTokenizerOptions::new(vec![tmp.path().join("raw/web/train").to_string_lossy().into_owned()], &out, 600);
+    let opts = TrainTokenizerOptions::new(
+        vec![
+            tmp.path()
+                .join("raw/web/train")
+                .to_string_lossy()
+                .into_owned(),
+        ],
+        &out,
+        600,
+    );
     assert_eq!(train_tokenizer(&opts).unwrap(), 600);
-    let tok = TextTokenizer::load(&TokenizerSpec::File(out.clone()), &SpecialTokens::default()).unwrap();
+    let tok =
+        TextTokenizer::load(&TokenizerSpec::File(out.clone()), &SpecialTokens::default()).unwrap();
     assert_eq!(tok.info.vocab_size, 600);
     assert_eq!(tok.info.eos_id, 0, "<|endoftext|> is found as EOS");
     let text = "Notes on a city: the market is busy.";
     let ids = tok.encode(text).unwrap();
-    assert!(ids.len() < text.len() / 2, "merges were learned: {} ids", ids.len());
+    assert!(
+        ids.len() < text.len() / 2,
+        "merges were learned: {} ids",
+        ids.len()
+    );
     let hf = tokenizers::Tokenizer::from_file(&out).unwrap();
     assert_eq!(hf.decode(&ids, false).unwrap(), text);
 
-    let small = TrainTokenizerOptions::new(vec![tmp.path().join("raw/web/train").to_string_lossy().into_owned()], tmp.path().join("x.json"), 100);
+    let small = TrainTokenizerOptions::new(
+        vec![
+            tmp.path()
+                .join("raw/web/train")
+                .to_string_lossy()
+                .into_owned(),
+        ],
+        tmp.path().join("x.json"),
+        100,
+    );
     assert!(format!("{:#}", train_tokenizer(&small).unwrap_err()).contains("too small"));
 }
 
@@ -167,17 +256,63 @@ fn cli_parses_and_runs_the_subcommands() {
     let tmp = tempfile::tempdir().unwrap();
     let raw = tmp.path().join("raw");
     let out = tmp.path().join("tok");
-    let parse = |args: &[&str]| Cli::try_parse_from(std::iter::once("data").chain(args.iter().copied())).unwrap().data;
+    let parse = |args: &[&str]| {
+        Cli::try_parse_from(std::iter::once("data").chain(args.iter().copied()))
+            .unwrap()
+            .data
+    };
     let raw_s = raw.to_string_lossy().into_owned();
-    zamba_data::run(parse(&["synth", "--kind", "web", "--out", &raw_s, "--web-docs", "200", "--seed", "3"])).unwrap();
+    zamba_data::run(parse(&[
+        "synth",
+        "--kind",
+        "web",
+        "--out",
+        &raw_s,
+        "--web-docs",
+        "200",
+        "--seed",
+        "3",
+    ]))
+    .unwrap();
     let input = raw.join("web/train").to_string_lossy().into_owned();
     let out_s = out.to_string_lossy().into_owned();
-    zamba_data::run(parse(&["tokenize", "--tokenizer", "byte", "--out", &out_s, "--text-column", "text", "--no-progress", &input])).unwrap();
+    zamba_data::run(parse(&[
+        "tokenize",
+        "--tokenizer",
+        "byte",
+        "--out",
+        &out_s,
+        "--text-column",
+        "text",
+        "--no-progress",
+        &input,
+    ]))
+    .unwrap();
     assert!(out.join("manifest.json").exists());
     let tok_s = tmp.path().join("t.json").to_string_lossy().into_owned();
-    zamba_data::run(parse(&["train-tokenizer", "--out", &tok_s, "--vocab-size", "300", &input])).unwrap();
+    zamba_data::run(parse(&[
+        "train-tokenizer",
+        "--out",
+        &tok_s,
+        "--vocab-size",
+        "300",
+        &input,
+    ]))
+    .unwrap();
     assert!(tmp.path().join("t.json").exists());
-    let bad = parse(&["tokenize", "--tokenizer", "byte", "--out", &out_s, "--text-column", "body", &input]);
+    let bad = parse(&[
+        "tokenize",
+        "--tokenizer",
+        "byte",
+        "--out",
+        &out_s,
+        "--text-column",
+        "body",
+        &input,
+    ]);
     assert!(zamba_data::run(bad).is_err());
-    assert!(Cli::try_parse_from(["data", "tokenize", "--out", "x", "in.parquet"]).is_err(), "--tokenizer is required");
+    assert!(
+        Cli::try_parse_from(["data", "tokenize", "--out", "x", "in.parquet"]).is_err(),
+        "--tokenizer is required"
+    );
 }

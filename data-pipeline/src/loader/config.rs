@@ -50,8 +50,10 @@ pub struct SourceConfig {
 
 impl DataConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading data config {}", path.display()))?;
-        let mut config: Self = serde_json::from_str(&text).with_context(|| format!("{} is not a valid data config", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading data config {}", path.display()))?;
+        let mut config: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid data config", path.display()))?;
         config.resolve_relative_to(path.parent().unwrap_or(Path::new(".")));
         Ok(config)
     }
@@ -79,7 +81,10 @@ impl DataConfig {
         }
         for (name, source) in &self.sources {
             if !source.weight.is_finite() || source.weight < 0.0 {
-                bail!("source {name:?} has weight {}; weights must be finite and >= 0", source.weight);
+                bail!(
+                    "source {name:?} has weight {}; weights must be finite and >= 0",
+                    source.weight
+                );
             }
             if source.paths.is_empty() {
                 bail!("source {name:?} lists no paths");
@@ -136,7 +141,11 @@ impl TokenizerCheck {
 }
 
 /// Expands a source's path patterns into shards, in a stable order, checking sizes against manifests.
-pub fn resolve_shards(source: &str, patterns: &[String], check: &mut TokenizerCheck) -> Result<Vec<ResolvedShard>> {
+pub fn resolve_shards(
+    source: &str,
+    patterns: &[String],
+    check: &mut TokenizerCheck,
+) -> Result<Vec<ResolvedShard>> {
     let mut manifests: BTreeMap<PathBuf, Manifest> = BTreeMap::new();
     let mut shards = Vec::new();
     for pattern in patterns {
@@ -157,28 +166,46 @@ pub fn resolve_shards(source: &str, patterns: &[String], check: &mut TokenizerCh
             let (dir, only_file) = if path.is_dir() {
                 (path.clone(), None)
             } else {
-                let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let dir = path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 (dir, Some(name))
             };
             if !manifests.contains_key(&dir) {
-                let manifest = Manifest::load(&dir).with_context(|| format!("source {source:?}"))?;
+                let manifest =
+                    Manifest::load(&dir).with_context(|| format!("source {source:?}"))?;
                 check.check(&dir, &manifest.settings.tokenizer)?;
                 manifests.insert(dir.clone(), manifest);
             }
             let manifest = &manifests[&dir];
             let selected: Vec<&ShardInfo> = match &only_file {
                 None => manifest.shards.iter().collect(),
-                Some(name) if name == crate::manifest::MANIFEST_FILE => manifest.shards.iter().collect(),
+                Some(name) if name == crate::manifest::MANIFEST_FILE => {
+                    manifest.shards.iter().collect()
+                }
                 Some(name) => match manifest.shards.iter().find(|s| &s.file == name) {
                     Some(s) => vec![s],
-                    None => bail!("source {source:?}: {} is not listed in {}/manifest.json", path.display(), dir.display()),
+                    None => bail!(
+                        "source {source:?}: {} is not listed in {}/manifest.json",
+                        path.display(),
+                        dir.display()
+                    ),
                 },
             };
             for info in selected {
                 let shard_path = dir.join(&info.file);
                 let bytes = std::fs::metadata(&shard_path)
-                    .with_context(|| format!("source {source:?}: shard {} listed in the manifest is missing", shard_path.display()))?
+                    .with_context(|| {
+                        format!(
+                            "source {source:?}: shard {} listed in the manifest is missing",
+                            shard_path.display()
+                        )
+                    })?
                     .len();
                 if bytes != info.bytes {
                     bail!(
@@ -188,7 +215,11 @@ pub fn resolve_shards(source: &str, patterns: &[String], check: &mut TokenizerCh
                     );
                 }
                 if !shards.iter().any(|s: &ResolvedShard| s.path == shard_path) {
-                    shards.push(ResolvedShard { path: shard_path, info: info.clone(), manifest_fingerprint: manifest.content_fingerprint.clone() });
+                    shards.push(ResolvedShard {
+                        path: shard_path,
+                        info: info.clone(),
+                        manifest_fingerprint: manifest.content_fingerprint.clone(),
+                    });
                 }
             }
         }

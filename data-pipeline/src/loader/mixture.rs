@@ -7,9 +7,9 @@
 
 /// Appends `rows` source indices for the next global batch, advancing the per-source counters.
 pub fn allocate(weights: &[f64], allocated: &mut [u64], rows: usize) -> Vec<u16> {
-    let mut total: u64 = allocated.iter().sum();
+    let already: u64 = allocated.iter().sum();
     let mut sources = Vec::with_capacity(rows);
-    for _ in 0..rows {
+    for total in already..already + rows as u64 {
         let target = (total + 1) as f64;
         let mut best = 0;
         let mut best_deficit = f64::NEG_INFINITY;
@@ -22,7 +22,6 @@ pub fn allocate(weights: &[f64], allocated: &mut [u64], rows: usize) -> Vec<u16>
             }
         }
         allocated[best] += 1;
-        total += 1;
         sources.push(best as u16);
     }
     sources
@@ -40,7 +39,10 @@ mod tests {
             allocate(&weights, &mut allocated, 7);
             let total: u64 = allocated.iter().sum();
             for (w, n) in weights.iter().zip(allocated) {
-                assert!((w * total as f64 - n as f64).abs() < 1.0 + 1e-9, "{allocated:?}");
+                assert!(
+                    (w * total as f64 - n as f64).abs() < 1.0 + 1e-9,
+                    "{allocated:?}"
+                );
             }
         }
         assert_eq!(allocated[3], 0);

@@ -86,8 +86,16 @@ impl Producer {
     fn next(&mut self) -> Result<(Batch, LoaderState)> {
         let n = self.sources.len();
         let weights: Vec<f64> = self.sources.iter().map(|s| s.weight).collect();
-        let mut mix_rows: Vec<u64> = self.sources.iter().map(|s| self.state.sources[&s.name].mix_rows).collect();
-        let mut windows: Vec<u64> = self.sources.iter().map(|s| self.state.sources[&s.name].windows).collect();
+        let mut mix_rows: Vec<u64> = self
+            .sources
+            .iter()
+            .map(|s| self.state.sources[&s.name].mix_rows)
+            .collect();
+        let mut windows: Vec<u64> = self
+            .sources
+            .iter()
+            .map(|s| self.state.sources[&s.name].windows)
+            .collect();
         let allocation = mixture::allocate(&weights, &mut mix_rows, self.global_rows);
         let row_windows: Vec<(u16, u64)> = allocation
             .iter()
@@ -97,7 +105,10 @@ impl Producer {
                 (s, w)
             })
             .collect();
-        let order = permutation(&mut rng_for(self.seed, &[ROWS_STREAM, self.state.step]), self.global_rows);
+        let order = permutation(
+            &mut rng_for(self.seed, &[ROWS_STREAM, self.state.step]),
+            self.global_rows,
+        );
         let local = self.global_rows / self.world;
         // (local row, source, window), read in stream order so each source is read forwards.
         let mut mine: Vec<(usize, u16, u64)> = (0..local)
@@ -116,7 +127,10 @@ impl Producer {
         let mut window = vec![0u32; l + 1];
         for &(r, s, w) in &mine {
             let source = &mut self.sources[s as usize];
-            source.stream.read(w * l as u64, &mut window).with_context(|| format!("reading source {:?}", source.name))?;
+            source
+                .stream
+                .read(w * l as u64, &mut window)
+                .with_context(|| format!("reading source {:?}", source.name))?;
             inputs[r * l..(r + 1) * l].copy_from_slice(&window[..l]);
             targets[r * l..(r + 1) * l].copy_from_slice(&window[1..]);
             row_sources[r] = s;
@@ -130,11 +144,22 @@ impl Producer {
             inputs,
             targets,
             row_sources,
-            source_tokens: self.sources.iter().zip(&per_source).map(|(s, &t)| (s.name.clone(), t)).collect(),
+            source_tokens: self
+                .sources
+                .iter()
+                .zip(&per_source)
+                .map(|(s, &t)| (s.name.clone(), t))
+                .collect(),
         };
         self.state.step += 1;
         for (i, source) in self.sources.iter().enumerate() {
-            self.state.sources.insert(source.name.clone(), SourceCursor { windows: windows[i], mix_rows: mix_rows[i] });
+            self.state.sources.insert(
+                source.name.clone(),
+                SourceCursor {
+                    windows: windows[i],
+                    mix_rows: mix_rows[i],
+                },
+            );
         }
         Ok((batch, self.state.clone()))
     }
@@ -176,8 +201,10 @@ impl MixtureLoader {
         if world == 0 || rank >= world {
             bail!("rank {rank} is not valid for world size {world}");
         }
-        if global_batch_sequences == 0 || global_batch_sequences % world != 0 {
-            bail!("the global batch ({global_batch_sequences} sequences) must be a positive multiple of the world size {world}");
+        if global_batch_sequences == 0 || !global_batch_sequences.is_multiple_of(world) {
+            bail!(
+                "the global batch ({global_batch_sequences} sequences) must be a positive multiple of the world size {world}"
+            );
         }
         if global_batch_sequences > u32::MAX as usize {
             bail!("the global batch ({global_batch_sequences} sequences) is too large");
@@ -188,20 +215,30 @@ impl MixtureLoader {
         for (name, source) in &config.sources {
             resolved.push(resolve_shards(name, &source.paths, &mut check)?);
             if !source.validation.is_empty() {
-                validation_shards.insert(name.clone(), resolve_shards(&format!("{name} (validation)"), &source.validation, &mut check)?);
-            }
-        }
-        let tokenizer = check.tokenizer().expect("at least one source was resolved").clone();
-        if let Some(model_vocab) = config.model_vocab_size {
-            if tokenizer.vocab_size > model_vocab {
-                bail!(
-                    "the data was tokenized with {} whose ids go up to {}, but model_vocab_size is {model_vocab}: token ids would be out of range; \
-                     use a model with a vocabulary of at least {} or re-tokenize",
-                    tokenizer.describe(),
-                    tokenizer.vocab_size - 1,
-                    tokenizer.vocab_size
+                validation_shards.insert(
+                    name.clone(),
+                    resolve_shards(
+                        &format!("{name} (validation)"),
+                        &source.validation,
+                        &mut check,
+                    )?,
                 );
             }
+        }
+        let tokenizer = check
+            .tokenizer()
+            .expect("at least one source was resolved")
+            .clone();
+        if let Some(model_vocab) = config.model_vocab_size
+            && tokenizer.vocab_size > model_vocab
+        {
+            bail!(
+                "the data was tokenized with {} whose ids go up to {}, but model_vocab_size is {model_vocab}: token ids would be out of range; \
+                 use a model with a vocabulary of at least {} or re-tokenize",
+                tokenizer.describe(),
+                tokenizer.vocab_size - 1,
+                tokenizer.vocab_size
+            );
         }
         let fingerprint = fingerprint(config, &resolved);
         let names: Vec<String> = config.sources.keys().cloned().collect();
@@ -210,7 +247,10 @@ impl MixtureLoader {
                 version: STATE_VERSION,
                 fingerprint: fingerprint.clone(),
                 step: 0,
-                sources: names.iter().map(|n| (n.clone(), SourceCursor::default())).collect(),
+                sources: names
+                    .iter()
+                    .map(|n| (n.clone(), SourceCursor::default()))
+                    .collect(),
             },
             Some(saved) => restore(saved, &fingerprint, &names, allow_fingerprint_mismatch)?,
         };
@@ -219,15 +259,30 @@ impl MixtureLoader {
         let mut summaries = Vec::new();
         let mut sources = Vec::new();
         for ((name, shards), weight) in names.iter().zip(resolved).zip(weights) {
-            let stream = SourceStream::new(name, shards.clone(), config.seed, true, config.shuffle_blocks, tokenizer.vocab_size);
+            let stream = SourceStream::new(
+                name,
+                shards.clone(),
+                config.seed,
+                true,
+                config.shuffle_blocks,
+                tokenizer.vocab_size,
+            );
             summaries.push(SourceSummary {
                 name: name.clone(),
                 weight,
                 tokens: stream.total_tokens(),
                 shards: shards.len(),
-                validation_tokens: validation_shards.get(name).map_or(0, |v: &Vec<ResolvedShard>| v.iter().map(|s| s.info.tokens).sum()),
+                validation_tokens: validation_shards
+                    .get(name)
+                    .map_or(0, |v: &Vec<ResolvedShard>| {
+                        v.iter().map(|s| s.info.tokens).sum()
+                    }),
             });
-            sources.push(Source { name: name.clone(), weight, stream });
+            sources.push(Source {
+                name: name.clone(),
+                weight,
+                stream,
+            });
         }
         let mut producer = Producer {
             sources,
@@ -259,7 +314,10 @@ impl MixtureLoader {
     /// This rank's part of the next global batch. Errors from reading (a corrupt shard, an
     /// out-of-vocabulary id) surface here; after one, the loader is finished.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let receiver = self.receiver.as_ref().context("the data loader has stopped")?;
+        let receiver = self
+            .receiver
+            .as_ref()
+            .context("the data loader has stopped")?;
         match receiver.recv() {
             Ok(Ok((batch, state))) => {
                 self.state = state;
@@ -267,7 +325,10 @@ impl MixtureLoader {
             }
             Ok(Err(e)) => {
                 self.receiver = None;
-                Err(e.context(format!("data loader failed preparing step {}", self.state.step)))
+                Err(e.context(format!(
+                    "data loader failed preparing step {}",
+                    self.state.step
+                )))
             }
             Err(_) => {
                 self.receiver = None;
@@ -309,7 +370,10 @@ impl MixtureLoader {
             .iter()
             .map(|s| {
                 let windows = self.state.sources.get(&s.name).map_or(0, |c| c.windows);
-                (s.name.clone(), (windows * self.config.seq_len as u64) as f64 / s.tokens as f64)
+                (
+                    s.name.clone(),
+                    (windows * self.config.seq_len as u64) as f64 / s.tokens as f64,
+                )
             })
             .collect()
     }
@@ -323,9 +387,20 @@ impl MixtureLoader {
     /// sequences; each rank gets the same number of windows (the remainder is dropped).
     pub fn validation(&self, source: &str, rows: usize) -> Result<ValidationBatches> {
         let shards = self.validation_shards.get(source).with_context(|| {
-            format!("source {source:?} has no validation set (sources with one: {})", self.validation_sources().join(", "))
+            format!(
+                "source {source:?} has no validation set (sources with one: {})",
+                self.validation_sources().join(", ")
+            )
         })?;
-        ValidationBatches::new(source, shards.clone(), self.config.seq_len, rows, self.rank, self.world, self.tokenizer.vocab_size)
+        ValidationBatches::new(
+            source,
+            shards.clone(),
+            self.config.seq_len,
+            rows,
+            self.rank,
+            self.world,
+            self.tokenizer.vocab_size,
+        )
     }
 }
 
@@ -349,18 +424,32 @@ fn prefetch(producer: &mut Producer, sender: SyncSender<Result<(Batch, LoaderSta
     }
 }
 
-fn restore(saved: LoaderState, fingerprint: &str, names: &[String], allow_mismatch: bool) -> Result<LoaderState> {
+fn restore(
+    saved: LoaderState,
+    fingerprint: &str,
+    names: &[String],
+    allow_mismatch: bool,
+) -> Result<LoaderState> {
     if saved.version != STATE_VERSION {
-        bail!("loader state version {} is not supported (this build writes version {STATE_VERSION})", saved.version);
+        bail!(
+            "loader state version {} is not supported (this build writes version {STATE_VERSION})",
+            saved.version
+        );
     }
     if saved.fingerprint == fingerprint {
         if names.iter().any(|n| !saved.sources.contains_key(n)) {
-            bail!("the loader state does not list every source of the config although the fingerprints match; the state is corrupt");
+            bail!(
+                "the loader state does not list every source of the config although the fingerprints match; the state is corrupt"
+            );
         }
         return Ok(saved);
     }
     if !allow_mismatch {
-        return Err(DataError::FingerprintMismatch { saved: saved.fingerprint, current: fingerprint.to_owned() }.into());
+        return Err(DataError::FingerprintMismatch {
+            saved: saved.fingerprint,
+            current: fingerprint.to_owned(),
+        }
+        .into());
     }
     // New data: each known source continues from its stream position; the mixture starts afresh.
     Ok(LoaderState {
@@ -369,7 +458,15 @@ fn restore(saved: LoaderState, fingerprint: &str, names: &[String], allow_mismat
         step: saved.step,
         sources: names
             .iter()
-            .map(|n| (n.clone(), SourceCursor { windows: saved.sources.get(n).map_or(0, |c| c.windows), mix_rows: 0 }))
+            .map(|n| {
+                (
+                    n.clone(),
+                    SourceCursor {
+                        windows: saved.sources.get(n).map_or(0, |c| c.windows),
+                        mix_rows: 0,
+                    },
+                )
+            })
             .collect(),
     })
 }
@@ -387,7 +484,14 @@ fn fingerprint(config: &DataConfig, resolved: &[Vec<ResolvedShard>]) -> String {
         .map(|((name, weight), shards)| {
             let shards: Vec<serde_json::Value> = shards
                 .iter()
-                .map(|s| serde_json::json!([s.manifest_fingerprint, s.info.file, s.info.bytes, s.info.blake3]))
+                .map(|s| {
+                    serde_json::json!([
+                        s.manifest_fingerprint,
+                        s.info.file,
+                        s.info.bytes,
+                        s.info.blake3
+                    ])
+                })
                 .collect();
             serde_json::json!({"name": name, "weight": weight, "shards": shards})
         })

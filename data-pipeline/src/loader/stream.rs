@@ -55,12 +55,23 @@ pub struct SourceStream {
 
 impl SourceStream {
     /// `shuffle = false` gives the shards' file order (used for validation).
-    pub fn new(name: &str, shards: Vec<ResolvedShard>, seed: u64, shuffle: bool, group_blocks: usize, vocab_limit: u32) -> Self {
+    pub fn new(
+        name: &str,
+        shards: Vec<ResolvedShard>,
+        seed: u64,
+        shuffle: bool,
+        group_blocks: usize,
+        vocab_limit: u32,
+    ) -> Self {
         let mut blocks = Vec::new();
         for (shard, s) in shards.iter().enumerate() {
             for (row_group, rg) in s.info.row_groups.iter().enumerate() {
                 if rg.tokens > 0 {
-                    blocks.push(Block { shard, row_group, tokens: rg.tokens });
+                    blocks.push(Block {
+                        shard,
+                        row_group,
+                        tokens: rg.tokens,
+                    });
                 }
             }
         }
@@ -94,7 +105,10 @@ impl SourceStream {
             let epoch = pos / self.total_tokens;
             let within = pos % self.total_tokens;
             let layout = self.layout(epoch);
-            let group = self.layouts[layout].group_starts.partition_point(|&start| start <= within) - 1;
+            let group = self.layouts[layout]
+                .group_starts
+                .partition_point(|&start| start <= within)
+                - 1;
             let group_start = self.layouts[layout].group_starts[group];
             let loaded = self.group(layout, group)?;
             let tokens = &self.groups[loaded].tokens;
@@ -112,7 +126,10 @@ impl SourceStream {
             return i;
         }
         let order: Vec<u32> = if self.shuffle {
-            permutation(&mut rng_for(self.seed, &[self.name_id, LAYOUT_STREAM, epoch]), self.blocks.len())
+            permutation(
+                &mut rng_for(self.seed, &[self.name_id, LAYOUT_STREAM, epoch]),
+                self.blocks.len(),
+            )
         } else {
             (0..self.blocks.len() as u32).collect()
         };
@@ -124,16 +141,29 @@ impl SourceStream {
         if self.layouts.len() == 2 {
             self.layouts.pop_back();
         }
-        self.layouts.push_front(EpochLayout { epoch, order, group_starts });
+        self.layouts.push_front(EpochLayout {
+            epoch,
+            order,
+            group_starts,
+        });
         0
     }
 
     fn group(&mut self, layout: usize, group: usize) -> Result<usize> {
         let epoch = self.layouts[layout].epoch;
-        if let Some(i) = self.groups.iter().position(|g| g.epoch == epoch && g.group == group) {
+        if let Some(i) = self
+            .groups
+            .iter()
+            .position(|g| g.epoch == epoch && g.group == group)
+        {
             return Ok(i);
         }
-        let block_ids: Vec<u32> = self.layouts[layout].order.chunks(self.group_blocks).nth(group).expect("group in range").to_vec();
+        let block_ids: Vec<u32> = self.layouts[layout]
+            .order
+            .chunks(self.group_blocks)
+            .nth(group)
+            .expect("group in range")
+            .to_vec();
         let mut tokens = Vec::new();
         let mut lens = std::mem::take(&mut self.scratch_lens);
         lens.clear();
@@ -155,23 +185,40 @@ impl SourceStream {
                 );
             }
         }
-        let tokens = if self.shuffle { self.shuffle_documents(&tokens, &lens, epoch, group) } else { tokens };
+        let tokens = if self.shuffle {
+            self.shuffle_documents(&tokens, &lens, epoch, group)
+        } else {
+            tokens
+        };
         self.scratch_lens = lens;
         if self.groups.len() == GROUP_CACHE {
             self.groups.pop_back();
         }
-        self.groups.push_front(LoadedGroup { epoch, group, tokens });
+        self.groups.push_front(LoadedGroup {
+            epoch,
+            group,
+            tokens,
+        });
         Ok(0)
     }
 
-    fn shuffle_documents(&self, tokens: &[u32], lens: &[u32], epoch: u64, group: usize) -> Vec<u32> {
+    fn shuffle_documents(
+        &self,
+        tokens: &[u32],
+        lens: &[u32],
+        epoch: u64,
+        group: usize,
+    ) -> Vec<u32> {
         let mut starts = Vec::with_capacity(lens.len());
         let mut at = 0usize;
         for &len in lens {
             starts.push(at);
             at += len as usize;
         }
-        let order = permutation(&mut rng_for(self.seed, &[self.name_id, DOCS_STREAM, epoch, group as u64]), lens.len());
+        let order = permutation(
+            &mut rng_for(self.seed, &[self.name_id, DOCS_STREAM, epoch, group as u64]),
+            lens.len(),
+        );
         let mut out = Vec::with_capacity(tokens.len());
         for &d in &order {
             let (start, len) = (starts[d as usize], lens[d as usize] as usize);

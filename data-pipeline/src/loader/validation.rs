@@ -20,7 +20,15 @@ pub struct ValidationBatches {
 }
 
 impl ValidationBatches {
-    pub(crate) fn new(name: &str, shards: Vec<ResolvedShard>, seq_len: usize, rows: usize, rank: usize, world: usize, vocab_limit: u32) -> Result<Self> {
+    pub(crate) fn new(
+        name: &str,
+        shards: Vec<ResolvedShard>,
+        seq_len: usize,
+        rows: usize,
+        rank: usize,
+        world: usize,
+        vocab_limit: u32,
+    ) -> Result<Self> {
         if rows == 0 {
             bail!("validation batches need at least one row");
         }

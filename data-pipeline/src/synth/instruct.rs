@@ -8,7 +8,10 @@ use rand_chacha::ChaCha8Rng;
 
 pub(crate) const STREAM: u64 = 0x494e_5330; // "INS0"
 const SPLIT_STREAM: u64 = 0x494e_5331;
-const WORDS: &[&str] = &["apple", "river", "stone", "cloud", "lamp", "forest", "candle", "mirror", "garden", "rocket", "violet", "banana", "pepper", "harbour"];
+const WORDS: &[&str] = &[
+    "apple", "river", "stone", "cloud", "lamp", "forest", "candle", "mirror", "garden", "rocket",
+    "violet", "banana", "pepper", "harbour",
+];
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 
 pub struct Example {
@@ -26,7 +29,10 @@ impl Example {
 }
 
 pub fn is_validation(seed: u64, key: &str, fraction: f64) -> bool {
-    unit(&mut rng_for(seed, &[SPLIT_STREAM, crate::rng::name_id(key)])) < fraction
+    unit(&mut rng_for(
+        seed,
+        &[SPLIT_STREAM, crate::rng::name_id(key)],
+    )) < fraction
 }
 
 fn random_word(rng: &mut ChaCha8Rng, min: u64, max: u64) -> String {
@@ -36,7 +42,13 @@ fn random_word(rng: &mut ChaCha8Rng, min: u64, max: u64) -> String {
 
 /// Example `index`. Fact questions only ask about facts that some training web document states,
 /// which depends on how many web documents there are and the web split.
-pub fn example(world: &World, seed: u64, index: u64, web_docs: u64, web_validation_fraction: f64) -> Example {
+pub fn example(
+    world: &World,
+    seed: u64,
+    index: u64,
+    web_docs: u64,
+    web_validation_fraction: f64,
+) -> Example {
     let mut rng = rng_for(seed, &[STREAM, index]);
     let kind = below(&mut rng, 7);
     match kind {
@@ -47,14 +59,25 @@ pub fn example(world: &World, seed: u64, index: u64, web_docs: u64, web_validati
                 1 => ('-', a - b, a, b),
                 _ => ('*', (a % 100) * (b % 100), a % 100, b % 100),
             };
-            Example { task: "arithmetic", prompt: format!("What is {a} {op} {b}?"), answer: result.to_string(), key: format!("arith:{a}{op}{b}") }
+            Example {
+                task: "arithmetic",
+                prompt: format!("What is {a} {op} {b}?"),
+                answer: result.to_string(),
+                key: format!("arith:{a}{op}{b}"),
+            }
         }
         2 => {
             let n = 3 + below(&mut rng, 6);
             let (prompt, mut items): (&str, Vec<String>) = if below(&mut rng, 2) == 0 {
-                ("Sort these numbers in ascending order", (0..n).map(|_| below(&mut rng, 100).to_string()).collect())
+                (
+                    "Sort these numbers in ascending order",
+                    (0..n).map(|_| below(&mut rng, 100).to_string()).collect(),
+                )
             } else {
-                ("Sort these words alphabetically", (0..n).map(|_| pick(&mut rng, WORDS).to_string()).collect())
+                (
+                    "Sort these words alphabetically",
+                    (0..n).map(|_| pick(&mut rng, WORDS).to_string()).collect(),
+                )
             };
             let shown = items.join(", ");
             if prompt.contains("numbers") {
@@ -62,36 +85,68 @@ pub fn example(world: &World, seed: u64, index: u64, web_docs: u64, web_validati
             } else {
                 items.sort();
             }
-            Example { task: "sort", prompt: format!("{prompt}: {shown}"), answer: items.join(", "), key: format!("sort:{shown}") }
+            Example {
+                task: "sort",
+                prompt: format!("{prompt}: {shown}"),
+                answer: items.join(", "),
+                key: format!("sort:{shown}"),
+            }
         }
         3 => {
             let s = random_word(&mut rng, 4, 16);
-            Example { task: "copy", prompt: format!("Repeat exactly: {s}"), answer: s.clone(), key: format!("copy:{s}") }
+            Example {
+                task: "copy",
+                prompt: format!("Repeat exactly: {s}"),
+                answer: s.clone(),
+                key: format!("copy:{s}"),
+            }
         }
         4 => {
             let s = random_word(&mut rng, 4, 16);
-            Example { task: "reverse", prompt: format!("Reverse the letters of: {s}"), answer: s.chars().rev().collect(), key: format!("rev:{s}") }
+            Example {
+                task: "reverse",
+                prompt: format!("Reverse the letters of: {s}"),
+                answer: s.chars().rev().collect(),
+                key: format!("rev:{s}"),
+            }
         }
         5 => {
             let w = random_word(&mut rng, 6, 14);
             let c = w.as_bytes()[below(&mut rng, w.len() as u64) as usize] as char;
             let count = w.chars().filter(|&x| x == c).count();
-            Example { task: "count", prompt: format!("How many times does the letter '{c}' appear in \"{w}\"?"), answer: count.to_string(), key: format!("count:{c}:{w}") }
+            Example {
+                task: "count",
+                prompt: format!("How many times does the letter '{c}' appear in \"{w}\"?"),
+                answer: count.to_string(),
+                key: format!("count:{c}:{w}"),
+            }
         }
         _ => {
             // Draw training web documents until one is found; each states its primary fact.
             let fact = (0..64)
                 .map(|_| below(&mut rng, web_docs.max(1)))
-                .find(|&doc| web_docs > 0 && !web::is_validation(seed, doc, web_validation_fraction))
+                .find(|&doc| {
+                    web_docs > 0 && !web::is_validation(seed, doc, web_validation_fraction)
+                })
                 .map(|doc| web::primary_fact(world, doc));
             match fact {
                 Some(fact) => {
                     let (prompt, answer) = world.question(fact);
-                    Example { task: "fact", key: format!("fact:{prompt}"), prompt, answer }
+                    Example {
+                        task: "fact",
+                        key: format!("fact:{prompt}"),
+                        prompt,
+                        answer,
+                    }
                 }
                 None => {
                     let s = random_word(&mut rng, 4, 16);
-                    Example { task: "copy", prompt: format!("Repeat exactly: {s}"), answer: s.clone(), key: format!("copy:{s}") }
+                    Example {
+                        task: "copy",
+                        prompt: format!("Repeat exactly: {s}"),
+                        answer: s.clone(),
+                        key: format!("copy:{s}"),
+                    }
                 }
             }
         }
@@ -108,13 +163,15 @@ pub fn expected_answer(task: &str, prompt: &str) -> Option<String> {
             let a: i64 = parts.next()?.parse().ok()?;
             let op = parts.next()?;
             let b: i64 = parts.next()?.parse().ok()?;
-            Some(match op {
-                "+" => a + b,
-                "-" => a - b,
-                "*" => a * b,
-                _ => return None,
-            }
-            .to_string())
+            Some(
+                match op {
+                    "+" => a + b,
+                    "-" => a - b,
+                    "*" => a * b,
+                    _ => return None,
+                }
+                .to_string(),
+            )
         }
         "sort" => {
             let (head, list) = prompt.split_once(": ")?;
@@ -127,7 +184,13 @@ pub fn expected_answer(task: &str, prompt: &str) -> Option<String> {
             Some(items.join(", "))
         }
         "copy" => Some(prompt.strip_prefix("Repeat exactly: ")?.to_owned()),
-        "reverse" => Some(prompt.strip_prefix("Reverse the letters of: ")?.chars().rev().collect()),
+        "reverse" => Some(
+            prompt
+                .strip_prefix("Reverse the letters of: ")?
+                .chars()
+                .rev()
+                .collect(),
+        ),
         "count" => {
             let rest = prompt.strip_prefix("How many times does the letter '")?;
             let c = rest.chars().next()?;

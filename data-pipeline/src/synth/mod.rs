@@ -40,7 +40,15 @@ pub struct SynthOptions {
 
 impl SynthOptions {
     pub fn new(kind: SynthKind, out: impl Into<PathBuf>) -> Self {
-        Self { kind, out: out.into(), seed: 0, web_docs: 20_000, instruct_examples: 20_000, validation_fraction: 0.05, rows_per_file: 50_000 }
+        Self {
+            kind,
+            out: out.into(),
+            seed: 0,
+            web_docs: 20_000,
+            instruct_examples: 20_000,
+            validation_fraction: 0.05,
+            rows_per_file: 50_000,
+        }
     }
 }
 
@@ -62,7 +70,10 @@ struct Row {
 /// Generates the requested sets under `opts.out/{web,instruct}/{train,validation}/part-NNNNN.parquet`.
 pub fn synth(opts: &SynthOptions) -> Result<Vec<SplitReport>> {
     if !(0.0..1.0).contains(&opts.validation_fraction) {
-        bail!("--validation-fraction must be in [0, 1), got {}", opts.validation_fraction);
+        bail!(
+            "--validation-fraction must be in [0, 1), got {}",
+            opts.validation_fraction
+        );
     }
     if opts.rows_per_file == 0 {
         bail!("rows per file must be positive");
@@ -77,7 +88,14 @@ pub fn synth(opts: &SynthOptions) -> Result<Vec<SplitReport>> {
             .into_par_iter()
             .map(|i| {
                 let validation = web::is_validation(opts.seed, i, opts.validation_fraction);
-                (validation, Row { text: web::document(&world, opts.seed, i), id: format!("synth-web-{i}"), extra: Vec::new() })
+                (
+                    validation,
+                    Row {
+                        text: web::document(&world, opts.seed, i),
+                        id: format!("synth-web-{i}"),
+                        extra: Vec::new(),
+                    },
+                )
             })
             .collect();
         reports.extend(write_splits(opts, "web", "synth-web", &[], rows)?);
@@ -89,18 +107,41 @@ pub fn synth(opts: &SynthOptions) -> Result<Vec<SplitReport>> {
         let rows: Vec<(bool, Row)> = (0..opts.instruct_examples)
             .into_par_iter()
             .map(|i| {
-                let ex = instruct::example(&world, opts.seed, i, opts.web_docs, opts.validation_fraction);
-                let validation = instruct::is_validation(opts.seed, &ex.key, opts.validation_fraction);
-                let row = Row { text: ex.chat_text(), id: format!("synth-instruct-{i}"), extra: vec![ex.task.to_owned(), ex.prompt, ex.answer] };
+                let ex = instruct::example(
+                    &world,
+                    opts.seed,
+                    i,
+                    opts.web_docs,
+                    opts.validation_fraction,
+                );
+                let validation =
+                    instruct::is_validation(opts.seed, &ex.key, opts.validation_fraction);
+                let row = Row {
+                    text: ex.chat_text(),
+                    id: format!("synth-instruct-{i}"),
+                    extra: vec![ex.task.to_owned(), ex.prompt, ex.answer],
+                };
                 (validation, row)
             })
             .collect();
-        reports.extend(write_splits(opts, "instruct", "synth-instruct", &["task", "prompt", "answer"], rows)?);
+        reports.extend(write_splits(
+            opts,
+            "instruct",
+            "synth-instruct",
+            &["task", "prompt", "answer"],
+            rows,
+        )?);
     }
     Ok(reports)
 }
 
-fn write_splits(opts: &SynthOptions, set: &str, source: &str, extra: &[&str], rows: Vec<(bool, Row)>) -> Result<Vec<SplitReport>> {
+fn write_splits(
+    opts: &SynthOptions,
+    set: &str,
+    source: &str,
+    extra: &[&str],
+    rows: Vec<(bool, Row)>,
+) -> Result<Vec<SplitReport>> {
     let (validation, train): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(v, _)| *v);
     let mut reports = Vec::new();
     for (split, rows) in [("train", train), ("validation", validation)] {
@@ -119,34 +160,63 @@ fn write_splits(opts: &SynthOptions, set: &str, source: &str, extra: &[&str], ro
             files.push(dir.join(name));
         }
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("replacing {}", dir.display()))?;
         }
-        std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} into place", dir.display()))?;
-        reports.push(SplitReport { name: format!("{set}/{split}"), dir, rows: rows.len() as u64, files });
+        std::fs::rename(&tmp, &dir)
+            .with_context(|| format!("moving {} into place", dir.display()))?;
+        reports.push(SplitReport {
+            name: format!("{set}/{split}"),
+            dir,
+            rows: rows.len() as u64,
+            files,
+        });
     }
     Ok(reports)
 }
 
 fn write_raw_parquet(path: &Path, source: &str, extra: &[&str], rows: &[Row]) -> Result<()> {
-    let mut fields = vec![Field::new("text", DataType::Utf8, false), Field::new("id", DataType::Utf8, false), Field::new("source", DataType::Utf8, false)];
-    fields.extend(extra.iter().map(|name| Field::new(*name, DataType::Utf8, false)));
+    let mut fields = vec![
+        Field::new("text", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+    ];
+    fields.extend(
+        extra
+            .iter()
+            .map(|name| Field::new(*name, DataType::Utf8, false)),
+    );
     let schema = Arc::new(Schema::new(fields));
     let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.text.as_str()))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.id.as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.text.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.id.as_str()),
+        )),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|_| source))),
     ];
     for i in 0..extra.len() {
-        columns.push(Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.extra[i].as_str()))));
+        columns.push(Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.extra[i].as_str()),
+        )));
     }
     let batch = RecordBatch::try_new(schema.clone(), columns).context("building synthetic rows")?;
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid zstd level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid zstd level"),
+        ))
         .set_max_row_group_row_count(Some(8192))
         .build();
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut writer = ArrowWriter::try_new(file, schema, Some(props)).with_context(|| format!("writing {}", path.display()))?;
-    writer.write(&batch).with_context(|| format!("writing {}", path.display()))?;
-    writer.close().with_context(|| format!("finishing {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut writer = ArrowWriter::try_new(file, schema, Some(props))
+        .with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .write(&batch)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .close()
+        .with_context(|| format!("finishing {}", path.display()))?;
     Ok(())
 }

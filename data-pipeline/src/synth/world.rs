@@ -5,12 +5,34 @@ use crate::rng::{below, pick, rng_for, shuffle};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashSet;
 
-pub const COLOURS: &[&str] = &["red", "blue", "green", "amber", "violet", "silver", "orange", "teal", "crimson", "ivory", "indigo", "olive"];
-pub const PRODUCTS: &[&str] = &[
-    "bicycles", "lanterns", "telescopes", "umbrellas", "clocks", "violins", "boats", "maps", "ceramic tiles", "wool blankets",
-    "solar panels", "garden tools", "paper kites", "glass bottles", "leather boots", "radios", "pianos", "printing presses",
+pub const COLOURS: &[&str] = &[
+    "red", "blue", "green", "amber", "violet", "silver", "orange", "teal", "crimson", "ivory",
+    "indigo", "olive",
 ];
-const ONSETS: &[&str] = &["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh", "gr", "pl", "tr", "h"];
+pub const PRODUCTS: &[&str] = &[
+    "bicycles",
+    "lanterns",
+    "telescopes",
+    "umbrellas",
+    "clocks",
+    "violins",
+    "boats",
+    "maps",
+    "ceramic tiles",
+    "wool blankets",
+    "solar panels",
+    "garden tools",
+    "paper kites",
+    "glass bottles",
+    "leather boots",
+    "radios",
+    "pianos",
+    "printing presses",
+];
+const ONSETS: &[&str] = &[
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st",
+    "th", "sh", "gr", "pl", "tr", "h",
+];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "io", "ou", "y"];
 const CODAS: &[&str] = &["", "", "", "n", "r", "l", "s", "th", "nd", "m", "x", "k"];
 
@@ -60,12 +82,17 @@ impl Namer {
         loop {
             let mut w = String::new();
             for _ in 0..syllables {
-                w.push_str(*pick(&mut self.rng, ONSETS));
-                w.push_str(*pick(&mut self.rng, VOWELS));
+                w.push_str(pick::<&str>(&mut self.rng, ONSETS));
+                w.push_str(pick::<&str>(&mut self.rng, VOWELS));
             }
-            w.push_str(*pick(&mut self.rng, CODAS));
+            w.push_str(pick::<&str>(&mut self.rng, CODAS));
             let mut chars = w.chars();
-            let capitalised: String = chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect();
+            let capitalised: String = chars
+                .next()
+                .map(|c| c.to_ascii_uppercase())
+                .into_iter()
+                .chain(chars)
+                .collect();
             if self.used.insert(capitalised.clone()) {
                 return capitalised;
             }
@@ -75,19 +102,36 @@ impl Namer {
 
 impl World {
     pub fn new(seed: u64) -> Self {
-        let mut namer = Namer { rng: rng_for(seed, &[0x3031_4c44]), used: HashSet::new() };
+        let mut namer = Namer {
+            rng: rng_for(seed, &[0x3031_4c44]),
+            used: HashSet::new(),
+        };
         let countries: Vec<String> = (0..12).map(|_| namer.word(2) + "ia").collect();
         let cities: Vec<City> = (0..48)
             .map(|i| {
                 let syllables = 2 + below(&mut namer.rng, 2);
-                City { name: namer.word(syllables), country: i % countries.len() }
+                City {
+                    name: namer.word(syllables),
+                    country: i % countries.len(),
+                }
             })
             .collect();
-        let suffixes = ["Works", "Industries", "& Sons", "Company", "Guild", "Collective"];
+        let suffixes = [
+            "Works",
+            "Industries",
+            "& Sons",
+            "Company",
+            "Guild",
+            "Collective",
+        ];
         let companies: Vec<Company> = (0..36)
             .map(|_| {
                 let name = format!("{} {}", namer.word(2), pick(&mut namer.rng, &suffixes));
-                Company { name, city: below(&mut namer.rng, cities.len() as u64) as usize, product: below(&mut namer.rng, PRODUCTS.len() as u64) as usize }
+                Company {
+                    name,
+                    city: below(&mut namer.rng, cities.len() as u64) as usize,
+                    product: below(&mut namer.rng, PRODUCTS.len() as u64) as usize,
+                }
             })
             .collect();
         let people: Vec<Person> = (0..240)
@@ -113,10 +157,16 @@ impl World {
         facts.extend((0..cities.len()).map(Fact::CityCountry));
         // Interleave fact kinds so any prefix of documents covers every relation.
         shuffle(&mut rng_for(seed, &[0x3031_4c45]), &mut facts);
-        Self { people, cities, countries, companies, facts }
+        Self {
+            people,
+            cities,
+            countries,
+            companies,
+            facts,
+        }
     }
 
-    /// The entity a fact is about, as (name, kind tag).
+    /// Name of the entity a fact is about.
     pub fn subject(&self, fact: Fact) -> &str {
         match fact {
             Fact::BornIn(p) | Fact::WorksFor(p) | Fact::Colour(p) => &self.people[p].name,
@@ -142,14 +192,31 @@ impl World {
         match fact {
             Fact::BornIn(p) | Fact::WorksFor(p) | Fact::Colour(p) => {
                 let person = &self.people[p];
-                vec![Fact::BornIn(p), Fact::WorksFor(p), Fact::Colour(p), Fact::CityCountry(person.born_in), Fact::CompanyCity(person.works_for)]
+                vec![
+                    Fact::BornIn(p),
+                    Fact::WorksFor(p),
+                    Fact::Colour(p),
+                    Fact::CityCountry(person.born_in),
+                    Fact::CompanyCity(person.works_for),
+                ]
             }
             Fact::CompanyCity(c) | Fact::CompanyProduct(c) => {
-                vec![Fact::CompanyCity(c), Fact::CompanyProduct(c), Fact::CityCountry(self.companies[c].city)]
+                vec![
+                    Fact::CompanyCity(c),
+                    Fact::CompanyProduct(c),
+                    Fact::CityCountry(self.companies[c].city),
+                ]
             }
             Fact::CityCountry(c) => {
                 let mut related = vec![Fact::CityCountry(c)];
-                related.extend(self.companies.iter().enumerate().filter(|(_, co)| co.city == c).map(|(i, _)| Fact::CompanyCity(i)).take(2));
+                related.extend(
+                    self.companies
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, co)| co.city == c)
+                        .map(|(i, _)| Fact::CompanyCity(i))
+                        .take(2),
+                );
                 related
             }
         }
@@ -185,12 +252,27 @@ impl World {
     pub fn question(&self, fact: Fact) -> (String, String) {
         let (s, o) = (self.subject(fact), self.object(fact));
         match fact {
-            Fact::BornIn(_) => (format!("Where was {s} born?"), format!("{s} was born in {o}.")),
-            Fact::WorksFor(_) => (format!("Which company does {s} work for?"), format!("{s} works for {o}.")),
-            Fact::Colour(_) => (format!("What is the favourite colour of {s}?"), format!("The favourite colour of {s} is {o}.")),
-            Fact::CompanyCity(_) => (format!("In which city is {s} based?"), format!("{s} is based in {o}.")),
+            Fact::BornIn(_) => (
+                format!("Where was {s} born?"),
+                format!("{s} was born in {o}."),
+            ),
+            Fact::WorksFor(_) => (
+                format!("Which company does {s} work for?"),
+                format!("{s} works for {o}."),
+            ),
+            Fact::Colour(_) => (
+                format!("What is the favourite colour of {s}?"),
+                format!("The favourite colour of {s} is {o}."),
+            ),
+            Fact::CompanyCity(_) => (
+                format!("In which city is {s} based?"),
+                format!("{s} is based in {o}."),
+            ),
             Fact::CompanyProduct(_) => (format!("What does {s} make?"), format!("{s} makes {o}.")),
-            Fact::CityCountry(_) => (format!("In which country is {s}?"), format!("{s} is a city in {o}.")),
+            Fact::CityCountry(_) => (
+                format!("In which country is {s}?"),
+                format!("{s} is a city in {o}."),
+            ),
         }
     }
 }

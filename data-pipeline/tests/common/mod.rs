@@ -8,7 +8,10 @@ use std::sync::Arc;
 use zamba_data::{Manifest, TokenizeOptions, TokenizerSpec, tokenize};
 
 pub fn write_text_parquet(path: &Path, texts: &[String]) {
-    let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true), Field::new("id", DataType::Int64, false)]));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("text", DataType::Utf8, true),
+        Field::new("id", DataType::Int64, false),
+    ]));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(texts.iter())),
         Arc::new(Int64Array::from_iter_values(0..texts.len() as i64)),
@@ -21,11 +24,25 @@ pub fn write_text_parquet(path: &Path, texts: &[String]) {
 
 /// Documents whose text names their index, so order can be read back from tokens.
 pub fn numbered_docs(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix} {i:05} {}", "lorem ipsum ".repeat(1 + i % 7))).collect()
+    (0..n)
+        .map(|i| format!("{prefix} {i:05} {}", "lorem ipsum ".repeat(1 + i % 7)))
+        .collect()
 }
 
-pub fn tokenize_byte(inputs: Vec<PathBuf>, out: &Path, row_group_tokens: u64, shard_tokens: u64) -> Manifest {
-    let mut opts = TokenizeOptions::new(inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect(), out, TokenizerSpec::Byte);
+pub fn tokenize_byte(
+    inputs: Vec<PathBuf>,
+    out: &Path,
+    row_group_tokens: u64,
+    shard_tokens: u64,
+) -> Manifest {
+    let mut opts = TokenizeOptions::new(
+        inputs
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
+        out,
+        TokenizerSpec::Byte,
+    );
     opts.row_group_tokens = row_group_tokens;
     opts.shard_tokens = shard_tokens;
     tokenize(&opts).unwrap()
