@@ -290,18 +290,25 @@ fn documents_are_shuffled_each_epoch_and_epochs_are_counted() {
 #[test]
 fn validation_is_sequential_and_split_evenly_across_ranks() {
     let f = fixture();
-    let cfg = config(&f, &[("beta", 1.0)], 40, 0);
+    let cfg = config(&f, &[("alpha", 1.0), ("beta", 1.0)], 40, 0);
     let loader = MixtureLoader::new(&cfg, 0, 1, 2, None, false).unwrap();
-    assert_eq!(loader.validation_sources(), vec!["beta".to_string()]);
+    assert_eq!(loader.validation_sources(), ["alpha", "beta"]);
     let whole: Vec<Batch> = loader
         .validation("beta", 16)
         .unwrap()
         .map(Result::unwrap)
         .collect();
+    for b in &whole {
+        assert!(
+            b.row_sources.iter().all(|&s| s == 1),
+            "rows are labelled with beta's index"
+        );
+        assert_eq!(b.source_tokens["beta"], (b.rows * 40) as u64);
+    }
     let windows: usize = whole.iter().map(|b| b.rows).sum();
     assert_eq!(
         windows as u64,
-        (loader.sources()[0].validation_tokens - 1) / 40
+        (loader.sources()[1].validation_tokens - 1) / 40
     );
     let inputs: Vec<u32> = whole.iter().flat_map(|b| b.inputs.clone()).collect();
     let numbers: Vec<u32> = doc_numbers(&inputs).iter().map(|d| d.1).collect();
@@ -324,7 +331,7 @@ fn validation_is_sequential_and_split_evenly_across_ranks() {
     for (w, window) in inputs.chunks(40).take(windows / 3 * 3).enumerate() {
         assert_eq!(&parts[w % 3][(w / 3) * 40..(w / 3 + 1) * 40], window);
     }
-    assert!(loader.validation("alpha", 4).is_err());
+    assert!(loader.validation("gamma", 4).is_err());
 }
 
 fn expect_err(cfg: &DataConfig) -> String {

@@ -294,6 +294,16 @@ fn bad_inputs_are_rejected_clearly() {
         &["truncated.parquet", "corrupt or truncated"],
     );
 
+    // A valid footer over corrupt pages: found while reading, after the checks; still no output.
+    let mut damaged = good.clone();
+    damaged[4..40].fill(0xff);
+    std::fs::write(tmp.path().join("damaged.parquet"), &damaged).unwrap();
+    assert_rejected(
+        vec![p("damaged.parquet")],
+        TokenizerSpec::Byte,
+        &["damaged.parquet", "corrupt"],
+    );
+
     // Empty inputs.
     std::fs::write(tmp.path().join("empty.jsonl"), "\n\n").unwrap();
     assert_rejected(

@@ -392,13 +392,18 @@ impl MixtureLoader {
                 self.validation_sources().join(", ")
             )
         })?;
+        let index = self
+            .summaries
+            .iter()
+            .position(|s| s.name == source)
+            .expect("validation sources are sources");
         ValidationBatches::new(
             source,
+            index as u16,
             shards.clone(),
             self.config.seq_len,
             rows,
-            self.rank,
-            self.world,
+            (self.rank, self.world),
             self.tokenizer.vocab_size,
         )
     }

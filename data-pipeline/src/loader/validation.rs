@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 pub struct ValidationBatches {
     name: String,
+    source_index: u16,
     stream: SourceStream,
     seq_len: usize,
     rows: usize,
@@ -22,11 +23,11 @@ pub struct ValidationBatches {
 impl ValidationBatches {
     pub(crate) fn new(
         name: &str,
+        source_index: u16,
         shards: Vec<ResolvedShard>,
         seq_len: usize,
         rows: usize,
-        rank: usize,
-        world: usize,
+        (rank, world): (usize, usize),
         vocab_limit: u32,
     ) -> Result<Self> {
         if rows == 0 {
@@ -36,6 +37,7 @@ impl ValidationBatches {
         let total_windows = stream.total_tokens().saturating_sub(1) / seq_len as u64;
         Ok(Self {
             name: name.to_owned(),
+            source_index,
             stream,
             seq_len,
             rows,
@@ -71,7 +73,7 @@ impl ValidationBatches {
             seq_len: l,
             inputs,
             targets,
-            row_sources: vec![0; rows],
+            row_sources: vec![self.source_index; rows],
             source_tokens: BTreeMap::from([(self.name.clone(), (rows * l) as u64)]),
         };
         self.batch_index += 1;
