@@ -1,0 +1,113 @@
+//! `[model]`: a preset and/or any field of [`ZambaConfig`], resolved to a validated config.
+//!
+//! Serialized as `preset` plus *every* resolved field, so a saved config does not depend on
+//! what a preset means in a later version.
+
+use super::error::{ConfigError, ConfigErrorKind, closest};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use zamba_model::ZambaConfig;
+use zamba_model::config::PRESETS;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSection {
+    /// The preset the fields override (`None`: transformers' defaults, i.e. Zamba-7B).
+    pub preset: Option<String>,
+    /// The resolved, validated model config.
+    pub config: ZambaConfig,
+}
+
+impl ModelSection {
+    /// Resolves `[model]` (key → value) into a validated config; errors name `model.<key>`.
+    pub fn resolve(table: &BTreeMap<String, Value>) -> Result<Self, ConfigError> {
+        let preset = match table.get("preset") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(ConfigError::new(
+                    ConfigErrorKind::WrongType,
+                    Some("model.preset".into()),
+                    format!("invalid type: {other}, expected a preset name (one of {})", PRESETS.join(", ")),
+                ));
+            }
+        };
+        let base = match &preset {
+            None => ZambaConfig::default(),
+            Some(name) => ZambaConfig::preset(name).map_err(|_| {
+                let mut e = ConfigError::new(
+                    ConfigErrorKind::UnknownKey,
+                    Some("model.preset".into()),
+                    format!("unknown preset {name:?}; expected one of {}", PRESETS.join(", ")),
+                );
+                e.did_you_mean = closest(name, PRESETS.iter().copied()).map(|s| format!("\"{s}\""));
+                e
+            })?,
+        };
+        let mut merged = match serde_json::to_value(&base) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err(ConfigError::invalid("model", "the model config does not serialize to a table")),
+        };
+        let known: Vec<String> = merged.keys().cloned().collect();
+        for (key, value) in table.iter().filter(|(k, _)| k.as_str() != "preset") {
+            if !merged.contains_key(key) {
+                let mut e = ConfigError::new(
+                    ConfigErrorKind::UnknownKey,
+                    Some(format!("model.{key}")),
+                    "unknown key; expected `preset` or a field of the Zamba config (see crates/zamba-model/src/config.rs)",
+                );
+                e.did_you_mean = closest(key, known.iter().map(String::as_str).chain(["preset"])).map(|s| format!("model.{s}"));
+                return Err(e);
+            }
+            // Type-check each field alone so the error names it (ZambaConfig fills in the rest).
+            let single = Value::Object([(key.clone(), value.clone())].into_iter().collect());
+            if let Err(e) = serde_json::from_value::<ZambaConfig>(single) {
+                return Err(ConfigError::new(ConfigErrorKind::WrongType, Some(format!("model.{key}")), friendly_type_error(&e.to_string())));
+            }
+            merged.insert(key.clone(), value.clone());
+        }
+        let config: ZambaConfig = serde_json::from_value(Value::Object(merged))
+            .map_err(|e| ConfigError::new(ConfigErrorKind::WrongType, Some("model".into()), e.to_string()))?;
+        config.validate().map_err(|e| {
+            let message = e.to_string();
+            // ZambaConfig's messages mention the offending field(s); prefer one the user set.
+            let mentioned = |k: &&String| message.contains(k.as_str());
+            let set_by_user = table.keys().filter(|k| k.as_str() != "preset").filter(mentioned).max_by_key(|k| k.len());
+            let key = set_by_user.or_else(|| known.iter().filter(mentioned).max_by_key(|k| k.len())).map(|k| format!("model.{k}"));
+            ConfigError::new(ConfigErrorKind::Invalid, key.or(Some("model".into())), message)
+        })?;
+        Ok(Self { preset, config })
+    }
+}
+
+fn friendly_type_error(message: &str) -> String {
+    message.replace("expected usize", "expected a non-negative integer").replace("expected f64", "expected a number")
+}
+
+impl Serialize for ModelSection {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let map: BTreeMap<String, Value> = match serde_json::to_value(&self.config).map_err(S::Error::custom)? {
+            // TOML has no null: absent optional fields are simply left out.
+            Value::Object(m) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+            _ => return Err(S::Error::custom("the model config does not serialize to a table")),
+        };
+        // The preset first, so a reader sees what the fields override.
+        use serde::ser::SerializeMap;
+        let mut out = s.serialize_map(Some(map.len() + 1))?;
+        if let Some(p) = &self.preset {
+            out.serialize_entry("preset", p)?;
+        }
+        for (k, v) in &map {
+            out.serialize_entry(k, v)?;
+        }
+        out.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let table = BTreeMap::<String, Value>::deserialize(d)?;
+        Self::resolve(&table).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,162 @@
+//! Synthetic data sources: a source path or validation entry `"synthetic:web"` or
+//! `"synthetic:instruct"` names the data pipeline's generated sets (train split in `paths`,
+//! held-out split in `validation`). They are generated and tokenized into `[synthetic].cache_dir`
+//! on first use (zamba_data::ensure_synthetic_cache), so a config can train on a fresh clone.
+
+use super::error::{ConfigError, ConfigErrorKind, closest};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use zamba_data::{DataConfig, SyntheticCache, SyntheticCacheOptions, TokenizerSpec};
+
+/// Prefix of a data path that names a synthetic set.
+pub const SYNTHETIC_PREFIX: &str = "synthetic:";
+/// The synthetic sets the data pipeline generates.
+pub const SYNTHETIC_SETS: &[&str] = &["web", "instruct"];
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from(".cache/synthetic")
+}
+
+/// `[synthetic]`: how the synthetic sets are generated (all optional; the defaults are the data
+/// pipeline's). Different values give a different cache subdirectory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticSection {
+    /// Where the generated, tokenized sets are kept. Relative to the working directory (like
+    /// `run.dir`: it is an output), made absolute at load.
+    pub cache_dir: PathBuf,
+    pub seed: u64,
+    pub web_docs: u64,
+    pub instruct_examples: u64,
+    pub validation_fraction: f64,
+    /// `"byte"` or a tokenizer.json path (relative to the config file).
+    pub tokenizer: String,
+    pub row_group_tokens: u64,
+}
+
+impl Default for SyntheticSection {
+    fn default() -> Self {
+        let d = SyntheticCacheOptions::default();
+        Self {
+            cache_dir: default_cache_dir(),
+            seed: d.seed,
+            web_docs: d.web_docs,
+            instruct_examples: d.instruct_examples,
+            validation_fraction: d.validation_fraction,
+            tokenizer: "byte".into(),
+            row_group_tokens: d.row_group_tokens,
+        }
+    }
+}
+
+impl SyntheticSection {
+    pub fn options(&self) -> SyntheticCacheOptions {
+        SyntheticCacheOptions {
+            seed: self.seed,
+            web_docs: self.web_docs,
+            instruct_examples: self.instruct_examples,
+            validation_fraction: self.validation_fraction,
+            tokenizer: self.tokenizer.parse::<TokenizerSpec>().unwrap_or(TokenizerSpec::Byte),
+            row_group_tokens: self.row_group_tokens,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.web_docs == 0 || self.instruct_examples == 0 {
+            let key = if self.web_docs == 0 { "synthetic.web_docs" } else { "synthetic.instruct_examples" };
+            return Err(ConfigError::invalid(key, "must be > 0"));
+        }
+        if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
+            return Err(ConfigError::invalid(
+                "synthetic.validation_fraction",
+                format!("is {}; expected a fraction in (0, 1)", self.validation_fraction),
+            ));
+        }
+        if self.row_group_tokens == 0 {
+            return Err(ConfigError::invalid("synthetic.row_group_tokens", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The set a data path names, if it is a synthetic reference.
+pub fn synthetic_set(path: &str) -> Option<&str> {
+    path.strip_prefix(SYNTHETIC_PREFIX)
+}
+
+/// Checks every `synthetic:` reference of the data sources; errors name the key.
+pub(crate) fn check_references(data: &DataConfig) -> Result<(), ConfigError> {
+    for (name, source) in &data.sources {
+        for (list, entries) in [("paths", &source.paths), ("validation", &source.validation)] {
+            for (i, p) in entries.iter().enumerate() {
+                if let Some(set) = synthetic_set(p)
+                    && !SYNTHETIC_SETS.contains(&set)
+                {
+                    let mut e = ConfigError::new(
+                        ConfigErrorKind::Invalid,
+                        Some(format!("data.sources.{name}.{list}[{i}]")),
+                        format!("unknown synthetic set {set:?}; expected \"synthetic:web\" or \"synthetic:instruct\""),
+                    );
+                    e.did_you_mean = closest(set, SYNTHETIC_SETS.iter().copied()).map(|s| format!("\"synthetic:{s}\""));
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn uses_synthetic(data: &DataConfig) -> bool {
+    data.sources.values().flat_map(|s| s.paths.iter().chain(&s.validation)).any(|p| synthetic_set(p).is_some())
+}
+
+/// Makes relative data paths relative to `base`, leaving synthetic references alone (the
+/// pipeline's `DataConfig::resolve_relative_to` would turn them into file paths).
+pub(crate) fn resolve_paths(data: &mut DataConfig, base: &Path) {
+    for source in data.sources.values_mut() {
+        for p in source.paths.iter_mut().chain(source.validation.iter_mut()) {
+            if synthetic_set(p).is_none() && Path::new(p).is_relative() {
+                *p = base.join(&*p).to_string_lossy().into_owned();
+            }
+        }
+    }
+}
+
+/// Replaces synthetic references with the cached sets' directories, generating them first if
+/// needed (this can take a while the first time; the log says so).
+pub(crate) fn materialize(data: &DataConfig, section: &SyntheticSection) -> Result<DataConfig> {
+    let mut data = data.clone();
+    if !uses_synthetic(&data) {
+        return Ok(data);
+    }
+    let cache = open_cache(section)?;
+    for source in data.sources.values_mut() {
+        for (entries, validation) in [(&mut source.paths, false), (&mut source.validation, true)] {
+            for p in entries.iter_mut() {
+                let dir = match (synthetic_set(p), validation) {
+                    (Some("web"), false) => &cache.web_train,
+                    (Some("web"), true) => &cache.web_validation,
+                    (Some("instruct"), false) => &cache.instruct_train,
+                    (Some("instruct"), true) => &cache.instruct_validation,
+                    (Some(other), _) => anyhow::bail!("unknown synthetic set {other:?}; expected \"synthetic:web\" or \"synthetic:instruct\""),
+                    (None, _) => continue,
+                };
+                *p = dir.to_string_lossy().into_owned();
+            }
+        }
+    }
+    Ok(data)
+}
+
+fn open_cache(section: &SyntheticSection) -> Result<SyntheticCache> {
+    let opts = section.options();
+    eprintln!(
+        "synthetic data: opening the cache in {} (generated and tokenized on first use, deterministically from seed {}; this can take a minute)",
+        section.cache_dir.display(),
+        section.seed
+    );
+    let cache = zamba_data::ensure_synthetic_cache(&section.cache_dir, &opts)?;
+    eprintln!("synthetic data: using {}", cache.dir.display());
+    Ok(cache)
+}
