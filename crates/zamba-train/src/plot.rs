@@ -308,7 +308,7 @@ where
             .label(label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
 
     // Held-out loss per source: one color per run, one marker per source.
     let sources: Vec<String> = {
@@ -318,6 +318,8 @@ where
         s
     };
     let (lo, hi) = range_of(runs.iter().flat_map(|(_, m)| m.evals.iter().flat_map(|e| e.loss.values().copied())));
+    // Headroom above the curves for the legend (one row per run and source).
+    let hi = hi + (hi - lo) * (0.08 * (runs.len() * sources.len()) as f64).min(0.6);
     let mut chart = ChartBuilder::on(&panels[1])
         .caption("held-out loss per source", ("sans-serif", 24))
         .margin(12)
@@ -365,7 +367,7 @@ where
         }
     }
     if !sources.is_empty() {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
     }
 
     // Learning rate.
@@ -394,7 +396,7 @@ where
             .label(label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
