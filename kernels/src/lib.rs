@@ -1,0 +1,199 @@
+//! Fused selective scan (the Mamba-1 recurrence) for Burn 0.22, with a hand-written backward.
+//!
+//! [`selective_scan`] has the contract of mamba-ssm's
+//! `selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)` with variable,
+//! grouped `B`/`C`. Per batch `b`, channel `c` (group `g = c / (channels / groups)`), state `n`,
+//! with `s_{-1} = 0`:
+//!
+//! ```text
+//! Δ_t    = softplus(delta[b,c,t] + delta_bias[c])          (log1p(exp(x)); x itself above 20)
+//! s_t[n] = exp(Δ_t A[c,n]) s_{t-1}[n] + Δ_t B[b,g,t,n] u[b,c,t]
+//! y_t    = Σ_n C[b,g,t,n] s_t[n] + D[c] u[b,c,t]
+//! out    = y_t · silu(z[b,c,t])
+//! ```
+//!
+//! # Layout
+//! All tensors are row-major `f32`: `u`, `delta`, `z`, `out` are `[batch, channels, len]`, so one
+//! (batch, channel) *lane* is a contiguous row of `len` floats; `B`, `C` are
+//! `[batch, groups, len, state]`, time-major, so the state vector of one step is contiguous and
+//! the inner loop over the state vectorizes. Inputs that are not contiguous `f32` are converted
+//! once; contiguous `f32` inputs are read in place, and results are handed to Burn without copies.
+//!
+//! # Kernels (Flex, CPU)
+//! The forward runs the lanes in parallel (rayon). A lane's state stays in a small stack buffer and
+//! is updated one SIMD vector at a time: on x86-64 with AVX2+FMA (detected at run time) and a state
+//! size that is a multiple of 8, eight floats per instruction through `std::arch` intrinsics;
+//! otherwise the same generic code runs on scalars (any state size, any CPU). `exp`, `ln`,
+//! softplus and sigmoid are polynomial approximations (relative error < 2e-7 for `exp`, < 4e-7
+//! for the others, tested) so that they vectorize: `exp(Δ·A)` over the state, and the per-step
+//! softplus/sigmoid over the time steps of a chunk, computed before the chunk's recurrence.
+//!
+//! # Chunked recompute, memory
+//! The forward keeps no per-step state. When gradients are needed it saves the state entering
+//! every [`SCAN_CHUNK`]-step chunk (except the first, which is zero): `batch·channels·state·⌈len /
+//! SCAN_CHUNK⌉` floats. The backward walks each lane's chunks from last to first: it restores the
+//! chunk's entry state, recomputes the chunk's states and decays into a `SCAN_CHUNK × state` scratch
+//! buffer (bit-identical to the forward: same code, same order), then walks the chunk backward,
+//! carrying `∂L/∂s`. The op therefore holds `O(batch·channels·len)` (its inputs and gradients) plus
+//! `O(batch·channels·state·len / SCAN_CHUNK)`; it never materializes a `[batch, channels, len,
+//! state]` tensor. `dB`/`dC` sum over the channels of a group: the channels are split into a fixed
+//! number of blocks, each (batch, group, block) task accumulates into its own `[len, state]`
+//! buffers, and the blocks are summed afterwards (blocks hold at least `2·state` channels, so these
+//! buffers stay within the `O(batch·channels·len)` bound). `dA`, `dD`, `d delta_bias` are per-lane
+//! values summed over the batch.
+//!
+//! # Determinism
+//! The work partition depends only on the shapes, never on the thread count or scheduling, and
+//! every reduction runs in a fixed order: forward and backward are bit-identical from run to run on
+//! the same machine (the AVX2 and the scalar code paths round differently from each other, so
+//! results can differ in the last bits between CPUs with and without AVX2).
+//!
+//! # Backends and fallback
+//! The fused op is a Burn backend extension (`#[backend_extension(Flex, Autodiff)]`) with
+//! implementations for `Flex` and `Autodiff<Flex, _>`; the latter records one `Backward` node with
+//! the eight inputs as parents (any subset may be untracked). A backend extension panics on a
+//! backend it does not list, so [`selective_scan`] checks the device first: in Burn 0.22 a
+//! `Tensor`'s `Device` wraps a `burn::backend::DispatchDevice` enum (`Device::as_dispatch`), with
+//! autodiff as an `Autodiff` wrapper that `Device::inner()` strips. Only
+//! `DispatchDevice::Flex` takes the fused path ([`fused_kernel_available`]); every other device —
+//! in particular the CubeCL devices of the `cuda` feature (`DispatchDevice::Cube`) — runs
+//! [`selective_scan_reference`], which is correct on any backend but issues several ops per time
+//! step.
+//!
+//! # Performance note
+//! The workspace's dev profile compiles workspace crates at `opt-level = 1`, where LLVM does not
+//! vectorize: benchmark in release mode, or give this crate `opt-level = 3` in the dev profile.
+
+mod cpu;
+mod flex;
+mod reference;
+
+use burn::backend::DispatchDevice;
+use burn::tensor::{Device, Tensor};
+
+/// Time steps per checkpoint chunk of the fused backward (see the crate docs).
+pub const SCAN_CHUNK: usize = cpu::CHUNK;
+
+/// Validates the input shapes, panicking with a message naming the bad input.
+#[allow(clippy::too_many_arguments)]
+fn check_shapes(
+    u: &Tensor<3>,
+    delta: &Tensor<3>,
+    a: &Tensor<2>,
+    b: &Tensor<4>,
+    c: &Tensor<4>,
+    d: &Tensor<1>,
+    z: &Tensor<3>,
+    delta_bias: &Tensor<1>,
+) {
+    let shapes = [
+        u.shape(),
+        delta.shape(),
+        a.shape(),
+        b.shape(),
+        c.shape(),
+        d.shape(),
+        z.shape(),
+        delta_bias.shape(),
+    ];
+    cpu::Dims::new(shapes.each_ref().map(|s| s.as_slice()));
+}
+
+/// Whether [`selective_scan`] runs the fused kernel on `device` (Flex, with or without autodiff)
+/// rather than the per-step fallback.
+pub fn fused_kernel_available(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// The selective scan, `y · silu(z)`, fused (see the crate docs for the formula and the fallback).
+///
+/// Shapes: `Bt` = batch, `Dc` = channels (d_inner), `L` = sequence length, `N` = state size,
+/// `G` = groups (heads); channel `c` belongs to group `c / (Dc / G)`.
+/// `u`, `delta`, `z`: `[Bt, Dc, L]`; `a`: `[Dc, N]` (already negative: `A = -exp(A_log)`);
+/// `b`, `c`: `[Bt, G, L, N]`; `d`: `[Dc]`; `delta_bias`: `[Dc]`. Returns `[Bt, Dc, L]`. `delta` is
+/// the pre-bias, pre-softplus time step; its gradient is taken through both.
+///
+/// # Panics
+/// If the shapes disagree (the message names the input), or a dimension is zero.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan(
+    u: Tensor<3>,
+    delta: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<4>,
+    c: Tensor<4>,
+    d: Tensor<1>,
+    z: Tensor<3>,
+    delta_bias: Tensor<1>,
+) -> Tensor<3> {
+    check_shapes(&u, &delta, &a, &b, &c, &d, &z, &delta_bias);
+    if fused_kernel_available(&u.device()) {
+        flex::fused(u, delta, a, b, c, d, z, delta_bias)
+    } else {
+        reference::scan(u, delta, a, b, c, d, z, delta_bias)
+    }
+}
+
+/// Same contract as [`selective_scan`], written with plain Burn tensor ops (a few ops per time
+/// step; slow). The reference in tests, and the implementation used on devices that have no fused
+/// kernel. Differentiable through Burn's autodiff on any backend.
+///
+/// # Panics
+/// As [`selective_scan`].
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan_reference(
+    u: Tensor<3>,
+    delta: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<4>,
+    c: Tensor<4>,
+    d: Tensor<1>,
+    z: Tensor<3>,
+    delta_bias: Tensor<1>,
+) -> Tensor<3> {
+    check_shapes(&u, &delta, &a, &b, &c, &d, &z, &delta_bias);
+    reference::scan(u, delta, a, b, c, d, z, delta_bias)
+}
+
+/// Floating-point operations of the fused kernels, `(forward, backward)`, as implemented.
+///
+/// Counts every arithmetic operation of the inner loops: a multiply-add is 2, `exp`, `log1p` and
+/// a division are 1 each. Forward: `7` per (batch, channel, step, state) element (`Δ·A`, `exp`,
+/// the state update, the `C·s` accumulation) plus `11` per (batch, channel, step) (softplus,
+/// `Δ·u`, `D·u`, the gate). Backward: `22` per element (the chunk recompute of the forward
+/// recurrence, 5, and the adjoint walk, 17) plus `33` per step. The backward's final sum of the
+/// per-block `dB`/`dC` partials (at most a few adds per `dB` element) is not counted.
+pub fn scan_flops(batch: usize, channels: usize, len: usize, state: usize) -> (u64, u64) {
+    let steps = (batch * channels * len) as u64;
+    let state = state as u64;
+    (steps * (7 * state + 11), steps * (22 * state + 33))
+}
+
+/// Minimal memory traffic of the fused kernels in bytes, `(forward, backward)`, all `f32`: each
+/// input read once and each output written once, including the chunk checkpoints (written by a
+/// forward that records gradients, read by the backward). Scratch buffers that stay in cache are
+/// not counted.
+///
+/// Forward: reads `u`, `delta`, `z` (`Bt·Dc·L` each), `B`, `C` (`Bt·G·L·N` each), `A`, `D`,
+/// `delta_bias`; writes the output and the checkpoints (`Bt·Dc·N·(⌈L / SCAN_CHUNK⌉ - 1)`).
+/// Backward: reads `u`, `delta`, `z`, the output gradient, `B`, `C`, `A`, `D`, `delta_bias` and
+/// the checkpoints; writes a gradient of the size of every input.
+pub fn scan_bytes(
+    batch: usize,
+    channels: usize,
+    len: usize,
+    state: usize,
+    groups: usize,
+) -> (u64, u64) {
+    let lanes = (batch * channels) as u64;
+    let rows = lanes * len as u64;
+    let bc = (batch * groups * len * state) as u64;
+    let params = (channels * state + 2 * channels) as u64;
+    let checkpoints = lanes * state as u64 * (len.div_ceil(SCAN_CHUNK) as u64).saturating_sub(1);
+    let forward = 4 * rows + 2 * bc + params + checkpoints;
+    let backward = 7 * rows + 4 * bc + 2 * params + checkpoints;
+    (4 * forward, 4 * backward)
+}

@@ -1,0 +1,439 @@
+//! The fused selective scan against the Burn-ops reference, an independent f64 implementation
+//! (value and central finite differences), and itself (determinism, untracked inputs).
+//!
+//! Relative error everywhere: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use zamba_kernels::{
+    SCAN_CHUNK, fused_kernel_available, scan_bytes, scan_flops, selective_scan,
+    selective_scan_reference,
+};
+
+/// SplitMix64; a fixed stream per seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * unit
+    }
+    fn normal(&mut self) -> f32 {
+        let u1 = self.uniform(1e-7, 1.0);
+        let u2 = self.uniform(0.0, 1.0);
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    len: usize,
+    state: usize,
+}
+
+const NAMES: [&str; 8] = ["u", "delta", "a", "b", "c", "d", "z", "delta_bias"];
+
+/// Random inputs in the order of `NAMES`, plus loss weights `w` (`loss = Σ w · out`).
+#[derive(Clone)]
+struct Case {
+    size: Size,
+    inputs: [Vec<f32>; 8],
+    w: Vec<f32>,
+}
+
+impl Case {
+    fn new(size: Size, seed: u64) -> Self {
+        let Size {
+            batch,
+            channels,
+            groups,
+            len,
+            state,
+        } = size;
+        let mut rng = Rng(seed);
+        let rows = batch * channels * len;
+        let bc = batch * groups * len * state;
+        let mut gen_n = |n: usize, f: &mut dyn FnMut(&mut Rng) -> f32| -> Vec<f32> {
+            (0..n).map(|_| f(&mut rng)).collect()
+        };
+        let u = gen_n(rows, &mut |r| r.normal());
+        let delta = gen_n(rows, &mut |r| r.uniform(-4.0, 1.0));
+        let a = gen_n(channels * state, &mut |r| {
+            -r.uniform(0.5f32.ln(), 8f32.ln()).exp()
+        });
+        let b = gen_n(bc, &mut |r| r.normal());
+        let c = gen_n(bc, &mut |r| r.normal());
+        let d = gen_n(channels, &mut |r| r.normal());
+        let z = gen_n(rows, &mut |r| 1.5 * r.normal());
+        let delta_bias = gen_n(channels, &mut |r| r.uniform(-1.0, 0.5));
+        let w = gen_n(rows, &mut |r| r.normal());
+        Self {
+            size,
+            inputs: [u, delta, a, b, c, d, z, delta_bias],
+            w,
+        }
+    }
+
+    fn shapes(&self) -> [Vec<usize>; 8] {
+        let Size {
+            batch,
+            channels,
+            groups,
+            len,
+            state,
+        } = self.size;
+        let rows = vec![batch, channels, len];
+        let bc = vec![batch, groups, len, state];
+        [
+            rows.clone(),
+            rows.clone(),
+            vec![channels, state],
+            bc.clone(),
+            bc,
+            vec![channels],
+            rows,
+            vec![channels],
+        ]
+    }
+}
+
+/// The eight inputs as Burn tensors.
+struct Tensors {
+    u: Tensor<3>,
+    delta: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<4>,
+    c: Tensor<4>,
+    d: Tensor<1>,
+    z: Tensor<3>,
+    delta_bias: Tensor<1>,
+}
+
+impl Tensors {
+    /// `devices[i]` holds input `i`; `tracked[i]` says whether it requires grad.
+    fn new(case: &Case, devices: &[Device; 8], tracked: [bool; 8]) -> Self {
+        let shapes = case.shapes();
+        let data = |i: usize| TensorData::new(case.inputs[i].clone(), shapes[i].clone());
+        fn grad<const D: usize>(t: Tensor<D>, track: bool) -> Tensor<D> {
+            if track { t.require_grad() } else { t }
+        }
+        Self {
+            u: grad(Tensor::from_data(data(0), &devices[0]), tracked[0]),
+            delta: grad(Tensor::from_data(data(1), &devices[1]), tracked[1]),
+            a: grad(Tensor::from_data(data(2), &devices[2]), tracked[2]),
+            b: grad(Tensor::from_data(data(3), &devices[3]), tracked[3]),
+            c: grad(Tensor::from_data(data(4), &devices[4]), tracked[4]),
+            d: grad(Tensor::from_data(data(5), &devices[5]), tracked[5]),
+            z: grad(Tensor::from_data(data(6), &devices[6]), tracked[6]),
+            delta_bias: grad(Tensor::from_data(data(7), &devices[7]), tracked[7]),
+        }
+    }
+
+    fn run(&self, scan: ScanFn) -> Tensor<3> {
+        scan(
+            self.u.clone(),
+            self.delta.clone(),
+            self.a.clone(),
+            self.b.clone(),
+            self.c.clone(),
+            self.d.clone(),
+            self.z.clone(),
+            self.delta_bias.clone(),
+        )
+    }
+}
+
+type ScanFn = fn(
+    Tensor<3>,
+    Tensor<3>,
+    Tensor<2>,
+    Tensor<4>,
+    Tensor<4>,
+    Tensor<1>,
+    Tensor<3>,
+    Tensor<1>,
+) -> Tensor<3>;
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Output and the gradient of every input (None where untracked) of `loss = Σ w · out`.
+struct Run {
+    out: Vec<f32>,
+    grads: [Option<Vec<f32>>; 8],
+}
+
+fn run_autodiff(case: &Case, scan: ScanFn, devices: &[Device; 8], tracked: [bool; 8]) -> Run {
+    let x = Tensors::new(case, devices, tracked);
+    let out = x.run(scan);
+    let shape = case.shapes()[0].clone();
+    let w = Tensor::<3>::from_data(TensorData::new(case.w.clone(), shape), &devices[0]);
+    let grads = (out.clone() * w).sum().backward();
+    Run {
+        out: values(out),
+        grads: [
+            x.u.grad(&grads).map(values),
+            x.delta.grad(&grads).map(values),
+            x.a.grad(&grads).map(values),
+            x.b.grad(&grads).map(values),
+            x.c.grad(&grads).map(values),
+            x.d.grad(&grads).map(values),
+            x.z.grad(&grads).map(values),
+            x.delta_bias.grad(&grads).map(values),
+        ],
+    }
+}
+
+fn autodiff_devices() -> [Device; 8] {
+    std::array::from_fn(|_| Device::flex().autodiff())
+}
+
+fn rel_err(x: &[f32], y: &[f32]) -> f64 {
+    assert_eq!(x.len(), y.len());
+    let diff = x
+        .iter()
+        .zip(y)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    let scale = y.iter().map(|v| (*v as f64).abs()).fold(0.0, f64::max);
+    diff / scale.max(1e-30)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let err = rel_err(got, want);
+    if std::env::var_os("SCAN_TEST_VERBOSE").is_some() {
+        println!("{what}: {err:e}");
+    }
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+const ALL: [bool; 8] = [true; 8];
+
+/// Odd sizes: shorter than a chunk, several chunks with a partial last one, exactly two chunks,
+/// G = 1 and 2, N = 16, 8, 12 (4-wide path) and 5 (scalar path), and enough channels per group
+/// that the backward splits them into several blocks (channels 64, groups 2, state 8).
+fn sizes() -> Vec<Size> {
+    let s = |batch, channels, groups, len, state| Size {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    };
+    const { assert!(37 < SCAN_CHUNK && 150 > 2 * SCAN_CHUNK && 150 % SCAN_CHUNK != 0) };
+    vec![
+        s(2, 6, 2, 37, 16),
+        s(3, 5, 1, 150, 8),
+        s(2, 64, 2, 70, 8),
+        s(2, 4, 2, 2 * SCAN_CHUNK, 12),
+        s(2, 3, 1, 1, 5),
+        s(2, 4, 2, 101, 16),
+    ]
+}
+
+#[test]
+fn fused_matches_reference_forward_and_all_gradients() {
+    for (k, size) in sizes().into_iter().enumerate() {
+        let mut case = Case::new(size, 100 + k as u64);
+        // A few Δ pre-activations beyond softplus's linear threshold of 20.
+        for t in (0..case.inputs[1].len()).step_by(29) {
+            case.inputs[1][t] = 21.0 + (t % 5) as f32;
+        }
+        let fused = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+        let reference = run_autodiff(&case, selective_scan_reference, &autodiff_devices(), ALL);
+        assert_close(&format!("{size:?} out"), &fused.out, &reference.out, 1e-5);
+        for (i, name) in NAMES.iter().enumerate() {
+            let got = fused.grads[i].as_ref().expect("fused grad");
+            let want = reference.grads[i].as_ref().expect("reference grad");
+            assert_close(&format!("{size:?} d{name}"), got, want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn fused_forward_without_autodiff_matches_reference() {
+    let case = Case::new(sizes()[1], 7);
+    let devices: [Device; 8] = std::array::from_fn(|_| Device::flex());
+    let x = Tensors::new(&case, &devices, [false; 8]);
+    assert_close(
+        "out",
+        &values(x.run(selective_scan)),
+        &values(x.run(selective_scan_reference)),
+        1e-5,
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Independent oracle: the scan in f64, and central finite differences of `Σ w · out` on it.
+
+fn softplus(x: f64) -> f64 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+fn scan_f64(size: Size, x: &[Vec<f64>; 8]) -> Vec<f64> {
+    let Size {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    } = size;
+    let [u, delta, a, b, c, d, z, bias] = x;
+    let mut out = vec![0.0; batch * channels * len];
+    for bt in 0..batch {
+        for ch in 0..channels {
+            let g = ch / (channels / groups);
+            let mut s = vec![0.0; state];
+            for t in 0..len {
+                let i = (bt * channels + ch) * len + t;
+                let dt = softplus(delta[i] + bias[ch]);
+                let row = ((bt * groups + g) * len + t) * state;
+                let mut y = d[ch] * u[i];
+                for n in 0..state {
+                    s[n] = (dt * a[ch * state + n]).exp() * s[n] + dt * b[row + n] * u[i];
+                    y += c[row + n] * s[n];
+                }
+                out[i] = y * z[i] / (1.0 + (-z[i]).exp());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fused_matches_f64_scan_and_finite_differences() {
+    let size = Size {
+        batch: 2,
+        channels: 4,
+        groups: 2,
+        len: SCAN_CHUNK + 6,
+        state: 8,
+    };
+    let case = Case::new(size, 42);
+    let fused = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+
+    let mut x: [Vec<f64>; 8] =
+        std::array::from_fn(|i| case.inputs[i].iter().map(|v| *v as f64).collect());
+    let w: Vec<f64> = case.w.iter().map(|v| *v as f64).collect();
+    let out = scan_f64(size, &x);
+    let out32: Vec<f32> = out.iter().map(|v| *v as f32).collect();
+    assert_close("out vs f64", &fused.out, &out32, 1e-5);
+
+    let loss =
+        |x: &[Vec<f64>; 8]| -> f64 { scan_f64(size, x).iter().zip(&w).map(|(o, w)| o * w).sum() };
+    for i in 0..8 {
+        let mut fd = Vec::with_capacity(x[i].len());
+        for k in 0..x[i].len() {
+            let v = x[i][k];
+            let h = 1e-5 * v.abs().max(1.0);
+            x[i][k] = v + h;
+            let up = loss(&x);
+            x[i][k] = v - h;
+            let down = loss(&x);
+            x[i][k] = v;
+            fd.push(((up - down) / (2.0 * h)) as f32);
+        }
+        let got = fused.grads[i].as_ref().expect("fused grad");
+        assert_close(
+            &format!("d{} vs finite differences", NAMES[i]),
+            got,
+            &fd,
+            1e-5,
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn untracked_and_non_autodiff_inputs() {
+    let case = Case::new(sizes()[2], 9);
+    let all = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+
+    // Only u and b tracked; the others on the autodiff device but constant.
+    let tracked = [true, false, false, true, false, false, false, false];
+    let some = run_autodiff(&case, selective_scan, &autodiff_devices(), tracked);
+    assert_eq!(some.out, all.out);
+    for i in 0..8 {
+        match tracked[i] {
+            true => assert_eq!(some.grads[i], all.grads[i], "d{}", NAMES[i]),
+            false => assert!(some.grads[i].is_none(), "d{} should be None", NAMES[i]),
+        }
+    }
+
+    // a, d, delta_bias on the plain Flex device (no autodiff), delta untracked, rest tracked.
+    let mut devices = autodiff_devices();
+    for i in [2, 5, 7] {
+        devices[i] = Device::flex();
+    }
+    let tracked = [true, false, false, true, true, false, true, false];
+    let mixed = run_autodiff(&case, selective_scan, &devices, tracked);
+    assert_eq!(mixed.out, all.out);
+    for i in 0..8 {
+        match tracked[i] {
+            true => assert_eq!(mixed.grads[i], all.grads[i], "d{}", NAMES[i]),
+            false => assert!(mixed.grads[i].is_none(), "d{} should be None", NAMES[i]),
+        }
+    }
+
+    // Nothing tracked on the autodiff device: the untracked path, same output.
+    let x = Tensors::new(&case, &autodiff_devices(), [false; 8]);
+    assert_eq!(values(x.run(selective_scan)), all.out);
+}
+
+#[test]
+fn deterministic_bit_for_bit() {
+    let case = Case::new(sizes()[2], 11);
+    let first = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+    let second = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first.out), bits(&second.out), "out");
+    for ((a, b), name) in first.grads.iter().zip(&second.grads).zip(NAMES) {
+        let (a, b) = (a.as_ref().expect("grad"), b.as_ref().expect("grad"));
+        assert_eq!(bits(a), bits(b), "d{name}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "`b` must have shape [batch, groups, len, state]")]
+fn shape_mismatch_names_the_input() {
+    let case = Case::new(sizes()[0], 1);
+    let x = Tensors::new(&case, &autodiff_devices(), ALL);
+    let b = x.b.clone().narrow(2, 0, 5);
+    let _ = selective_scan(x.u, x.delta, x.a, b, x.c, x.d, x.z, x.delta_bias);
+}
+
+#[test]
+fn flex_devices_take_the_fused_path() {
+    assert!(fused_kernel_available(&Device::flex()));
+    assert!(fused_kernel_available(&Device::flex().autodiff()));
+}
+
+#[test]
+fn cost_model() {
+    assert_eq!(scan_flops(2, 3, 5, 4), (30 * 39, 30 * 121));
+    // One chunk: no checkpoints. f32 = 4 bytes.
+    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1);
+    let (rows, bc, params) = (8, 12, 10);
+    assert_eq!(
+        (fwd, bwd),
+        (
+            4 * (4 * rows + 2 * bc + params),
+            4 * (7 * rows + 4 * bc + 2 * params)
+        )
+    );
+    // Three chunks: two checkpointed states per lane.
+    let len = 2 * SCAN_CHUNK + 1;
+    let (with_ck, _) = scan_bytes(1, 1, len, 1, 1);
+    assert_eq!(with_ck, 4 * (4 * len as u64 + 2 * len as u64 + 3 + 2));
+}
