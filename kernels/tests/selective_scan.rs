@@ -3,7 +3,7 @@
 //!
 //! Relative error everywhere: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use zamba_kernels::{
     SCAN_CHUNK, fused_kernel_available, scan_bytes, scan_flops, selective_scan,
     selective_scan_reference,
@@ -220,8 +220,9 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 const ALL: [bool; 8] = [true; 8];
 
 /// Odd sizes: shorter than a chunk, several chunks with a partial last one, exactly two chunks,
-/// G = 1 and 2, N = 16, 8, 12 (4-wide path) and 5 (scalar path), and enough channels per group
-/// that the backward splits them into several blocks (channels 64, groups 2, state 8).
+/// G = 1 and 2, N = 16 and 8 (vector path), 12 and 5 (scalar path), 72 (state on the heap), and
+/// enough channels per group that the backward splits them into several blocks (channels 64,
+/// groups 2, state 8).
 fn sizes() -> Vec<Size> {
     let s = |batch, channels, groups, len, state| Size {
         batch,
@@ -238,6 +239,7 @@ fn sizes() -> Vec<Size> {
         s(2, 4, 2, 2 * SCAN_CHUNK, 12),
         s(2, 3, 1, 1, 5),
         s(2, 4, 2, 101, 16),
+        s(2, 2, 1, 20, 72),
     ]
 }
 
@@ -389,6 +391,52 @@ fn untracked_and_non_autodiff_inputs() {
     // Nothing tracked on the autodiff device: the untracked path, same output.
     let x = Tensors::new(&case, &autodiff_devices(), [false; 8]);
     assert_eq!(values(x.run(selective_scan)), all.out);
+}
+
+/// Non-f32 inputs are computed in f32 and the output and gradients come back in the input dtype:
+/// with f32-representable values stored as f64, everything equals the f32 run exactly.
+#[test]
+fn f64_inputs_match_the_f32_run() {
+    let case = Case::new(sizes()[0], 5);
+    let want = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+
+    let f64 = |t: Tensor<3>| t.cast(DType::F64).require_grad();
+    let x = Tensors::new(&case, &autodiff_devices(), [false; 8]);
+    let x = Tensors {
+        u: f64(x.u),
+        delta: f64(x.delta),
+        a: x.a.cast(DType::F64).require_grad(),
+        b: x.b.cast(DType::F64).require_grad(),
+        c: x.c.cast(DType::F64).require_grad(),
+        d: x.d.cast(DType::F64).require_grad(),
+        z: f64(x.z),
+        delta_bias: x.delta_bias.cast(DType::F64).require_grad(),
+    };
+    let out = x.run(selective_scan);
+    assert_eq!(out.dtype(), DType::F64);
+    let w = Tensor::<3>::from_data(
+        TensorData::new(case.w.clone(), case.shapes()[0].clone()),
+        &Device::flex().autodiff(),
+    );
+    let grads = (out.clone() * w.cast(DType::F64)).sum().backward();
+    let as_f32 = |t: Tensor<1>| {
+        assert_eq!(t.dtype(), DType::F64);
+        values(t.cast(DType::F32))
+    };
+    assert_eq!(as_f32(out.flatten(0, 2)), want.out);
+    let got = [
+        as_f32(x.u.grad(&grads).expect("du").flatten(0, 2)),
+        as_f32(x.delta.grad(&grads).expect("ddelta").flatten(0, 2)),
+        as_f32(x.a.grad(&grads).expect("da").flatten(0, 1)),
+        as_f32(x.b.grad(&grads).expect("db").flatten(0, 3)),
+        as_f32(x.c.grad(&grads).expect("dc").flatten(0, 3)),
+        as_f32(x.d.grad(&grads).expect("dd")),
+        as_f32(x.z.grad(&grads).expect("dz").flatten(0, 2)),
+        as_f32(x.delta_bias.grad(&grads).expect("ddelta_bias")),
+    ];
+    for ((got, want), name) in got.iter().zip(&want.grads).zip(NAMES) {
+        assert_eq!(Some(got), want.as_ref(), "d{name}");
+    }
 }
 
 #[test]
