@@ -5,7 +5,9 @@ use std::time::Instant;
 use zamba_data::{SyntheticCacheOptions, ensure_synthetic_cache};
 
 fn main() -> anyhow::Result<()> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "runs/data-cache".to_owned());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "runs/data-cache".to_owned());
     let start = Instant::now();
     let cache = ensure_synthetic_cache(dir.as_ref(), &SyntheticCacheOptions::default())?;
     println!("{:#?}", cache);

@@ -291,7 +291,10 @@ impl ZambaConfig {
             ));
         }
         if !(self.rms_norm_eps > 0.0) {
-            return err(format!("rms_norm_eps must be > 0, got {}", self.rms_norm_eps));
+            return err(format!(
+                "rms_norm_eps must be > 0, got {}",
+                self.rms_norm_eps
+            ));
         }
         if !(self.time_step_min > 0.0 && self.time_step_min <= self.time_step_max) {
             return err(format!(
@@ -316,10 +319,15 @@ impl ZambaConfig {
             ));
         }
         if self.mamba_proj_bias {
-            return err("mamba_proj_bias = true is not supported (Zamba's in/out projections have no bias)".into());
+            return err(
+                "mamba_proj_bias = true is not supported (Zamba's in/out projections have no bias)"
+                    .into(),
+            );
         }
         if !self.mamba_conv_bias {
-            return err("mamba_conv_bias = false is not supported (Zamba's conv1d has a bias)".into());
+            return err(
+                "mamba_conv_bias = false is not supported (Zamba's conv1d has a bias)".into(),
+            );
         }
         Ok(())
     }
@@ -342,7 +350,10 @@ mod tests {
 
     #[test]
     fn bench_preset_has_two_hybrid_layers() {
-        assert_eq!(ZambaConfig::preset("zamba-bench").unwrap().hybrid_layers(), vec![2, 7]);
+        assert_eq!(
+            ZambaConfig::preset("zamba-bench").unwrap().hybrid_layers(),
+            vec![2, 7]
+        );
     }
 
     #[test]
@@ -356,21 +367,53 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.dt_rank(), 2);
         assert_eq!(c.hybrid_layers(), vec![1, 3]);
-        let explicit: ZambaConfig =
-            serde_json::from_str(r#"{"mamba_dt_rank": 7}"#).unwrap();
+        let explicit: ZambaConfig = serde_json::from_str(r#"{"mamba_dt_rank": 7}"#).unwrap();
         assert_eq!(explicit.dt_rank(), 7);
     }
 
     #[test]
     fn invalid_configs_are_errors_naming_the_field() {
         let cases: Vec<(ZambaConfig, &str)> = vec![
-            (ZambaConfig { n_mamba_heads: 3, ..ZambaConfig::default() }, "n_mamba_heads"),
-            (ZambaConfig { hidden_size: 0, ..ZambaConfig::default() }, "hidden_size"),
-            (ZambaConfig { attention_head_dim: Some(100), ..ZambaConfig::default() }, "attention_head_dim"),
-            (ZambaConfig { num_key_value_heads: 5, ..ZambaConfig::default() }, "num_key_value_heads"),
-            (ZambaConfig { model_type: "zamba2".into(), ..ZambaConfig::default() }, "model_type"),
             (
-                ZambaConfig { layers_block_type: Some(vec![LayerKind::Mamba]), ..ZambaConfig::default() },
+                ZambaConfig {
+                    n_mamba_heads: 3,
+                    ..ZambaConfig::default()
+                },
+                "n_mamba_heads",
+            ),
+            (
+                ZambaConfig {
+                    hidden_size: 0,
+                    ..ZambaConfig::default()
+                },
+                "hidden_size",
+            ),
+            (
+                ZambaConfig {
+                    attention_head_dim: Some(100),
+                    ..ZambaConfig::default()
+                },
+                "attention_head_dim",
+            ),
+            (
+                ZambaConfig {
+                    num_key_value_heads: 5,
+                    ..ZambaConfig::default()
+                },
+                "num_key_value_heads",
+            ),
+            (
+                ZambaConfig {
+                    model_type: "zamba2".into(),
+                    ..ZambaConfig::default()
+                },
+                "model_type",
+            ),
+            (
+                ZambaConfig {
+                    layers_block_type: Some(vec![LayerKind::Mamba]),
+                    ..ZambaConfig::default()
+                },
                 "layers_block_type",
             ),
         ];
@@ -378,6 +421,11 @@ mod tests {
             let msg = config.validate().unwrap_err().to_string();
             assert!(msg.contains(field), "{msg:?} should name {field}");
         }
-        assert!(ZambaConfig::preset("zamba-70b").unwrap_err().to_string().contains("zamba-7b"));
+        assert!(
+            ZambaConfig::preset("zamba-70b")
+                .unwrap_err()
+                .to_string()
+                .contains("zamba-7b")
+        );
     }
 }

@@ -67,7 +67,9 @@ impl HfCheckpoint {
                 .values()
                 .map(|v| v.as_str().map(str::to_owned))
                 .collect::<Option<_>>()
-                .ok_or_else(|| ModelError::checkpoint(&index, "weight_map values must be file names"))?;
+                .ok_or_else(|| {
+                    ModelError::checkpoint(&index, "weight_map values must be file names")
+                })?;
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -84,12 +86,15 @@ impl HfCheckpoint {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for path in shard_names {
-            let file = File::open(&path).map_err(|e| ModelError::io(&path, "could not open the shard", e))?;
+            let file = File::open(&path)
+                .map_err(|e| ModelError::io(&path, "could not open the shard", e))?;
             // SAFETY: the file is opened read-only; a concurrent writer would be a user error we
             // cannot guard against, as with any mmapped checkpoint.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, "could not mmap the shard", e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| ModelError::checkpoint(&path, format!("not a valid safetensors file: {e}")))?;
+            let mmap = unsafe { Mmap::map(&file) }
+                .map_err(|e| ModelError::io(&path, "could not mmap the shard", e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                ModelError::checkpoint(&path, format!("not a valid safetensors file: {e}"))
+            })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
@@ -101,10 +106,16 @@ impl HfCheckpoint {
                     end: data_start + end,
                 };
                 if entry.end > mmap.len() {
-                    return Err(ModelError::checkpoint(&path, format!("tensor {name} extends past the end of the file (truncated?)")));
+                    return Err(ModelError::checkpoint(
+                        &path,
+                        format!("tensor {name} extends past the end of the file (truncated?)"),
+                    ));
                 }
                 if entries.insert(name.clone(), entry).is_some() {
-                    return Err(ModelError::checkpoint(&path, format!("tensor {name} appears in more than one shard")));
+                    return Err(ModelError::checkpoint(
+                        &path,
+                        format!("tensor {name} appears in more than one shard"),
+                    ));
                 }
             }
             files.push((path, mmap));
@@ -114,7 +125,13 @@ impl HfCheckpoint {
         if !entries.keys().any(|k| k.starts_with("model.")) {
             entries = entries
                 .into_iter()
-                .map(|(k, v)| if k == "lm_head.weight" { (k, v) } else { (format!("model.{k}"), v) })
+                .map(|(k, v)| {
+                    if k == "lm_head.weight" {
+                        (k, v)
+                    } else {
+                        (format!("model.{k}"), v)
+                    }
+                })
                 .collect();
         }
         Ok(Self {
@@ -129,9 +146,15 @@ impl HfCheckpoint {
     /// Every name a tensor may be stored under, the canonical (current transformers) name first.
     fn candidates(&self, name: &str) -> Vec<String> {
         let mut names = vec![name.to_string()];
-        let Some(rest) = name.strip_prefix("model.layers.") else { return names };
-        let Some((layer, suffix)) = rest.split_once('.') else { return names };
-        let Ok(layer) = layer.parse::<usize>() else { return names };
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            return names;
+        };
+        let Some((layer, suffix)) = rest.split_once('.') else {
+            return names;
+        };
+        let Ok(layer) = layer.parse::<usize>() else {
+            return names;
+        };
         if let Some(inner) = suffix.strip_prefix("shared_transf.") {
             names.extend(
                 self.hybrid_layers
@@ -152,11 +175,25 @@ impl HfCheckpoint {
         let entry = &self.entries[name];
         let (path, mmap) = &self.files[entry.file];
         let bytes = &mmap[entry.start..entry.end];
-        let data = decode(bytes, entry.dtype)
-            .ok_or_else(|| ModelError::checkpoint(path, format!("tensor {name} has dtype {:?}; expected bf16, f16, f32 or f64", entry.dtype)))?;
+        let data = decode(bytes, entry.dtype).ok_or_else(|| {
+            ModelError::checkpoint(
+                path,
+                format!(
+                    "tensor {name} has dtype {:?}; expected bf16, f16, f32 or f64",
+                    entry.dtype
+                ),
+            )
+        })?;
         let numel: usize = entry.shape.iter().product();
         if data.len() != numel {
-            return Err(ModelError::checkpoint(path, format!("tensor {name}: {} values for shape {:?}", data.len(), entry.shape)));
+            return Err(ModelError::checkpoint(
+                path,
+                format!(
+                    "tensor {name}: {} values for shape {:?}",
+                    data.len(),
+                    entry.shape
+                ),
+            ));
         }
         Ok(HostTensor::new(entry.shape.clone(), data))
     }
@@ -175,7 +212,11 @@ impl HfCheckpoint {
             }
             self.used.insert("lm_head.weight".into());
         }
-        let mut unexpected: Vec<&String> = self.entries.keys().filter(|k| !self.used.contains(*k)).collect();
+        let mut unexpected: Vec<&String> = self
+            .entries
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .collect();
         if !unexpected.is_empty() {
             unexpected.sort();
             let shown: Vec<_> = unexpected.iter().take(10).map(|s| s.as_str()).collect();
@@ -194,13 +235,25 @@ impl HfCheckpoint {
 }
 
 impl WeightSource for HfCheckpoint {
-    fn tensor(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<HostTensor, ModelError> {
+    fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        _init: Init,
+    ) -> Result<HostTensor, ModelError> {
         let candidates = self.candidates(name);
-        let present: Vec<String> = candidates.iter().filter(|c| self.entries.contains_key(*c)).cloned().collect();
+        let present: Vec<String> = candidates
+            .iter()
+            .filter(|c| self.entries.contains_key(*c))
+            .cloned()
+            .collect();
         let Some(first) = present.first() else {
             return Err(ModelError::checkpoint(
                 &self.dir,
-                format!("missing tensor {name} (looked for: {})", candidates.join(", ")),
+                format!(
+                    "missing tensor {name} (looked for: {})",
+                    candidates.join(", ")
+                ),
             ));
         };
         let mut value: Option<HostTensor> = None;
@@ -231,13 +284,22 @@ impl WeightSource for HfCheckpoint {
 
 fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
             .collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         _ => return None,
     })
 }
@@ -256,12 +318,24 @@ pub fn export_hf_tensors(model: &ZambaModel, config: &ZambaConfig) -> BTreeMap<S
     };
     let flat = |t: Tensor<1>| host(t);
     let e = &model.embed_tokens.weight;
-    put("model.embed_tokens.weight".into(), e.dims().to_vec(), flat(e.val().flatten(0, 1)));
+    put(
+        "model.embed_tokens.weight".into(),
+        e.dims().to_vec(),
+        flat(e.val().flatten(0, 1)),
+    );
     let hybrid = config.hybrid_layers();
     for (i, layer) in model.layers.iter().enumerate() {
         let is_hybrid = layer.hybrid_linear.is_some();
-        let prefix = if is_hybrid { format!("model.layers.{i}.mamba_decoder") } else { format!("model.layers.{i}") };
-        put(format!("{prefix}.input_layernorm.weight"), vec![config.hidden_size], flat(layer.input_layernorm.gamma.val()));
+        let prefix = if is_hybrid {
+            format!("model.layers.{i}.mamba_decoder")
+        } else {
+            format!("model.layers.{i}")
+        };
+        put(
+            format!("{prefix}.input_layernorm.weight"),
+            vec![config.hidden_size],
+            flat(layer.input_layernorm.gamma.val()),
+        );
         let m = &layer.mamba;
         let mp = format!("{prefix}.mamba");
         // Re-interleave in_proj: ours [d, 2D] with [x | z] columns → rows 2c (x_c), 2c+1 (z_c).
@@ -278,24 +352,71 @@ pub fn export_hf_tensors(model: &ZambaModel, config: &ZambaConfig) -> BTreeMap<S
         }
         put(format!("{mp}.in_proj.weight"), vec![two_di, d], inter);
         let [di_, k] = m.conv_weight.dims();
-        put(format!("{mp}.conv1d.weight"), vec![di_, 1, k], flat(m.conv_weight.val().flatten(0, 1)));
-        put(format!("{mp}.conv1d.bias"), vec![di_], flat(m.conv_bias.val()));
-        put(format!("{mp}.x_proj_weight"), m.x_proj_weight.dims().to_vec(), flat(m.x_proj_weight.val().flatten(0, 2)));
-        put(format!("{mp}.dt_proj_weight"), m.dt_proj_weight.dims().to_vec(), flat(m.dt_proj_weight.val().flatten(0, 2)));
-        put(format!("{mp}.dt_proj_bias"), m.dt_proj_bias.dims().to_vec(), flat(m.dt_proj_bias.val().flatten(0, 1)));
-        put(format!("{mp}.A_log"), m.a_log.dims().to_vec(), flat(m.a_log.val().flatten(0, 2)));
-        put(format!("{mp}.D"), m.d_skip.dims().to_vec(), flat(m.d_skip.val().flatten(0, 1)));
+        put(
+            format!("{mp}.conv1d.weight"),
+            vec![di_, 1, k],
+            flat(m.conv_weight.val().flatten(0, 1)),
+        );
+        put(
+            format!("{mp}.conv1d.bias"),
+            vec![di_],
+            flat(m.conv_bias.val()),
+        );
+        put(
+            format!("{mp}.x_proj_weight"),
+            m.x_proj_weight.dims().to_vec(),
+            flat(m.x_proj_weight.val().flatten(0, 2)),
+        );
+        put(
+            format!("{mp}.dt_proj_weight"),
+            m.dt_proj_weight.dims().to_vec(),
+            flat(m.dt_proj_weight.val().flatten(0, 2)),
+        );
+        put(
+            format!("{mp}.dt_proj_bias"),
+            m.dt_proj_bias.dims().to_vec(),
+            flat(m.dt_proj_bias.val().flatten(0, 1)),
+        );
+        put(
+            format!("{mp}.A_log"),
+            m.a_log.dims().to_vec(),
+            flat(m.a_log.val().flatten(0, 2)),
+        );
+        put(
+            format!("{mp}.D"),
+            m.d_skip.dims().to_vec(),
+            flat(m.d_skip.val().flatten(0, 1)),
+        );
         let out_proj = linear(&m.out_proj);
-        put(format!("{mp}.out_proj.weight"), out_proj.shape.clone(), out_proj.data);
+        put(
+            format!("{mp}.out_proj.weight"),
+            out_proj.shape.clone(),
+            out_proj.data,
+        );
         if let Some(l) = &layer.hybrid_linear {
             let w = linear(l);
-            put(format!("model.layers.{i}.linear.weight"), w.shape.clone(), w.data);
+            put(
+                format!("model.layers.{i}.linear.weight"),
+                w.shape.clone(),
+                w.data,
+            );
         }
     }
     let s = &model.shared;
-    let sp = format!("model.layers.{}.shared_transf", hybrid.first().copied().unwrap_or(0));
-    put(format!("{sp}.input_layernorm.weight"), s.input_layernorm.gamma.dims().to_vec(), flat(s.input_layernorm.gamma.val()));
-    put(format!("{sp}.pre_ff_layernorm.weight"), s.pre_ff_layernorm.gamma.dims().to_vec(), flat(s.pre_ff_layernorm.gamma.val()));
+    let sp = format!(
+        "model.layers.{}.shared_transf",
+        hybrid.first().copied().unwrap_or(0)
+    );
+    put(
+        format!("{sp}.input_layernorm.weight"),
+        s.input_layernorm.gamma.dims().to_vec(),
+        flat(s.input_layernorm.gamma.val()),
+    );
+    put(
+        format!("{sp}.pre_ff_layernorm.weight"),
+        s.pre_ff_layernorm.gamma.dims().to_vec(),
+        flat(s.pre_ff_layernorm.gamma.val()),
+    );
     for (name, l) in [
         ("self_attn.q_proj", &s.q_proj),
         ("self_attn.k_proj", &s.k_proj),
@@ -308,7 +429,11 @@ pub fn export_hf_tensors(model: &ZambaModel, config: &ZambaConfig) -> BTreeMap<S
         let w = linear(l);
         put(format!("{sp}.{name}.weight"), w.shape.clone(), w.data);
     }
-    put("model.final_layernorm.weight".into(), vec![config.hidden_size], flat(model.final_layernorm.gamma.val()));
+    put(
+        "model.final_layernorm.weight".into(),
+        vec![config.hidden_size],
+        flat(model.final_layernorm.gamma.val()),
+    );
     out
 }
 
@@ -322,26 +447,49 @@ pub enum SaveDtype {
 
 /// Writes `config.json` and `model.safetensors` that transformers' `ZambaForCausalLM.from_pretrained`
 /// (and [`load_hf`]) reads.
-pub fn save_hf(model: &ZambaModel, config: &ZambaConfig, dir: &Path, dtype: SaveDtype) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, "could not create the output directory", e))?;
-    write_safetensors(&dir.join("model.safetensors"), &export_hf_tensors(model, config), dtype)?;
+pub fn save_hf(
+    model: &ZambaModel,
+    config: &ZambaConfig,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ModelError::io(dir, "could not create the output directory", e))?;
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &export_hf_tensors(model, config),
+        dtype,
+    )?;
     let mut json = serde_json::to_value(config).expect("config serializes");
     json["architectures"] = serde_json::json!(["ZambaForCausalLM"]);
-    json["layers_block_type"] = serde_json::to_value(config.layer_kinds()).expect("kinds serialize");
+    json["layers_block_type"] =
+        serde_json::to_value(config.layer_kinds()).expect("kinds serialize");
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
         .map_err(|e| ModelError::io(&path, "could not write", e))
 }
 
 /// Writes host tensors as one safetensors file in the given precision.
-pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>, dtype: SaveDtype) -> Result<(), ModelError> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    dtype: SaveDtype,
+) -> Result<(), ModelError> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
             let bytes = match dtype {
                 SaveDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                SaveDtype::Bf16 => t.data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-                SaveDtype::F16 => t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                SaveDtype::Bf16 => t
+                    .data
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                SaveDtype::F16 => t
+                    .data
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
             };
             (name.clone(), t.shape.clone(), bytes)
         })
@@ -354,7 +502,8 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>, dt
     let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
         .iter()
         .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes).expect("consistent view");
+            let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
+                .expect("consistent view");
             (name.clone(), view)
         })
         .collect();

@@ -11,7 +11,7 @@ pub mod weights;
 
 pub use config::{LayerKind, ZambaConfig};
 pub use error::ModelError;
-pub use hf::{load_hf, save_hf, SaveDtype};
-pub use loss::{cross_entropy, next_token_loss, IGNORE_INDEX};
+pub use hf::{SaveDtype, load_hf, save_hf};
+pub use loss::{IGNORE_INDEX, cross_entropy, next_token_loss};
 pub use model::ZambaModel;
 pub use weights::{HostTensor, Init, RandomInit, WeightSource};

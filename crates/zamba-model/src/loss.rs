@@ -15,7 +15,9 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     let targets = targets.reshape([b * l]);
     let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
     let safe_targets = targets.mask_fill(valid.clone().bool_not(), 0);
-    let picked = log_probs.gather(1, safe_targets.reshape([b * l, 1])).reshape([b * l]);
+    let picked = log_probs
+        .gather(1, safe_targets.reshape([b * l, 1]))
+        .reshape([b * l]);
     let valid = valid.float();
     let count = valid.clone().sum().clamp_min(1.0);
     (picked * valid).sum().neg() / count
@@ -24,7 +26,10 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
 /// Loss of predicting `tokens[:, 1:]` from `logits[:, :-1]` (transformers' `labels=input_ids`).
 pub fn next_token_loss(logits: Tensor<3>, tokens: Tensor<2, Int>) -> Tensor<1> {
     let [b, l, v] = logits.dims();
-    assert!(l >= 2, "next_token_loss needs at least 2 tokens per sequence, got {l}");
+    assert!(
+        l >= 2,
+        "next_token_loss needs at least 2 tokens per sequence, got {l}"
+    );
     let inputs = logits.slice([0..b, 0..l - 1, 0..v]);
     let targets = tokens.slice([0..b, 1..l]);
     cross_entropy(inputs, targets)
@@ -39,10 +44,16 @@ mod tests {
     fn matches_hand_computation_and_ignores_masked_targets() {
         let device = Device::flex();
         let logits = Tensor::<3>::from_data(
-            TensorData::new(vec![1.0f32, 2.0, 3.0, 0.5, 0.5, 0.5, -1.0, 0.0, 4.0], vec![1, 3, 3]),
+            TensorData::new(
+                vec![1.0f32, 2.0, 3.0, 0.5, 0.5, 0.5, -1.0, 0.0, 4.0],
+                vec![1, 3, 3],
+            ),
             &device,
         );
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, IGNORE_INDEX, 0], vec![1, 3]), &device);
+        let targets = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![2i64, IGNORE_INDEX, 0], vec![1, 3]),
+            &device,
+        );
         let nll = |row: [f64; 3], t: usize| {
             let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
             lse - row[t]

@@ -30,7 +30,12 @@ impl ParamBuilder<'_> {
         self.source.tensor(name, shape, init)
     }
 
-    fn param<const D: usize>(&mut self, name: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<D>>, ModelError> {
+    fn param<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Param<Tensor<D>>, ModelError> {
         let host = self.host(name, &shape, init)?;
         Ok(Param::from_tensor(to_device(host, self.device)))
     }
@@ -95,7 +100,11 @@ impl MambaMixer {
             c.mamba_d_conv,
         );
         // in_proj: transformers rows are interleaved x/z; de-interleave into [x | z] columns.
-        let hf_in = b.host(&format!("{prefix}.in_proj.weight"), &[2 * di, d], Init::Normal { std: b.std })?;
+        let hf_in = b.host(
+            &format!("{prefix}.in_proj.weight"),
+            &[2 * di, d],
+            Init::Normal { std: b.std },
+        )?;
         let mut ours = vec![0.0f32; d * 2 * di];
         for ch in 0..di {
             for half in 0..2 {
@@ -110,24 +119,43 @@ impl MambaMixer {
             weight: Param::from_tensor(to_device(HostTensor::new(vec![d, 2 * di], ours), b.device)),
             bias: None,
         };
-        let conv = b.host(&format!("{prefix}.conv1d.weight"), &[di, 1, k], Init::Normal { std: b.std })?;
-        let conv_weight = Param::from_tensor(to_device(HostTensor::new(vec![di, k], conv.data), b.device));
+        let conv = b.host(
+            &format!("{prefix}.conv1d.weight"),
+            &[di, 1, k],
+            Init::Normal { std: b.std },
+        )?;
+        let conv_weight =
+            Param::from_tensor(to_device(HostTensor::new(vec![di, k], conv.data), b.device));
         Ok(Self {
             in_proj,
             conv_weight,
             conv_bias: b.param(&format!("{prefix}.conv1d.bias"), [di], Init::Zeros)?,
-            x_proj_weight: b.param(&format!("{prefix}.x_proj_weight"), [h, r + 2 * n, p], Init::Normal { std: b.std })?,
+            x_proj_weight: b.param(
+                &format!("{prefix}.x_proj_weight"),
+                [h, r + 2 * n, p],
+                Init::Normal { std: b.std },
+            )?,
             dt_proj_weight: b.param(
                 &format!("{prefix}.dt_proj_weight"),
                 [h, p, r],
-                Init::Uniform { bound: (r as f64).powf(-0.5) },
+                Init::Uniform {
+                    bound: (r as f64).powf(-0.5),
+                },
             )?,
             dt_proj_bias: b.param(
                 &format!("{prefix}.dt_proj_bias"),
                 [h, p],
-                Init::DtBias { min: c.time_step_min, max: c.time_step_max, floor: c.time_step_floor },
+                Init::DtBias {
+                    min: c.time_step_min,
+                    max: c.time_step_max,
+                    floor: c.time_step_floor,
+                },
             )?,
-            a_log: b.param(&format!("{prefix}.A_log"), [h, p, n], Init::ALog { d_state: n })?,
+            a_log: b.param(
+                &format!("{prefix}.A_log"),
+                [h, p, n],
+                Init::ALog { d_state: n },
+            )?,
             d_skip: b.param(&format!("{prefix}.D"), [h, p], Init::Ones)?,
             out_proj: b.linear(&format!("{prefix}.out_proj.weight"), di, d)?,
             n_heads: h,
@@ -147,7 +175,12 @@ impl MambaMixer {
         let xz = self.in_proj.forward(hidden);
         let x = xz.clone().slice([0..batch, 0..len, 0..di]).swap_dims(1, 2); // [B, D, L]
         let z = xz.slice([0..batch, 0..len, di..2 * di]).swap_dims(1, 2); // [B, D, L]
-        let x = silu(causal_depthwise_conv(x, self.conv_weight.val(), self.conv_bias.val(), k));
+        let x = silu(causal_depthwise_conv(
+            x,
+            self.conv_weight.val(),
+            self.conv_bias.val(),
+            k,
+        ));
 
         // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L] → [B, H, R+2N, L])
         let ssm = self
@@ -156,8 +189,13 @@ impl MambaMixer {
             .unsqueeze::<4>()
             .matmul(x.clone().reshape([batch, h, p, len]));
         let dt = ssm.clone().slice([0..batch, 0..h, 0..r, 0..len]);
-        let b_t = ssm.clone().slice([0..batch, 0..h, r..r + n, 0..len]).swap_dims(2, 3);
-        let c_t = ssm.slice([0..batch, 0..h, r + n..r + 2 * n, 0..len]).swap_dims(2, 3);
+        let b_t = ssm
+            .clone()
+            .slice([0..batch, 0..h, r..r + n, 0..len])
+            .swap_dims(2, 3);
+        let c_t = ssm
+            .slice([0..batch, 0..h, r + n..r + 2 * n, 0..len])
+            .swap_dims(2, 3);
         let delta = self
             .dt_proj_weight
             .val()
@@ -211,15 +249,28 @@ pub struct SharedTransformer {
 
 impl SharedTransformer {
     fn build(b: &mut ParamBuilder, prefix: &str, c: &ZambaConfig) -> Result<Self, ModelError> {
-        let (d, a, hd, i) = (c.hidden_size, c.attention_hidden_size(), c.attention_head_dim(), c.intermediate_size);
+        let (d, a, hd, i) = (
+            c.hidden_size,
+            c.attention_hidden_size(),
+            c.attention_head_dim(),
+            c.intermediate_size,
+        );
         let kv = c.num_key_value_heads * hd;
         Ok(Self {
-            input_layernorm: b.rms_norm(&format!("{prefix}.input_layernorm.weight"), a, c.rms_norm_eps)?,
+            input_layernorm: b.rms_norm(
+                &format!("{prefix}.input_layernorm.weight"),
+                a,
+                c.rms_norm_eps,
+            )?,
             q_proj: b.linear(&format!("{prefix}.self_attn.q_proj.weight"), a, a)?,
             k_proj: b.linear(&format!("{prefix}.self_attn.k_proj.weight"), a, kv)?,
             v_proj: b.linear(&format!("{prefix}.self_attn.v_proj.weight"), a, kv)?,
             o_proj: b.linear(&format!("{prefix}.self_attn.o_proj.weight"), a, d)?,
-            pre_ff_layernorm: b.rms_norm(&format!("{prefix}.pre_ff_layernorm.weight"), d, c.rms_norm_eps)?,
+            pre_ff_layernorm: b.rms_norm(
+                &format!("{prefix}.pre_ff_layernorm.weight"),
+                d,
+                c.rms_norm_eps,
+            )?,
             gate_proj: b.linear(&format!("{prefix}.feed_forward.gate_proj.weight"), d, i)?,
             up_proj: b.linear(&format!("{prefix}.feed_forward.up_proj.weight"), d, i)?,
             down_proj: b.linear(&format!("{prefix}.feed_forward.down_proj.weight"), i, d)?,
@@ -245,7 +296,11 @@ impl SharedTransformer {
             k = repeat_kv(k, groups);
             v = repeat_kv(v, groups);
         }
-        let options = AttentionModuleOptions { scale: Some(self.scale), softcap: None, is_causal: true };
+        let options = AttentionModuleOptions {
+            scale: Some(self.scale),
+            softcap: None,
+            is_causal: true,
+        };
         let attn = attention(q, k, v, None, None, options); // [B, heads, L, hd]
         let attn = attn.swap_dims(1, 2).reshape([batch as i64, len as i64, -1]);
         let h = self.pre_ff_layernorm.forward(self.o_proj.forward(attn));
@@ -284,23 +339,40 @@ pub struct ZambaModel {
 
 impl ZambaModel {
     /// Builds the model taking every parameter from `source` (random init or a checkpoint).
-    pub fn from_source(config: &ZambaConfig, source: &mut dyn WeightSource, device: &Device) -> Result<Self, ModelError> {
+    pub fn from_source(
+        config: &ZambaConfig,
+        source: &mut dyn WeightSource,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         let c = config;
-        let mut b = ParamBuilder { source, device, std: c.initializer_range };
+        let mut b = ParamBuilder {
+            source,
+            device,
+            std: c.initializer_range,
+        };
         let embed = b.host(
             "model.embed_tokens.weight",
             &[c.vocab_size, c.hidden_size],
-            Init::Embedding { std: c.initializer_range, padding_idx: c.pad_token_id },
+            Init::Embedding {
+                std: c.initializer_range,
+                padding_idx: c.pad_token_id,
+            },
         )?;
-        let embed_tokens = Embedding { weight: Param::from_tensor(to_device(embed, device)) };
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(to_device(embed, device)),
+        };
         let kinds = c.layer_kinds();
         let first_hybrid = c.hybrid_layers().first().copied();
         let mut layers = Vec::with_capacity(kinds.len());
         for (i, kind) in kinds.iter().enumerate() {
             let layer = match kind {
                 LayerKind::Mamba => ZambaLayer {
-                    input_layernorm: b.rms_norm(&format!("model.layers.{i}.input_layernorm.weight"), c.hidden_size, c.rms_norm_eps)?,
+                    input_layernorm: b.rms_norm(
+                        &format!("model.layers.{i}.input_layernorm.weight"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
                     mamba: MambaMixer::build(&mut b, &format!("model.layers.{i}.mamba"), c)?,
                     hybrid_linear: None,
                 },
@@ -310,8 +382,16 @@ impl ZambaModel {
                         c.hidden_size,
                         c.rms_norm_eps,
                     )?,
-                    mamba: MambaMixer::build(&mut b, &format!("model.layers.{i}.mamba_decoder.mamba"), c)?,
-                    hybrid_linear: Some(b.linear(&format!("model.layers.{i}.linear.weight"), c.hidden_size, c.hidden_size)?),
+                    mamba: MambaMixer::build(
+                        &mut b,
+                        &format!("model.layers.{i}.mamba_decoder.mamba"),
+                        c,
+                    )?,
+                    hybrid_linear: Some(b.linear(
+                        &format!("model.layers.{i}.linear.weight"),
+                        c.hidden_size,
+                        c.hidden_size,
+                    )?),
                 },
             };
             layers.push(layer);
@@ -320,7 +400,11 @@ impl ZambaModel {
         // names it may be stored under.
         let shared_prefix = format!("model.layers.{}.shared_transf", first_hybrid.unwrap_or(0));
         let shared = SharedTransformer::build(&mut b, &shared_prefix, c)?;
-        let final_layernorm = b.rms_norm("model.final_layernorm.weight", c.hidden_size, c.rms_norm_eps)?;
+        let final_layernorm = b.rms_norm(
+            "model.final_layernorm.weight",
+            c.hidden_size,
+            c.rms_norm_eps,
+        )?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -367,7 +451,10 @@ impl ZambaModel {
             // Same values, but the lookup of the padding row is cut from the graph.
             Some(pad) if x0.device().is_autodiff() => {
                 let [b, l, d] = x0.dims();
-                let is_pad: Tensor<3, Bool> = tokens.equal_elem(pad as i64).unsqueeze_dim::<3>(2).expand([b, l, d]);
+                let is_pad: Tensor<3, Bool> = tokens
+                    .equal_elem(pad as i64)
+                    .unsqueeze_dim::<3>(2)
+                    .expand([b, l, d]);
                 x0.clone().mask_where(is_pad, x0.detach())
             }
             _ => x0,
@@ -378,4 +465,3 @@ impl ZambaModel {
         Module::num_params(self)
     }
 }
-

@@ -31,7 +31,8 @@ impl ParamCounts {
         );
         let layers = c.num_hidden_layers as u64;
         let hybrid = c.hybrid_layers().len() as u64;
-        let per_mamba = 2 * di * d + di * k + di + h * (r + 2 * n) * p + h * p * r + di + di * n + di + di * d;
+        let per_mamba =
+            2 * di * d + di * k + di + h * (r + 2 * n) * p + h * p * r + di + di * n + di + di * d;
         let a = c.attention_hidden_size() as u64;
         let kv = (c.num_key_value_heads * c.attention_head_dim()) as u64;
         let i = c.intermediate_size as u64;
@@ -78,12 +79,17 @@ impl FlopsPerToken {
         let i = c.intermediate_size as f64;
         let mamba = 2.0 * (2.0 * di * d + di * (r + 2.0 * n) + di * r + di * d);
         let shared = 2.0 * (a * a + 2.0 * a * kv + a * d + 3.0 * d * i);
-        let matmul = layers * mamba + hybrid * (shared + 2.0 * d * d) + 2.0 * d * c.vocab_size as f64;
+        let matmul =
+            layers * mamba + hybrid * (shared + 2.0 * d * d) + 2.0 * d * c.vocab_size as f64;
         let attention = hybrid * 2.0 * 2.0 * seq_len as f64 * a;
         // Per channel and state: exp, two multiply-adds for the state, one for the output ≈ 9 flops
         // (the count the training-anchors note uses); plus the K-tap conv.
         let scan = layers * (9.0 * di * n + 2.0 * di * k);
-        Self { matmul, attention, scan }
+        Self {
+            matmul,
+            attention,
+            scan,
+        }
     }
 
     pub fn forward(&self) -> f64 {
@@ -114,7 +120,8 @@ mod tests {
         let counts = ParamCounts::of(&c);
         // Each matmul weight is used once per token, except the shared block (13 uses) and the
         // tied head; embeddings are a lookup.
-        let dense = counts.mamba + counts.hybrid_linears + 13 * counts.shared_block + counts.embedding;
+        let dense =
+            counts.mamba + counts.hybrid_linears + 13 * counts.shared_block + counts.embedding;
         let ratio = f.matmul / (2.0 * dense as f64);
         assert!((ratio - 1.0).abs() < 0.01, "ratio {ratio}");
     }

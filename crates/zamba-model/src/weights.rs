@@ -31,7 +31,10 @@ impl HostTensor {
     /// Transpose of a 2-D tensor (PyTorch Linear `[out, in]` ↔ Burn Linear `[in, out]`).
     pub fn transposed(&self) -> HostTensor {
         let [rows, cols] = self.shape[..] else {
-            panic!("transposed() needs a 2-D tensor, got shape {:?}", self.shape)
+            panic!(
+                "transposed() needs a 2-D tensor, got shape {:?}",
+                self.shape
+            )
         };
         let mut out = vec![0.0; rows * cols];
         for r in 0..rows {
@@ -47,22 +50,36 @@ impl HostTensor {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     /// N(0, std²): Linear, Conv1d, Embedding weights and `x_proj_weight`.
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
     /// Embedding: N(0, std²) with the padding row zeroed.
-    Embedding { std: f64, padding_idx: Option<u32> },
+    Embedding {
+        std: f64,
+        padding_idx: Option<u32>,
+    },
     /// U(−bound, bound): `dt_proj_weight` with bound = dt_rank^-1/2.
-    Uniform { bound: f64 },
+    Uniform {
+        bound: f64,
+    },
     Ones,
     Zeros,
     /// `A_log[..., n] = ln(n + 1)`.
-    ALog { d_state: usize },
+    ALog {
+        d_state: usize,
+    },
     /// `dt_proj_bias = softplus⁻¹(dt)` with `dt = exp(U[ln min, ln max])` clamped at `floor`.
-    DtBias { min: f64, max: f64, floor: f64 },
+    DtBias {
+        min: f64,
+        max: f64,
+        floor: f64,
+    },
 }
 
 /// Supplies parameters by transformers state-dict name.
 pub trait WeightSource {
-    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<HostTensor, ModelError>;
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init)
+    -> Result<HostTensor, ModelError>;
 }
 
 /// Fresh parameters as transformers initialises them. Each tensor's values depend only on the
@@ -88,7 +105,12 @@ impl RandomInit {
 }
 
 impl WeightSource for RandomInit {
-    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<HostTensor, ModelError> {
+    fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+    ) -> Result<HostTensor, ModelError> {
         let numel: usize = shape.iter().product();
         let mut rng = self.rng_for(name);
         let data: Vec<f32> = match init {
@@ -135,25 +157,56 @@ mod tests {
     #[test]
     fn init_follows_transformers_formulas() {
         let mut src = RandomInit::new(7);
-        let a = src.tensor("a", &[2, 3, 4], Init::ALog { d_state: 4 }).unwrap();
+        let a = src
+            .tensor("a", &[2, 3, 4], Init::ALog { d_state: 4 })
+            .unwrap();
         assert_eq!(&a.data[..4], &[0.0, 2f32.ln(), 3f32.ln(), 4f32.ln()]);
         assert_eq!(&a.data[20..24], &a.data[..4]);
 
         let dt = src
-            .tensor("dt", &[4096], Init::DtBias { min: 1e-3, max: 0.1, floor: 1e-4 })
+            .tensor(
+                "dt",
+                &[4096],
+                Init::DtBias {
+                    min: 1e-3,
+                    max: 0.1,
+                    floor: 1e-4,
+                },
+            )
             .unwrap();
         for &b in &dt.data {
             let softplus = (1.0 + (b as f64).exp()).ln();
-            assert!((1e-3 - 1e-9..=0.1 + 1e-9).contains(&softplus), "softplus(bias) = {softplus}");
+            assert!(
+                (1e-3 - 1e-9..=0.1 + 1e-9).contains(&softplus),
+                "softplus(bias) = {softplus}"
+            );
         }
 
-        let w = src.tensor("w", &[200, 100], Init::Normal { std: 0.02 }).unwrap();
+        let w = src
+            .tensor("w", &[200, 100], Init::Normal { std: 0.02 })
+            .unwrap();
         let mean = w.data.iter().map(|&x| x as f64).sum::<f64>() / 20000.0;
-        let var = w.data.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / 20000.0;
-        assert!(mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 1e-3, "mean {mean} std {}", var.sqrt());
+        let var = w
+            .data
+            .iter()
+            .map(|&x| (x as f64 - mean).powi(2))
+            .sum::<f64>()
+            / 20000.0;
+        assert!(
+            mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 1e-3,
+            "mean {mean} std {}",
+            var.sqrt()
+        );
 
         let e = src
-            .tensor("e", &[5, 3], Init::Embedding { std: 0.02, padding_idx: Some(1) })
+            .tensor(
+                "e",
+                &[5, 3],
+                Init::Embedding {
+                    std: 0.02,
+                    padding_idx: Some(1),
+                },
+            )
             .unwrap();
         assert_eq!(&e.data[3..6], &[0.0; 3]);
         assert!(e.data[..3].iter().all(|&x| x != 0.0));

@@ -11,7 +11,9 @@ use zamba_model::{HostTensor, SaveDtype, ZambaConfig, ZambaModel, load_hf, next_
 const FIXTURES: [&str; 2] = ["zamba-tiny-h2", "zamba-tiny-h1"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 struct Expected {
@@ -21,10 +23,16 @@ struct Expected {
 }
 
 fn expected(dir: &Path) -> Expected {
-    let tokens: Vec<i64> = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let tokens: Vec<i64> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let logits = serde_json::from_value(json["logits"].clone()).unwrap();
-    Expected { tokens, logits, loss: json["loss"].as_f64().unwrap() }
+    Expected {
+        tokens,
+        logits,
+        loss: json["loss"].as_f64().unwrap(),
+    }
 }
 
 /// (logits rows, loss) of `model` on `tokens`.
@@ -59,7 +67,11 @@ fn logits_and_loss_equal_transformers() {
         let (logits, loss) = run(&model, &exp.tokens, &device);
         let diff = max_abs_diff(&logits, &exp.logits);
         assert!(diff <= 1e-4, "{name}: max |logit difference| = {diff}");
-        assert!((loss - exp.loss).abs() <= 1e-5, "{name}: loss {loss} vs transformers {}", exp.loss);
+        assert!(
+            (loss - exp.loss).abs() <= 1e-5,
+            "{name}: loss {loss} vs transformers {}",
+            exp.loss
+        );
     }
 }
 
@@ -71,14 +83,22 @@ fn fixture_tensors(dir: &Path) -> BTreeMap<String, HostTensor> {
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32);
-            let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
             (name, HostTensor::new(view.shape().to_vec(), data))
         })
         .collect()
 }
 
 /// Writes `tensors` as a checkpoint dir next to the fixture's config.json.
-fn write_variant(base: &Path, tensors: &BTreeMap<String, HostTensor>, dtype: SaveDtype) -> tempfile::TempDir {
+fn write_variant(
+    base: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    dtype: SaveDtype,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(base.join("config.json"), dir.path().join("config.json")).unwrap();
     write_safetensors(&dir.path().join("model.safetensors"), tensors, dtype).unwrap();
@@ -93,7 +113,11 @@ fn logits_of(dir: &Path) -> Result<Vec<Vec<f32>>, String> {
 }
 
 fn shared_keys(tensors: &BTreeMap<String, HostTensor>) -> Vec<String> {
-    tensors.keys().filter(|k| k.contains(".shared_transf.")).cloned().collect()
+    tensors
+        .keys()
+        .filter(|k| k.contains(".shared_transf."))
+        .cloned()
+        .collect()
 }
 
 #[test]
@@ -111,10 +135,16 @@ fn accepted_layouts_give_the_same_logits() {
     for key in &shared {
         let (_, inner) = key.split_once(".shared_transf.").unwrap();
         for h in &hybrid {
-            copies.insert(format!("model.layers.{h}.shared_transf.{inner}"), stored[key].clone());
+            copies.insert(
+                format!("model.layers.{h}.shared_transf.{inner}"),
+                stored[key].clone(),
+            );
         }
     }
-    copies.insert("lm_head.weight".into(), stored["model.embed_tokens.weight"].clone());
+    copies.insert(
+        "lm_head.weight".into(),
+        stored["model.embed_tokens.weight"].clone(),
+    );
     let dir = write_variant(&base, &copies, SaveDtype::F32);
     assert!(max_abs_diff(&logits_of(dir.path()).unwrap(), &exp.logits) <= 1e-4);
 
@@ -123,7 +153,10 @@ fn accepted_layouts_give_the_same_logits() {
     for (key, t) in &stored {
         let renamed = if let Some((_, inner)) = key.split_once(".shared_transf.") {
             format!("model.block.{inner}")
-        } else if let Some(j) = hybrid.iter().position(|h| *key == format!("model.layers.{h}.linear.weight")) {
+        } else if let Some(j) = hybrid
+            .iter()
+            .position(|h| *key == format!("model.layers.{h}.linear.weight"))
+        {
             format!("model.linear_layers.{j}.weight")
         } else {
             key.clone()
@@ -134,8 +167,10 @@ fn accepted_layouts_give_the_same_logits() {
     assert!(max_abs_diff(&logits_of(dir.path()).unwrap(), &exp.logits) <= 1e-4);
 
     // A bare ZambaModel state dict (no "model." prefix).
-    let bare: BTreeMap<_, _> =
-        stored.iter().map(|(k, t)| (k.strip_prefix("model.").unwrap().to_string(), t.clone())).collect();
+    let bare: BTreeMap<_, _> = stored
+        .iter()
+        .map(|(k, t)| (k.strip_prefix("model.").unwrap().to_string(), t.clone()))
+        .collect();
     let dir = write_variant(&base, &bare, SaveDtype::F32);
     assert!(max_abs_diff(&logits_of(dir.path()).unwrap(), &exp.logits) <= 1e-4);
 
@@ -156,17 +191,28 @@ fn sharded_checkpoint_loads() {
     std::fs::copy(base.join("config.json"), dir.path().join("config.json")).unwrap();
     let (mut first, mut second) = (BTreeMap::new(), BTreeMap::new());
     for (i, (key, t)) in stored.into_iter().enumerate() {
-        if i % 2 == 0 { first.insert(key, t) } else { second.insert(key, t) };
+        if i % 2 == 0 {
+            first.insert(key, t)
+        } else {
+            second.insert(key, t)
+        };
     }
     let mut weight_map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", &first), ("model-00002-of-00002.safetensors", &second)] {
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", &first),
+        ("model-00002-of-00002.safetensors", &second),
+    ] {
         write_safetensors(&dir.path().join(file), part, SaveDtype::F32).unwrap();
         for key in part.keys() {
             weight_map.insert(key.clone(), file.into());
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     assert!(max_abs_diff(&logits_of(dir.path()).unwrap(), &exp.logits) <= 1e-4);
 }
 
@@ -181,24 +227,42 @@ fn bad_checkpoints_are_errors_naming_the_tensor() {
     let mut missing = stored.clone();
     missing.remove("model.layers.0.mamba.A_log");
     let err = logits_of(write_variant(&base, &missing, SaveDtype::F32).path()).unwrap_err();
-    assert!(err.contains("missing tensor model.layers.0.mamba.A_log"), "{err}");
+    assert!(
+        err.contains("missing tensor model.layers.0.mamba.A_log"),
+        "{err}"
+    );
 
     let mut extra = stored.clone();
-    extra.insert("model.layers.99.mamba.D".into(), HostTensor::new(vec![1], vec![0.0]));
+    extra.insert(
+        "model.layers.99.mamba.D".into(),
+        HostTensor::new(vec![1], vec![0.0]),
+    );
     let err = logits_of(write_variant(&base, &extra, SaveDtype::F32).path()).unwrap_err();
-    assert!(err.contains("unexpected tensor") && err.contains("model.layers.99.mamba.D"), "{err}");
+    assert!(
+        err.contains("unexpected tensor") && err.contains("model.layers.99.mamba.D"),
+        "{err}"
+    );
 
     let mut misshaped = stored.clone();
-    misshaped.insert("model.final_layernorm.weight".into(), HostTensor::new(vec![3], vec![1.0; 3]));
+    misshaped.insert(
+        "model.final_layernorm.weight".into(),
+        HostTensor::new(vec![3], vec![1.0; 3]),
+    );
     let err = logits_of(write_variant(&base, &misshaped, SaveDtype::F32).path()).unwrap_err();
-    assert!(err.contains("model.final_layernorm.weight") && err.contains("shape [3]"), "{err}");
+    assert!(
+        err.contains("model.final_layernorm.weight") && err.contains("shape [3]"),
+        "{err}"
+    );
 
     let mut differing = stored.clone();
     let key = &shared[0];
     let (_, inner) = key.split_once(".shared_transf.").unwrap();
     let mut changed = stored[key].clone();
     changed.data[0] += 1.0;
-    differing.insert(format!("model.layers.{}.shared_transf.{inner}", hybrid[1]), changed);
+    differing.insert(
+        format!("model.layers.{}.shared_transf.{inner}", hybrid[1]),
+        changed,
+    );
     let err = logits_of(write_variant(&base, &differing, SaveDtype::F32).path()).unwrap_err();
     assert!(err.contains("differ") && err.contains(inner), "{err}");
 
@@ -230,7 +294,11 @@ fn export_writes_back_exactly_what_was_loaded() {
         let (config, model) = load_hf(&dir, &device).unwrap();
         let exported = export_hf_tensors(&model, &config);
         let stored = fixture_tensors(&dir);
-        assert_eq!(exported.keys().collect::<Vec<_>>(), stored.keys().collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            exported.keys().collect::<Vec<_>>(),
+            stored.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
         for (key, t) in &stored {
             assert_eq!(&exported[key], t, "{name}: {key}");
         }
@@ -241,7 +309,10 @@ fn export_writes_back_exactly_what_was_loaded() {
         let again = ZambaModel::from_source(&config, &mut checkpoint, &device).unwrap();
         checkpoint.finish().unwrap();
         let tokens = expected(&dir).tokens;
-        assert_eq!(run(&again, &tokens, &device).0, run(&model, &tokens, &device).0);
+        assert_eq!(
+            run(&again, &tokens, &device).0,
+            run(&model, &tokens, &device).0
+        );
     }
 }
 
@@ -254,54 +325,143 @@ fn gradient_norms_equal_transformers() {
     for name in FIXTURES {
         let dir = fixture(name);
         let exp = expected(&dir);
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let reference: BTreeMap<String, f64> = serde_json::from_value(json["grad_norms"].clone()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let reference: BTreeMap<String, f64> =
+            serde_json::from_value(json["grad_norms"].clone()).unwrap();
         let (config, model) = load_hf(&dir, &device).unwrap();
         let n = exp.tokens.len();
-        let input = Tensor::<2, Int>::from_data(TensorData::new(exp.tokens.clone(), vec![1, n]), &device);
+        let input =
+            Tensor::<2, Int>::from_data(TensorData::new(exp.tokens.clone(), vec![1, n]), &device);
         let grads = next_token_loss(model.forward(input.clone()), input).backward();
-        let norm = |t: Tensor<2>| t.grad(&grads).unwrap().square().sum().sqrt().into_scalar::<f32>() as f64;
-        let norm1 = |t: Tensor<1>| t.grad(&grads).unwrap().square().sum().sqrt().into_scalar::<f32>() as f64;
-        let norm3 = |t: Tensor<3>| t.grad(&grads).unwrap().square().sum().sqrt().into_scalar::<f32>() as f64;
+        let norm = |t: Tensor<2>| {
+            t.grad(&grads)
+                .unwrap()
+                .square()
+                .sum()
+                .sqrt()
+                .into_scalar::<f32>() as f64
+        };
+        let norm1 = |t: Tensor<1>| {
+            t.grad(&grads)
+                .unwrap()
+                .square()
+                .sum()
+                .sqrt()
+                .into_scalar::<f32>() as f64
+        };
+        let norm3 = |t: Tensor<3>| {
+            t.grad(&grads)
+                .unwrap()
+                .square()
+                .sum()
+                .sqrt()
+                .into_scalar::<f32>() as f64
+        };
         let h = config.hybrid_layers()[0];
         let s = &model.shared;
         let sp = format!("model.layers.{h}.shared_transf");
         let mut ours: Vec<(String, f64)> = vec![
-            ("model.embed_tokens.weight".into(), norm(model.embed_tokens.weight.val())),
-            ("model.final_layernorm.weight".into(), norm1(model.final_layernorm.gamma.val())),
-            (format!("{sp}.self_attn.q_proj.weight"), norm(s.q_proj.weight.val())),
-            (format!("{sp}.self_attn.k_proj.weight"), norm(s.k_proj.weight.val())),
-            (format!("{sp}.self_attn.v_proj.weight"), norm(s.v_proj.weight.val())),
-            (format!("{sp}.self_attn.o_proj.weight"), norm(s.o_proj.weight.val())),
-            (format!("{sp}.feed_forward.gate_proj.weight"), norm(s.gate_proj.weight.val())),
-            (format!("{sp}.feed_forward.up_proj.weight"), norm(s.up_proj.weight.val())),
-            (format!("{sp}.feed_forward.down_proj.weight"), norm(s.down_proj.weight.val())),
-            (format!("{sp}.input_layernorm.weight"), norm1(s.input_layernorm.gamma.val())),
-            (format!("{sp}.pre_ff_layernorm.weight"), norm1(s.pre_ff_layernorm.gamma.val())),
+            (
+                "model.embed_tokens.weight".into(),
+                norm(model.embed_tokens.weight.val()),
+            ),
+            (
+                "model.final_layernorm.weight".into(),
+                norm1(model.final_layernorm.gamma.val()),
+            ),
+            (
+                format!("{sp}.self_attn.q_proj.weight"),
+                norm(s.q_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.self_attn.k_proj.weight"),
+                norm(s.k_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.self_attn.v_proj.weight"),
+                norm(s.v_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.self_attn.o_proj.weight"),
+                norm(s.o_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.feed_forward.gate_proj.weight"),
+                norm(s.gate_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.feed_forward.up_proj.weight"),
+                norm(s.up_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.feed_forward.down_proj.weight"),
+                norm(s.down_proj.weight.val()),
+            ),
+            (
+                format!("{sp}.input_layernorm.weight"),
+                norm1(s.input_layernorm.gamma.val()),
+            ),
+            (
+                format!("{sp}.pre_ff_layernorm.weight"),
+                norm1(s.pre_ff_layernorm.gamma.val()),
+            ),
         ];
         for (i, layer) in model.layers.iter().enumerate() {
-            let p = if layer.hybrid_linear.is_some() { format!("model.layers.{i}.mamba_decoder") } else { format!("model.layers.{i}") };
+            let p = if layer.hybrid_linear.is_some() {
+                format!("model.layers.{i}.mamba_decoder")
+            } else {
+                format!("model.layers.{i}")
+            };
             let m = &layer.mamba;
             ours.extend([
-                (format!("{p}.input_layernorm.weight"), norm1(layer.input_layernorm.gamma.val())),
-                (format!("{p}.mamba.in_proj.weight"), norm(m.in_proj.weight.val())),
-                (format!("{p}.mamba.conv1d.weight"), norm(m.conv_weight.val())),
+                (
+                    format!("{p}.input_layernorm.weight"),
+                    norm1(layer.input_layernorm.gamma.val()),
+                ),
+                (
+                    format!("{p}.mamba.in_proj.weight"),
+                    norm(m.in_proj.weight.val()),
+                ),
+                (
+                    format!("{p}.mamba.conv1d.weight"),
+                    norm(m.conv_weight.val()),
+                ),
                 (format!("{p}.mamba.conv1d.bias"), norm1(m.conv_bias.val())),
-                (format!("{p}.mamba.x_proj_weight"), norm3(m.x_proj_weight.val())),
-                (format!("{p}.mamba.dt_proj_weight"), norm3(m.dt_proj_weight.val())),
-                (format!("{p}.mamba.dt_proj_bias"), norm(m.dt_proj_bias.val())),
+                (
+                    format!("{p}.mamba.x_proj_weight"),
+                    norm3(m.x_proj_weight.val()),
+                ),
+                (
+                    format!("{p}.mamba.dt_proj_weight"),
+                    norm3(m.dt_proj_weight.val()),
+                ),
+                (
+                    format!("{p}.mamba.dt_proj_bias"),
+                    norm(m.dt_proj_bias.val()),
+                ),
                 (format!("{p}.mamba.A_log"), norm3(m.a_log.val())),
                 (format!("{p}.mamba.D"), norm(m.d_skip.val())),
-                (format!("{p}.mamba.out_proj.weight"), norm(m.out_proj.weight.val())),
+                (
+                    format!("{p}.mamba.out_proj.weight"),
+                    norm(m.out_proj.weight.val()),
+                ),
             ]);
             if let Some(l) = &layer.hybrid_linear {
-                ours.push((format!("model.layers.{i}.linear.weight"), norm(l.weight.val())));
+                ours.push((
+                    format!("model.layers.{i}.linear.weight"),
+                    norm(l.weight.val()),
+                ));
             }
         }
         for (key, got) in ours {
             let want = reference[&key];
             let rel = (got - want).abs() / want.max(1e-12);
-            assert!(rel <= 1e-3, "{name}: |grad {key}| = {got}, transformers {want} (relative error {rel})");
+            assert!(
+                rel <= 1e-3,
+                "{name}: |grad {key}| = {got}, transformers {want} (relative error {rel})"
+            );
         }
     }
 }

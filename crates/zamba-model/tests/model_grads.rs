@@ -15,7 +15,11 @@ fn tiny() -> ZambaConfig {
 
 fn tokens(config: &ZambaConfig, device: &Device, batch: usize, len: usize) -> Tensor<2, Int> {
     device.seed(3);
-    Tensor::random([batch, len], Distribution::Uniform(0.0, config.vocab_size as f64), device)
+    Tensor::random(
+        [batch, len],
+        Distribution::Uniform(0.0, config.vocab_size as f64),
+        device,
+    )
 }
 
 struct CollectGrads<'a> {
@@ -25,15 +29,22 @@ struct CollectGrads<'a> {
 
 impl ModuleVisitor for CollectGrads<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let grad = param.val().grad(self.grads).expect("every parameter receives a gradient");
-        self.out.insert(param.id, grad.into_data().try_to_vec::<f32>().unwrap());
+        let grad = param
+            .val()
+            .grad(self.grads)
+            .expect("every parameter receives a gradient");
+        self.out
+            .insert(param.id, grad.into_data().try_to_vec::<f32>().unwrap());
     }
 }
 
 fn all_grads(model: &ZambaModel, tokens: &Tensor<2, Int>) -> HashMap<ParamId, Vec<f32>> {
     let loss = next_token_loss(model.forward(tokens.clone()), tokens.clone());
     let grads = loss.backward();
-    let mut collect = CollectGrads { grads: &grads, out: HashMap::new() };
+    let mut collect = CollectGrads {
+        grads: &grads,
+        out: HashMap::new(),
+    };
     model.visit(&mut collect);
     collect.out
 }
@@ -52,7 +63,10 @@ fn gradients_with_the_fused_scan_equal_the_reference_scan() {
         let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(scale > 0.0, "parameter {id} has an all-zero gradient");
         let err = g.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-        assert!(err <= 1e-4, "parameter {id}: relative gradient difference {err}");
+        assert!(
+            err <= 1e-4,
+            "parameter {id}: relative gradient difference {err}"
+        );
     }
 }
 
@@ -67,10 +81,14 @@ fn loss_with(model: &ZambaModel, tokens: &Tensor<2, Int>, set: impl Fn(&mut Zamb
 fn shared_block_gradient_sums_all_of_its_uses() {
     // The h2 fixture: transformers weights with three hybrid layers, so the shared block is used
     // three times and carries a gradient well above f32 noise.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/zamba-tiny-h2");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/zamba-tiny-h2");
     let device = Device::flex().autodiff();
     let (config, model) = zamba_model::load_hf(&dir, &device).unwrap();
-    assert!(config.hybrid_layers().len() >= 2, "the test needs two uses of the shared block");
+    assert!(
+        config.hybrid_layers().len() >= 2,
+        "the test needs two uses of the shared block"
+    );
     let tokens_ad = tokens(&config, &device, 2, 24);
     let loss = next_token_loss(model.forward(tokens_ad.clone()), tokens_ad.clone());
     let grads = loss.backward();
@@ -88,20 +106,29 @@ fn shared_block_gradient_sums_all_of_its_uses() {
         let shift = |sign: f64| {
             let g = g.clone();
             move |m: &mut ZambaModel| {
-                let layer = if name == "q_proj" { &mut m.shared.q_proj } else { &mut m.shared.up_proj };
+                let layer = if name == "q_proj" {
+                    &mut m.shared.q_proj
+                } else {
+                    &mut m.shared.up_proj
+                };
                 layer.weight = Param::from_tensor(layer.weight.val() + g.clone() * (sign * eps));
             }
         };
-        let fd = (loss_with(&plain, &tokens, shift(1.0)) - loss_with(&plain, &tokens, shift(-1.0))) / (2.0 * eps);
+        let fd = (loss_with(&plain, &tokens, shift(1.0)) - loss_with(&plain, &tokens, shift(-1.0)))
+            / (2.0 * eps);
         let rel = (fd - norm2).abs() / norm2;
-        assert!(rel < 1e-2, "{name}: finite difference {fd} vs autodiff {norm2} (relative error {rel})");
+        assert!(
+            rel < 1e-2,
+            "{name}: finite difference {fd} vs autodiff {norm2} (relative error {rel})"
+        );
     }
 }
 
 #[test]
 fn module_tree_holds_the_shared_block_once() {
     for config in [tiny(), ZambaConfig::preset("zamba-bench").unwrap()] {
-        let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &Device::flex()).unwrap();
+        let model =
+            ZambaModel::from_source(&config, &mut RandomInit::new(0), &Device::flex()).unwrap();
         assert_eq!(model.num_params() as u64, ParamCounts::of(&config).total());
     }
 }

@@ -97,12 +97,21 @@ impl Peak {
             std::hint::black_box(&mut dst);
         }
         let bandwidth_gbs = (2 * n * 4 * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
-        Self { matmul_gflops: best, bandwidth_gbs }
+        Self {
+            matmul_gflops: best,
+            bandwidth_gbs,
+        }
     }
 
     fn print(&self) {
-        println!("f32 matmul peak (best of 512³/1024³/2048³ through burn-flex gemm): {:.1} GFLOP/s", self.matmul_gflops);
-        println!("memory bandwidth (256 MB copy, read+write, one thread): {:.1} GB/s", self.bandwidth_gbs);
+        println!(
+            "f32 matmul peak (best of 512³/1024³/2048³ through burn-flex gemm): {:.1} GFLOP/s",
+            self.matmul_gflops
+        );
+        println!(
+            "memory bandwidth (256 MB copy, read+write, one thread): {:.1} GB/s",
+            self.bandwidth_gbs
+        );
     }
 }
 
@@ -117,22 +126,38 @@ fn time<F: FnMut()>(repeats: usize, mut f: F) -> Duration {
 
 fn bench_scan(a: &ScanArgs, peak: &Peak) -> Result<()> {
     if a.channels % a.groups != 0 {
-        bail!("--channels {} must be divisible by --groups {}", a.channels, a.groups);
+        bail!(
+            "--channels {} must be divisible by --groups {}",
+            a.channels,
+            a.groups
+        );
     }
     peak.print();
     let device = Device::flex();
-    let (fwd, bwd) = scan_times(&device, a.batch, a.channels, a.seq_len, a.state, a.groups, a.repeats, false);
-    let (ref_fwd, ref_bwd) = scan_times(&device, a.batch, a.channels, a.seq_len, a.state, a.groups, 1, true);
+    let (fwd, bwd) = scan_times(
+        &device, a.batch, a.channels, a.seq_len, a.state, a.groups, a.repeats, false,
+    );
+    let (ref_fwd, ref_bwd) = scan_times(
+        &device, a.batch, a.channels, a.seq_len, a.state, a.groups, 1, true,
+    );
     let (flops_f, flops_b) = zamba_kernels::scan_flops(a.batch, a.channels, a.seq_len, a.state);
-    let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(a.batch, a.channels, a.seq_len, a.state, a.groups);
-    let [flops_f, flops_b, bytes_f, bytes_b] = [flops_f, flops_b, bytes_f, bytes_b].map(|v| v as f64);
+    let (bytes_f, bytes_b) =
+        zamba_kernels::scan_bytes(a.batch, a.channels, a.seq_len, a.state, a.groups);
+    let [flops_f, flops_b, bytes_f, bytes_b] =
+        [flops_f, flops_b, bytes_f, bytes_b].map(|v| v as f64);
     println!(
         "selective_scan B={} D={} L={} N={} G={}",
         a.batch, a.channels, a.seq_len, a.state, a.groups
     );
     for (name, t, flops, bytes, reference) in [
         ("forward", fwd, flops_f, bytes_f, ref_fwd),
-        ("forward+backward", fwd + bwd, flops_f + flops_b, bytes_f + bytes_b, ref_fwd + ref_bwd),
+        (
+            "forward+backward",
+            fwd + bwd,
+            flops_f + flops_b,
+            bytes_f + bytes_b,
+            ref_fwd + ref_bwd,
+        ),
     ] {
         let secs = t.as_secs_f64();
         let roofline = (flops / (peak.matmul_gflops * 1e9)).max(bytes / (peak.bandwidth_gbs * 1e9));
@@ -163,7 +188,11 @@ fn scan_times(
     reference: bool,
 ) -> (Duration, Duration) {
     let rand = |shape: Vec<usize>, lo: f64, hi: f64| {
-        Tensor::<1>::random([shape.iter().product::<usize>()], Distribution::Uniform(lo, hi), device)
+        Tensor::<1>::random(
+            [shape.iter().product::<usize>()],
+            Distribution::Uniform(lo, hi),
+            device,
+        )
     };
     let u = rand(vec![batch, channels, len], -1.0, 1.0).reshape([batch, channels, len]);
     let delta = rand(vec![batch, channels, len], -3.0, 0.0).reshape([batch, channels, len]);
@@ -173,7 +202,11 @@ fn scan_times(
     let d = rand(vec![channels], 0.5, 1.5);
     let z = rand(vec![batch, channels, len], -1.0, 1.0).reshape([batch, channels, len]);
     let bias = rand(vec![channels], -1.0, 0.0);
-    let scan = if reference { zamba_kernels::selective_scan_reference } else { zamba_kernels::selective_scan };
+    let scan = if reference {
+        zamba_kernels::selective_scan_reference
+    } else {
+        zamba_kernels::selective_scan
+    };
     let forward = || {
         scan(
             u.clone().autodiff().require_grad(),
@@ -201,7 +234,11 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
     peak.print();
     let device = Device::flex().autodiff();
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &device)?;
-    let tokens = Tensor::<2, Int>::random([a.batch, a.seq_len + 1], Distribution::Uniform(0.0, config.vocab_size as f64), &device);
+    let tokens = Tensor::<2, Int>::random(
+        [a.batch, a.seq_len + 1],
+        Distribution::Uniform(0.0, config.vocab_size as f64),
+        &device,
+    );
     let step = || {
         let logits = model.forward(tokens.clone());
         let loss = next_token_loss(logits, tokens.clone());
@@ -230,16 +267,29 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
     );
     let scan_share = config.num_hidden_layers as f64 * (scan_f + scan_b).as_secs_f64() / step_time;
     let params = ParamCounts::of(&config).total() as f64;
-    println!("model {} ({} parameters), batch {} × seq {}", a.preset, params, a.batch, a.seq_len);
-    println!("  train step (fwd+bwd): {:.3} s  → {:.0} tokens/s", step_time, tok_s);
-    println!("  inference forward:    {:.3} s  → {:.0} tokens/s", forward_time, tokens_per_step / forward_time);
+    println!(
+        "model {} ({} parameters), batch {} × seq {}",
+        a.preset, params, a.batch, a.seq_len
+    );
+    println!(
+        "  train step (fwd+bwd): {:.3} s  → {:.0} tokens/s",
+        step_time, tok_s
+    );
+    println!(
+        "  inference forward:    {:.3} s  → {:.0} tokens/s",
+        forward_time,
+        tokens_per_step / forward_time
+    );
     println!(
         "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s = {:.1}% of the measured matmul peak",
         flops.train(),
         achieved,
         100.0 * achieved / peak.matmul_gflops
     );
-    println!("  selective scan share of the step: {:.1}%", 100.0 * scan_share);
+    println!(
+        "  selective scan share of the step: {:.1}%",
+        100.0 * scan_share
+    );
     if let Some(rss) = peak_rss_bytes() {
         println!(
             "  peak RSS {:.1} MB; params+grads+AdamW moments (16 B/param) = {:.1} MB",

@@ -63,17 +63,26 @@ pub fn save(
     let final_dir = step_dir(run_dir, state.step);
     let tmp = final_dir.with_extension("tmp");
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing the stale {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing the stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     save_hf(model, model_config, &tmp.join("model"), SaveDtype::F32)?;
     let moments: BTreeMap<String, HostTensor> = optimizer
         .moments
         .iter()
-        .flat_map(|(path, Moments { m, v })| [(format!("{path}.m"), host(m)), (format!("{path}.v"), host(v))])
+        .flat_map(|(path, Moments { m, v })| {
+            [
+                (format!("{path}.m"), host(m)),
+                (format!("{path}.v"), host(v)),
+            ]
+        })
         .collect();
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments, SaveDtype::F32)?;
-    std::fs::write(tmp.join("trainer.json"), serde_json::to_string_pretty(state)?)?;
+    std::fs::write(
+        tmp.join("trainer.json"),
+        serde_json::to_string_pretty(state)?,
+    )?;
     std::fs::write(tmp.join("config.toml"), resolved_config)?;
     sync_dir(&tmp)?;
     std::fs::write(tmp.join(COMPLETE), b"")?;
@@ -81,13 +90,18 @@ pub fn save(
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
     sync_dir(&checkpoints_dir(run_dir))?;
     Ok(final_dir)
 }
 
 fn host(t: &Tensor<1>) -> HostTensor {
-    let data = t.clone().into_data().try_to_vec::<f32>().expect("optimizer moments are f32");
+    let data = t
+        .clone()
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("optimizer moments are f32");
     HostTensor::new(vec![data.len()], data)
 }
 
@@ -106,8 +120,15 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(step) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u64>().ok()) else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(step) = name
+            .strip_prefix(PREFIX)
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
         if path.join(COMPLETE).exists() {
             found.push((step, path));
         }
@@ -124,7 +145,8 @@ pub fn prune(run_dir: &Path, keep_last: usize, keep_every: u64) -> Result<()> {
         if keep_every > 0 && step % keep_every == 0 {
             continue;
         }
-        std::fs::remove_dir_all(path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
+        std::fs::remove_dir_all(path)
+            .with_context(|| format!("removing old checkpoint {}", path.display()))?;
     }
     Ok(())
 }
@@ -154,25 +176,44 @@ pub fn load(dir: &Path, optimizer_params: AdamWParams, device: &Device) -> Resul
     }
     let (model_config, model) = zamba_model::load_hf(&dir.join("model"), device)?;
     let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?,
+        &std::fs::read_to_string(dir.join("trainer.json"))
+            .with_context(|| format!("reading {}/trainer.json", dir.display()))?,
     )
-    .with_context(|| format!("{}/trainer.json is not a valid trainer state", dir.display()))?;
+    .with_context(|| {
+        format!(
+            "{}/trainer.json is not a valid trainer state",
+            dir.display()
+        )
+    })?;
     let resolved_config = std::fs::read_to_string(dir.join("config.toml")).unwrap_or_default();
     let mut optimizer = AdamW::new(optimizer_params);
     optimizer.step = state.optimizer_step;
     optimizer.moments = load_moments(&dir.join("optimizer.safetensors"), device)?;
-    Ok(Loaded { model_config, model, optimizer, state, resolved_config })
+    Ok(Loaded {
+        model_config,
+        model,
+        optimizer,
+        state,
+        resolved_config,
+    })
 }
 
 fn load_moments(path: &Path, device: &Device) -> Result<BTreeMap<String, Moments>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let mut halves: BTreeMap<String, (Option<Tensor<1>>, Option<Tensor<1>>)> = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let n = data.len();
         let t = Tensor::<1>::from_data(TensorData::new(data, vec![n]), device);
-        let (param, which) = name.rsplit_once('.').with_context(|| format!("{}: unexpected tensor {name}", path.display()))?;
+        let (param, which) = name
+            .rsplit_once('.')
+            .with_context(|| format!("{}: unexpected tensor {name}", path.display()))?;
         let entry = halves.entry(param.to_string()).or_default();
         match which {
             "m" => entry.0 = Some(t),

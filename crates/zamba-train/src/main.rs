@@ -15,7 +15,11 @@ use zamba_train::config::RunConfig;
 use zamba_train::train::{TrainOptions, train};
 
 #[derive(Parser)]
-#[command(name = "zamba-train", version, about = "Pretrain Zamba hybrid Mamba/attention language models")]
+#[command(
+    name = "zamba-train",
+    version,
+    about = "Pretrain Zamba hybrid Mamba/attention language models"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -65,7 +69,9 @@ enum Command {
 
 fn run_train(args: TrainArgs) -> Result<()> {
     let Some(config) = args.config else {
-        anyhow::bail!("no command given: use `zamba-train --config FILE.toml` to train, or see `zamba-train --help`");
+        anyhow::bail!(
+            "no command given: use `zamba-train --config FILE.toml` to train, or see `zamba-train --help`"
+        );
     };
     if args.dry_run {
         let resolved = RunConfig::load(&config, &args.overrides)?;

@@ -27,7 +27,10 @@ pub struct AdamWParams {
 /// `decay_embeddings`).
 pub fn is_decayed(path: &str, decay_embeddings: bool) -> bool {
     let leaf = path.rsplit('.').next().unwrap_or(path);
-    let no_decay_leaf = matches!(leaf, "gamma" | "bias" | "conv_bias" | "dt_proj_bias" | "a_log" | "d_skip");
+    let no_decay_leaf = matches!(
+        leaf,
+        "gamma" | "bias" | "conv_bias" | "dt_proj_bias" | "a_log" | "d_skip"
+    );
     let is_embedding = path.starts_with("embed_tokens.");
     !no_decay_leaf && (decay_embeddings || !is_embedding)
 }
@@ -48,14 +51,30 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: AdamWParams) -> Self {
-        Self { params, step: 0, moments: BTreeMap::new() }
+        Self {
+            params,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
     }
 
     /// One update of every parameter that has a gradient, with gradients multiplied by
     /// `grad_scale` first (the clipping factor).
-    pub fn step<M: Module>(&mut self, model: M, grads: &GradientsParams, lr: f64, grad_scale: f64) -> M {
+    pub fn step<M: Module>(
+        &mut self,
+        model: M,
+        grads: &GradientsParams,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
         self.step += 1;
-        let mut mapper = UpdateMapper { opt: self, grads, lr, grad_scale, path: Vec::new() };
+        let mut mapper = UpdateMapper {
+            opt: self,
+            grads,
+            lr,
+            grad_scale,
+            path: Vec::new(),
+        };
         model.map(&mut mapper)
     }
 }
@@ -78,7 +97,9 @@ impl ModuleMapper for UpdateMapper<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(grad) = self.grads.get::<D>(param.id) else { return param };
+        let Some(grad) = self.grads.get::<D>(param.id) else {
+            return param;
+        };
         let path = self.path.join(".");
         let (id, value, mapper) = param.consume();
         let require_grad = value.is_require_grad();
@@ -96,7 +117,11 @@ impl ModuleMapper for UpdateMapper<'_> {
         let t = self.opt.step as i32;
         let bias1 = 1.0 - p.beta1.powi(t);
         let bias2 = 1.0 - p.beta2.powi(t);
-        let decay = if is_decayed(&path, p.decay_embeddings) { p.weight_decay } else { 0.0 };
+        let decay = if is_decayed(&path, p.decay_embeddings) {
+            p.weight_decay
+        } else {
+            0.0
+        };
         // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps)
         let denom = (v.clone() / bias2).sqrt() + p.eps;
         let updated = theta * (1.0 - self.lr * decay) - (m.clone() / bias1) / denom * self.lr;
@@ -128,13 +153,19 @@ pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     }
     let mut visitor = SumSquares { grads, total: None };
     model.visit(&mut visitor);
-    visitor.total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
+    visitor
+        .total
+        .map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
 }
 
 /// The factor that brings the global norm down to `max_norm` (1 when already below, or when
 /// clipping is off with `max_norm <= 0`).
 pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
 }
 
 /// Ids of all float parameters in visiting order.

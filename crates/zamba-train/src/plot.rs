@@ -70,7 +70,9 @@ impl RunMetrics {
         let mut best = BTreeMap::new();
         for e in &self.evals {
             for (source, &loss) in &e.loss {
-                best.entry(source.clone()).and_modify(|b: &mut f64| *b = b.min(loss)).or_insert(loss);
+                best.entry(source.clone())
+                    .and_modify(|b: &mut f64| *b = b.min(loss))
+                    .or_insert(loss);
             }
         }
         best
@@ -89,7 +91,8 @@ impl RunMetrics {
 /// Reads a metrics.jsonl. Errors name the file and the line; an unterminated last line (the
 /// trainer may be writing it right now) is ignored.
 pub fn read_metrics(path: &Path) -> Result<RunMetrics> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read metrics file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read metrics file {}", path.display()))?;
     parse_metrics(&text).map_err(|(line, msg)| anyhow!("{}:{line}: {msg}", path.display()))
 }
 
@@ -109,26 +112,41 @@ pub fn parse_metrics(text: &str) -> Result<RunMetrics, (usize, String)> {
             Err(_) if i + 1 == lines.len() => break,
             Err(e) => return Err((number, format!("not a JSON object: {e}"))),
         };
-        let obj = value.as_object().ok_or((number, "not a JSON object".to_owned()))?;
-        let uint = |key: &str| obj.get(key).and_then(serde_json::Value::as_u64).ok_or((number, format!("missing or non-integer `{key}`")));
+        let obj = value
+            .as_object()
+            .ok_or((number, "not a JSON object".to_owned()))?;
+        let uint = |key: &str| {
+            obj.get(key)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or((number, format!("missing or non-integer `{key}`")))
+        };
         let step = uint("step")?;
         let tokens = uint("tokens")?;
         let is_eval = match obj.get("eval") {
             None | Some(serde_json::Value::Bool(false)) => false,
             Some(serde_json::Value::Bool(true)) => true,
-            Some(other) => return Err((number, format!("`eval` must be true or false, not {other}"))),
+            Some(other) => {
+                return Err((number, format!("`eval` must be true or false, not {other}")));
+            }
         };
         if is_eval {
-            let losses = obj.get("loss").and_then(serde_json::Value::as_object).ok_or((
-                number,
-                "eval line needs `loss` as an object of source → loss, e.g. {\"web\": 3.1}".to_owned(),
-            ))?;
+            let losses = obj
+                .get("loss")
+                .and_then(serde_json::Value::as_object)
+                .ok_or((
+                    number,
+                    "eval line needs `loss` as an object of source → loss, e.g. {\"web\": 3.1}"
+                        .to_owned(),
+                ))?;
             let mut loss = BTreeMap::new();
             for (source, v) in losses {
                 match v {
                     serde_json::Value::Null => {}
                     v => {
-                        let x = v.as_f64().ok_or((number, format!("eval loss of `{source}` is {v}, not a number")))?;
+                        let x = v.as_f64().ok_or((
+                            number,
+                            format!("eval loss of `{source}` is {v}, not a number"),
+                        ))?;
                         loss.insert(source.clone(), x);
                     }
                 }
@@ -139,15 +157,27 @@ pub fn parse_metrics(text: &str) -> Result<RunMetrics, (usize, String)> {
             let opt_num = |key: &str| -> Result<Option<f64>, (usize, String)> {
                 match obj.get(key) {
                     None | Some(serde_json::Value::Null) => Ok(None),
-                    Some(v) => v.as_f64().map(Some).ok_or((number, format!("`{key}` is {v}, not a number"))),
+                    Some(v) => v
+                        .as_f64()
+                        .map(Some)
+                        .ok_or((number, format!("`{key}` is {v}, not a number"))),
                 }
             };
             if !obj.contains_key("loss") {
-                return Err((number, "step line has no `loss` (use null for a skipped step)".into()));
+                return Err((
+                    number,
+                    "step line has no `loss` (use null for a skipped step)".into(),
+                ));
             }
             let lr = opt_num("lr")?.ok_or((number, "step line has no numeric `lr`".to_owned()))?;
-            let record =
-                StepRecord { step, tokens, loss: opt_num("loss")?, lr, grad_norm: opt_num("grad_norm")?, tokens_per_sec: opt_num("tokens_per_sec")? };
+            let record = StepRecord {
+                step,
+                tokens,
+                loss: opt_num("loss")?,
+                lr,
+                grad_norm: opt_num("grad_norm")?,
+                tokens_per_sec: opt_num("tokens_per_sec")?,
+            };
             metrics.steps.retain(|s| s.step < step);
             metrics.steps.push(record);
         }
@@ -157,7 +187,11 @@ pub fn parse_metrics(text: &str) -> Result<RunMetrics, (usize, String)> {
 
 /// The metrics file of a run directory (or the path itself if it is a file).
 pub fn metrics_path(run: &Path) -> PathBuf {
-    if run.is_file() { run.to_path_buf() } else { run.join(METRICS_FILE) }
+    if run.is_file() {
+        run.to_path_buf()
+    } else {
+        run.join(METRICS_FILE)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -188,10 +222,18 @@ enum Format {
 }
 
 fn format_of(out: &Path) -> Result<Format> {
-    match out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("png") => Ok(Format::Png),
         Some("svg") => Ok(Format::Svg),
-        _ => bail!("{}: unsupported image type; use a .png or .svg file name", out.display()),
+        _ => bail!(
+            "{}: unsupported image type; use a .png or .svg file name",
+            out.display()
+        ),
     }
 }
 
@@ -201,14 +243,19 @@ fn register_fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // DejaVu is a valid TrueType font, so registration cannot fail; a plot without text would still be drawn.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
     });
 }
 
 fn prepare_output(out: &Path) -> Result<Format> {
     let format = format_of(out)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     register_fonts();
     Ok(format)
@@ -224,7 +271,10 @@ pub fn plot_runs(dirs: &[PathBuf], out: &Path) -> Result<()> {
         let path = metrics_path(dir);
         let metrics = read_metrics(&path)?;
         if metrics.steps.is_empty() && metrics.evals.is_empty() {
-            bail!("{}: no metrics yet (the file has no step or eval lines)", path.display());
+            bail!(
+                "{}: no metrics yet (the file has no step or eval lines)",
+                path.display()
+            );
         }
         runs.push((run_label(dir, dirs), metrics));
     }
@@ -239,11 +289,33 @@ pub fn plot_runs(dirs: &[PathBuf], out: &Path) -> Result<()> {
 
 /// A short, unique label per run: the directory name, or the whole path when names repeat.
 fn run_label(dir: &Path, all: &[PathBuf]) -> String {
-    let dir = if dir.is_file() { dir.parent().unwrap_or(dir) } else { dir };
-    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+    let dir = if dir.is_file() {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string())
+    };
     let mine = name(dir);
-    let clashes = all.iter().filter(|d| name(if d.is_file() { d.parent().unwrap_or(d) } else { d }) == mine).count() > 1;
-    if clashes { dir.display().to_string() } else { mine }
+    let clashes = all
+        .iter()
+        .filter(|d| {
+            name(if d.is_file() {
+                d.parent().unwrap_or(d)
+            } else {
+                d
+            }) == mine
+        })
+        .count()
+        > 1;
+    if clashes {
+        dir.display().to_string()
+    } else {
+        mine
+    }
 }
 
 fn run_color(i: usize) -> RGBColor {
@@ -262,11 +334,19 @@ fn run_color(i: usize) -> RGBColor {
 
 /// (min, max) of the values with a small margin; a flat or empty series still gets a range.
 fn range_of(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.05 * lo.abs().max(1e-12) };
+    let pad = if hi > lo {
+        0.05 * (hi - lo)
+    } else {
+        0.05 * lo.abs().max(1e-12)
+    };
     (lo - pad, hi + pad)
 }
 
@@ -276,21 +356,38 @@ fn tokens_label(x: &f64) -> String {
 
 type DrawResult = Result<()>;
 
-fn plot_err<E: std::error::Error + Send + Sync + 'static>(e: DrawingAreaErrorKind<E>) -> anyhow::Error {
+fn plot_err<E: std::error::Error + Send + Sync + 'static>(
+    e: DrawingAreaErrorKind<E>,
+) -> anyhow::Error {
     anyhow!("{e}")
 }
 
-fn draw_runs<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[(String, RunMetrics)]) -> DrawResult
+fn draw_runs<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    runs: &[(String, RunMetrics)],
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((3, 1));
-    let max_tokens = runs.iter().flat_map(|(_, m)| m.steps.iter().map(|s| s.tokens).chain(m.evals.iter().map(|e| e.tokens))).max().unwrap_or(1);
+    let max_tokens = runs
+        .iter()
+        .flat_map(|(_, m)| {
+            m.steps
+                .iter()
+                .map(|s| s.tokens)
+                .chain(m.evals.iter().map(|e| e.tokens))
+        })
+        .max()
+        .unwrap_or(1);
     let x_range = 0.0..(max_tokens.max(1) as f64 * 1.02);
 
     // Train loss.
-    let (lo, hi) = range_of(runs.iter().flat_map(|(_, m)| m.steps.iter().filter_map(|s| s.loss)));
+    let (lo, hi) = range_of(
+        runs.iter()
+            .flat_map(|(_, m)| m.steps.iter().filter_map(|s| s.loss)),
+    );
     let mut chart = ChartBuilder::on(&panels[0])
         .caption("train loss", ("sans-serif", 24))
         .margin(12)
@@ -298,26 +395,50 @@ where
         .y_label_area_size(70)
         .build_cartesian_2d(x_range.clone(), lo..hi)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc("tokens").y_desc("loss").x_label_formatter(&tokens_label).draw().map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens")
+        .y_desc("loss")
+        .x_label_formatter(&tokens_label)
+        .draw()
+        .map_err(plot_err)?;
     for (i, (label, m)) in runs.iter().enumerate() {
         let color = run_color(i);
-        let points: Vec<(f64, f64)> = m.steps.iter().filter_map(|s| s.loss.map(|l| (s.tokens as f64, l))).collect();
+        let points: Vec<(f64, f64)> = m
+            .steps
+            .iter()
+            .filter_map(|s| s.loss.map(|l| (s.tokens as f64, l)))
+            .collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(plot_err)?
             .label(label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
 
     // Held-out loss per source: one color per run, one marker per source.
     let sources: Vec<String> = {
-        let mut s: Vec<String> = runs.iter().flat_map(|(_, m)| m.evals.iter().flat_map(|e| e.loss.keys().cloned())).collect();
+        let mut s: Vec<String> = runs
+            .iter()
+            .flat_map(|(_, m)| m.evals.iter().flat_map(|e| e.loss.keys().cloned()))
+            .collect();
         s.sort();
         s.dedup();
         s
     };
-    let (lo, hi) = range_of(runs.iter().flat_map(|(_, m)| m.evals.iter().flat_map(|e| e.loss.values().copied())));
+    let (lo, hi) = range_of(
+        runs.iter()
+            .flat_map(|(_, m)| m.evals.iter().flat_map(|e| e.loss.values().copied())),
+    );
     // Headroom above the curves for the legend (one row per run and source).
     let hi = hi + (hi - lo) * (0.08 * (runs.len() * sources.len()) as f64).min(0.6);
     let mut chart = ChartBuilder::on(&panels[1])
@@ -327,18 +448,36 @@ where
         .y_label_area_size(70)
         .build_cartesian_2d(x_range.clone(), lo..hi)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc("tokens").y_desc("loss").x_label_formatter(&tokens_label).draw().map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens")
+        .y_desc("loss")
+        .x_label_formatter(&tokens_label)
+        .draw()
+        .map_err(plot_err)?;
     if sources.is_empty() {
-        panels[1].draw(&Text::new("no evaluations yet", (520, 240), ("sans-serif", 20))).map_err(plot_err)?;
+        panels[1]
+            .draw(&Text::new(
+                "no evaluations yet",
+                (520, 240),
+                ("sans-serif", 20),
+            ))
+            .map_err(plot_err)?;
     }
     for (i, (label, m)) in runs.iter().enumerate() {
         let color = run_color(i);
         for (k, source) in sources.iter().enumerate() {
-            let points: Vec<(f64, f64)> = m.evals.iter().filter_map(|e| e.loss.get(source).map(|&l| (e.tokens as f64, l))).collect();
+            let points: Vec<(f64, f64)> = m
+                .evals
+                .iter()
+                .filter_map(|e| e.loss.get(source).map(|&l| (e.tokens as f64, l)))
+                .collect();
             if points.is_empty() {
                 continue;
             }
-            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2))).map_err(plot_err)?;
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(plot_err)?;
             let name = format!("{label} · {source}");
             // One marker shape per source (the color says which run).
             match k % 3 {
@@ -351,14 +490,22 @@ where
                 }
                 1 => {
                     chart
-                        .draw_series(points.iter().map(|&p| TriangleMarker::new(p, 6, color.filled())))
+                        .draw_series(
+                            points
+                                .iter()
+                                .map(|&p| TriangleMarker::new(p, 6, color.filled())),
+                        )
                         .map_err(plot_err)?
                         .label(name)
                         .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, color.filled()));
                 }
                 _ => {
                     chart
-                        .draw_series(points.iter().map(|&p| Cross::new(p, 5, color.stroke_width(2))))
+                        .draw_series(
+                            points
+                                .iter()
+                                .map(|&p| Cross::new(p, 5, color.stroke_width(2))),
+                        )
                         .map_err(plot_err)?
                         .label(name)
                         .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
@@ -367,7 +514,13 @@ where
         }
     }
     if !sources.is_empty() {
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
     }
 
     // Learning rate.
@@ -394,9 +547,17 @@ where
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(plot_err)?
             .label(label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -410,13 +571,25 @@ pub fn plot_schedule(schedule: &ScheduleConfig, total_steps: usize, out: &Path) 
     let format = prepare_output(out)?;
     let size = (1000, 500);
     let result = match format {
-        Format::Png => draw_schedule(BitMapBackend::new(out, size).into_drawing_area(), schedule, total_steps),
-        Format::Svg => draw_schedule(SVGBackend::new(out, size).into_drawing_area(), schedule, total_steps),
+        Format::Png => draw_schedule(
+            BitMapBackend::new(out, size).into_drawing_area(),
+            schedule,
+            total_steps,
+        ),
+        Format::Svg => draw_schedule(
+            SVGBackend::new(out, size).into_drawing_area(),
+            schedule,
+            total_steps,
+        ),
     };
     result.with_context(|| format!("drawing {}", out.display()))
 }
 
-fn draw_schedule<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, schedule: &ScheduleConfig, total: usize) -> DrawResult
+fn draw_schedule<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    schedule: &ScheduleConfig,
+    total: usize,
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
@@ -425,11 +598,17 @@ where
     steps.extend([schedule.peak_step().min(total - 1), total - 1]);
     steps.sort_unstable();
     steps.dedup();
-    let points: Vec<(f64, f64)> = steps.iter().map(|&s| (s as f64, schedule.lr(s, total))).collect();
+    let points: Vec<(f64, f64)> = steps
+        .iter()
+        .map(|&s| (s as f64, schedule.lr(s, total)))
+        .collect();
     let (_, hi) = range_of(points.iter().map(|p| p.1));
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("LR schedule: {} over {total} steps", schedule.kind()), ("sans-serif", 24))
+        .caption(
+            format!("LR schedule: {} over {total} steps", schedule.kind()),
+            ("sans-serif", 24),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -443,9 +622,17 @@ where
         .y_label_formatter(&|y| format!("{y:.1e}"))
         .draw()
         .map_err(plot_err)?;
-    chart.draw_series(LineSeries::new(points, run_color(0).stroke_width(2))).map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(points, run_color(0).stroke_width(2)))
+        .map_err(plot_err)?;
     let peak = schedule.peak_step().min(total - 1);
-    chart.draw_series(std::iter::once(Circle::new((peak as f64, schedule.lr(peak, total)), 5, run_color(3).filled()))).map_err(plot_err)?;
+    chart
+        .draw_series(std::iter::once(Circle::new(
+            (peak as f64, schedule.lr(peak, total)),
+            5,
+            run_color(3).filled(),
+        )))
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -193,7 +193,11 @@ impl ScheduleConfig {
         match self {
             ScheduleConfig::Constant(c) => {
                 let w = c.warmup_steps;
-                if s < w { warmup(s, w, c.lr / w as f64, c.lr) } else { c.lr }
+                if s < w {
+                    warmup(s, w, c.lr / w as f64, c.lr)
+                } else {
+                    c.lr
+                }
             }
             ScheduleConfig::Cosine(c) => {
                 let w = c.warmup_steps;
@@ -208,11 +212,14 @@ impl ScheduleConfig {
                     return warmup(s, w, c.peak_lr / w as f64, c.peak_lr);
                 }
                 // The decay's first point (p = 0, the peak) is the step before its `d` decayed steps.
-                let from = last.saturating_sub(c.decay_len(total_steps)).max(peak_step(w));
+                let from = last
+                    .saturating_sub(c.decay_len(total_steps))
+                    .max(peak_step(w));
                 if s <= from {
                     c.peak_lr
                 } else {
-                    c.decay_shape.lr(progress(s, from, last), c.peak_lr, c.min_lr)
+                    c.decay_shape
+                        .lr(progress(s, from, last), c.peak_lr, c.min_lr)
                 }
             }
             ScheduleConfig::Anneal(c) => {
@@ -222,8 +229,12 @@ impl ScheduleConfig {
                 }
                 let from = peak_step(w);
                 match c.decay {
-                    AnnealDecay::Linear => DecayShape::Linear.lr(progress(s, from, last), c.peak_lr, c.final_lr),
-                    AnnealDecay::Cosine => DecayShape::Cosine.lr(progress(s, from, last), c.peak_lr, c.final_lr),
+                    AnnealDecay::Linear => {
+                        DecayShape::Linear.lr(progress(s, from, last), c.peak_lr, c.final_lr)
+                    }
+                    AnnealDecay::Cosine => {
+                        DecayShape::Cosine.lr(progress(s, from, last), c.peak_lr, c.final_lr)
+                    }
                     AnnealDecay::Exponential => {
                         let (k, big_k) = ((s - from) as f64, (last.saturating_sub(from)) as f64);
                         if big_k == 0.0 {
@@ -273,16 +284,28 @@ impl ScheduleConfig {
 
     /// Rejects schedules that cannot be what the user meant in a run of `total_steps` steps.
     pub fn validate(&self, total_steps: usize) -> Result<(), ScheduleError> {
-        let err = |field: &str, message: String| Err(ScheduleError { field: field.to_owned(), message });
+        let err = |field: &str, message: String| {
+            Err(ScheduleError {
+                field: field.to_owned(),
+                message,
+            })
+        };
         let lr_ok = |field: &str, v: f64, positive: bool| -> Result<(), ScheduleError> {
             if !v.is_finite() || v < 0.0 || (positive && v == 0.0) {
-                let want = if positive { "a finite number > 0" } else { "a finite number >= 0" };
+                let want = if positive {
+                    "a finite number > 0"
+                } else {
+                    "a finite number >= 0"
+                };
                 return err(field, format!("is {v}; expected {want}"));
             }
             Ok(())
         };
         if total_steps == 0 {
-            return err("kind", "the run has 0 steps (train.steps must be > 0)".into());
+            return err(
+                "kind",
+                "the run has 0 steps (train.steps must be > 0)".into(),
+            );
         }
         let w = self.warmup_steps();
         let decays = !matches!(self, ScheduleConfig::Constant(_));
@@ -291,7 +314,11 @@ impl ScheduleConfig {
                 "warmup_steps",
                 format!(
                     "is {w} but the run has {total_steps} steps (train.steps); the warmup must end before the last step{}",
-                    if decays { " so the decay can reach its final LR" } else { "" }
+                    if decays {
+                        " so the decay can reach its final LR"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
@@ -301,29 +328,59 @@ impl ScheduleConfig {
                 lr_ok("peak_lr", c.peak_lr, true)?;
                 lr_ok("min_lr", c.min_lr, false)?;
                 if c.min_lr > c.peak_lr {
-                    return err("min_lr", format!("({}) is above peak_lr ({}); a decay must go down", c.min_lr, c.peak_lr));
+                    return err(
+                        "min_lr",
+                        format!(
+                            "({}) is above peak_lr ({}); a decay must go down",
+                            c.min_lr, c.peak_lr
+                        ),
+                    );
                 }
             }
             ScheduleConfig::Wsd(c) => {
                 lr_ok("peak_lr", c.peak_lr, true)?;
                 lr_ok("min_lr", c.min_lr, false)?;
                 if c.min_lr > c.peak_lr {
-                    return err("min_lr", format!("({}) is above peak_lr ({}); a decay must go down", c.min_lr, c.peak_lr));
+                    return err(
+                        "min_lr",
+                        format!(
+                            "({}) is above peak_lr ({}); a decay must go down",
+                            c.min_lr, c.peak_lr
+                        ),
+                    );
                 }
                 match (c.decay_steps, c.decay_fraction) {
-                    (Some(_), Some(_)) => return err("decay_fraction", "give either decay_steps or decay_fraction, not both".into()),
-                    (None, None) => return err("decay_steps", "missing: give decay_steps or decay_fraction (the decay's length)".into()),
-                    (None, Some(f)) if !(f > 0.0 && f <= 1.0) => {
-                        return err("decay_fraction", format!("is {f}; expected a fraction in (0, 1]"));
+                    (Some(_), Some(_)) => {
+                        return err(
+                            "decay_fraction",
+                            "give either decay_steps or decay_fraction, not both".into(),
+                        );
                     }
-                    (Some(0), None) => return err("decay_steps", "is 0; expected at least 1 step".into()),
+                    (None, None) => {
+                        return err(
+                            "decay_steps",
+                            "missing: give decay_steps or decay_fraction (the decay's length)"
+                                .into(),
+                        );
+                    }
+                    (None, Some(f)) if !(f > 0.0 && f <= 1.0) => {
+                        return err(
+                            "decay_fraction",
+                            format!("is {f}; expected a fraction in (0, 1]"),
+                        );
+                    }
+                    (Some(0), None) => {
+                        return err("decay_steps", "is 0; expected at least 1 step".into());
+                    }
                     _ => {}
                 }
                 let d = c.decay_len(total_steps);
                 if d + w > total_steps {
                     return err(
                         "decay_steps",
-                        format!("warmup ({w}) + decay ({d}) steps exceed the run's {total_steps} steps (train.steps)"),
+                        format!(
+                            "warmup ({w}) + decay ({d}) steps exceed the run's {total_steps} steps (train.steps)"
+                        ),
                     );
                 }
                 if c.decay_shape == DecayShape::Exponential && c.min_lr <= 0.0 {
@@ -335,35 +392,68 @@ impl ScheduleConfig {
                 lr_ok("peak_lr", c.peak_lr, true)?;
                 lr_ok("final_lr", c.final_lr, false)?;
                 if c.final_lr > c.peak_lr {
-                    return err("final_lr", format!("({}) is above peak_lr ({}); a decay must go down", c.final_lr, c.peak_lr));
+                    return err(
+                        "final_lr",
+                        format!(
+                            "({}) is above peak_lr ({}); a decay must go down",
+                            c.final_lr, c.peak_lr
+                        ),
+                    );
                 }
                 if c.start_lr > c.peak_lr {
-                    return err("start_lr", format!("({}) is above peak_lr ({}); the re-warm must go up", c.start_lr, c.peak_lr));
+                    return err(
+                        "start_lr",
+                        format!(
+                            "({}) is above peak_lr ({}); the re-warm must go up",
+                            c.start_lr, c.peak_lr
+                        ),
+                    );
                 }
                 if w < 2 && c.start_lr != c.peak_lr {
                     return err(
                         "warmup_steps",
-                        format!("is {w}; a re-warm from start_lr to peak_lr needs at least 2 steps (or set start_lr = peak_lr)"),
+                        format!(
+                            "is {w}; a re-warm from start_lr to peak_lr needs at least 2 steps (or set start_lr = peak_lr)"
+                        ),
                     );
                 }
                 match (c.decay, c.half_life_steps, c.decay_rate) {
                     (AnnealDecay::Exponential, Some(_), Some(_)) => {
-                        return err("decay_rate", "give either half_life_steps or decay_rate, not both".into());
+                        return err(
+                            "decay_rate",
+                            "give either half_life_steps or decay_rate, not both".into(),
+                        );
                     }
                     (AnnealDecay::Exponential, None, None) => {
-                        return err("half_life_steps", "missing: decay = \"exponential\" needs half_life_steps or decay_rate".into());
+                        return err(
+                            "half_life_steps",
+                            "missing: decay = \"exponential\" needs half_life_steps or decay_rate"
+                                .into(),
+                        );
                     }
                     (AnnealDecay::Exponential, Some(h), None) if !(h.is_finite() && h > 0.0) => {
-                        return err("half_life_steps", format!("is {h}; expected a number of steps > 0"));
+                        return err(
+                            "half_life_steps",
+                            format!("is {h}; expected a number of steps > 0"),
+                        );
                     }
                     (AnnealDecay::Exponential, None, Some(r)) if !(r > 0.0 && r < 1.0) => {
-                        return err("decay_rate", format!("is {r}; expected a per-step factor in (0, 1)"));
+                        return err(
+                            "decay_rate",
+                            format!("is {r}; expected a per-step factor in (0, 1)"),
+                        );
                     }
                     (AnnealDecay::Linear | AnnealDecay::Cosine, Some(_), _) => {
-                        return err("half_life_steps", "only applies to decay = \"exponential\"".into());
+                        return err(
+                            "half_life_steps",
+                            "only applies to decay = \"exponential\"".into(),
+                        );
                     }
                     (AnnealDecay::Linear | AnnealDecay::Cosine, _, Some(_)) => {
-                        return err("decay_rate", "only applies to decay = \"exponential\"".into());
+                        return err(
+                            "decay_rate",
+                            "only applies to decay = \"exponential\"".into(),
+                        );
                     }
                     _ => {}
                 }
@@ -378,7 +468,12 @@ impl ScheduleConfig {
         let total = total_steps.max(1);
         let last = total - 1;
         let mut out = String::new();
-        let _ = writeln!(out, "LR schedule: {} over {total} steps, warmup {} steps", self.describe(), self.warmup_steps());
+        let _ = writeln!(
+            out,
+            "LR schedule: {} over {total} steps, warmup {} steps",
+            self.describe(),
+            self.warmup_steps()
+        );
         let mut points: Vec<(String, usize)> = vec![("first step".into(), 0)];
         if self.warmup_steps() > 1 {
             points.push(("end of warmup".into(), self.peak_step().min(last)));
@@ -389,26 +484,52 @@ impl ScheduleConfig {
         points.push(("last step".into(), last));
         points.sort_by_key(|(_, s)| *s);
         for (label, step) in points {
-            let _ = writeln!(out, "  {label:<14} step {step:>9}  lr {:.6e}", self.lr(step, total));
+            let _ = writeln!(
+                out,
+                "  {label:<14} step {step:>9}  lr {:.6e}",
+                self.lr(step, total)
+            );
         }
-        let (peak_at, peak) = (0..total).map(|s| (s, self.lr(s, total))).fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+        let (peak_at, peak) = (0..total)
+            .map(|s| (s, self.lr(s, total)))
+            .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
         let _ = writeln!(out, "  {:<14} step {peak_at:>9}  lr {peak:.6e}", "peak");
         out
     }
 
     fn describe(&self) -> String {
-        let lr = |x: f64| if x == 0.0 { "0".to_owned() } else { format!("{x:e}") };
+        let lr = |x: f64| {
+            if x == 0.0 {
+                "0".to_owned()
+            } else {
+                format!("{x:e}")
+            }
+        };
         match self {
             ScheduleConfig::Constant(c) => format!("constant lr {}", lr(c.lr)),
             ScheduleConfig::Cosine(c) => format!("cosine {} → {}", lr(c.peak_lr), lr(c.min_lr)),
-            ScheduleConfig::Wsd(c) => format!("wsd {} → {} ({:?} decay)", lr(c.peak_lr), lr(c.min_lr), c.decay_shape),
+            ScheduleConfig::Wsd(c) => format!(
+                "wsd {} → {} ({:?} decay)",
+                lr(c.peak_lr),
+                lr(c.min_lr),
+                c.decay_shape
+            ),
             ScheduleConfig::Anneal(c) => {
                 let decay = match (c.decay, c.half_life_steps, c.decay_rate) {
-                    (AnnealDecay::Exponential, Some(h), _) => format!("exponential decay, half-life {h} steps"),
-                    (AnnealDecay::Exponential, None, Some(r)) => format!("exponential decay, rate {r}/step"),
+                    (AnnealDecay::Exponential, Some(h), _) => {
+                        format!("exponential decay, half-life {h} steps")
+                    }
+                    (AnnealDecay::Exponential, None, Some(r)) => {
+                        format!("exponential decay, rate {r}/step")
+                    }
                     (d, _, _) => format!("{d:?} decay"),
                 };
-                format!("anneal {} → {} → {} ({decay})", lr(c.start_lr), lr(c.peak_lr), lr(c.final_lr))
+                format!(
+                    "anneal {} → {} → {} ({decay})",
+                    lr(c.start_lr),
+                    lr(c.peak_lr),
+                    lr(c.final_lr)
+                )
             }
         }
     }

@@ -19,8 +19,8 @@ use zamba_model::params::FlopsPerToken;
 use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::RunConfig;
 use crate::config::Device as DeviceChoice;
+use crate::config::RunConfig;
 use crate::optim::{AdamW, AdamWParams, clip_factor, global_grad_norm};
 use crate::plot::METRICS_FILE;
 
@@ -53,7 +53,8 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         );
     }
     let run_dir = config.run.dir.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
     if let Some(threads) = config.runtime.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -75,7 +76,12 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
     };
     let start = starting_point(&config, opts, &model_config, adamw, &device)?;
     eprintln!("{}", start.description);
-    let Start { mut model, mut optimizer, state, .. } = start;
+    let Start {
+        mut model,
+        mut optimizer,
+        state,
+        ..
+    } = start;
 
     // ---- data ----------------------------------------------------------------------------
     let data = config.resolve_data()?;
@@ -171,7 +177,9 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         progress.set_position(state.step);
         progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
 
-        if config.eval.every > 0 && (state.step % config.eval.every as u64 == 0 || state.step == steps) {
+        if config.eval.every > 0
+            && (state.step % config.eval.every as u64 == 0 || state.step == steps)
+        {
             let losses = evaluate(&model, &loader, config.eval.batches, micro, &device)?;
             if !losses.is_empty() {
                 let text: Vec<String> = losses.iter().map(|(s, l)| format!("{s} {l:.4}")).collect();
@@ -184,13 +192,26 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         let interrupted = stop.swap(false, Ordering::SeqCst);
         let every = config.checkpoint.every as u64;
         if interrupted || state.step == steps || (every > 0 && state.step % every == 0) {
-            let dir = checkpoint::save(&run_dir, &model, &model_config, &optimizer, &state, &resolved)?;
-            checkpoint::prune(&run_dir, config.checkpoint.keep_last, config.checkpoint.keep_every as u64)?;
+            let dir = checkpoint::save(
+                &run_dir,
+                &model,
+                &model_config,
+                &optimizer,
+                &state,
+                &resolved,
+            )?;
+            checkpoint::prune(
+                &run_dir,
+                config.checkpoint.keep_last,
+                config.checkpoint.keep_every as u64,
+            )?;
             progress.println(format!("step {step}: checkpoint {}", dir.display()));
         }
         if interrupted {
             progress.abandon_with_message("interrupted");
-            eprintln!("interrupted after step {step}: checkpoint written; run the same command to resume");
+            eprintln!(
+                "interrupted after step {step}: checkpoint written; run the same command to resume"
+            );
             return Ok(());
         }
     }
@@ -217,7 +238,8 @@ fn stop_flag() -> Result<&'static AtomicBool> {
         return Ok(flag);
     }
     let flag: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the SIGINT/SIGTERM handler")?;
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the SIGINT/SIGTERM handler")?;
     Ok(STOP.get_or_init(|| flag))
 }
 
@@ -226,9 +248,13 @@ fn make_device(choice: DeviceChoice) -> Result<Device> {
         DeviceChoice::Cpu => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(i) => {
-            let found = Device::enumerate(burn::tensor::DeviceType::Cuda).into_vec().len();
+            let found = Device::enumerate(burn::tensor::DeviceType::Cuda)
+                .into_vec()
+                .len();
             if i >= found {
-                bail!("runtime.device = \"cuda:{i}\" but this machine has {found} CUDA device(s) visible");
+                bail!(
+                    "runtime.device = \"cuda:{i}\" but this machine has {found} CUDA device(s) visible"
+                );
             }
             Ok(Device::cuda(i))
         }
@@ -261,7 +287,12 @@ fn starting_point(
             loaded.state.step,
             loaded.state.tokens
         );
-        return Ok(Start { model: loaded.model, optimizer: loaded.optimizer, state: Some(loaded.state), description });
+        return Ok(Start {
+            model: loaded.model,
+            optimizer: loaded.optimizer,
+            state: Some(loaded.state),
+            description,
+        });
     }
     if let Some(init) = &config.init {
         let from = &init.from;
@@ -282,7 +313,12 @@ fn starting_point(
                 from.display(),
                 loaded.state.step
             );
-            return Ok(Start { model: loaded.model, optimizer, state: None, description });
+            return Ok(Start {
+                model: loaded.model,
+                optimizer,
+                state: None,
+                description,
+            });
         }
         if init.load_optimizer {
             bail!(
@@ -297,11 +333,21 @@ fn starting_point(
             "initialised from transformers checkpoint {}: model weights only; fresh optimizer, step 0, this config's schedule and data",
             from.display()
         );
-        return Ok(Start { model, optimizer: AdamW::new(adamw), state: None, description });
+        return Ok(Start {
+            model,
+            optimizer: AdamW::new(adamw),
+            state: None,
+            description,
+        });
     }
-    let model = ZambaModel::from_source(model_config, &mut RandomInit::new(config.run.seed), device)?;
+    let model =
+        ZambaModel::from_source(model_config, &mut RandomInit::new(config.run.seed), device)?;
     Ok(Start {
-        description: format!("fresh model: {} parameters, initialised with seed {}", model.num_params(), config.run.seed),
+        description: format!(
+            "fresh model: {} parameters, initialised with seed {}",
+            model.num_params(),
+            config.run.seed
+        ),
         model,
         optimizer: AdamW::new(adamw),
         state: None,
@@ -343,10 +389,18 @@ fn ensure_same_model(loaded: &ZambaConfig, configured: &ZambaConfig, source: &Pa
 }
 
 /// Rows `[start, start + rows)` of the batch as `[rows, seq_len]` input and target tensors.
-fn micro_batch(batch: &Batch, start: usize, rows: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+fn micro_batch(
+    batch: &Batch,
+    start: usize,
+    rows: usize,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let l = batch.seq_len;
     let take = |v: &[u32]| {
-        let ids: Vec<i64> = v[start * l..(start + rows) * l].iter().map(|&t| t as i64).collect();
+        let ids: Vec<i64> = v[start * l..(start + rows) * l]
+            .iter()
+            .map(|&t| t as i64)
+            .collect();
         Tensor::<2, Int>::from_data(TensorData::new(ids, vec![rows, l]), device)
     };
     (take(&batch.inputs), take(&batch.targets))
@@ -355,7 +409,9 @@ fn micro_batch(batch: &Batch, start: usize, rows: usize, device: &Device) -> (Te
 /// Why the update of a step must be skipped, if it must.
 fn skip_reason(loss: f64, grad_norm: f64, window: &[f64], config: &RunConfig) -> Option<String> {
     if !loss.is_finite() || !grad_norm.is_finite() {
-        return Some(format!("non-finite loss {loss} or gradient norm {grad_norm}"));
+        return Some(format!(
+            "non-finite loss {loss} or gradient norm {grad_norm}"
+        ));
     }
     let threshold = config.train.spike_zscore?;
     if window.len() < config.train.spike_window.max(2) {
@@ -365,7 +421,12 @@ fn skip_reason(loss: f64, grad_norm: f64, window: &[f64], config: &RunConfig) ->
     let mean = window.iter().sum::<f64>() / n;
     let std = (window.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
     let z = (loss - mean) / std.max(1e-12);
-    (z > threshold).then(|| format!("loss spike: {loss:.4} is {z:.1} standard deviations above the last {} steps", window.len()))
+    (z > threshold).then(|| {
+        format!(
+            "loss spike: {loss:.4} is {z:.1} standard deviations above the last {} steps",
+            window.len()
+        )
+    })
 }
 
 fn push_window(window: &mut Vec<f64>, loss: f64, size: usize) {
@@ -395,7 +456,8 @@ fn evaluate(
         for batch in loader.validation(&source, rows)?.take(batches) {
             let batch = batch?;
             let (inputs, targets) = micro_batch(&batch, 0, batch.rows, &device);
-            total += cross_entropy(model.forward(inputs), targets).into_scalar::<f32>() as f64 * batch.rows as f64;
+            total += cross_entropy(model.forward(inputs), targets).into_scalar::<f32>() as f64
+                * batch.rows as f64;
             count += batch.rows;
         }
         if count > 0 {
@@ -406,11 +468,17 @@ fn evaluate(
 }
 
 fn progress_bar(enabled: bool, steps: u64, position: u64) -> ProgressBar {
-    let bar = if enabled { ProgressBar::new(steps) } else { ProgressBar::hidden() };
+    let bar = if enabled {
+        ProgressBar::new(steps)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_position(position);
     bar
@@ -426,7 +494,8 @@ struct MetricsLog {
 impl MetricsLog {
     fn open(path: &Path, resume_step: u64) -> Result<Self> {
         if path.exists() {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let kept: Vec<&str> = text
                 .lines()
                 .filter(|line| {

@@ -17,10 +17,16 @@ struct Toy {
 fn toy(device: &Device) -> Toy {
     Toy {
         linear: Linear {
-            weight: Param::from_tensor(Tensor::from_data(TensorData::new(vec![1.0f32, -2.0, 0.5, 3.0], vec![2, 2]), device)),
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![1.0f32, -2.0, 0.5, 3.0], vec![2, 2]),
+                device,
+            )),
             bias: None,
         },
-        gamma: Param::from_tensor(Tensor::from_data(TensorData::new(vec![2.0f32, -1.0], vec![2]), device)),
+        gamma: Param::from_tensor(Tensor::from_data(
+            TensorData::new(vec![2.0f32, -1.0], vec![2]),
+            device,
+        )),
     }
 }
 
@@ -37,10 +43,22 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 #[test]
 fn decay_groups_exclude_norms_biases_a_log_d_and_optionally_embeddings() {
-    for path in ["layers.0.input_layernorm.gamma", "layers.3.mamba.conv_bias", "layers.3.mamba.dt_proj_bias", "layers.3.mamba.a_log", "layers.3.mamba.d_skip", "shared.q_proj.bias"] {
+    for path in [
+        "layers.0.input_layernorm.gamma",
+        "layers.3.mamba.conv_bias",
+        "layers.3.mamba.dt_proj_bias",
+        "layers.3.mamba.a_log",
+        "layers.3.mamba.d_skip",
+        "shared.q_proj.bias",
+    ] {
         assert!(!is_decayed(path, true), "{path}");
     }
-    for path in ["layers.3.mamba.in_proj.weight", "layers.3.mamba.x_proj_weight", "shared.q_proj.weight", "layers.2.hybrid_linear.weight"] {
+    for path in [
+        "layers.3.mamba.in_proj.weight",
+        "layers.3.mamba.x_proj_weight",
+        "shared.q_proj.weight",
+        "layers.2.hybrid_linear.weight",
+    ] {
         assert!(is_decayed(path, false), "{path}");
     }
     assert!(is_decayed("embed_tokens.weight", true));
@@ -52,7 +70,13 @@ fn adamw_step_matches_the_formula_with_and_without_decay() {
     let device = Device::flex().autodiff();
     let model = toy(&device);
     let grads = grads_of(&model, &device);
-    let p = AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false };
+    let p = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        decay_embeddings: false,
+    };
     let mut opt = AdamW::new(p);
     let (lr, scale) = (0.01, 0.5);
     let model = opt.step(model, &grads, lr, scale);
@@ -68,13 +92,19 @@ fn adamw_step_matches_the_formula_with_and_without_decay() {
     let gamma = [2.0, -1.0];
     for (i, got) in w.iter().enumerate() {
         let want = expect(w0[i], gamma[i % 2], 0.1);
-        assert!((*got as f64 - want).abs() < 1e-6, "weight {i}: {got} vs {want}");
+        assert!(
+            (*got as f64 - want).abs() < 1e-6,
+            "weight {i}: {got} vs {want}"
+        );
     }
     let g = values(model.gamma.val());
     let g_grad = [1.0 + 0.5, -2.0 + 3.0];
     for (j, got) in g.iter().enumerate() {
         let want = expect(gamma[j], g_grad[j], 0.0); // "gamma": no decay
-        assert!((*got as f64 - want).abs() < 1e-6, "gamma {j}: {got} vs {want}");
+        assert!(
+            (*got as f64 - want).abs() < 1e-6,
+            "gamma {j}: {got} vs {want}"
+        );
     }
     assert_eq!(opt.step, 1);
     assert_eq!(opt.moments.len(), 2);
@@ -100,24 +130,41 @@ fn two_micro_batches_of_b_equal_one_batch_of_2b() {
     let device = Device::flex().autodiff();
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(4), &device).unwrap();
     device.seed(9);
-    let tokens = Tensor::<2, Int>::random([4, 17], Distribution::Uniform(0.0, config.vocab_size as f64), &device);
+    let tokens = Tensor::<2, Int>::random(
+        [4, 17],
+        Distribution::Uniform(0.0, config.vocab_size as f64),
+        &device,
+    );
     let rows = |a: usize, b: usize| tokens.clone().slice([a..b, 0..17]);
     let loss_of = |t: Tensor<2, Int>| {
         let [b, l] = t.dims();
-        cross_entropy(model.forward(t.clone().slice([0..b, 0..l - 1])), t.slice([0..b, 1..l]))
+        cross_entropy(
+            model.forward(t.clone().slice([0..b, 0..l - 1])),
+            t.slice([0..b, 1..l]),
+        )
     };
     let whole = GradientsParams::from_grads(loss_of(rows(0, 4)).backward(), &model);
     let mut acc = GradientsAccumulator::new();
     for (a, b) in [(0, 2), (2, 4)] {
-        acc.accumulate(&model, GradientsParams::from_grads((loss_of(rows(a, b)) / 2.0).backward(), &model));
+        acc.accumulate(
+            &model,
+            GradientsParams::from_grads((loss_of(rows(a, b)) / 2.0).backward(), &model),
+        );
     }
     let split = acc.grads();
     let a = global_grad_norm(&model, &whole);
     let diff_sq: f64 = {
         let w = values(whole.get::<2>(model.shared.q_proj.weight.id).unwrap());
         let s = values(split.get::<2>(model.shared.q_proj.weight.id).unwrap());
-        w.iter().zip(&s).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
+        w.iter()
+            .zip(&s)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum()
     };
     assert!((global_grad_norm(&model, &split) - a).abs() / a < 1e-5);
-    assert!(diff_sq.sqrt() < 1e-6 * a.max(1.0), "q_proj gradients differ: {}", diff_sq.sqrt());
+    assert!(
+        diff_sq.sqrt() < 1e-6 * a.max(1.0),
+        "q_proj gradients differ: {}",
+        diff_sq.sqrt()
+    );
 }

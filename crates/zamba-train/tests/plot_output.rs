@@ -66,31 +66,59 @@ fn garbled_metrics_name_the_file_and_line() {
     let e = format!("{:#}", read_metrics(&path).unwrap_err());
     assert!(e.contains("metrics.jsonl:1:") && e.contains("loss"), "{e}");
 
-    std::fs::write(&path, "{\"eval\":true,\"step\":0,\"tokens\":1,\"loss\":3.0}\n").unwrap();
+    std::fs::write(
+        &path,
+        "{\"eval\":true,\"step\":0,\"tokens\":1,\"loss\":3.0}\n",
+    )
+    .unwrap();
     let e = format!("{:#}", read_metrics(&path).unwrap_err());
-    assert!(e.contains("metrics.jsonl:1:") && e.contains("object"), "{e}");
+    assert!(
+        e.contains("metrics.jsonl:1:") && e.contains("object"),
+        "{e}"
+    );
 
     // A half-written last line (the trainer is appending) is not an error.
-    std::fs::write(&path, "{\"step\":0,\"tokens\":1,\"loss\":3.0,\"lr\":0.1}\n{\"step\":1,\"tok").unwrap();
+    std::fs::write(
+        &path,
+        "{\"step\":0,\"tokens\":1,\"loss\":3.0,\"lr\":0.1}\n{\"step\":1,\"tok",
+    )
+    .unwrap();
     assert_eq!(read_metrics(&path).unwrap().steps.len(), 1);
 
     let missing = dir.path().join("nope");
-    let e = format!("{:#}", plot_runs(&[missing.clone()], &dir.path().join("x.png")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        plot_runs(&[missing.clone()], &dir.path().join("x.png")).unwrap_err()
+    );
     assert!(e.contains("nope/metrics.jsonl"), "{e}");
 }
 
 fn assert_png(path: &Path) {
     let bytes = std::fs::read(path).unwrap();
-    assert!(bytes.len() > 10_000, "{} is only {} bytes", path.display(), bytes.len());
+    assert!(
+        bytes.len() > 10_000,
+        "{} is only {} bytes",
+        path.display(),
+        bytes.len()
+    );
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 }
 
 fn assert_svg(path: &Path) {
     let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.contains("<svg") && text.contains("</svg>"), "not an SVG");
+    assert!(
+        text.contains("<svg") && text.contains("</svg>"),
+        "not an SVG"
+    );
     // Lines, and the text of titles and legends.
-    assert!(text.contains("<polyline") || text.contains("<path"), "no curves");
-    assert!(text.contains("train loss") && text.contains("held-out loss per source"), "missing titles");
+    assert!(
+        text.contains("<polyline") || text.contains("<path"),
+        "no curves"
+    );
+    assert!(
+        text.contains("train loss") && text.contains("held-out loss per source"),
+        "missing titles"
+    );
 }
 
 #[test]
@@ -105,25 +133,40 @@ fn plots_several_runs_to_png_and_svg() {
     plot_runs(&[a.clone(), b], &svg).unwrap();
     assert_svg(&svg);
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.contains("run-a") && text.contains("run-b · instruct"), "legend names runs and sources");
+    assert!(
+        text.contains("run-a") && text.contains("run-b · instruct"),
+        "legend names runs and sources"
+    );
 
     let e = plot_runs(&[a.clone()], &dir.path().join("x.jpg")).unwrap_err();
     assert!(e.to_string().contains(".png or .svg"), "{e}");
 
     // The subcommand's default output for one run is RUN_DIR/plot.png.
-    zamba_train::plot::run(PlotArgs { runs: vec![a.clone()], out: None }).unwrap();
+    zamba_train::plot::run(PlotArgs {
+        runs: vec![a.clone()],
+        out: None,
+    })
+    .unwrap();
     assert_png(&a.join("plot.png"));
 }
 
 #[test]
 fn plots_a_schedule() {
     let dir = tempfile::tempdir().unwrap();
-    let s = ScheduleConfig::Cosine(CosineSchedule { peak_lr: 1e-3, min_lr: 1e-4, warmup_steps: 100 });
+    let s = ScheduleConfig::Cosine(CosineSchedule {
+        peak_lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 100,
+    });
     let png = dir.path().join("lr.png");
     plot_schedule(&s, 10_000, &png).unwrap();
     assert_png(&png);
     let svg = dir.path().join("lr.svg");
     plot_schedule(&s, 10_000, &svg).unwrap();
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.contains("<svg") && text.contains("LR schedule: cosine"), "{}", &text[..text.len().min(500)]);
+    assert!(
+        text.contains("<svg") && text.contains("LR schedule: cosine"),
+        "{}",
+        &text[..text.len().min(500)]
+    );
 }

@@ -9,11 +9,26 @@ fn close(a: f64, b: f64) {
 }
 
 fn cosine(peak: f64, min: f64, w: usize) -> ScheduleConfig {
-    ScheduleConfig::Cosine(CosineSchedule { peak_lr: peak, min_lr: min, warmup_steps: w })
+    ScheduleConfig::Cosine(CosineSchedule {
+        peak_lr: peak,
+        min_lr: min,
+        warmup_steps: w,
+    })
 }
 
-fn wsd(shape: DecayShape, decay_steps: Option<usize>, decay_fraction: Option<f64>) -> ScheduleConfig {
-    ScheduleConfig::Wsd(WsdSchedule { peak_lr: 1e-3, min_lr: 1e-5, warmup_steps: 10, decay_steps, decay_fraction, decay_shape: shape })
+fn wsd(
+    shape: DecayShape,
+    decay_steps: Option<usize>,
+    decay_fraction: Option<f64>,
+) -> ScheduleConfig {
+    ScheduleConfig::Wsd(WsdSchedule {
+        peak_lr: 1e-3,
+        min_lr: 1e-5,
+        warmup_steps: 10,
+        decay_steps,
+        decay_fraction,
+        decay_shape: shape,
+    })
 }
 
 fn anneal(decay: AnnealDecay, half_life: Option<f64>, rate: Option<f64>) -> ScheduleConfig {
@@ -30,10 +45,16 @@ fn anneal(decay: AnnealDecay, half_life: Option<f64>, rate: Option<f64>) -> Sche
 
 #[test]
 fn constant_with_and_without_warmup() {
-    let c = ScheduleConfig::Constant(ConstantSchedule { lr: 1e-3, warmup_steps: 0 });
+    let c = ScheduleConfig::Constant(ConstantSchedule {
+        lr: 1e-3,
+        warmup_steps: 0,
+    });
     close(c.lr(0, 50), 1e-3);
     close(c.lr(49, 50), 1e-3);
-    let w = ScheduleConfig::Constant(ConstantSchedule { lr: 1e-3, warmup_steps: 4 });
+    let w = ScheduleConfig::Constant(ConstantSchedule {
+        lr: 1e-3,
+        warmup_steps: 4,
+    });
     // peak · (s+1)/W: the first step is peak/W, never 0; the peak is used at step W-1.
     close(w.lr(0, 50), 2.5e-4);
     close(w.lr(1, 50), 5e-4);
@@ -53,14 +74,21 @@ fn warmup_cosine_first_peak_middle_last() {
     assert_eq!(s.peak_step(), 9);
     // Decay from step 9 (p = 0) to step 109 (p = 1).
     close(s.lr(59, total), min + (peak - min) * 0.5);
-    close(s.lr(34, total), min + (peak - min) * 0.5 * (1.0 + (PI * 0.25).cos()));
+    close(
+        s.lr(34, total),
+        min + (peak - min) * 0.5 * (1.0 + (PI * 0.25).cos()),
+    );
     close(s.lr(109, total), min);
     // Past the end the last LR holds.
     close(s.lr(500, total), min);
     // Monotone: up during warmup, down after.
     for step in 1..total {
         let (a, b) = (s.lr(step - 1, total), s.lr(step, total));
-        if step <= 9 { assert!(b > a) } else { assert!(b <= a) }
+        if step <= 9 {
+            assert!(b > a)
+        } else {
+            assert!(b <= a)
+        }
     }
 }
 
@@ -76,7 +104,12 @@ fn cosine_without_warmup_starts_at_the_peak() {
 fn wsd_shapes_against_their_formulas() {
     let (peak, min, total) = (1e-3f64, 1e-5f64, 100);
     // Decay over the last 20 steps: step 79 is the last at the peak, 80..=99 decay, 99 = min.
-    for shape in [DecayShape::Linear, DecayShape::Cosine, DecayShape::OneMinusSqrt, DecayShape::Exponential] {
+    for shape in [
+        DecayShape::Linear,
+        DecayShape::Cosine,
+        DecayShape::OneMinusSqrt,
+        DecayShape::Exponential,
+    ] {
         let s = wsd(shape, Some(20), None);
         close(s.lr(0, total), peak / 10.0);
         close(s.lr(9, total), peak);
@@ -95,11 +128,23 @@ fn wsd_shapes_against_their_formulas() {
             close(s.lr(step, total), expected(step));
         }
     }
-    close(wsd(DecayShape::Linear, Some(20), None).lr(89, total), min + (peak - min) * 0.5);
-    close(wsd(DecayShape::OneMinusSqrt, Some(20), None).lr(84, total), min + (peak - min) * 0.5);
-    close(wsd(DecayShape::Exponential, Some(20), None).lr(89, total), (peak * min).sqrt());
+    close(
+        wsd(DecayShape::Linear, Some(20), None).lr(89, total),
+        min + (peak - min) * 0.5,
+    );
+    close(
+        wsd(DecayShape::OneMinusSqrt, Some(20), None).lr(84, total),
+        min + (peak - min) * 0.5,
+    );
+    close(
+        wsd(DecayShape::Exponential, Some(20), None).lr(89, total),
+        (peak * min).sqrt(),
+    );
     // decay_fraction 0.2 of 100 steps = the same 20 steps.
-    let (a, b) = (wsd(DecayShape::Cosine, Some(20), None), wsd(DecayShape::Cosine, None, Some(0.2)));
+    let (a, b) = (
+        wsd(DecayShape::Cosine, Some(20), None),
+        wsd(DecayShape::Cosine, None, Some(0.2)),
+    );
     for step in 0..total {
         close(a.lr(step, total), b.lr(step, total));
     }
@@ -108,7 +153,11 @@ fn wsd_shapes_against_their_formulas() {
 #[test]
 fn anneal_rewarms_from_start_then_decays_to_final() {
     let (start, peak, total) = (1e-5, 7.5e-5, 111);
-    for decay in [AnnealDecay::Exponential, AnnealDecay::Linear, AnnealDecay::Cosine] {
+    for decay in [
+        AnnealDecay::Exponential,
+        AnnealDecay::Linear,
+        AnnealDecay::Cosine,
+    ] {
         let s = match decay {
             AnnealDecay::Exponential => anneal(decay, Some(10.0), None),
             _ => anneal(decay, None, None),
@@ -131,8 +180,14 @@ fn anneal_rewarms_from_start_then_decays_to_final() {
     for step in [0, 10, 11, 40, 110] {
         close(by_rate.lr(step, total), by_half_life.lr(step, total));
     }
-    close(by_rate.lr(13, total), peak * (r.powi(3) - r.powi(100)) / (1.0 - r.powi(100)));
-    close(anneal(AnnealDecay::Linear, None, None).lr(60, total), peak * 0.5);
+    close(
+        by_rate.lr(13, total),
+        peak * (r.powi(3) - r.powi(100)) / (1.0 - r.powi(100)),
+    );
+    close(
+        anneal(AnnealDecay::Linear, None, None).lr(60, total),
+        peak * 0.5,
+    );
 }
 
 fn field_of(s: &ScheduleConfig, total: usize) -> String {
@@ -145,20 +200,56 @@ fn nonsense_schedules_are_rejected() {
     assert_eq!(field_of(&cosine(1e-3, 2e-3, 10), 100), "min_lr");
     assert_eq!(field_of(&cosine(1e-3, 0.0, 200), 100), "warmup_steps");
     assert_eq!(field_of(&cosine(f64::NAN, 0.0, 10), 100), "peak_lr");
-    assert_eq!(field_of(&ScheduleConfig::Constant(ConstantSchedule { lr: 1e-3, warmup_steps: 101 }), 100), "warmup_steps");
-    assert_eq!(field_of(&wsd(DecayShape::Linear, Some(20), Some(0.2)), 100), "decay_fraction");
-    assert_eq!(field_of(&wsd(DecayShape::Linear, None, None), 100), "decay_steps");
-    assert_eq!(field_of(&wsd(DecayShape::Linear, Some(95), None), 100), "decay_steps");
-    assert_eq!(field_of(&wsd(DecayShape::Linear, None, Some(1.5)), 100), "decay_fraction");
+    assert_eq!(
+        field_of(
+            &ScheduleConfig::Constant(ConstantSchedule {
+                lr: 1e-3,
+                warmup_steps: 101
+            }),
+            100
+        ),
+        "warmup_steps"
+    );
+    assert_eq!(
+        field_of(&wsd(DecayShape::Linear, Some(20), Some(0.2)), 100),
+        "decay_fraction"
+    );
+    assert_eq!(
+        field_of(&wsd(DecayShape::Linear, None, None), 100),
+        "decay_steps"
+    );
+    assert_eq!(
+        field_of(&wsd(DecayShape::Linear, Some(95), None), 100),
+        "decay_steps"
+    );
+    assert_eq!(
+        field_of(&wsd(DecayShape::Linear, None, Some(1.5)), 100),
+        "decay_fraction"
+    );
     let mut zero_min = wsd(DecayShape::Exponential, Some(20), None);
     if let ScheduleConfig::Wsd(w) = &mut zero_min {
         w.min_lr = 0.0;
     }
     assert_eq!(field_of(&zero_min, 100), "min_lr");
-    assert_eq!(field_of(&anneal(AnnealDecay::Exponential, None, None), 100), "half_life_steps");
-    assert_eq!(field_of(&anneal(AnnealDecay::Exponential, Some(10.0), Some(0.9)), 100), "decay_rate");
-    assert_eq!(field_of(&anneal(AnnealDecay::Linear, Some(10.0), None), 100), "half_life_steps");
-    assert_eq!(field_of(&anneal(AnnealDecay::Exponential, None, Some(1.5)), 100), "decay_rate");
+    assert_eq!(
+        field_of(&anneal(AnnealDecay::Exponential, None, None), 100),
+        "half_life_steps"
+    );
+    assert_eq!(
+        field_of(
+            &anneal(AnnealDecay::Exponential, Some(10.0), Some(0.9)),
+            100
+        ),
+        "decay_rate"
+    );
+    assert_eq!(
+        field_of(&anneal(AnnealDecay::Linear, Some(10.0), None), 100),
+        "half_life_steps"
+    );
+    assert_eq!(
+        field_of(&anneal(AnnealDecay::Exponential, None, Some(1.5)), 100),
+        "decay_rate"
+    );
     let mut up = anneal(AnnealDecay::Linear, None, None);
     if let ScheduleConfig::Anneal(a) = &mut up {
         a.final_lr = 1e-4;
@@ -171,15 +262,26 @@ fn nonsense_schedules_are_rejected() {
     assert_eq!(field_of(&short, 100), "warmup_steps");
     // Valid ones pass.
     cosine(1e-3, 1e-4, 10).validate(100).unwrap();
-    wsd(DecayShape::Exponential, None, Some(0.1)).validate(100).unwrap();
-    anneal(AnnealDecay::Exponential, Some(10.0), None).validate(100).unwrap();
+    wsd(DecayShape::Exponential, None, Some(0.1))
+        .validate(100)
+        .unwrap();
+    anneal(AnnealDecay::Exponential, Some(10.0), None)
+        .validate(100)
+        .unwrap();
 }
 
 #[test]
 fn summary_names_first_peak_and_last() {
     let s = cosine(1e-3, 1e-4, 10);
     let text = s.summary(110);
-    for needle in ["first step", "end of warmup", "last step", "peak", "1.000000e-4", "1.000000e-3"] {
+    for needle in [
+        "first step",
+        "end of warmup",
+        "last step",
+        "peak",
+        "1.000000e-4",
+        "1.000000e-3",
+    ] {
         assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
     }
 }
@@ -193,5 +295,12 @@ fn serde_tags_and_shape_names() {
 }
 
 fn wsd_with(shape: DecayShape) -> ScheduleConfig {
-    ScheduleConfig::Wsd(WsdSchedule { peak_lr: 1e-3, min_lr: 1e-5, warmup_steps: 5, decay_steps: None, decay_fraction: Some(0.2), decay_shape: shape })
+    ScheduleConfig::Wsd(WsdSchedule {
+        peak_lr: 1e-3,
+        min_lr: 1e-5,
+        warmup_steps: 5,
+        decay_steps: None,
+        decay_fraction: Some(0.2),
+        decay_shape: shape,
+    })
 }

@@ -64,7 +64,12 @@ progress = false
 }
 
 fn options(config: PathBuf) -> TrainOptions {
-    TrainOptions { config, overrides: Vec::new(), resume: None, allow_data_change: false }
+    TrainOptions {
+        config,
+        overrides: Vec::new(),
+        resume: None,
+        allow_data_change: false,
+    }
 }
 
 /// (step, loss bits) of every step line of a run.
@@ -74,7 +79,12 @@ fn step_losses(run_dir: &Path) -> Vec<(u64, Option<u64>)> {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("eval").is_none())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().map(f64::to_bits)))
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().map(f64::to_bits),
+            )
+        })
         .collect()
 }
 
@@ -108,17 +118,30 @@ fn loss_drops_and_resume_is_bit_identical() {
     let crashed_dir = tmp.path().join("crashed");
     let ckpt = full_dir.join("checkpoints/step-00000006");
     copy_dir(&ckpt, &crashed_dir.join("checkpoints/step-00000006"));
-    let partial: Vec<String> = std::fs::read_to_string(full_dir.join("metrics.jsonl")).unwrap().lines().take(9).map(String::from).collect();
+    let partial: Vec<String> = std::fs::read_to_string(full_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .take(9)
+        .map(String::from)
+        .collect();
     std::fs::write(crashed_dir.join("metrics.jsonl"), partial.join("\n") + "\n").unwrap();
 
     train(&options(crashed)).unwrap();
-    assert_eq!(step_losses(&crashed_dir), reference, "resumed losses differ from the uninterrupted run");
+    assert_eq!(
+        step_losses(&crashed_dir),
+        reference,
+        "resumed losses differ from the uninterrupted run"
+    );
 }
 
 #[test]
 fn anneal_starts_from_exactly_the_phase1_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let phase1 = write_config(tmp.path(), "phase1", &format!("{SCHEDULE}\n[train]\nsteps = 3\n"));
+    let phase1 = write_config(
+        tmp.path(),
+        "phase1",
+        &format!("{SCHEDULE}\n[train]\nsteps = 3\n"),
+    );
     train(&options(phase1)).unwrap();
     let ckpt = tmp.path().join("phase1/checkpoints/step-00000003");
 
@@ -161,13 +184,19 @@ steps = 4
     // And it is not a fresh model: a fresh init starts near ln(264) ≈ 5.58.
     let phase1_last = step_losses(&tmp.path().join("phase1"));
     let loss0 = f64::from_bits(a[0].1.unwrap());
-    assert!(loss0 < f64::from_bits(phase1_last[0].1.unwrap()), "anneal step 0 loss {loss0} looks like a fresh model");
+    assert!(
+        loss0 < f64::from_bits(phase1_last[0].1.unwrap()),
+        "anneal step 0 loss {loss0} looks like a fresh model"
+    );
 
     // Optimizer moments cannot come from a transformers directory.
     let bad = write_config(
         tmp.path(),
         "anneal-bad",
-        &format!("[init]\nfrom = \"{}\"\nload_optimizer = true\n{SCHEDULE}\n[train]\nsteps = 4\n", ckpt.join("model").display()),
+        &format!(
+            "[init]\nfrom = \"{}\"\nload_optimizer = true\n{SCHEDULE}\n[train]\nsteps = 4\n",
+            ckpt.join("model").display()
+        ),
     );
     let err = format!("{:#}", train(&options(bad)).unwrap_err());
     assert!(err.contains("load_optimizer"), "{err}");

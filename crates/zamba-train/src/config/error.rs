@@ -37,7 +37,14 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(kind: ConfigErrorKind, key: Option<String>, message: impl Into<String>) -> Self {
-        Self { kind, file: None, key, message: message.into(), did_you_mean: None, from_override: None }
+        Self {
+            kind,
+            file: None,
+            key,
+            message: message.into(),
+            did_you_mean: None,
+            from_override: None,
+        }
     }
 
     pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
@@ -81,12 +88,21 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let name = name.to_lowercase();
     // Ties (beta3 → beta1 or beta2?) go to the candidate whose differing characters are nearest
     // (beta2): typos usually hit a neighbouring key or digit.
-    let nearness = |c: &str| -> u32 { name.chars().zip(c.chars()).map(|(a, b)| (a as u32).abs_diff(b as u32)).sum() };
+    let nearness = |c: &str| -> u32 {
+        name.chars()
+            .zip(c.chars())
+            .map(|(a, b)| (a as u32).abs_diff(b as u32))
+            .sum()
+    };
     candidates
         .into_iter()
         .map(|c| {
             let lower = c.to_lowercase();
-            (strsim::damerau_levenshtein(&name, &lower), nearness(&lower), c)
+            (
+                strsim::damerau_levenshtein(&name, &lower),
+                nearness(&lower),
+                c,
+            )
         })
         .filter(|(d, _, _)| *d <= limit)
         .min_by_key(|(d, n, _)| (*d, *n))
@@ -95,7 +111,11 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 
 /// Joins a parent key path and a child key.
 pub(crate) fn join_key(parent: &str, child: &str) -> String {
-    if parent.is_empty() { child.to_owned() } else { format!("{parent}.{child}") }
+    if parent.is_empty() {
+        child.to_owned()
+    } else {
+        format!("{parent}.{child}")
+    }
 }
 
 /// Names inside backticks in a serde message, e.g. the expected fields of
@@ -107,7 +127,11 @@ fn backticked(text: &str) -> Vec<&str> {
 /// Turns a serde error at `path` (as reported by serde_path_to_error, relative to `prefix`) into a
 /// ConfigError with a full key path, the expected type or names, and a suggestion.
 pub(crate) fn from_serde(prefix: &str, path: &str, message: &str) -> ConfigError {
-    let path = if path == "." { String::new() } else { path.to_owned() };
+    let path = if path == "." {
+        String::new()
+    } else {
+        path.to_owned()
+    };
     let full = |p: &str| join_key(prefix, p);
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let (field, expected_text) = rest.split_once('`').unwrap_or((rest, ""));
@@ -125,10 +149,18 @@ pub(crate) fn from_serde(prefix: &str, path: &str, message: &str) -> ConfigError
             if expected.is_empty() {
                 "unknown key; this table takes no keys".to_owned()
             } else {
-                format!("unknown key; expected one of {}", expected.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "))
+                format!(
+                    "unknown key; expected one of {}",
+                    expected
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             },
         );
-        e.did_you_mean = closest(field, expected.iter().copied()).map(|s| full(&join_key(&parent, s)));
+        e.did_you_mean =
+            closest(field, expected.iter().copied()).map(|s| full(&join_key(&parent, s)));
         return e;
     }
     if let Some(rest) = message.strip_prefix("unknown variant `") {
@@ -139,7 +171,11 @@ pub(crate) fn from_serde(prefix: &str, path: &str, message: &str) -> ConfigError
             Some(full(&path)),
             format!(
                 "unknown value {value:?}; expected one of {}",
-                expected.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+                expected
+                    .iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         );
         e.did_you_mean = closest(value, expected.iter().copied()).map(|s| format!("\"{s}\""));
@@ -147,9 +183,16 @@ pub(crate) fn from_serde(prefix: &str, path: &str, message: &str) -> ConfigError
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or(rest);
-        return ConfigError::new(ConfigErrorKind::MissingKey, Some(full(&join_key(&path, field))), "missing required key");
+        return ConfigError::new(
+            ConfigErrorKind::MissingKey,
+            Some(full(&join_key(&path, field))),
+            "missing required key",
+        );
     }
-    if message.starts_with("invalid type") || message.starts_with("invalid value") || message.starts_with("invalid length") {
+    if message.starts_with("invalid type")
+        || message.starts_with("invalid value")
+        || message.starts_with("invalid length")
+    {
         // Messages read "invalid type: string \"x\", expected f64"; keep them, with friendlier type names.
         let friendly = message
             .replace("expected f64", "expected a number")
@@ -160,5 +203,9 @@ pub(crate) fn from_serde(prefix: &str, path: &str, message: &str) -> ConfigError
         return ConfigError::new(ConfigErrorKind::WrongType, Some(full(&path)), friendly);
     }
     let key = full(&path);
-    ConfigError::new(ConfigErrorKind::Invalid, (!key.is_empty()).then_some(key), message.to_owned())
+    ConfigError::new(
+        ConfigErrorKind::Invalid,
+        (!key.is_empty()).then_some(key),
+        message.to_owned(),
+    )
 }

@@ -36,7 +36,9 @@ pub use sections::*;
 pub use summary::human_count;
 pub use synthetic::{SYNTHETIC_PREFIX, SYNTHETIC_SETS, SyntheticSection, synthetic_set};
 
-use crate::schedule::{AnnealSchedule, ConstantSchedule, CosineSchedule, ScheduleConfig, WsdSchedule};
+use crate::schedule::{
+    AnnealSchedule, ConstantSchedule, CosineSchedule, ScheduleConfig, WsdSchedule,
+};
 use error::from_serde;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -76,8 +78,14 @@ impl RunConfig {
     /// Reads `path`, applies `--set key=value` overrides, checks every key and value, resolves
     /// the model and the paths, and validates the whole. Errors name the file and the key.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(ConfigErrorKind::Read, None, format!("cannot read the config: {e}")).with_file(path))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                ConfigErrorKind::Read,
+                None,
+                format!("cannot read the config: {e}"),
+            )
+            .with_file(path)
+        })?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -86,10 +94,22 @@ impl RunConfig {
     }
 
     /// As [`load`](Self::load), for TOML text whose relative data paths are relative to `base_dir`.
-    pub fn from_toml_str(text: &str, base_dir: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::new(ConfigErrorKind::Syntax, None, format!("not valid TOML: {e}")))?;
-        let overrides = overrides.iter().map(|o| Override::parse(o)).collect::<Result<Vec<_>, _>>()?;
+    pub fn from_toml_str(
+        text: &str,
+        base_dir: &Path,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigError::new(
+                ConfigErrorKind::Syntax,
+                None,
+                format!("not valid TOML: {e}"),
+            )
+        })?;
+        let overrides = overrides
+            .iter()
+            .map(|o| Override::parse(o))
+            .collect::<Result<Vec<_>, _>>()?;
         for o in &overrides {
             o.apply(&mut table)?;
         }
@@ -97,7 +117,11 @@ impl RunConfig {
             if let Some(key) = &e.key
                 && e.from_override.is_none()
             {
-                e.from_override = overrides.iter().rev().find(|o| keys_overlap(key, &o.key)).map(|o| o.raw.clone());
+                e.from_override = overrides
+                    .iter()
+                    .rev()
+                    .find(|o| keys_overlap(key, &o.key))
+                    .map(|o| o.raw.clone());
             }
             e
         };
@@ -126,20 +150,33 @@ impl RunConfig {
 
     fn resolve_paths(&mut self, base_dir: &Path) -> Result<(), ConfigError> {
         let absolute = |p: &Path, key: &str| {
-            std::path::absolute(p).map_err(|e| ConfigError::invalid(key, format!("cannot make {} absolute: {e}", p.display())))
+            std::path::absolute(p).map_err(|e| {
+                ConfigError::invalid(key, format!("cannot make {} absolute: {e}", p.display()))
+            })
         };
         let base = absolute(base_dir, "data")?;
         synthetic::resolve_paths(&mut self.data, &base);
         if self.run.dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid("run.dir", "is empty; expected the run's output directory"));
+            return Err(ConfigError::invalid(
+                "run.dir",
+                "is empty; expected the run's output directory",
+            ));
         }
         self.run.dir = absolute(&self.run.dir, "run.dir")?;
         if self.run.name.is_empty() {
-            self.run.name = self.run.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+            self.run.name = self
+                .run
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into());
         }
         if let Some(init) = &mut self.init {
             if init.from.as_os_str().is_empty() {
-                return Err(ConfigError::invalid("init.from", "is empty; expected a checkpoint or transformers directory"));
+                return Err(ConfigError::invalid(
+                    "init.from",
+                    "is empty; expected a checkpoint or transformers directory",
+                ));
             }
             init.from = absolute(&init.from, "init.from")?;
         }
@@ -162,41 +199,74 @@ impl RunConfig {
         let o = &self.optimizer;
         for (key, beta) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(ConfigError::invalid(key, format!("is {beta}; expected a number in [0, 1)")));
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("is {beta}; expected a number in [0, 1)"),
+                ));
             }
         }
         if !(o.eps > 0.0 && o.eps.is_finite()) {
-            return Err(ConfigError::invalid("optimizer.eps", format!("is {}; expected a number > 0", o.eps)));
+            return Err(ConfigError::invalid(
+                "optimizer.eps",
+                format!("is {}; expected a number > 0", o.eps),
+            ));
         }
-        for (key, v) in [("optimizer.weight_decay", o.weight_decay), ("optimizer.clip_grad_norm", o.clip_grad_norm)] {
+        for (key, v) in [
+            ("optimizer.weight_decay", o.weight_decay),
+            ("optimizer.clip_grad_norm", o.clip_grad_norm),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
-                return Err(ConfigError::invalid(key, format!("is {v}; expected a number >= 0 (0 = off)")));
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("is {v}; expected a number >= 0 (0 = off)"),
+                ));
             }
         }
         let t = &self.train;
         if t.steps == 0 {
-            return Err(ConfigError::invalid("train.steps", "is 0; expected the number of optimizer steps (> 0)"));
+            return Err(ConfigError::invalid(
+                "train.steps",
+                "is 0; expected the number of optimizer steps (> 0)",
+            ));
         }
         if t.max_consecutive_skips == 0 {
-            return Err(ConfigError::invalid("train.max_consecutive_skips", "is 0; expected at least 1"));
+            return Err(ConfigError::invalid(
+                "train.max_consecutive_skips",
+                "is 0; expected at least 1",
+            ));
         }
         if let Some(z) = t.spike_zscore
             && !(z > 0.0 && z.is_finite())
         {
-            return Err(ConfigError::invalid("train.spike_zscore", format!("is {z}; expected a number of standard deviations > 0")));
+            return Err(ConfigError::invalid(
+                "train.spike_zscore",
+                format!("is {z}; expected a number of standard deviations > 0"),
+            ));
         }
         if t.spike_zscore.is_some() && t.spike_window < 2 {
-            return Err(ConfigError::invalid("train.spike_window", format!("is {}; a z-score needs a window of at least 2 losses", t.spike_window)));
+            return Err(ConfigError::invalid(
+                "train.spike_window",
+                format!(
+                    "is {}; a z-score needs a window of at least 2 losses",
+                    t.spike_window
+                ),
+            ));
         }
         self.schedule
             .validate(t.steps)
             .map_err(|e| ConfigError::invalid(format!("schedule.{}", e.field), e.message))?;
         if self.checkpoint.keep_last == 0 {
-            return Err(ConfigError::invalid("checkpoint.keep_last", "is 0; keep at least the newest checkpoint (1)"));
+            return Err(ConfigError::invalid(
+                "checkpoint.keep_last",
+                "is 0; keep at least the newest checkpoint (1)",
+            ));
         }
         if self.eval.every > 0 {
             if self.eval.batches == 0 {
-                return Err(ConfigError::invalid("eval.batches", "is 0 while eval.every > 0; expected at least 1"));
+                return Err(ConfigError::invalid(
+                    "eval.batches",
+                    "is 0 while eval.every > 0; expected at least 1",
+                ));
             }
             if self.data.sources.values().all(|s| s.validation.is_empty()) {
                 return Err(ConfigError::invalid(
@@ -206,10 +276,16 @@ impl RunConfig {
             }
         }
         if self.logging.every == 0 {
-            return Err(ConfigError::invalid("logging.every", "is 0; expected at least 1"));
+            return Err(ConfigError::invalid(
+                "logging.every",
+                "is 0; expected at least 1",
+            ));
         }
         if self.runtime.threads == Some(0) {
-            return Err(ConfigError::invalid("runtime.threads", "is 0; expected at least 1 (or leave it out for all cores)"));
+            return Err(ConfigError::invalid(
+                "runtime.threads",
+                "is 0; expected at least 1 (or leave it out for all cores)",
+            ));
         }
         Ok(())
     }
@@ -217,28 +293,46 @@ impl RunConfig {
     fn validate_data(&self) -> Result<(), ConfigError> {
         let d = &self.data;
         if d.sources.is_empty() {
-            return Err(ConfigError::invalid("data.sources", "no sources; add a [data.sources.NAME] table with paths and weight"));
+            return Err(ConfigError::invalid(
+                "data.sources",
+                "no sources; add a [data.sources.NAME] table with paths and weight",
+            ));
         }
         if d.seq_len == 0 {
-            return Err(ConfigError::invalid("data.seq_len", "is 0; expected the tokens per training sequence"));
+            return Err(ConfigError::invalid(
+                "data.seq_len",
+                "is 0; expected the tokens per training sequence",
+            ));
         }
         for (name, s) in &d.sources {
             if !(s.weight.is_finite() && s.weight >= 0.0) {
-                return Err(ConfigError::invalid(format!("data.sources.{name}.weight"), format!("is {}; expected a finite number >= 0", s.weight)));
+                return Err(ConfigError::invalid(
+                    format!("data.sources.{name}.weight"),
+                    format!("is {}; expected a finite number >= 0", s.weight),
+                ));
             }
             if s.paths.is_empty() {
-                return Err(ConfigError::invalid(format!("data.sources.{name}.paths"), "is empty; list shard directories, files or globs"));
+                return Err(ConfigError::invalid(
+                    format!("data.sources.{name}.paths"),
+                    "is empty; list shard directories, files or globs",
+                ));
             }
         }
         if d.sources.values().all(|s| s.weight == 0.0) {
-            return Err(ConfigError::invalid("data.sources", "all source weights are 0; give at least one source a positive weight"));
+            return Err(ConfigError::invalid(
+                "data.sources",
+                "all source weights are 0; give at least one source a positive weight",
+            ));
         }
         if let Some(v) = d.model_vocab_size
             && v as usize != self.model.config.vocab_size
         {
             return Err(ConfigError::invalid(
                 "data.model_vocab_size",
-                format!("is {v} but model.vocab_size is {}; leave it out (the trainer sets it from the model)", self.model.config.vocab_size),
+                format!(
+                    "is {v} but model.vocab_size is {}; leave it out (the trainer sets it from the model)",
+                    self.model.config.vocab_size
+                ),
             ));
         }
         synthetic::check_references(d)?;
@@ -246,7 +340,8 @@ impl RunConfig {
             s.validate()?;
         }
         // The pipeline's own checks, as a backstop for anything added there later.
-        d.validate().map_err(|e| ConfigError::invalid("data", e.to_string()))
+        d.validate()
+            .map_err(|e| ConfigError::invalid("data", e.to_string()))
     }
 
     fn validate_batch(&self) -> Result<(), ConfigError> {
@@ -254,7 +349,10 @@ impl RunConfig {
         let seq = self.data.seq_len;
         let global = match (b.tokens, b.sequences) {
             (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid("batch.tokens", "give the global batch as batch.tokens or batch.sequences, not both"));
+                return Err(ConfigError::invalid(
+                    "batch.tokens",
+                    "give the global batch as batch.tokens or batch.sequences, not both",
+                ));
             }
             (None, None) => {
                 return Err(ConfigError::new(
@@ -264,27 +362,48 @@ impl RunConfig {
                 ));
             }
             (Some(0), None) | (None, Some(0)) => {
-                let key = if b.tokens.is_some() { "batch.tokens" } else { "batch.sequences" };
-                return Err(ConfigError::invalid(key, "is 0; expected a positive global batch"));
+                let key = if b.tokens.is_some() {
+                    "batch.tokens"
+                } else {
+                    "batch.sequences"
+                };
+                return Err(ConfigError::invalid(
+                    key,
+                    "is 0; expected a positive global batch",
+                ));
             }
             (Some(t), None) if t % seq != 0 => {
                 return Err(ConfigError::invalid(
                     "batch.tokens",
-                    format!("{t} is not a multiple of data.seq_len = {seq}; e.g. {} or {}", (t / seq).max(1) * seq, (t / seq + 1) * seq),
+                    format!(
+                        "{t} is not a multiple of data.seq_len = {seq}; e.g. {} or {}",
+                        (t / seq).max(1) * seq,
+                        (t / seq + 1) * seq
+                    ),
                 ));
             }
             (Some(t), None) => t / seq,
             (None, Some(s)) => s,
         };
         if b.micro_batch == 0 {
-            return Err(ConfigError::invalid("batch.micro_batch", "is 0; expected at least 1 sequence"));
+            return Err(ConfigError::invalid(
+                "batch.micro_batch",
+                "is 0; expected at least 1 sequence",
+            ));
         }
         if self.runtime.world_size == 0 {
-            return Err(ConfigError::invalid("runtime.world_size", "is 0; expected at least 1"));
+            return Err(ConfigError::invalid(
+                "runtime.world_size",
+                "is 0; expected at least 1",
+            ));
         }
         let per_pass = b.micro_batch * self.runtime.world_size;
         if global % per_pass != 0 {
-            let key = if b.tokens.is_some() { "batch.tokens" } else { "batch.sequences" };
+            let key = if b.tokens.is_some() {
+                "batch.tokens"
+            } else {
+                "batch.sequences"
+            };
             return Err(ConfigError::invalid(
                 key,
                 format!(
@@ -304,7 +423,9 @@ impl RunConfig {
 
     /// Sequences per optimizer step, over all ranks.
     pub fn global_sequences(&self) -> usize {
-        self.batch.sequences.unwrap_or_else(|| self.batch.tokens.unwrap_or(0) / self.data.seq_len.max(1))
+        self.batch
+            .sequences
+            .unwrap_or_else(|| self.batch.tokens.unwrap_or(0) / self.data.seq_len.max(1))
     }
 
     /// Training tokens per optimizer step (targets, i.e. sequences × seq_len).
@@ -334,15 +455,21 @@ impl RunConfig {
             Some(s) => synthetic::materialize(&self.data, s)?,
             None => self.data.clone(),
         };
-        data.model_vocab_size.get_or_insert(self.model.config.vocab_size as u32);
+        data.model_vocab_size
+            .get_or_insert(self.model.config.vocab_size as u32);
         Ok(data)
     }
 
     /// The resolved config as TOML (what the trainer saves in the run dir); loading it again
     /// gives an equal config.
     pub fn to_toml_string(&self) -> Result<String, ConfigError> {
-        let body = toml::to_string(self).map_err(|e| ConfigError::invalid("run", format!("cannot write the config as TOML: {e}")))?;
-        Ok(format!("# Resolved config of run {:?} (zamba-train); all paths absolute.\n\n{body}", self.run.name))
+        let body = toml::to_string(self).map_err(|e| {
+            ConfigError::invalid("run", format!("cannot write the config as TOML: {e}"))
+        })?;
+        Ok(format!(
+            "# Resolved config of run {:?} (zamba-train); all paths absolute.\n\n{body}",
+            self.run.name
+        ))
     }
 
     /// The `--dry-run` report: resolved config, sizes, token and FLOP counts, LR schedule.
@@ -353,12 +480,20 @@ impl RunConfig {
 
 /// Whether an error at `error_key` concerns the `--set` key `set_key`.
 fn keys_overlap(error_key: &str, set_key: &str) -> bool {
-    let within = |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('.') || r.starts_with('['));
+    let within = |a: &str, b: &str| {
+        a == b
+            || a.strip_prefix(b)
+                .is_some_and(|r| r.starts_with('.') || r.starts_with('['))
+    };
     within(error_key, set_key) || within(set_key, error_key)
 }
 
 fn type_error(key: &str, value: &toml::Value, expected: &str) -> ConfigError {
-    ConfigError::new(ConfigErrorKind::WrongType, Some(key.to_owned()), format!("invalid type: {}, expected {expected}", value.type_str()))
+    ConfigError::new(
+        ConfigErrorKind::WrongType,
+        Some(key.to_owned()),
+        format!("invalid type: {}, expected {expected}", value.type_str()),
+    )
 }
 
 /// Deserializes `value` strictly, turning the first error into one that names its key path.
@@ -374,11 +509,27 @@ fn check_schedule(value: &toml::Value) -> Result<(), ConfigError> {
     let toml::Value::Table(table) = value else {
         return Err(type_error("schedule", value, "a table with a `kind`"));
     };
-    let kinds = SCHEDULE_KINDS.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ");
+    let kinds = SCHEDULE_KINDS
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let kind = match table.get("kind") {
-        None => return Err(ConfigError::new(ConfigErrorKind::MissingKey, Some("schedule.kind".into()), format!("missing; expected one of {kinds}"))),
+        None => {
+            return Err(ConfigError::new(
+                ConfigErrorKind::MissingKey,
+                Some("schedule.kind".into()),
+                format!("missing; expected one of {kinds}"),
+            ));
+        }
         Some(toml::Value::String(k)) => k.as_str(),
-        Some(other) => return Err(type_error("schedule.kind", other, &format!("one of {kinds}"))),
+        Some(other) => {
+            return Err(type_error(
+                "schedule.kind",
+                other,
+                &format!("one of {kinds}"),
+            ));
+        }
     };
     let mut rest = table.clone();
     rest.remove("kind");
@@ -389,8 +540,13 @@ fn check_schedule(value: &toml::Value) -> Result<(), ConfigError> {
         "wsd" => deserialize_at::<WsdSchedule>("schedule", rest).map(drop),
         "anneal" => deserialize_at::<AnnealSchedule>("schedule", rest).map(drop),
         other => {
-            let mut e = ConfigError::new(ConfigErrorKind::UnknownKey, Some("schedule.kind".into()), format!("unknown schedule {other:?}; expected one of {kinds}"));
-            e.did_you_mean = closest(other, SCHEDULE_KINDS.iter().copied()).map(|s| format!("\"{s}\""));
+            let mut e = ConfigError::new(
+                ConfigErrorKind::UnknownKey,
+                Some("schedule.kind".into()),
+                format!("unknown schedule {other:?}; expected one of {kinds}"),
+            );
+            e.did_you_mean =
+                closest(other, SCHEDULE_KINDS.iter().copied()).map(|s| format!("\"{s}\""));
             Err(e)
         }
     }

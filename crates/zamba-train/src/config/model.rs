@@ -28,7 +28,10 @@ impl ModelSection {
                 return Err(ConfigError::new(
                     ConfigErrorKind::WrongType,
                     Some("model.preset".into()),
-                    format!("invalid type: {other}, expected a preset name (one of {})", PRESETS.join(", ")),
+                    format!(
+                        "invalid type: {other}, expected a preset name (one of {})",
+                        PRESETS.join(", ")
+                    ),
                 ));
             }
         };
@@ -38,7 +41,10 @@ impl ModelSection {
                 let mut e = ConfigError::new(
                     ConfigErrorKind::UnknownKey,
                     Some("model.preset".into()),
-                    format!("unknown preset {name:?}; expected one of {}", PRESETS.join(", ")),
+                    format!(
+                        "unknown preset {name:?}; expected one of {}",
+                        PRESETS.join(", ")
+                    ),
                 );
                 e.did_you_mean = closest(name, PRESETS.iter().copied()).map(|s| format!("\"{s}\""));
                 e
@@ -46,7 +52,12 @@ impl ModelSection {
         };
         let mut merged = match serde_json::to_value(&base) {
             Ok(Value::Object(map)) => map,
-            _ => return Err(ConfigError::invalid("model", "the model config does not serialize to a table")),
+            _ => {
+                return Err(ConfigError::invalid(
+                    "model",
+                    "the model config does not serialize to a table",
+                ));
+            }
         };
         let known: Vec<String> = merged.keys().cloned().collect();
         for (key, value) in table.iter().filter(|(k, _)| k.as_str() != "preset") {
@@ -56,42 +67,69 @@ impl ModelSection {
                     Some(format!("model.{key}")),
                     "unknown key; expected `preset` or a field of the Zamba config (see crates/zamba-model/src/config.rs)",
                 );
-                e.did_you_mean = closest(key, known.iter().map(String::as_str).chain(["preset"])).map(|s| format!("model.{s}"));
+                e.did_you_mean = closest(key, known.iter().map(String::as_str).chain(["preset"]))
+                    .map(|s| format!("model.{s}"));
                 return Err(e);
             }
             // Type-check each field alone so the error names it (ZambaConfig fills in the rest).
             let single = Value::Object([(key.clone(), value.clone())].into_iter().collect());
             if let Err(e) = serde_json::from_value::<ZambaConfig>(single) {
-                return Err(ConfigError::new(ConfigErrorKind::WrongType, Some(format!("model.{key}")), friendly_type_error(&e.to_string())));
+                return Err(ConfigError::new(
+                    ConfigErrorKind::WrongType,
+                    Some(format!("model.{key}")),
+                    friendly_type_error(&e.to_string()),
+                ));
             }
             merged.insert(key.clone(), value.clone());
         }
-        let config: ZambaConfig = serde_json::from_value(Value::Object(merged))
-            .map_err(|e| ConfigError::new(ConfigErrorKind::WrongType, Some("model".into()), e.to_string()))?;
+        let config: ZambaConfig = serde_json::from_value(Value::Object(merged)).map_err(|e| {
+            ConfigError::new(
+                ConfigErrorKind::WrongType,
+                Some("model".into()),
+                e.to_string(),
+            )
+        })?;
         config.validate().map_err(|e| {
             let message = e.to_string();
             // ZambaConfig's messages mention the offending field(s); prefer one the user set.
             let mentioned = |k: &&String| message.contains(k.as_str());
-            let set_by_user = table.keys().filter(|k| k.as_str() != "preset").filter(mentioned).max_by_key(|k| k.len());
-            let key = set_by_user.or_else(|| known.iter().filter(mentioned).max_by_key(|k| k.len())).map(|k| format!("model.{k}"));
-            ConfigError::new(ConfigErrorKind::Invalid, key.or(Some("model".into())), message)
+            let set_by_user = table
+                .keys()
+                .filter(|k| k.as_str() != "preset")
+                .filter(mentioned)
+                .max_by_key(|k| k.len());
+            let key = set_by_user
+                .or_else(|| known.iter().filter(mentioned).max_by_key(|k| k.len()))
+                .map(|k| format!("model.{k}"));
+            ConfigError::new(
+                ConfigErrorKind::Invalid,
+                key.or(Some("model".into())),
+                message,
+            )
         })?;
         Ok(Self { preset, config })
     }
 }
 
 fn friendly_type_error(message: &str) -> String {
-    message.replace("expected usize", "expected a non-negative integer").replace("expected f64", "expected a number")
+    message
+        .replace("expected usize", "expected a non-negative integer")
+        .replace("expected f64", "expected a number")
 }
 
 impl Serialize for ModelSection {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
-        let map: BTreeMap<String, Value> = match serde_json::to_value(&self.config).map_err(S::Error::custom)? {
-            // TOML has no null: absent optional fields are simply left out.
-            Value::Object(m) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
-            _ => return Err(S::Error::custom("the model config does not serialize to a table")),
-        };
+        let map: BTreeMap<String, Value> =
+            match serde_json::to_value(&self.config).map_err(S::Error::custom)? {
+                // TOML has no null: absent optional fields are simply left out.
+                Value::Object(m) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+                _ => {
+                    return Err(S::Error::custom(
+                        "the model config does not serialize to a table",
+                    ));
+                }
+            };
         // The preset first, so a reader sees what the fields override.
         use serde::ser::SerializeMap;
         let mut out = s.serialize_map(Some(map.len() + 1))?;

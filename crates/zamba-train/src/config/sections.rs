@@ -153,7 +153,10 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { every: 0, batches: default_eval_batches() }
+        Self {
+            every: 0,
+            batches: default_eval_batches(),
+        }
     }
 }
 
@@ -178,7 +181,10 @@ pub struct LoggingSection {
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self { every: 1, progress: true }
+        Self {
+            every: 1,
+            progress: true,
+        }
     }
 }
 
@@ -202,11 +208,16 @@ impl std::fmt::Display for Device {
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("unknown device {s:?}; expected \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")");
+        let bad =
+            || format!("unknown device {s:?}; expected \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")");
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
-            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).ok_or_else(bad),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(bad),
         }
     }
 }
@@ -240,6 +251,10 @@ pub struct RuntimeSection {
 
 impl Default for RuntimeSection {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: None, world_size: 1 }
+        Self {
+            device: Device::Cpu,
+            threads: None,
+            world_size: 1,
+        }
     }
 }

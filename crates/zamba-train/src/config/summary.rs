@@ -14,7 +14,11 @@ pub fn human_count(n: f64) -> String {
         x if x >= 1e3 => (n / 1e3, " K"),
         _ => (n, ""),
     };
-    if unit.is_empty() { format!("{v}") } else { format!("{v:.2}{unit}") }
+    if unit.is_empty() {
+        format!("{v}")
+    } else {
+        format!("{v:.2}{unit}")
+    }
 }
 
 pub(super) fn summary(c: &RunConfig) -> String {
@@ -32,7 +36,12 @@ pub(super) fn summary(c: &RunConfig) -> String {
             let _ = writeln!(out, "(cannot print: {e})");
         }
     }
-    let _ = writeln!(out, "\n== Run {:?} → {} ==", c.run.name, c.run.dir.display());
+    let _ = writeln!(
+        out,
+        "\n== Run {:?} → {} ==",
+        c.run.name,
+        c.run.dir.display()
+    );
     let preset = c.model.preset.as_deref().unwrap_or("transformers defaults");
     let _ = writeln!(
         out,
@@ -58,12 +67,27 @@ pub(super) fn summary(c: &RunConfig) -> String {
             out,
             "init         weights from {} ({} optimizer state); step counter, LR and data position start fresh",
             init.from.display(),
-            if init.load_optimizer { "with" } else { "without" }
+            if init.load_optimizer {
+                "with"
+            } else {
+                "without"
+            }
         );
     }
     let weights = c.data.normalised_weights();
-    let mixture: Vec<String> = c.data.sources.keys().zip(&weights).map(|(n, w)| format!("{n} {:.1}%", 100.0 * w)).collect();
-    let _ = writeln!(out, "data         seq_len {}, mixture {}", c.data.seq_len, mixture.join(", "));
+    let mixture: Vec<String> = c
+        .data
+        .sources
+        .keys()
+        .zip(&weights)
+        .map(|(n, w)| format!("{n} {:.1}%", 100.0 * w))
+        .collect();
+    let _ = writeln!(
+        out,
+        "data         seq_len {}, mixture {}",
+        c.data.seq_len,
+        mixture.join(", ")
+    );
     let _ = writeln!(
         out,
         "batch        {} sequences × {} = {} tokens per step; micro-batch {} × world {} → gradient accumulation {}",
@@ -74,7 +98,13 @@ pub(super) fn summary(c: &RunConfig) -> String {
         c.runtime.world_size,
         c.grad_accum_steps()
     );
-    let _ = writeln!(out, "training     {} steps → {} tokens ({})", c.train.steps, c.total_tokens(), human_count(total_tokens));
+    let _ = writeln!(
+        out,
+        "training     {} steps → {} tokens ({})",
+        c.train.steps,
+        c.total_tokens(),
+        human_count(total_tokens)
+    );
     let _ = writeln!(
         out,
         "FLOPs/token  forward {} (matmul {}, attention {}, scan {}); training ≈ 3× = {}",
@@ -98,15 +128,27 @@ pub(super) fn summary(c: &RunConfig) -> String {
         o.beta2,
         o.eps,
         o.weight_decay,
-        if o.decay_embeddings { " (embeddings too)" } else { "" },
-        if o.clip_grad_norm > 0.0 { format!("{}", o.clip_grad_norm) } else { "off".into() }
+        if o.decay_embeddings {
+            " (embeddings too)"
+        } else {
+            ""
+        },
+        if o.clip_grad_norm > 0.0 {
+            format!("{}", o.clip_grad_norm)
+        } else {
+            "off".into()
+        }
     );
     let _ = writeln!(
         out,
         "checkpoints  every {} steps, keep last {}{}; eval every {} steps",
         c.checkpoint.every,
         c.checkpoint.keep_last,
-        if c.checkpoint.keep_every > 0 { format!(" + every {}", c.checkpoint.keep_every) } else { String::new() },
+        if c.checkpoint.keep_every > 0 {
+            format!(" + every {}", c.checkpoint.keep_every)
+        } else {
+            String::new()
+        },
         c.eval.every
     );
     out.push_str(&c.schedule.summary(c.train.steps));

@@ -57,24 +57,37 @@ impl SyntheticSection {
             web_docs: self.web_docs,
             instruct_examples: self.instruct_examples,
             validation_fraction: self.validation_fraction,
-            tokenizer: self.tokenizer.parse::<TokenizerSpec>().unwrap_or(TokenizerSpec::Byte),
+            tokenizer: self
+                .tokenizer
+                .parse::<TokenizerSpec>()
+                .unwrap_or(TokenizerSpec::Byte),
             row_group_tokens: self.row_group_tokens,
         }
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.web_docs == 0 || self.instruct_examples == 0 {
-            let key = if self.web_docs == 0 { "synthetic.web_docs" } else { "synthetic.instruct_examples" };
+            let key = if self.web_docs == 0 {
+                "synthetic.web_docs"
+            } else {
+                "synthetic.instruct_examples"
+            };
             return Err(ConfigError::invalid(key, "must be > 0"));
         }
         if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
             return Err(ConfigError::invalid(
                 "synthetic.validation_fraction",
-                format!("is {}; expected a fraction in (0, 1)", self.validation_fraction),
+                format!(
+                    "is {}; expected a fraction in (0, 1)",
+                    self.validation_fraction
+                ),
             ));
         }
         if self.row_group_tokens == 0 {
-            return Err(ConfigError::invalid("synthetic.row_group_tokens", "must be > 0"));
+            return Err(ConfigError::invalid(
+                "synthetic.row_group_tokens",
+                "must be > 0",
+            ));
         }
         Ok(())
     }
@@ -96,9 +109,12 @@ pub(crate) fn check_references(data: &DataConfig) -> Result<(), ConfigError> {
                     let mut e = ConfigError::new(
                         ConfigErrorKind::Invalid,
                         Some(format!("data.sources.{name}.{list}[{i}]")),
-                        format!("unknown synthetic set {set:?}; expected \"synthetic:web\" or \"synthetic:instruct\""),
+                        format!(
+                            "unknown synthetic set {set:?}; expected \"synthetic:web\" or \"synthetic:instruct\""
+                        ),
                     );
-                    e.did_you_mean = closest(set, SYNTHETIC_SETS.iter().copied()).map(|s| format!("\"synthetic:{s}\""));
+                    e.did_you_mean = closest(set, SYNTHETIC_SETS.iter().copied())
+                        .map(|s| format!("\"synthetic:{s}\""));
                     return Err(e);
                 }
             }
@@ -108,7 +124,10 @@ pub(crate) fn check_references(data: &DataConfig) -> Result<(), ConfigError> {
 }
 
 pub(crate) fn uses_synthetic(data: &DataConfig) -> bool {
-    data.sources.values().flat_map(|s| s.paths.iter().chain(&s.validation)).any(|p| synthetic_set(p).is_some())
+    data.sources
+        .values()
+        .flat_map(|s| s.paths.iter().chain(&s.validation))
+        .any(|p| synthetic_set(p).is_some())
 }
 
 /// Makes relative data paths relative to `base`, leaving synthetic references alone (the
@@ -139,7 +158,9 @@ pub(crate) fn materialize(data: &DataConfig, section: &SyntheticSection) -> Resu
                     (Some("web"), true) => &cache.web_validation,
                     (Some("instruct"), false) => &cache.instruct_train,
                     (Some("instruct"), true) => &cache.instruct_validation,
-                    (Some(other), _) => anyhow::bail!("unknown synthetic set {other:?}; expected \"synthetic:web\" or \"synthetic:instruct\""),
+                    (Some(other), _) => anyhow::bail!(
+                        "unknown synthetic set {other:?}; expected \"synthetic:web\" or \"synthetic:instruct\""
+                    ),
                     (None, _) => continue,
                 };
                 *p = dir.to_string_lossy().into_owned();
