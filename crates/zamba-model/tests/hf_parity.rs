@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 use zamba_model::hf::{HfCheckpoint, export_hf_tensors, write_safetensors};
 use zamba_model::{HostTensor, SaveDtype, ZambaConfig, ZambaModel, load_hf, next_token_loss};
 
@@ -316,6 +317,19 @@ fn export_writes_back_exactly_what_was_loaded() {
     }
 }
 
+/// Maps each parameter to its gradient.
+struct ToGradient<'a>(&'a Gradients);
+
+impl ModuleMapper for ToGradient<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let grad = param
+            .val()
+            .grad(self.0)
+            .expect("every parameter receives a gradient");
+        Param::from_tensor(grad)
+    }
+}
+
 /// Gradient norms of the loss against the ones transformers computed (`grad_norms` in the
 /// fixture): checks the backward pass of every kind of parameter, including the shared block
 /// (summed over its uses) and the embedding's padding row.
@@ -335,127 +349,22 @@ fn gradient_norms_equal_transformers() {
         let input =
             Tensor::<2, Int>::from_data(TensorData::new(exp.tokens.clone(), vec![1, n]), &device);
         let grads = next_token_loss(model.forward(input.clone()), input).backward();
-        let norm = |t: Tensor<2>| {
-            t.grad(&grads)
-                .unwrap()
-                .square()
-                .sum()
-                .sqrt()
-                .into_scalar::<f32>() as f64
-        };
-        let norm1 = |t: Tensor<1>| {
-            t.grad(&grads)
-                .unwrap()
-                .square()
-                .sum()
-                .sqrt()
-                .into_scalar::<f32>() as f64
-        };
-        let norm3 = |t: Tensor<3>| {
-            t.grad(&grads)
-                .unwrap()
-                .square()
-                .sum()
-                .sqrt()
-                .into_scalar::<f32>() as f64
-        };
-        let h = config.hybrid_layers()[0];
-        let s = &model.shared;
-        let sp = format!("model.layers.{h}.shared_transf");
-        let mut ours: Vec<(String, f64)> = vec![
-            (
-                "model.embed_tokens.weight".into(),
-                norm(model.embed_tokens.weight.val()),
-            ),
-            (
-                "model.final_layernorm.weight".into(),
-                norm1(model.final_layernorm.gamma.val()),
-            ),
-            (
-                format!("{sp}.self_attn.q_proj.weight"),
-                norm(s.q_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.self_attn.k_proj.weight"),
-                norm(s.k_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.self_attn.v_proj.weight"),
-                norm(s.v_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.self_attn.o_proj.weight"),
-                norm(s.o_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.feed_forward.gate_proj.weight"),
-                norm(s.gate_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.feed_forward.up_proj.weight"),
-                norm(s.up_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.feed_forward.down_proj.weight"),
-                norm(s.down_proj.weight.val()),
-            ),
-            (
-                format!("{sp}.input_layernorm.weight"),
-                norm1(s.input_layernorm.gamma.val()),
-            ),
-            (
-                format!("{sp}.pre_ff_layernorm.weight"),
-                norm1(s.pre_ff_layernorm.gamma.val()),
-            ),
-        ];
-        for (i, layer) in model.layers.iter().enumerate() {
-            let p = if layer.hybrid_linear.is_some() {
-                format!("model.layers.{i}.mamba_decoder")
-            } else {
-                format!("model.layers.{i}")
-            };
-            let m = &layer.mamba;
-            ours.extend([
-                (
-                    format!("{p}.input_layernorm.weight"),
-                    norm1(layer.input_layernorm.gamma.val()),
-                ),
-                (
-                    format!("{p}.mamba.in_proj.weight"),
-                    norm(m.in_proj.weight.val()),
-                ),
-                (
-                    format!("{p}.mamba.conv1d.weight"),
-                    norm(m.conv_weight.val()),
-                ),
-                (format!("{p}.mamba.conv1d.bias"), norm1(m.conv_bias.val())),
-                (
-                    format!("{p}.mamba.x_proj_weight"),
-                    norm3(m.x_proj_weight.val()),
-                ),
-                (
-                    format!("{p}.mamba.dt_proj_weight"),
-                    norm3(m.dt_proj_weight.val()),
-                ),
-                (
-                    format!("{p}.mamba.dt_proj_bias"),
-                    norm(m.dt_proj_bias.val()),
-                ),
-                (format!("{p}.mamba.A_log"), norm3(m.a_log.val())),
-                (format!("{p}.mamba.D"), norm(m.d_skip.val())),
-                (
-                    format!("{p}.mamba.out_proj.weight"),
-                    norm(m.out_proj.weight.val()),
-                ),
-            ]);
-            if let Some(l) = &layer.hybrid_linear {
-                ours.push((
-                    format!("model.layers.{i}.linear.weight"),
-                    norm(l.weight.val()),
-                ));
-            }
-        }
-        for (key, got) in ours {
+        // Replace every parameter by its gradient and export under transformers' names: the
+        // export's layout changes (transposes, de-interleaving) keep norms unchanged.
+        let grad_model = model.map(&mut ToGradient(&grads));
+        let ours = export_hf_tensors(&grad_model, &config);
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (key, grad) in ours {
+            let got = grad
+                .data
+                .iter()
+                .map(|&g| (g as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
             let want = reference[&key];
             let rel = (got - want).abs() / want.max(1e-12);
             assert!(
