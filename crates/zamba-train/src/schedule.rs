@@ -301,6 +301,16 @@ impl ScheduleConfig {
             }
             Ok(())
         };
+        // A decay from `peak_lr` down to `end` (min_lr / final_lr, named `field`).
+        let goes_down = |field: &str, end: f64, peak: f64| -> Result<(), ScheduleError> {
+            if end > peak {
+                return err(
+                    field,
+                    format!("({end}) is above peak_lr ({peak}); a decay must go down"),
+                );
+            }
+            Ok(())
+        };
         if total_steps == 0 {
             return err(
                 "kind",
@@ -327,28 +337,12 @@ impl ScheduleConfig {
             ScheduleConfig::Cosine(c) => {
                 lr_ok("peak_lr", c.peak_lr, true)?;
                 lr_ok("min_lr", c.min_lr, false)?;
-                if c.min_lr > c.peak_lr {
-                    return err(
-                        "min_lr",
-                        format!(
-                            "({}) is above peak_lr ({}); a decay must go down",
-                            c.min_lr, c.peak_lr
-                        ),
-                    );
-                }
+                goes_down("min_lr", c.min_lr, c.peak_lr)?;
             }
             ScheduleConfig::Wsd(c) => {
                 lr_ok("peak_lr", c.peak_lr, true)?;
                 lr_ok("min_lr", c.min_lr, false)?;
-                if c.min_lr > c.peak_lr {
-                    return err(
-                        "min_lr",
-                        format!(
-                            "({}) is above peak_lr ({}); a decay must go down",
-                            c.min_lr, c.peak_lr
-                        ),
-                    );
-                }
+                goes_down("min_lr", c.min_lr, c.peak_lr)?;
                 match (c.decay_steps, c.decay_fraction) {
                     (Some(_), Some(_)) => {
                         return err(
@@ -391,15 +385,7 @@ impl ScheduleConfig {
                 lr_ok("start_lr", c.start_lr, false)?;
                 lr_ok("peak_lr", c.peak_lr, true)?;
                 lr_ok("final_lr", c.final_lr, false)?;
-                if c.final_lr > c.peak_lr {
-                    return err(
-                        "final_lr",
-                        format!(
-                            "({}) is above peak_lr ({}); a decay must go down",
-                            c.final_lr, c.peak_lr
-                        ),
-                    );
-                }
+                goes_down("final_lr", c.final_lr, c.peak_lr)?;
                 if c.start_lr > c.peak_lr {
                     return err(
                         "start_lr",
