@@ -172,6 +172,7 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
             "grad_norm": finite(grad_norm),
             "tokens_per_sec": tok_s,
             "gflops": train_flops * tok_s / 1e9,
+            "mfu": config.runtime.peak_gflops.map(|peak| train_flops * tok_s / 1e9 / peak),
             "skipped": skip.is_some(),
         }))?;
         progress.set_position(state.step);
@@ -233,14 +234,14 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
 /// Set by SIGINT/SIGTERM; the loop checks it after each step. The handler is process-wide and can
 /// be installed once, so it is shared by every run of the process.
 fn stop_flag() -> Result<&'static AtomicBool> {
-    static STOP: OnceLock<&'static AtomicBool> = OnceLock::new();
-    if let Some(flag) = STOP.get() {
-        return Ok(flag);
-    }
-    let flag: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the SIGINT/SIGTERM handler")?;
-    Ok(STOP.get_or_init(|| flag))
+    static STOP: OnceLock<Result<&'static AtomicBool, String>> = OnceLock::new();
+    let installed = STOP.get_or_init(|| {
+        let flag: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+            .map(|()| flag)
+            .map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))
+    });
+    installed.clone().map_err(anyhow::Error::msg)
 }
 
 fn make_device(choice: DeviceChoice) -> Result<Device> {

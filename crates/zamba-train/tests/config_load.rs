@@ -224,6 +224,10 @@ fn wrong_types_name_the_key_and_the_expected_type() {
     let e = err(&format!("{SMALL}\n[runtime]\ndevice = \"gpu\"\n"), &[]);
     assert_eq!(e.key.as_deref(), Some("runtime.device"));
     assert!(e.message.contains("cuda:N"), "{}", e.message);
+
+    let e = err(&format!("{SMALL}\n[runtime]\npeak_gflops = -5.0\n"), &[]);
+    assert_eq!(e.key.as_deref(), Some("runtime.peak_gflops"));
+    assert!(load(&format!("{SMALL}\n[runtime]\npeak_gflops = 50.0\n"), &[]).is_ok());
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The trainer end to end on a tiny model and small synthetic data: the loss drops, a resumed run
-//! continues bit-identically, an annealing run starts from exactly the phase-1 weights.
+//! continues bit-identically (also after a real SIGINT), an annealing run starts from exactly the
+//! phase-1 weights.
 
 use std::path::{Path, PathBuf};
 
@@ -200,6 +201,58 @@ steps = 4
     );
     let err = format!("{:#}", train(&options(bad)).unwrap_err());
     assert!(err.contains("load_optimizer"), "{err}");
+}
+
+#[test]
+fn sigint_checkpoints_and_the_rerun_matches_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = format!("{SCHEDULE}\n[train]\nsteps = 300\n");
+    let reference_config = write_config(tmp.path(), "reference", &steps);
+    train(&options(reference_config)).unwrap();
+    let reference = step_losses(&tmp.path().join("reference"));
+
+    let config = write_config(tmp.path(), "interrupted", &steps);
+    let run_dir = tmp.path().join("interrupted");
+    let launch = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zamba-train"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--set", "checkpoint.every=1000"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = launch();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run wrote no metrics"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "SIGINT must end the run with exit code 0"
+    );
+    assert!(
+        !run_dir.join(DONE_FILE).exists(),
+        "the run finished before the signal; the test needs more steps"
+    );
+    let saved = zamba_train::checkpoint::list(&run_dir).unwrap();
+    assert_eq!(saved.len(), 1, "one checkpoint, written on SIGINT");
+    assert!(saved[0].0 < 300);
+
+    assert!(launch().wait().unwrap().success());
+    assert!(run_dir.join(DONE_FILE).exists());
+    assert_eq!(step_losses(&run_dir), reference);
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -196,6 +196,14 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_data()?;
         self.validate_batch()?;
+        if let Some(peak) = self.runtime.peak_gflops
+            && !(peak > 0.0 && peak.is_finite())
+        {
+            return Err(ConfigError::invalid(
+                "runtime.peak_gflops",
+                format!("is {peak}; expected a number of GFLOP/s > 0"),
+            ));
+        }
         let o = &self.optimizer;
         for (key, beta) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
             if !(0.0..1.0).contains(&beta) {

@@ -247,6 +247,10 @@ pub struct RuntimeSection {
     /// Data-parallel ranks sharing the global batch.
     #[serde(default = "default_one")]
     pub world_size: usize,
+    /// Peak GFLOP/s of one device, for the MFU column of metrics.jsonl (e.g. 989000 for an H100's
+    /// dense bf16; `zamba-train bench peak` measures a CPU's f32 peak). Absent: MFU is not logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gflops: Option<f64>,
 }
 
 impl Default for RuntimeSection {
@@ -255,6 +259,7 @@ impl Default for RuntimeSection {
             device: Device::Cpu,
             threads: None,
             world_size: 1,
+            peak_gflops: None,
         }
     }
 }
