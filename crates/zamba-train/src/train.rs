@@ -20,7 +20,7 @@ use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::Device as DeviceChoice;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, TrainSection};
 use crate::optim::{AdamW, AdamWParams, clip_factor, global_grad_norm};
 use crate::plot::METRICS_FILE;
 
@@ -138,7 +138,7 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         let grads = accumulator.grads();
         let grad_norm = global_grad_norm(&model, &grads);
 
-        let skip = skip_reason(loss_sum, grad_norm, &state.loss_window, &config);
+        let skip = skip_reason(loss_sum, grad_norm, &state.loss_window, &config.train);
         if let Some(reason) = &skip {
             state.consecutive_skips += 1;
             state.total_skips += 1;
@@ -408,14 +408,15 @@ fn micro_batch(
 }
 
 /// Why the update of a step must be skipped, if it must.
-fn skip_reason(loss: f64, grad_norm: f64, window: &[f64], config: &RunConfig) -> Option<String> {
+/// The spike test needs a full window of `spike_window` recent losses.
+fn skip_reason(loss: f64, grad_norm: f64, window: &[f64], train: &TrainSection) -> Option<String> {
     if !loss.is_finite() || !grad_norm.is_finite() {
         return Some(format!(
             "non-finite loss {loss} or gradient norm {grad_norm}"
         ));
     }
-    let threshold = config.train.spike_zscore?;
-    if window.len() < config.train.spike_window.max(2) {
+    let threshold = train.spike_zscore?;
+    if window.len() < train.spike_window.max(2) {
         return None;
     }
     let n = window.len() as f64;
@@ -522,5 +523,60 @@ impl MetricsLog {
 
     fn step(&mut self, line: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{line}").context("writing metrics.jsonl")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(spike_zscore: Option<f64>, spike_window: usize) -> TrainSection {
+        TrainSection {
+            steps: 10,
+            max_consecutive_skips: 3,
+            spike_zscore,
+            spike_window,
+        }
+    }
+
+    #[test]
+    fn non_finite_steps_are_skipped() {
+        let t = section(None, 4);
+        assert!(
+            skip_reason(f64::NAN, 1.0, &[], &t)
+                .unwrap()
+                .contains("non-finite")
+        );
+        assert!(
+            skip_reason(2.0, f64::INFINITY, &[], &t)
+                .unwrap()
+                .contains("non-finite")
+        );
+        assert_eq!(skip_reason(2.0, 1.0, &[], &t), None);
+    }
+
+    #[test]
+    fn spikes_are_skipped_only_with_a_full_window() {
+        let t = section(Some(6.0), 4);
+        let window = [2.0, 2.1, 1.9, 2.0];
+        assert!(
+            skip_reason(5.0, 1.0, &window, &t)
+                .unwrap()
+                .contains("loss spike")
+        );
+        assert_eq!(skip_reason(2.2, 1.0, &window, &t), None);
+        assert_eq!(
+            skip_reason(5.0, 1.0, &window[..3], &t),
+            None,
+            "window not full yet"
+        );
+        assert_eq!(
+            skip_reason(5.0, 1.0, &window, &section(None, 4)),
+            None,
+            "spike skip off"
+        );
+        let mut w = window.to_vec();
+        push_window(&mut w, 3.0, 4);
+        assert_eq!(w, vec![2.1, 1.9, 2.0, 3.0]);
     }
 }
