@@ -24,6 +24,7 @@ use crate::schedule::ScheduleConfig;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -362,6 +363,43 @@ fn plot_err<E: std::error::Error + Send + Sync + 'static>(
     anyhow!("{e}")
 }
 
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One line per run, in the run's color, with the legend box.
+fn draw_run_lines<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    runs: &[(String, RunMetrics)],
+    points: impl Fn(&RunMetrics) -> Vec<(f64, f64)>,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    for (i, (label, m)) in runs.iter().enumerate() {
+        let color = run_color(i);
+        chart
+            .draw_series(LineSeries::new(points(m), color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(label.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    draw_legend(chart)
+}
+
+fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
+}
+
 fn draw_runs<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     runs: &[(String, RunMetrics)],
@@ -402,28 +440,12 @@ where
         .x_label_formatter(&tokens_label)
         .draw()
         .map_err(plot_err)?;
-    for (i, (label, m)) in runs.iter().enumerate() {
-        let color = run_color(i);
-        let points: Vec<(f64, f64)> = m
-            .steps
+    draw_run_lines(&mut chart, runs, |m| {
+        m.steps
             .iter()
             .filter_map(|s| s.loss.map(|l| (s.tokens as f64, l)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(plot_err)?
-            .label(label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+            .collect()
+    })?;
 
     // Held-out loss per source: one color per run, one marker per source.
     let sources: Vec<String> = {
@@ -514,13 +536,7 @@ where
         }
     }
     if !sources.is_empty() {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart)?;
     }
 
     // Learning rate.
@@ -540,24 +556,9 @@ where
         .y_label_formatter(&|y| format!("{y:.1e}"))
         .draw()
         .map_err(plot_err)?;
-    for (i, (label, m)) in runs.iter().enumerate() {
-        let color = run_color(i);
-        let points: Vec<(f64, f64)> = m.steps.iter().map(|s| (s.tokens as f64, s.lr)).collect();
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(plot_err)?
-            .label(label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    draw_run_lines(&mut chart, runs, |m| {
+        m.steps.iter().map(|s| (s.tokens as f64, s.lr)).collect()
+    })?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
