@@ -387,6 +387,36 @@ where
     draw_legend(chart)
 }
 
+/// A panel of the runs plot: training tokens on x.
+fn token_panel<'a, DB: DrawingBackend + 'a>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    y_desc: &str,
+    y_label: Option<&dyn Fn(&f64) -> String>,
+) -> Result<Chart<'a, DB>>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, y)
+        .map_err(plot_err)?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc("tokens")
+        .y_desc(y_desc)
+        .x_label_formatter(&tokens_label);
+    if let Some(format) = y_label {
+        mesh.y_label_formatter(format);
+    }
+    mesh.draw().map_err(plot_err)?;
+    Ok(chart)
+}
+
 fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> DrawResult
 where
     DB::ErrorType: 'static,
@@ -426,20 +456,14 @@ where
         runs.iter()
             .flat_map(|(_, m)| m.steps.iter().filter_map(|s| s.loss)),
     );
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("train loss", ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x_range.clone(), lo..hi)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("tokens")
-        .y_desc("loss")
-        .x_label_formatter(&tokens_label)
-        .draw()
-        .map_err(plot_err)?;
+    let mut chart = token_panel(
+        &panels[0],
+        "train loss",
+        x_range.clone(),
+        lo..hi,
+        "loss",
+        None,
+    )?;
     draw_run_lines(&mut chart, runs, |m| {
         m.steps
             .iter()
@@ -463,20 +487,14 @@ where
     );
     // Headroom above the curves for the legend (one row per run and source).
     let hi = hi + (hi - lo) * (0.08 * (runs.len() * sources.len()) as f64).min(0.6);
-    let mut chart = ChartBuilder::on(&panels[1])
-        .caption("held-out loss per source", ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x_range.clone(), lo..hi)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("tokens")
-        .y_desc("loss")
-        .x_label_formatter(&tokens_label)
-        .draw()
-        .map_err(plot_err)?;
+    let mut chart = token_panel(
+        &panels[1],
+        "held-out loss per source",
+        x_range.clone(),
+        lo..hi,
+        "loss",
+        None,
+    )?;
     if sources.is_empty() {
         panels[1]
             .draw(&Text::new(
@@ -541,21 +559,15 @@ where
 
     // Learning rate.
     let (_, hi) = range_of(runs.iter().flat_map(|(_, m)| m.steps.iter().map(|s| s.lr)));
-    let mut chart = ChartBuilder::on(&panels[2])
-        .caption("learning rate", ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x_range, 0.0..hi.max(1e-12))
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("tokens")
-        .y_desc("lr")
-        .x_label_formatter(&tokens_label)
-        .y_label_formatter(&|y| format!("{y:.1e}"))
-        .draw()
-        .map_err(plot_err)?;
+    let lr_label = |y: &f64| format!("{y:.1e}");
+    let mut chart = token_panel(
+        &panels[2],
+        "learning rate",
+        x_range,
+        0.0..hi.max(1e-12),
+        "lr",
+        Some(&lr_label),
+    )?;
     draw_run_lines(&mut chart, runs, |m| {
         m.steps.iter().map(|s| (s.tokens as f64, s.lr)).collect()
     })?;
