@@ -4,6 +4,8 @@
 
 mod comm;
 mod error;
+mod single;
 
 pub use comm::{Communicator, ReduceOp};
 pub use error::DistError;
+pub use single::SingleRank;

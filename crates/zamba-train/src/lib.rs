@@ -3,8 +3,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data_parallel;
+pub mod launch;
+pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod rank;
 pub mod schedule;
 pub mod sweep;
 pub mod train;

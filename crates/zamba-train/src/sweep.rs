@@ -17,7 +17,7 @@
 //! finished and skipped on a re-run. `OUT/summary.md` and `OUT/summary.csv` list every point.
 
 use crate::config::{ConfigError, RunConfig, closest};
-use crate::plot::{RunMetrics, metrics_path, read_metrics};
+use crate::metrics::{DONE_FILE, RunMetrics, is_done, metrics_path, read_metrics};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,9 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
-
-/// The file the trainer writes in `run.dir` when a run has finished all its steps.
-pub const DONE_FILE: &str = "DONE";
 
 #[derive(Args, Debug, Clone)]
 pub struct SweepArgs {
@@ -201,7 +198,7 @@ pub struct SweepPoint {
 
 impl SweepPoint {
     pub fn is_done(&self) -> bool {
-        self.run_dir.join(DONE_FILE).exists()
+        is_done(&self.run_dir)
     }
 }
 

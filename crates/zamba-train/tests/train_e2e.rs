@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use zamba_train::train::{DONE_FILE, TrainOptions, train};
+use zamba_train::metrics::DONE_FILE;
+use zamba_train::train::{TrainOptions, train};
 
 /// A tiny run on the synthetic web set, generated into `dir/cache` on first use.
 fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {

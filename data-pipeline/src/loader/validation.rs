@@ -54,6 +54,14 @@ impl ValidationBatches {
         self.per_rank
     }
 
+    /// Stops the pass after this rank's first `windows` windows. With `windows` =
+    /// ⌈(n − rank) / world⌉ the ranks together read exactly the first `n` windows of the set,
+    /// whatever the world size.
+    pub fn limit_windows(mut self, windows: u64) -> Self {
+        self.per_rank = self.per_rank.min(windows);
+        self
+    }
+
     fn read_batch(&mut self) -> Result<Batch> {
         let rows = (self.per_rank - self.next).min(self.rows as u64) as usize;
         let l = self.seq_len;

@@ -7,13 +7,14 @@
 //! [data]       zamba_data::DataConfig: seq_len, seed, [data.sources.NAME] paths/weight/validation
 //! [synthetic]  how "synthetic:web" / "synthetic:instruct" sources are generated (optional)
 //! [batch]      tokens | sequences, micro_batch
-//! [optimizer]  beta1, beta2, eps, weight_decay, decay_embeddings, clip_grad_norm
+//! [optimizer]  beta1, beta2, eps, weight_decay, decay_embeddings, clip_grad_norm, zero
 //! [schedule]   kind = "constant" | "cosine" | "wsd" | "anneal", … (see crate::schedule)
 //! [train]      steps, max_consecutive_skips, spike_zscore, spike_window
 //! [checkpoint] every, keep_last, keep_every
 //! [eval]       every, batches
 //! [logging]    every, progress
 //! [runtime]    device, threads, world_size
+//! [dist]       bucket_mb, timeout_s
 //! ```
 //!
 //! Paths: data shard paths and `synthetic.tokenizer` are inputs shipped next to the config and
@@ -70,6 +71,8 @@ pub struct RunConfig {
     pub logging: LoggingSection,
     #[serde(default)]
     pub runtime: RuntimeSection,
+    #[serde(default)]
+    pub dist: DistSection,
 }
 
 const SCHEDULE_KINDS: &[&str] = &["constant", "cosine", "wsd", "anneal"];
@@ -287,6 +290,34 @@ impl RunConfig {
             return Err(ConfigError::invalid(
                 "logging.every",
                 "is 0; expected at least 1",
+            ));
+        }
+        if o.zero > 1 {
+            return Err(ConfigError::invalid(
+                "optimizer.zero",
+                format!(
+                    "is {}; expected 0 (no sharding) or 1 (ZeRO-1: AdamW moments sharded over ranks)",
+                    o.zero
+                ),
+            ));
+        }
+        let dist = &self.dist;
+        if !(dist.bucket_mb > 0.0 && dist.bucket_mb.is_finite()) {
+            return Err(ConfigError::invalid(
+                "dist.bucket_mb",
+                format!(
+                    "is {}; expected a bucket size in MiB > 0 (e.g. 25)",
+                    dist.bucket_mb
+                ),
+            ));
+        }
+        if !(dist.timeout_s > 0.0 && dist.timeout_s.is_finite()) {
+            return Err(ConfigError::invalid(
+                "dist.timeout_s",
+                format!(
+                    "is {}; expected a number of seconds > 0 (e.g. 300)",
+                    dist.timeout_s
+                ),
             ));
         }
         if self.runtime.threads == Some(0) {

@@ -78,6 +78,11 @@ pub struct OptimizerSection {
     /// Global gradient-norm clip; 0 turns clipping off.
     #[serde(default = "default_clip")]
     pub clip_grad_norm: f64,
+    /// ZeRO stage: 0 = every rank keeps AdamW moments for all parameters; 1 = each rank keeps
+    /// them for ~1/world_size of the parameters (gradients reduce-scattered, updated parameters
+    /// all-gathered). Checkpoints are the same either way.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 impl Default for OptimizerSection {
@@ -89,6 +94,7 @@ impl Default for OptimizerSection {
             weight_decay: default_weight_decay(),
             decay_embeddings: false,
             clip_grad_norm: default_clip(),
+            zero: 0,
         }
     }
 }
@@ -188,6 +194,36 @@ impl Default for LoggingSection {
     }
 }
 
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+fn default_timeout_s() -> f64 {
+    300.0
+}
+
+/// `[dist]`: data parallelism across ranks (see docs/distributed.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistSection {
+    /// Gradients are averaged over ranks in flat buckets of up to this many MiB (f32): a few large
+    /// collectives per step instead of one per parameter.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+    /// A collective that does not complete within this many seconds (a rank died or hangs)
+    /// fails on every rank with a message naming the missing rank(s); the run exits non-zero.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        Self {
+            bucket_mb: default_bucket_mb(),
+            timeout_s: default_timeout_s(),
+        }
+    }
+}
+
 /// Where the model runs: `"cpu"` or `"cuda:N"` (`"cuda"` = `"cuda:0"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
@@ -244,7 +280,9 @@ pub struct RuntimeSection {
     /// CPU threads for the compute pool; absent = all cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
-    /// Data-parallel ranks sharing the global batch.
+    /// Data-parallel ranks sharing the global batch. Under `zamba-train launch`, torchrun or
+    /// SLURM the launcher's world size is used (this key must then be 1 or equal to it); on the
+    /// CPU without a launcher, `world_size` > 1 runs the ranks as threads of one process.
     #[serde(default = "default_one")]
     pub world_size: usize,
     /// Peak GFLOP/s of one device, for the MFU column of metrics.jsonl (e.g. 989000 for an H100's

@@ -1,6 +1,7 @@
 //! The `--dry-run` report of a run config.
 
 use super::RunConfig;
+use crate::data_parallel::{Sharding, StateMemory};
 use std::fmt::Write as _;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 
@@ -19,6 +20,34 @@ pub fn human_count(n: f64) -> String {
     } else {
         format!("{v:.2}{unit}")
     }
+}
+
+/// Per-rank memory of parameters, gradients and AdamW moments at the configured world size,
+/// with and without ZeRO-1.
+fn memory_lines(c: &RunConfig, num_params: u64) -> String {
+    let world = c.runtime.world_size;
+    let gb = |b: f64| format!("{:.2} GB", b / 1e9);
+    let mut out = String::new();
+    for (name, sharding, zero) in [
+        ("no sharding", Sharding::Replicated, 0),
+        ("ZeRO-1", Sharding::Zero1, 1),
+    ] {
+        let m = StateMemory::per_rank(num_params, world, sharding);
+        let _ = writeln!(
+            out,
+            "memory/rank  {name:<11} (world {world}): parameters {} + gradients {} + AdamW moments {} = {}{}",
+            gb(m.params),
+            gb(m.grads),
+            gb(m.moments),
+            gb(m.total()),
+            if c.optimizer.zero == zero {
+                "  ← optimizer.zero"
+            } else {
+                ""
+            }
+        );
+    }
+    out
 }
 
 pub(super) fn summary(c: &RunConfig) -> String {
@@ -139,6 +168,7 @@ pub(super) fn summary(c: &RunConfig) -> String {
             "off".into()
         }
     );
+    out.push_str(&memory_lines(c, params.total() as u64));
     let _ = writeln!(
         out,
         "checkpoints  every {} steps, keep last {}{}; eval every {} steps",
