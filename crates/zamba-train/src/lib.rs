@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod rank;
+pub mod run_lock;
 pub mod schedule;
 pub mod sweep;
 pub mod train;

@@ -65,6 +65,38 @@ enum Command {
     /// Benchmarks (CPU): the model's training step, the scan op, the machine's matmul peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Inspect training checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Check that checkpoints are complete and every file is as written (size and blake3 against
+    /// the checkpoint's MANIFEST.json), e.g. after copying a run between clusters.
+    Verify {
+        /// Checkpoint directories (`<run.dir>/checkpoints/step-…`).
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
+}
+
+fn run_checkpoint(cmd: CheckpointCommand) -> Result<()> {
+    let CheckpointCommand::Verify { dirs } = cmd;
+    let mut failed = 0;
+    for dir in &dirs {
+        match zamba_train::checkpoint::verify(dir) {
+            Ok(()) => println!("ok      {}", dir.display()),
+            Err(e) => {
+                println!("FAILED  {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} checkpoint(s) do not verify", dirs.len());
+    }
+    Ok(())
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
@@ -101,6 +133,7 @@ fn main() -> ExitCode {
         Some(Command::Logits(args)) => inspect::logits(args),
         Some(Command::Params(args)) => inspect::params(args),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::Checkpoint(cmd)) => run_checkpoint(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,6 +31,7 @@ use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{AdamW, AdamWParams, SegmentUpdate, clip_factor};
 use crate::rank::RankContext;
+use crate::run_lock::RunLock;
 
 pub struct TrainOptions {
     pub config: PathBuf,
@@ -87,6 +88,8 @@ struct RankRun {
     state: TrainerState,
     /// Rank 0 only.
     metrics: Option<MetricsWriter>,
+    /// Rank 0's hold on the run directory, for the whole run.
+    _lock: Option<RunLock>,
 }
 
 /// What every rank agreed on after a step's gradients were reduced.
@@ -247,19 +250,20 @@ fn run_rank(
 /// parameter layout, the optimizer state for this rank's share, the loader and the metrics.
 fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Result<RankRun> {
     let run_dir = &config.run.dir;
+    // Rank 0 locks the run directory before anything in it is touched, then generates synthetic
+    // data (if any) first; the others then find it in the cache.
     let prepared = if ctx.is_main() {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating the run directory {}", run_dir.display()))
-            .and_then(|()| {
-                let resolved = config.to_toml_string()?;
-                Ok(std::fs::write(run_dir.join("config.toml"), resolved)?)
-            })
-            .and_then(|()| config.resolve_data().map(Some))
+        RunLock::acquire(run_dir).and_then(|lock| {
+            let resolved = config.to_toml_string()?;
+            std::fs::write(run_dir.join("config.toml"), resolved)
+                .with_context(|| format!("writing {}/config.toml", run_dir.display()))?;
+            Ok((Some(lock), Some(config.resolve_data()?)))
+        })
     } else {
-        Ok(None)
+        Ok((None, None))
     };
-    // Rank 0 generates synthetic data first (if any); the others then find it in the cache.
-    let data = match ctx.agree(prepared, "preparing the run directory and data")? {
+    let (lock, data) = ctx.agree(prepared, "preparing the run directory and data")?;
+    let data = match data {
         Some(data) => data,
         None => config.resolve_data()?,
     };
@@ -328,6 +332,7 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
         loader,
         state,
         metrics,
+        _lock: lock,
     })
 }
 
@@ -444,7 +449,15 @@ fn save_checkpoint(
         run.dp.sharding(),
         &run.state,
         &config.to_toml_string()?,
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "the checkpoint after step {} failed, so the run stops here; the earlier checkpoints in {} are intact \
+             (free disk space if it is full, then rerun the same command to resume from the newest)",
+            run.state.step - 1,
+            checkpoint::checkpoints_dir(&config.run.dir).display()
+        )
+    })?;
     if ctx.is_main() {
         checkpoint::prune(
             &config.run.dir,
@@ -507,29 +520,57 @@ fn make_device(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
     }
 }
 
-/// The checkpoint to resume from, decided by rank 0 (`--resume`, else the newest complete one in
-/// the run directory) and the same on every rank.
+/// The checkpoint to resume from, decided by rank 0 and the same on every rank: `--resume` (which
+/// must verify), else the newest checkpoint in the run directory that verifies.
 fn agreed_resume_dir(
     ctx: &RankContext,
     config: &RunConfig,
     opts: &TrainOptions,
 ) -> Result<Option<PathBuf>> {
     let choice = match ctx.is_main() {
-        true => {
-            let dir = match &opts.resume {
-                Some(path) => Some(path.clone()),
-                None => checkpoint::list(&config.run.dir)?.pop().map(|(_, p)| p),
-            };
-            let text = dir
-                .map(|d| d.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Some(text.into_bytes())
-        }
-        false => None,
+        true => resume_dir(&config.run.dir, opts.resume.as_deref()).map(|dir| {
+            let text = dir.map(|d| d.to_string_lossy().into_owned());
+            Some(text.unwrap_or_default().into_bytes())
+        }),
+        false => Ok(None),
     };
+    let choice = ctx.agree(choice, "choosing the checkpoint to resume from")?;
     let bytes = ctx.comm.broadcast_bytes(choice, 0)?;
     let text = String::from_utf8(bytes).context("the resume path from rank 0 is not UTF-8")?;
     Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+}
+
+fn resume_dir(run_dir: &Path, requested: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Some(dir) = requested {
+        checkpoint::verify(dir).context("refusing to resume from it (--resume)")?;
+        return Ok(Some(dir.to_path_buf()));
+    }
+    let mut failures = Vec::new();
+    for (_, dir) in checkpoint::list(run_dir)?.into_iter().rev() {
+        match checkpoint::verify(&dir) {
+            Ok(()) => {
+                if !failures.is_empty() {
+                    eprintln!(
+                        "warning: skipped {} newer checkpoint(s) that do not verify; resuming from {}",
+                        failures.len(),
+                        dir.display()
+                    );
+                }
+                return Ok(Some(dir));
+            }
+            Err(e) => {
+                eprintln!("warning: {e:#}; falling back to an earlier checkpoint");
+                failures.push(e);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "no checkpoint in {} verifies (see the warnings above); restore one, or move the checkpoints away to start afresh",
+            checkpoint::checkpoints_dir(run_dir).display()
+        );
+    }
+    Ok(None)
 }
 
 /// Resume (from `resume`), `[init] from` (a new phase from earlier weights), or a fresh
@@ -561,6 +602,7 @@ fn starting_point(
     if let Some(init) = &config.init {
         let from = &init.from;
         if checkpoint::is_checkpoint(from) {
+            checkpoint::verify(from).context("refusing to initialise from it ([init] from)")?;
             let loaded = checkpoint::load(from, device)?;
             ensure_same_model(&loaded.model_config, model_config, from)?;
             let (moments_from, moments) = if init.load_optimizer {

@@ -278,7 +278,8 @@ fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
     for (sharding, world) in [(Sharding::Replicated, 1), (Sharding::Zero1, 3)] {
         for rank in 0..world {
             let (dp, expected) = owned(&model, &full, sharding, rank, world);
-            let got = moments::read(ckpt.path(), &numel_ref, &wanted(&dp), true, &Device::flex()).unwrap();
+            let got = moments::read(ckpt.path(), &numel_ref, &wanted(&dp), true, &Device::flex())
+                .unwrap();
             assert_eq!(got.len(), expected.len());
             for (path, e) in &expected {
                 let g = &got[path];

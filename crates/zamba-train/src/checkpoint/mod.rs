@@ -7,6 +7,7 @@
 //!     optimizer/part-00000-of-00004.safetensors …  AdamW moments by parameter path (see [`moments`])
 //!     trainer.json                                  counters, loader state, optimizer step
 //!     config.toml                                   the resolved run config
+//!     MANIFEST.json                                 size and blake3 of every file above
 //!     COMPLETE                                      written last
 //! ```
 //! The model is stored in transformers' format so that any checkpoint can be loaded by
@@ -16,8 +17,10 @@
 //! With several ranks, rank 0 writes the model, trainer state and config; the optimizer parts are
 //! written by rank 0 alone, or under ZeRO-1 by every rank for the moments it owns. Every file is
 //! fsynced, then all ranks agree that their parts are on disk, and only then does rank 0 write the
-//! marker and rename the directory into place.
+//! manifest and the marker and rename the directory into place. Loading verifies the manifest
+//! ([`verify`]): a checkpoint whose bytes changed is never trained from.
 
+pub mod manifest;
 pub mod moments;
 
 use std::collections::HashMap;
@@ -164,9 +167,11 @@ fn write_main_files(
     sync_tree(&tmp.join("model"))
 }
 
-/// The marker, written once every file is durably on disk, and the rename into place.
+/// The manifest and the marker, written once every file is durably on disk, and the rename into
+/// place.
 fn seal(tmp: &Path, final_dir: &Path, run_dir: &Path) -> Result<()> {
     sync_tree(tmp)?;
+    manifest::write(tmp, &[COMPLETE])?;
     write_synced(&tmp.join(COMPLETE), b"")?;
     sync_dir(tmp)?;
     if final_dir.exists() {
@@ -261,7 +266,20 @@ pub fn is_checkpoint(dir: &Path) -> bool {
     dir.join("trainer.json").exists()
 }
 
-/// Loads the model and trainer state of a complete checkpoint directory.
+/// Checks that `dir` is a complete checkpoint whose files are exactly as written; the error
+/// names every file that changed.
+pub fn verify(dir: &Path) -> Result<()> {
+    if !dir.join(COMPLETE).exists() {
+        bail!(
+            "{} is not a complete checkpoint (no {COMPLETE} marker: it was interrupted while being written); \
+             use an earlier checkpoint",
+            dir.display()
+        );
+    }
+    manifest::verify(dir)
+}
+
+/// Loads the model and trainer state of a checkpoint directory (verify it first with [`verify`]).
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     if !dir.join(COMPLETE).exists() {
         bail!(

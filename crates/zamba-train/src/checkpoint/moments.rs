@@ -149,9 +149,7 @@ pub fn read(
         }
     }
 
-    if expect_all
-        && let Some(param) = numel.keys().filter(|p| !pieces.contains_key(**p)).min()
-    {
+    if expect_all && let Some(param) = numel.keys().filter(|p| !pieces.contains_key(**p)).min() {
         bail!(
             "{}: no AdamW moments for {param}; the checkpoint is incomplete",
             dir.display()
