@@ -28,6 +28,8 @@ fn child_args() -> Vec<String> {
 #[test]
 fn child_entry() {
     let Ok(role) = std::env::var(ROLE) else { return };
+    // End the test harness's "test child_entry ... " line, so ours start on lines of their own.
+    println!();
     let is_rank = std::env::var("RANK").is_ok();
     let code = if !is_rank {
         run_launcher()
