@@ -70,9 +70,11 @@ impl Call {
                 "{label}: the tensor's length {} is not a multiple of the world size {world}",
                 self.len
             ))),
-            Kind::Broadcast { root } | Kind::BroadcastBytes { root } if root >= world => Err(
-                DistError::Invalid(format!("{label}: root {root} is not a rank of a world of {world}")),
-            ),
+            Kind::Broadcast { root } | Kind::BroadcastBytes { root } if root >= world => {
+                Err(DistError::Invalid(format!(
+                    "{label}: root {root} is not a rank of a world of {world}"
+                )))
+            }
             _ => Ok(()),
         }
     }

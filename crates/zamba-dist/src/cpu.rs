@@ -64,7 +64,10 @@ pub(crate) fn reduce_scatter(
     round_trip(group, Kind::ReduceScatter(op), tensor, true)
 }
 
-pub(crate) fn all_gather(group: &impl HostExchange, shard: Tensor<1>) -> Result<Tensor<1>, DistError> {
+pub(crate) fn all_gather(
+    group: &impl HostExchange,
+    shard: Tensor<1>,
+) -> Result<Tensor<1>, DistError> {
     round_trip(group, Kind::AllGather, shard, true)
 }
 

@@ -36,7 +36,11 @@ impl DistError {
         }
     }
 
-    pub(crate) fn timeout(op: impl Into<String>, timeout: std::time::Duration, ranks: Vec<usize>) -> Self {
+    pub(crate) fn timeout(
+        op: impl Into<String>,
+        timeout: std::time::Duration,
+        ranks: Vec<usize>,
+    ) -> Self {
         DistError::Timeout {
             op: op.into(),
             timeout_s: timeout.as_secs_f64(),

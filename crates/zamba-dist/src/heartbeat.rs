@@ -115,12 +115,19 @@ mod tests {
 
     #[test]
     fn names_ranks_that_are_behind_or_silent() {
-        let server = StoreServer::bind("127.0.0.1:0".parse().unwrap(), TOKEN, StoreLimits::default()).unwrap();
+        let server = StoreServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            TOKEN,
+            StoreLimits::default(),
+        )
+        .unwrap();
         let addr = server.local_addr().to_string();
         let client = || StoreClient::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
         let interval = Duration::from_millis(50);
         // Ranks 0 and 1 beat; rank 1 is one collective behind. Rank 2 beat once, then froze.
-        let beats: Vec<Heartbeat> = (0..2).map(|r| Heartbeat::start(client(), r, interval)).collect();
+        let beats: Vec<Heartbeat> = (0..2)
+            .map(|r| Heartbeat::start(client(), r, interval))
+            .collect();
         beats[0].progress.store(5, Ordering::SeqCst);
         beats[1].progress.store(4, Ordering::SeqCst);
         client().set(&key(2), b"5 0").unwrap();
@@ -130,6 +137,9 @@ mod tests {
         assert_eq!(culprits, vec![1, 2, 3]);
         beats[1].progress.store(5, Ordering::SeqCst);
         std::thread::sleep(interval * 2);
-        assert_eq!(find_culprits(&mut client(), 2, 5, interval).unwrap(), Vec::<usize>::new());
+        assert_eq!(
+            find_culprits(&mut client(), 2, 5, interval).unwrap(),
+            Vec::<usize>::new()
+        );
     }
 }

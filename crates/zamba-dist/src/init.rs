@@ -141,7 +141,11 @@ impl Rendezvous {
 
 /// Registers this rank and waits for all others: a duplicate rank or a different world size
 /// is an error; a time-out names the ranks that never showed up.
-fn meet(store: &mut StoreClient, info: &RendezvousInfo, timeout: Duration) -> Result<(), DistError> {
+fn meet(
+    store: &mut StoreClient,
+    info: &RendezvousInfo,
+    timeout: Duration,
+) -> Result<(), DistError> {
     let rank = info.rank;
     if rank == 0 {
         store.set("world_size", info.world_size.to_string().as_bytes())?;
@@ -162,7 +166,9 @@ fn meet(store: &mut StoreClient, info: &RendezvousInfo, timeout: Duration) -> Re
             info.world_size
         )));
     }
-    let keys: Vec<String> = (0..info.world_size).map(|r| format!("joined/{r}")).collect();
+    let keys: Vec<String> = (0..info.world_size)
+        .map(|r| format!("joined/{r}"))
+        .collect();
     let missing = store.wait(&keys, timeout)?;
     if !missing.is_empty() {
         let ranks = missing
@@ -170,7 +176,10 @@ fn meet(store: &mut StoreClient, info: &RendezvousInfo, timeout: Duration) -> Re
             .filter_map(|k| k.strip_prefix("joined/")?.parse().ok())
             .collect();
         return Err(DistError::timeout(
-            format!("rendezvous at {}:{} (ranks that never joined)", info.master_addr, info.master_port),
+            format!(
+                "rendezvous at {}:{} (ranks that never joined)",
+                info.master_addr, info.master_port
+            ),
             timeout,
             ranks,
         ));

@@ -16,9 +16,9 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::DistError;
 use crate::rendezvous::{TOKEN_ENV, TOKEN_FILE_ENV};
 use crate::token::{check_token, generate_token, read_token_file};
-use crate::DistError;
 
 /// `zamba-train launch` arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -83,7 +83,11 @@ pub fn launch(args: &LaunchArgs, program: &Path) -> Result<(), DistError> {
         plan.master_addr,
         plan.master_port
     );
-    let outcome = supervise(&mut ranks, &mut signals, Duration::from_secs_f64(args.grace_s.max(0.0)));
+    let outcome = supervise(
+        &mut ranks,
+        &mut signals,
+        Duration::from_secs_f64(args.grace_s.max(0.0)),
+    );
     // Output threads end when the ranks' pipes close; wait a moment for their last lines.
     let flush_deadline = Instant::now() + Duration::from_secs(2);
     for _ in 0..2 * ranks.len() {
@@ -113,18 +117,29 @@ impl Plan {
             return invalid("--nproc-per-node and --nnodes must be at least 1".into());
         }
         if args.node_rank >= args.nnodes {
-            return invalid(format!("--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes));
+            return invalid(format!(
+                "--node-rank {} must be below --nnodes {}",
+                args.node_rank, args.nnodes
+            ));
         }
         let multi_node = args.nnodes > 1;
         let master_addr = match (&args.master_addr, multi_node) {
             (Some(addr), _) => addr.clone(),
             (None, false) => "127.0.0.1".into(),
-            (None, true) => return invalid("--master-addr (node 0's address) is required with --nnodes > 1".into()),
+            (None, true) => {
+                return invalid(
+                    "--master-addr (node 0's address) is required with --nnodes > 1".into(),
+                );
+            }
         };
         let master_port = match (args.master_port.filter(|&p| p != 0), multi_node) {
             (Some(port), _) => port,
             (None, false) => free_port(&master_addr)?,
-            (None, true) => return invalid("--master-port is required with --nnodes > 1 (the same on every node)".into()),
+            (None, true) => {
+                return invalid(
+                    "--master-port is required with --nnodes > 1 (the same on every node)".into(),
+                );
+            }
         };
         let token = job_token(multi_node)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -183,7 +198,10 @@ impl Plan {
             });
         }
         let mut child = command.spawn().map_err(|e| {
-            DistError::io(format!("launch: starting rank {rank} ({})", program.display()), e)
+            DistError::io(
+                format!("launch: starting rank {rank} ({})", program.display()),
+                e,
+            )
         })?;
         let prefix = format!("[rank {rank}] ");
         forward_lines(child.stdout.take(), prefix.clone(), false, done.clone());
@@ -215,7 +233,16 @@ fn job_token(multi_node: bool) -> Result<String, DistError> {
         return Ok(token);
     }
     if let Some(path) = std::env::var_os(TOKEN_FILE_ENV).filter(|p| !p.is_empty()) {
-        return read_token_file(Path::new(&path), Duration::ZERO);
+        let path = Path::new(&path);
+        if !path.exists() {
+            return Err(DistError::Invalid(format!(
+                "launch: {TOKEN_FILE_ENV}={} does not exist; create it on a filesystem every node reads, e.g. \
+                 `(umask 077; openssl rand -hex 32 > {})`",
+                path.display(),
+                path.display()
+            )));
+        }
+        return read_token_file(path, Duration::ZERO);
     }
     if multi_node {
         return Err(DistError::Invalid(format!(
@@ -227,7 +254,12 @@ fn job_token(multi_node: bool) -> Result<String, DistError> {
 }
 
 /// Copies a rank's output to ours, line by line, each line prefixed.
-fn forward_lines(pipe: Option<impl Read + Send + 'static>, prefix: String, to_stderr: bool, done: mpsc::Sender<()>) {
+fn forward_lines(
+    pipe: Option<impl Read + Send + 'static>,
+    prefix: String,
+    to_stderr: bool,
+    done: mpsc::Sender<()>,
+) {
     let Some(pipe) = pipe else { return };
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
@@ -303,15 +335,24 @@ fn supervise(ranks: &mut [Rank], signals: &mut Signals, grace: Duration) -> Resu
     loop {
         for signal in signals.pending() {
             let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
-            eprintln!("[launch] received {}, forwarding it to the ranks", signal.as_str());
+            eprintln!(
+                "[launch] received {}, forwarding it to the ranks",
+                signal.as_str()
+            );
             terminate(ranks, signal);
         }
         for rank in ranks.iter_mut().filter(|r| r.status.is_none()) {
-            let Ok(Some(status)) = rank.child.try_wait() else { continue };
+            let Ok(Some(status)) = rank.child.try_wait() else {
+                continue;
+            };
             rank.status = Some(status);
             if !status.success() && failure.is_none() {
                 let what = describe(&status);
-                eprintln!("[launch] rank {} (pid {}) {what}; stopping the other ranks", rank.rank, rank.child.id());
+                eprintln!(
+                    "[launch] rank {} (pid {}) {what}; stopping the other ranks",
+                    rank.rank,
+                    rank.child.id()
+                );
                 failure = Some((rank.rank, what));
                 kill_at = Some(Instant::now() + grace);
                 stop_others = true;

@@ -12,9 +12,9 @@ mod error;
 mod heartbeat;
 mod host;
 mod init;
+pub mod launch;
 #[cfg(feature = "cuda")]
 mod nccl;
-pub mod launch;
 mod nodelist;
 mod options;
 mod rendezvous;

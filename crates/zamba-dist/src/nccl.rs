@@ -54,7 +54,11 @@ fn nccl_error(what: &str, e: nccl::NcclError) -> DistError {
     let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(e.0)) };
     DistError::Backend {
         op: what.to_string(),
-        detail: format!("NCCL: {} ({:?}); NCCL_DEBUG=INFO says more", text.to_string_lossy(), e.0),
+        detail: format!(
+            "NCCL: {} ({:?}); NCCL_DEBUG=INFO says more",
+            text.to_string_lossy(),
+            e.0
+        ),
     }
 }
 
@@ -66,7 +70,11 @@ fn cuda_error(what: &str, e: impl std::fmt::Debug) -> DistError {
 }
 
 impl NcclCommunicator {
-    pub(crate) fn new(rendezvous: Rendezvous, device_index: usize, timeout: Duration) -> Result<Self, DistError> {
+    pub(crate) fn new(
+        rendezvous: Rendezvous,
+        device_index: usize,
+        timeout: Duration,
+    ) -> Result<Self, DistError> {
         // SAFETY: only tries to open the library.
         if !unsafe { sys::is_culib_present() } {
             return Err(DistError::Invalid(
@@ -76,9 +84,14 @@ impl NcclCommunicator {
             ));
         }
         let (rank, world) = (rendezvous.rank, rendezvous.world);
-        let context = CudaContext::new(device_index).map_err(|e| cuda_error(&format!("opening CUDA device {device_index}"), e))?;
-        context.bind_to_thread().map_err(|e| cuda_error("binding the CUDA context", e))?;
-        let stream = context.new_stream().map_err(|e| cuda_error("creating a CUDA stream", e))?;
+        let context = CudaContext::new(device_index)
+            .map_err(|e| cuda_error(&format!("opening CUDA device {device_index}"), e))?;
+        context
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the CUDA context", e))?;
+        let stream = context
+            .new_stream()
+            .map_err(|e| cuda_error("creating a CUDA stream", e))?;
         let mut rendezvous = rendezvous;
         let id = exchange_unique_id(&mut rendezvous.store, rank, timeout)?;
         let watchdog = Watchdog::start(rank);
@@ -130,7 +143,14 @@ impl NcclCommunicator {
         name: &str,
         input: Tensor<1>,
         out_len: usize,
-        launch: impl FnOnce(u64, u64, usize, sys::ncclDataType_t, sys::ncclComm_t, sys::cudaStream_t) -> Result<nccl::NcclStatus, nccl::NcclError>,
+        launch: impl FnOnce(
+            u64,
+            u64,
+            usize,
+            sys::ncclDataType_t,
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<Tensor<1>, DistError> {
         self.check_fault()?;
         let index = self.enter();
@@ -145,7 +165,11 @@ impl NcclCommunicator {
         let (dtype, nccl_dtype) = match input.dtype() {
             DType::F32 => (DType::F32, sys::ncclDataType_t::ncclFloat32),
             DType::BF16 => (DType::BF16, sys::ncclDataType_t::ncclBfloat16),
-            other => return Err(DistError::Invalid(format!("{label}: tensors must be f32 or bf16, got {other:?}"))),
+            other => {
+                return Err(DistError::Invalid(format!(
+                    "{label}: tensors must be f32 or bf16, got {other:?}"
+                )));
+            }
         };
         let count = input.dims()[0];
         // The tensor's producers run on Burn's stream, which we cannot wait on: sync it all.
@@ -166,8 +190,18 @@ impl NcclCommunicator {
             .map_err(|e| cuda_error(&label, e))?;
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         let deadline = Instant::now() + self.timeout;
-        self.watchdog.arm(deadline + self.timeout / 2 + Duration::from_secs(5), label.clone());
-        let launched = launch(src_resource.resource().ptr, dst_resource.resource().ptr, count, nccl_dtype, self.comm.0, stream);
+        self.watchdog.arm(
+            deadline + self.timeout / 2 + Duration::from_secs(5),
+            label.clone(),
+        );
+        let launched = launch(
+            src_resource.resource().ptr,
+            dst_resource.resource().ptr,
+            count,
+            nccl_dtype,
+            self.comm.0,
+            stream,
+        );
         let waited = launched
             .map_err(|e| nccl_error(&label, e))
             .and_then(|_| self.wait_for_stream(&label, index, deadline));
@@ -191,7 +225,10 @@ impl NcclCommunicator {
             let mut async_error = sys::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator and a valid out-pointer.
             unsafe { sys::ncclCommGetAsyncError(self.comm.0, &mut async_error) };
-            if !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+            if !matches!(
+                async_error,
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+            ) {
                 self.abort();
                 return Err(nccl_error(label, nccl::NcclError(async_error)));
             }
@@ -216,7 +253,12 @@ impl NcclCommunicator {
     /// The error for a collective that timed out, naming the ranks the heartbeats point at.
     fn blame(&self, label: &str, index: u64) -> DistError {
         let mut rendezvous = self.rendezvous.borrow_mut();
-        match find_culprits(&mut rendezvous.store, self.world, index, self.heartbeat.interval) {
+        match find_culprits(
+            &mut rendezvous.store,
+            self.world,
+            index,
+            self.heartbeat.interval,
+        ) {
             Ok(ranks) if !ranks.is_empty() => DistError::timeout(label, self.timeout, ranks),
             Ok(_) => DistError::Backend {
                 op: label.to_string(),
@@ -246,7 +288,9 @@ impl NcclCommunicator {
                 store.set(&format!("op/{op}/value"), value)?;
             }
             store.set(&format!("op/{op}/arrived/{}", self.rank), b"")?;
-            let keys: Vec<String> = (0..self.world).map(|r| format!("op/{op}/arrived/{r}")).collect();
+            let keys: Vec<String> = (0..self.world)
+                .map(|r| format!("op/{op}/arrived/{r}"))
+                .collect();
             let missing = store.wait(&keys, self.timeout)?;
             if !missing.is_empty() {
                 let ranks = missing
@@ -257,7 +301,9 @@ impl NcclCommunicator {
             }
             if self.rank == 0 && op >= 2 {
                 let old = op - 2;
-                let mut keys: Vec<String> = (0..self.world).map(|r| format!("op/{old}/arrived/{r}")).collect();
+                let mut keys: Vec<String> = (0..self.world)
+                    .map(|r| format!("op/{old}/arrived/{r}"))
+                    .collect();
                 keys.push(format!("op/{old}/value"));
                 store.delete(&keys)?;
             }
@@ -279,19 +325,26 @@ fn contiguous(tensor: CubeTensor) -> CubeTensor {
     burn_cubecl::kernel::into_contiguous(tensor)
 }
 
-fn exchange_unique_id(store: &mut StoreClient, rank: usize, timeout: Duration) -> Result<sys::ncclUniqueId, DistError> {
+fn exchange_unique_id(
+    store: &mut StoreClient,
+    rank: usize,
+    timeout: Duration,
+) -> Result<sys::ncclUniqueId, DistError> {
     if rank == 0 {
         let id = nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
         let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
         store.set(ID_KEY, &bytes)?;
         return Ok(id);
     }
-    let bytes = store
-        .get(ID_KEY, timeout)?
-        .ok_or_else(|| DistError::timeout("waiting for rank 0's NCCL unique id", timeout, vec![0]))?;
+    let bytes = store.get(ID_KEY, timeout)?.ok_or_else(|| {
+        DistError::timeout("waiting for rank 0's NCCL unique id", timeout, vec![0])
+    })?;
     let mut id = sys::ncclUniqueId { internal: [0; 128] };
     if bytes.len() != id.internal.len() {
-        return Err(DistError::Invalid(format!("the NCCL unique id in the store has {} bytes, not 128", bytes.len())));
+        return Err(DistError::Invalid(format!(
+            "the NCCL unique id in the store has {} bytes, not 128",
+            bytes.len()
+        )));
     }
     for (dst, &src) in id.internal.iter_mut().zip(&bytes) {
         *dst = src as std::ffi::c_char;
@@ -318,10 +371,23 @@ impl Communicator for NcclCommunicator {
 
     fn all_reduce(&self, tensor: Tensor<1>, op: ReduceOp) -> Result<Tensor<1>, DistError> {
         let len = tensor.dims()[0];
-        self.device_collective("all_reduce", tensor, len, |src, dst, count, dtype, comm, stream| unsafe {
-            // SAFETY: src and dst hold `count` elements on this rank's device and outlive the call.
-            nccl::all_reduce(src as *const _, dst as *mut _, count, dtype, nccl_op(op), comm, stream)
-        })
+        self.device_collective(
+            "all_reduce",
+            tensor,
+            len,
+            |src, dst, count, dtype, comm, stream| unsafe {
+                // SAFETY: src and dst hold `count` elements on this rank's device and outlive the call.
+                nccl::all_reduce(
+                    src as *const _,
+                    dst as *mut _,
+                    count,
+                    dtype,
+                    nccl_op(op),
+                    comm,
+                    stream,
+                )
+            },
+        )
     }
 
     fn reduce_scatter(&self, tensor: Tensor<1>, op: ReduceOp) -> Result<Tensor<1>, DistError> {
@@ -333,38 +399,79 @@ impl Communicator for NcclCommunicator {
             )));
         }
         let world = self.world;
-        self.device_collective("reduce_scatter", tensor, len / world, |src, dst, count, dtype, comm, stream| unsafe {
-            // SAFETY: src holds `count` elements, dst `count / world`.
-            nccl::reduce_scatter(src as *const _, dst as *mut _, count / world, dtype, nccl_op(op), comm, stream)
-        })
+        self.device_collective(
+            "reduce_scatter",
+            tensor,
+            len / world,
+            |src, dst, count, dtype, comm, stream| unsafe {
+                // SAFETY: src holds `count` elements, dst `count / world`.
+                nccl::reduce_scatter(
+                    src as *const _,
+                    dst as *mut _,
+                    count / world,
+                    dtype,
+                    nccl_op(op),
+                    comm,
+                    stream,
+                )
+            },
+        )
     }
 
     fn all_gather(&self, shard: Tensor<1>) -> Result<Tensor<1>, DistError> {
         let len = shard.dims()[0];
-        self.device_collective("all_gather", shard, len * self.world, |src, dst, count, dtype, comm, stream| unsafe {
-            // SAFETY: src holds `count` elements, dst `count * world`.
-            nccl::all_gather(src as *const _, dst as *mut _, count, dtype, comm, stream)
-        })
+        self.device_collective(
+            "all_gather",
+            shard,
+            len * self.world,
+            |src, dst, count, dtype, comm, stream| unsafe {
+                // SAFETY: src holds `count` elements, dst `count * world`.
+                nccl::all_gather(src as *const _, dst as *mut _, count, dtype, comm, stream)
+            },
+        )
     }
 
     fn broadcast(&self, tensor: Tensor<1>, root: usize) -> Result<Tensor<1>, DistError> {
         if root >= self.world {
-            return Err(DistError::Invalid(format!("broadcast: root {root} is not a rank of a world of {}", self.world)));
+            return Err(DistError::Invalid(format!(
+                "broadcast: root {root} is not a rank of a world of {}",
+                self.world
+            )));
         }
         let len = tensor.dims()[0];
-        self.device_collective("broadcast", tensor, len, |src, dst, count, dtype, comm, stream| unsafe {
-            // SAFETY: src and dst hold `count` elements.
-            nccl::broadcast(src as *const _, dst as *mut _, count, dtype, root as i32, comm, stream)
-        })
+        self.device_collective(
+            "broadcast",
+            tensor,
+            len,
+            |src, dst, count, dtype, comm, stream| unsafe {
+                // SAFETY: src and dst hold `count` elements.
+                nccl::broadcast(
+                    src as *const _,
+                    dst as *mut _,
+                    count,
+                    dtype,
+                    root as i32,
+                    comm,
+                    stream,
+                )
+            },
+        )
     }
 
     fn broadcast_bytes(&self, bytes: Option<Vec<u8>>, root: usize) -> Result<Vec<u8>, DistError> {
         if root >= self.world {
-            return Err(DistError::Invalid(format!("broadcast_bytes: root {root} is not a rank of a world of {}", self.world)));
+            return Err(DistError::Invalid(format!(
+                "broadcast_bytes: root {root} is not a rank of a world of {}",
+                self.world
+            )));
         }
         let value = match (self.rank == root, bytes) {
             (true, Some(b)) => Some(b),
-            (true, None) => return Err(DistError::Invalid("broadcast_bytes: the root must pass Some(bytes)".into())),
+            (true, None) => {
+                return Err(DistError::Invalid(
+                    "broadcast_bytes: the root must pass Some(bytes)".into(),
+                ));
+            }
             (false, _) => None,
         };
         let op = self.store_collective("broadcast_bytes", value.as_deref())?;
@@ -441,7 +548,11 @@ impl Watchdog {
 /// An NCCL communicator for `info`'s rank on CUDA device `device_index`, whatever the world
 /// size (a world of one too, which [`init`](crate::init) would serve without NCCL): for GPU
 /// checks and benchmarks.
-pub fn connect_nccl(info: &crate::RendezvousInfo, device_index: usize, opts: &crate::DistOptions) -> Result<NcclCommunicator, DistError> {
+pub fn connect_nccl(
+    info: &crate::RendezvousInfo,
+    device_index: usize,
+    opts: &crate::DistOptions,
+) -> Result<NcclCommunicator, DistError> {
     let rendezvous = Rendezvous::join(info, opts.timeout)?;
     NcclCommunicator::new(rendezvous, device_index, opts.timeout)
 }

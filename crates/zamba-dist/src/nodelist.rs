@@ -9,9 +9,7 @@ const MAX_HOSTS: usize = 1 << 20;
 
 /// Expands a SLURM host list into host names, in order.
 pub fn expand_nodelist(list: &str) -> Result<Vec<String>, DistError> {
-    let err = |why: &str| {
-        DistError::Invalid(format!("SLURM node list `{list}`: {why}"))
-    };
+    let err = |why: &str| DistError::Invalid(format!("SLURM node list `{list}`: {why}"));
     if list.trim().is_empty() {
         return Err(err("it is empty"));
     }
@@ -85,7 +83,9 @@ fn expand_ranges(ranges: &str) -> Result<Vec<String>, String> {
         let (lo, hi) = range.split_once('-').unwrap_or((range, range));
         let number = |s: &str| -> Result<u64, String> {
             if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("`{range}` in brackets is not a number or a range a-b"));
+                return Err(format!(
+                    "`{range}` in brackets is not a number or a range a-b"
+                ));
             }
             s.parse().map_err(|_| format!("`{s}` is too large"))
         };
@@ -94,7 +94,9 @@ fn expand_ranges(ranges: &str) -> Result<Vec<String>, String> {
             return Err(format!("the range `{range}` runs backwards"));
         }
         if end - start >= MAX_HOSTS as u64 {
-            return Err(format!("the range `{range}` has more than {MAX_HOSTS} hosts"));
+            return Err(format!(
+                "the range `{range}` has more than {MAX_HOSTS} hosts"
+            ));
         }
         let width = lo.len();
         values.extend((start..=end).map(|n| format!("{n:0width$}")));
@@ -114,19 +116,35 @@ mod tests {
     fn expands_ranges_lists_and_padding() {
         assert_eq!(
             ok("node[01-04,07],gpu-a[1-2]"),
-            ["node01", "node02", "node03", "node04", "node07", "gpu-a1", "gpu-a2"]
+            [
+                "node01", "node02", "node03", "node04", "node07", "gpu-a1", "gpu-a2"
+            ]
         );
         assert_eq!(ok("n[8-10]"), ["n8", "n9", "n10"]);
         assert_eq!(ok("n[08-10]"), ["n08", "n09", "n10"]);
         assert_eq!(ok("login1"), ["login1"]);
         assert_eq!(ok("a,b[3],c"), ["a", "b3", "c"]);
-        assert_eq!(ok("r[1-2]n[1-2]-ib"), ["r1n1-ib", "r1n2-ib", "r2n1-ib", "r2n2-ib"]);
+        assert_eq!(
+            ok("r[1-2]n[1-2]-ib"),
+            ["r1n1-ib", "r1n2-ib", "r2n1-ib", "r2n2-ib"]
+        );
         assert_eq!(ok("x[007]"), ["x007"]);
     }
 
     #[test]
     fn rejects_malformed_lists() {
-        for bad in ["", "n[1-", "n1]", "n[[1]]", "n[a-b]", "n[5-3]", "n[1-2],,m", "n[]", "n[1-]", "n[0-99999999]"] {
+        for bad in [
+            "",
+            "n[1-",
+            "n1]",
+            "n[[1]]",
+            "n[a-b]",
+            "n[5-3]",
+            "n[1-2],,m",
+            "n[]",
+            "n[1-]",
+            "n[0-99999999]",
+        ] {
             let e = expand_nodelist(bad).unwrap_err().to_string();
             assert!(e.contains("SLURM node list"), "{bad}: {e}");
         }

@@ -81,7 +81,8 @@ impl RendezvousInfo {
         info.token = if let Some(token) = vars.get(TOKEN_ENV) {
             Some(TokenSource::Value(token))
         } else {
-            vars.get(TOKEN_FILE_ENV).map(|p| TokenSource::File(PathBuf::from(p)))
+            vars.get(TOKEN_FILE_ENV)
+                .map(|p| TokenSource::File(PathBuf::from(p)))
         };
         info.check()?;
         Ok(info)
@@ -93,10 +94,20 @@ impl RendezvousInfo {
 
     fn check(&self) -> Result<(), DistError> {
         let (rank_var, world_var, local_var, local_world_var) = match self.launcher {
-            Launcher::Slurm => ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "tasks per node"),
+            Launcher::Slurm => (
+                "SLURM_PROCID",
+                "SLURM_NTASKS",
+                "SLURM_LOCALID",
+                "tasks per node",
+            ),
             _ => ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
         };
-        let fail = |msg: String| Err(DistError::Invalid(format!("{msg} ({:?} launch)", self.launcher)));
+        let fail = |msg: String| {
+            Err(DistError::Invalid(format!(
+                "{msg} ({:?} launch)",
+                self.launcher
+            )))
+        };
         if self.world_size == 0 {
             return fail(format!("{world_var} is 0"));
         }
@@ -130,7 +141,9 @@ struct Vars<'a>(&'a dyn Fn(&str) -> Option<String>);
 impl Vars<'_> {
     /// The variable's value, trimmed; unset or blank is `None`.
     fn get(&self, name: &str) -> Option<String> {
-        (self.0)(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+        (self.0)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
     }
 
     fn require(&self, name: &str, why: &str) -> Result<String, DistError> {
@@ -154,8 +167,7 @@ impl Vars<'_> {
     }
 }
 
-const TORCHRUN_VARS: &str =
-    "a multi-process job needs RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun and `zamba-train launch` set them all)";
+const TORCHRUN_VARS: &str = "a multi-process job needs RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun and `zamba-train launch` set them all)";
 
 fn torchrun(vars: &Vars) -> Result<RendezvousInfo, DistError> {
     let world_size: usize = vars.require_number("WORLD_SIZE", TORCHRUN_VARS)?;
@@ -188,11 +200,21 @@ const SLURM_PORT_BASE: u64 = 10_000;
 const SLURM_PORT_SPAN: u64 = 20_000;
 
 fn slurm(vars: &Vars) -> Result<RendezvousInfo, DistError> {
-    let world_size: usize = match vars.get("SLURM_NTASKS").or_else(|| vars.get("SLURM_NPROCS")) {
+    let world_size: usize = match vars
+        .get("SLURM_NTASKS")
+        .or_else(|| vars.get("SLURM_NPROCS"))
+    {
         Some(v) => vars.number("SLURM_NTASKS", &v)?,
-        None => return Err(DistError::Invalid(format!("SLURM_NTASKS is not set; {SLURM_VARS}"))),
+        None => {
+            return Err(DistError::Invalid(format!(
+                "SLURM_NTASKS is not set; {SLURM_VARS}"
+            )));
+        }
     };
-    let in_step = vars.get("SLURM_STEP_ID").or_else(|| vars.get("SLURM_STEPID")).is_some();
+    let in_step = vars
+        .get("SLURM_STEP_ID")
+        .or_else(|| vars.get("SLURM_STEPID"))
+        .is_some();
     if !in_step {
         if world_size > 1 {
             return Err(DistError::Invalid(format!(
@@ -208,14 +230,18 @@ fn slurm(vars: &Vars) -> Result<RendezvousInfo, DistError> {
     let master_addr = match vars.get("MASTER_ADDR") {
         Some(addr) => addr,
         None => {
-            let (name, list) = ["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"]
-                .iter()
-                .find_map(|n| vars.get(n).map(|v| (*n, v)))
-                .ok_or_else(|| {
-                    DistError::Invalid(format!(
-                        "SLURM_JOB_NODELIST is not set (and MASTER_ADDR neither); {SLURM_VARS}"
-                    ))
-                })?;
+            let (name, list) = [
+                "SLURM_STEP_NODELIST",
+                "SLURM_JOB_NODELIST",
+                "SLURM_NODELIST",
+            ]
+            .iter()
+            .find_map(|n| vars.get(n).map(|v| (*n, v)))
+            .ok_or_else(|| {
+                DistError::Invalid(format!(
+                    "SLURM_JOB_NODELIST is not set (and MASTER_ADDR neither); {SLURM_VARS}"
+                ))
+            })?;
             expand_nodelist(&list)
                 .map_err(|e| DistError::Invalid(format!("{name}: {e}")))?
                 .swap_remove(0)
@@ -276,11 +302,18 @@ pub(crate) fn expand_tasks_per_node(list: &str) -> Result<Vec<usize>, String> {
         let (count, repeat) = match item.split_once("(x") {
             Some((count, rest)) => {
                 let repeat = rest.strip_suffix(')').ok_or("a `(x` without `)`")?;
-                (count, repeat.parse::<usize>().map_err(|_| format!("bad repeat in `{item}`"))?)
+                (
+                    count,
+                    repeat
+                        .parse::<usize>()
+                        .map_err(|_| format!("bad repeat in `{item}`"))?,
+                )
             }
             None => (item, 1),
         };
-        let count = count.parse::<usize>().map_err(|_| format!("`{item}` is not a task count"))?;
+        let count = count
+            .parse::<usize>()
+            .map_err(|_| format!("`{item}` is not a task count"))?;
         if repeat > 1 << 20 {
             return Err(format!("`{item}` repeats too often"));
         }

@@ -46,7 +46,9 @@ impl Communicator for SingleRank {
     fn broadcast_bytes(&self, bytes: Option<Vec<u8>>, root: usize) -> Result<Vec<u8>, DistError> {
         check_root(root, "broadcast_bytes")?;
         bytes.ok_or_else(|| {
-            DistError::Invalid("broadcast_bytes: rank 0 is the root and must pass Some(bytes)".into())
+            DistError::Invalid(
+                "broadcast_bytes: rank 0 is the root and must pass Some(bytes)".into(),
+            )
         })
     }
     fn barrier(&self) -> Result<(), DistError> {

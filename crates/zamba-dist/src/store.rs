@@ -195,7 +195,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 fn reject(shared: &Shared, peer: &str, why: &str) {
     let n = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
     if n <= 10 || n % 100 == 0 {
-        eprintln!("zamba-dist: rendezvous store dropped a connection from {peer}: {why} ({n} dropped so far)");
+        eprintln!(
+            "zamba-dist: rendezvous store dropped a connection from {peer}: {why} ({n} dropped so far)"
+        );
     }
 }
 
@@ -210,7 +212,9 @@ fn serve(mut stream: TcpStream, peer: &str, shared: &Shared) {
     );
     let reply_deadline = Instant::now() + limits.message_timeout;
     match hello {
-        Ok(hello) if hello.starts_with(HELLO) && tokens_equal(&hello[HELLO.len()..], &shared.token) => {
+        Ok(hello)
+            if hello.starts_with(HELLO) && tokens_equal(&hello[HELLO.len()..], &shared.token) =>
+        {
             if write_frame(&mut stream, ACCEPTED, reply_deadline).is_err() {
                 return;
             }
@@ -227,7 +231,12 @@ fn serve(mut stream: TcpStream, peer: &str, shared: &Shared) {
         Err(e) => return reject(shared, peer, &format!("no valid greeting: {e}")),
     }
     loop {
-        let request = match read_frame(&mut stream, limits.max_message, None, limits.message_timeout) {
+        let request = match read_frame(
+            &mut stream,
+            limits.max_message,
+            None,
+            limits.message_timeout,
+        ) {
             Ok(r) => r,
             Err(FrameError::Io(e)) if is_disconnect(&e) => return,
             Err(e) => return reject(shared, peer, &format!("bad request: {e}")),
@@ -282,14 +291,13 @@ fn handle(request: &[u8], shared: &Shared) -> Result<Vec<u8>, String> {
             let delta = r.i64()?;
             r.finish()?;
             let mut data = lock(&shared.data);
-            let old = match data.get(&key) {
-                None => 0,
-                Some(v) => i64::from_le_bytes(
-                    v.as_slice()
-                        .try_into()
-                        .map_err(|_| format!("add on key {key:?}, which does not hold a counter"))?,
-                ),
-            };
+            let old =
+                match data.get(&key) {
+                    None => 0,
+                    Some(v) => i64::from_le_bytes(v.as_slice().try_into().map_err(|_| {
+                        format!("add on key {key:?}, which does not hold a counter")
+                    })?),
+                };
             let new = old.wrapping_add(delta);
             data.insert(key, new.to_le_bytes().to_vec());
             drop(data);
@@ -328,13 +336,20 @@ fn handle(request: &[u8], shared: &Shared) -> Result<Vec<u8>, String> {
 fn read_keys(r: &mut Reader) -> Result<Vec<String>, String> {
     let n = r.u32()? as usize;
     if n > r.0.len() / 4 {
-        return Err(format!("{n} keys announced in a {}-byte request", r.0.len()));
+        return Err(format!(
+            "{n} keys announced in a {}-byte request",
+            r.0.len()
+        ));
     }
     (0..n).map(|_| r.string()).collect()
 }
 
 /// Waits until all `keys` are present, the wait is over, or the server stops.
-fn wait_for<'a>(shared: &'a Shared, keys: &[String], wait: Duration) -> MutexGuard<'a, HashMap<String, Vec<u8>>> {
+fn wait_for<'a>(
+    shared: &'a Shared,
+    keys: &[String],
+    wait: Duration,
+) -> MutexGuard<'a, HashMap<String, Vec<u8>>> {
     let deadline = Instant::now() + wait;
     let mut data = lock(&shared.data);
     loop {
@@ -375,7 +390,9 @@ impl StoreClient {
             };
             if Instant::now() + delay >= deadline {
                 return Err(DistError::Timeout {
-                    op: format!("connecting to the rendezvous store at {addr} (served by rank 0): {last_error}"),
+                    op: format!(
+                        "connecting to the rendezvous store at {addr} (served by rank 0): {last_error}"
+                    ),
                     timeout_s: timeout.as_secs_f64(),
                     ranks: vec![0],
                 });
@@ -423,19 +440,28 @@ impl StoreClient {
             },
         };
         write_frame(&mut self.stream, &request.0, deadline).map_err(lost)?;
-        read_frame(&mut self.stream, 1 << 30, Some(deadline), self.io_timeout + wait).map_err(lost)
+        read_frame(
+            &mut self.stream,
+            1 << 30,
+            Some(deadline),
+            self.io_timeout + wait,
+        )
+        .map_err(lost)
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<(), DistError> {
         let mut w = Writer::default();
         w.u8(tag::SET).bytes(key.as_bytes()).bytes(value);
-        self.call(w, Duration::ZERO, &format!("set {key}")).map(|_| ())
+        self.call(w, Duration::ZERO, &format!("set {key}"))
+            .map(|_| ())
     }
 
     /// The value of `key`, waiting up to `wait` for it to be set; `None` if it was not.
     pub fn get(&mut self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, DistError> {
         let mut w = Writer::default();
-        w.u8(tag::GET).bytes(key.as_bytes()).u64(wait.as_millis() as u64);
+        w.u8(tag::GET)
+            .bytes(key.as_bytes())
+            .u64(wait.as_millis() as u64);
         let reply = self.call(w, wait, &format!("get {key}"))?;
         let mut r = Reader(&reply);
         let parsed = (|| -> Result<Option<Vec<u8>>, String> {
@@ -489,7 +515,10 @@ impl StoreClient {
     }
 
     fn garbled(&self, why: String) -> DistError {
-        DistError::Invalid(format!("the rendezvous store at {} sent a garbled reply: {why}", self.addr))
+        DistError::Invalid(format!(
+            "the rendezvous store at {} sent a garbled reply: {why}",
+            self.addr
+        ))
     }
 }
 

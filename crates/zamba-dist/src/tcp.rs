@@ -20,7 +20,9 @@ use crate::cpu::{HostExchange, host_communicator};
 use crate::host::{Dtype, Payload};
 use crate::store::StoreClient;
 use crate::token::{MAX_TOKEN_LEN, tokens_equal};
-use crate::wire::{FrameError, Reader, Writer, read_exact_by, read_frame, write_all_by, write_frame};
+use crate::wire::{
+    FrameError, Reader, Writer, read_exact_by, read_frame, write_all_by, write_frame,
+};
 use crate::{DistError, ReduceOp};
 
 const HELLO: &[u8] = b"zamba-dist tcp v1\0";
@@ -85,7 +87,12 @@ impl TcpCommunicator {
     }
 }
 
-fn accept_ranks(listener: TcpListener, world: usize, token: &str, timeout: Duration) -> Result<Vec<TcpStream>, DistError> {
+fn accept_ranks(
+    listener: TcpListener,
+    world: usize,
+    token: &str,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>, DistError> {
     let deadline = Instant::now() + timeout;
     listener
         .set_nonblocking(true)
@@ -95,7 +102,11 @@ fn accept_ranks(listener: TcpListener, world: usize, token: &str, timeout: Durat
     while links.iter().any(Option::is_none) {
         if Instant::now() >= deadline {
             let missing = (1..world).filter(|&r| links[r - 1].is_none()).collect();
-            return Err(DistError::timeout("TCP group: waiting for ranks to connect", timeout, missing));
+            return Err(DistError::timeout(
+                "TCP group: waiting for ranks to connect",
+                timeout,
+                missing,
+            ));
         }
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -103,11 +114,18 @@ fn accept_ranks(listener: TcpListener, world: usize, token: &str, timeout: Durat
                 let tx = joined_tx.clone();
                 let token = token.to_string();
                 std::thread::spawn(move || {
-                    match check_newcomer(stream, world, &token, timeout.min(Duration::from_secs(10))) {
+                    match check_newcomer(
+                        stream,
+                        world,
+                        &token,
+                        timeout.min(Duration::from_secs(10)),
+                    ) {
                         Ok(joined) => {
                             let _ = tx.send(joined);
                         }
-                        Err(why) => eprintln!("zamba-dist: TCP group dropped a connection from {peer}: {why}"),
+                        Err(why) => eprintln!(
+                            "zamba-dist: TCP group dropped a connection from {peer}: {why}"
+                        ),
                     }
                 });
             }
@@ -115,7 +133,11 @@ fn accept_ranks(listener: TcpListener, world: usize, token: &str, timeout: Durat
             Err(e) => return Err(DistError::io("rank 0: accepting TCP group connections", e)),
         }
         while let Ok((rank, mut stream)) = joined.try_recv() {
-            let reply = if links[rank - 1].is_some() { b"duplicate".as_slice() } else { b"ok" };
+            let reply = if links[rank - 1].is_some() {
+                b"duplicate".as_slice()
+            } else {
+                b"ok"
+            };
             let sent = write_frame(&mut stream, reply, Instant::now() + Duration::from_secs(5));
             if reply == b"ok" && sent.is_ok() {
                 links[rank - 1] = Some(stream);
@@ -125,15 +147,28 @@ fn accept_ranks(listener: TcpListener, world: usize, token: &str, timeout: Durat
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(links.into_iter().map(|l| l.expect("all ranks joined")).collect())
+    Ok(links
+        .into_iter()
+        .map(|l| l.expect("all ranks joined"))
+        .collect())
 }
 
 /// Reads a newcomer's greeting: the token, its rank and world size.
-fn check_newcomer(mut stream: TcpStream, world: usize, token: &str, limit: Duration) -> Result<(usize, TcpStream), String> {
+fn check_newcomer(
+    mut stream: TcpStream,
+    world: usize,
+    token: &str,
+    limit: Duration,
+) -> Result<(usize, TcpStream), String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let hello = read_frame(&mut stream, HELLO.len() + MAX_TOKEN_LEN + 64, Some(Instant::now() + limit), limit)
-        .map_err(|e| format!("no valid greeting: {e}"))?;
+    let hello = read_frame(
+        &mut stream,
+        HELLO.len() + MAX_TOKEN_LEN + 64,
+        Some(Instant::now() + limit),
+        limit,
+    )
+    .map_err(|e| format!("no valid greeting: {e}"))?;
     let mut r = Reader(&hello);
     let parsed = (|| -> Result<(Vec<u8>, Vec<u8>, usize, usize), String> {
         let magic = r.bytes()?.to_vec();
@@ -143,21 +178,34 @@ fn check_newcomer(mut stream: TcpStream, world: usize, token: &str, limit: Durat
         r.finish()?;
         Ok((magic, their_token, rank, their_world))
     })();
-    let (magic, their_token, rank, their_world) = parsed.map_err(|e| format!("malformed greeting: {e}"))?;
+    let (magic, their_token, rank, their_world) =
+        parsed.map_err(|e| format!("malformed greeting: {e}"))?;
     if magic != HELLO {
         return Err("not a zamba-dist rank (no greeting)".into());
     }
     if !tokens_equal(&their_token, token.as_bytes()) {
-        let _ = write_frame(&mut stream, b"denied", Instant::now() + Duration::from_secs(1));
+        let _ = write_frame(
+            &mut stream,
+            b"denied",
+            Instant::now() + Duration::from_secs(1),
+        );
         return Err("wrong job token".into());
     }
     if rank == 0 || rank >= world || their_world != world {
-        return Err(format!("it claims rank {rank} of {their_world}, this group has {world} ranks"));
+        return Err(format!(
+            "it claims rank {rank} of {their_world}, this group has {world} ranks"
+        ));
     }
     Ok((rank, stream))
 }
 
-fn join_hub(hub: &str, rank: usize, world: usize, token: &str, timeout: Duration) -> Result<TcpStream, DistError> {
+fn join_hub(
+    hub: &str,
+    rank: usize,
+    world: usize,
+    token: &str,
+    timeout: Duration,
+) -> Result<TcpStream, DistError> {
     let lost = |detail: String| DistError::PeerLost {
         op: format!("TCP group: joining rank 0 at {hub}"),
         rank: 0,
@@ -172,9 +220,14 @@ fn join_hub(hub: &str, rank: usize, world: usize, token: &str, timeout: Duration
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| lost(e.to_string()))?;
     let _ = stream.set_nodelay(true);
     let mut hello = Writer::default();
-    hello.bytes(HELLO).bytes(token.as_bytes()).u32(rank as u32).u32(world as u32);
+    hello
+        .bytes(HELLO)
+        .bytes(token.as_bytes())
+        .u32(rank as u32)
+        .u32(world as u32);
     write_frame(&mut stream, &hello.0, deadline).map_err(|e| lost(e.to_string()))?;
-    let reply = read_frame(&mut stream, 64, Some(deadline), timeout).map_err(|e| lost(e.to_string()))?;
+    let reply =
+        read_frame(&mut stream, 64, Some(deadline), timeout).map_err(|e| lost(e.to_string()))?;
     if reply != b"ok" {
         return Err(DistError::Invalid(format!(
             "TCP group: rank 0 refused rank {rank} ({}): same token and world size on every rank, one process per rank",
@@ -210,23 +263,33 @@ host_communicator!(TcpCommunicator);
 
 impl TcpCommunicator {
     /// Rank 0's side of a collective.
-    fn lead(&self, links: &mut [TcpStream], call: Call, input: Payload, index: u64, label: &str) -> Result<Payload, DistError> {
+    fn lead(
+        &self,
+        links: &mut [TcpStream],
+        call: Call,
+        input: Payload,
+        index: u64,
+        label: &str,
+    ) -> Result<Payload, DistError> {
         let start = Instant::now();
         let gather_deadline = start + self.timeout;
         let result = (|| -> Result<Payload, DistError> {
             let mut arrived = Writer::default();
             arrived.u8(msg::ARRIVED).u64(index);
             for (i, link) in links.iter_mut().enumerate() {
-                write_message(link, &arrived.0, gather_deadline).map_err(|e| self.link_error(e, i + 1, label))?;
+                write_message(link, &arrived.0, gather_deadline)
+                    .map_err(|e| self.link_error(e, i + 1, label))?;
             }
             let mut calls = vec![call];
             let mut inputs = vec![input];
             for (i, link) in links.iter_mut().enumerate() {
                 let rank = i + 1;
-                write_message(link, &[msg::SEND], gather_deadline).map_err(|e| self.link_error(e, rank, label))?;
-                let (their_call, their_index) =
-                    read_call(link, gather_deadline).map_err(|e| self.link_error(e, rank, label))?;
-                let payload = read_payload(link, &their_call, gather_deadline).map_err(|e| self.link_error(e, rank, label))?;
+                write_message(link, &[msg::SEND], gather_deadline)
+                    .map_err(|e| self.link_error(e, rank, label))?;
+                let (their_call, their_index) = read_call(link, gather_deadline)
+                    .map_err(|e| self.link_error(e, rank, label))?;
+                let payload = read_payload(link, &their_call, gather_deadline)
+                    .map_err(|e| self.link_error(e, rank, label))?;
                 if their_index != index {
                     return Err(DistError::Invalid(format!(
                         "{label}: rank {rank} is at collective #{their_index}, rank 0 at #{index}: the ranks called different sequences of collectives"
@@ -242,7 +305,8 @@ impl TcpCommunicator {
                 let mut out = Writer::default();
                 out.u8(msg::RESULT);
                 write_payload(&mut out, &combined.for_rank(i + 1, self.world));
-                write_message(link, &out.0, send_deadline).map_err(|e| self.link_error(e, i + 1, label))?;
+                write_message(link, &out.0, send_deadline)
+                    .map_err(|e| self.link_error(e, i + 1, label))?;
             }
             Ok(combined.for_rank(0, self.world))
         })();
@@ -260,10 +324,18 @@ impl TcpCommunicator {
     }
 
     /// A non-root rank's side of a collective.
-    fn follow(&self, hub: &mut TcpStream, call: Call, input: Payload, index: u64, label: &str) -> Result<Payload, DistError> {
+    fn follow(
+        &self,
+        hub: &mut TcpStream,
+        call: Call,
+        input: Payload,
+        index: u64,
+        label: &str,
+    ) -> Result<Payload, DistError> {
         // Rank 0 must reach the collective within the time-out; after that it is rank 0 that
         // applies the time-out to everyone, so this rank waits longer before blaming it.
-        let message = read_message(hub, Instant::now() + self.timeout).map_err(|e| self.link_error(e, 0, label))?;
+        let message = read_message(hub, Instant::now() + self.timeout)
+            .map_err(|e| self.link_error(e, 0, label))?;
         let arrived = Instant::now();
         let mut r = Reader(&message);
         match r.u8().map_err(|e| garbled(label, e))? {
@@ -287,10 +359,13 @@ impl TcpCommunicator {
                     let mut out = Writer::default();
                     write_call(&mut out, &call, index);
                     write_payload(&mut out, &input);
-                    write_all_by(hub, &out.0, patience).map_err(|e| self.link_error(e, 0, label))?;
+                    write_all_by(hub, &out.0, patience)
+                        .map_err(|e| self.link_error(e, 0, label))?;
                 }
                 msg::RESULT => return read_payload_body(&mut r, label),
-                msg::ERROR => return Err(decode_error(&mut r).unwrap_or_else(|e| garbled(label, e))),
+                msg::ERROR => {
+                    return Err(decode_error(&mut r).unwrap_or_else(|e| garbled(label, e)));
+                }
                 other => return Err(garbled(label, format!("unexpected message {other}"))),
             }
         }
@@ -348,7 +423,12 @@ fn write_call(out: &mut Writer, call: &Call, index: u64) {
         Some(Dtype::F32) => 1,
         Some(Dtype::Bf16) => 2,
     };
-    out.u8(kind).u8(op).u8(dtype).u32(root as u32).u64(call.len as u64).u64(index);
+    out.u8(kind)
+        .u8(op)
+        .u8(dtype)
+        .u32(root as u32)
+        .u64(call.len as u64)
+        .u64(index);
 }
 
 const CALL_BYTES: usize = 3 + 4 + 8 + 8;
@@ -356,12 +436,21 @@ const CALL_BYTES: usize = 3 + 4 + 8 + 8;
 fn read_call(link: &mut TcpStream, deadline: Instant) -> Result<(Call, u64), FrameError> {
     let mut buf = [0u8; CALL_BYTES];
     read_exact_by(link, &mut buf, Some(deadline))?;
-    let bad = |what: &str| FrameError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()));
+    let bad = |what: &str| {
+        FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            what.to_string(),
+        ))
+    };
     let mut r = Reader(&buf);
     let (kind, op, dtype) = (r.u8(), r.u8(), r.u8());
     let (root, len, index) = (r.u32(), r.u64(), r.u64());
     let [kind, op, dtype] = [kind, op, dtype].map(|v| v.unwrap_or(u8::MAX));
-    let (root, len, index) = (root.unwrap_or(0) as usize, len.unwrap_or(0) as usize, index.unwrap_or(0));
+    let (root, len, index) = (
+        root.unwrap_or(0) as usize,
+        len.unwrap_or(0) as usize,
+        index.unwrap_or(0),
+    );
     let op = match op {
         0 => ReduceOp::Sum,
         1 => ReduceOp::Avg,
@@ -420,7 +509,11 @@ fn write_payload(out: &mut Writer, payload: &Payload) {
 }
 
 /// Reads a rank's input, whose size its call bounds.
-fn read_payload(link: &mut TcpStream, call: &Call, deadline: Instant) -> Result<Payload, FrameError> {
+fn read_payload(
+    link: &mut TcpStream,
+    call: &Call,
+    deadline: Instant,
+) -> Result<Payload, FrameError> {
     let mut head = [0u8; 9];
     read_exact_by(link, &mut head, Some(deadline))?;
     let tag = head[0];
@@ -482,14 +575,24 @@ fn read_payload_body(r: &mut Reader, label: &str) -> Result<Payload, DistError> 
 
 fn encode_error(out: &mut Writer, e: &DistError) {
     match e {
-        DistError::Timeout { op, timeout_s, ranks } => {
-            out.u8(1).bytes(op.as_bytes()).u64(timeout_s.to_bits()).u32(ranks.len() as u32);
+        DistError::Timeout {
+            op,
+            timeout_s,
+            ranks,
+        } => {
+            out.u8(1)
+                .bytes(op.as_bytes())
+                .u64(timeout_s.to_bits())
+                .u32(ranks.len() as u32);
             for &r in ranks {
                 out.u32(r as u32);
             }
         }
         DistError::PeerLost { op, rank, detail } => {
-            out.u8(2).bytes(op.as_bytes()).u32(*rank as u32).bytes(detail.as_bytes());
+            out.u8(2)
+                .bytes(op.as_bytes())
+                .u32(*rank as u32)
+                .bytes(detail.as_bytes());
         }
         other => {
             out.u8(3).bytes(other.to_string().as_bytes());
@@ -504,8 +607,14 @@ fn decode_error(r: &mut Reader) -> Result<DistError, String> {
             let op = text(r.bytes()?);
             let timeout_s = f64::from_bits(r.u64()?);
             let n = r.u32()? as usize;
-            let ranks = (0..n).map(|_| r.u32().map(|v| v as usize)).collect::<Result<_, _>>()?;
-            DistError::Timeout { op, timeout_s, ranks }
+            let ranks = (0..n)
+                .map(|_| r.u32().map(|v| v as usize))
+                .collect::<Result<_, _>>()?;
+            DistError::Timeout {
+                op,
+                timeout_s,
+                ranks,
+            }
         }
         2 => DistError::PeerLost {
             op: text(r.bytes()?),

@@ -93,11 +93,17 @@ impl State {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Waits for a change until `deadline`; false once it has passed.
-    fn wait<'a>(&self, state: MutexGuard<'a, State>, deadline: Instant) -> (MutexGuard<'a, State>, bool) {
+    fn wait<'a>(
+        &self,
+        state: MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> (MutexGuard<'a, State>, bool) {
         let now = Instant::now();
         if now >= deadline {
             return (state, false);
@@ -135,7 +141,9 @@ impl HostExchange for ThreadCommunicator {
             state = s;
             if !in_time && state.index < index {
                 let late = (0..self.world).filter(|&r| !state.taken[r]).collect();
-                return Err(shared.fail(&mut state, DistError::timeout(&label, shared.timeout, late)));
+                return Err(
+                    shared.fail(&mut state, DistError::timeout(&label, shared.timeout, late))
+                );
             }
         }
         if let Some(fault) = &state.fault {
@@ -144,7 +152,11 @@ impl HostExchange for ThreadCommunicator {
         state.calls[self.rank] = Some(call);
         state.inputs[self.rank] = input;
         if state.calls.iter().all(Option::is_some) {
-            let calls: Vec<Call> = state.calls.iter().map(|c| c.expect("all present")).collect();
+            let calls: Vec<Call> = state
+                .calls
+                .iter()
+                .map(|c| c.expect("all present"))
+                .collect();
             let inputs = std::mem::replace(&mut state.inputs, vec![Payload::Empty; self.world]);
             let result = combine(&calls, inputs, &label);
             if let Err(e) = &result {
@@ -167,7 +179,9 @@ impl HostExchange for ThreadCommunicator {
             if let Some(fault) = &state.fault {
                 return Err(fault.clone());
             }
-            if let Some(rank) = (0..self.world).find(|&r| state.left[r].is_some() && state.calls[r].is_none()) {
+            if let Some(rank) =
+                (0..self.world).find(|&r| state.left[r].is_some() && state.calls[r].is_none())
+            {
                 let detail = state.left[rank].unwrap_or_default().to_string();
                 return Err(shared.fail(
                     &mut state,
@@ -181,8 +195,13 @@ impl HostExchange for ThreadCommunicator {
             let (s, in_time) = shared.wait(state, deadline);
             state = s;
             if !in_time && state.result.is_none() && state.fault.is_none() {
-                let missing = (0..self.world).filter(|&r| state.calls[r].is_none()).collect();
-                return Err(shared.fail(&mut state, DistError::timeout(&label, shared.timeout, missing)));
+                let missing = (0..self.world)
+                    .filter(|&r| state.calls[r].is_none())
+                    .collect();
+                return Err(shared.fail(
+                    &mut state,
+                    DistError::timeout(&label, shared.timeout, missing),
+                ));
             }
         }
     }

@@ -46,11 +46,18 @@ pub(crate) fn tokens_equal(a: &[u8], b: &[u8]) -> bool {
 pub fn create_token_file(path: &Path) -> Result<String, DistError> {
     let token = generate_token()?;
     let io = |what: &str, e| DistError::io(format!("{what} token file {}", path.display()), e);
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| {
         DistError::Invalid(format!("token file {}: not a file path", path.display()))
     })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -91,14 +98,22 @@ pub fn read_token_file(path: &Path, timeout: Duration) -> Result<String, DistErr
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if Instant::now() >= deadline {
                     return Err(DistError::Timeout {
-                        op: format!("waiting for the token file {} (rank 0 creates it)", path.display()),
+                        op: format!(
+                            "waiting for the token file {} (rank 0 creates it)",
+                            path.display()
+                        ),
                         timeout_s: timeout.as_secs_f64(),
                         ranks: vec![0],
                     });
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(DistError::io(format!("reading token file {}", path.display()), e)),
+            Err(e) => {
+                return Err(DistError::io(
+                    format!("reading token file {}", path.display()),
+                    e,
+                ));
+            }
         }
     };
     let mode = meta.permissions().mode() & 0o777;
@@ -147,17 +162,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         let token = create_token_file(&path).unwrap();
         assert_eq!(reader.join().unwrap().unwrap(), token);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let again = create_token_file(&path).unwrap_err().to_string();
         assert!(again.contains("already exists"), "{again}");
         assert_eq!(read_token_file(&path, Duration::ZERO).unwrap(), token);
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let open = read_token_file(&path, Duration::ZERO).unwrap_err().to_string();
+        let open = read_token_file(&path, Duration::ZERO)
+            .unwrap_err()
+            .to_string();
         assert!(open.contains("chmod 600"), "{open}");
 
         let missing = read_token_file(&dir.join("absent"), Duration::from_millis(300)).unwrap_err();
-        assert!(matches!(missing, DistError::Timeout { ref ranks, .. } if ranks == &[0]), "{missing}");
+        assert!(
+            matches!(missing, DistError::Timeout { ref ranks, .. } if ranks == &[0]),
+            "{missing}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -50,7 +50,11 @@ pub(crate) fn read_exact_by(
         match stream.read(&mut buf[filled..]) {
             Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
             Ok(n) => filled += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(FrameError::Io(e)),
         }
@@ -67,11 +71,17 @@ pub(crate) fn write_all_by(
     let mut written = 0;
     while written < buf.len() {
         let timeout = remaining(deadline).ok_or(FrameError::TimedOut)?;
-        stream.set_write_timeout(Some(timeout)).map_err(FrameError::Io)?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(FrameError::Io)?;
         match stream.write(&buf[written..]) {
             Ok(0) => return Err(FrameError::Io(io::ErrorKind::WriteZero.into())),
             Ok(n) => written += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(FrameError::Io(e)),
         }
@@ -147,7 +157,10 @@ pub(crate) struct Reader<'a>(pub &'a [u8]);
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.0.len() < n {
-            return Err(format!("message truncated: needed {n} more bytes, {} left", self.0.len()));
+            return Err(format!(
+                "message truncated: needed {n} more bytes, {} left",
+                self.0.len()
+            ));
         }
         let (head, tail) = self.0.split_at(n);
         self.0 = tail;
@@ -157,13 +170,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     pub fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     pub fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn i64(&mut self) -> Result<i64, String> {
-        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn bytes(&mut self) -> Result<&'a [u8], String> {
         let n = self.u32()? as usize;

@@ -27,7 +27,11 @@ pub fn input(rank: usize, len: usize, dtype: FloatDType) -> Tensor<1> {
         })
         .collect();
     let t = Tensor::<1>::from_data(TensorData::new(values, [len]), &device());
-    if dtype == FloatDType::F32 { t } else { t.cast(dtype) }
+    if dtype == FloatDType::F32 {
+        t
+    } else {
+        t.cast(dtype)
+    }
 }
 
 /// The reduction of all ranks' inputs with plain tensor ops: f32, in rank order; bf16 inputs
@@ -44,7 +48,11 @@ pub fn reference_reduce(world: usize, len: usize, dtype: FloatDType, op: ReduceO
     if op == ReduceOp::Avg {
         acc = acc / world as f32;
     }
-    if dtype == FloatDType::F32 { acc } else { acc.cast(dtype) }
+    if dtype == FloatDType::F32 {
+        acc
+    } else {
+        acc.cast(dtype)
+    }
 }
 
 pub fn reference_gather(world: usize, len: usize, dtype: FloatDType) -> Tensor<1> {
@@ -82,7 +90,9 @@ pub fn exercise(comm: &dyn Communicator) -> Outputs {
 
             let len = 12 * world;
             let what = format!("reduce_scatter {op:?} {dtype:?} rank {rank}/{world}");
-            let got = comm.reduce_scatter(input(rank, len, dtype), op).expect(&what);
+            let got = comm
+                .reduce_scatter(input(rank, len, dtype), op)
+                .expect(&what);
             outputs.push(bits(got.clone()));
             let n = len / world;
             let want = reference_reduce(world, len, dtype, op).slice(rank * n..(rank + 1) * n);

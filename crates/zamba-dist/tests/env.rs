@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use zamba_dist::{Launcher, RendezvousInfo, TokenSource};
 
 fn parse(vars: &[(&str, &str)]) -> Result<RendezvousInfo, String> {
-    let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     RendezvousInfo::from_lookup(|name| map.get(name).cloned()).map_err(|e| e.to_string())
 }
 
@@ -33,8 +36,15 @@ const SLURM: &[(&str, &str)] = &[
     ("ZAMBA_DIST_TOKEN_FILE", "/runs/7b/.dist-token-4242"),
 ];
 
-fn with(base: &[(&'static str, &'static str)], changes: &[(&'static str, Option<&'static str>)]) -> Vec<(&'static str, &'static str)> {
-    let mut vars: Vec<_> = base.iter().copied().filter(|(k, _)| !changes.iter().any(|(c, _)| c == k)).collect();
+fn with(
+    base: &[(&'static str, &'static str)],
+    changes: &[(&'static str, Option<&'static str>)],
+) -> Vec<(&'static str, &'static str)> {
+    let mut vars: Vec<_> = base
+        .iter()
+        .copied()
+        .filter(|(k, _)| !changes.iter().any(|(c, _)| c == k))
+        .collect();
     vars.extend(changes.iter().filter_map(|(k, v)| v.map(|v| (*k, v))));
     vars
 }
@@ -75,13 +85,31 @@ fn torchrun_errors_name_the_variable() {
     for (changes, expected) in [
         (vec![("RANK", None)], "RANK is not set"),
         (vec![("MASTER_PORT", None)], "MASTER_PORT is not set"),
-        (vec![("LOCAL_WORLD_SIZE", None)], "LOCAL_WORLD_SIZE is not set"),
-        (vec![("WORLD_SIZE", Some("four"))], "WORLD_SIZE=\"four\" is not a non-negative integer"),
-        (vec![("RANK", Some("16"))], "RANK=16 is not below WORLD_SIZE=16"),
-        (vec![("LOCAL_RANK", Some("8"))], "LOCAL_RANK=8 is not below LOCAL_WORLD_SIZE=8"),
-        (vec![("LOCAL_WORLD_SIZE", Some("32"))], "LOCAL_WORLD_SIZE=32 must be between 1 and WORLD_SIZE=16"),
+        (
+            vec![("LOCAL_WORLD_SIZE", None)],
+            "LOCAL_WORLD_SIZE is not set",
+        ),
+        (
+            vec![("WORLD_SIZE", Some("four"))],
+            "WORLD_SIZE=\"four\" is not a non-negative integer",
+        ),
+        (
+            vec![("RANK", Some("16"))],
+            "RANK=16 is not below WORLD_SIZE=16",
+        ),
+        (
+            vec![("LOCAL_RANK", Some("8"))],
+            "LOCAL_RANK=8 is not below LOCAL_WORLD_SIZE=8",
+        ),
+        (
+            vec![("LOCAL_WORLD_SIZE", Some("32"))],
+            "LOCAL_WORLD_SIZE=32 must be between 1 and WORLD_SIZE=16",
+        ),
         (vec![("MASTER_PORT", Some("0"))], "MASTER_PORT"),
-        (vec![("MASTER_PORT", Some("70000"))], "MASTER_PORT=\"70000\""),
+        (
+            vec![("MASTER_PORT", Some("70000"))],
+            "MASTER_PORT=\"70000\"",
+        ),
         (vec![("WORLD_SIZE", None)], "WORLD_SIZE is not set"),
     ] {
         let e = parse(&with(TORCHRUN, &changes)).unwrap_err();
@@ -102,21 +130,48 @@ fn slurm_variables() {
             master_addr: "gpu007".into(),
             master_port: 10_000 + 4242,
             launcher: Launcher::Slurm,
-            token: Some(TokenSource::File(PathBuf::from("/runs/7b/.dist-token-4242"))),
+            token: Some(TokenSource::File(PathBuf::from(
+                "/runs/7b/.dist-token-4242"
+            ))),
         }
     );
     // MASTER_ADDR / MASTER_PORT, when set, win over the derived ones.
-    let set = parse(&with(SLURM, &[("MASTER_ADDR", Some("10.0.0.1")), ("MASTER_PORT", Some("12345"))])).unwrap();
-    assert_eq!((set.master_addr.as_str(), set.master_port), ("10.0.0.1", 12345));
+    let set = parse(&with(
+        SLURM,
+        &[
+            ("MASTER_ADDR", Some("10.0.0.1")),
+            ("MASTER_PORT", Some("12345")),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        (set.master_addr.as_str(), set.master_port),
+        ("10.0.0.1", 12345)
+    );
     // The step's node list is where rank 0 runs.
-    let step = parse(&with(SLURM, &[("SLURM_STEP_NODELIST", Some("gpu[008],gpu007"))])).unwrap();
+    let step = parse(&with(
+        SLURM,
+        &[("SLURM_STEP_NODELIST", Some("gpu[008],gpu007"))],
+    ))
+    .unwrap();
     assert_eq!(step.master_addr, "gpu008");
     // SLURM_NTASKS_PER_NODE, and uneven nodes.
-    let per_node = parse(&with(SLURM, &[("SLURM_NTASKS_PER_NODE", Some("8")), ("SLURM_TASKS_PER_NODE", None)])).unwrap();
+    let per_node = parse(&with(
+        SLURM,
+        &[
+            ("SLURM_NTASKS_PER_NODE", Some("8")),
+            ("SLURM_TASKS_PER_NODE", None),
+        ],
+    ))
+    .unwrap();
     assert_eq!(per_node.local_world_size, 8);
     let uneven = parse(&with(
         SLURM,
-        &[("SLURM_NTASKS", Some("11")), ("SLURM_TASKS_PER_NODE", Some("8,3")), ("SLURM_PROCID", Some("9"))],
+        &[
+            ("SLURM_NTASKS", Some("11")),
+            ("SLURM_TASKS_PER_NODE", Some("8,3")),
+            ("SLURM_PROCID", Some("9")),
+        ],
     ))
     .unwrap();
     assert_eq!(uneven.local_world_size, 3);
@@ -130,18 +185,41 @@ fn slurm_errors_name_the_variable() {
     for (changes, expected) in [
         (vec![("SLURM_NTASKS", None)], "SLURM_NTASKS is not set"),
         (vec![("SLURM_LOCALID", None)], "SLURM_LOCALID is not set"),
-        (vec![("SLURM_JOB_NODELIST", None)], "SLURM_JOB_NODELIST is not set"),
-        (vec![("SLURM_JOB_NODELIST", Some("gpu[007-"))], "SLURM_JOB_NODELIST: SLURM node list `gpu[007-`"),
+        (
+            vec![("SLURM_JOB_NODELIST", None)],
+            "SLURM_JOB_NODELIST is not set",
+        ),
+        (
+            vec![("SLURM_JOB_NODELIST", Some("gpu[007-"))],
+            "SLURM_JOB_NODELIST: SLURM node list `gpu[007-`",
+        ),
         (vec![("SLURM_JOB_ID", None)], "SLURM_JOB_ID is not set"),
-        (vec![("SLURM_TASKS_PER_NODE", Some("8(x2"))], "SLURM_TASKS_PER_NODE=\"8(x2\""),
-        (vec![("SLURM_NODEID", Some("2"))], "SLURM_NODEID=2 but SLURM_TASKS_PER_NODE=\"8(x2)\" lists 2 node(s)"),
-        (vec![("SLURM_PROCID", Some("16"))], "SLURM_PROCID=16 is not below SLURM_NTASKS=16"),
+        (
+            vec![("SLURM_TASKS_PER_NODE", Some("8(x2"))],
+            "SLURM_TASKS_PER_NODE=\"8(x2\"",
+        ),
+        (
+            vec![("SLURM_NODEID", Some("2"))],
+            "SLURM_NODEID=2 but SLURM_TASKS_PER_NODE=\"8(x2)\" lists 2 node(s)",
+        ),
+        (
+            vec![("SLURM_PROCID", Some("16"))],
+            "SLURM_PROCID=16 is not below SLURM_NTASKS=16",
+        ),
         (vec![("SLURM_STEP_ID", None)], "not started by srun"),
     ] {
         let e = parse(&with(SLURM, &changes)).unwrap_err();
         assert!(e.contains(expected), "{changes:?}: {e}");
     }
     // Outside srun with one task (an interactive shell): one process.
-    let shell = parse(&with(SLURM, &[("SLURM_STEP_ID", None), ("SLURM_NTASKS", Some("1")), ("SLURM_PROCID", Some("0"))])).unwrap();
+    let shell = parse(&with(
+        SLURM,
+        &[
+            ("SLURM_STEP_ID", None),
+            ("SLURM_NTASKS", Some("1")),
+            ("SLURM_PROCID", Some("0")),
+        ],
+    ))
+    .unwrap();
     assert!(!shell.is_distributed());
 }

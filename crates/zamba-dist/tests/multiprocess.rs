@@ -21,13 +21,17 @@ const ROLE: &str = "ZAMBA_DIST_TEST_ROLE";
 const NPROC: &str = "ZAMBA_DIST_TEST_NPROC";
 
 fn child_args() -> Vec<String> {
-    ["--exact", "child_entry", "--nocapture", "--test-threads=1"].map(String::from).into()
+    ["--exact", "child_entry", "--nocapture", "--test-threads=1"]
+        .map(String::from)
+        .into()
 }
 
 /// Does nothing in a normal test run; in a child process, plays its role and exits.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(ROLE) else { return };
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
     // End the test harness's "test child_entry ... " line, so ours start on lines of their own.
     println!();
     let is_rank = std::env::var("RANK").is_ok();
@@ -102,7 +106,14 @@ fn sigterm_rank() -> i32 {
 
 fn killed_scenario_rank() -> i32 {
     let info = RendezvousInfo::from_env().unwrap();
-    let comm = init(&info, Backend::Tcp, &DistOptions { timeout: Duration::from_secs(30) }).unwrap();
+    let comm = init(
+        &info,
+        Backend::Tcp,
+        &DistOptions {
+            timeout: Duration::from_secs(30),
+        },
+    )
+    .unwrap();
     comm.barrier().unwrap();
     if info.rank == 2 {
         println!("ready");
@@ -120,8 +131,13 @@ fn killed_scenario_rank() -> i32 {
 
 fn this_test_binary(role: &str) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(child_args()).env(ROLE, role).env_remove("RANK").env_remove("WORLD_SIZE");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(child_args())
+        .env(ROLE, role)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 
@@ -150,15 +166,34 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn the_launcher_fails_fast_naming_the_rank_and_prefixes_output() {
     let start = Instant::now();
-    let launcher = this_test_binary("launcher-fail-fast").env(NPROC, "3").spawn().unwrap();
+    let launcher = this_test_binary("launcher-fail-fast")
+        .env(NPROC, "3")
+        .spawn()
+        .unwrap();
     let out = wait_bounded(launcher, Duration::from_secs(30));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(out.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(start.elapsed() < Duration::from_secs(20), "the others were not stopped promptly");
-    assert!(stderr.contains("launch: lost rank 1: it exited with status 7"), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "the others were not stopped promptly"
+    );
+    assert!(
+        stderr.contains("launch: lost rank 1: it exited with status 7"),
+        "{stderr}"
+    );
     for rank in 0..3 {
-        assert!(stdout.contains(&format!("[rank {rank}] hello from {rank}\n")), "{stdout}");
-        assert!(stderr.contains(&format!("[rank {rank}] err line {rank}\n")), "{stderr}");
+        assert!(
+            stdout.contains(&format!("[rank {rank}] hello from {rank}\n")),
+            "{stdout}"
+        );
+        assert!(
+            stderr.contains(&format!("[rank {rank}] err line {rank}\n")),
+            "{stderr}"
+        );
     }
     // Every line from a rank carries its prefix.
     for line in stdout.lines().filter(|l| l.contains("hello from")) {
@@ -168,18 +203,27 @@ fn the_launcher_fails_fast_naming_the_rank_and_prefixes_output() {
 
 #[test]
 fn launched_ranks_run_every_collective_over_tcp() {
-    let launcher = this_test_binary("launcher-collectives").env(NPROC, "3").spawn().unwrap();
+    let launcher = this_test_binary("launcher-collectives")
+        .env(NPROC, "3")
+        .spawn()
+        .unwrap();
     let out = wait_bounded(launcher, Duration::from_secs(60));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     for rank in 0..3 {
-        assert!(stdout.contains(&format!("[rank {rank}] rank {rank} done")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("[rank {rank}] rank {rank} done")),
+            "{stdout}"
+        );
     }
 }
 
 #[test]
 fn sigterm_to_the_launcher_reaches_every_rank() {
-    let mut launcher = this_test_binary("launcher-sigterm").env(NPROC, "2").spawn().unwrap();
+    let mut launcher = this_test_binary("launcher-sigterm")
+        .env(NPROC, "2")
+        .spawn()
+        .unwrap();
     // Wait until both ranks are up, then SIGTERM the launcher only.
     let mut stdout = BufReader::new(launcher.stdout.take().unwrap());
     let mut seen = String::new();
@@ -194,7 +238,11 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
         seen.push_str(&line);
     }
     assert_eq!(waiting, 2, "{seen}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let rest = std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
@@ -203,7 +251,11 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
     let out = wait_bounded(launcher, Duration::from_secs(20));
     seen.push_str(&rest.join().unwrap());
     assert!(out.status.success(), "{seen}\n{}", text(&out.stderr));
-    assert_eq!(seen.matches("got SIGTERM, checkpointing").count(), 2, "{seen}");
+    assert_eq!(
+        seen.matches("got SIGTERM, checkpointing").count(),
+        2,
+        "{seen}"
+    );
 }
 
 #[test]

@@ -34,7 +34,10 @@ fn set_get_add_wait_delete() {
     let mut a = client(server.local_addr());
     let mut b = client(server.local_addr());
     a.set("nccl/id", &[7u8; 128]).unwrap();
-    assert_eq!(b.get("nccl/id", Duration::ZERO).unwrap(), Some(vec![7u8; 128]));
+    assert_eq!(
+        b.get("nccl/id", Duration::ZERO).unwrap(),
+        Some(vec![7u8; 128])
+    );
     assert_eq!(b.get("absent", Duration::from_millis(100)).unwrap(), None);
     assert_eq!(a.add("count", 2).unwrap(), 2);
     assert_eq!(b.add("count", 3).unwrap(), 5);
@@ -45,11 +48,17 @@ fn set_get_add_wait_delete() {
         std::thread::sleep(Duration::from_millis(200));
         client(addr).set("late", b"here").unwrap();
     });
-    assert_eq!(b.get("late", Duration::from_secs(5)).unwrap(), Some(b"here".to_vec()));
+    assert_eq!(
+        b.get("late", Duration::from_secs(5)).unwrap(),
+        Some(b"here".to_vec())
+    );
     setter.join().unwrap();
 
     let keys: Vec<String> = ["late", "count", "never"].map(String::from).into();
-    assert_eq!(a.wait(&keys, Duration::from_millis(100)).unwrap(), vec!["never".to_string()]);
+    assert_eq!(
+        a.wait(&keys, Duration::from_millis(100)).unwrap(),
+        vec!["never".to_string()]
+    );
     a.delete(&keys).unwrap();
     assert_eq!(a.wait(&keys, Duration::ZERO).unwrap().len(), 3);
 }
@@ -61,7 +70,10 @@ fn a_wrong_token_is_refused() {
     let e = StoreClient::connect(&addr, "not-the-token-0123456789", Duration::from_secs(5))
         .err()
         .expect("a wrong token must be refused");
-    assert!(e.to_string().contains("refused this process's token"), "{e}");
+    assert!(
+        e.to_string().contains("refused this process's token"),
+        "{e}"
+    );
     assert_eq!(server.rejected_connections(), 1);
 }
 
@@ -106,7 +118,9 @@ fn garbage_oversized_and_stalled_messages_are_dropped() {
     drop(raw.set("big", &vec![0u8; 10_000]).unwrap_err());
     let mut staller = TcpStream::connect(addr).unwrap();
     let mut hello = Vec::new();
-    hello.extend_from_slice(&((b"zamba-dist store v1\0".len() + TEST_TOKEN.len()) as u32).to_le_bytes());
+    hello.extend_from_slice(
+        &((b"zamba-dist store v1\0".len() + TEST_TOKEN.len()) as u32).to_le_bytes(),
+    );
     hello.extend_from_slice(b"zamba-dist store v1\0");
     hello.extend_from_slice(TEST_TOKEN.as_bytes());
     staller.write_all(&hello).unwrap();
@@ -138,7 +152,11 @@ fn a_world_2_job_finishes_despite_strangers_at_the_store() {
                     let _ = c.write_all(junk);
                 }
             }
-            let wrong = StoreClient::connect(&addr.to_string(), "a-guess-at-the-token-000000", Duration::from_secs(2));
+            let wrong = StoreClient::connect(
+                &addr.to_string(),
+                "a-guess-at-the-token-000000",
+                Duration::from_secs(2),
+            );
             assert!(wrong.is_err());
             half_open
         });
@@ -161,7 +179,10 @@ fn a_world_2_job_finishes_despite_strangers_at_the_store() {
     // The same results as an undisturbed job (exercise also checks them against the reference).
     let comms = zamba_dist::thread_group(2, &opts(10_000));
     let undisturbed: Vec<Outputs> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms.into_iter().map(|c| s.spawn(move || exercise(&*c))).collect();
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| s.spawn(move || exercise(&*c)))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(results, undisturbed);

@@ -369,7 +369,9 @@ fn allreduce_group(a: &AllreduceArgs) -> Result<Vec<(Box<dyn zamba_dist::Communi
             .map(|c| (c, Device::flex()))
             .collect()),
         AllreduceBackend::Tcp => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
             let token = zamba_dist::generate_token()?;
             let info = |rank| zamba_dist::RendezvousInfo {
                 rank,
@@ -400,13 +402,21 @@ fn allreduce_group(a: &AllreduceArgs) -> Result<Vec<(Box<dyn zamba_dist::Communi
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_group(_: &AllreduceArgs, _: &zamba_dist::DistOptions) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
+fn nccl_group(
+    _: &AllreduceArgs,
+    _: &zamba_dist::DistOptions,
+) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
     bail!("--backend nccl needs a zamba-train built with `--features cuda`")
 }
 
 #[cfg(feature = "cuda")]
-fn nccl_group(a: &AllreduceArgs, opts: &zamba_dist::DistOptions) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+fn nccl_group(
+    a: &AllreduceArgs,
+    opts: &zamba_dist::DistOptions,
+) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let token = zamba_dist::generate_token()?;
     std::thread::scope(|s| {
         let joins: Vec<_> = (0..a.world)
@@ -428,7 +438,8 @@ fn nccl_group(a: &AllreduceArgs, opts: &zamba_dist::DistOptions) -> Result<Vec<(
             .into_iter()
             .enumerate()
             .map(|(rank, j)| {
-                let comm: Box<dyn zamba_dist::Communicator> = Box::new(j.join().expect("NCCL init thread")?);
+                let comm: Box<dyn zamba_dist::Communicator> =
+                    Box::new(j.join().expect("NCCL init thread")?);
                 Ok((comm, Device::cuda(rank)))
             })
             .collect()
@@ -441,7 +452,11 @@ fn bench_allreduce(a: &AllreduceArgs) -> Result<()> {
     if a.world == 0 || a.iters == 0 {
         bail!("--world and --iters must be at least 1");
     }
-    let sizes = a.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>>>()?;
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<Vec<_>>>()?;
     let (dtype, element) = match a.dtype {
         AllreduceDtype::F32 => (burn::tensor::DType::F32, 4),
         AllreduceDtype::Bf16 => (burn::tensor::DType::BF16, 2),
@@ -451,7 +466,10 @@ fn bench_allreduce(a: &AllreduceArgs) -> Result<()> {
         "all_reduce (sum), {:?} backend, world {}, {:?}, {} iterations per size",
         a.backend, a.world, a.dtype, a.iters
     );
-    println!("{:>12} {:>12} {:>12} {:>12} {:>12}", "bytes", "elements", "time (us)", "algbw GB/s", "busbw GB/s");
+    println!(
+        "{:>12} {:>12} {:>12} {:>12} {:>12}",
+        "bytes", "elements", "time (us)", "algbw GB/s", "busbw GB/s"
+    );
     let times: Vec<Vec<f64>> = std::thread::scope(|s| {
         let joins: Vec<_> = group
             .into_iter()
@@ -476,7 +494,10 @@ fn bench_allreduce(a: &AllreduceArgs) -> Result<()> {
                 })
             })
             .collect();
-        joins.into_iter().map(|j| j.join().expect("benchmark thread")).collect::<Result<_>>()
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("benchmark thread"))
+            .collect::<Result<_>>()
     })?;
     let n = a.world as f64;
     for (i, &bytes) in sizes.iter().enumerate() {
@@ -486,7 +507,10 @@ fn bench_allreduce(a: &AllreduceArgs) -> Result<()> {
         let secs = times.iter().map(|t| t[i]).fold(0.0, f64::max);
         let algbw = bytes / secs / 1e9;
         let busbw = algbw * 2.0 * (n - 1.0) / n;
-        println!("{bytes:>12} {count:>12} {:>12.1} {algbw:>12.3} {busbw:>12.3}", secs * 1e6);
+        println!(
+            "{bytes:>12} {count:>12} {:>12.1} {algbw:>12.3} {busbw:>12.3}",
+            secs * 1e6
+        );
     }
     Ok(())
 }
