@@ -65,6 +65,9 @@ enum Command {
     /// Benchmarks (CPU): the model's training step, the scan op, the machine's matmul peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Start this node's ranks of a data-parallel job (torchrun-style):
+    /// `launch --nproc-per-node 8 -- --config run.toml`.
+    Launch(zamba_dist::launch::LaunchArgs),
     /// Inspect training checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Some(Command::Logits(args)) => inspect::logits(args),
         Some(Command::Params(args)) => inspect::params(args),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::Launch(args)) => zamba_dist::launch::run(&args).map_err(Into::into),
         Some(Command::Checkpoint(cmd)) => run_checkpoint(cmd),
     };
     match result {
