@@ -7,7 +7,7 @@ use std::process::Command;
 use zamba_model::config::PRESETS;
 use zamba_train::config::{
     ConfigErrorKind, REGENERATE, RunConfig, StarterStyle, reference_markdown, render_starter,
-    starter_config,
+    schema_of, starter_config,
 };
 
 fn repo_root() -> PathBuf {
@@ -39,6 +39,52 @@ fn committed_reference_is_current() {
             line + 1
         );
     }
+}
+
+/// Every key, in every section, schedule kind and `[data.sources.NAME]` table, has a doc
+/// comment: a key added without one fails here, not silently in the reference.
+#[test]
+fn every_key_is_documented() {
+    fn visit(schema: &serde_json::Value, path: &str, undocumented: &mut Vec<String>) {
+        for alt in ["anyOf", "oneOf"] {
+            for variant in schema
+                .get(alt)
+                .and_then(|a| a.as_array())
+                .into_iter()
+                .flatten()
+            {
+                visit(variant, path, undocumented);
+            }
+        }
+        if let Some(entry) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+            visit(entry, &format!("{path}.NAME"), undocumented);
+        }
+        let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) else {
+            return;
+        };
+        for (key, property) in properties {
+            let key_path = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            let tag = property.get("const").is_some();
+            let documented = property
+                .get("description")
+                .and_then(|d| d.as_str())
+                .is_some_and(|d| !d.trim().is_empty());
+            if !documented && !tag {
+                undocumented.push(key_path.clone());
+            }
+            visit(property, &key_path, undocumented);
+        }
+    }
+    let mut undocumented = Vec::new();
+    visit(&schema_of::<RunConfig>(), "", &mut undocumented);
+    assert!(
+        undocumented.is_empty(),
+        "keys without a doc comment (the reference would have no description): {undocumented:?}"
+    );
 }
 
 /// The ```toml blocks of a Markdown text.

@@ -363,3 +363,18 @@ fn check_schedule(value: &toml::Value) -> Result<(), ConfigError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_kinds_are_the_schema_tags() {
+        let schema = schema_of::<ScheduleConfig>();
+        let tags: Vec<String> = schema_text::tagged_variants(&schema, "kind")
+            .into_iter()
+            .map(|(tag, _)| tag)
+            .collect();
+        assert_eq!(tags, SCHEDULE_KINDS);
+    }
+}

@@ -211,7 +211,8 @@ fn description() -> String {
     }
     text.push_str(
         "\n`zamba-7b` is Zyphra/Zamba-7B-v1; the others are small proxies for CPU runs and tests. \
-         `zamba-train params --preset NAME` prints the parameter count by component.",
+         `zamba-train params --preset NAME` prints the parameter count by component. \
+         The defaults below are transformers' (Zamba-7B's); a preset replaces them with its own.",
     );
     text
 }

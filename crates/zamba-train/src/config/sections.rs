@@ -13,7 +13,8 @@ use std::path::PathBuf;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
-    /// Shown in logs and plots; defaults to the last component of `dir`.
+    /// A label for the run in `--dry-run`, the saved config and sweep summaries; defaults to the
+    /// last component of `dir`.
     #[serde(default)]
     pub name: String,
     /// The run's output directory (metrics.jsonl, checkpoints, resolved config). A relative path
@@ -357,7 +358,7 @@ impl Section for RuntimeSection {}
 /// The rules of each schedule kind live with the kinds, in `crate::schedule`.
 impl Section for ScheduleConfig {
     fn validate(&self, run: &RunConfig) -> Result<(), ConfigError> {
-        self.validate(run.train.steps)
+        ScheduleConfig::validate(self, run.train.steps)
             .map_err(|e| ConfigError::invalid(format!("schedule.{}", e.field), e.message))
     }
 }
