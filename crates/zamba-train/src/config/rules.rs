@@ -181,7 +181,8 @@ fn has_type(schema: &Json, value: &toml::Value) -> bool {
     match schema.get("type") {
         Some(Json::Array(types)) => types.iter().any(fits),
         Some(t) => fits(t),
-        None => schema.get("const").is_none() && schema.get("enum").is_none() || name == "string",
+        // No type: an enumeration of strings, or anything.
+        None => (schema.get("const").is_none() && schema.get("enum").is_none()) || name == "string",
     }
 }
 
