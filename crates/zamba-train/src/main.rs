@@ -56,6 +56,9 @@ enum Command {
     Data(zamba_data::DataCommand),
     /// Plot loss / eval loss / LR curves of one or several runs.
     Plot(zamba_train::plot::PlotArgs),
+    /// Run configs: print the reference of every key, or write a commented starter config.
+    #[command(subcommand)]
+    Config(zamba_train::config::ConfigCommand),
     /// Run (or emit as a SLURM array) a grid of config overrides.
     Sweep(zamba_train::sweep::SweepArgs),
     /// Logits and loss of a transformers Zamba checkpoint on a token sequence, as JSON.
@@ -132,6 +135,7 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => run_train(args),
         Some(Command::Data(cmd)) => zamba_data::run(cmd),
         Some(Command::Plot(args)) => zamba_train::plot::run(args),
+        Some(Command::Config(cmd)) => zamba_train::config::run_command(cmd),
         Some(Command::Sweep(args)) => zamba_train::sweep::run(args),
         Some(Command::Logits(args)) => inspect::logits(args),
         Some(Command::Params(args)) => inspect::params(args),
