@@ -33,6 +33,13 @@ pub struct ModelArgs {
     /// Measured steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Data-parallel ranks (threads): time the whole training step — gradient averaging and the
+    /// AdamW update included — with this many ranks against one, on the same global batch.
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// With --world: ZeRO-1 (moments sharded, gradients reduce-scattered) instead of replicated.
+    #[arg(long)]
+    zero: bool,
 }
 
 #[derive(Args)]
@@ -233,6 +240,13 @@ fn scan_times(
 
 fn bench_model(a: &ModelArgs) -> Result<()> {
     let config = ZambaConfig::preset(&a.preset)?;
+    if a.world > 1 {
+        let sharding = match a.zero {
+            true => zamba_train::data_parallel::Sharding::Zero1,
+            false => zamba_train::data_parallel::Sharding::Replicated,
+        };
+        return crate::bench_world::run(&config, a.batch, a.seq_len, a.steps, a.world, sharding);
+    }
     let peak = Peak::measure();
     peak.print();
     let device = Device::flex().autodiff();

@@ -24,6 +24,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use zamba_dist::{Communicator, DistError, ReduceOp};
 
+use crate::optim::{AdamW, SegmentUpdate};
+
 /// How optimizer state is spread over the ranks (`optimizer.zero`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sharding {
@@ -201,7 +203,7 @@ impl DataParallel {
     }
 
     /// Current values of each of [`segments`](Self::segments), flat, without autodiff.
-    pub fn segment_values<M: Module>(&self, model: &M) -> Vec<Tensor<1>> {
+    fn segment_values<M: Module>(&self, model: &M) -> Vec<Tensor<1>> {
         let mut values = flat_values(model);
         self.segments
             .iter()
@@ -220,7 +222,7 @@ impl DataParallel {
 
     /// Writes the updated values of this rank's segments into the model: directly when every
     /// rank holds every parameter, by all-gathering each bucket's chunks under ZeRO-1.
-    pub fn apply<M: Module>(
+    fn apply<M: Module>(
         &self,
         model: M,
         updated: Vec<Tensor<1>>,
@@ -252,6 +254,36 @@ impl DataParallel {
             }
         }
         Ok(set_values(model, new_values))
+    }
+
+    /// One optimizer step: AdamW on this rank's segments with their averaged `grads` (from
+    /// [`reduce_gradients`](Self::reduce_gradients)) scaled by `grad_scale` (the clipping
+    /// factor), then the new values into every rank's parameters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update<M: Module>(
+        &self,
+        model: M,
+        optimizer: &mut AdamW,
+        grads: Vec<Tensor<1>>,
+        lr: f64,
+        grad_scale: f64,
+        comm: &dyn Communicator,
+        device: &Device,
+    ) -> Result<M, DistError> {
+        let segments = self
+            .segments
+            .iter()
+            .zip(self.segment_values(&model))
+            .zip(grads)
+            .map(|((segment, value), grad)| SegmentUpdate {
+                path: self.path(segment),
+                range: segment.range.clone(),
+                value,
+                grad,
+            })
+            .collect();
+        let updated = optimizer.update(segments, lr, grad_scale);
+        self.apply(model, updated, comm, device)
     }
 
     /// Makes every rank's parameters equal to rank 0's, one broadcast per bucket.

@@ -4,6 +4,7 @@
 //! the subcommands inspect models, prepare data, plot, sweep and benchmark.
 
 mod bench;
+mod bench_world;
 mod inspect;
 
 use std::path::PathBuf;

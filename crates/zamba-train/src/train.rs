@@ -29,7 +29,7 @@ use crate::config::{RunConfig, TrainSection};
 use crate::data_parallel::{DataParallel, Sharding};
 use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
-use crate::optim::{AdamW, AdamWParams, SegmentUpdate, clip_factor};
+use crate::optim::{AdamW, AdamWParams, clip_factor};
 use crate::rank::RankContext;
 use crate::run_lock::RunLock;
 
@@ -146,14 +146,14 @@ fn run_rank(
             count_skip(&mut run.state, reason, config, &progress)?;
         } else {
             let scale = clip_factor(agreed.grad_norm, config.optimizer.clip_grad_norm);
-            run.model = apply_update(
-                ctx,
-                &run.dp,
+            run.model = run.dp.update(
                 run.model,
                 &mut run.optimizer,
                 grads,
                 lr,
                 scale,
+                ctx.comm.as_ref(),
+                &compute,
             )?;
             run.state.consecutive_skips = 0;
             push_window(
@@ -405,32 +405,6 @@ fn count_skip(
         );
     }
     Ok(())
-}
-
-/// Clipped AdamW on this rank's segments, then the new values into every rank's parameters.
-fn apply_update(
-    ctx: &RankContext,
-    dp: &DataParallel,
-    model: ZambaModel,
-    optimizer: &mut AdamW,
-    grads: Vec<Tensor<1>>,
-    lr: f64,
-    grad_scale: f64,
-) -> Result<ZambaModel> {
-    let segments = dp
-        .segments()
-        .iter()
-        .zip(dp.segment_values(&model))
-        .zip(grads)
-        .map(|((segment, value), grad)| SegmentUpdate {
-            path: dp.path(segment),
-            range: segment.range.clone(),
-            value,
-            grad,
-        })
-        .collect();
-    let updated = optimizer.update(segments, lr, grad_scale);
-    Ok(dp.apply(model, updated, ctx.comm.as_ref(), &ctx.compute_device())?)
 }
 
 /// Writes a checkpoint (every rank takes part) and prunes old ones (rank 0).

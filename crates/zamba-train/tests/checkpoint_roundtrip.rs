@@ -13,7 +13,7 @@ use zamba_dist::SingleRank;
 use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
 use zamba_train::checkpoint::{self, TrainerState, moments};
 use zamba_train::data_parallel::{DataParallel, Sharding, param_slots};
-use zamba_train::optim::{AdamW, AdamWParams, Moments, SegmentUpdate};
+use zamba_train::optim::{AdamW, AdamWParams, Moments};
 use zamba_train::rank::RankContext;
 
 const PARAMS: AdamWParams = AdamWParams {
@@ -100,20 +100,9 @@ fn save_then_load_gives_back_everything() {
     let dp = DataParallel::new(&model, 1 << 16, Sharding::Replicated, 0, 1);
     let compute = Device::flex();
     let (grads, _) = dp.reduce_gradients(grads, &SingleRank, &compute).unwrap();
-    let segments = dp
-        .segments()
-        .iter()
-        .zip(dp.segment_values(&model))
-        .zip(grads)
-        .map(|((s, value), grad)| SegmentUpdate {
-            path: dp.path(s),
-            range: s.range.clone(),
-            value,
-            grad,
-        })
-        .collect();
-    let updated = opt.update(segments, 1e-3, 1.0);
-    let model = dp.apply(model, updated, &SingleRank, &compute).unwrap();
+    let model = dp
+        .update(model, &mut opt, grads, 1e-3, 1.0, &SingleRank, &compute)
+        .unwrap();
 
     let run = tempfile::tempdir().unwrap();
     let ctx = single_rank(&device);

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use zamba_dist::SingleRank;
 use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 use zamba_train::data_parallel::{DataParallel, Sharding};
-use zamba_train::optim::{AdamW, AdamWParams, SegmentUpdate, clip_factor, is_decayed};
+use zamba_train::optim::{AdamW, AdamWParams, clip_factor, is_decayed};
 
 #[derive(Module, Debug)]
 struct Toy {
@@ -62,20 +62,7 @@ fn adamw_step<M: Module>(
     scale: f64,
 ) -> M {
     let (dp, grads, _) = reduced(&model, grads);
-    let segments = dp
-        .segments()
-        .iter()
-        .zip(dp.segment_values(&model))
-        .zip(grads)
-        .map(|((s, value), grad)| SegmentUpdate {
-            path: dp.path(s),
-            range: s.range.clone(),
-            value,
-            grad,
-        })
-        .collect();
-    let updated = opt.update(segments, lr, scale);
-    dp.apply(model, updated, &SingleRank, &Device::flex())
+    dp.update(model, opt, grads, lr, scale, &SingleRank, &Device::flex())
         .unwrap()
 }
 
