@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use burn::backend::Cube;
 use burn::tensor::{DType, Device, Tensor};
-use burn_cubecl::cubecl::cuda::CudaServer;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl_runtime::runtime::Runtime;
 use cudarc::driver::{CudaContext, CudaStream, sys as cu};
 use cudarc::nccl::{result as nccl, sys};
 
@@ -25,6 +26,9 @@ use crate::heartbeat::{Heartbeat, find_culprits, interval_for};
 use crate::init::Rendezvous;
 use crate::store::StoreClient;
 use crate::{Communicator, DistError, ReduceOp};
+
+/// The CUDA compute server, whose storage resources carry device pointers.
+type CudaServer = <CudaRuntime as Runtime>::Server;
 
 const ID_KEY: &str = "nccl/unique-id";
 
@@ -515,19 +519,18 @@ impl Watchdog {
                 let Some(shared) = shared.upgrade() else { return };
                 let (lock, wake) = &*shared;
                 let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-                let guard = match &*guard {
-                    Some((deadline, what)) if Instant::now() >= *deadline => {
+                let armed = guard.as_ref().map(|(deadline, what)| (*deadline, what.clone()));
+                let wait = match armed {
+                    Some((deadline, what)) if Instant::now() >= deadline => {
                         eprintln!(
                             "zamba-dist: rank {rank}: {what} is stuck inside NCCL past its time-out; ending the process (exit status 1)"
                         );
                         std::process::exit(1);
                     }
-                    Some((deadline, _)) => {
-                        let wait = deadline.saturating_duration_since(Instant::now());
-                        wake.wait_timeout(guard, wait).unwrap_or_else(|p| p.into_inner()).0
-                    }
-                    None => wake.wait_timeout(guard, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner()).0,
+                    Some((deadline, _)) => deadline.saturating_duration_since(Instant::now()),
+                    None => Duration::from_secs(1),
                 };
+                let guard = wake.wait_timeout(guard, wait).unwrap_or_else(|p| p.into_inner()).0;
                 drop(guard);
             }
         });
