@@ -93,6 +93,12 @@ fn two_and_four_thread_ranks_train_like_one_and_zero1_like_plain_data_parallelis
             );
         }
         let gap = relative_gap(&weights, &final_weights(&dir));
+        let worst = reference
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs() / a)
+            .fold(0.0, f64::max);
+        eprintln!("{name}: losses within {worst:e}, final weights within {gap:e} of world 1's");
         assert!(
             gap < WEIGHT_TOL,
             "{name}: final weights differ by {gap:e} relative"
