@@ -65,6 +65,12 @@ enum Command {
     /// Benchmarks (CPU): the model's training step, the scan op, the machine's matmul peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Export a checkpoint as a transformers directory (weights, config, tokenizer).
+    ExportHf(zamba_train::export::ExportArgs),
+    /// Continue a prompt with a checkpoint or an exported model.
+    Generate(zamba_train::generate::GenerateArgs),
+    /// Held-out loss/perplexity per source and exact-match accuracy of a checkpoint.
+    Eval(zamba_train::eval_cmd::EvalArgs),
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
@@ -101,6 +107,9 @@ fn main() -> ExitCode {
         Some(Command::Logits(args)) => inspect::logits(args),
         Some(Command::Params(args)) => inspect::params(args),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::ExportHf(args)) => zamba_train::export::run(args),
+        Some(Command::Generate(args)) => zamba_train::generate::run(args),
+        Some(Command::Eval(args)) => zamba_train::eval_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
