@@ -210,7 +210,7 @@ def main() -> None:
         "masks": masks,
         "errors": errors,
     }
-    OUT.write_text(json.dumps(fixture, ensure_ascii=False, indent=1) + "\n")
+    OUT.write_text(json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n")
     print(f"wrote {OUT}: {len(renderings)} renderings, {len(masks)} masks, {len(errors)} errors")
 
 

@@ -417,7 +417,7 @@ pub fn read_document_masks(path: &Path) -> Result<Option<Vec<Vec<bool>>>> {
     let mut masks = Vec::new();
     for batch in builder.with_projection(projection).build()? {
         let list = batch?.column(0).as_list::<i32>().clone();
-        for row in 0..list.len() {
+        for row in 0..arrow_array::Array::len(&list) {
             masks.push(list.value(row).as_boolean().iter().map(|v| v == Some(true)).collect());
         }
     }

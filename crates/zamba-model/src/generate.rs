@@ -172,7 +172,7 @@ pub fn generate(model: &ZambaModel, prompts: &[Vec<u32>], opts: &GenerateOptions
         let logits = logits
             .into_data()
             .convert::<f32>()
-            .into_vec::<f32>()
+            .try_into_vec::<f32>()
             .expect("f32 logits");
         for (row, prompt) in prompts.iter().enumerate() {
             if done[row] || t + 1 < prompt.len() {

@@ -84,7 +84,7 @@ pub fn parameters_by_path<M: Module>(module: &M) -> HashMap<String, HostTensor> 
             let data = value
                 .into_data()
                 .convert::<f32>()
-                .into_vec::<f32>()
+                .try_into_vec::<f32>()
                 .expect("float parameter");
             self.out
                 .insert(self.path.join("."), HostTensor::new(shape, data));

@@ -11,7 +11,7 @@ fn full_logits(model: &ZambaModel, tokens: &[u32], device: &Device) -> Vec<Vec<f
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, vec![1, tokens.len()]), device);
     let logits = model.forward(input);
     let vocab = logits.dims()[2];
-    let flat = logits.into_data().into_vec::<f32>().unwrap();
+    let flat = logits.into_data().try_into_vec::<f32>().unwrap();
     flat.chunks(vocab).map(<[f32]>::to_vec).collect()
 }
 
@@ -23,7 +23,7 @@ fn recurrent_logits(model: &ZambaModel, rows: &[Vec<u32>], capacity: usize) -> V
         let tokens: Vec<u32> = rows.iter().map(|r| r[t]).collect();
         let logits = decoder.step(&tokens);
         let vocab = logits.dims()[1];
-        let flat = logits.into_data().into_vec::<f32>().unwrap();
+        let flat = logits.into_data().try_into_vec::<f32>().unwrap();
         for (r, chunk) in flat.chunks(vocab).enumerate() {
             out[r].push(chunk.to_vec());
         }

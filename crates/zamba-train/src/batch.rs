@@ -53,8 +53,8 @@ mod tests {
         assert_eq!(target_ids(&batch, 0..4), vec![2, IGNORE_INDEX, IGNORE_INDEX, 6]);
         let device = Device::flex();
         let (inputs, targets) = micro_batch(&batch, 1, 1, &device);
-        assert_eq!(inputs.into_data().convert::<i64>().into_vec::<i64>().unwrap(), vec![3, 4]);
-        assert_eq!(targets.into_data().convert::<i64>().into_vec::<i64>().unwrap(), vec![IGNORE_INDEX, 6]);
+        assert_eq!(inputs.into_data().convert::<i64>().try_into_vec::<i64>().unwrap(), vec![3, 4]);
+        assert_eq!(targets.into_data().convert::<i64>().try_into_vec::<i64>().unwrap(), vec![IGNORE_INDEX, 6]);
         let unmasked = Batch { loss_mask: None, ..batch };
         assert_eq!(target_ids(&unmasked, 0..4), vec![2, 5, 4, 6]);
     }

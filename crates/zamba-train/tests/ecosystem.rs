@@ -88,7 +88,7 @@ fn logits(model: &ZambaModel, tokens: &[i64]) -> Vec<f32> {
     let device = Device::flex();
     let input =
         Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), vec![1, tokens.len()]), &device);
-    model.forward(input).into_data().into_vec::<f32>().unwrap()
+    model.forward(input).into_data().try_into_vec::<f32>().unwrap()
 }
 
 fn export_args(checkpoint: &Path, out: &Path, dtype: ExportDtype) -> ExportArgs {
