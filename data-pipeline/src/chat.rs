@@ -37,7 +37,10 @@ pub struct Message {
 /// (`human` → user, `gpt` → assistant, `system`). The error says what is wrong and where.
 pub fn parse_conversation(value: &serde_json::Value) -> Result<Vec<Message>, String> {
     let serde_json::Value::Array(items) = value else {
-        return Err(format!("expected a list of messages, got {}", kind_of(value)));
+        return Err(format!(
+            "expected a list of messages, got {}",
+            kind_of(value)
+        ));
     };
     if items.is_empty() {
         return Err("the conversation is an empty list of messages".into());
@@ -66,7 +69,12 @@ fn parse_message(item: &serde_json::Value) -> Result<Message, String> {
     };
     let role = match map.get(role_key) {
         Some(serde_json::Value::String(r)) => r.as_str(),
-        Some(other) => return Err(format!("{role_key} is {}, expected a string", kind_of(other))),
+        Some(other) => {
+            return Err(format!(
+                "{role_key} is {}, expected a string",
+                kind_of(other)
+            ));
+        }
         None => return Err(format!("has no {role_key:?} field")),
     };
     let role = match role {
@@ -83,7 +91,10 @@ fn parse_message(item: &serde_json::Value) -> Result<Message, String> {
     let content = match map.get(content_key) {
         Some(serde_json::Value::String(c)) => c.clone(),
         Some(other) => {
-            return Err(format!("{content_key} is {}, expected a string", kind_of(other)));
+            return Err(format!(
+                "{content_key} is {}, expected a string",
+                kind_of(other)
+            ));
         }
         None => return Err(format!("has no {content_key:?} field")),
     };
@@ -146,8 +157,12 @@ impl ChatTemplate {
                 })?,
         };
         let special = config.as_ref().map(special_tokens).unwrap_or_default();
-        Self::new(&template, special)
-            .with_context(|| format!("compiling the chat template for {}", tokenizer_json.display()))
+        Self::new(&template, special).with_context(|| {
+            format!(
+                "compiling the chat template for {}",
+                tokenizer_json.display()
+            )
+        })
     }
 
     pub fn new(template: &str, special: BTreeMap<String, String>) -> Result<Self> {
@@ -183,7 +198,10 @@ impl ChatTemplate {
             .map(|(k, v)| (k.clone(), Value::from(v.clone())))
             .collect();
         vars.push(("messages".into(), Value::from(messages)));
-        vars.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
+        vars.push((
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        ));
         let context = Value::from_iter(vars);
         self.env
             .get_template("chat")
@@ -281,11 +299,27 @@ fn strftime_now(format: String) -> Result<Value, Error> {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
 ];
 
 fn strftime(format: &str, unix_secs: i64) -> Result<String, Error> {
@@ -302,7 +336,8 @@ fn strftime(format: &str, unix_secs: i64) -> Result<String, Error> {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let before_month = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][(month - 1) as usize];
+    let before_month =
+        [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][(month - 1) as usize];
     let day_of_year = before_month + day + i64::from(leap && month > 2);
     let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
     let mut out = String::new();
@@ -481,19 +516,35 @@ mod tests {
     #[test]
     fn conversations_parse_in_both_layouts_and_bad_ones_say_why() {
         let openai = serde_json::json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]);
-        let sharegpt = serde_json::json!([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]);
+        let sharegpt =
+            serde_json::json!([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]);
         let want = msgs(&[("user", "hi"), ("assistant", "yo")]);
         assert_eq!(parse_conversation(&openai).unwrap(), want);
         assert_eq!(parse_conversation(&sharegpt).unwrap(), want);
         let cases = [
             (serde_json::json!([]), "empty"),
             (serde_json::json!("text"), "expected a list"),
-            (serde_json::json!([{"role": "wizard", "content": "x"}]), "unknown role \"wizard\""),
-            (serde_json::json!([{"role": "user", "content": ["a"]}]), "content is a list"),
-            (serde_json::json!([{"role": "user", "content": null}]), "content is null"),
+            (
+                serde_json::json!([{"role": "wizard", "content": "x"}]),
+                "unknown role \"wizard\"",
+            ),
+            (
+                serde_json::json!([{"role": "user", "content": ["a"]}]),
+                "content is a list",
+            ),
+            (
+                serde_json::json!([{"role": "user", "content": null}]),
+                "content is null",
+            ),
             (serde_json::json!([{"role": "user"}]), "no \"content\""),
-            (serde_json::json!([{"text": "x"}]), "neither role/content nor from/value"),
-            (serde_json::json!([{"from": "gpt", "value": "a"}, 3]), "message 1: expected an object"),
+            (
+                serde_json::json!([{"text": "x"}]),
+                "neither role/content nor from/value",
+            ),
+            (
+                serde_json::json!([{"from": "gpt", "value": "a"}, 3]),
+                "message 1: expected an object",
+            ),
         ];
         for (value, want) in cases {
             let err = parse_conversation(&value).unwrap_err();
@@ -506,7 +557,12 @@ mod tests {
         let template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
         let special = BTreeMap::from([("eos_token".to_string(), "</s>".to_string())]);
         let t = ChatTemplate::new(template, special).unwrap();
-        let conv = msgs(&[("user", "2+2?"), ("assistant", "4"), ("user", "and 3+3?"), ("assistant", "6")]);
+        let conv = msgs(&[
+            ("user", "2+2?"),
+            ("assistant", "4"),
+            ("user", "and 3+3?"),
+            ("assistant", "6"),
+        ]);
         let (text, spans) = t.render_with_spans(&conv).unwrap();
         // trim_blocks drops the newline after `{% endif %}`, as in transformers.
         assert_eq!(
@@ -524,10 +580,22 @@ mod tests {
             BTreeMap::new(),
         )
         .unwrap();
-        let out = t.render(&msgs(&[("user", "  say \"hi\"\n ")]), false).unwrap();
-        assert_eq!(out, "\"say \\\"hi\\\"\"|{\"a\": [1, \"é\"], \"b\": null}|[\n  1,\n  2\n]");
-        let failing = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", BTreeMap::new()).unwrap();
-        let err = failing.render(&msgs(&[("user", "x")]), false).unwrap_err().to_string();
+        let out = t
+            .render(&msgs(&[("user", "  say \"hi\"\n ")]), false)
+            .unwrap();
+        assert_eq!(
+            out,
+            "\"say \\\"hi\\\"\"|{\"a\": [1, \"é\"], \"b\": null}|[\n  1,\n  2\n]"
+        );
+        let failing = ChatTemplate::new(
+            "{{ raise_exception('roles must alternate') }}",
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let err = failing
+            .render(&msgs(&[("user", "x")]), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("roles must alternate"), "{err}");
         // 2024-07-26 is a Friday, day 208; 13:05:09 UTC.
         let secs = 1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9;

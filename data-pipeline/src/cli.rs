@@ -1,8 +1,8 @@
 //! `zamba-train data …` subcommands.
 
 use crate::input::Columns;
-use crate::synth::{SynthKind, SynthOptions, synth};
 use crate::manifest::LossOn;
+use crate::synth::{SynthKind, SynthOptions, synth};
 use crate::tokenize::{ChatOptions, TokenizeOptions, tokenize};
 use crate::tokenizer::{SpecialTokens, TokenizerSpec};
 use crate::train_tokenizer::{TrainTokenizerOptions, train_tokenizer};

@@ -5,9 +5,7 @@
 
 use anyhow::{Context, Result, bail};
 use arrow_array::cast::AsArray;
-use arrow_array::types::{
-    Float32Type, Float64Type, Int32Type, Int64Type, UInt32Type, UInt64Type,
-};
+use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
@@ -259,7 +257,11 @@ fn is_string(dt: &DataType) -> bool {
 }
 
 /// The text column, or the messages column when reading conversations.
-fn content_column_index(path: &Path, fields: &arrow_schema::Fields, cols: &Columns) -> Result<usize> {
+fn content_column_index(
+    path: &Path,
+    fields: &arrow_schema::Fields,
+    cols: &Columns,
+) -> Result<usize> {
     let Some(name) = &cols.messages else {
         return text_column_index(path, fields, &cols.text);
     };
@@ -272,7 +274,10 @@ fn content_column_index(path: &Path, fields: &arrow_schema::Fields, cols: &Colum
         );
     };
     let ok = is_string(field.data_type())
-        || matches!(field.data_type(), DataType::List(_) | DataType::LargeList(_));
+        || matches!(
+            field.data_type(),
+            DataType::List(_) | DataType::LargeList(_)
+        );
     if !ok {
         bail!(
             "column {name:?} in {} has type {}, expected a list of messages (or JSON text)",
@@ -380,10 +385,16 @@ fn emit_batch(
             continue;
         }
         let (text, messages) = if cols.messages.is_some() {
-            let messages = messages_at(text.as_ref(), row).with_context(|| format!("row {index}"))?;
+            let messages =
+                messages_at(text.as_ref(), row).with_context(|| format!("row {index}"))?;
             (String::new(), Some(messages))
         } else {
-            (string_at(text.as_ref(), row).expect("string column").to_owned(), None)
+            (
+                string_at(text.as_ref(), row)
+                    .expect("string column")
+                    .to_owned(),
+                None,
+            )
         };
         let doc = Doc {
             text,
@@ -404,8 +415,7 @@ fn emit_batch(
 /// A conversation cell as JSON: a list column converted value by value, or a JSON string parsed.
 fn messages_at(col: &dyn Array, row: usize) -> Result<serde_json::Value> {
     if let Some(text) = string_at(col, row) {
-        return serde_json::from_str(text)
-            .context("the messages text is not valid JSON");
+        return serde_json::from_str(text).context("the messages text is not valid JSON");
     }
     arrow_to_json(col, row)
 }
@@ -421,11 +431,15 @@ fn arrow_to_json(col: &dyn Array, row: usize) -> Result<serde_json::Value> {
     }
     if let Some(list) = col.as_list_opt::<i32>() {
         let items = list.value(row);
-        return (0..items.len()).map(|i| arrow_to_json(items.as_ref(), i)).collect();
+        return (0..items.len())
+            .map(|i| arrow_to_json(items.as_ref(), i))
+            .collect();
     }
     if let Some(list) = col.as_list_opt::<i64>() {
         let items = list.value(row);
-        return (0..items.len()).map(|i| arrow_to_json(items.as_ref(), i)).collect();
+        return (0..items.len())
+            .map(|i| arrow_to_json(items.as_ref(), i))
+            .collect();
     }
     if let Some(st) = col.as_struct_opt() {
         let mut map = serde_json::Map::new();
@@ -446,7 +460,10 @@ fn arrow_to_json(col: &dyn Array, row: usize) -> Result<serde_json::Value> {
     if let Some(f) = col.as_primitive_opt::<Float32Type>() {
         return Ok(serde_json::Number::from_f64(f.value(row).into()).map_or(J::Null, J::Number));
     }
-    bail!("the messages column holds a value of type {}, which has no JSON form here", col.data_type())
+    bail!(
+        "the messages column holds a value of type {}, which has no JSON form here",
+        col.data_type()
+    )
 }
 
 fn string_at(col: &dyn Array, row: usize) -> Option<&str> {

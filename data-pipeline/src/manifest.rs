@@ -82,7 +82,9 @@ pub struct RunSettings {
 impl RunSettings {
     /// Whether the shards have a `loss_mask` column.
     pub fn has_loss_mask(&self) -> bool {
-        self.chat.as_ref().is_some_and(|c| c.loss_on == LossOn::Assistant)
+        self.chat
+            .as_ref()
+            .is_some_and(|c| c.loss_on == LossOn::Assistant)
     }
 }
 

@@ -47,7 +47,11 @@ pub fn schema(dtype: TokenDtype, with_mask: bool) -> SchemaRef {
         Field::new("id", DataType::Utf8, true),
     ];
     if with_mask {
-        fields.push(Field::new(LOSS_MASK_COLUMN, list_of(DataType::Boolean), false));
+        fields.push(Field::new(
+            LOSS_MASK_COLUMN,
+            list_of(DataType::Boolean),
+            false,
+        ));
     }
     Arc::new(Schema::new(fields))
 }
@@ -418,7 +422,13 @@ pub fn read_document_masks(path: &Path) -> Result<Option<Vec<Vec<bool>>>> {
     for batch in builder.with_projection(projection).build()? {
         let list = batch?.column(0).as_list::<i32>().clone();
         for row in 0..arrow_array::Array::len(&list) {
-            masks.push(list.value(row).as_boolean().iter().map(|v| v == Some(true)).collect());
+            masks.push(
+                list.value(row)
+                    .as_boolean()
+                    .iter()
+                    .map(|v| v == Some(true))
+                    .collect(),
+            );
         }
     }
     Ok(Some(masks))

@@ -1,7 +1,7 @@
 //! `data tokenize`: raw documents → tokenized parquet shards + manifest, in parallel and resumable.
 
-use crate::fsutil::{write_atomic, write_json_atomic};
 use crate::chat::{ChatTemplate, parse_conversation};
+use crate::fsutil::{write_atomic, write_json_atomic};
 use crate::input::{Columns, Doc, InputFile, for_each_doc, inspect, resolve_inputs};
 use crate::manifest::{
     ChatSettings, InputRecord, LossOn, MANIFEST_FILE, Manifest, PROGRESS_FILE, Progress,
@@ -116,11 +116,17 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
                 bytes: i.bytes,
             })
             .collect(),
-        chat: opts.chat.as_ref().zip(chat.as_ref()).map(|(c, template)| ChatSettings {
-            messages_column: c.messages_column.clone(),
-            template_hash: blake3::hash(template.source.as_bytes()).to_hex().to_string(),
-            loss_on: c.loss_on,
-        }),
+        chat: opts
+            .chat
+            .as_ref()
+            .zip(chat.as_ref())
+            .map(|(c, template)| ChatSettings {
+                messages_column: c.messages_column.clone(),
+                template_hash: blake3::hash(template.source.as_bytes())
+                    .to_hex()
+                    .to_string(),
+                loss_on: c.loss_on,
+            }),
     };
 
     let out = &opts.out;
@@ -187,7 +193,11 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
 /// special tokens and chat template) with the shards, so that whatever trains on them can name
 /// and export its tokenizer. The manifest's hash identifies the copy. A chat template given with
 /// `--chat-template` goes into the copied tokenizer_config.json, as the template the data used.
-fn copy_tokenizer_files(spec: &TokenizerSpec, out: &Path, chat_template: Option<&str>) -> Result<()> {
+fn copy_tokenizer_files(
+    spec: &TokenizerSpec,
+    out: &Path,
+    chat_template: Option<&str>,
+) -> Result<()> {
     let TokenizerSpec::File(path) = spec else {
         return Ok(());
     };
@@ -280,7 +290,10 @@ impl Encoder<'_> {
     /// start inside an assistant span, and the EOS after a final assistant message.
     fn encode(&self, doc: &Doc) -> Result<(Vec<u32>, Option<Vec<bool>>)> {
         let (Some(template), Some(value)) = (self.chat, &doc.messages) else {
-            return Ok((self.tokenizer.encode_document(&doc.text, self.add_bos)?, None));
+            return Ok((
+                self.tokenizer.encode_document(&doc.text, self.add_bos)?,
+                None,
+            ));
         };
         let messages = parse_conversation(value).map_err(anyhow::Error::msg)?;
         let (text, spans) = template.render_with_spans(&messages)?;
@@ -293,7 +306,11 @@ impl Encoder<'_> {
         }
         let ends_with_assistant = messages.last().is_some_and(|m| m.role == "assistant");
         let mut mask: Vec<bool> = bos.map(|_| false).into_iter().collect();
-        mask.extend(offsets.iter().map(|&start| spans.iter().any(|s| s.contains(&start))));
+        mask.extend(
+            offsets
+                .iter()
+                .map(|&start| spans.iter().any(|s| s.contains(&start))),
+        );
         mask.push(ends_with_assistant);
         Ok((ids, Some(mask)))
     }
@@ -384,9 +401,8 @@ fn run(
             });
             for ((input_index, doc), ids) in chunk.iter().zip(encoded) {
                 let input = &inputs[*input_index];
-                let (ids, mask) = ids.with_context(|| {
-                    format!("{} row {}", input.path.display(), doc.record)
-                })?;
+                let (ids, mask) =
+                    ids.with_context(|| format!("{} row {}", input.path.display(), doc.record))?;
                 let source = doc
                     .source
                     .as_deref()
@@ -395,7 +411,9 @@ fn run(
                 docs += 1;
                 tokens += ids.len() as u64;
                 text_bytes += doc.text.len() as u64;
-                if let Some(shard) = writer.push(&ids, mask.as_deref(), source, doc.id.as_deref())? {
+                if let Some(shard) =
+                    writer.push(&ids, mask.as_deref(), source, doc.id.as_deref())?
+                {
                     progress.shards.push(shard);
                     progress.next_input = *input_index;
                     progress.next_record = doc.record + 1;

@@ -273,12 +273,19 @@ impl TextTokenizer {
     /// token starts.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
         match &self.hf {
-            None => Ok((text.bytes().map(u32::from).collect(), (0..text.len()).collect())),
+            None => Ok((
+                text.bytes().map(u32::from).collect(),
+                (0..text.len()).collect(),
+            )),
             Some(tokenizer) => {
                 let encoding = tokenizer
                     .encode(text, false)
                     .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
-                let starts = encoding.get_offsets().iter().map(|&(start, _)| start).collect();
+                let starts = encoding
+                    .get_offsets()
+                    .iter()
+                    .map(|&(start, _)| start)
+                    .collect();
                 Ok((encoding.get_ids().to_vec(), starts))
             }
         }
@@ -307,7 +314,11 @@ mod tests {
         let hf = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
         let ours = TextTokenizer::load(&TokenizerSpec::Byte, &SpecialTokens::default()).unwrap();
         let all_bytes: String = String::from_utf8_lossy(&(1..=255u8).collect::<Vec<_>>()).into();
-        for text in ["héllo wörld\n  tabs\tand 🦀", "<|user|>\nWhat is 2 + 2?\n", &all_bytes] {
+        for text in [
+            "héllo wörld\n  tabs\tand 🦀",
+            "<|user|>\nWhat is 2 + 2?\n",
+            &all_bytes,
+        ] {
             let want = ours.encode(text).unwrap();
             let got = hf.encode(text, false).unwrap().get_ids().to_vec();
             assert_eq!(got, want, "{text:?}");

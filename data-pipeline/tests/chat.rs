@@ -15,7 +15,9 @@ use zamba_data::manifest::LossOn;
 use zamba_data::shard::{read_document_masks, read_documents};
 use zamba_data::tokenize::ChatOptions;
 use zamba_data::tokenizer::byte;
-use zamba_data::{DataConfig, MixtureLoader, SourceConfig, TokenizeOptions, TokenizerSpec, tokenize};
+use zamba_data::{
+    DataConfig, MixtureLoader, SourceConfig, TokenizeOptions, TokenizerSpec, tokenize,
+};
 
 fn fixture() -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates.json");
@@ -37,21 +39,31 @@ fn rendering_equals_transformers_apply_chat_template() {
     assert!(renderings.len() >= 15);
     for r in renderings {
         let name = r["template"].as_str().unwrap();
-        let template = ChatTemplate::new(f["templates"][name].as_str().unwrap(), special(&f)).unwrap();
+        let template =
+            ChatTemplate::new(f["templates"][name].as_str().unwrap(), special(&f)).unwrap();
         let conv = conversation(&f, r["conversation"].as_str().unwrap());
         let got = template
             .render(&conv, r["add_generation_prompt"].as_bool().unwrap())
             .unwrap();
-        assert_eq!(got, r["text"].as_str().unwrap(), "{name} / {}", r["conversation"]);
+        assert_eq!(
+            got,
+            r["text"].as_str().unwrap(),
+            "{name} / {}",
+            r["conversation"]
+        );
     }
     for e in f["errors"].as_array().unwrap() {
         let name = e["template"].as_str().unwrap();
-        let template = ChatTemplate::new(f["templates"][name].as_str().unwrap(), special(&f)).unwrap();
+        let template =
+            ChatTemplate::new(f["templates"][name].as_str().unwrap(), special(&f)).unwrap();
         let err = template
             .render(&parse_conversation(&e["messages"]).unwrap(), false)
             .unwrap_err()
             .to_string();
-        assert!(err.contains(e["message"].as_str().unwrap()), "{name}: {err}");
+        assert!(
+            err.contains(e["message"].as_str().unwrap()),
+            "{name}: {err}"
+        );
     }
     assert_eq!(
         f["templates"]["synthetic"].as_str().unwrap(),
@@ -73,9 +85,17 @@ fn tokenizer_dir(dir: &Path, template: &str, special: &BTreeMap<String, String>)
     json
 }
 
-fn chat_tokenize(inputs: Vec<PathBuf>, out: &Path, tokenizer: &Path, column: &str) -> anyhow::Result<()> {
+fn chat_tokenize(
+    inputs: Vec<PathBuf>,
+    out: &Path,
+    tokenizer: &Path,
+    column: &str,
+) -> anyhow::Result<()> {
     let mut opts = TokenizeOptions::new(
-        inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+        inputs
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
         out,
         TokenizerSpec::File(tokenizer.to_path_buf()),
     );
@@ -105,7 +125,11 @@ fn assistant_masks_equal_transformers_and_survive_tokenization() {
         let name = m["template"].as_str().unwrap();
         let conv_name = m["conversation"].as_str().unwrap();
         let dir = tmp.path().join(format!("case-{i}"));
-        let tokenizer = tokenizer_dir(&dir.join("tok"), f["templates"][name].as_str().unwrap(), &special(&f));
+        let tokenizer = tokenizer_dir(
+            &dir.join("tok"),
+            f["templates"][name].as_str().unwrap(),
+            &special(&f),
+        );
         let input = dir.join("chat.jsonl");
         write_jsonl(&input, "messages", &[f["conversations"][conv_name].clone()]);
         chat_tokenize(vec![input], &dir.join("out"), &tokenizer, "messages").unwrap();
@@ -149,7 +173,11 @@ fn write_sharegpt_parquet(path: &Path, conversations: &[Vec<(&str, &str)>]) {
         Arc::new(structs),
         None,
     );
-    let schema = Arc::new(Schema::new(vec![Field::new("conversations", DataType::List(item), false)]));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "conversations",
+        DataType::List(item),
+        false,
+    )]));
     let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(list)]).unwrap();
     let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
     w.write(&batch).unwrap();
@@ -160,11 +188,25 @@ fn write_sharegpt_parquet(path: &Path, conversations: &[Vec<(&str, &str)>]) {
 fn sharegpt_parquet_gives_the_same_documents_as_role_content_jsonl() {
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let tokenizer = tokenizer_dir(&tmp.path().join("tok"), f["templates"]["chatml"].as_str().unwrap(), &special(&f));
-    let conv = vec![("system", "Be brief."), ("human", "Hi there"), ("gpt", "Hello!")];
+    let tokenizer = tokenizer_dir(
+        &tmp.path().join("tok"),
+        f["templates"]["chatml"].as_str().unwrap(),
+        &special(&f),
+    );
+    let conv = vec![
+        ("system", "Be brief."),
+        ("human", "Hi there"),
+        ("gpt", "Hello!"),
+    ];
     let parquet = tmp.path().join("sharegpt.parquet");
     write_sharegpt_parquet(&parquet, &[conv.clone(), conv[1..].to_vec()]);
-    chat_tokenize(vec![parquet], &tmp.path().join("a"), &tokenizer, "conversations").unwrap();
+    chat_tokenize(
+        vec![parquet],
+        &tmp.path().join("a"),
+        &tokenizer,
+        "conversations",
+    )
+    .unwrap();
     let jsonl = tmp.path().join("openai.jsonl");
     let as_messages = |c: &[(&str, &str)]| {
         serde_json::Value::Array(
@@ -180,43 +222,85 @@ fn sharegpt_parquet_gives_the_same_documents_as_role_content_jsonl() {
                 .collect(),
         )
     };
-    write_jsonl(&jsonl, "messages", &[as_messages(&conv), as_messages(&conv[1..])]);
+    write_jsonl(
+        &jsonl,
+        "messages",
+        &[as_messages(&conv), as_messages(&conv[1..])],
+    );
     chat_tokenize(vec![jsonl], &tmp.path().join("b"), &tokenizer, "messages").unwrap();
     let read = |dir: &str| {
         let shard = tmp.path().join(dir).join("shard-00000.parquet");
-        let tokens: Vec<Vec<u32>> = read_documents(&shard).unwrap().into_iter().map(|d| d.0).collect();
+        let tokens: Vec<Vec<u32>> = read_documents(&shard)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.0)
+            .collect();
         (tokens, read_document_masks(&shard).unwrap())
     };
     let (a, b) = (read("a"), read("b"));
     assert_eq!(a, b);
-    let text = String::from_utf8(a.0[0][..a.0[0].len() - 1].iter().map(|&t| t as u8).collect()).unwrap();
-    assert!(text.contains("<|im_start|>user\nHi there<|im_end|>"), "{text}");
-    assert!(!text.contains("You are a helpful assistant"), "the given system message is kept");
+    let text = String::from_utf8(
+        a.0[0][..a.0[0].len() - 1]
+            .iter()
+            .map(|&t| t as u8)
+            .collect(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("<|im_start|>user\nHi there<|im_end|>"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("You are a helpful assistant"),
+        "the given system message is kept"
+    );
 }
 
 #[test]
 fn bad_conversations_are_errors_naming_file_and_row() {
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let tokenizer = tokenizer_dir(&tmp.path().join("tok"), f["templates"]["chatml"].as_str().unwrap(), &special(&f));
+    let tokenizer = tokenizer_dir(
+        &tmp.path().join("tok"),
+        f["templates"]["chatml"].as_str().unwrap(),
+        &special(&f),
+    );
     let good = serde_json::json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]);
     let cases = [
-        (serde_json::json!([{"role": "narrator", "content": "x"}]), "unknown role \"narrator\""),
-        (serde_json::json!([{"role": "user", "content": {"text": "x"}}]), "content is an object"),
+        (
+            serde_json::json!([{"role": "narrator", "content": "x"}]),
+            "unknown role \"narrator\"",
+        ),
+        (
+            serde_json::json!([{"role": "user", "content": {"text": "x"}}]),
+            "content is an object",
+        ),
         (serde_json::json!([]), "empty list"),
     ];
     for (i, (bad, want)) in cases.into_iter().enumerate() {
         let input = tmp.path().join(format!("bad-{i}.jsonl"));
         write_jsonl(&input, "messages", &[good.clone(), good.clone(), bad]);
         let out = tmp.path().join(format!("out-{i}"));
-        let err = format!("{:#}", chat_tokenize(vec![input], &out, &tokenizer, "messages").unwrap_err());
-        assert!(err.contains(&format!("bad-{i}.jsonl row 2")) && err.contains(want), "{err}");
+        let err = format!(
+            "{:#}",
+            chat_tokenize(vec![input], &out, &tokenizer, "messages").unwrap_err()
+        );
+        assert!(
+            err.contains(&format!("bad-{i}.jsonl row 2")) && err.contains(want),
+            "{err}"
+        );
         assert!(!out.join("manifest.json").exists());
     }
     let input = tmp.path().join("no-column.jsonl");
     write_jsonl(&input, "dialogue", &[good]);
-    let err = format!("{:#}", chat_tokenize(vec![input], &tmp.path().join("x"), &tokenizer, "messages").unwrap_err());
-    assert!(err.contains("no messages field \"messages\"") && err.contains("dialogue"), "{err}");
+    let err = format!(
+        "{:#}",
+        chat_tokenize(vec![input], &tmp.path().join("x"), &tokenizer, "messages").unwrap_err()
+    );
+    assert!(
+        err.contains("no messages field \"messages\"") && err.contains("dialogue"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -224,7 +308,11 @@ fn the_loader_yields_masks_that_line_up_with_assistant_tokens() {
     // Synthetic chat: user text lowercase, assistant text uppercase, so a target must count
     // exactly when it is an uppercase letter or the EOS closing an assistant turn.
     let tmp = tempfile::tempdir().unwrap();
-    let tokenizer = tokenizer_dir(&tmp.path().join("tok"), zamba_data::synth::instruct::CHAT_TEMPLATE, &BTreeMap::new());
+    let tokenizer = tokenizer_dir(
+        &tmp.path().join("tok"),
+        zamba_data::synth::instruct::CHAT_TEMPLATE,
+        &BTreeMap::new(),
+    );
     let conversations: Vec<serde_json::Value> = (0..300)
         .map(|i| {
             let question = format!("question number {i} {}", "abc ".repeat(i % 5));
@@ -272,7 +360,8 @@ fn the_loader_yields_masks_that_line_up_with_assistant_tokens() {
         target.is_ascii_uppercase_byte() || (target == byte::EOS && prev.is_ascii_uppercase_byte())
     };
     let mut counted = 0;
-    let mut batches: Vec<zamba_data::Batch> = (0..20).map(|_| loader.next_batch().unwrap()).collect();
+    let mut batches: Vec<zamba_data::Batch> =
+        (0..20).map(|_| loader.next_batch().unwrap()).collect();
     batches.extend(loader.validation("chat", 8).unwrap().map(Result::unwrap));
     for batch in &batches {
         let mask = batch.loss_mask.as_ref().expect("masked data yields a mask");

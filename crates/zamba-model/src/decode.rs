@@ -104,7 +104,8 @@ impl Decoder<'_> {
         assert_eq!(tokens.len(), self.batch, "one token per row");
         let model = self.model;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, vec![self.batch, 1]), &self.device);
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(ids, vec![self.batch, 1]), &self.device);
         let [batch, d] = [self.batch, model.final_layernorm.gamma.dims()[0]];
         let x0 = model.embed_tokens.forward(ids).reshape([batch, d]);
         let mut x = x0.clone();
@@ -151,8 +152,14 @@ fn attend_one(
     let [batch, kv_heads, _, head_dim] = cache.keys.dims();
     let groups = s.n_heads / s.n_kv_heads;
     let u = s.input_layernorm.forward(Tensor::cat(vec![x, x0], 1));
-    let q = s.q_proj.forward(u.clone()).reshape([batch, kv_heads, groups, head_dim]);
-    let k = s.k_proj.forward(u.clone()).reshape([batch, kv_heads, 1, head_dim]);
+    let q = s
+        .q_proj
+        .forward(u.clone())
+        .reshape([batch, kv_heads, groups, head_dim]);
+    let k = s
+        .k_proj
+        .forward(u.clone())
+        .reshape([batch, kv_heads, 1, head_dim]);
     let v = s.v_proj.forward(u).reshape([batch, kv_heads, 1, head_dim]);
     let at = [0..batch, 0..kv_heads, pos..pos + 1, 0..head_dim];
     cache.keys = cache.keys.clone().slice_assign(at.clone(), k);
@@ -182,7 +189,9 @@ fn mamba_one(m: &MambaMixer, hidden: Tensor<2>, state: &mut MambaState) -> Tenso
     // Causal depthwise conv over the window [x_{t−K+1} … x_t].
     let window = Tensor::cat(vec![state.conv.clone(), x.reshape([batch, di, 1])], 2);
     state.conv = window.clone().slice([0..batch, 0..di, 1..k]);
-    let conv = (window * m.conv_weight.val().unsqueeze::<3>()).sum_dim(2).reshape([batch, di])
+    let conv = (window * m.conv_weight.val().unsqueeze::<3>())
+        .sum_dim(2)
+        .reshape([batch, di])
         + m.conv_bias.val().unsqueeze::<2>();
     let xc = silu(conv);
 
@@ -200,7 +209,12 @@ fn mamba_one(m: &MambaMixer, hidden: Tensor<2>, state: &mut MambaState) -> Tenso
     };
     let b_t = per_channel(ssm.clone().slice([0..batch, 0..h, r..r + n, 0..1]));
     let c_t = per_channel(ssm.slice([0..batch, 0..h, r + n..r + 2 * n, 0..1]));
-    let delta = m.dt_proj_weight.val().unsqueeze::<4>().matmul(dt).reshape([batch, di])
+    let delta = m
+        .dt_proj_weight
+        .val()
+        .unsqueeze::<4>()
+        .matmul(dt)
+        .reshape([batch, di])
         + m.dt_proj_bias.val().reshape([1, di]);
     let delta = softplus(delta, 1.0);
     let a = m.a_log.val().exp().neg().reshape([1, di, n]);

@@ -60,7 +60,10 @@ pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u3
         && k < keep
     {
         let kth = logits[order[k - 1] as usize];
-        keep = order.iter().take_while(|&&t| logits[t as usize] >= kth).count();
+        keep = order
+            .iter()
+            .take_while(|&&t| logits[t as usize] >= kth)
+            .count();
     }
     let scaled: Vec<f64> = order[..keep]
         .iter()
@@ -180,8 +183,7 @@ pub fn generate(model: &ZambaModel, prompts: &[Vec<u32>], opts: &GenerateOptions
             }
             let next = samplers[row].sample(&logits[row * vocab..(row + 1) * vocab]);
             out[row].push(next);
-            done[row] =
-                opts.stop_tokens.contains(&next) || out[row].len() >= opts.max_new_tokens;
+            done[row] = opts.stop_tokens.contains(&next) || out[row].len() >= opts.max_new_tokens;
         }
         t += 1;
     }
@@ -252,7 +254,10 @@ mod tests {
         assert_ne!(a, draw(6));
         for (token, want) in [(1u32, 0.4), (3, 0.3), (0, 0.2), (2, 0.1)] {
             let share = a.iter().filter(|&&t| t == token).count() as f64 / a.len() as f64;
-            assert!((share - want).abs() < 0.015, "token {token}: {share} vs {want}");
+            assert!(
+                (share - want).abs() < 0.015,
+                "token {token}: {share} vs {want}"
+            );
         }
         let mut greedy = Sampler::new(SamplingParams::GREEDY, 0);
         assert_eq!(greedy.sample(&logits), 1);
@@ -261,9 +266,24 @@ mod tests {
 
     #[test]
     fn invalid_parameters_name_the_flag() {
-        assert!(params(-1.0, None, None).validate().unwrap_err().contains("--temperature"));
-        assert!(params(1.0, Some(0), None).validate().unwrap_err().contains("--top-k"));
-        assert!(params(1.0, None, Some(1.5)).validate().unwrap_err().contains("--top-p"));
+        assert!(
+            params(-1.0, None, None)
+                .validate()
+                .unwrap_err()
+                .contains("--temperature")
+        );
+        assert!(
+            params(1.0, Some(0), None)
+                .validate()
+                .unwrap_err()
+                .contains("--top-k")
+        );
+        assert!(
+            params(1.0, None, Some(1.5))
+                .validate()
+                .unwrap_err()
+                .contains("--top-p")
+        );
         assert!(params(0.7, Some(40), Some(0.9)).validate().is_ok());
     }
 }

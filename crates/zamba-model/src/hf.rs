@@ -309,4 +309,3 @@ fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
         _ => return None,
     })
 }
-

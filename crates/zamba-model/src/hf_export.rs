@@ -155,14 +155,20 @@ pub fn write_hf_model(
         }
     }
     if files.len() > 1 {
-        let total: usize = tensors.values().map(|t| t.data.len() * opts.dtype.bytes()).sum();
+        let total: usize = tensors
+            .values()
+            .map(|t| t.data.len() * opts.dtype.bytes())
+            .sum();
         let index = serde_json::json!({
             "metadata": {"total_size": total},
             "weight_map": weight_map,
         });
         write_json(&dir.join("model.safetensors.index.json"), &index)?;
     }
-    write_json(&dir.join("config.json"), &hf_config_json(config, opts.dtype))?;
+    write_json(
+        &dir.join("config.json"),
+        &hf_config_json(config, opts.dtype),
+    )?;
     write_json(
         &dir.join("generation_config.json"),
         &generation_config_json(config),

@@ -65,7 +65,9 @@ impl<'a> ParamBuilder<'a> {
             .table
             .remove(&path)
             .unwrap_or_else(|| panic!("parameter {path} is not in the parameter table"));
-        let host = self.source.tensor(&spec.hf_name, &spec.hf_shape, spec.init)?;
+        let host = self
+            .source
+            .tensor(&spec.hf_name, &spec.hf_shape, spec.init)?;
         let ours = spec.layout.to_ours(host);
         assert_eq!(ours.shape.len(), D, "{path}: rank of the declared shape");
         Ok(Param::from_tensor(to_device(ours, self.device)))

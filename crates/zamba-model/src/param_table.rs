@@ -76,7 +76,11 @@ const fn matrix(
     }
 }
 
-const fn norm(path: &'static str, hf_name: &'static str, width: fn(&ZambaConfig) -> Vec<usize>) -> Decl {
+const fn norm(
+    path: &'static str,
+    hf_name: &'static str,
+    width: fn(&ZambaConfig) -> Vec<usize>,
+) -> Decl {
     Decl {
         path,
         hf_name,
@@ -107,9 +111,11 @@ pub const MODEL: &[Decl] = &[
 
 /// The pre-Mamba norm of every layer (`layers.{i}.`; transformers `model.layers.{i}.` or, for
 /// hybrid layers, `model.layers.{i}.mamba_decoder.`).
-pub const LAYER: &[Decl] = &[norm("input_layernorm.gamma", "input_layernorm.weight", |c| {
-    vec![c.hidden_size]
-})];
+pub const LAYER: &[Decl] = &[norm(
+    "input_layernorm.gamma",
+    "input_layernorm.weight",
+    |c| vec![c.hidden_size],
+)];
 
 /// The per-invocation projection of a hybrid layer (`layers.{i}.`; transformers `model.layers.{i}.`).
 pub const HYBRID: &[Decl] = &[matrix("hybrid_linear.weight", "linear.weight", |c| {
@@ -290,7 +296,11 @@ pub fn param_table(config: &ZambaConfig) -> Vec<ParamSpec> {
             LayerKind::Hybrid => format!("model.layers.{i}.mamba_decoder."),
         };
         push(&module, &mamba_hf, LAYER);
-        push(&format!("{module}mamba."), &format!("{mamba_hf}mamba."), MAMBA);
+        push(
+            &format!("{module}mamba."),
+            &format!("{mamba_hf}mamba."),
+            MAMBA,
+        );
         if *kind == LayerKind::Hybrid {
             push(&module, &format!("model.layers.{i}."), HYBRID);
         }
@@ -441,18 +451,36 @@ mod tests {
         assert_eq!(paths.len(), table.len());
         assert_eq!(names.len(), table.len());
         let hybrid = c.hybrid_layers();
-        let q = table.iter().find(|p| p.path == "shared.q_proj.weight").unwrap();
+        let q = table
+            .iter()
+            .find(|p| p.path == "shared.q_proj.weight")
+            .unwrap();
         assert_eq!(
             q.hf_name,
-            format!("model.layers.{}.shared_transf.self_attn.q_proj.weight", hybrid[0])
+            format!(
+                "model.layers.{}.shared_transf.self_attn.q_proj.weight",
+                hybrid[0]
+            )
         );
         let h = hybrid[1];
-        assert!(table.iter().any(|p| p.path == format!("layers.{h}.hybrid_linear.weight")
-            && p.hf_name == format!("model.layers.{h}.linear.weight")));
-        assert!(table.iter().any(|p| p.path == format!("layers.{h}.mamba.a_log")
-            && p.hf_name == format!("model.layers.{h}.mamba_decoder.mamba.A_log")));
-        assert!(table.iter().any(|p| p.path == "layers.0.input_layernorm.gamma"
-            && p.hf_name == "model.layers.0.input_layernorm.weight"));
+        assert!(
+            table
+                .iter()
+                .any(|p| p.path == format!("layers.{h}.hybrid_linear.weight")
+                    && p.hf_name == format!("model.layers.{h}.linear.weight"))
+        );
+        assert!(
+            table
+                .iter()
+                .any(|p| p.path == format!("layers.{h}.mamba.a_log")
+                    && p.hf_name == format!("model.layers.{h}.mamba_decoder.mamba.A_log"))
+        );
+        assert!(
+            table
+                .iter()
+                .any(|p| p.path == "layers.0.input_layernorm.gamma"
+                    && p.hf_name == "model.layers.0.input_layernorm.weight")
+        );
     }
 
     #[test]
@@ -471,8 +499,10 @@ mod tests {
             .into_iter()
             .map(|(path, t)| (path, t.shape))
             .collect();
-        let mut declared: Vec<(String, Vec<usize>)> =
-            param_table(&c).iter().map(|p| (p.path.clone(), p.shape())).collect();
+        let mut declared: Vec<(String, Vec<usize>)> = param_table(&c)
+            .iter()
+            .map(|p| (p.path.clone(), p.shape()))
+            .collect();
         built.sort();
         declared.sort();
         assert_eq!(built, declared);
@@ -495,9 +525,18 @@ mod tests {
                 "{leaf}"
             );
         }
-        assert_eq!(decay_group("layers.17.mamba.a_log"), Some(DecayGroup::NoDecay));
-        assert_eq!(decay_group("layers.17.mamba.in_proj.weight"), Some(DecayGroup::Decay));
-        assert_eq!(decay_group("embed_tokens.weight"), Some(DecayGroup::Embedding));
+        assert_eq!(
+            decay_group("layers.17.mamba.a_log"),
+            Some(DecayGroup::NoDecay)
+        );
+        assert_eq!(
+            decay_group("layers.17.mamba.in_proj.weight"),
+            Some(DecayGroup::Decay)
+        );
+        assert_eq!(
+            decay_group("embed_tokens.weight"),
+            Some(DecayGroup::Embedding)
+        );
         assert_eq!(decay_group("layers.x.mamba.a_log"), None);
         assert_eq!(decay_group("shared.q_proj.bias"), None);
     }

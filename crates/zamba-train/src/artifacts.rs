@@ -192,12 +192,16 @@ pub fn tokenizer_for(
         .to_hex()
         .to_string();
         let expected_hash = match &expected {
-            Some(RunTokenizer::Recorded { info, .. }) => Some(info.describe()).zip(Some(info.hash.clone())),
+            Some(RunTokenizer::Recorded { info, .. }) => {
+                Some(info.describe()).zip(Some(info.hash.clone()))
+            }
             Some(RunTokenizer::File(file)) => Some((
                 file.display().to_string(),
                 blake3::hash(&std::fs::read(file)?).to_hex().to_string(),
             )),
-            Some(RunTokenizer::Byte { .. }) => Some(("the built-in byte tokenizer".into(), String::new())),
+            Some(RunTokenizer::Byte { .. }) => {
+                Some(("the built-in byte tokenizer".into(), String::new()))
+            }
             None => None,
         };
         if let Some((what, want)) = expected_hash

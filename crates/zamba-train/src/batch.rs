@@ -14,9 +14,13 @@ pub fn micro_batch(
 ) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let l = batch.seq_len;
     let range = start * l..(start + rows) * l;
-    let inputs: Vec<i64> = batch.inputs[range.clone()].iter().map(|&t| t as i64).collect();
+    let inputs: Vec<i64> = batch.inputs[range.clone()]
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
     let targets = target_ids(batch, range);
-    let tensor = |ids: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(ids, vec![rows, l]), device);
+    let tensor =
+        |ids: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(ids, vec![rows, l]), device);
     (tensor(inputs), tensor(targets))
 }
 
@@ -50,12 +54,32 @@ mod tests {
             row_sources: vec![0, 0],
             source_tokens: BTreeMap::new(),
         };
-        assert_eq!(target_ids(&batch, 0..4), vec![2, IGNORE_INDEX, IGNORE_INDEX, 6]);
+        assert_eq!(
+            target_ids(&batch, 0..4),
+            vec![2, IGNORE_INDEX, IGNORE_INDEX, 6]
+        );
         let device = Device::flex();
         let (inputs, targets) = micro_batch(&batch, 1, 1, &device);
-        assert_eq!(inputs.into_data().convert::<i64>().try_into_vec::<i64>().unwrap(), vec![3, 4]);
-        assert_eq!(targets.into_data().convert::<i64>().try_into_vec::<i64>().unwrap(), vec![IGNORE_INDEX, 6]);
-        let unmasked = Batch { loss_mask: None, ..batch };
+        assert_eq!(
+            inputs
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .unwrap(),
+            vec![3, 4]
+        );
+        assert_eq!(
+            targets
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .unwrap(),
+            vec![IGNORE_INDEX, 6]
+        );
+        let unmasked = Batch {
+            loss_mask: None,
+            ..batch
+        };
         assert_eq!(target_ids(&unmasked, 0..4), vec![2, 5, 4, 6]);
     }
 }

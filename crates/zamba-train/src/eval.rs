@@ -167,7 +167,11 @@ pub fn exact_match(
             let output = output.trim().to_owned();
             let correct = output == ex.answer;
             result.overall.add(correct);
-            result.by_task.entry(ex.task.clone()).or_default().add(correct);
+            result
+                .by_task
+                .entry(ex.task.clone())
+                .or_default()
+                .add(correct);
             if result.samples.len() < SAMPLES_SHOWN {
                 result.samples.push((ex.clone(), output));
             }

@@ -14,7 +14,9 @@ use zamba_model::{ZambaModel, load_hf};
 
 use crate::artifacts::{ModelSource, tokenizer_for};
 use crate::config::{RunConfig, synthetic_set};
-use crate::eval::{ExactMatch, SourceLoss, exact_match, held_out_loss, synthetic_instruct_examples};
+use crate::eval::{
+    ExactMatch, SourceLoss, exact_match, held_out_loss, synthetic_instruct_examples,
+};
 use crate::export::with_tokenizer_ids;
 
 /// Questions decoded together (rows of one recurrent decoder).
@@ -89,7 +91,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .max_batches
             .map_or(windows, |b| windows.min((b * args.batch_size) as u64));
         let bar = progress_bar(total, &format!("{name}: held-out loss"));
-        let loss = held_out_loss(&model, &loader, &name, args.batch_size, args.max_batches, &bar)?;
+        let loss = held_out_loss(
+            &model,
+            &loader,
+            &name,
+            args.batch_size,
+            args.max_batches,
+            &bar,
+        )?;
         bar.finish_and_clear();
         report.sources.insert(name, loss);
     }
@@ -167,7 +176,10 @@ fn source_name(dir: &Path) -> String {
 }
 
 /// The synthetic settings when the run evaluates on the synthetic instruct set.
-fn instruct_section(run: Option<&RunConfig>, using_run_data: bool) -> Option<&crate::config::SyntheticSection> {
+fn instruct_section(
+    run: Option<&RunConfig>,
+    using_run_data: bool,
+) -> Option<&crate::config::SyntheticSection> {
     let run = run.filter(|_| using_run_data)?;
     let has_instruct = run
         .data
@@ -191,7 +203,10 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
 
 fn print_report(report: &EvalReport, model: &ZambaModel) {
     println!("{} ({} parameters)", report.checkpoint, model.num_params());
-    println!("{:<20} {:>10} {:>12} {:>12}", "source", "loss", "perplexity", "tokens");
+    println!(
+        "{:<20} {:>10} {:>12} {:>12}",
+        "source", "loss", "perplexity", "tokens"
+    );
     for (name, s) in &report.sources {
         println!(
             "{name:<20} {:>10.4} {:>12.3} {:>12}",
@@ -206,7 +221,12 @@ fn print_report(report: &EvalReport, model: &ZambaModel) {
             100.0 * em.overall.accuracy
         );
         for (task, t) in &em.by_task {
-            println!("  {task:<12} {:>4}/{:<4} {:>6.1}%", t.correct, t.examples, 100.0 * t.accuracy);
+            println!(
+                "  {task:<12} {:>4}/{:<4} {:>6.1}%",
+                t.correct,
+                t.examples,
+                100.0 * t.accuracy
+            );
         }
     }
 }

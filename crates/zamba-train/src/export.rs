@@ -60,11 +60,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KIB" => 1024.0,
         "MIB" => 1024.0 * 1024.0,
         "GIB" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown size unit {other:?} in {text:?} (use B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
     };
     let bytes = number * scale;
     if !(bytes >= 1.0) {
-        return Err(format!("{text:?}: the shard size must be at least one byte"));
+        return Err(format!(
+            "{text:?}: the shard size must be at least one byte"
+        ));
     }
     Ok(bytes as u64)
 }
@@ -190,11 +196,14 @@ fn write_atomically<T>(
     };
     if out.exists() {
         let old = parent.join(format!(".{name}.replaced-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("moving the export into {}", out.display()))?;
+        std::fs::rename(out, &old)
+            .with_context(|| format!("moving the old {} aside", out.display()))?;
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("moving the export into {}", out.display()))?;
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("moving the export into {}", out.display()))?;
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("moving the export into {}", out.display()))?;
     }
     Ok(value)
 }

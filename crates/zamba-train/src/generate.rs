@@ -61,7 +61,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .get_ids()
         .to_vec();
     if prompt.is_empty() {
-        bail!("the prompt is empty and the tokenizer adds no start token; give a non-empty --prompt");
+        bail!(
+            "the prompt is empty and the tokenizer adds no start token; give a non-empty --prompt"
+        );
     }
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,

@@ -86,9 +86,15 @@ progress = false
 
 fn logits(model: &ZambaModel, tokens: &[i64]) -> Vec<f32> {
     let device = Device::flex();
-    let input =
-        Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), vec![1, tokens.len()]), &device);
-    model.forward(input).into_data().try_into_vec::<f32>().unwrap()
+    let input = Tensor::<2, Int>::from_data(
+        TensorData::new(tokens.to_vec(), vec![1, tokens.len()]),
+        &device,
+    );
+    model
+        .forward(input)
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 fn export_args(checkpoint: &Path, out: &Path, dtype: ExportDtype) -> ExportArgs {
@@ -109,7 +115,10 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
     let checkpoint = run.join("checkpoints/step-00000002");
     let device = Device::flex();
     let (_, trained) = load_hf(&checkpoint.join("model"), &device).unwrap();
-    let tokens: Vec<i64> = "<|user|>\nWhat is 2 + 2?\n".bytes().map(i64::from).collect();
+    let tokens: Vec<i64> = "<|user|>\nWhat is 2 + 2?\n"
+        .bytes()
+        .map(i64::from)
+        .collect();
     let want = logits(&trained, &tokens);
 
     // f32: the exported weights give exactly the checkpoint's logits.
@@ -117,18 +126,38 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
     export(export_args(&run, &f32_dir, ExportDtype::F32)).unwrap();
     let (config, exported) = load_hf(&f32_dir, &device).unwrap();
     assert_eq!(logits(&exported, &tokens), want);
-    for file in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(f32_dir.join(file).is_file(), "{file}");
     }
     // The byte tokenizer's special ids, not the Mistral defaults of the model config.
-    assert_eq!((config.bos_token_id, config.eos_token_id, config.pad_token_id), (Some(256), Some(257), Some(258)));
+    assert_eq!(
+        (
+            config.bos_token_id,
+            config.eos_token_id,
+            config.pad_token_id
+        ),
+        (Some(256), Some(257), Some(258))
+    );
     let tokenizer = tokenizers::Tokenizer::from_file(f32_dir.join("tokenizer.json")).unwrap();
     let encoded = tokenizer.encode("héllo", true).unwrap().get_ids().to_vec();
     assert_eq!(encoded, [257u32, 104, 195, 169, 108, 108, 111]);
-    let tokenizer_config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f32_dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let tokenizer_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(f32_dir.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(tokenizer_config["eos_token"], "</s>");
-    assert!(tokenizer_config["chat_template"].as_str().unwrap().contains("<|assistant|>"));
+    assert!(
+        tokenizer_config["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|assistant|>")
+    );
 
     // bf16, sharded: the same logits up to bf16 rounding of the weights.
     let bf16_dir = tmp.path().join("export-bf16");
@@ -138,18 +167,40 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
     })
     .unwrap();
     assert!(bf16_dir.join("model.safetensors.index.json").is_file());
-    assert!(bf16_dir.join("model-00001-of-00002.safetensors").is_file() || std::fs::read_dir(&bf16_dir).unwrap().count() > 6);
+    assert!(
+        bf16_dir.join("model-00001-of-00002.safetensors").is_file()
+            || std::fs::read_dir(&bf16_dir).unwrap().count() > 6
+    );
     let (_, rounded) = load_hf(&bf16_dir, &device).unwrap();
     let got = logits(&rounded, &tokens);
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     let scale = want.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-    assert!(diff > 0.0 && diff < 0.02 * scale.max(1.0), "bf16 max |Δlogit| {diff} (logits up to {scale})");
+    assert!(
+        diff > 0.0 && diff < 0.02 * scale.max(1.0),
+        "bf16 max |Δlogit| {diff} (logits up to {scale})"
+    );
 
     // An existing non-empty --out is refused and left alone, unless --force.
-    let err = export(export_args(&run, &f32_dir, ExportDtype::Bf16)).unwrap_err().to_string();
-    assert!(err.contains("not empty") && err.contains("--force"), "{err}");
-    assert_eq!(logits(&load_hf(&f32_dir, &device).unwrap().1, &tokens), want);
-    export(ExportArgs { force: true, ..export_args(&run, &f32_dir, ExportDtype::Bf16) }).unwrap();
+    let err = export(export_args(&run, &f32_dir, ExportDtype::Bf16))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not empty") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        logits(&load_hf(&f32_dir, &device).unwrap().1, &tokens),
+        want
+    );
+    export(ExportArgs {
+        force: true,
+        ..export_args(&run, &f32_dir, ExportDtype::Bf16)
+    })
+    .unwrap();
     assert_eq!(logits(&load_hf(&f32_dir, &device).unwrap().1, &tokens), got);
 
     // eval: loss per source, exact match on the instruct set, as JSON.
@@ -166,7 +217,8 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
         out: Some(report.clone()),
     })
     .unwrap();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     for source in ["web", "instruct"] {
         let s = &json["sources"][source];
         let loss = s["loss"].as_f64().unwrap();
@@ -195,9 +247,13 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
 #[test]
 fn bad_inputs_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = export(export_args(tmp.path(), &tmp.path().join("out"), ExportDtype::F32))
-        .unwrap_err()
-        .to_string();
+    let err = export(export_args(
+        tmp.path(),
+        &tmp.path().join("out"),
+        ExportDtype::F32,
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("neither a zamba-train checkpoint"), "{err}");
     assert!(!tmp.path().join("out").exists());
     let err = generate(GenerateArgs {

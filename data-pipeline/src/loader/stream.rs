@@ -110,7 +110,12 @@ impl SourceStream {
 
     /// Fills `out` with the stream's tokens starting at `offset` (wrapping into later epochs),
     /// and `mask` (same length) with their loss mask when the stream is [`masked`](Self::masked).
-    pub fn read(&mut self, offset: u64, out: &mut [u32], mut mask: Option<&mut [bool]>) -> Result<()> {
+    pub fn read(
+        &mut self,
+        offset: u64,
+        out: &mut [u32],
+        mut mask: Option<&mut [bool]>,
+    ) -> Result<()> {
         let mut pos = offset;
         let mut filled = 0;
         while filled < out.len() {
@@ -194,7 +199,13 @@ impl SourceStream {
             let reader = self.readers[shard].as_ref().expect("opened above");
             let before = tokens.len();
             let group_mask = self.masked.then_some(&mut mask);
-            reader.read_row_group(row_group, self.vocab_limit, &mut tokens, &mut lens, group_mask)?;
+            reader.read_row_group(
+                row_group,
+                self.vocab_limit,
+                &mut tokens,
+                &mut lens,
+                group_mask,
+            )?;
             let got = (tokens.len() - before) as u64;
             if got != expected {
                 bail!(

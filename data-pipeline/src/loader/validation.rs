@@ -1,8 +1,8 @@
 //! Evaluation batches over a held-out set: sequential windows in file order, no shuffling.
 
-use super::{Batch, RowsBuilder};
 use super::config::ResolvedShard;
 use super::stream::SourceStream;
+use super::{Batch, RowsBuilder};
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
 
