@@ -171,6 +171,7 @@ fn meet(
         .collect();
     let missing = store.wait(&keys, timeout)?;
     if !missing.is_empty() {
+        share_verdict(store, rank, &keys, &missing, timeout);
         let ranks = missing
             .iter()
             .filter_map(|k| k.strip_prefix("joined/")?.parse().ok())
@@ -185,4 +186,29 @@ fn meet(
         ));
     }
     Ok(())
+}
+
+/// After a failed rendezvous, rank 0 (which serves the store) keeps it up until every rank that
+/// did join has read the same verdict, so each names the absent ranks instead of a lost store.
+fn share_verdict(
+    store: &mut StoreClient,
+    rank: usize,
+    joined_keys: &[String],
+    missing: &[String],
+    timeout: Duration,
+) {
+    let read_key = |r: &str| format!("verdict_read/{r}");
+    if rank != 0 {
+        // Best effort: rank 0 may already have given up on us.
+        let _ = store.add(&read_key(&rank.to_string()), 1);
+        return;
+    }
+    let readers: Vec<String> = joined_keys
+        .iter()
+        .filter(|k| !missing.contains(k))
+        .filter_map(|k| k.strip_prefix("joined/"))
+        .filter(|r| *r != "0")
+        .map(read_key)
+        .collect();
+    let _ = store.wait(&readers, timeout);
 }

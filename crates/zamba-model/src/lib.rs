@@ -2,10 +2,14 @@
 //! numerically the same model as Hugging Face transformers' `ZambaForCausalLM`.
 
 pub mod config;
+pub mod decode;
 pub mod error;
+pub mod generate;
 pub mod hf;
+pub mod hf_export;
 pub mod loss;
 pub mod model;
+pub mod param_table;
 pub mod params;
 pub mod weights;
 

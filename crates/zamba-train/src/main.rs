@@ -75,6 +75,12 @@ enum Command {
     /// Inspect training checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Export a checkpoint as a transformers directory (weights, config, tokenizer).
+    ExportHf(zamba_train::export::ExportArgs),
+    /// Continue a prompt with a checkpoint or an exported model.
+    Generate(zamba_train::generate::GenerateArgs),
+    /// Held-out loss/perplexity per source and exact-match accuracy of a checkpoint.
+    Eval(zamba_train::eval_cmd::EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -143,6 +149,9 @@ fn main() -> ExitCode {
         Some(Command::Bench(cmd)) => bench::run(cmd),
         Some(Command::Launch(args)) => zamba_dist::launch::run(&args).map_err(Into::into),
         Some(Command::Checkpoint(cmd)) => run_checkpoint(cmd),
+        Some(Command::ExportHf(args)) => zamba_train::export::run(args),
+        Some(Command::Generate(args)) => zamba_train::generate::run(args),
+        Some(Command::Eval(args)) => zamba_train::eval_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

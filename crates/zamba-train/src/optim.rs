@@ -12,6 +12,7 @@ use std::ops::Range;
 
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use zamba_model::param_table::{DecayGroup, decay_group};
 
 /// AdamW hyper-parameters (PyTorch's formulation: decoupled decay `θ ← θ·(1 − lr·wd)`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -24,16 +25,17 @@ pub struct AdamWParams {
     pub decay_embeddings: bool,
 }
 
-/// Parameters exempt from weight decay: norms, biases, A_log, D (and the embedding unless
-/// `decay_embeddings`).
+/// Whether a parameter is decayed: its group in the model's parameter table
+/// (`zamba_model::param_table`: norms, biases, A_log and D never; the embedding only with
+/// `decay_embeddings`). Parameters of other modules (tests' toy models) follow Burn's names:
+/// norm gains and biases are not decayed.
 pub fn is_decayed(path: &str, decay_embeddings: bool) -> bool {
-    let leaf = path.rsplit('.').next().unwrap_or(path);
-    let no_decay_leaf = matches!(
-        leaf,
-        "gamma" | "bias" | "conv_bias" | "dt_proj_bias" | "a_log" | "d_skip"
-    );
-    let is_embedding = path.starts_with("embed_tokens.");
-    !no_decay_leaf && (decay_embeddings || !is_embedding)
+    match decay_group(path) {
+        Some(DecayGroup::Decay) => true,
+        Some(DecayGroup::NoDecay) => false,
+        Some(DecayGroup::Embedding) => decay_embeddings,
+        None => !matches!(path.rsplit('.').next(), Some("gamma" | "beta" | "bias")),
+    }
 }
 
 /// First and second moments of one parameter's elements `range` (of its flattened elements),

@@ -16,17 +16,19 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use zamba_data::{Batch, MixtureLoader};
 use zamba_dist::ReduceOp;
 use zamba_model::params::FlopsPerToken;
 use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 
+use crate::batch::micro_batch;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::Device as DeviceChoice;
 use crate::config::{RunConfig, TrainSection};
 use crate::data_parallel::{DataParallel, Sharding};
+use crate::eval;
 use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{AdamW, AdamWParams, clip_factor};
@@ -668,24 +670,6 @@ fn ensure_same_model(loaded: &ZambaConfig, configured: &ZambaConfig, source: &Pa
     Ok(())
 }
 
-/// Rows `[start, start + rows)` of the batch as `[rows, seq_len]` input and target tensors.
-fn micro_batch(
-    batch: &Batch,
-    start: usize,
-    rows: usize,
-    device: &Device,
-) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let l = batch.seq_len;
-    let take = |v: &[u32]| {
-        let ids: Vec<i64> = v[start * l..(start + rows) * l]
-            .iter()
-            .map(|&t| t as i64)
-            .collect();
-        Tensor::<2, Int>::from_data(TensorData::new(ids, vec![rows, l]), device)
-    };
-    (take(&batch.inputs), take(&batch.targets))
-}
-
 /// The values of a small tensor on the host (one device sync).
 fn host_values<const N: usize>(t: Tensor<1>) -> [f64; N] {
     let values = t.into_data().try_into_vec_as::<f32>().expect("f32 values");
@@ -727,34 +711,28 @@ fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
 
-/// Mean held-out loss per source over the first `batches × rows` validation sequences of each
-/// source — the same sequences whatever the world size: the ranks split them, and their sums are
-/// all-reduced (one collective for all sources).
+/// Mean held-out loss per source over the first `eval.batches × batch.micro_batch` validation
+/// sequences of each source — the same sequences whatever the world size: the ranks split them,
+/// and their sums are all-reduced (one collective for all sources).
 fn evaluate(
     ctx: &RankContext,
     model: &ZambaModel,
     loader: &MixtureLoader,
     config: &RunConfig,
 ) -> Result<BTreeMap<String, Option<f64>>> {
-    let (batches, rows) = (config.eval.batches, config.batch.micro_batch);
+    let rows = config.batch.micro_batch;
+    let total = (config.eval.batches * rows) as u64;
+    let (rank, world) = (ctx.rank as u64, ctx.world_size as u64);
+    let mine = total.saturating_sub(rank).div_ceil(world);
     let model = model.valid();
     let device = ctx.compute_device();
     let sources = loader.validation_sources();
     let mut sums = Vec::with_capacity(2 * sources.len());
     for source in &sources {
-        let total = (batches * rows) as u64;
-        let (rank, world) = (ctx.rank as u64, ctx.world_size as u64);
-        let mine = total.saturating_sub(rank).div_ceil(world);
-        let (mut loss, mut count) = (Tensor::<1>::zeros([1], &device), 0usize);
-        for batch in loader.validation(source, rows)?.limit_windows(mine) {
-            let batch = batch?;
-            let (inputs, targets) = micro_batch(&batch, 0, batch.rows, &device);
-            loss = loss
-                + cross_entropy(model.forward(inputs), targets).reshape([1]) * batch.rows as f64;
-            count += batch.rows;
-        }
-        sums.push(loss);
-        sums.push(Tensor::from_floats([count as f32], &device));
+        let batches = loader.validation(source, rows)?.limit_windows(mine);
+        let source_sums = eval::loss_sums(&model, batches, |_| {})?;
+        sums.push(source_sums.loss);
+        sums.push(Tensor::from_floats([source_sums.tokens as f32], &device));
     }
     if sums.is_empty() {
         return Ok(BTreeMap::new());

@@ -123,6 +123,8 @@ pub struct ResolvedShard {
     pub path: PathBuf,
     pub info: ShardInfo,
     pub manifest_fingerprint: String,
+    /// The shard has a `loss_mask` column.
+    pub has_loss_mask: bool,
 }
 
 /// Checks that every manifest used in one phase comes from the same tokenizer.
@@ -233,6 +235,7 @@ pub fn resolve_shards(
                         path: shard_path,
                         info: info.clone(),
                         manifest_fingerprint: manifest.content_fingerprint.clone(),
+                        has_loss_mask: manifest.settings.has_loss_mask(),
                     });
                 }
             }
