@@ -4,11 +4,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use clap::{Args, Subcommand};
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
+use zamba_train::memory;
+use zamba_train::peak::{PeakReport, measure_f32_peak};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -16,8 +19,15 @@ pub enum BenchCommand {
     Model(ModelArgs),
     /// The fused selective-scan op alone vs its roofline, and vs the plain-tensor-op reference.
     Scan(ScanArgs),
-    /// The machine's f32 matmul peak and memory bandwidth as this build sees them.
-    Peak,
+    /// The machine's f32 GEMM peak (Burn's matmul, the gemm crate, torch.matmul) and bandwidth.
+    Peak(PeakArgs),
+}
+
+#[derive(Args)]
+pub struct PeakArgs {
+    /// Skip torch.matmul (otherwise tried through `ZAMBA_TORCH_PYTHON`, else `python3`).
+    #[arg(long)]
+    no_torch: bool,
 }
 
 #[derive(Args)]
@@ -31,6 +41,12 @@ pub struct ModelArgs {
     /// Measured steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Skip torch.matmul in the peak (see `bench peak`).
+    #[arg(long)]
+    no_torch: bool,
+    /// Also print the figures as one JSON object on the last line (for scripts).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -50,42 +66,39 @@ pub struct ScanArgs {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    println!("threads: {}", rayon::current_num_threads());
+    println!(
+        "threads: {}, kernels SIMD: {:?}, load average: {}",
+        rayon::current_num_threads(),
+        zamba_kernels::simd_level(),
+        load_average()
+    );
     match cmd {
-        BenchCommand::Peak => {
-            let peak = Peak::measure();
-            peak.print();
+        BenchCommand::Peak(args) => {
+            Machine::measure(!args.no_torch).print();
             Ok(())
         }
-        BenchCommand::Scan(args) => bench_scan(&args, &Peak::measure()),
+        BenchCommand::Scan(args) => bench_scan(&args, &Machine::measure(false)),
         BenchCommand::Model(args) => bench_model(&args),
     }
 }
 
-/// Measured machine peaks.
-struct Peak {
-    matmul_gflops: f64,
+/// `/proc/loadavg`'s three averages (the machine may be shared; figures are noisy under load).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "n/a".into())
+}
+
+/// Measured machine peaks: f32 GEMM (the best library) and memory bandwidth.
+struct Machine {
+    gemm: PeakReport,
     bandwidth_gbs: f64,
 }
 
-impl Peak {
-    /// f32 matmul: the best of square products through Burn's CPU backend (the `gemm` crate, all
-    /// threads). Bandwidth: a large copy (read + write) through the same backend.
-    fn measure() -> Self {
-        let device = Device::flex();
-        let mut best: f64 = 0.0;
-        for n in [512usize, 1024, 2048] {
-            let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
-            let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
-            let _ = a.clone().matmul(b.clone()).into_data();
-            let reps = if n >= 2048 { 3 } else { 8 };
-            let t = Instant::now();
-            for _ in 0..reps {
-                let _ = a.clone().matmul(b.clone()).into_data();
-            }
-            let secs = t.elapsed().as_secs_f64() / reps as f64;
-            best = best.max(2.0 * (n * n * n) as f64 / secs / 1e9);
-        }
+impl Machine {
+    /// The GEMM peak of [`measure_f32_peak`]; bandwidth from a 256 MB copy (read + write).
+    fn measure(with_torch: bool) -> Self {
+        let gemm = measure_f32_peak(with_torch);
         let n = 64 << 20; // 64M floats = 256 MB
         let src = vec![1.0f32; n];
         let mut dst = vec![0.0f32; n];
@@ -98,16 +111,17 @@ impl Peak {
         }
         let bandwidth_gbs = (2 * n * 4 * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
         Self {
-            matmul_gflops: best,
+            gemm,
             bandwidth_gbs,
         }
     }
 
+    fn peak_gflops(&self) -> f64 {
+        self.gemm.peak_gflops()
+    }
+
     fn print(&self) {
-        println!(
-            "f32 matmul peak (best of 512³/1024³/2048³ through burn-flex gemm): {:.1} GFLOP/s",
-            self.matmul_gflops
-        );
+        print!("{}", self.gemm.render());
         println!(
             "memory bandwidth (256 MB copy, read+write, one thread): {:.1} GB/s",
             self.bandwidth_gbs
@@ -124,7 +138,7 @@ fn time<F: FnMut()>(repeats: usize, mut f: F) -> Duration {
     t.elapsed() / repeats as u32
 }
 
-fn bench_scan(a: &ScanArgs, peak: &Peak) -> Result<()> {
+fn bench_scan(a: &ScanArgs, peak: &Machine) -> Result<()> {
     if a.channels % a.groups != 0 {
         bail!(
             "--channels {} must be divisible by --groups {}",
@@ -141,30 +155,43 @@ fn bench_scan(a: &ScanArgs, peak: &Peak) -> Result<()> {
         &device, a.batch, a.channels, a.seq_len, a.state, a.groups, 1, true,
     );
     let (flops_f, flops_b) = zamba_kernels::scan_flops(a.batch, a.channels, a.seq_len, a.state);
+    let (ops_f, ops_b) = zamba_kernels::scan_lane_ops(a.batch, a.channels, a.seq_len, a.state);
     let (bytes_f, bytes_b) =
         zamba_kernels::scan_bytes(a.batch, a.channels, a.seq_len, a.state, a.groups);
-    let [flops_f, flops_b, bytes_f, bytes_b] =
-        [flops_f, flops_b, bytes_f, bytes_b].map(|v| v as f64);
+    let [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b] =
+        [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b].map(|v| v as f64);
+    // Compute ceiling of an exp-bound kernel: the vector unit retires at most one FMA-lane-op per
+    // 2 FLOP of the GEMM peak, and every op of the kernel (each instruction of the polynomial exp,
+    // compares, blends, multiplies) takes one such slot; see `scan_lane_ops`.
+    let lane_ops_per_s = peak.peak_gflops() * 1e9 / 2.0;
     println!(
-        "selective_scan B={} D={} L={} N={} G={}",
-        a.batch, a.channels, a.seq_len, a.state, a.groups
+        "selective_scan B={} D={} L={} N={} G={}; roofline = max(lane-ops / {:.1} G lane-ops/s, bytes / {:.1} GB/s)",
+        a.batch,
+        a.channels,
+        a.seq_len,
+        a.state,
+        a.groups,
+        lane_ops_per_s / 1e9,
+        peak.bandwidth_gbs
     );
-    for (name, t, flops, bytes, reference) in [
-        ("forward", fwd, flops_f, bytes_f, ref_fwd),
+    for (name, t, flops, ops, bytes, reference) in [
+        ("forward", fwd, flops_f, ops_f, bytes_f, ref_fwd),
         (
             "forward+backward",
             fwd + bwd,
             flops_f + flops_b,
+            ops_f + ops_b,
             bytes_f + bytes_b,
             ref_fwd + ref_bwd,
         ),
     ] {
         let secs = t.as_secs_f64();
-        let roofline = (flops / (peak.matmul_gflops * 1e9)).max(bytes / (peak.bandwidth_gbs * 1e9));
+        let roofline = (ops / lane_ops_per_s).max(bytes / (peak.bandwidth_gbs * 1e9));
         println!(
-            "  {name:<17} {:>9.3} ms  {:>6.2} GFLOP/s  {:>6.2} GB/s  roofline {:.3} ms ({:.0}% of roofline)  reference ops {:.1} ms ({:.0}x slower)",
+            "  {name:<17} {:>9.3} ms  {:>6.2} GFLOP/s  {:>6.2} G lane-ops/s  {:>6.2} GB/s  roofline {:.3} ms ({:.0}% of roofline)  reference ops {:.1} ms ({:.0}x slower)",
             secs * 1e3,
             flops / secs / 1e9,
+            ops / secs / 1e9,
             bytes / secs / 1e9,
             roofline * 1e3,
             100.0 * roofline / secs,
@@ -230,22 +257,53 @@ fn scan_times(
 
 fn bench_model(a: &ModelArgs) -> Result<()> {
     let config = ZambaConfig::preset(&a.preset)?;
-    let peak = Peak::measure();
-    peak.print();
+    let machine = Machine::measure(!a.no_torch);
+    machine.print();
+    // The bandwidth probe's 512 MB would otherwise be the process's peak RSS.
+    memory::reset_peak_rss();
     let device = Device::flex().autodiff();
-    let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &device)?;
+    let mut model = Some(ZambaModel::from_source(
+        &config,
+        &mut RandomInit::new(0),
+        &device,
+    )?);
     let tokens = Tensor::<2, Int>::random(
         [a.batch, a.seq_len + 1],
         Distribution::Uniform(0.0, config.vocab_size as f64),
         &device,
     );
-    let step = || {
-        let logits = model.forward(tokens.clone());
-        let loss = next_token_loss(logits, tokens.clone());
-        let grads = loss.backward();
-        std::hint::black_box(grads);
-    };
-    let step_time = time(a.steps, step).as_secs_f64();
+    let mut optimizer = FusedAdamW::default();
+    let (mut grads_time, mut update_time) = (Duration::ZERO, Duration::ZERO);
+    let mut heap = HeapUse::default();
+    for step in 0..=a.steps {
+        memory::reset_peak();
+        let (live_before, _) = memory::heap();
+        let t = Instant::now();
+        let m = model.take().expect("the model is put back after every step");
+        let loss = next_token_loss(m.forward(tokens.clone()), tokens.clone());
+        let activations = memory::heap().0.saturating_sub(live_before);
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        let backward_done = Instant::now();
+        model = Some(optimizer.step(m, &grads));
+        drop(grads);
+        let done = Instant::now();
+        // Step 0 warms up (allocator, first-touch page faults, optimizer moments).
+        if step > 0 {
+            grads_time += backward_done - t;
+            update_time += done - backward_done;
+            heap = heap.max(HeapUse {
+                activations,
+                peak_over_start: memory::heap().1.saturating_sub(live_before),
+                start: live_before,
+            });
+        }
+    }
+    let model = model.expect("the model is put back after every step");
+    let (grads_time, update_time) = (
+        grads_time.as_secs_f64() / a.steps as f64,
+        update_time.as_secs_f64() / a.steps as f64,
+    );
+    let step_time = grads_time + update_time;
     let forward_time = time(a.steps, || {
         let _ = model.valid().forward(tokens.clone().inner()).into_data();
     })
@@ -267,13 +325,14 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
     );
     let scan_share = config.num_hidden_layers as f64 * (scan_f + scan_b).as_secs_f64() / step_time;
     let params = ParamCounts::of(&config).total() as f64;
+    let (library, peak) = machine.gemm.best();
     println!(
         "model {} ({} parameters), batch {} × seq {}",
         a.preset, params, a.batch, a.seq_len
     );
     println!(
-        "  train step (fwd+bwd): {:.3} s  → {:.0} tokens/s",
-        step_time, tok_s
+        "  train step: {:.3} s (forward+backward {:.3} s, AdamW update {:.3} s) → {:.0} tokens/s",
+        step_time, grads_time, update_time, tok_s
     );
     println!(
         "  inference forward:    {:.3} s  → {:.0} tokens/s",
@@ -281,29 +340,142 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
         tokens_per_step / forward_time
     );
     println!(
-        "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s = {:.1}% of the measured matmul peak",
+        "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s = {:.1}% of the f32 peak ({peak:.1} GFLOP/s, {library})",
         flops.train(),
         achieved,
-        100.0 * achieved / peak.matmul_gflops
+        100.0 * achieved / peak
     );
     println!(
         "  selective scan share of the step: {:.1}%",
         100.0 * scan_share
     );
-    if let Some(rss) = peak_rss_bytes() {
+    let state = 16.0 * params;
+    let floor = activation_floor_bytes(&config, a.batch, a.seq_len + 1);
+    println!(
+        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB (floor {:.1} MB); step peak heap {:.1} MB (minimum {:.1} MB)",
+        state / 1e6,
+        heap.activations as f64 / 1e6,
+        floor / 1e6,
+        (heap.start + heap.peak_over_start) as f64 / 1e6,
+        (state + floor) / 1e6,
+    );
+    let rss = memory::peak_rss_bytes();
+    if let Some(rss) = rss {
         println!(
-            "  peak RSS {:.1} MB; params+grads+AdamW moments (16 B/param) = {:.1} MB",
-            rss as f64 / 1e6,
-            16.0 * params / 1e6
+            "  peak RSS of the process {:.1} MB (includes the 512 MB bandwidth probe unless the kernel's peak mark could be reset)",
+            rss as f64 / 1e6
         );
+    }
+    if a.json {
+        let json = serde_json::json!({
+            "preset": a.preset,
+            "batch": a.batch,
+            "seq_len": a.seq_len,
+            "threads": rayon::current_num_threads(),
+            "step_seconds": step_time,
+            "tokens_per_sec": tok_s,
+            "model_gflops": achieved,
+            "peak_gflops": peak,
+            "peak_library": library,
+            "fraction_of_peak": achieved / peak,
+            "load_average": load_average(),
+        });
+        println!("{json}");
     }
     Ok(())
 }
 
-/// VmHWM from /proc (Linux); None elsewhere.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// The trainer's AdamW arithmetic (`zamba_kernels::adamw_update`, one fused pass per tensor)
+/// with moments kept in visiting order: times the update without the trainer's bookkeeping.
+#[derive(Default)]
+struct FusedAdamW {
+    step: u64,
+    /// Taken out while updated, so the kernel owns the buffers and updates them in place.
+    moments: Vec<Option<(Tensor<1>, Tensor<1>)>>,
+}
+
+impl FusedAdamW {
+    fn step(&mut self, model: ZambaModel, grads: &GradientsParams) -> ZambaModel {
+        self.step += 1;
+        let mut mapper = FusedAdamWMapper {
+            opt: self,
+            grads,
+            index: 0,
+        };
+        model.map(&mut mapper)
+    }
+}
+
+struct FusedAdamWMapper<'a> {
+    opt: &'a mut FusedAdamW,
+    grads: &'a GradientsParams,
+    index: usize,
+}
+
+impl ModuleMapper for FusedAdamWMapper<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(grad) = self.grads.get::<D>(param.id) else {
+            return param;
+        };
+        let (id, value, mapper) = param.consume();
+        let shape = value.dims();
+        let numel = shape.iter().product::<usize>();
+        let theta = value.inner().reshape([numel]);
+        if self.opt.moments.len() == self.index {
+            self.opt.moments.push(None);
+        }
+        let (m, v) = self.opt.moments[self.index]
+            .take()
+            .unwrap_or_else(|| (theta.zeros_like(), theta.zeros_like()));
+        let hyper = zamba_kernels::AdamWHyper {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: self.opt.step,
+            grad_scale: 1.0,
+        };
+        let (theta, m, v) =
+            zamba_kernels::adamw_update(theta, grad.inner().reshape([numel]), m, v, &hyper);
+        self.opt.moments[self.index] = Some((m, v));
+        self.index += 1;
+        let value = Tensor::from_inner(theta.reshape(shape)).require_grad();
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Heap bytes of one training step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct HeapUse {
+    /// Growth of the live heap from the start of the step to the end of the forward.
+    activations: usize,
+    /// Peak live heap during the step minus the live heap at its start.
+    peak_over_start: usize,
+    /// Live heap at the start of the step (model, optimizer moments, inputs).
+    start: usize,
+}
+
+/// The activations a backward pass must keep, for this model as implemented (fused ops, no
+/// recomputation of GEMM inputs), in bytes: per Mamba layer and token, the norm's input and
+/// output (`2d`), `x|z` (`2D`), the conv output (`D`), `dt|B|C` (`R + 2N`), `Δ` (`D`), the scan
+/// output (`D`) and its chunk checkpoints (`D·N / SCAN_CHUNK`); per use of the shared block, its
+/// concatenated input and norm (`4d`), `q`, `k`, `v` and the attention output (`4a`), the
+/// `o_proj` output and its norm (`2d`), gate, up and their product (`3i`) and the hybrid
+/// projection's input (`d`); the final norm's input and output (`2d`) and the logits (`V`).
+fn activation_floor_bytes(c: &ZambaConfig, batch: usize, len: usize) -> f64 {
+    let (d, di, n, r) = (
+        c.hidden_size as f64,
+        c.d_inner() as f64,
+        c.mamba_d_state as f64,
+        c.dt_rank() as f64,
+    );
+    let (a, i) = (c.attention_hidden_size() as f64, c.intermediate_size as f64);
+    let per_mamba = 2.0 * d + 5.0 * di + r + 2.0 * n + di * n / zamba_kernels::SCAN_CHUNK as f64;
+    let per_shared = 4.0 * d + 4.0 * a + 2.0 * d + 3.0 * i + d;
+    let per_token = c.num_hidden_layers as f64 * per_mamba
+        + c.hybrid_layers().len() as f64 * per_shared
+        + 2.0 * d
+        + c.vocab_size as f64;
+    4.0 * per_token * (batch * len) as f64
 }

@@ -3,7 +3,9 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod memory;
 pub mod optim;
+pub mod peak;
 pub mod plot;
 pub mod schedule;
 pub mod sweep;

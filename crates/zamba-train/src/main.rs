@@ -14,6 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
 use zamba_train::train::{TrainOptions, train};
 
+/// Counts heap bytes for the memory figures of `bench model` (and anything else that asks).
+#[global_allocator]
+static ALLOCATOR: zamba_train::memory::CountingAlloc = zamba_train::memory::CountingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "zamba-train",
@@ -91,6 +95,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    zamba_train::memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_train(cli.train),

@@ -107,24 +107,27 @@ impl ModuleMapper for UpdateMapper<'_> {
         let numel: usize = shape.iter().product();
         let p = self.opt.params;
         let theta = value.inner().reshape([numel]);
-        let g = grad.inner().reshape([numel]) * self.grad_scale;
+        let g = grad.inner().reshape([numel]);
         let state = self.opt.moments.remove(&path).unwrap_or_else(|| Moments {
             m: theta.zeros_like(),
             v: theta.zeros_like(),
         });
-        let m = state.m * p.beta1 + g.clone() * (1.0 - p.beta1);
-        let v = state.v * p.beta2 + g.square() * (1.0 - p.beta2);
-        let t = self.opt.step as i32;
-        let bias1 = 1.0 - p.beta1.powi(t);
-        let bias2 = 1.0 - p.beta2.powi(t);
         let decay = if is_decayed(&path, p.decay_embeddings) {
             p.weight_decay
         } else {
             0.0
         };
-        // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps)
-        let denom = (v.clone() / bias2).sqrt() + p.eps;
-        let updated = theta * (1.0 - self.lr * decay) - (m.clone() / bias1) / denom * self.lr;
+        // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps), one fused pass per tensor.
+        let hyper = zamba_kernels::AdamWHyper {
+            lr: self.lr,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: decay,
+            step: self.opt.step,
+            grad_scale: self.grad_scale,
+        };
+        let (updated, m, v) = zamba_kernels::adamw_update(theta, g, state.m, state.v, &hyper);
         self.opt.moments.insert(path, Moments { m, v });
         let mut updated = Tensor::from_inner(updated.reshape(shape));
         if require_grad {
