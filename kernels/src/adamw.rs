@@ -89,11 +89,13 @@ pub fn adamw_update(
     if !crate::fused_kernel_available(&theta.device()) {
         return adamw_update_reference(theta, grad, m, v, hyper);
     }
+    // The update is never differentiated: run it on the inner backend whatever device the
+    // tensors (e.g. moments restored onto an autodiff device) come from.
     let (theta, m, v) = <Dispatch as AdamWBackend>::adamw_update(
-        theta.into_dispatch(),
-        grad.into_dispatch(),
-        m.into_dispatch(),
-        v.into_dispatch(),
+        theta.inner().into_dispatch(),
+        grad.inner().into_dispatch(),
+        m.inner().into_dispatch(),
+        v.inner().into_dispatch(),
         *hyper,
     );
     (
@@ -151,7 +153,10 @@ impl AdamWBackend for Flex {
         v: FlexTensor,
         hyper: AdamWHyper,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let (dtypes, shape) = ([&theta, &m, &v].map(|t| t.dtype()), theta.layout().shape().clone());
+        let (dtypes, shape) = (
+            [&theta, &m, &v].map(|t| t.dtype()),
+            theta.layout().shape().clone(),
+        );
         let [mut theta, grad, mut m, mut v] = [theta, grad, m, v].map(contiguous_f32);
         update(
             &Coefficients::new(&hyper),
@@ -161,7 +166,11 @@ impl AdamWBackend for Flex {
             as_f32_mut(&mut v),
         );
         let back = |t: FlexTensor, dtype| crate::host::cast_back(t, shape.clone(), dtype);
-        (back(theta, dtypes[0]), back(m, dtypes[1]), back(v, dtypes[2]))
+        (
+            back(theta, dtypes[0]),
+            back(m, dtypes[1]),
+            back(v, dtypes[2]),
+        )
     }
 }
 

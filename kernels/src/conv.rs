@@ -21,7 +21,7 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::host::{as_f32, contiguous_f32, from_f32};
-use crate::simd::{Lanes, simd_dispatch, simd_level, sigmoid};
+use crate::simd::{Lanes, sigmoid, simd_dispatch, simd_level};
 
 /// The fused `silu(causal_depthwise_conv(x) + bias)`; `x`: `[batch, channels, len]`, `weight`:
 /// `[channels, K]` (tap `K-1` multiplies the current step), `bias`: `[channels]`. Returns
@@ -51,7 +51,9 @@ pub fn causal_conv1d_silu_reference(x: Tensor<3>, weight: Tensor<2>, bias: Tenso
         vec![Tensor::zeros([batch, channels, k - 1], &x.device()), x],
         2,
     );
-    let mut out = bias.reshape([1, channels, 1]).expand([batch, channels, len]);
+    let mut out = bias
+        .reshape([1, channels, 1])
+        .expand([batch, channels, len]);
     for j in 0..k {
         let tap = weight
             .clone()
@@ -105,7 +107,11 @@ impl ConvDims {
 
 /// The forward over all lanes: `silu(a)` into a new `[batch, channels, len]` buffer.
 fn forward(x: &[f32], weight: &[f32], bias: &[f32], dims: ConvDims) -> Vec<f32> {
-    let ConvDims { channels, len, taps } = dims;
+    let ConvDims {
+        channels,
+        len,
+        taps,
+    } = dims;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(len)
         .zip(x.par_chunks(len))
@@ -163,7 +169,11 @@ fn backward(
     dout: &[f32],
     dims: ConvDims,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let ConvDims { channels, len, taps } = dims;
+    let ConvDims {
+        channels,
+        len,
+        taps,
+    } = dims;
     let mut dx = vec![0f32; x.len()];
     // Per lane: [dw[0..K], dbias], summed over the batch afterwards in batch order.
     let mut lane_params = vec![0f32; x.len() / len * (taps + 1)];
@@ -287,13 +297,8 @@ impl Backward<Flex, 3> for ConvBackward {
         let ConvState { inputs, dtypes } = ops.state;
         let [x, weight, bias] = &inputs;
         let dims = ConvDims::of(x, weight);
-        let (dx, dw, dbias) = backward(
-            as_f32(x),
-            as_f32(weight),
-            as_f32(bias),
-            as_f32(&dout),
-            dims,
-        );
+        let (dx, dw, dbias) =
+            backward(as_f32(x), as_f32(weight), as_f32(bias), as_f32(&dout), dims);
         for ((parent, grad), (input, dtype)) in ops
             .parents
             .into_iter()

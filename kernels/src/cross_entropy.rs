@@ -157,9 +157,7 @@ fn log_sum_exp_generic<V: Lanes>(row: &[f32]) -> f32 {
     for i in (0..split).step_by(V::WIDTH) {
         sum = sum + exp_approx(V::load(&body[i..]) - max_v);
     }
-    let sum = tail
-        .iter()
-        .fold(sum.sum(), |s, &x| s + exp_approx(x - max));
+    let sum = tail.iter().fold(sum.sum(), |s, &x| s + exp_approx(x - max));
     max + sum.ln()
 }
 

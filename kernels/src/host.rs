@@ -54,10 +54,30 @@ pub(crate) fn int_ids(t: &FlexTensor) -> Vec<i64> {
     };
     match t.dtype() {
         DType::I64 => t.as_slice::<i64>().expect("contiguous").to_vec(),
-        DType::I32 => t.as_slice::<i32>().expect("contiguous").iter().map(|&x| x as i64).collect(),
-        DType::I16 => t.as_slice::<i16>().expect("contiguous").iter().map(|&x| x as i64).collect(),
-        DType::I8 => t.as_slice::<i8>().expect("contiguous").iter().map(|&x| x as i64).collect(),
-        DType::U32 => t.as_slice::<u32>().expect("contiguous").iter().map(|&x| x as i64).collect(),
+        DType::I32 => t
+            .as_slice::<i32>()
+            .expect("contiguous")
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        DType::I16 => t
+            .as_slice::<i16>()
+            .expect("contiguous")
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        DType::I8 => t
+            .as_slice::<i8>()
+            .expect("contiguous")
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        DType::U32 => t
+            .as_slice::<u32>()
+            .expect("contiguous")
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
         other => panic!("expected an integer tensor of token ids, got dtype {other:?}"),
     }
 }

@@ -12,6 +12,12 @@
 //! out    = y_t · silu(z[b,c,t])
 //! ```
 //!
+//! The crate also holds the other fused CPU ops of a training step — [`cross_entropy`],
+//! [`causal_conv1d_silu`], [`rms_norm`] (each with a hand-written backward) and [`adamw_update`]
+//! — each one multi-threaded pass where tensor ops take several single-threaded ones, and each
+//! with its tensor-op definition (`*_reference`, also the fallback on devices without the
+//! kernels) that the tests compare it with.
+//!
 //! # Layout
 //! All tensors are row-major `f32`: `u`, `delta`, `z`, `out` are `[batch, channels, len]`, so one
 //! (batch, channel) *lane* is a contiguous row of `len` floats; `B`, `C` are
@@ -78,8 +84,8 @@ mod rms_norm;
 mod simd;
 
 pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
-pub use cpu::scan_lane_ops;
 pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
+pub use cpu::scan_lane_ops;
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use simd::{SIMD_ENV, SimdLevel, detected_simd_level, simd_level};

@@ -341,7 +341,6 @@ pub(crate) mod avx2 {
     }
 }
 
-
 /// AVX-512F vectors. Invariant: values of [`F32x16`] are only created inside functions compiled
 /// with `#[target_feature(enable = "avx512f")]` that run after the feature was detected.
 #[cfg(target_arch = "x86_64")]
@@ -561,7 +560,10 @@ mod tests {
     /// The vector functions under test, by index, over `xs` (a multiple of 16 long).
     #[inline(always)]
     fn apply_generic<V: Lanes>(_level: SimdLevel, function: usize, xs: &[f32], out: &mut [f32]) {
-        for (x, out) in xs.chunks_exact(V::WIDTH).zip(out.chunks_exact_mut(V::WIDTH)) {
+        for (x, out) in xs
+            .chunks_exact(V::WIDTH)
+            .zip(out.chunks_exact_mut(V::WIDTH))
+        {
             let x = V::load(x);
             let y = match function {
                 0 => exp_approx(x),
@@ -581,7 +583,12 @@ mod tests {
         = apply_generic, level = level);
 
     /// Max relative error of `function` at `level` against `want` on `xs`.
-    fn max_rel_error(level: SimdLevel, function: usize, xs: &[f32], want: &dyn Fn(f64) -> f64) -> f64 {
+    fn max_rel_error(
+        level: SimdLevel,
+        function: usize,
+        xs: &[f32],
+        want: &dyn Fn(f64) -> f64,
+    ) -> f64 {
         let mut out = vec![0f32; xs.len()];
         apply(level, function, xs, &mut out);
         xs.iter().zip(&out).fold(0f64, |worst, (&x, &got)| {
@@ -629,7 +636,11 @@ mod tests {
             }
             apply(level, 6, &xs, &mut out);
             for (x, got) in xs.chunks(width).zip(out.chunks(width)) {
-                assert_eq!(got[0], x.iter().cloned().fold(f32::MIN, f32::max), "{level:?} max");
+                assert_eq!(
+                    got[0],
+                    x.iter().cloned().fold(f32::MIN, f32::max),
+                    "{level:?} max"
+                );
             }
             let squares: Vec<f32> = xs.iter().map(|x| x * x).collect();
             apply(level, 7, &squares, &mut out);
@@ -661,7 +672,13 @@ mod tests {
     /// same binary runs on any x86-64 CPU (a `-C target-cpu=native` build would break that).
     #[test]
     fn the_build_targets_baseline_x86_64() {
-        assert!(!cfg!(target_feature = "avx2"), "built with AVX2 enabled at compile time");
-        assert!(!cfg!(target_feature = "avx512f"), "built with AVX-512 enabled at compile time");
+        assert!(
+            !cfg!(target_feature = "avx2"),
+            "built with AVX2 enabled at compile time"
+        );
+        assert!(
+            !cfg!(target_feature = "avx512f"),
+            "built with AVX-512 enabled at compile time"
+        );
     }
 }

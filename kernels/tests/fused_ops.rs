@@ -29,7 +29,10 @@ impl Rng {
 
 fn rel_error(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, y| m.max(y.abs() as f64)).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |m, y| m.max(y.abs() as f64))
+        .max(1e-30);
     let diff = got
         .iter()
         .zip(want)
@@ -154,7 +157,13 @@ fn cross_entropy_rejects_targets_outside_the_vocabulary() {
 // AdamW.
 
 fn adamw_steps(
-    update: fn(Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>, &AdamWHyper) -> (Tensor<1>, Tensor<1>, Tensor<1>),
+    update: fn(
+        Tensor<1>,
+        Tensor<1>,
+        Tensor<1>,
+        Tensor<1>,
+        &AdamWHyper,
+    ) -> (Tensor<1>, Tensor<1>, Tensor<1>),
     n: usize,
 ) -> [Vec<f32>; 3] {
     let device = Device::flex();
@@ -177,7 +186,11 @@ fn adamw_steps(
         let before = alias.as_ref().map(|t| values(t.clone()));
         (theta, m, v) = update(theta, grad, m, v, &hyper);
         if let (Some(alias), Some(before)) = (alias, before) {
-            assert_eq!(values(alias), before, "the update wrote into a shared buffer");
+            assert_eq!(
+                values(alias),
+                before,
+                "the update wrote into a shared buffer"
+            );
         }
     }
     [values(theta), values(m), values(v)]
@@ -193,6 +206,28 @@ fn adamw_update_is_bit_identical_to_tensor_ops() {
             assert!(same, "{name} differs at n = {n}");
         }
     }
+}
+
+#[test]
+fn adamw_update_accepts_autodiff_tensors() {
+    // Moments restored from a checkpoint may live on the autodiff device.
+    let device = Device::flex().autodiff();
+    let hyper = AdamWHyper {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let t = |x: f32| Tensor::<1>::from_data(TensorData::new(vec![x; 3], vec![3]), &device);
+    let (theta, m, v) = adamw_update(t(1.0), t(2.0), t(0.0), t(0.0), &hyper);
+    let (want_theta, want_m, want_v) =
+        adamw_update_reference(t(1.0), t(2.0), t(0.0), t(0.0), &hyper);
+    assert_eq!(values(theta), values(want_theta));
+    assert_eq!(values(m), values(want_m));
+    assert_eq!(values(v), values(want_v));
 }
 
 #[test]
@@ -224,7 +259,14 @@ struct OpRun {
 
 type ConvFn = fn(Tensor<3>, Tensor<2>, Tensor<1>) -> Tensor<3>;
 
-fn conv_run(op: ConvFn, x: &[f32], w: &[f32], b: &[f32], dims: [usize; 4], loss_w: &[f32]) -> OpRun {
+fn conv_run(
+    op: ConvFn,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dims: [usize; 4],
+    loss_w: &[f32],
+) -> OpRun {
     let [batch, channels, len, taps] = dims;
     let device = Device::flex().autodiff();
     let xt = tensor(x, [batch, channels, len], &device).require_grad();
@@ -303,7 +345,10 @@ fn causal_conv_silu_gradients_match_finite_differences() {
     let grads: Vec<f32> = fused.grads.concat();
     for (i, &g) in grads.iter().enumerate() {
         let fd = finite_difference(&loss, &all, i, 1e-5);
-        assert!((g as f64 - fd).abs() < 2e-5 * (1.0 + fd.abs()), "input {i}: {g} vs {fd}");
+        assert!(
+            (g as f64 - fd).abs() < 2e-5 * (1.0 + fd.abs()),
+            "input {i}: {g} vs {fd}"
+        );
     }
 }
 
@@ -314,7 +359,9 @@ fn norm_run(op: NormFn, x: &[f32], gamma: &[f32], shape: [usize; 3], loss_w: &[f
     let xt = tensor(x, shape, &device).require_grad();
     let gt = tensor(gamma, [shape[2]], &device).require_grad();
     let out = op(xt.clone(), gt.clone(), 1e-5);
-    let grads = (out.clone() * tensor(loss_w, shape, &device)).sum().backward();
+    let grads = (out.clone() * tensor(loss_w, shape, &device))
+        .sum()
+        .backward();
     OpRun {
         out: values(out),
         grads: vec![
@@ -353,7 +400,11 @@ fn rms_norm_gradients_match_finite_differences() {
     let shape = [1, 3, 5];
     let n = 15;
     let mut rng = Rng(9);
-    let (x, gamma, lw) = (rng.vec(n, -2.0, 2.0), rng.vec(5, 0.5, 1.5), rng.vec(n, -1.0, 1.0));
+    let (x, gamma, lw) = (
+        rng.vec(n, -2.0, 2.0),
+        rng.vec(5, 0.5, 1.5),
+        rng.vec(n, -1.0, 1.0),
+    );
     let fused = norm_run(rms_norm, &x, &gamma, shape, &lw);
     let all: Vec<f64> = x.iter().chain(&gamma).map(|&v| v as f64).collect();
     let loss = |p: &[f64]| {
@@ -362,13 +413,18 @@ fn rms_norm_gradients_match_finite_differences() {
             .zip(lw.chunks(5))
             .map(|(row, w)| {
                 let rms = (row.iter().map(|v| v * v).sum::<f64>() / 5.0 + 1e-5).sqrt();
-                (0..5).map(|j| w[j] as f64 * row[j] / rms * g[j]).sum::<f64>()
+                (0..5)
+                    .map(|j| w[j] as f64 * row[j] / rms * g[j])
+                    .sum::<f64>()
             })
             .sum()
     };
     for (i, &g) in fused.grads.concat().iter().enumerate() {
         let fd = finite_difference(&loss, &all, i, 1e-5);
-        assert!((g as f64 - fd).abs() < 2e-5 * (1.0 + fd.abs()), "input {i}: {g} vs {fd}");
+        assert!(
+            (g as f64 - fd).abs() < 2e-5 * (1.0 + fd.abs()),
+            "input {i}: {g} vs {fd}"
+        );
     }
 }
 
@@ -381,7 +437,10 @@ fn narrower_simd_levels_pass_too() {
         return; // the child run itself
     }
     let exe = std::env::current_exe().expect("test binary path");
-    for level in [zamba_kernels::SimdLevel::Avx2, zamba_kernels::SimdLevel::Scalar] {
+    for level in [
+        zamba_kernels::SimdLevel::Avx2,
+        zamba_kernels::SimdLevel::Scalar,
+    ] {
         if level >= zamba_kernels::detected_simd_level() {
             continue; // the default run already covers it
         }

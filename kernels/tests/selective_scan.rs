@@ -495,7 +495,10 @@ fn narrower_simd_levels_pass_too() {
         return; // the child run itself
     }
     let exe = std::env::current_exe().expect("test binary path");
-    for level in [zamba_kernels::SimdLevel::Avx2, zamba_kernels::SimdLevel::Scalar] {
+    for level in [
+        zamba_kernels::SimdLevel::Avx2,
+        zamba_kernels::SimdLevel::Scalar,
+    ] {
         if level >= zamba_kernels::detected_simd_level() {
             continue; // the default run already covers it
         }

@@ -80,7 +80,10 @@ mod tests {
         let got = next_token_loss(logits.clone(), tokens.clone()).into_scalar::<f32>();
         let sliced = cross_entropy(logits.slice([0..2, 0..4, 0..7]), tokens.slice([0..2, 1..5]))
             .into_scalar::<f32>();
-        assert!((got - sliced).abs() <= 1e-6 * sliced.abs(), "{got} vs {sliced}");
+        assert!(
+            (got - sliced).abs() <= 1e-6 * sliced.abs(),
+            "{got} vs {sliced}"
+        );
     }
 
     #[test]

@@ -420,7 +420,9 @@ impl ZambaModel {
                 }
                 None => x.clone(),
             };
-            x = x + layer.mamba.forward(rms_norm(&layer.input_layernorm, mamba_in));
+            x = x + layer
+                .mamba
+                .forward(rms_norm(&layer.input_layernorm, mamba_in));
         }
         rms_norm(&self.final_layernorm, x)
     }

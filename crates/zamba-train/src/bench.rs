@@ -260,7 +260,7 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
     let machine = Machine::measure(!a.no_torch);
     machine.print();
     // The bandwidth probe's 512 MB would otherwise be the process's peak RSS.
-    memory::reset_peak_rss();
+    let rss_reset = memory::reset_peak_rss();
     let device = Device::flex().autodiff();
     let mut model = Some(ZambaModel::from_source(
         &config,
@@ -279,7 +279,9 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
         memory::reset_peak();
         let (live_before, _) = memory::heap();
         let t = Instant::now();
-        let m = model.take().expect("the model is put back after every step");
+        let m = model
+            .take()
+            .expect("the model is put back after every step");
         let loss = next_token_loss(m.forward(tokens.clone()), tokens.clone());
         let activations = memory::heap().0.saturating_sub(live_before);
         let grads = GradientsParams::from_grads(loss.backward(), &m);
@@ -361,10 +363,11 @@ fn bench_model(a: &ModelArgs) -> Result<()> {
     );
     let rss = memory::peak_rss_bytes();
     if let Some(rss) = rss {
-        println!(
-            "  peak RSS of the process {:.1} MB (includes the 512 MB bandwidth probe unless the kernel's peak mark could be reset)",
-            rss as f64 / 1e6
-        );
+        let note = match rss_reset {
+            true => "since the peak measurement",
+            false => "includes the 512 MB bandwidth probe",
+        };
+        println!("  peak RSS {:.1} MB ({note})", rss as f64 / 1e6);
     }
     if a.json {
         let json = serde_json::json!({

@@ -57,7 +57,10 @@ impl PeakReport {
     /// The fastest of the candidates: `(library, GFLOP/s)`.
     pub fn best(&self) -> (&str, f64) {
         let mut best = (self.burn.library.as_str(), self.burn.best());
-        for m in [Some(&self.gemm), self.torch.as_ref().ok()].into_iter().flatten() {
+        for m in [Some(&self.gemm), self.torch.as_ref().ok()]
+            .into_iter()
+            .flatten()
+        {
             if m.best() > best.1 {
                 best = (m.library.as_str(), m.best());
             }
