@@ -17,11 +17,13 @@ extra=()
 "$bin" bench model --steps 100 "${extra[@]}" >"$out/bench.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
-until grep -q "memory bandwidth" "$out/bench.log"; do
+until grep -qs "memory bandwidth" "$out/bench.log"; do
     kill -0 $pid 2>/dev/null || { cat "$out/bench.log"; exit 1; }
     sleep 0.2
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 perf record -q -e cpu-clock -F 997 -g -p "$pid" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
-perf report -i "$out/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0 2>/dev/null \
-    | python3 "$(dirname "$0")/perf_categories.py"
+perf report -i "$out/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0 \
+    >"$out/report.txt" 2>/dev/null
+echo "perf report: $out/report.txt" >&2
+python3 "$(dirname "$0")/perf_categories.py" <"$out/report.txt"
