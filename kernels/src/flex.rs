@@ -6,14 +6,13 @@ use std::sync::Arc;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Bytes, DType, Flex, FloatDType};
+use burn::backend::{Autodiff, Backend, DType, Flex};
 use burn::backend::{Dispatch, backend_extension};
-use burn::tensor::Shape;
 
 use crate::cpu::{self, Dims, Inputs};
+use crate::host::{as_f32, contiguous_f32, from_f32};
 
 /// The fused scan. Routed by `Dispatch` to Flex (inference) or `Autodiff<Flex, _>` (training);
 /// other backends never reach it (see [`crate::selective_scan`]).
@@ -99,37 +98,6 @@ impl FlexInputs {
             self.tensors[0].layout().shape().clone(),
             self.dtypes[0],
         )
-    }
-}
-
-/// A contiguous `f32` tensor with the same values; no copy when `t` already is one.
-fn contiguous_f32(t: FlexTensor) -> FlexTensor {
-    let t = match t.dtype() {
-        DType::F32 => t,
-        _ => Flex::float_cast(t, FloatDType::F32),
-    };
-    match t.is_contiguous() {
-        true => t,
-        false => t.to_contiguous(),
-    }
-}
-
-/// The elements of a tensor made by [`contiguous_f32`].
-fn as_f32(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("contiguous_f32 produces contiguous f32 tensors")
-}
-
-/// A Flex tensor owning `data` (no copy), cast to `dtype` if that is not `f32`.
-fn from_f32(data: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
-    let t = FlexTensor::new(
-        Bytes::from_elems(data),
-        Layout::contiguous(shape),
-        DType::F32,
-    );
-    match dtype {
-        DType::F32 => t,
-        other => Flex::float_cast(t, FloatDType::from(other)),
     }
 }
 

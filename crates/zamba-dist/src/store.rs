@@ -225,8 +225,10 @@ fn serve(mut stream: TcpStream, peer: &str, shared: &Shared) {
             } else {
                 "not a zamba-dist client (no greeting)"
             };
+            // Counted before the reply, so a refused client never sees an uncounted refusal.
+            reject(shared, peer, why);
             let _ = write_frame(&mut stream, DENIED, reply_deadline);
-            return reject(shared, peer, why);
+            return;
         }
         Err(e) => return reject(shared, peer, &format!("no valid greeting: {e}")),
     }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -156,18 +156,13 @@ impl MambaMixer {
     pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {
         let [batch, len, _] = hidden.dims();
         let [h, r, n] = [self.n_heads, self.dt_rank, self.d_state];
-        let [di, k] = self.conv_weight.dims();
+        let [di, _] = self.conv_weight.dims();
         let p = di / h;
 
         let xz = self.in_proj.forward(hidden);
         let x = xz.clone().slice([0..batch, 0..len, 0..di]).swap_dims(1, 2); // [B, D, L]
         let z = xz.slice([0..batch, 0..len, di..2 * di]).swap_dims(1, 2); // [B, D, L]
-        let x = silu(causal_depthwise_conv(
-            x,
-            self.conv_weight.val(),
-            self.conv_bias.val(),
-            k,
-        ));
+        let x = zamba_kernels::causal_conv1d_silu(x, self.conv_weight.val(), self.conv_bias.val());
 
         // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L] → [B, H, R+2N, L])
         let ssm = self
@@ -203,18 +198,9 @@ impl MambaMixer {
     }
 }
 
-/// Causal depthwise conv over time with left zero padding: `x`: `[B, D, L]`, `weight`: `[D, K]`.
-/// out[t] = bias + Σ_k w[k]·x[t + k − (K−1)]. K shifted multiply-adds beat a grouped conv with
-/// D groups of one channel.
-fn causal_depthwise_conv(x: Tensor<3>, weight: Tensor<2>, bias: Tensor<1>, k: usize) -> Tensor<3> {
-    let [batch, di, len] = x.dims();
-    let padded = Tensor::cat(vec![Tensor::zeros([batch, di, k - 1], &x.device()), x], 2);
-    let mut out = bias.reshape([1, di, 1]).expand([batch, di, len]);
-    for j in 0..k {
-        let tap = weight.clone().slice([0..di, j..j + 1]).reshape([1, di, 1]);
-        out = out + padded.clone().slice([0..batch, 0..di, j..j + len]) * tap;
-    }
-    out
+/// `norm` applied with the fused RMSNorm kernel (same formula as `RmsNorm::forward`).
+fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    zamba_kernels::rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
 /// The ONE shared attention + MLP block. Its input is `[x, x0]` (width 2d); no residual inside.
@@ -255,7 +241,7 @@ impl SharedTransformer {
     /// `x`, `x0`: `[B, L, d]` → `[B, L, d]`.
     pub fn forward(&self, x: Tensor<3>, x0: Tensor<3>) -> Tensor<3> {
         let [batch, len, _] = x.dims();
-        let u = self.input_layernorm.forward(Tensor::cat(vec![x, x0], 2));
+        let u = rms_norm(&self.input_layernorm, Tensor::cat(vec![x, x0], 2));
         let heads = |t: Tensor<3>, n: usize| {
             let width = t.dims()[2];
             t.reshape([batch, len, n, width / n]).swap_dims(1, 2)
@@ -275,7 +261,7 @@ impl SharedTransformer {
         };
         let attn = attention(q, k, v, None, None, options); // [B, heads, L, hd]
         let attn = attn.swap_dims(1, 2).reshape([batch as i64, len as i64, -1]);
-        let h = self.pre_ff_layernorm.forward(self.o_proj.forward(attn));
+        let h = rms_norm(&self.pre_ff_layernorm, self.o_proj.forward(attn));
         let gated = gelu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
         self.down_proj.forward(gated)
     }
@@ -377,15 +363,22 @@ impl ZambaModel {
                 }
                 None => x.clone(),
             };
-            x = x + layer.mamba.forward(layer.input_layernorm.forward(mamba_in));
+            x = x + layer
+                .mamba
+                .forward(rms_norm(&layer.input_layernorm, mamba_in));
         }
-        self.final_layernorm.forward(x)
+        rms_norm(&self.final_layernorm, x)
     }
 
     /// Logits `[B, L, vocab]` with the tied embedding head.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let h = self.hidden_states(tokens);
-        h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze::<3>())
+        let [batch, len, d] = h.dims();
+        // One [B·L, d] × [d, V] product (a batched one would sum a [B, d, V] weight gradient).
+        let logits = h
+            .reshape([batch * len, d])
+            .matmul(self.embed_tokens.weight.val().transpose());
+        logits.reshape([batch, len, self.embed_tokens.weight.dims()[0]])
     }
 
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

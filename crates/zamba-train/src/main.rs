@@ -4,7 +4,6 @@
 //! the subcommands inspect models, prepare data, plot, sweep and benchmark.
 
 mod bench;
-mod bench_world;
 mod inspect;
 
 use std::path::PathBuf;
@@ -14,6 +13,10 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
 use zamba_train::train::{TrainOptions, train};
+
+/// Counts heap bytes for the memory figures of `bench model` (and anything else that asks).
+#[global_allocator]
+static ALLOCATOR: zamba_train::memory::CountingAlloc = zamba_train::memory::CountingAlloc;
 
 #[derive(Parser)]
 #[command(
@@ -136,6 +139,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    zamba_train::memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_train(cli.train),

@@ -12,6 +12,7 @@ use std::ops::Range;
 
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use zamba_kernels::{AdamWHyper, adamw_update};
 use zamba_model::param_table::{DecayGroup, decay_group};
 
 /// AdamW hyper-parameters (PyTorch's formulation: decoupled decay `θ ← θ·(1 − lr·wd)`).
@@ -85,9 +86,6 @@ impl AdamW {
         let first = self.step == 0;
         self.step += 1;
         let p = self.params;
-        let t = self.step as i32;
-        let bias1 = 1.0 - p.beta1.powi(t);
-        let bias2 = 1.0 - p.beta2.powi(t);
         segments
             .into_iter()
             .map(|s| {
@@ -111,17 +109,22 @@ impl AdamW {
                         self.step - 1
                     ),
                 };
-                let g = s.grad * grad_scale;
-                let m = state.m * p.beta1 + g.clone() * (1.0 - p.beta1);
-                let v = state.v * p.beta2 + g.square() * (1.0 - p.beta2);
                 let decay = if is_decayed(s.path, p.decay_embeddings) {
                     p.weight_decay
                 } else {
                     0.0
                 };
-                // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps)
-                let denom = (v.clone() / bias2).sqrt() + p.eps;
-                let updated = s.value * (1.0 - lr * decay) - (m.clone() / bias1) / denom * lr;
+                // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps), one fused pass per tensor.
+                let hyper = AdamWHyper {
+                    lr,
+                    beta1: p.beta1,
+                    beta2: p.beta2,
+                    eps: p.eps,
+                    weight_decay: decay,
+                    step: self.step,
+                    grad_scale,
+                };
+                let (updated, m, v) = adamw_update(s.value, s.grad, state.m, state.v, &hyper);
                 self.moments.insert(
                     s.path.to_owned(),
                     Moments {

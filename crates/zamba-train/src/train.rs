@@ -32,6 +32,7 @@ use crate::eval;
 use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{AdamW, AdamWParams, clip_factor};
+use crate::peak::TRAINER_PEAK_SHAPES;
 use crate::rank::RankContext;
 use crate::run_lock::RunLock;
 
@@ -90,6 +91,8 @@ struct RankRun {
     state: TrainerState,
     /// Rank 0 only.
     metrics: Option<MetricsWriter>,
+    /// GFLOP/s of one device that `mfu` is relative to (rank 0 only).
+    mfu_peak: Option<f64>,
     /// Rank 0's hold on the run directory, for the whole run.
     _lock: Option<RunLock>,
 }
@@ -182,10 +185,7 @@ fn run_rank(
                 grad_norm: finite(agreed.grad_norm),
                 tokens_per_sec: Some(tok_s),
                 gflops: Some(gflops_per_rank),
-                mfu: config
-                    .runtime
-                    .peak_gflops
-                    .map(|peak| gflops_per_rank / peak),
+                mfu: run.mfu_peak.map(|peak| gflops_per_rank / peak),
                 skipped: skip.is_some(),
                 world_size: ctx.world_size,
             };
@@ -259,12 +259,13 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
             let resolved = config.to_toml_string()?;
             std::fs::write(run_dir.join("config.toml"), resolved)
                 .with_context(|| format!("writing {}/config.toml", run_dir.display()))?;
-            Ok((Some(lock), Some(config.resolve_data()?)))
+            let data = config.resolve_data()?;
+            Ok((Some(lock), Some(data), mfu_peak(config)))
         })
     } else {
-        Ok((None, None))
+        Ok((None, None, None))
     };
-    let (lock, data) = ctx.agree(prepared, "preparing the run directory and data")?;
+    let (lock, data, mfu_peak) = ctx.agree(prepared, "preparing the run directory and data")?;
     let data = match data {
         Some(data) => data,
         None => config.resolve_data()?,
@@ -334,8 +335,29 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
         loader,
         state,
         metrics,
+        mfu_peak,
         _lock: lock,
     })
+}
+
+/// The GFLOP/s the `mfu` column is relative to: `runtime.peak_gflops`, else on CPU the machine's
+/// f32 GEMM peak measured now (the fastest library, as `zamba-train bench peak` reports it, at
+/// the step's shapes so that it takes under a second).
+fn mfu_peak(config: &RunConfig) -> Option<f64> {
+    if let Some(peak) = config.runtime.peak_gflops {
+        return Some(peak);
+    }
+    match config.runtime.device {
+        DeviceChoice::Cpu => {
+            let report = crate::peak::measure_f32_peak(&TRAINER_PEAK_SHAPES, true);
+            let (library, peak) = report.best();
+            eprintln!(
+                "mfu is relative to the f32 GEMM peak measured now: {peak:.1} GFLOP/s ({library}); set runtime.peak_gflops to skip the measurement"
+            );
+            Some(peak)
+        }
+        _ => None,
+    }
 }
 
 /// This rank's micro-batches, forward and backward: the summed gradients and the summed loss

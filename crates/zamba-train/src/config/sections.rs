@@ -370,7 +370,9 @@ pub struct RuntimeSection {
     #[schemars(range(min = 1))]
     pub world_size: usize,
     /// Peak GFLOP/s of one device, for the MFU column of metrics.jsonl (e.g. 989000 for an H100's
-    /// dense bf16; `zamba-train bench peak` measures a CPU's f32 peak). Absent: MFU is not logged.
+    /// dense bf16). Absent: on CPU the f32 GEMM peak of the fastest library on the machine is
+    /// measured at start (as `zamba-train bench peak` does, at the step's shapes: under a
+    /// second); on GPUs MFU is not logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub peak_gflops: Option<f64>,

@@ -12,7 +12,9 @@ use zamba_dist::{Communicator, DistOptions, ReduceOp};
 use zamba_model::params::FlopsPerToken;
 use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
 use zamba_train::data_parallel::{DataParallel, Sharding};
-use zamba_train::optim::{AdamW, AdamWParams};
+use zamba_train::optim::AdamW;
+
+use super::bench_adamw;
 
 /// Time per step on rank 0, split into its parts.
 #[derive(Default, Clone, Copy)]
@@ -116,13 +118,7 @@ fn rank_steps(
     let compute = Device::flex();
     let mut model = ZambaModel::from_source(config, &mut RandomInit::new(0), &device)?;
     let dp = DataParallel::new(&model, 25 << 20, sharding, comm.rank(), comm.world_size());
-    let mut optimizer = AdamW::new(AdamWParams {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        decay_embeddings: false,
-    });
+    let mut optimizer = AdamW::new(bench_adamw());
     device.seed(comm.rank() as u64);
     let tokens = Tensor::<2, Int>::random(
         [rows, seq_len + 1],
