@@ -16,11 +16,11 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use zamba_data::{Batch, MixtureLoader};
 use zamba_model::params::FlopsPerToken;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
+use zamba_model::{Execution, RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::Device as DeviceChoice;
 use crate::config::{RunConfig, TrainSection};
+use crate::device::device_for;
 use crate::optim::{AdamW, AdamWParams, clip_factor, global_grad_norm};
 use crate::plot::METRICS_FILE;
 
@@ -61,7 +61,7 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
             .build_global()
             .context("setting the number of CPU threads (runtime.threads)")?;
     }
-    let device = make_device(config.runtime.device)?.autodiff();
+    let device = device_for(config.runtime.device, config.runtime.precision)?.autodiff();
     let model_config = config.model_config().clone();
     let resolved = config.to_toml_string()?;
     std::fs::write(run_dir.join("config.toml"), &resolved)?;
@@ -82,6 +82,10 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         state,
         ..
     } = start;
+    model = model.with_execution(Execution {
+        precision: config.runtime.precision,
+        checkpointing: config.train.activation_checkpointing,
+    });
 
     // ---- data ----------------------------------------------------------------------------
     let data = config.resolve_data()?;
@@ -242,28 +246,6 @@ fn stop_flag() -> Result<&'static AtomicBool> {
             .map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))
     });
     installed.clone().map_err(anyhow::Error::msg)
-}
-
-fn make_device(choice: DeviceChoice) -> Result<Device> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(i) => {
-            let found = Device::enumerate(burn::tensor::DeviceType::Cuda)
-                .into_vec()
-                .len();
-            if i >= found {
-                bail!(
-                    "runtime.device = \"cuda:{i}\" but this machine has {found} CUDA device(s) visible"
-                );
-            }
-            Ok(Device::cuda(i))
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(i) => {
-            bail!("runtime.device = \"cuda:{i}\" needs a build with `--features cuda` (see README)")
-        }
-    }
 }
 
 /// Resume (newest checkpoint or `--resume`), `[init] from` (a new phase from earlier weights), or
@@ -536,6 +518,7 @@ mod tests {
             max_consecutive_skips: 3,
             spike_zscore,
             spike_window,
+            activation_checkpointing: Default::default(),
         }
     }
 

@@ -9,11 +9,11 @@
 //! [batch]      tokens | sequences, micro_batch
 //! [optimizer]  beta1, beta2, eps, weight_decay, decay_embeddings, clip_grad_norm
 //! [schedule]   kind = "constant" | "cosine" | "wsd" | "anneal", … (see crate::schedule)
-//! [train]      steps, max_consecutive_skips, spike_zscore, spike_window
+//! [train]      steps, max_consecutive_skips, spike_zscore, spike_window, activation_checkpointing
 //! [checkpoint] every, keep_last, keep_every
 //! [eval]       every, batches
 //! [logging]    every, progress
-//! [runtime]    device, threads, world_size
+//! [runtime]    device, precision, threads, world_size, peak_gflops
 //! ```
 //!
 //! Paths: data shard paths and `synthetic.tokenizer` are inputs shipped next to the config and

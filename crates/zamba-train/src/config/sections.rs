@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use zamba_model::{ActivationCheckpointing, Precision};
 
 /// `[run]`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -115,6 +116,12 @@ pub struct TrainSection {
     pub spike_zscore: Option<f64>,
     #[serde(default = "default_spike_window")]
     pub spike_window: usize,
+    /// What the backward keeps: `"none"` (every activation) or `"layers"` (each Mamba layer and
+    /// each use of the shared block keeps only its input and is recomputed in the backward:
+    /// activation memory drops to about one `[micro_batch, seq_len, hidden]` tensor per layer for
+    /// about one more forward pass of compute). `--dry-run` prints the estimate both ways.
+    #[serde(default)]
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 fn default_keep_last() -> usize {
@@ -188,12 +195,15 @@ impl Default for LoggingSection {
     }
 }
 
-/// Where the model runs: `"cpu"` or `"cuda:N"` (`"cuda"` = `"cuda:0"`).
+/// Where the model runs: `"cpu"` (Burn's Flex backend), `"cuda:N"` (`"cuda"` = `"cuda:0"`; a
+/// build with `--features cuda`) or `"cube-cpu"` (Burn's CubeCL CPU runtime, which runs the GPU
+/// kernels on the CPU; a build with `--features cube-cpu`). See `crate::device`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
     #[default]
     Cpu,
     Cuda(usize),
+    CubeCpu,
 }
 
 impl std::fmt::Display for Device {
@@ -201,6 +211,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::CubeCpu => write!(f, "cube-cpu"),
         }
     }
 }
@@ -208,10 +219,14 @@ impl std::fmt::Display for Device {
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("unknown device {s:?}; expected \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")");
+        let bad = || {
+            format!(
+                "unknown device {s:?}; expected \"cpu\", \"cuda\", \"cuda:N\" (e.g. \"cuda:0\") or \"cube-cpu\""
+            )
+        };
         match s {
             "cpu" => Ok(Device::Cpu),
+            "cube-cpu" => Ok(Device::CubeCpu),
             "cuda" => Ok(Device::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
@@ -241,6 +256,11 @@ impl<'de> Deserialize<'de> for Device {
 pub struct RuntimeSection {
     #[serde(default)]
     pub device: Device,
+    /// Float type of matmuls and activations: `"fp32"`, or `"bf16"` mixed precision (f32 master
+    /// weights and AdamW state; f32 norm statistics, residual stream, scan state, softmax and
+    /// loss; see `zamba_model::Precision`). Emulated on CPU devices (bf16 numerics, f32 speed).
+    #[serde(default)]
+    pub precision: Precision,
     /// CPU threads for the compute pool; absent = all cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
@@ -257,6 +277,7 @@ impl Default for RuntimeSection {
     fn default() -> Self {
         Self {
             device: Device::Cpu,
+            precision: Precision::Fp32,
             threads: None,
             world_size: 1,
             peak_gflops: None,

@@ -2,6 +2,8 @@
 
 use super::RunConfig;
 use std::fmt::Write as _;
+use zamba_model::ActivationCheckpointing;
+use zamba_model::memory::ActivationMemory;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 
 /// 1234567 → "1.23 M" (decimal units, as in token and parameter counts).
@@ -97,6 +99,19 @@ pub(super) fn summary(c: &RunConfig) -> String {
         c.batch.micro_batch,
         c.runtime.world_size,
         c.grad_accum_steps()
+    );
+    let activations = |k| {
+        let m = ActivationMemory::of(model, c.batch.micro_batch, c.data.seq_len, c.runtime.precision, k);
+        m.peak() / 1e9
+    };
+    let _ = writeln!(
+        out,
+        "memory/GPU   activations of one micro-batch ({}, estimate): {:.1} GB without recomputation, {:.1} GB with          train.activation_checkpointing = \"layers\" (configured: \"{}\"); parameters + gradients + AdamW {:.1} GB          (16 B/param)",
+        c.runtime.precision,
+        activations(ActivationCheckpointing::None),
+        activations(ActivationCheckpointing::Layers),
+        c.train.activation_checkpointing,
+        16.0 * params.total() as f64 / 1e9
     );
     let _ = writeln!(
         out,
