@@ -14,6 +14,14 @@ Uses the pure-PyTorch Mamba path (sequential selective scan) and SDPA attention 
 
 Prints one JSON object: {seconds_per_step, tokens_per_sec, torch_threads, versions, config, loadavg_start,
 loadavg_end, step_seconds, loss, ...}. /proc/loadavg is read at start and end because other jobs may share the CPUs.
+
+Side by side with the Rust trainer, in one run on the same machine and thread count (the "x transformers" ratio):
+
+    cargo build -p zamba-train
+    python scripts/bench_transformers.py --threads 2 --zamba-train target/debug/zamba-train
+
+runs `zamba-train bench model --json --no-torch` first (RAYON_NUM_THREADS = --threads), then transformers, and adds
+{"zamba_train": {...}, "speedup_vs_transformers": ...} to the JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +43,21 @@ def loadavg() -> str:
         return "n/a"
 
 
+def run_zamba_train(args: argparse.Namespace) -> dict:
+    """`zamba-train bench model --json` on the same shapes and thread count; its last line is the JSON."""
+    import subprocess
+
+    env = dict(os.environ)
+    if args.threads:
+        env["RAYON_NUM_THREADS"] = str(args.threads)
+    cmd = [args.zamba_train, "bench", "model", "--json", "--no-torch", "--batch", str(args.batch),
+           "--seq-len", str(args.seq), "--steps", str(args.zamba_steps)]
+    print(f"[bench] {' '.join(cmd)} (loadavg {loadavg()})", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    print(out, file=sys.stderr, flush=True)
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
@@ -44,9 +67,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--zamba-train", metavar="BIN", help="also run BIN bench model (same shapes, threads) first")
+    ap.add_argument("--zamba-steps", type=int, default=3, help="timed steps of the zamba-train run (default 3)")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    zamba = run_zamba_train(args) if args.zamba_train else None
 
     load_start = loadavg()
     import numpy as np
@@ -144,6 +170,9 @@ def main() -> int:
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
     }
+    if zamba is not None:
+        result["zamba_train"] = zamba
+        result["speedup_vs_transformers"] = zamba["tokens_per_sec"] / result["tokens_per_sec"]
     print(json.dumps(result, indent=2))
     return 0
 

@@ -11,6 +11,7 @@
 #   train     ~30 steps of the ~1B preset (zamba-1b) in bf16 with per-layer recomputation on
 #             synthetic data: tokens/s, MFU, peak GPU memory
 #   bench     one training step of the same model alone: the scan's share of the step
+#   dist      NCCL collectives (one rank per GPU) and all-reduce bandwidth (needs libnccl.so.2)
 #
 # MFU is against the card's dense bf16 peak: 989 TFLOP/s for an H100 SXM and an H200 (both
 # 989.4 TFLOP/s dense bf16 per NVIDIA's datasheets); set PEAK_TFLOPS for another card (H100 PCIe:
@@ -145,10 +146,30 @@ bench() {
         --steps 3 --peak-gflops "${PEAK_TFLOPS}000"
 }
 
+dist() {
+    local gpus
+    gpus=$(nvidia-smi -L | wc -l)
+    section "zamba-dist: NCCL collectives (world 1 on GPU 0; one rank per GPU on all ${gpus})"
+    # shellcheck disable=SC2086
+    ZAMBA_GPU_COUNT=${gpus} cargo test --release -p zamba-dist --features cuda --test nccl ${CARGO_FLAGS} \
+        -- --ignored --test-threads=1 every_collective_on_one_rank_per_gpu
+    if [[ ${gpus} -ge 2 ]]; then
+        section "zamba-dist: a rank that skips a collective is named (world ${gpus})"
+        # shellcheck disable=SC2086
+        ZAMBA_GPU_COUNT=${gpus} cargo test --release -p zamba-dist --features cuda --test nccl ${CARGO_FLAGS} \
+            -- --ignored --test-threads=1 a_rank_that_skips_a_collective_is_named
+    fi
+    section "zamba-dist: NCCL all-reduce bandwidth"
+    for world in 1 "${gpus}"; do
+        "${BIN}" bench allreduce --backend nccl --world "${world}" --sizes 1M,16M,64M,256M --iters 20
+        "${BIN}" bench allreduce --backend nccl --world "${world}" --dtype bf16 --sizes 64M,256M --iters 20
+    done
+}
+
 main() {
     local sections=("$@")
     if [[ ${#sections[@]} -eq 0 ]]; then
-        sections=(build kernels model train bench)
+        sections=(build kernels model train bench dist)
     fi
     check_gpu
     local start=${SECONDS}

@@ -1,8 +1,9 @@
 //! `zamba-train data …` subcommands.
 
 use crate::input::Columns;
+use crate::manifest::LossOn;
 use crate::synth::{SynthKind, SynthOptions, synth};
-use crate::tokenize::{TokenizeOptions, tokenize};
+use crate::tokenize::{ChatOptions, TokenizeOptions, tokenize};
 use crate::tokenizer::{SpecialTokens, TokenizerSpec};
 use crate::train_tokenizer::{TrainTokenizerOptions, train_tokenizer};
 use anyhow::Result;
@@ -39,6 +40,7 @@ impl ColumnArgs {
             text: self.text_column.clone(),
             id: self.id_column.clone(),
             source: self.source_column.clone(),
+            messages: None,
         }
     }
 }
@@ -83,6 +85,18 @@ pub struct TokenizeArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Documents are conversations: this column (or JSON field) holds a list of messages, either
+    /// {role, content} or ShareGPT {from, value} (e.g. `messages`, `conversations`).
+    #[arg(long)]
+    pub messages_column: Option<String>,
+    /// Jinja chat template file (default: `chat_template` of the tokenizer_config.json beside
+    /// the tokenizer.json).
+    #[arg(long, requires = "messages_column")]
+    pub chat_template: Option<PathBuf>,
+    /// Which tokens of a conversation are training targets: all, or only what the assistant
+    /// messages add (stored as a loss mask in the shards).
+    #[arg(long, value_enum, default_value = "all", requires = "messages_column")]
+    pub loss_on: LossOn,
     /// Input files, directories or globs.
     #[arg(required = true)]
     pub inputs: Vec<String>,
@@ -146,6 +160,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             };
             opts.threads = a.threads;
             opts.progress = !a.no_progress && std::io::stderr().is_terminal();
+            opts.chat = a.messages_column.map(|messages_column| ChatOptions {
+                messages_column,
+                template_file: a.chat_template,
+                loss_on: a.loss_on,
+            });
             let manifest = tokenize(&opts)?;
             println!(
                 "{}: {} shards, {} documents, {} tokens (vocab {}, {}), fingerprint {}",

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result, bail};
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type, UInt32Type, UInt64Type};
+use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
@@ -54,11 +54,13 @@ pub struct InputFile {
 }
 
 /// Which fields hold the text, the document id and its source (missing id/source fields are fine).
+/// With `messages`, documents are conversations read from that field instead of text.
 #[derive(Clone, Debug)]
 pub struct Columns {
     pub text: String,
     pub id: String,
     pub source: String,
+    pub messages: Option<String>,
 }
 
 impl Default for Columns {
@@ -67,13 +69,17 @@ impl Default for Columns {
             text: "text".into(),
             id: "id".into(),
             source: "source".into(),
+            messages: None,
         }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Doc {
+    /// Empty for a conversation.
     pub text: String,
+    /// The conversation (the messages field as JSON) when reading a messages column.
+    pub messages: Option<serde_json::Value>,
     pub id: Option<String>,
     pub source: Option<String>,
     /// Index of the record (parquet row, JSON line, text file) inside its input.
@@ -159,7 +165,7 @@ pub fn inspect(input: &InputFile, cols: &Columns) -> Result<()> {
     match input.kind {
         InputKind::Parquet => {
             let builder = open_parquet(path)?;
-            text_column_index(path, builder.schema().fields(), &cols.text)?;
+            content_column_index(path, builder.schema().fields(), cols)?;
             if builder.metadata().file_metadata().num_rows() == 0 {
                 bail!("empty input: {} has no rows", path.display());
             }
@@ -217,8 +223,15 @@ pub fn for_each_doc(
                     .path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned());
+                if cols.messages.is_some() {
+                    bail!(
+                        "{}: a .txt file holds no conversations; --messages-column needs parquet or JSON lines",
+                        input.path.display()
+                    );
+                }
                 f(Doc {
                     text,
+                    messages: None,
                     id,
                     source: None,
                     record: 0,
@@ -241,6 +254,38 @@ fn is_string(dt: &DataType) -> bool {
         dt,
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
     )
+}
+
+/// The text column, or the messages column when reading conversations.
+fn content_column_index(
+    path: &Path,
+    fields: &arrow_schema::Fields,
+    cols: &Columns,
+) -> Result<usize> {
+    let Some(name) = &cols.messages else {
+        return text_column_index(path, fields, &cols.text);
+    };
+    let Some((index, field)) = fields.find(name) else {
+        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+        bail!(
+            "{} has no messages column {name:?} (columns: {}); pass --messages-column with the right name",
+            path.display(),
+            names.join(", ")
+        );
+    };
+    let ok = is_string(field.data_type())
+        || matches!(
+            field.data_type(),
+            DataType::List(_) | DataType::LargeList(_)
+        );
+    if !ok {
+        bail!(
+            "column {name:?} in {} has type {}, expected a list of messages (or JSON text)",
+            path.display(),
+            field.data_type()
+        );
+    }
+    Ok(index)
 }
 
 fn text_column_index(path: &Path, fields: &arrow_schema::Fields, name: &str) -> Result<usize> {
@@ -272,7 +317,7 @@ fn parquet_docs(
     let path = &input.path;
     let builder = open_parquet(path)?;
     let fields = builder.schema().fields().clone();
-    let text_index = text_column_index(path, &fields, &cols.text)?;
+    let text_index = content_column_index(path, &fields, cols)?;
     let mut roots = vec![text_index];
     roots.extend(fields.find(&cols.id).map(|(i, _)| i));
     roots.extend(
@@ -311,7 +356,9 @@ fn parquet_docs(
             )
         })?;
         let rows = batch.num_rows() as u64;
-        if !emit_batch(&batch, cols, &mut record, f)? {
+        if !emit_batch(&batch, cols, &mut record, f)
+            .with_context(|| format!("reading {}", path.display()))?
+        {
             return Ok(());
         }
         progress(input.bytes * rows / total_rows);
@@ -325,19 +372,33 @@ fn emit_batch(
     record: &mut u64,
     f: &mut dyn FnMut(Doc) -> Result<bool>,
 ) -> Result<bool> {
+    let content = cols.messages.as_ref().unwrap_or(&cols.text);
     let text = batch
-        .column_by_name(&cols.text)
-        .expect("projected text column");
+        .column_by_name(content)
+        .expect("projected content column");
     let id = batch.column_by_name(&cols.id);
     let source = batch.column_by_name(&cols.source);
     for row in 0..batch.num_rows() {
         let index = *record;
         *record += 1;
-        let Some(text) = string_at(text.as_ref(), row) else {
+        if text.is_null(row) {
             continue;
+        }
+        let (text, messages) = if cols.messages.is_some() {
+            let messages =
+                messages_at(text.as_ref(), row).with_context(|| format!("row {index}"))?;
+            (String::new(), Some(messages))
+        } else {
+            (
+                string_at(text.as_ref(), row)
+                    .expect("string column")
+                    .to_owned(),
+                None,
+            )
         };
         let doc = Doc {
-            text: text.to_owned(),
+            text,
+            messages,
             id: id.and_then(|c| id_at(c.as_ref(), row)),
             source: source
                 .and_then(|c| string_at(c.as_ref(), row))
@@ -349,6 +410,60 @@ fn emit_batch(
         }
     }
     Ok(true)
+}
+
+/// A conversation cell as JSON: a list column converted value by value, or a JSON string parsed.
+fn messages_at(col: &dyn Array, row: usize) -> Result<serde_json::Value> {
+    if let Some(text) = string_at(col, row) {
+        return serde_json::from_str(text).context("the messages text is not valid JSON");
+    }
+    arrow_to_json(col, row)
+}
+
+/// One value of an arrow array as JSON (strings, numbers, booleans, lists, structs, nulls).
+fn arrow_to_json(col: &dyn Array, row: usize) -> Result<serde_json::Value> {
+    use serde_json::Value as J;
+    if col.is_null(row) {
+        return Ok(J::Null);
+    }
+    if let Some(s) = string_at(col, row) {
+        return Ok(J::String(s.to_owned()));
+    }
+    if let Some(list) = col.as_list_opt::<i32>() {
+        let items = list.value(row);
+        return (0..items.len())
+            .map(|i| arrow_to_json(items.as_ref(), i))
+            .collect();
+    }
+    if let Some(list) = col.as_list_opt::<i64>() {
+        let items = list.value(row);
+        return (0..items.len())
+            .map(|i| arrow_to_json(items.as_ref(), i))
+            .collect();
+    }
+    if let Some(st) = col.as_struct_opt() {
+        let mut map = serde_json::Map::new();
+        for (field, column) in st.fields().iter().zip(st.columns()) {
+            map.insert(field.name().clone(), arrow_to_json(column.as_ref(), row)?);
+        }
+        return Ok(J::Object(map));
+    }
+    if let Some(b) = col.as_boolean_opt() {
+        return Ok(J::Bool(b.value(row)));
+    }
+    if let Some(id) = id_at(col, row) {
+        return Ok(J::Number(id.parse().expect("integer")));
+    }
+    if let Some(f) = col.as_primitive_opt::<Float64Type>() {
+        return Ok(serde_json::Number::from_f64(f.value(row)).map_or(J::Null, J::Number));
+    }
+    if let Some(f) = col.as_primitive_opt::<Float32Type>() {
+        return Ok(serde_json::Number::from_f64(f.value(row).into()).map_or(J::Null, J::Number));
+    }
+    bail!(
+        "the messages column holds a value of type {}, which has no JSON form here",
+        col.data_type()
+    )
 }
 
 fn string_at(col: &dyn Array, row: usize) -> Option<&str> {
@@ -428,6 +543,30 @@ fn parse_json_doc(line: &str, path: &Path, number: u64, cols: &Columns) -> Resul
             path.display()
         );
     };
+    if let Some(name) = &cols.messages {
+        let messages = match map.remove(name) {
+            Some(serde_json::Value::Null) => return Ok(None),
+            Some(value) => value,
+            None => {
+                let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+                bail!(
+                    "{}:{number}: no messages field {name:?} (fields: {}); pass --messages-column with the right name",
+                    path.display(),
+                    keys.join(", ")
+                )
+            }
+        };
+        return Ok(Some(Doc {
+            text: String::new(),
+            messages: Some(messages),
+            id: json_id(map.remove(&cols.id)),
+            source: match map.remove(&cols.source) {
+                Some(serde_json::Value::String(s)) => Some(s),
+                _ => None,
+            },
+            record: number - 1,
+        }));
+    }
     let text = match map.remove(&cols.text) {
         Some(serde_json::Value::String(s)) => s,
         Some(serde_json::Value::Null) => return Ok(None),
@@ -447,21 +586,26 @@ fn parse_json_doc(line: &str, path: &Path, number: u64, cols: &Columns) -> Resul
             )
         }
     };
-    let id = match map.remove(&cols.id) {
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-        _ => None,
-    };
+    let id = json_id(map.remove(&cols.id));
     let source = match map.remove(&cols.source) {
         Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
     Ok(Some(Doc {
         text,
+        messages: None,
         id,
         source,
         record: number - 1,
     }))
+}
+
+fn json_id(value: Option<serde_json::Value>) -> Option<String> {
+    match value {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

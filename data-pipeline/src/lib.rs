@@ -9,6 +9,7 @@
 //! See docs/data.md for the formats and the design.
 
 pub mod cache;
+pub mod chat;
 pub mod cli;
 pub mod error;
 mod fsutil;

@@ -74,6 +74,40 @@ pub struct RunSettings {
     pub shard_tokens: u64,
     pub row_group_tokens: u64,
     pub inputs: Vec<InputRecord>,
+    /// Set when documents are conversations rendered with a chat template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatSettings>,
+}
+
+impl RunSettings {
+    /// Whether the shards have a `loss_mask` column.
+    pub fn has_loss_mask(&self) -> bool {
+        self.chat
+            .as_ref()
+            .is_some_and(|c| c.loss_on == LossOn::Assistant)
+    }
+}
+
+/// Which tokens of a rendered conversation are training targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossOn {
+    /// Every token (no mask column).
+    #[default]
+    All,
+    /// Only the tokens the assistant messages add (their content and end-of-turn markup, and the
+    /// final EOS after an assistant message).
+    Assistant,
+}
+
+/// How conversations were turned into documents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatSettings {
+    /// Column (or JSON field) holding the list of messages.
+    pub messages_column: String,
+    /// blake3 of the chat template text.
+    pub template_hash: String,
+    pub loss_on: LossOn,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,7 @@
 //! Tokenized parquet shards: one row per document, columns `tokens` (list of u16/u32, EOS included),
-//! `source` (string) and `id` (nullable string), zstd-compressed, row groups of a bounded token count.
+//! `source` (string), `id` (nullable string) and, for data tokenized with a loss mask, `loss_mask`
+//! (list of bool, one per token: whether the token is a training target); zstd-compressed, row
+//! groups of a bounded token count.
 
 use crate::error::DataError;
 use crate::fsutil::{HashingWriter, tmp_path};
@@ -7,7 +9,9 @@ use crate::manifest::{RowGroupInfo, ShardInfo, TokenDtype};
 use anyhow::{Context, Result, bail};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt16Type, UInt32Type};
-use arrow_array::{ArrayRef, ListArray, RecordBatch, StringArray, UInt16Array, UInt32Array};
+use arrow_array::{
+    ArrayRef, BooleanArray, ListArray, RecordBatch, StringArray, UInt16Array, UInt32Array,
+};
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::{
@@ -25,20 +29,31 @@ pub fn shard_file_name(index: usize) -> String {
     format!("shard-{index:05}.parquet")
 }
 
-pub fn schema(dtype: TokenDtype) -> SchemaRef {
+/// Name of the optional per-token loss mask column.
+pub const LOSS_MASK_COLUMN: &str = "loss_mask";
+
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, false)))
+}
+
+pub fn schema(dtype: TokenDtype, with_mask: bool) -> SchemaRef {
     let item = match dtype {
         TokenDtype::U16 => DataType::UInt16,
         TokenDtype::U32 => DataType::UInt32,
     };
-    Arc::new(Schema::new(vec![
-        Field::new(
-            "tokens",
-            DataType::List(Arc::new(Field::new("item", item, false))),
-            false,
-        ),
+    let mut fields = vec![
+        Field::new("tokens", list_of(item), false),
         Field::new("source", DataType::Utf8, false),
         Field::new("id", DataType::Utf8, true),
-    ]))
+    ];
+    if with_mask {
+        fields.push(Field::new(
+            LOSS_MASK_COLUMN,
+            list_of(DataType::Boolean),
+            false,
+        ));
+    }
+    Arc::new(Schema::new(fields))
 }
 
 fn writer_properties() -> WriterProperties {
@@ -57,6 +72,7 @@ fn writer_properties() -> WriterProperties {
 #[derive(Default)]
 struct RowGroupBuffer {
     tokens: Vec<u32>,
+    mask: Vec<bool>,
     offsets: Vec<i32>,
     sources: Vec<String>,
     ids: Vec<Option<String>>,
@@ -77,6 +93,7 @@ struct OpenShard {
 pub struct ShardWriter {
     dir: PathBuf,
     dtype: TokenDtype,
+    with_mask: bool,
     shard_tokens: u64,
     row_group_tokens: u64,
     next_index: usize,
@@ -88,6 +105,7 @@ impl ShardWriter {
     pub fn new(
         dir: &Path,
         dtype: TokenDtype,
+        with_mask: bool,
         shard_tokens: u64,
         row_group_tokens: u64,
         first_index: usize,
@@ -95,6 +113,7 @@ impl ShardWriter {
         Self {
             dir: dir.to_path_buf(),
             dtype,
+            with_mask,
             shard_tokens: shard_tokens.max(1),
             row_group_tokens: row_group_tokens.max(1),
             next_index: first_index,
@@ -106,18 +125,28 @@ impl ShardWriter {
         }
     }
 
-    /// Appends one document; returns the shard it completed, if any.
+    /// Appends one document (with one mask value per token when the writer keeps masks); returns
+    /// the shard it completed, if any.
     pub fn push(
         &mut self,
         tokens: &[u32],
+        mask: Option<&[bool]>,
         source: &str,
         id: Option<&str>,
     ) -> Result<Option<ShardInfo>> {
+        match mask {
+            Some(m) => assert!(
+                self.with_mask && m.len() == tokens.len(),
+                "one mask value per token, and only for a writer with masks"
+            ),
+            None => assert!(!self.with_mask, "this writer keeps a mask per token"),
+        }
         if self.open.is_none() {
             self.open = Some(self.open_next()?);
         }
         let buffer = &mut self.buffer;
         buffer.tokens.extend_from_slice(tokens);
+        buffer.mask.extend_from_slice(mask.unwrap_or_default());
         let end = i32::try_from(buffer.tokens.len())
             .context("a row group exceeds 2^31 tokens; lower --row-group-tokens")?;
         buffer.offsets.push(end);
@@ -156,7 +185,7 @@ impl ShardWriter {
         let handle = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let writer = ArrowWriter::try_new(
             HashingWriter::new(handle),
-            schema(self.dtype),
+            schema(self.dtype, self.with_mask),
             Some(writer_properties()),
         )
         .with_context(|| format!("starting parquet writer for {}", tmp.display()))?;
@@ -184,7 +213,7 @@ impl ShardWriter {
             return Ok(());
         }
         let tokens = buffer.tokens.len() as u64;
-        let schema = schema(self.dtype);
+        let schema = schema(self.dtype, self.with_mask);
         let DataType::List(item) = schema.field(0).data_type().clone() else {
             unreachable!("tokens is a list")
         };
@@ -195,17 +224,20 @@ impl ShardWriter {
             )),
             TokenDtype::U32 => Arc::new(UInt32Array::from(buffer.tokens)),
         };
-        let list = ListArray::new(
-            item,
-            OffsetBuffer::new(ScalarBuffer::from(buffer.offsets)),
-            values,
-            None,
-        );
-        let columns: Vec<ArrayRef> = vec![
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(buffer.offsets));
+        let list = ListArray::new(item, offsets.clone(), values, None);
+        let mut columns: Vec<ArrayRef> = vec![
             Arc::new(list),
             Arc::new(StringArray::from_iter_values(buffer.sources)),
             Arc::new(StringArray::from(buffer.ids)),
         ];
+        if self.with_mask {
+            let DataType::List(mask_item) = schema.field(3).data_type().clone() else {
+                unreachable!("loss_mask is a list")
+            };
+            let mask: ArrayRef = Arc::new(BooleanArray::from(buffer.mask));
+            columns.push(Arc::new(ListArray::new(mask_item, offsets, mask, None)));
+        }
         let batch = RecordBatch::try_new(schema, columns).context("building a shard row group")?;
         let open = self
             .open
@@ -258,6 +290,8 @@ impl Drop for ShardWriter {
 pub struct ShardReader {
     path: PathBuf,
     metadata: ArrowReaderMetadata,
+    /// Index of the `loss_mask` column, if the shard has one.
+    mask_column: Option<usize>,
 }
 
 impl ShardReader {
@@ -281,9 +315,11 @@ impl ShardReader {
                 path.display()
             );
         }
+        let mask_column = metadata.schema().index_of(LOSS_MASK_COLUMN).ok();
         Ok(Self {
             path: path.to_path_buf(),
             metadata,
+            mask_column,
         })
     }
 
@@ -296,13 +332,15 @@ impl ShardReader {
     }
 
     /// Appends the row group's tokens to `tokens` and one length per document to `doc_lens`,
-    /// failing if any id is >= `vocab_limit`.
+    /// failing if any id is >= `vocab_limit`. With `mask`, also appends one loss-mask value per
+    /// token (all true for a shard without a mask column).
     pub fn read_row_group(
         &self,
         row_group: usize,
         vocab_limit: u32,
         tokens: &mut Vec<u32>,
         doc_lens: &mut Vec<u32>,
+        mut mask: Option<&mut Vec<bool>>,
     ) -> Result<()> {
         if row_group >= self.num_row_groups() {
             bail!(
@@ -316,9 +354,11 @@ impl ShardReader {
             .with_context(|| format!("opening shard {}", self.path.display()))?;
         let builder =
             ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone());
-        let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);
+        let mask_column = self.mask_column.filter(|_| mask.is_some());
+        let columns: Vec<usize> = std::iter::once(0).chain(mask_column).collect();
+        let projection = ProjectionMask::roots(builder.parquet_schema(), columns);
         let reader = builder
-            .with_projection(mask)
+            .with_projection(projection)
             .with_row_groups(vec![row_group])
             .with_batch_size(1 << 16)
             .build()
@@ -342,6 +382,17 @@ impl ShardReader {
                 );
             }
             doc_lens.extend(offsets.windows(2).map(|w| (w[1] - w[0]) as u32));
+            if let Some(mask) = mask.as_deref_mut() {
+                if mask_column.is_some() {
+                    let list = batch.column(1).as_list::<i32>();
+                    let offsets = list.value_offsets();
+                    let values = list.values().as_boolean();
+                    let (lo, hi) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
+                    mask.extend((lo..hi).map(|i| values.value(i)));
+                } else {
+                    mask.resize(mask.len() + (hi - lo), true);
+                }
+            }
         }
         if let Some(&id) = tokens[start..].iter().max()
             && id >= vocab_limit
@@ -356,6 +407,31 @@ impl ShardReader {
         }
         Ok(())
     }
+}
+
+/// The loss mask of every document of a shard (None for a shard without masks); for tests and
+/// inspection.
+pub fn read_document_masks(path: &Path) -> Result<Option<Vec<Vec<bool>>>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let Ok(column) = builder.schema().index_of(LOSS_MASK_COLUMN) else {
+        return Ok(None);
+    };
+    let projection = ProjectionMask::roots(builder.parquet_schema(), [column]);
+    let mut masks = Vec::new();
+    for batch in builder.with_projection(projection).build()? {
+        let list = batch?.column(0).as_list::<i32>().clone();
+        for row in 0..arrow_array::Array::len(&list) {
+            masks.push(
+                list.value(row)
+                    .as_boolean()
+                    .iter()
+                    .map(|v| v == Some(true))
+                    .collect(),
+            );
+        }
+    }
+    Ok(Some(masks))
 }
 
 /// One shard row: (tokens, source, id).

@@ -1,12 +1,16 @@
 //! `data tokenize`: raw documents → tokenized parquet shards + manifest, in parallel and resumable.
 
-use crate::fsutil::write_json_atomic;
+use crate::chat::{ChatTemplate, parse_conversation};
+use crate::fsutil::{write_atomic, write_json_atomic};
 use crate::input::{Columns, Doc, InputFile, for_each_doc, inspect, resolve_inputs};
 use crate::manifest::{
-    InputRecord, MANIFEST_FILE, Manifest, PROGRESS_FILE, Progress, RunSettings, TokenDtype,
+    ChatSettings, InputRecord, LossOn, MANIFEST_FILE, Manifest, PROGRESS_FILE, Progress,
+    RunSettings, TokenDtype,
 };
 use crate::shard::ShardWriter;
-use crate::tokenizer::{SpecialTokens, TextTokenizer, TokenizerSpec};
+use crate::tokenizer::{
+    SpecialTokens, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextTokenizer, TokenizerSpec,
+};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -35,6 +39,8 @@ pub struct TokenizeOptions {
     /// Tokenizer threads (default: all cores).
     pub threads: Option<usize>,
     pub progress: bool,
+    /// Documents are conversations rendered with a chat template.
+    pub chat: Option<ChatOptions>,
     /// Test hook: fail as if interrupted after this many shards were finished.
     #[doc(hidden)]
     pub interrupt_after_shards: Option<usize>,
@@ -54,9 +60,20 @@ impl TokenizeOptions {
             special: SpecialTokens::default(),
             threads: None,
             progress: false,
+            chat: None,
             interrupt_after_shards: None,
         }
     }
+}
+
+/// How conversations become documents.
+#[derive(Clone, Debug)]
+pub struct ChatOptions {
+    /// Column (parquet) or field (JSON) holding each conversation's list of messages.
+    pub messages_column: String,
+    /// The Jinja template; default: `chat_template` of the tokenizer_config.json beside the tokenizer.
+    pub template_file: Option<PathBuf>,
+    pub loss_on: LossOn,
 }
 
 /// Tokenizes the inputs into `opts.out`. Re-running after an interruption continues from the last
@@ -71,8 +88,16 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
             tokenizer.info.name
         );
     }
+    let mut columns = opts.columns.clone();
+    let chat = match &opts.chat {
+        Some(chat) => {
+            columns.messages = Some(chat.messages_column.clone());
+            Some(load_chat_template(&opts.tokenizer, chat)?)
+        }
+        None => None,
+    };
     for input in &inputs {
-        inspect(input, &opts.columns)?;
+        inspect(input, &columns)?;
     }
     let settings = RunSettings {
         token_dtype: TokenDtype::for_vocab(tokenizer.info.vocab_size),
@@ -91,6 +116,17 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
                 bytes: i.bytes,
             })
             .collect(),
+        chat: opts
+            .chat
+            .as_ref()
+            .zip(chat.as_ref())
+            .map(|(c, template)| ChatSettings {
+                messages_column: c.messages_column.clone(),
+                template_hash: blake3::hash(template.source.as_bytes())
+                    .to_hex()
+                    .to_string(),
+                loss_on: c.loss_on,
+            }),
     };
 
     let out = &opts.out;
@@ -123,9 +159,22 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
     remove_stale_files(out, &progress)?;
 
     let mut progress = progress;
-    let result = run(opts, &inputs, &tokenizer, &mut progress);
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        chat: chat.as_ref(),
+        add_bos: opts.add_bos,
+        mask: settings.has_loss_mask(),
+    };
+    let result = run(opts, &columns, &inputs, &encoder, &mut progress);
     match result {
         Ok(()) => {
+            let given_template = opts
+                .chat
+                .as_ref()
+                .filter(|c| c.template_file.is_some())
+                .and(chat.as_ref())
+                .map(|t| t.source.as_str());
+            copy_tokenizer_files(&opts.tokenizer, out, given_template)?;
             let manifest = Manifest::new(settings, progress.shards);
             write_json_atomic(&out.join(MANIFEST_FILE), &manifest)?;
             let _ = std::fs::remove_file(out.join(PROGRESS_FILE));
@@ -138,6 +187,40 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<Manifest> {
             Err(e)
         }
     }
+}
+
+/// Keeps a copy of the tokenizer (and the `tokenizer_config.json` beside it, which holds its
+/// special tokens and chat template) with the shards, so that whatever trains on them can name
+/// and export its tokenizer. The manifest's hash identifies the copy. A chat template given with
+/// `--chat-template` goes into the copied tokenizer_config.json, as the template the data used.
+fn copy_tokenizer_files(
+    spec: &TokenizerSpec,
+    out: &Path,
+    chat_template: Option<&str>,
+) -> Result<()> {
+    let TokenizerSpec::File(path) = spec else {
+        return Ok(());
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    write_atomic(&out.join(TOKENIZER_FILE), &bytes)?;
+    let config_path = path.with_file_name(TOKENIZER_CONFIG_FILE);
+    let mut config: Option<serde_json::Value> = if config_path.exists() {
+        let text = std::fs::read(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        Some(
+            serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not valid JSON", config_path.display()))?,
+        )
+    } else {
+        None
+    };
+    if let Some(template) = chat_template {
+        config.get_or_insert_with(|| serde_json::json!({}))["chat_template"] = template.into();
+    }
+    if let Some(config) = config {
+        write_json_atomic(&out.join(TOKENIZER_CONFIG_FILE), &config)?;
+    }
+    Ok(())
 }
 
 fn load_progress(out: &Path) -> Result<Option<Progress>> {
@@ -179,10 +262,65 @@ fn remove_stale_files(out: &Path, progress: &Progress) -> Result<()> {
     Ok(())
 }
 
+fn load_chat_template(spec: &TokenizerSpec, chat: &ChatOptions) -> Result<ChatTemplate> {
+    match (spec, &chat.template_file) {
+        (TokenizerSpec::File(path), file) => ChatTemplate::load(path, file.as_deref()),
+        (TokenizerSpec::Byte, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the chat template {}", file.display()))?;
+            ChatTemplate::new(&text, Default::default())
+        }
+        (TokenizerSpec::Byte, None) => bail!(
+            "--messages-column with the byte tokenizer needs a chat template: pass --chat-template FILE"
+        ),
+    }
+}
+
+/// Turns one input document into the token ids (and loss mask) stored in a shard.
+struct Encoder<'a> {
+    tokenizer: &'a TextTokenizer,
+    chat: Option<&'a ChatTemplate>,
+    add_bos: bool,
+    /// Keep a per-token loss mask (`--loss-on assistant`).
+    mask: bool,
+}
+
+impl Encoder<'_> {
+    /// Optional BOS, the text (or rendered conversation), EOS; the mask marks the tokens that
+    /// start inside an assistant span, and the EOS after a final assistant message.
+    fn encode(&self, doc: &Doc) -> Result<(Vec<u32>, Option<Vec<bool>>)> {
+        let (Some(template), Some(value)) = (self.chat, &doc.messages) else {
+            return Ok((
+                self.tokenizer.encode_document(&doc.text, self.add_bos)?,
+                None,
+            ));
+        };
+        let messages = parse_conversation(value).map_err(anyhow::Error::msg)?;
+        let (text, spans) = template.render_with_spans(&messages)?;
+        let (body, offsets) = self.tokenizer.encode_with_offsets(&text)?;
+        let bos = self.tokenizer.info.bos_id.filter(|_| self.add_bos);
+        let mut ids: Vec<u32> = bos.into_iter().chain(body).collect();
+        ids.push(self.tokenizer.info.eos_id);
+        if !self.mask {
+            return Ok((ids, None));
+        }
+        let ends_with_assistant = messages.last().is_some_and(|m| m.role == "assistant");
+        let mut mask: Vec<bool> = bos.map(|_| false).into_iter().collect();
+        mask.extend(
+            offsets
+                .iter()
+                .map(|&start| spans.iter().any(|s| s.contains(&start))),
+        );
+        mask.push(ends_with_assistant);
+        Ok((ids, Some(mask)))
+    }
+}
+
 fn run(
     opts: &TokenizeOptions,
+    columns: &Columns,
     inputs: &[InputFile],
-    tokenizer: &TextTokenizer,
+    encoder: &Encoder,
     progress: &mut Progress,
 ) -> Result<()> {
     let out = &opts.out;
@@ -201,6 +339,7 @@ fn run(
     let mut writer = ShardWriter::new(
         out,
         progress.settings.token_dtype,
+        encoder.mask,
         opts.shard_tokens,
         opts.row_group_tokens,
         progress.shards.len(),
@@ -225,7 +364,7 @@ fn run(
                 };
                 let result = for_each_doc(
                     input,
-                    &opts.columns,
+                    columns,
                     skip,
                     &|b| read_bytes.set(read_bytes.get() + b),
                     &mut |doc| {
@@ -254,21 +393,16 @@ fn run(
         // Dropping `rx` on error makes the reader's next send fail, which stops it.
         for message in rx {
             let (chunk, chunk_input_bytes) = message?;
-            let encoded: Vec<Result<Vec<u32>>> = pool.install(|| {
+            let encoded: Vec<Result<(Vec<u32>, Option<Vec<bool>>)>> = pool.install(|| {
                 chunk
                     .par_iter()
-                    .map(|(_, doc)| tokenizer.encode_document(&doc.text, opts.add_bos))
+                    .map(|(_, doc)| encoder.encode(doc))
                     .collect()
             });
             for ((input_index, doc), ids) in chunk.iter().zip(encoded) {
                 let input = &inputs[*input_index];
-                let ids = ids.with_context(|| {
-                    format!(
-                        "tokenizing record {} of {}",
-                        doc.record,
-                        input.path.display()
-                    )
-                })?;
+                let (ids, mask) =
+                    ids.with_context(|| format!("{} row {}", input.path.display(), doc.record))?;
                 let source = doc
                     .source
                     .as_deref()
@@ -277,7 +411,9 @@ fn run(
                 docs += 1;
                 tokens += ids.len() as u64;
                 text_bytes += doc.text.len() as u64;
-                if let Some(shard) = writer.push(&ids, source, doc.id.as_deref())? {
+                if let Some(shard) =
+                    writer.push(&ids, mask.as_deref(), source, doc.id.as_deref())?
+                {
                     progress.shards.push(shard);
                     progress.next_input = *input_index;
                     progress.next_record = doc.record + 1;

@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// The tokenizer file a tokenized directory keeps beside its manifest (a copy of the one used).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Its companion with special tokens and the chat template, copied when present.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
 /// Which tokenizer to use: the literal `byte`, or a path to a `tokenizer.json`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenizerSpec {
@@ -57,6 +62,62 @@ pub mod byte {
     pub const EOS: u32 = 257;
     pub const PAD: u32 = 258;
     pub const VOCAB: u32 = 259;
+    /// Names of BOS, EOS, PAD in [`tokenizer_json`].
+    pub const SPECIAL: [&str; 3] = ["<s>", "</s>", "<pad>"];
+
+    /// The byte tokenizer as a Hugging Face `tokenizer.json` (what `transformers` and the
+    /// `tokenizers` crate load): byte-level pre-tokenization without splitting, a BPE without
+    /// merges over the 256 byte symbols (byte b has id b), BOS/EOS/PAD as special tokens. The
+    /// post-processor puts `doc_start` (a special id) before every text, as the token that
+    /// preceded each document in training.
+    pub fn tokenizer_json(doc_start: u32) -> serde_json::Value {
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..=255u8)
+            .map(|b| (byte_symbol(b).to_string(), u32::from(b).into()))
+            .collect();
+        let added: Vec<serde_json::Value> = SPECIAL
+            .iter()
+            .zip(BOS..)
+            .map(|(content, id)| {
+                serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let start = SPECIAL[(doc_start - BOS) as usize];
+        let mut start_token = serde_json::Map::new();
+        start_token.insert(
+            start.into(),
+            serde_json::json!({"id": start, "ids": [doc_start], "tokens": [start]}),
+        );
+        serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": start, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": start, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": start_token
+            },
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []}
+        })
+    }
+
+    /// GPT-2's printable stand-in for byte `b` (byte-level BPE's alphabet).
+    fn byte_symbol(b: u8) -> char {
+        let printable = |c: u8| matches!(c, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        if printable(b) {
+            return char::from(b);
+        }
+        let rank = (0..b).filter(|&c| !printable(c)).count() as u32;
+        char::from_u32(256 + rank).expect("valid code point")
+    }
 }
 
 /// Names under which tokenizer.json files commonly store their end/begin-of-document tokens, in order of preference.
@@ -208,6 +269,28 @@ impl TextTokenizer {
         }
     }
 
+    /// Token ids of `text` (no special tokens added) and the byte offset in `text` where each
+    /// token starts.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+        match &self.hf {
+            None => Ok((
+                text.bytes().map(u32::from).collect(),
+                (0..text.len()).collect(),
+            )),
+            Some(tokenizer) => {
+                let encoding = tokenizer
+                    .encode(text, false)
+                    .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
+                let starts = encoding
+                    .get_offsets()
+                    .iter()
+                    .map(|&(start, _)| start)
+                    .collect();
+                Ok((encoding.get_ids().to_vec(), starts))
+            }
+        }
+    }
+
     /// Token ids of one document as stored in a shard: optional BOS, the text, EOS.
     pub fn encode_document(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let body = self.encode(text)?;
@@ -224,6 +307,29 @@ impl TextTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_tokenizer_json_encodes_like_the_byte_tokenizer() {
+        let json = byte::tokenizer_json(byte::EOS).to_string();
+        let hf = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        let ours = TextTokenizer::load(&TokenizerSpec::Byte, &SpecialTokens::default()).unwrap();
+        let all_bytes: String = String::from_utf8_lossy(&(1..=255u8).collect::<Vec<_>>()).into();
+        for text in [
+            "héllo wörld\n  tabs\tand 🦀",
+            "<|user|>\nWhat is 2 + 2?\n",
+            &all_bytes,
+        ] {
+            let want = ours.encode(text).unwrap();
+            let got = hf.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(got, want, "{text:?}");
+            let with_start = hf.encode(text, true).unwrap().get_ids().to_vec();
+            assert_eq!(with_start[0], byte::EOS);
+            assert_eq!(&with_start[1..], &want[..]);
+            assert_eq!(hf.decode(&with_start, true).unwrap(), text);
+        }
+        assert_eq!(hf.token_to_id("<s>"), Some(byte::BOS));
+        assert_eq!(hf.token_to_id("<pad>"), Some(byte::PAD));
+    }
 
     #[test]
     fn byte_tokenizer_round_trips_utf8() {

@@ -6,9 +6,9 @@
 //! loop over the state runs over contiguous memory. The state of a lane lives in a small buffer
 //! (on the stack for `state <= 64`) and is processed a SIMD vector at a time.
 
-use std::ops::{Add, Div, Mul, Sub};
-
 use rayon::prelude::*;
+
+use crate::simd::{Lanes, exp_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad};
 
 /// Time steps per checkpoint chunk. The forward stores the state entering every chunk but the
 /// first; the backward recomputes one chunk of states at a time from it.
@@ -157,294 +157,6 @@ pub(crate) struct Grads {
     pub delta_bias: Vec<f32>,
 }
 
-// ---------------------------------------------------------------------------------------------
-// SIMD. The lane kernels are written once, generic over `V: Lanes` (a vector of `V::WIDTH` f32):
-// `f32` itself (portable, any state size) and, on x86-64, `avx2::F32x8`, used when the CPU has
-// AVX2+FMA (detected at run time, cached by std) and the state size is a multiple of 8. The AVX2
-// instances are compiled inside `#[target_feature]` functions so the intrinsics inline. (Plain
-// loops over the state are not reliably auto-vectorized by LLVM: the loads and stores through
-// the state buffer and the exp's bit tricks defeat its SLP vectorizer.)
-
-/// A vector of `WIDTH` f32. `max`/`min` return `self` when it is NaN, so NaN propagates.
-trait Lanes:
-    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self>
-{
-    const WIDTH: usize;
-    fn splat(x: f32) -> Self;
-    /// The first `WIDTH` floats of `src`.
-    fn load(src: &[f32]) -> Self;
-    /// Into the first `WIDTH` floats of `dst`.
-    fn store(self, dst: &mut [f32]);
-    /// `self * b + c`, fused where the target has FMA.
-    fn mul_add(self, b: Self, c: Self) -> Self;
-    fn max(self, other: Self) -> Self;
-    fn min(self, other: Self) -> Self;
-    /// `then` in the lanes where `a < b`, `otherwise` elsewhere (also where either is NaN).
-    fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self;
-    /// `2^k` from `t = k + 1.5·2^23` (an integer-valued `k` in `[-126, 127]` stored in the
-    /// low mantissa bits of `t`): `(bits(t) + 127) << 23` leaves `k + 127` in the exponent field.
-    fn pow2_of_rounded(t: Self) -> Self;
-    /// `(m, e)` with `self = m · 2^e`, `m` in `[0.5, 1)`, for positive normal `self`.
-    fn frexp(self) -> (Self, Self);
-    /// Horizontal sum, in a fixed order.
-    fn sum(self) -> f32;
-}
-
-impl Lanes for f32 {
-    const WIDTH: usize = 1;
-    #[inline(always)]
-    fn splat(x: f32) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn load(src: &[f32]) -> Self {
-        src[0]
-    }
-    #[inline(always)]
-    fn store(self, dst: &mut [f32]) {
-        dst[0] = self;
-    }
-    #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
-        // Without FMA in the baseline target `f32::mul_add` is a call to libm's `fmaf`.
-        #[cfg(target_arch = "aarch64")]
-        return f32::mul_add(self, b, c);
-        #[cfg(not(target_arch = "aarch64"))]
-        return self * b + c;
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        if self < other { other } else { self }
-    }
-    #[inline(always)]
-    fn min(self, other: Self) -> Self {
-        if self > other { other } else { self }
-    }
-    #[inline(always)]
-    fn pow2_of_rounded(t: Self) -> Self {
-        f32::from_bits(t.to_bits().wrapping_add(127) << 23)
-    }
-    #[inline(always)]
-    fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
-        if a < b { then } else { otherwise }
-    }
-    #[inline(always)]
-    fn frexp(self) -> (Self, Self) {
-        let bits = self.to_bits();
-        let m = f32::from_bits((bits & 0x807F_FFFF) | 0x3F00_0000);
-        (m, ((bits >> 23) as i32 - 126) as f32)
-    }
-    #[inline(always)]
-    fn sum(self) -> f32 {
-        self
-    }
-}
-
-/// AVX2+FMA vectors. Invariant: values of [`F32x8`] are only created inside functions compiled
-/// with `#[target_feature(enable = "avx2,fma")]` that run after the features were detected, so
-/// the intrinsics below are always executed on a CPU that has them.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-    use std::ops::{Add, Div, Mul, Sub};
-
-    #[derive(Clone, Copy)]
-    pub(super) struct F32x8(__m256);
-
-    // SAFETY (every `unsafe` block in this module): see the module invariant; loads and stores
-    // check the slice length first.
-    impl Add for F32x8 {
-        type Output = Self;
-        #[inline(always)]
-        fn add(self, o: Self) -> Self {
-            unsafe { Self(_mm256_add_ps(self.0, o.0)) }
-        }
-    }
-    impl Sub for F32x8 {
-        type Output = Self;
-        #[inline(always)]
-        fn sub(self, o: Self) -> Self {
-            unsafe { Self(_mm256_sub_ps(self.0, o.0)) }
-        }
-    }
-    impl Mul for F32x8 {
-        type Output = Self;
-        #[inline(always)]
-        fn mul(self, o: Self) -> Self {
-            unsafe { Self(_mm256_mul_ps(self.0, o.0)) }
-        }
-    }
-    impl Div for F32x8 {
-        type Output = Self;
-        #[inline(always)]
-        fn div(self, o: Self) -> Self {
-            unsafe { Self(_mm256_div_ps(self.0, o.0)) }
-        }
-    }
-
-    impl super::Lanes for F32x8 {
-        const WIDTH: usize = 8;
-        #[inline(always)]
-        fn splat(x: f32) -> Self {
-            unsafe { Self(_mm256_set1_ps(x)) }
-        }
-        #[inline(always)]
-        fn load(src: &[f32]) -> Self {
-            let src = &src[..8];
-            unsafe { Self(_mm256_loadu_ps(src.as_ptr())) }
-        }
-        #[inline(always)]
-        fn store(self, dst: &mut [f32]) {
-            let dst = &mut dst[..8];
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
-        }
-        #[inline(always)]
-        fn mul_add(self, b: Self, c: Self) -> Self {
-            unsafe { Self(_mm256_fmadd_ps(self.0, b.0, c.0)) }
-        }
-        #[inline(always)]
-        fn max(self, other: Self) -> Self {
-            // `maxps` returns its second operand when either is NaN.
-            unsafe { Self(_mm256_max_ps(other.0, self.0)) }
-        }
-        #[inline(always)]
-        fn min(self, other: Self) -> Self {
-            unsafe { Self(_mm256_min_ps(other.0, self.0)) }
-        }
-        #[inline(always)]
-        fn pow2_of_rounded(t: Self) -> Self {
-            unsafe {
-                let bits = _mm256_add_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(127));
-                Self(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
-            }
-        }
-        #[inline(always)]
-        fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
-            unsafe {
-                let lt = _mm256_cmp_ps::<_CMP_LT_OQ>(a.0, b.0);
-                Self(_mm256_blendv_ps(otherwise.0, then.0, lt))
-            }
-        }
-        #[inline(always)]
-        fn frexp(self) -> (Self, Self) {
-            unsafe {
-                let bits = _mm256_castps_si256(self.0);
-                let m = _mm256_or_si256(
-                    _mm256_and_si256(bits, _mm256_set1_epi32(0x807F_FFFF_u32 as i32)),
-                    _mm256_set1_epi32(0x3F00_0000),
-                );
-                let e = _mm256_sub_epi32(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(126));
-                (Self(_mm256_castsi256_ps(m)), Self(_mm256_cvtepi32_ps(e)))
-            }
-        }
-        #[inline(always)]
-        fn sum(self) -> f32 {
-            unsafe {
-                // ((0+4) + (2+6)) + ((1+5) + (3+7)).
-                let half = _mm_add_ps(
-                    _mm256_castps256_ps128(self.0),
-                    _mm256_extractf128_ps::<1>(self.0),
-                );
-                let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-                _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
-            }
-        }
-    }
-}
-
-/// Whether the AVX2 kernels can run for state size `n`.
-#[cfg(target_arch = "x86_64")]
-fn use_avx2(n: usize) -> bool {
-    n.is_multiple_of(8)
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-}
-
-/// `exp(x)` without libm, so that it vectorizes: Cody-Waite reduction `x = k ln2 + r`, a
-/// degree-5 polynomial for `e^r` on `|r| <= ln2/2` (Cephes `expf` coefficients) and `2^k`
-/// assembled in the exponent bits. Relative error below 2e-7 (tested). Inputs below
-/// `ln(2^-126)` give 0 (no subnormals); inputs above 88 saturate at `e^88` (the scan only
-/// evaluates `exp(Δ·A)` with `Δ > 0`, `A < 0`); NaN gives NaN.
-#[inline(always)]
-fn exp_approx<V: Lanes>(x: V) -> V {
-    const LO: f32 = -87.336_54;
-    const HI: f32 = 88.0;
-    // 1.5 * 2^23: adding it rounds to an integer that lands in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.max(V::splat(LO)).min(V::splat(HI));
-    let t = xc.mul_add(V::splat(std::f32::consts::LOG2_E), V::splat(ROUND));
-    let k = t - V::splat(ROUND);
-    let r = k.mul_add(V::splat(-LN2_HI), xc);
-    let r = k.mul_add(V::splat(-LN2_LO), r);
-    let mut p = V::splat(1.987_569_1e-4);
-    p = p.mul_add(r, V::splat(1.398_2e-3));
-    p = p.mul_add(r, V::splat(8.333_452e-3));
-    p = p.mul_add(r, V::splat(4.166_579_6e-2));
-    p = p.mul_add(r, V::splat(0.166_666_65));
-    p = p.mul_add(r, V::splat(0.5));
-    let er = p.mul_add(r * r, r) + V::splat(1.0);
-    V::select_lt(x, V::splat(LO), V::splat(0.0), er * V::pow2_of_rounded(t))
-}
-
-/// `ln(x)` for finite `x >= 1`, Cephes `logf`: `x = m·2^e` with `m` in `[√½, √2)`, then a
-/// polynomial in `m - 1`. Relative error ~1e-7 (tested).
-#[inline(always)]
-fn ln_ge1<V: Lanes>(x: V) -> V {
-    let one = V::splat(1.0);
-    let (m, e) = x.frexp();
-    let small = V::select_lt(
-        m,
-        V::splat(std::f32::consts::FRAC_1_SQRT_2),
-        one,
-        V::splat(0.0),
-    );
-    let e = e - small;
-    // m - 1, or 2m - 1 when m < √½ (exact).
-    let x = m.mul_add(one + small, V::splat(-1.0));
-    let z = x * x;
-    let mut p = V::splat(7.037_683_6e-2);
-    for coefficient in [
-        -1.151_461e-1,
-        1.167_699_9e-1,
-        -1.242_014_1e-1,
-        1.424_932_3e-1,
-        -1.666_805_8e-1,
-        2.000_071_5e-1,
-        -2.499_999_4e-1,
-        3.333_333e-1,
-    ] {
-        p = p.mul_add(x, V::splat(coefficient));
-    }
-    let y = e.mul_add(V::splat(-2.121_944_4e-4), p * x * z);
-    let y = z.mul_add(V::splat(-0.5), y);
-    e.mul_add(V::splat(0.693_359_4), x + y)
-}
-
-/// mamba-ssm's softplus `log1p(exp(x))` (`x` itself above 20) and its derivative
-/// `exp(x) / (1 + exp(x))` (1 above 20).
-#[inline(always)]
-fn softplus_and_grad<V: Lanes>(x: V) -> (V, V) {
-    let one = V::splat(1.0);
-    let threshold = V::splat(20.0);
-    let e = exp_approx(x.min(threshold));
-    let u = one + e;
-    // log1p(e) = ln(1 + e) + (e - ((1 + e) - 1)) / (1 + e): the correction restores what the
-    // rounding of 1 + e lost, so tiny e (very negative x) still gives log1p(e) ≈ e.
-    let log1p = ln_ge1(u) + (e - (u - one)) / u;
-    (
-        V::select_lt(threshold, x, x, log1p),
-        V::select_lt(threshold, x, one, e / u),
-    )
-}
-
-#[inline(always)]
-fn sigmoid<V: Lanes>(x: V) -> V {
-    let one = V::splat(1.0);
-    one / (one + exp_approx(V::splat(0.0) - x))
-}
-
 /// Per-step terms of one chunk, computed for all its steps at once so the transcendental
 /// functions vectorize over time: `dt = softplus(delta + bias)`, `dsp = softplus'(delta + bias)`,
 /// `sz = sigmoid(z)`, for the steps `t0 + j`, `j` in `0..dt.len()`. Runs `V` over the whole
@@ -476,34 +188,14 @@ fn step_terms_range<V: Lanes>(
     }
 }
 
-/// Declares `$name`, which runs `$generic` with AVX2 vectors when [`use_avx2`] allows for state
-/// size `$state` (through the `#[target_feature]` function `$avx2`) and with scalar `f32`
-/// otherwise.
-macro_rules! dispatch {
-    ($name:ident, $avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*), $state:expr) => {
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2($state) {
-                // SAFETY: `use_avx2` checked that the CPU has AVX2 and FMA.
-                return unsafe { $avx2($($arg),*) };
-            }
-            $generic::<f32>($($arg),*)
-        }
+// The lane kernels at the widest level whose vectors tile the state (the forward and the
+// backward pick the same level for the same state size, so the recompute is bit-identical).
+simd_dispatch!(fn forward_lane(lane: &Lane, out: &mut [f32], checkpoints: &mut [f32])
+    = forward_lane_impl, level = level_dividing(lane.a.len()));
 
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $avx2($($arg: $ty),*) {
-            $generic::<avx2::F32x8>($($arg),*)
-        }
-    };
-}
-
-dispatch!(forward_lane, forward_lane_avx2, forward_lane_impl,
-    (lane: &Lane, out: &mut [f32], checkpoints: &mut [f32]), lane.a.len());
-
-dispatch!(backward_lane, backward_lane_avx2, backward_lane_impl,
-    (lane: &Lane, checkpoints: &[f32], dout: &[f32], grads: LaneGrads, scratch: &mut Scratch),
-    lane.a.len());
+simd_dispatch!(fn backward_lane(
+    lane: &Lane, checkpoints: &[f32], dout: &[f32], grads: LaneGrads, scratch: &mut Scratch)
+    = backward_lane_impl, level = level_dividing(lane.a.len()));
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
@@ -868,84 +560,22 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Max relative error of `eval` (8 inputs at a time) against `want` on `xs`.
-    fn max_rel_error(
-        xs: &[f32],
-        eval: impl Fn(&[f32; 8]) -> [f32; 8],
-        want: &dyn Fn(f64) -> f64,
-    ) -> f64 {
-        let mut worst = 0f64;
-        for x in xs.chunks_exact(8) {
-            let x: &[f32; 8] = x.try_into().expect("chunks of 8");
-            for (x, got) in x.iter().zip(eval(x)) {
-                let want = want(*x as f64);
-                worst = worst.max(((got as f64 - want) / want).abs());
-            }
-        }
-        worst
-    }
-
-    /// The vector functions under test, by index.
-    #[inline(always)]
-    fn apply<V: Lanes>(function: usize, x: V) -> V {
-        match function {
-            0 => exp_approx(x),
-            1 => ln_ge1(x),
-            2 => softplus_and_grad(x).0,
-            3 => softplus_and_grad(x).1,
-            _ => sigmoid(x),
-        }
-    }
-
-    /// `apply` on AVX2 vectors.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn apply_avx2(function: usize, x: &[f32; 8]) -> [f32; 8] {
-        let mut out = [0f32; 8];
-        apply(function, avx2::F32x8::load(x)).store(&mut out);
-        out
-    }
-
-    fn grid(lo: f32, hi: f32, step: f32) -> Vec<f32> {
-        let n = ((hi - lo) / step) as usize / 8 * 8;
-        (0..n).map(|i| lo + step * i as f32).collect()
-    }
-
-    #[test]
-    fn vector_math_relative_errors() {
-        let softplus = |x: f64| if x > 20.0 { x } else { x.exp().ln_1p() };
-        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let softplus_grad = |x: f64| if x > 20.0 { 1.0 } else { sigmoid(x) };
-        // (name, inputs, exact function, tolerance), in the order of `apply`.
-        type Case<'a> = (&'a str, Vec<f32>, &'a dyn Fn(f64) -> f64, f64);
-        let cases: [Case; 5] = [
-            ("exp", grid(-87.3, 88.0, 1.3e-3), &f64::exp, 2e-7),
-            ("ln", grid(1.0, 4e8, 3.1e3), &f64::ln, 2e-7),
-            ("softplus", grid(-40.0, 40.0, 3e-4), &softplus, 4e-7),
-            ("softplus'", grid(-40.0, 40.0, 3e-4), &softplus_grad, 4e-7),
-            ("sigmoid", grid(-40.0, 40.0, 3e-4), &sigmoid, 4e-7),
-        ];
-        for (function, (name, xs, exact, tol)) in cases.into_iter().enumerate() {
-            let err = max_rel_error(&xs, |x| x.map(|x| apply(function, x)), exact);
-            assert!(err <= tol, "{name} scalar: {err:e} > {tol:e}");
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2(8) {
-                // SAFETY: `use_avx2` checked the CPU features.
-                let err = max_rel_error(&xs, |x| unsafe { apply_avx2(function, x) }, exact);
-                assert!(err <= tol, "{name} avx2: {err:e} > {tol:e}");
-            }
-        }
-    }
-
-    #[test]
-    fn exp_approx_edges() {
-        assert_eq!(exp_approx(-100f32), 0.0);
-        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_approx(0f32), 1.0);
-        assert!(exp_approx(f32::NAN).is_nan());
-    }
+/// Vector-lane arithmetic operations of the fused kernels as written, `(forward, backward)`: the
+/// compute side of the scan's roofline (`bench scan`). Unlike [`crate::scan_flops`], which counts
+/// an `exp` as one FLOP, every instruction of the polynomial `exp` (19), `ln` and the
+/// softplus/sigmoid built on them counts, as do compares and blends: that is what an exp-bound
+/// kernel spends its vector issue slots on. A horizontal sum of `N` lanes counts `N - 1` adds.
+///
+/// Per (batch, channel, step, state) element: forward 23 (`Δ·A`, `exp`, the state update, the
+/// `C·s` accumulation); backward 32 (the recompute, 22, and the adjoint walk, 10). Per (batch,
+/// channel, step): 77 for the step terms (softplus and its derivative, 55; sigmoid, 22), plus the
+/// horizontal sums and scalar tail: forward `N + 4`, backward `3N + 12`.
+pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) -> (u64, u64) {
+    const STEP_TERMS: u64 = 77;
+    let steps = (batch * channels * len) as u64;
+    let n = state as u64;
+    (
+        steps * (23 * n + STEP_TERMS + n + 4),
+        steps * (32 * n + STEP_TERMS + 3 * n + 12),
+    )
 }

@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::ops::FloatTensorOps;
-use burn::backend::{Bytes, DType, Flex, FloatDType};
-use burn::tensor::Shape;
+use burn::backend::flex::FlexTensor;
+use burn::backend::{DType, Flex};
 
 use crate::cpu::{self, Dims, Inputs};
+use crate::host::{as_f32, contiguous_f32, from_f32};
 use crate::op::ScanKernel;
 
 /// The eight inputs as contiguous `f32` Flex tensors (converted only when they are not already),
@@ -57,37 +56,6 @@ impl FlexInputs {
     }
 }
 
-/// A contiguous `f32` tensor with the same values; no copy when `t` already is one.
-fn contiguous_f32(t: FlexTensor) -> FlexTensor {
-    let t = match t.dtype() {
-        DType::F32 => t,
-        _ => Flex::float_cast(t, FloatDType::F32),
-    };
-    match t.is_contiguous() {
-        true => t,
-        false => t.to_contiguous(),
-    }
-}
-
-/// The elements of a tensor made by [`contiguous_f32`].
-fn as_f32(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("contiguous_f32 produces contiguous f32 tensors")
-}
-
-/// A Flex tensor owning `data` (no copy), cast to `dtype` if that is not `f32`.
-fn from_f32(data: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
-    let t = FlexTensor::new(
-        Bytes::from_elems(data),
-        Layout::contiguous(shape),
-        DType::F32,
-    );
-    match dtype {
-        DType::F32 => t,
-        other => Flex::float_cast(t, FloatDType::from(other)),
-    }
-}
-
 impl ScanKernel for Flex {
     type Inputs = FlexInputs;
     type Checkpoints = Arc<Vec<f32>>;
@@ -98,7 +66,10 @@ impl ScanKernel for Flex {
 
     fn forward(x: &FlexInputs, keep_checkpoints: bool) -> (FlexTensor, Option<Arc<Vec<f32>>>) {
         let (out, checkpoints) = cpu::forward(&x.slices(), x.dims, keep_checkpoints);
-        (x.output(out), keep_checkpoints.then(|| Arc::new(checkpoints)))
+        (
+            x.output(out),
+            keep_checkpoints.then(|| Arc::new(checkpoints)),
+        )
     }
 
     fn backward(x: &FlexInputs, checkpoints: &Arc<Vec<f32>>, dout: FlexTensor) -> [FlexTensor; 8] {

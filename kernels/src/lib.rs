@@ -12,6 +12,12 @@
 //! out    = y_t · silu(z[b,c,t])
 //! ```
 //!
+//! The crate also holds the other fused CPU ops of a training step — [`cross_entropy`],
+//! [`causal_conv1d_silu`], [`rms_norm`] (each with a hand-written backward) and [`adamw_update`]
+//! — each one multi-threaded pass where tensor ops take several single-threaded ones, and each
+//! with its tensor-op definition (`*_reference`, also the fallback on devices without the
+//! kernels) that the tests compare it with.
+//!
 //! # Layout
 //! All tensors are row-major `f32`: `u`, `delta`, `z`, `out` are `[batch, channels, len]`, so one
 //! (batch, channel) *lane* is a contiguous row of `len` floats; `B`, `C` are
@@ -21,9 +27,10 @@
 //!
 //! # The CPU kernel (Flex)
 //! The forward runs the lanes in parallel (rayon). A lane's state stays in a small stack buffer and
-//! is updated one SIMD vector at a time: on x86-64 with AVX2+FMA (detected at run time) and a state
-//! size that is a multiple of 8, eight floats per instruction through `std::arch` intrinsics;
-//! otherwise the same generic code runs on scalars (any state size, any CPU). `exp`, `ln`,
+//! is updated one SIMD vector at a time: on x86-64, sixteen floats per instruction with AVX-512F
+//! or eight with AVX2+FMA (detected at run time; the state size must be a multiple of the width),
+//! through `std::arch` intrinsics; otherwise the same generic code runs on scalars (any state
+//! size, any CPU). [`simd_level`] tells which; `ZAMBA_KERNELS_SIMD` caps it. `exp`, `ln`,
 //! softplus and sigmoid are polynomial approximations (relative error < 2e-7 for `exp`, < 4e-7
 //! for the others, tested) so that they vectorize: `exp(Δ·A)` over the state, and the per-step
 //! softplus/sigmoid over the time steps of a chunk, computed before the chunk's recurrence.
@@ -72,13 +79,26 @@
 //! (release, or `[profile.dev.package.zamba-kernels] opt-level = 3`). `examples/scan_bench.rs`
 //! times the op and reports GFLOP/s from [`scan_flops`] and bandwidth from [`scan_bytes`].
 
+mod adamw;
+mod conv;
 mod cpu;
+mod cross_entropy;
 #[cfg(feature = "cube")]
 mod cube;
 mod flex;
+mod host;
 mod op;
 mod recompute;
 mod reference;
+mod rms_norm;
+mod simd;
+
+pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
+pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
+pub use cpu::scan_lane_ops;
+pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
+pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use simd::{SIMD_ENV, SimdLevel, detected_simd_level, simd_level};
 
 pub use recompute::{MAX_SEGMENT_INPUTS, Segment, recompute};
 
@@ -137,6 +157,16 @@ pub fn kernel_devices() -> Vec<Device> {
     #[cfg(feature = "cuda")]
     devices.extend(Device::enumerate(burn::tensor::DeviceType::Cuda).into_vec());
     devices
+}
+
+/// Whether `device` is a Flex device (with or without autodiff): where the fused CPU ops
+/// ([`cross_entropy`], [`causal_conv1d_silu`], [`rms_norm`], [`adamw_update`]) run; elsewhere they
+/// fall back to their tensor-op definitions.
+pub(crate) fn on_flex(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
 }
 
 /// Whether [`selective_scan`] runs a fused kernel on `device` (Flex, and with the `cuda` or

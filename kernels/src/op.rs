@@ -174,11 +174,7 @@ impl<B: ScanKernel, C: CheckpointStrategy> SelectiveScanBackend for Autodiff<B, 
         let inputs = B::prepare(tensors);
         // Compute bound: the backward must never rerun the forward through Burn's checkpointer;
         // it recomputes from its own chunk checkpoints instead.
-        match ScanBackward
-            .prepare::<C>(guards)
-            .compute_bound()
-            .stateful()
-        {
+        match ScanBackward.prepare::<C>(guards).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (out, checkpoints) = B::forward(&inputs, true);
                 let checkpoints = checkpoints.expect("a forward asked for checkpoints keeps them");

@@ -19,8 +19,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, BackendTensor, Dispatch, DispatchAutodiffContext, DispatchTensor,
-    DispatchTensorKind, Flex, backend_extension,
+    Autodiff, AutodiffBackend, Backend, BackendTensor, Dispatch, DispatchAutodiffContext,
+    DispatchTensor, DispatchTensorKind, Flex, backend_extension,
 };
 
 /// Most tensors (activations and parameters together) one segment may take.
@@ -68,9 +68,21 @@ pub fn recompute(inputs: Vec<DispatchTensor>, segment: Arc<dyn Segment>) -> Disp
     let padded: Vec<DispatchTensor> = (0..MAX_SEGMENT_INPUTS)
         .map(|i| inputs.get(i).unwrap_or(&inputs[0]).clone())
         .collect();
-    let [t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11] = padded.try_into().expect("MAX_SEGMENT_INPUTS tensors");
+    let [t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11] =
+        padded.try_into().expect("MAX_SEGMENT_INPUTS tensors");
     <Dispatch as RecomputeBackend>::recompute(
-        t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11,
+        t0,
+        t1,
+        t2,
+        t3,
+        t4,
+        t5,
+        t6,
+        t7,
+        t8,
+        t9,
+        t10,
+        t11,
         count,
         SegmentArg(segment),
     )
@@ -164,7 +176,10 @@ impl RecomputeBackend for Flex {
         count: usize,
         segment: SegmentArg,
     ) -> FloatTensor<Self> {
-        run_plain::<Self>(real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count), &segment)
+        run_plain::<Self>(
+            real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count),
+            &segment,
+        )
     }
 }
 
@@ -186,7 +201,10 @@ impl RecomputeBackend for burn::backend::Cube {
         count: usize,
         segment: SegmentArg,
     ) -> FloatTensor<Self> {
-        run_plain::<Self>(real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count), &segment)
+        run_plain::<Self>(
+            real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count),
+            &segment,
+        )
     }
 }
 
@@ -244,10 +262,11 @@ impl<B: Wrap, C: CheckpointStrategy> RecomputeBackend for Autodiff<B, C> {
         count: usize,
         segment: SegmentArg,
     ) -> FloatTensor<Self> {
-        let (tensors, mut guards): (Vec<_>, Vec<_>) = real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count)
-            .into_iter()
-            .map(|t| t.into_parts())
-            .unzip();
+        let (tensors, mut guards): (Vec<_>, Vec<_>) =
+            real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count)
+                .into_iter()
+                .map(|t| t.into_parts())
+                .unzip();
         // The node has a fixed number of parents: pad with untracked placeholders.
         while guards.len() < MAX_SEGMENT_INPUTS {
             guards.push(<Self as AutodiffBackend>::from_inner(tensors[0].clone()).node());

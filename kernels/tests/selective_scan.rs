@@ -474,7 +474,10 @@ fn bf16_activations_on_every_device() {
         };
         let got = [
             f32_of(x.u.grad(&grads).expect("du").flatten(0, 2), DType::BF16),
-            f32_of(x.delta.grad(&grads).expect("ddelta").flatten(0, 2), DType::BF16),
+            f32_of(
+                x.delta.grad(&grads).expect("ddelta").flatten(0, 2),
+                DType::BF16,
+            ),
             f32_of(x.a.grad(&grads).expect("da").flatten(0, 1), DType::F32),
             f32_of(x.b.grad(&grads).expect("db").flatten(0, 3), DType::BF16),
             f32_of(x.c.grad(&grads).expect("dc").flatten(0, 3), DType::BF16),
@@ -618,7 +621,10 @@ fn shape_mismatch_names_the_input() {
 fn every_kernel_device_takes_the_fused_path() {
     for device in kernel_devices() {
         assert!(fused_kernel_available(&device), "{device:?}");
-        assert!(fused_kernel_available(&device.clone().autodiff()), "{device:?}");
+        assert!(
+            fused_kernel_available(&device.clone().autodiff()),
+            "{device:?}"
+        );
         let chunk = scan_chunk(&device, 16).expect("a chunk");
         assert!(chunk >= 4, "{device:?}: chunk {chunk}");
     }
@@ -641,4 +647,36 @@ fn cost_model() {
     let len = 2 * 16 + 1;
     let (with_ck, _) = scan_bytes(1, 1, len, 1, 1, 16);
     assert_eq!(with_ck, 4 * (4 * len as u64 + 2 * len as u64 + 3 + 2));
+}
+
+/// Every test of this file again with the kernels capped at AVX2 and at scalar code (each in a
+/// child process, as the level is fixed per process): the narrower paths, which machines
+/// without AVX-512 run, stay tested on machines that have it.
+#[test]
+fn narrower_simd_levels_pass_too() {
+    if std::env::var_os(zamba_kernels::SIMD_ENV).is_some() {
+        return; // the child run itself
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    for level in [
+        zamba_kernels::SimdLevel::Avx2,
+        zamba_kernels::SimdLevel::Scalar,
+    ] {
+        if level >= zamba_kernels::detected_simd_level() {
+            continue; // the default run already covers it
+        }
+        let name = format!("{level:?}").to_lowercase();
+        let out = std::process::Command::new(&exe)
+            .env(zamba_kernels::SIMD_ENV, &name)
+            .args(["--quiet", "--skip", "narrower_simd_levels_pass_too"])
+            .output()
+            .expect("run the test binary");
+        assert!(
+            out.status.success(),
+            "tests failed with {}={name}:\n{}{}",
+            zamba_kernels::SIMD_ENV,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

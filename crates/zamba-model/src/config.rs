@@ -1,27 +1,28 @@
 //! `ZambaConfig`: the same fields, defaults and derived values as transformers' `ZambaConfig`,
 //! so a `config.json` of `model_type: "zamba"` deserializes directly.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::error::ModelError;
 
 /// `mamba_dt_rank` is either an integer or the string `"auto"` (= ceil(hidden_size / 16)).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum DtRank {
     Fixed(usize),
     Auto(AutoTag),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AutoTag {
     Auto,
 }
 
 /// Kind of a layer in the hybrid schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LayerKind {
     /// transformers 5 writes Mamba layers as "linear_attention".
@@ -33,38 +34,68 @@ pub enum LayerKind {
 /// Field names and defaults follow transformers' `ZambaConfig` (defaults are Zamba-7B's).
 /// Fields that only matter to transformers' generation code (use_cache, num_logits_to_keep,
 /// attention_dropout, use_mamba_kernels, rope settings) are accepted and ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ZambaConfig {
+    /// Must be `"zamba"` (Zamba v1; Zamba2 is a different architecture).
     pub model_type: String,
+    /// Rows of the token embedding (tied to the LM head); at least the tokenizer's vocabulary.
     pub vocab_size: usize,
+    /// The LM head shares the embedding matrix; only `true` is supported.
     pub tie_word_embeddings: bool,
+    /// Width of the residual stream (d_model).
     pub hidden_size: usize,
+    /// Width of the shared attention block's input `[x, x0]`; must be 2 × `hidden_size` (absent: derived).
     pub attention_hidden_size: Option<usize>,
+    /// Hidden width of the shared block's gated MLP.
     pub intermediate_size: usize,
+    /// Number of layers (Mamba blocks; the hybrid ones also apply the shared block first).
     pub num_hidden_layers: usize,
+    /// Query heads of the shared attention.
     pub num_attention_heads: usize,
+    /// Per-head width of the shared attention (absent: 2 × `hidden_size` / `num_attention_heads`).
     pub attention_head_dim: Option<usize>,
+    /// Key/value heads of the shared attention (grouped-query attention when fewer than the query heads).
     pub num_key_value_heads: usize,
+    /// Heads of each Mamba block's selective scan; `mamba_expand` × `hidden_size` must divide by it.
     pub n_mamba_heads: usize,
+    /// Activation of the shared MLP; only `"gelu"` is supported.
     pub hidden_act: String,
+    /// Activation of the Mamba blocks; only `"silu"` is supported.
     pub hidden_mamba_act: String,
+    /// Standard deviation of the normal initialisation of linear and embedding weights.
     pub initializer_range: f64,
+    /// Epsilon of every RMSNorm.
     pub rms_norm_eps: f64,
+    /// Padding token id (below `vocab_size`); its embedding row is initialised to zero.
     pub pad_token_id: Option<u32>,
+    /// Beginning-of-sequence token id (written to config.json for generation).
     pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id (written to config.json for generation).
     pub eos_token_id: Option<u32>,
+    /// Longest sequence transformers' generation code expects (attention has no position embedding).
     pub max_position_embeddings: usize,
+    /// Every this many layers after the first three, one is hybrid (with `attn_layer_offset`).
     pub attn_layer_period: usize,
+    /// Which layer within each `attn_layer_period` is hybrid.
     pub attn_layer_offset: usize,
+    /// State size N of the selective scan.
     pub mamba_d_state: usize,
+    /// Width of the Mamba blocks' causal depthwise convolution.
     pub mamba_d_conv: usize,
+    /// Mamba inner width = `mamba_expand` × `hidden_size`.
     pub mamba_expand: usize,
+    /// Rank of the Δ (time-step) projection: an integer, or `"auto"` = ceil(`hidden_size` / 16).
     pub mamba_dt_rank: DtRank,
+    /// Smallest initial time step Δ: each dt bias starts at softplus⁻¹(Δ), Δ log-uniform in [min, max].
     pub time_step_min: f64,
+    /// Largest initial time step Δ.
     pub time_step_max: f64,
+    /// Initial time steps below this are raised to it.
     pub time_step_floor: f64,
+    /// Bias in the Mamba convolution; only `true` is supported.
     pub mamba_conv_bias: bool,
+    /// Bias in the Mamba in/out projections; only `false` is supported.
     pub mamba_proj_bias: bool,
     /// Explicit schedule; derived from `attn_layer_period/offset` when absent.
     pub layers_block_type: Option<Vec<LayerKind>>,

@@ -128,7 +128,10 @@ mod tests {
         for p in [Precision::Fp32, Precision::Bf16] {
             assert_eq!(p.to_string().parse::<Precision>(), Ok(p));
         }
-        for c in [ActivationCheckpointing::None, ActivationCheckpointing::Layers] {
+        for c in [
+            ActivationCheckpointing::None,
+            ActivationCheckpointing::Layers,
+        ] {
             assert_eq!(c.to_string().parse::<ActivationCheckpointing>(), Ok(c));
         }
         let e = "fp16".parse::<Precision>().unwrap_err();

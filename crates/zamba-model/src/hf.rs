@@ -1,5 +1,6 @@
 //! Hugging Face transformers checkpoints: load a `ZambaForCausalLM` directory (`config.json` +
-//! `model.safetensors` or a sharded `model.safetensors.index.json`) and write one back.
+//! `model.safetensors` or a sharded `model.safetensors.index.json`); writing one is in
+//! [`crate::hf_export`] (re-exported here).
 //!
 //! Accepted layouts:
 //! - the current one (`model.layers.{i}.shared_transf.*`, `model.layers.{i}.linear.weight`,
@@ -10,11 +11,11 @@
 //! - keys with or without the `model.` prefix; `lm_head.weight` present (must equal the tied
 //!   embedding) or absent. bf16, f16, f32 and f64 tensors are converted to f32.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
@@ -22,6 +23,11 @@ use crate::config::ZambaConfig;
 use crate::error::ModelError;
 use crate::model::ZambaModel;
 use crate::weights::{HostTensor, Init, WeightSource};
+
+pub use crate::hf_export::{
+    ExportOptions, SaveDtype, export_hf_tensors, hf_config_json, parameters_by_path, save_hf,
+    write_hf_model, write_safetensors,
+};
 
 struct Entry {
     file: usize,
@@ -302,212 +308,4 @@ fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
             .collect(),
         _ => return None,
     })
-}
-
-/// The model's parameters under current transformers names and layouts, the shared block once
-/// (under its first hybrid layer), `lm_head` omitted (tied) — what `save_pretrained` writes.
-pub fn export_hf_tensors(model: &ZambaModel, config: &ZambaConfig) -> BTreeMap<String, HostTensor> {
-    let mut out = BTreeMap::new();
-    let host = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().expect("f32 parameter");
-    let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
-        out.insert(name, HostTensor::new(shape, data));
-    };
-    let linear = |l: &burn::nn::Linear| {
-        let [i, o] = l.weight.dims();
-        HostTensor::new(vec![i, o], host(l.weight.val().reshape([i * o]))).transposed()
-    };
-    let flat = |t: Tensor<1>| host(t);
-    let e = &model.embed_tokens.weight;
-    put(
-        "model.embed_tokens.weight".into(),
-        e.dims().to_vec(),
-        flat(e.val().flatten(0, 1)),
-    );
-    let hybrid = config.hybrid_layers();
-    for (i, layer) in model.layers.iter().enumerate() {
-        let is_hybrid = layer.hybrid_linear.is_some();
-        let prefix = if is_hybrid {
-            format!("model.layers.{i}.mamba_decoder")
-        } else {
-            format!("model.layers.{i}")
-        };
-        put(
-            format!("{prefix}.input_layernorm.weight"),
-            vec![config.hidden_size],
-            flat(layer.input_layernorm.gamma.val()),
-        );
-        let m = &layer.mamba;
-        let mp = format!("{prefix}.mamba");
-        // Re-interleave in_proj: ours [d, 2D] with [x | z] columns → rows 2c (x_c), 2c+1 (z_c).
-        let w = linear(&m.in_proj); // [2D, d] in [x | z] row order
-        let [two_di, d] = [w.shape[0], w.shape[1]];
-        let di = two_di / 2;
-        let mut inter = vec![0.0; two_di * d];
-        for ch in 0..di {
-            for half in 0..2 {
-                let src = (half * di + ch) * d;
-                let dst = (2 * ch + half) * d;
-                inter[dst..dst + d].copy_from_slice(&w.data[src..src + d]);
-            }
-        }
-        put(format!("{mp}.in_proj.weight"), vec![two_di, d], inter);
-        let [di_, k] = m.conv_weight.dims();
-        put(
-            format!("{mp}.conv1d.weight"),
-            vec![di_, 1, k],
-            flat(m.conv_weight.val().flatten(0, 1)),
-        );
-        put(
-            format!("{mp}.conv1d.bias"),
-            vec![di_],
-            flat(m.conv_bias.val()),
-        );
-        put(
-            format!("{mp}.x_proj_weight"),
-            m.x_proj_weight.dims().to_vec(),
-            flat(m.x_proj_weight.val().flatten(0, 2)),
-        );
-        put(
-            format!("{mp}.dt_proj_weight"),
-            m.dt_proj_weight.dims().to_vec(),
-            flat(m.dt_proj_weight.val().flatten(0, 2)),
-        );
-        put(
-            format!("{mp}.dt_proj_bias"),
-            m.dt_proj_bias.dims().to_vec(),
-            flat(m.dt_proj_bias.val().flatten(0, 1)),
-        );
-        put(
-            format!("{mp}.A_log"),
-            m.a_log.dims().to_vec(),
-            flat(m.a_log.val().flatten(0, 2)),
-        );
-        put(
-            format!("{mp}.D"),
-            m.d_skip.dims().to_vec(),
-            flat(m.d_skip.val().flatten(0, 1)),
-        );
-        let out_proj = linear(&m.out_proj);
-        put(
-            format!("{mp}.out_proj.weight"),
-            out_proj.shape.clone(),
-            out_proj.data,
-        );
-        if let Some(l) = &layer.hybrid_linear {
-            let w = linear(l);
-            put(
-                format!("model.layers.{i}.linear.weight"),
-                w.shape.clone(),
-                w.data,
-            );
-        }
-    }
-    let s = &model.shared;
-    let sp = format!(
-        "model.layers.{}.shared_transf",
-        hybrid.first().copied().unwrap_or(0)
-    );
-    put(
-        format!("{sp}.input_layernorm.weight"),
-        s.input_layernorm.gamma.dims().to_vec(),
-        flat(s.input_layernorm.gamma.val()),
-    );
-    put(
-        format!("{sp}.pre_ff_layernorm.weight"),
-        s.pre_ff_layernorm.gamma.dims().to_vec(),
-        flat(s.pre_ff_layernorm.gamma.val()),
-    );
-    for (name, l) in [
-        ("self_attn.q_proj", &s.q_proj),
-        ("self_attn.k_proj", &s.k_proj),
-        ("self_attn.v_proj", &s.v_proj),
-        ("self_attn.o_proj", &s.o_proj),
-        ("feed_forward.gate_proj", &s.gate_proj),
-        ("feed_forward.up_proj", &s.up_proj),
-        ("feed_forward.down_proj", &s.down_proj),
-    ] {
-        let w = linear(l);
-        put(format!("{sp}.{name}.weight"), w.shape.clone(), w.data);
-    }
-    put(
-        "model.final_layernorm.weight".into(),
-        vec![config.hidden_size],
-        flat(model.final_layernorm.gamma.val()),
-    );
-    out
-}
-
-/// Storage precision of an exported checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaveDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-/// Writes `config.json` and `model.safetensors` that transformers' `ZambaForCausalLM.from_pretrained`
-/// (and [`load_hf`]) reads.
-pub fn save_hf(
-    model: &ZambaModel,
-    config: &ZambaConfig,
-    dir: &Path,
-    dtype: SaveDtype,
-) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| ModelError::io(dir, "could not create the output directory", e))?;
-    write_safetensors(
-        &dir.join("model.safetensors"),
-        &export_hf_tensors(model, config),
-        dtype,
-    )?;
-    let mut json = serde_json::to_value(config).expect("config serializes");
-    json["architectures"] = serde_json::json!(["ZambaForCausalLM"]);
-    json["layers_block_type"] =
-        serde_json::to_value(config.layer_kinds()).expect("kinds serialize");
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json"))
-        .map_err(|e| ModelError::io(&path, "could not write", e))
-}
-
-/// Writes host tensors as one safetensors file in the given precision.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, HostTensor>,
-    dtype: SaveDtype,
-) -> Result<(), ModelError> {
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let bytes = match dtype {
-                SaveDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                SaveDtype::Bf16 => t
-                    .data
-                    .iter()
-                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-                SaveDtype::F16 => t
-                    .data
-                    .iter()
-                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                    .collect(),
-            };
-            (name.clone(), t.shape.clone(), bytes)
-        })
-        .collect();
-    let st_dtype = match dtype {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::Bf16 => Dtype::BF16,
-        SaveDtype::F16 => Dtype::F16,
-    };
-    let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
-                .expect("consistent view");
-            (name.clone(), view)
-        })
-        .collect();
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(views, Some(metadata), path)
-        .map_err(|e| ModelError::checkpoint(path, format!("could not write safetensors: {e}")))
 }

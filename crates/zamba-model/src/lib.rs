@@ -2,12 +2,16 @@
 //! numerically the same model as Hugging Face transformers' `ZambaForCausalLM`.
 
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod exec;
+pub mod generate;
 pub mod hf;
+pub mod hf_export;
 pub mod loss;
 pub mod memory;
 pub mod model;
+pub mod param_table;
 pub mod params;
 mod recompute;
 pub mod weights;

@@ -89,13 +89,12 @@ impl BlockBytes {
         };
         // RMSNorm keeps its input and its normalised output (f32).
         let norm = |width: f64| 2.0 * f * tokens * width;
-        // in_proj [x|z], the conv's padded input, its output, silu's output, delta, the scan's
-        // output; x_proj's [dt; B; C]; the scan's chunk checkpoints (f32, chunks of ≥ 16 steps
-        // for N ≤ 16).
+        // in_proj [x|z], the fused conv + SiLU's output, delta, the scan's output; x_proj's
+        // [dt; B; C]; the scan's chunk checkpoints (f32, chunks of ≥ 16 steps for N ≤ 16).
         let chunk = (256.0 / n).clamp(16.0, 64.0);
         let mamba = norm(d)
             + cast * tokens * d
-            + e * tokens * (7.0 * di + h * (r + 2.0 * n))
+            + e * tokens * (5.0 * di + h * (r + 2.0 * n))
             + f * tokens * di * n / chunk;
         // Norm of [x, x0]; q, k, v and the attention output; o_proj's output in f32 and its
         // norm; gate, gelu(gate), up and their product; the MLP output kept by the projection.

@@ -1,15 +1,17 @@
 //! The Zamba model (arXiv 2405.16712) as Burn modules, numerically the same model as
 //! transformers' `ZambaForCausalLM`. See docs/architecture.md for the equations.
 //!
-//! Layout conventions (converted from transformers' layout in [`ParamBuilder`]):
+//! Layout conventions (declared with each parameter in [`crate::param_table`]):
 //! - Linear weights are Burn's `[d_in, d_out]` (transformers stores `[out, in]`).
 //! - `in_proj` columns are `[x_0..x_{D-1} | z_0..z_{D-1}]`; transformers interleaves the rows
 //!   (`x_c = row 2c`, `z_c = row 2c+1`), which would cost a strided gather every step.
 //! - The causal conv weight is `[D, K]` (transformers: `[D, 1, K]`).
 
+use std::collections::HashMap;
+
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -17,44 +19,87 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::config::{LayerKind, ZambaConfig};
 use crate::error::ModelError;
 use crate::exec::{ActivationCheckpointing, Compute, Execution, f32};
+use crate::param_table::{ParamSpec, param_table};
 use crate::recompute::checkpointed;
-use crate::weights::{HostTensor, Init, WeightSource};
+use crate::weights::{HostTensor, WeightSource};
 
-/// Builds parameters from a [`WeightSource`], converting transformers' layout to ours.
+/// Builds parameters by module path: each is looked up in the parameter table, requested from a
+/// [`WeightSource`] under its transformers name and converted to this model's layout.
 pub(crate) struct ParamBuilder<'a> {
-    pub source: &'a mut dyn WeightSource,
-    pub device: &'a Device,
-    pub std: f64,
+    source: &'a mut dyn WeightSource,
+    device: &'a Device,
+    table: HashMap<String, ParamSpec>,
+    /// Module path of the component being built, e.g. `layers.3.mamba.`.
+    prefix: String,
 }
 
-impl ParamBuilder<'_> {
-    fn host(&mut self, name: &str, shape: &[usize], init: Init) -> Result<HostTensor, ModelError> {
-        self.source.tensor(name, shape, init)
+impl<'a> ParamBuilder<'a> {
+    fn new(config: &ZambaConfig, source: &'a mut dyn WeightSource, device: &'a Device) -> Self {
+        let table = param_table(config)
+            .into_iter()
+            .map(|spec| (spec.path.clone(), spec))
+            .collect();
+        Self {
+            source,
+            device,
+            table,
+            prefix: String::new(),
+        }
     }
 
-    fn param<const D: usize>(
+    /// Runs `build` with `name.` appended to the module path.
+    fn scoped<T>(
         &mut self,
         name: &str,
-        shape: [usize; D],
-        init: Init,
-    ) -> Result<Param<Tensor<D>>, ModelError> {
-        let host = self.host(name, &shape, init)?;
-        Ok(Param::from_tensor(to_device(host, self.device)))
+        build: impl FnOnce(&mut Self) -> Result<T, ModelError>,
+    ) -> Result<T, ModelError> {
+        let outer = self.prefix.len();
+        self.prefix.push_str(name);
+        self.prefix.push('.');
+        let built = build(self);
+        self.prefix.truncate(outer);
+        built
     }
 
-    fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear, ModelError> {
-        let host = self.host(name, &[d_out, d_in], Init::Normal { std: self.std })?;
-        Ok(Linear {
-            weight: Param::from_tensor(to_device(host.transposed(), self.device)),
-            bias: None,
+    fn param<const D: usize>(&mut self, name: &str) -> Result<Param<Tensor<D>>, ModelError> {
+        let path = format!("{}{name}", self.prefix);
+        let spec = self
+            .table
+            .remove(&path)
+            .unwrap_or_else(|| panic!("parameter {path} is not in the parameter table"));
+        let host = self
+            .source
+            .tensor(&spec.hf_name, &spec.hf_shape, spec.init)?;
+        let ours = spec.layout.to_ours(host);
+        assert_eq!(ours.shape.len(), D, "{path}: rank of the declared shape");
+        Ok(Param::from_tensor(to_device(ours, self.device)))
+    }
+
+    fn linear(&mut self, name: &str) -> Result<Linear, ModelError> {
+        self.scoped(name, |b| {
+            Ok(Linear {
+                weight: b.param("weight")?,
+                bias: None,
+            })
         })
     }
 
-    fn rms_norm(&mut self, name: &str, width: usize, eps: f64) -> Result<RmsNorm, ModelError> {
-        Ok(RmsNorm {
-            gamma: self.param(name, [width], Init::Ones)?,
-            epsilon: eps,
+    fn rms_norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm, ModelError> {
+        self.scoped(name, |b| {
+            Ok(RmsNorm {
+                gamma: b.param("gamma")?,
+                epsilon: eps,
+            })
         })
+    }
+
+    /// Checks that the model took every declared parameter.
+    fn finish(self) {
+        assert!(
+            self.table.is_empty(),
+            "declared parameters the model does not build: {:?}",
+            self.table.keys().collect::<Vec<_>>()
+        );
     }
 }
 
@@ -91,78 +136,20 @@ pub struct MambaMixer {
 }
 
 impl MambaMixer {
-    fn build(b: &mut ParamBuilder, prefix: &str, c: &ZambaConfig) -> Result<Self, ModelError> {
-        let (d, di, h, p, n, r, k) = (
-            c.hidden_size,
-            c.d_inner(),
-            c.n_mamba_heads,
-            c.mamba_head_dim(),
-            c.mamba_d_state,
-            c.dt_rank(),
-            c.mamba_d_conv,
-        );
-        // in_proj: transformers rows are interleaved x/z; de-interleave into [x | z] columns.
-        let hf_in = b.host(
-            &format!("{prefix}.in_proj.weight"),
-            &[2 * di, d],
-            Init::Normal { std: b.std },
-        )?;
-        let mut ours = vec![0.0f32; d * 2 * di];
-        for ch in 0..di {
-            for half in 0..2 {
-                let row = &hf_in.data[(2 * ch + half) * d..(2 * ch + half + 1) * d];
-                let col = half * di + ch;
-                for (i, &v) in row.iter().enumerate() {
-                    ours[i * 2 * di + col] = v;
-                }
-            }
-        }
-        let in_proj = Linear {
-            weight: Param::from_tensor(to_device(HostTensor::new(vec![d, 2 * di], ours), b.device)),
-            bias: None,
-        };
-        let conv = b.host(
-            &format!("{prefix}.conv1d.weight"),
-            &[di, 1, k],
-            Init::Normal { std: b.std },
-        )?;
-        let conv_weight =
-            Param::from_tensor(to_device(HostTensor::new(vec![di, k], conv.data), b.device));
+    fn build(b: &mut ParamBuilder, c: &ZambaConfig) -> Result<Self, ModelError> {
         Ok(Self {
-            in_proj,
-            conv_weight,
-            conv_bias: b.param(&format!("{prefix}.conv1d.bias"), [di], Init::Zeros)?,
-            x_proj_weight: b.param(
-                &format!("{prefix}.x_proj_weight"),
-                [h, r + 2 * n, p],
-                Init::Normal { std: b.std },
-            )?,
-            dt_proj_weight: b.param(
-                &format!("{prefix}.dt_proj_weight"),
-                [h, p, r],
-                Init::Uniform {
-                    bound: (r as f64).powf(-0.5),
-                },
-            )?,
-            dt_proj_bias: b.param(
-                &format!("{prefix}.dt_proj_bias"),
-                [h, p],
-                Init::DtBias {
-                    min: c.time_step_min,
-                    max: c.time_step_max,
-                    floor: c.time_step_floor,
-                },
-            )?,
-            a_log: b.param(
-                &format!("{prefix}.A_log"),
-                [h, p, n],
-                Init::ALog { d_state: n },
-            )?,
-            d_skip: b.param(&format!("{prefix}.D"), [h, p], Init::Ones)?,
-            out_proj: b.linear(&format!("{prefix}.out_proj.weight"), di, d)?,
-            n_heads: h,
-            d_state: n,
-            dt_rank: r,
+            in_proj: b.linear("in_proj")?,
+            conv_weight: b.param("conv_weight")?,
+            conv_bias: b.param("conv_bias")?,
+            x_proj_weight: b.param("x_proj_weight")?,
+            dt_proj_weight: b.param("dt_proj_weight")?,
+            dt_proj_bias: b.param("dt_proj_bias")?,
+            a_log: b.param("a_log")?,
+            d_skip: b.param("d_skip")?,
+            out_proj: b.linear("out_proj")?,
+            n_heads: c.n_mamba_heads,
+            d_state: c.mamba_d_state,
+            dt_rank: c.dt_rank(),
             reference_scan: false,
         })
     }
@@ -171,17 +158,17 @@ impl MambaMixer {
     pub(crate) fn forward(&self, hidden: Tensor<3>, compute: Compute) -> Tensor<3> {
         let [batch, len, _] = hidden.dims();
         let [h, r, n] = [self.n_heads, self.dt_rank, self.d_state];
-        let [di, k] = self.conv_weight.dims();
+        let [di, _] = self.conv_weight.dims();
         let p = di / h;
 
         let xz = compute.linear(&self.in_proj, hidden);
         let x = xz.clone().slice([0..batch, 0..len, 0..di]).swap_dims(1, 2); // [B, D, L]
         let z = xz.slice([0..batch, 0..len, di..2 * di]).swap_dims(1, 2); // [B, D, L]
-        let x = silu(causal_depthwise_conv(
+        // The fused conv computes in f32 on the CPU; the products after it run in the compute type.
+        let x = compute.cast(zamba_kernels::causal_conv1d_silu(
             x,
             compute.cast(self.conv_weight.val()),
             compute.cast(self.conv_bias.val()),
-            k,
         ));
 
         // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L] → [B, H, R+2N, L])
@@ -217,19 +204,10 @@ impl MambaMixer {
     }
 }
 
-/// Causal depthwise conv over time with left zero padding: `x`: `[B, D, L]`, `weight`: `[D, K]`.
-/// out[t] = bias + Σ_k w[k]·x[t + k − (K−1)]. K shifted multiply-adds beat a grouped conv with
-/// D groups of one channel.
-fn causal_depthwise_conv(x: Tensor<3>, weight: Tensor<2>, bias: Tensor<1>, k: usize) -> Tensor<3> {
-    let [batch, di, len] = x.dims();
-    let zeros = Tensor::zeros([batch, di, k - 1], (&x.device(), x.dtype()));
-    let padded = Tensor::cat(vec![zeros, x], 2);
-    let mut out = bias.reshape([1, di, 1]).expand([batch, di, len]);
-    for j in 0..k {
-        let tap = weight.clone().slice([0..di, j..j + 1]).reshape([1, di, 1]);
-        out = out + padded.clone().slice([0..batch, 0..di, j..j + len]) * tap;
-    }
-    out
+/// `norm` applied with the fused RMSNorm kernel (same formula as `RmsNorm::forward`), its
+/// statistics in f32 whatever the compute type.
+fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    zamba_kernels::rms_norm(f32(x), norm.gamma.val(), norm.epsilon)
 }
 
 /// The ONE shared attention + MLP block. Its input is `[x, x0]` (width 2d); no residual inside.
@@ -250,32 +228,17 @@ pub struct SharedTransformer {
 }
 
 impl SharedTransformer {
-    fn build(b: &mut ParamBuilder, prefix: &str, c: &ZambaConfig) -> Result<Self, ModelError> {
-        let (d, a, hd, i) = (
-            c.hidden_size,
-            c.attention_hidden_size(),
-            c.attention_head_dim(),
-            c.intermediate_size,
-        );
-        let kv = c.num_key_value_heads * hd;
+    fn build(b: &mut ParamBuilder, c: &ZambaConfig) -> Result<Self, ModelError> {
         Ok(Self {
-            input_layernorm: b.rms_norm(
-                &format!("{prefix}.input_layernorm.weight"),
-                a,
-                c.rms_norm_eps,
-            )?,
-            q_proj: b.linear(&format!("{prefix}.self_attn.q_proj.weight"), a, a)?,
-            k_proj: b.linear(&format!("{prefix}.self_attn.k_proj.weight"), a, kv)?,
-            v_proj: b.linear(&format!("{prefix}.self_attn.v_proj.weight"), a, kv)?,
-            o_proj: b.linear(&format!("{prefix}.self_attn.o_proj.weight"), a, d)?,
-            pre_ff_layernorm: b.rms_norm(
-                &format!("{prefix}.pre_ff_layernorm.weight"),
-                d,
-                c.rms_norm_eps,
-            )?,
-            gate_proj: b.linear(&format!("{prefix}.feed_forward.gate_proj.weight"), d, i)?,
-            up_proj: b.linear(&format!("{prefix}.feed_forward.up_proj.weight"), d, i)?,
-            down_proj: b.linear(&format!("{prefix}.feed_forward.down_proj.weight"), i, d)?,
+            input_layernorm: b.rms_norm("input_layernorm", c.rms_norm_eps)?,
+            q_proj: b.linear("q_proj")?,
+            k_proj: b.linear("k_proj")?,
+            v_proj: b.linear("v_proj")?,
+            o_proj: b.linear("o_proj")?,
+            pre_ff_layernorm: b.rms_norm("pre_ff_layernorm", c.rms_norm_eps)?,
+            gate_proj: b.linear("gate_proj")?,
+            up_proj: b.linear("up_proj")?,
+            down_proj: b.linear("down_proj")?,
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
             scale: c.attention_scale(),
@@ -285,7 +248,7 @@ impl SharedTransformer {
     /// `x`, `x0`: `[B, L, d]` (f32) → `[B, L, d]`, in the compute type of `compute`.
     pub(crate) fn forward(&self, x: Tensor<3>, x0: Tensor<3>, compute: Compute) -> Tensor<3> {
         let [batch, len, _] = x.dims();
-        let u = self.input_layernorm.forward(Tensor::cat(vec![x, x0], 2));
+        let u = rms_norm(&self.input_layernorm, Tensor::cat(vec![x, x0], 2));
         let heads = |t: Tensor<3>, n: usize| {
             let width = t.dims()[2];
             t.reshape([batch, len, n, width / n]).swap_dims(1, 2)
@@ -305,10 +268,9 @@ impl SharedTransformer {
         };
         let attn = attention(q, k, v, None, None, options); // [B, heads, L, hd]
         let attn = attn.swap_dims(1, 2).reshape([batch as i64, len as i64, -1]);
-        let h = self
-            .pre_ff_layernorm
-            .forward(f32(compute.linear(&self.o_proj, attn)));
-        let gated = gelu(compute.linear(&self.gate_proj, h.clone())) * compute.linear(&self.up_proj, h);
+        let h = rms_norm(&self.pre_ff_layernorm, compute.linear(&self.o_proj, attn));
+        let gated =
+            gelu(compute.linear(&self.gate_proj, h.clone())) * compute.linear(&self.up_proj, h);
         compute.linear(&self.down_proj, gated)
     }
 }
@@ -329,6 +291,19 @@ pub struct ZambaLayer {
     pub mamba: MambaMixer,
     /// `Some` for hybrid layers: `W_l`, applied to the shared block's output.
     pub hybrid_linear: Option<Linear>,
+}
+
+impl ZambaLayer {
+    fn build(b: &mut ParamBuilder, kind: LayerKind, c: &ZambaConfig) -> Result<Self, ModelError> {
+        Ok(Self {
+            input_layernorm: b.rms_norm("input_layernorm", c.rms_norm_eps)?,
+            mamba: b.scoped("mamba", |b| MambaMixer::build(b, c))?,
+            hybrid_linear: match kind {
+                LayerKind::Mamba => None,
+                LayerKind::Hybrid => Some(b.linear("hybrid_linear")?),
+            },
+        })
+    }
 }
 
 #[derive(Module, Debug)]
@@ -353,65 +328,23 @@ impl ZambaModel {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         let c = config;
-        let mut b = ParamBuilder {
-            source,
-            device,
-            std: c.initializer_range,
-        };
-        let embed = b.host(
-            "model.embed_tokens.weight",
-            &[c.vocab_size, c.hidden_size],
-            Init::Embedding {
-                std: c.initializer_range,
-                padding_idx: c.pad_token_id,
-            },
-        )?;
-        let embed_tokens = Embedding {
-            weight: Param::from_tensor(to_device(embed, device)),
-        };
-        let kinds = c.layer_kinds();
-        let first_hybrid = c.hybrid_layers().first().copied();
-        let mut layers = Vec::with_capacity(kinds.len());
-        for (i, kind) in kinds.iter().enumerate() {
-            let layer = match kind {
-                LayerKind::Mamba => ZambaLayer {
-                    input_layernorm: b.rms_norm(
-                        &format!("model.layers.{i}.input_layernorm.weight"),
-                        c.hidden_size,
-                        c.rms_norm_eps,
-                    )?,
-                    mamba: MambaMixer::build(&mut b, &format!("model.layers.{i}.mamba"), c)?,
-                    hybrid_linear: None,
-                },
-                LayerKind::Hybrid => ZambaLayer {
-                    input_layernorm: b.rms_norm(
-                        &format!("model.layers.{i}.mamba_decoder.input_layernorm.weight"),
-                        c.hidden_size,
-                        c.rms_norm_eps,
-                    )?,
-                    mamba: MambaMixer::build(
-                        &mut b,
-                        &format!("model.layers.{i}.mamba_decoder.mamba"),
-                        c,
-                    )?,
-                    hybrid_linear: Some(b.linear(
-                        &format!("model.layers.{i}.linear.weight"),
-                        c.hidden_size,
-                        c.hidden_size,
-                    )?),
-                },
-            };
-            layers.push(layer);
-        }
-        // The shared block is named after its first use; a checkpoint source resolves the other
-        // names it may be stored under.
-        let shared_prefix = format!("model.layers.{}.shared_transf", first_hybrid.unwrap_or(0));
-        let shared = SharedTransformer::build(&mut b, &shared_prefix, c)?;
-        let final_layernorm = b.rms_norm(
-            "model.final_layernorm.weight",
-            c.hidden_size,
-            c.rms_norm_eps,
-        )?;
+        let mut b = ParamBuilder::new(c, source, device);
+        let embed_tokens = b.scoped("embed_tokens", |b| {
+            Ok(Embedding {
+                weight: b.param("weight")?,
+            })
+        })?;
+        let layers = b.scoped("layers", |b| {
+            let kinds = c.layer_kinds();
+            let mut layers = Vec::with_capacity(kinds.len());
+            for (i, kind) in kinds.iter().enumerate() {
+                layers.push(b.scoped(&i.to_string(), |b| ZambaLayer::build(b, *kind, c))?);
+            }
+            Ok(layers)
+        })?;
+        let shared = b.scoped("shared", |b| SharedTransformer::build(b, c))?;
+        let final_layernorm = b.rms_norm("final_layernorm", c.rms_norm_eps)?;
+        b.finish();
         Ok(Self {
             embed_tokens,
             layers,
@@ -466,22 +399,25 @@ impl ZambaModel {
                     Some(t) => x.clone() + t,
                     None => x.clone(),
                 };
-                x + f32(mamba.forward(norm.forward(mamba_in), compute))
+                x + f32(mamba.forward(rms_norm(norm, mamba_in), compute))
             };
             x = match recompute {
                 true => checkpointed(&block, inputs, run),
                 false => run(&block, inputs),
             };
         }
-        self.final_layernorm.forward(x)
+        rms_norm(&self.final_layernorm, x)
     }
 
     /// Logits `[B, L, vocab]` (f32) with the tied embedding head.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let compute = Compute::new(self.execution.precision);
         let h = compute.cast(self.hidden_states(tokens));
-        let head = compute.cast(self.embed_tokens.weight.val().transpose().unsqueeze::<3>());
-        f32(h.matmul(head))
+        let [batch, len, d] = h.dims();
+        // One [B·L, d] × [d, V] product (a batched one would sum a [B, d, V] weight gradient).
+        let head = compute.cast(self.embed_tokens.weight.val().transpose());
+        let logits = f32(h.reshape([batch * len, d]).matmul(head));
+        logits.reshape([batch, len, self.embed_tokens.weight.dims()[0]])
     }
 
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

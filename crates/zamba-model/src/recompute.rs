@@ -66,16 +66,19 @@ impl<M: Module + Clone + Send + Sync> BlockSegment<M> {
     }
 }
 
+/// `t` on the autodiff backend, a gradient-requiring leaf when `track`. Untracked, it records
+/// nothing, but runs the same ops as the forward that does: a backend's inference ops may round
+/// differently (Flex's fused attention), and recomputation must not change a value.
 fn leaf<const D: usize>(t: Tensor<D>, track: bool) -> Tensor<D> {
     match track {
         true => t.autodiff().require_grad(),
-        false => t,
+        false => t.autodiff(),
     }
 }
 
 impl<M: Module + Clone + Send + Sync> Segment for BlockSegment<M> {
     fn forward(&self, inputs: Vec<DispatchTensor>) -> DispatchTensor {
-        self.run(inputs, false).2.into_dispatch()
+        self.run(inputs, false).2.inner().into_dispatch()
     }
 
     fn backward(

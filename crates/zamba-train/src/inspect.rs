@@ -35,7 +35,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
             args.tokens.display()
         )
     })?;
-    let device = device_for(args.device, Precision::Fp32)?;
+    let device = device_for(args.device, 0, Precision::Fp32)?;
     let (config, model) = load_hf(&args.hf, &device)?;
     if tokens.len() < 2 {
         bail!(

@@ -1,11 +1,25 @@
 //! zamba-train as a library: the run config, LR schedules, the training loop, optimizer,
-//! checkpoints, metric plots and sweeps, shared by the `zamba-train` binary and its tests.
+//! checkpoints, metric plots and sweeps, export to transformers, generation and evaluation,
+//! shared by the `zamba-train` binary and its tests.
 
+pub mod artifacts;
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod data_parallel;
 pub mod device;
+pub mod eval;
+pub mod eval_cmd;
+pub mod export;
+pub mod generate;
+pub mod launch;
+pub mod memory;
+pub mod metrics;
 pub mod optim;
+pub mod peak;
 pub mod plot;
+pub mod rank;
+pub mod run_lock;
 pub mod schedule;
 pub mod sweep;
 pub mod train;

@@ -14,6 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
 use zamba_train::train::{TrainOptions, train};
 
+/// Counts heap bytes for the memory figures of `bench model` (and anything else that asks).
+#[global_allocator]
+static ALLOCATOR: zamba_train::memory::CountingAlloc = zamba_train::memory::CountingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "zamba-train",
@@ -56,6 +60,9 @@ enum Command {
     Data(zamba_data::DataCommand),
     /// Plot loss / eval loss / LR curves of one or several runs.
     Plot(zamba_train::plot::PlotArgs),
+    /// Run configs: print the reference of every key, or write a commented starter config.
+    #[command(subcommand)]
+    Config(zamba_train::config::ConfigCommand),
     /// Run (or emit as a SLURM array) a grid of config overrides.
     Sweep(zamba_train::sweep::SweepArgs),
     /// Logits and loss of a transformers Zamba checkpoint on a token sequence, as JSON.
@@ -65,6 +72,47 @@ enum Command {
     /// Benchmarks: the model's training step, the scan op, the machine's matmul peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Start this node's ranks of a data-parallel job (torchrun-style):
+    /// `launch --nproc-per-node 8 -- --config run.toml`.
+    Launch(zamba_dist::launch::LaunchArgs),
+    /// Inspect training checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Export a checkpoint as a transformers directory (weights, config, tokenizer).
+    ExportHf(zamba_train::export::ExportArgs),
+    /// Continue a prompt with a checkpoint or an exported model.
+    Generate(zamba_train::generate::GenerateArgs),
+    /// Held-out loss/perplexity per source and exact-match accuracy of a checkpoint.
+    Eval(zamba_train::eval_cmd::EvalArgs),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Check that checkpoints are complete and every file is as written (size and blake3 against
+    /// the checkpoint's MANIFEST.json), e.g. after copying a run between clusters.
+    Verify {
+        /// Checkpoint directories (`<run.dir>/checkpoints/step-…`).
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
+}
+
+fn run_checkpoint(cmd: CheckpointCommand) -> Result<()> {
+    let CheckpointCommand::Verify { dirs } = cmd;
+    let mut failed = 0;
+    for dir in &dirs {
+        match zamba_train::checkpoint::verify(dir) {
+            Ok(()) => println!("ok      {}", dir.display()),
+            Err(e) => {
+                println!("FAILED  {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} checkpoint(s) do not verify", dirs.len());
+    }
+    Ok(())
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
@@ -91,16 +139,23 @@ fn run_train(args: TrainArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    zamba_train::memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_train(cli.train),
         Some(Command::Train(args)) => run_train(args),
         Some(Command::Data(cmd)) => zamba_data::run(cmd),
         Some(Command::Plot(args)) => zamba_train::plot::run(args),
+        Some(Command::Config(cmd)) => zamba_train::config::run_command(cmd),
         Some(Command::Sweep(args)) => zamba_train::sweep::run(args),
         Some(Command::Logits(args)) => inspect::logits(args),
         Some(Command::Params(args)) => inspect::params(args),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::Launch(args)) => zamba_dist::launch::run(&args).map_err(Into::into),
+        Some(Command::Checkpoint(cmd)) => run_checkpoint(cmd),
+        Some(Command::ExportHf(args)) => zamba_train::export::run(args),
+        Some(Command::Generate(args)) => zamba_train::generate::run(args),
+        Some(Command::Eval(args)) => zamba_train::eval_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

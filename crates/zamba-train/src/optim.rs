@@ -2,15 +2,18 @@
 //!
 //! Burn's own optimizer keys its state by `ParamId` (lost when weights come from a transformers
 //! checkpoint) and its `Norm` clipping is per tensor; pretraining needs the global norm and state
-//! that survives a reload. Moments are kept per module path (e.g. `layers.3.mamba.in_proj.weight`)
-//! and saved with checkpoints, so resuming continues the exact same arithmetic.
+//! that survives a reload and a change of world size. Moments are kept per module path (e.g.
+//! `layers.3.mamba.in_proj.weight`) and element range (a ZeRO-1 rank holds parts of parameters,
+//! see [`crate::data_parallel`]) and saved with checkpoints, so resuming continues the exact same
+//! arithmetic. The global norm is computed by the data-parallel layer from per-rank partial sums.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use zamba_kernels::{AdamWHyper, adamw_update};
+use zamba_model::param_table::{DecayGroup, decay_group};
 
 /// AdamW hyper-parameters (PyTorch's formulation: decoupled decay `θ ← θ·(1 − lr·wd)`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -23,29 +26,42 @@ pub struct AdamWParams {
     pub decay_embeddings: bool,
 }
 
-/// Parameters exempt from weight decay: norms, biases, A_log, D (and the embedding unless
-/// `decay_embeddings`).
+/// Whether a parameter is decayed: its group in the model's parameter table
+/// (`zamba_model::param_table`: norms, biases, A_log and D never; the embedding only with
+/// `decay_embeddings`). Parameters of other modules (tests' toy models) follow Burn's names:
+/// norm gains and biases are not decayed.
 pub fn is_decayed(path: &str, decay_embeddings: bool) -> bool {
-    let leaf = path.rsplit('.').next().unwrap_or(path);
-    let no_decay_leaf = matches!(
-        leaf,
-        "gamma" | "bias" | "conv_bias" | "dt_proj_bias" | "a_log" | "d_skip"
-    );
-    let is_embedding = path.starts_with("embed_tokens.");
-    !no_decay_leaf && (decay_embeddings || !is_embedding)
+    match decay_group(path) {
+        Some(DecayGroup::Decay) => true,
+        Some(DecayGroup::NoDecay) => false,
+        Some(DecayGroup::Embedding) => decay_embeddings,
+        None => !matches!(path.rsplit('.').next(), Some("gamma" | "beta" | "bias")),
+    }
 }
 
-/// First and second moments of one parameter, flattened.
+/// First and second moments of one parameter's elements `range` (of its flattened elements),
+/// flat. Under ZeRO-1 a rank holds a part of a parameter; otherwise `range` is all of it.
 #[derive(Debug, Clone)]
 pub struct Moments {
+    pub range: Range<usize>,
     pub m: Tensor<1>,
     pub v: Tensor<1>,
+}
+
+/// A part of one parameter to update: its current value and (averaged) gradient, flat.
+pub struct SegmentUpdate<'a> {
+    /// Module path of the parameter.
+    pub path: &'a str,
+    pub range: Range<usize>,
+    pub value: Tensor<1>,
+    pub grad: Tensor<1>,
 }
 
 pub struct AdamW {
     pub params: AdamWParams,
     /// Number of updates applied so far (bias correction uses `step + 1`).
     pub step: u64,
+    /// Keyed by module path (e.g. `layers.3.mamba.in_proj.weight`).
     pub moments: BTreeMap<String, Moments>,
 }
 
@@ -58,104 +74,69 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter that has a gradient, with gradients multiplied by
-    /// `grad_scale` first (the clipping factor).
-    pub fn step<M: Module>(
+    /// One update of every segment, with gradients multiplied by `grad_scale` first (the
+    /// clipping factor); returns the new values in the order given. Moments start at zero on the
+    /// first update; after that every segment must have them (a checkpoint restores them all).
+    pub fn update(
         &mut self,
-        model: M,
-        grads: &GradientsParams,
+        segments: Vec<SegmentUpdate>,
         lr: f64,
         grad_scale: f64,
-    ) -> M {
+    ) -> Vec<Tensor<1>> {
+        let first = self.step == 0;
         self.step += 1;
-        let mut mapper = UpdateMapper {
-            opt: self,
-            grads,
-            lr,
-            grad_scale,
-            path: Vec::new(),
-        };
-        model.map(&mut mapper)
+        let p = self.params;
+        segments
+            .into_iter()
+            .map(|s| {
+                let state = match self.moments.remove(s.path) {
+                    Some(state) => {
+                        assert_eq!(
+                            state.range, s.range,
+                            "moments of {} cover other elements",
+                            s.path
+                        );
+                        state
+                    }
+                    None if first => Moments {
+                        range: s.range.clone(),
+                        m: s.value.zeros_like(),
+                        v: s.value.zeros_like(),
+                    },
+                    None => panic!(
+                        "no AdamW moments for {} after {} updates",
+                        s.path,
+                        self.step - 1
+                    ),
+                };
+                let decay = if is_decayed(s.path, p.decay_embeddings) {
+                    p.weight_decay
+                } else {
+                    0.0
+                };
+                // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps), one fused pass per tensor.
+                let hyper = AdamWHyper {
+                    lr,
+                    beta1: p.beta1,
+                    beta2: p.beta2,
+                    eps: p.eps,
+                    weight_decay: decay,
+                    step: self.step,
+                    grad_scale,
+                };
+                let (updated, m, v) = adamw_update(s.value, s.grad, state.m, state.v, &hyper);
+                self.moments.insert(
+                    s.path.to_owned(),
+                    Moments {
+                        range: s.range,
+                        m,
+                        v,
+                    },
+                );
+                updated
+            })
+            .collect()
     }
-}
-
-struct UpdateMapper<'a> {
-    opt: &'a mut AdamW,
-    grads: &'a GradientsParams,
-    lr: f64,
-    grad_scale: f64,
-    path: Vec<String>,
-}
-
-impl ModuleMapper for UpdateMapper<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(grad) = self.grads.get::<D>(param.id) else {
-            return param;
-        };
-        let path = self.path.join(".");
-        let (id, value, mapper) = param.consume();
-        let require_grad = value.is_require_grad();
-        let shape = value.dims();
-        let numel: usize = shape.iter().product();
-        let p = self.opt.params;
-        let theta = value.inner().reshape([numel]);
-        let g = grad.inner().reshape([numel]) * self.grad_scale;
-        let state = self.opt.moments.remove(&path).unwrap_or_else(|| Moments {
-            m: theta.zeros_like(),
-            v: theta.zeros_like(),
-        });
-        let m = state.m * p.beta1 + g.clone() * (1.0 - p.beta1);
-        let v = state.v * p.beta2 + g.square() * (1.0 - p.beta2);
-        let t = self.opt.step as i32;
-        let bias1 = 1.0 - p.beta1.powi(t);
-        let bias2 = 1.0 - p.beta2.powi(t);
-        let decay = if is_decayed(&path, p.decay_embeddings) {
-            p.weight_decay
-        } else {
-            0.0
-        };
-        // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps)
-        let denom = (v.clone() / bias2).sqrt() + p.eps;
-        let updated = theta * (1.0 - self.lr * decay) - (m.clone() / bias1) / denom * self.lr;
-        self.opt.moments.insert(path, Moments { m, v });
-        let mut updated = Tensor::from_inner(updated.reshape(shape));
-        if require_grad {
-            updated = updated.require_grad();
-        }
-        Param::from_mapped_value(id, updated, mapper)
-    }
-}
-
-/// Global L2 norm of all gradients (one host read).
-pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
-    struct SumSquares<'a> {
-        grads: &'a GradientsParams,
-        total: Option<Tensor<1>>,
-    }
-    impl ModuleVisitor for SumSquares<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.get::<D>(param.id) {
-                let s = g.inner().square().sum();
-                self.total = Some(match self.total.take() {
-                    Some(t) => t + s,
-                    None => s,
-                });
-            }
-        }
-    }
-    let mut visitor = SumSquares { grads, total: None };
-    model.visit(&mut visitor);
-    visitor
-        .total
-        .map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
 }
 
 /// The factor that brings the global norm down to `max_norm` (1 when already below, or when
@@ -166,17 +147,4 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     } else {
         1.0
     }
-}
-
-/// Ids of all float parameters in visiting order.
-pub fn param_ids<M: Module>(model: &M) -> Vec<ParamId> {
-    struct Ids(Vec<ParamId>);
-    impl ModuleVisitor for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.id);
-        }
-    }
-    let mut ids = Ids(Vec::new());
-    model.visit(&mut ids);
-    ids.0
 }

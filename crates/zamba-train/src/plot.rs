@@ -1,199 +1,17 @@
 //! `zamba-train plot RUN_DIR... [--out FILE.png|.svg]`: train loss, held-out loss per source
 //! and LR against training tokens for one or several runs; and the LR curve of a schedule.
 //!
-//! # `<run.dir>/metrics.jsonl`
-//! One JSON object per line, appended by the trainer. Two kinds of lines:
-//!
-//! - **step line**, one per optimizer step (or every `logging.every` steps):
-//!   `{"step": 41, "tokens": 172032, "loss": 3.214, "lr": 0.0003, "grad_norm": 0.83, "tokens_per_sec": 5120.4}`
-//!   - `step`: 0-based index of the optimizer step just taken (the schedule's step: `lr` is `schedule.lr(step)`);
-//!   - `tokens`: training tokens consumed by the run up to and including this step;
-//!   - `loss`: mean training loss of the step; `grad_norm`: global gradient norm before clipping;
-//!     either may be `null` when non-finite (the update was skipped);
-//!   - `lr`: the LR used; `tokens_per_sec`: throughput of the step (`null` allowed);
-//!   - any other fields (`mfu`, `skipped`, …) are allowed and ignored here.
-//! - **eval line**, one per evaluation:
-//!   `{"eval": true, "step": 99, "tokens": 409600, "loss": {"web": 3.10, "instruct": 2.25}}`
-//!   - `step` / `tokens`: as the step line of the last optimizer step before the evaluation;
-//!   - `loss`: held-out mean loss per data source (source name → number, `null` if non-finite).
-//!
-//! A step (or eval) whose `step` is not above the previous line's means the run resumed from an
-//! earlier checkpoint: the later lines replace the earlier ones from that step on.
+//! The input is each run's metrics.jsonl (see [`crate::metrics`]).
 
+use crate::metrics::{RunMetrics, metrics_path, read_metrics};
 use crate::schedule::ScheduleConfig;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
-
-/// File name of the metrics log inside a run directory.
-pub const METRICS_FILE: &str = "metrics.jsonl";
-
-/// One training step line.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepRecord {
-    pub step: u64,
-    pub tokens: u64,
-    pub loss: Option<f64>,
-    pub lr: f64,
-    pub grad_norm: Option<f64>,
-    pub tokens_per_sec: Option<f64>,
-}
-
-/// One evaluation line.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EvalRecord {
-    pub step: u64,
-    pub tokens: u64,
-    /// Source name → held-out loss (non-finite losses are left out).
-    pub loss: BTreeMap<String, f64>,
-}
-
-/// The parsed metrics of one run.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RunMetrics {
-    pub steps: Vec<StepRecord>,
-    pub evals: Vec<EvalRecord>,
-}
-
-impl RunMetrics {
-    /// Loss of the last step line with a finite loss.
-    pub fn final_train_loss(&self) -> Option<f64> {
-        self.steps.iter().rev().find_map(|s| s.loss)
-    }
-
-    /// Lowest held-out loss per source over all evaluations.
-    pub fn best_eval_loss(&self) -> BTreeMap<String, f64> {
-        let mut best = BTreeMap::new();
-        for e in &self.evals {
-            for (source, &loss) in &e.loss {
-                best.entry(source.clone())
-                    .and_modify(|b: &mut f64| *b = b.min(loss))
-                    .or_insert(loss);
-            }
-        }
-        best
-    }
-
-    /// Tokens of the last step line.
-    pub fn tokens(&self) -> Option<u64> {
-        self.steps.last().map(|s| s.tokens)
-    }
-
-    pub fn last_step(&self) -> Option<u64> {
-        self.steps.last().map(|s| s.step)
-    }
-}
-
-/// Reads a metrics.jsonl. Errors name the file and the line; an unterminated last line (the
-/// trainer may be writing it right now) is ignored.
-pub fn read_metrics(path: &Path) -> Result<RunMetrics> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read metrics file {}", path.display()))?;
-    parse_metrics(&text).map_err(|(line, msg)| anyhow!("{}:{line}: {msg}", path.display()))
-}
-
-/// Parses metrics.jsonl text; an error is (1-based line number, message).
-pub fn parse_metrics(text: &str) -> Result<RunMetrics, (usize, String)> {
-    let mut metrics = RunMetrics::default();
-    let lines: Vec<&str> = text.split('\n').collect();
-    for (i, line) in lines.iter().enumerate() {
-        let number = i + 1;
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            // The last line without a newline may be half-written; anything else is corrupt.
-            Err(_) if i + 1 == lines.len() => break,
-            Err(e) => return Err((number, format!("not a JSON object: {e}"))),
-        };
-        let obj = value
-            .as_object()
-            .ok_or((number, "not a JSON object".to_owned()))?;
-        let uint = |key: &str| {
-            obj.get(key)
-                .and_then(serde_json::Value::as_u64)
-                .ok_or((number, format!("missing or non-integer `{key}`")))
-        };
-        let step = uint("step")?;
-        let tokens = uint("tokens")?;
-        let is_eval = match obj.get("eval") {
-            None | Some(serde_json::Value::Bool(false)) => false,
-            Some(serde_json::Value::Bool(true)) => true,
-            Some(other) => {
-                return Err((number, format!("`eval` must be true or false, not {other}")));
-            }
-        };
-        if is_eval {
-            let losses = obj
-                .get("loss")
-                .and_then(serde_json::Value::as_object)
-                .ok_or((
-                    number,
-                    "eval line needs `loss` as an object of source → loss, e.g. {\"web\": 3.1}"
-                        .to_owned(),
-                ))?;
-            let mut loss = BTreeMap::new();
-            for (source, v) in losses {
-                match v {
-                    serde_json::Value::Null => {}
-                    v => {
-                        let x = v.as_f64().ok_or((
-                            number,
-                            format!("eval loss of `{source}` is {v}, not a number"),
-                        ))?;
-                        loss.insert(source.clone(), x);
-                    }
-                }
-            }
-            metrics.evals.retain(|e| e.step < step);
-            metrics.evals.push(EvalRecord { step, tokens, loss });
-        } else {
-            let opt_num = |key: &str| -> Result<Option<f64>, (usize, String)> {
-                match obj.get(key) {
-                    None | Some(serde_json::Value::Null) => Ok(None),
-                    Some(v) => v
-                        .as_f64()
-                        .map(Some)
-                        .ok_or((number, format!("`{key}` is {v}, not a number"))),
-                }
-            };
-            if !obj.contains_key("loss") {
-                return Err((
-                    number,
-                    "step line has no `loss` (use null for a skipped step)".into(),
-                ));
-            }
-            let lr = opt_num("lr")?.ok_or((number, "step line has no numeric `lr`".to_owned()))?;
-            let record = StepRecord {
-                step,
-                tokens,
-                loss: opt_num("loss")?,
-                lr,
-                grad_norm: opt_num("grad_norm")?,
-                tokens_per_sec: opt_num("tokens_per_sec")?,
-            };
-            metrics.steps.retain(|s| s.step < step);
-            metrics.steps.push(record);
-        }
-    }
-    Ok(metrics)
-}
-
-/// The metrics file of a run directory (or the path itself if it is a file).
-pub fn metrics_path(run: &Path) -> PathBuf {
-    if run.is_file() {
-        run.to_path_buf()
-    } else {
-        run.join(METRICS_FILE)
-    }
-}
 
 #[derive(Args, Debug, Clone)]
 pub struct PlotArgs {
@@ -481,10 +299,11 @@ where
         s.dedup();
         s
     };
-    let (lo, hi) = range_of(
-        runs.iter()
-            .flat_map(|(_, m)| m.evals.iter().flat_map(|e| e.loss.values().copied())),
-    );
+    let (lo, hi) = range_of(runs.iter().flat_map(|(_, m)| {
+        m.evals
+            .iter()
+            .flat_map(|e| e.loss.values().flatten().copied())
+    }));
     // Headroom above the curves for the legend (one row per run and source).
     let hi = hi + (hi - lo) * (0.08 * (runs.len() * sources.len()) as f64).min(0.6);
     let mut chart = token_panel(
@@ -510,7 +329,13 @@ where
             let points: Vec<(f64, f64)> = m
                 .evals
                 .iter()
-                .filter_map(|e| e.loss.get(source).map(|&l| (e.tokens as f64, l)))
+                .filter_map(|e| {
+                    e.loss
+                        .get(source)
+                        .copied()
+                        .flatten()
+                        .map(|l| (e.tokens as f64, l))
+                })
                 .collect();
             if points.is_empty() {
                 continue;

@@ -11,12 +11,18 @@
 //!   (`min_lr` / `final_lr`).
 //! - Steps past the end keep the last step's LR.
 
+use crate::config::check_ranges;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 use std::fmt::Write as _;
 
-/// A schedule, written in TOML as a `[schedule]` table tagged by `kind`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The learning rate of every optimizer step. `kind` selects the shape, and with it which of the
+/// keys below apply; all kinds span exactly `train.steps` steps, so changing the run's length
+/// stretches the schedule. Step 0 is the first optimizer step; a warmup over `W` steps reaches
+/// the peak at step `W − 1`, and decays end at the last step with exactly their final LR.
+/// `zamba-train --config RUN.toml --dry-run` prints the LR at the milestones and plots it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ScheduleConfig {
     Constant(ConstantSchedule),
@@ -25,40 +31,89 @@ pub enum ScheduleConfig {
     Anneal(AnnealSchedule),
 }
 
-/// `lr` throughout, after an optional linear warmup from `lr / warmup_steps`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `lr` throughout, after an optional linear warmup from `lr / warmup_steps`. The control for
+/// an anneal (continue at phase 1's final LR), or short fine-tunes.
+///
+/// ```toml
+/// [schedule]
+/// kind = "constant"
+/// lr = 3e-4
+/// # Steps 0..9 ramp 3e-5, 6e-5, …, 3e-4; then 3e-4 to the end.
+/// warmup_steps = 10
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConstantSchedule {
+    /// The learning rate after the warmup.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub lr: f64,
+    /// Steps of linear warmup from `lr / warmup_steps` to `lr`; 0 or 1 = none. At most `train.steps`.
     #[serde(default)]
     pub warmup_steps: usize,
 }
 
-/// Linear warmup to `peak_lr`, then a half cosine to `min_lr` at the last step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Linear warmup to `peak_lr`, then a half cosine to `min_lr` at the last step. The usual
+/// phase-1 schedule.
+///
+/// ```toml
+/// [schedule]
+/// kind = "cosine"
+/// peak_lr = 3e-3
+/// # 10% of the peak at the last step.
+/// min_lr = 3e-4
+/// warmup_steps = 30
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CosineSchedule {
+    /// The largest LR, reached at step `warmup_steps − 1`.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub peak_lr: f64,
+    /// The LR of the last step; at most `peak_lr`.
     #[serde(default)]
+    #[schemars(range(min = 0.0))]
     pub min_lr: f64,
+    /// Steps of linear warmup from `peak_lr / warmup_steps`; 0 or 1 = none. Less than `train.steps`.
     #[serde(default)]
     pub warmup_steps: usize,
 }
 
 /// Warmup–stable–decay: warmup to `peak_lr`, constant, then a decay to `min_lr` over the last
-/// `decay_steps` steps (or `ceil(decay_fraction · T)` steps; exactly one of the two is given).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `decay_steps` steps (or `ceil(decay_fraction × train.steps)` steps; exactly one of the two).
+/// A run can be extended before its decay starts.
+///
+/// ```toml
+/// [schedule]
+/// kind = "wsd"
+/// peak_lr = 3e-3
+/// min_lr = 3e-5
+/// warmup_steps = 30
+/// # The last 20% of the steps decay, shaped 1 − √p.
+/// decay_fraction = 0.2
+/// decay_shape = "1-sqrt"
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WsdSchedule {
+    /// The LR of the stable phase.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub peak_lr: f64,
+    /// The LR of the last step; at most `peak_lr`, and > 0 for `decay_shape = "exponential"`.
     #[serde(default)]
+    #[schemars(range(min = 0.0))]
     pub min_lr: f64,
+    /// Steps of linear warmup from `peak_lr / warmup_steps`; 0 or 1 = none.
     #[serde(default)]
     pub warmup_steps: usize,
+    /// Length of the decay in steps; `warmup_steps` + `decay_steps` ≤ `train.steps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub decay_steps: Option<usize>,
+    /// Length of the decay as a fraction of `train.steps` (rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 1.0))]
     pub decay_fraction: Option<f64>,
+    /// Shape of the decay over its progress `p` from 0 to 1.
     #[serde(default)]
     pub decay_shape: DecayShape,
 }
@@ -66,7 +121,7 @@ pub struct WsdSchedule {
 /// Shape of a WSD decay as a function of its progress `p` ∈ [0, 1]:
 /// `lr = min + (peak − min) · f(p)`, except `exponential`, which interpolates geometrically
 /// `lr = peak · (min / peak)^p` (so it needs `min_lr > 0`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DecayShape {
     /// f = 1 − p
@@ -77,26 +132,51 @@ pub enum DecayShape {
     /// f = 1 − √p
     #[serde(rename = "1-sqrt")]
     OneMinusSqrt,
+    /// lr = peak · (min / peak)^p
     Exponential,
 }
 
 /// Phase-2 annealing: a linear re-warm from `start_lr` (step 0) to `peak_lr` (step
-/// `warmup_steps − 1`), then a fast decay to `final_lr` at the last step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `warmup_steps − 1`), then a fast decay to `final_lr` at the last step. Usually with `[init]`.
+///
+/// ```toml
+/// [schedule]
+/// kind = "anneal"
+/// # From phase 1's final LR to 0.75 × its peak over 10 steps…
+/// start_lr = 3e-4
+/// peak_lr = 2.25e-3
+/// warmup_steps = 10
+/// # …then an exponential decay (half-life 15 steps) that ends at 1e-5.
+/// final_lr = 1e-5
+/// decay = "exponential"
+/// half_life_steps = 15
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AnnealSchedule {
+    /// The LR of step 0 (usually phase 1's final LR); at most `peak_lr`.
+    #[schemars(range(min = 0.0))]
     pub start_lr: f64,
+    /// The LR at the end of the re-warm.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub peak_lr: f64,
+    /// Steps of the re-warm; at least 2 unless `start_lr` = `peak_lr`, and less than `train.steps`.
     pub warmup_steps: usize,
+    /// The LR of the last step; at most `peak_lr`.
     #[serde(default)]
+    #[schemars(range(min = 0.0))]
     pub final_lr: f64,
+    /// Shape of the decay after the peak.
     #[serde(default)]
     pub decay: AnnealDecay,
-    /// For `decay = "exponential"`: steps over which the distance to `final_lr` halves.
+    /// For `decay = "exponential"`: steps over which the distance to `final_lr` halves (or give
+    /// `decay_rate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub half_life_steps: Option<f64>,
-    /// For `decay = "exponential"`: per-step factor `r` ∈ (0, 1) (same as a half-life of ln 2 / −ln r).
+    /// For `decay = "exponential"`: per-step factor `r` (same as a half-life of ln 2 / −ln r).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0.0, "exclusiveMaximum" = 1.0))]
     pub decay_rate: Option<f64>,
 }
 
@@ -106,12 +186,15 @@ pub struct AnnealSchedule {
 ///   an exponential with that half-life, shifted and rescaled so the last step is exactly
 ///   `final_lr` (the correction `r^K` is negligible when K ≫ half-life);
 /// - `linear` / `cosine`: as [`DecayShape`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AnnealDecay {
+    /// an exponential with `half_life_steps` (or `decay_rate`), shifted to end exactly at `final_lr`
     #[default]
     Exponential,
+    /// f = 1 − p, with p the progress from the peak to the last step
     Linear,
+    /// f = (1 + cos πp) / 2
     Cosine,
 }
 
@@ -129,6 +212,105 @@ impl std::fmt::Display for ScheduleError {
 }
 
 impl std::error::Error for ScheduleError {}
+
+fn invalid(field: &str, message: String) -> Result<(), ScheduleError> {
+    Err(ScheduleError {
+        field: field.to_owned(),
+        message,
+    })
+}
+
+/// A decay from `peak` down to `end` (min_lr / final_lr, named `field`).
+fn decays_down(field: &str, end: f64, peak: f64) -> Result<(), ScheduleError> {
+    if end > peak {
+        return invalid(
+            field,
+            format!("({end}) is above peak_lr ({peak}); a decay must go down"),
+        );
+    }
+    Ok(())
+}
+
+impl WsdSchedule {
+    fn validate(&self, total_steps: usize) -> Result<(), ScheduleError> {
+        decays_down("min_lr", self.min_lr, self.peak_lr)?;
+        match (self.decay_steps, self.decay_fraction) {
+            (Some(_), Some(_)) => {
+                return invalid(
+                    "decay_fraction",
+                    "give either decay_steps or decay_fraction, not both".into(),
+                );
+            }
+            (None, None) => {
+                return invalid(
+                    "decay_steps",
+                    "missing: give decay_steps or decay_fraction (the decay's length)".into(),
+                );
+            }
+            _ => {}
+        }
+        let (w, d) = (self.warmup_steps, self.decay_len(total_steps));
+        if d + w > total_steps {
+            return invalid(
+                "decay_steps",
+                format!(
+                    "warmup ({w}) + decay ({d}) steps exceed the run's {total_steps} steps (train.steps)"
+                ),
+            );
+        }
+        if self.decay_shape == DecayShape::Exponential && self.min_lr <= 0.0 {
+            return invalid(
+                "min_lr",
+                "must be > 0 for decay_shape = \"exponential\" (a geometric decay never reaches 0)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl AnnealSchedule {
+    fn validate(&self) -> Result<(), ScheduleError> {
+        decays_down("final_lr", self.final_lr, self.peak_lr)?;
+        if self.start_lr > self.peak_lr {
+            return invalid(
+                "start_lr",
+                format!(
+                    "({}) is above peak_lr ({}); the re-warm must go up",
+                    self.start_lr, self.peak_lr
+                ),
+            );
+        }
+        let w = self.warmup_steps;
+        if w < 2 && self.start_lr != self.peak_lr {
+            return invalid(
+                "warmup_steps",
+                format!(
+                    "is {w}; a re-warm from start_lr to peak_lr needs at least 2 steps (or set start_lr = peak_lr)"
+                ),
+            );
+        }
+        match (self.decay, self.half_life_steps, self.decay_rate) {
+            (AnnealDecay::Exponential, Some(_), Some(_)) => invalid(
+                "decay_rate",
+                "give either half_life_steps or decay_rate, not both".into(),
+            ),
+            (AnnealDecay::Exponential, None, None) => invalid(
+                "half_life_steps",
+                "missing: decay = \"exponential\" needs half_life_steps or decay_rate".into(),
+            ),
+            (AnnealDecay::Linear | AnnealDecay::Cosine, Some(_), _) => invalid(
+                "half_life_steps",
+                "only applies to decay = \"exponential\"".into(),
+            ),
+            (AnnealDecay::Linear | AnnealDecay::Cosine, _, Some(_)) => invalid(
+                "decay_rate",
+                "only applies to decay = \"exponential\"".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// LR of step `s` of a linear warmup over `w` steps from `start` (step 0) to `peak` (step w − 1).
 fn warmup(s: usize, w: usize, start: f64, peak: f64) -> f64 {
@@ -282,37 +464,15 @@ impl ScheduleConfig {
         }
     }
 
-    /// Rejects schedules that cannot be what the user meant in a run of `total_steps` steps.
+    /// Rejects schedules that cannot be what the user meant in a run of `total_steps` steps:
+    /// the ranges declared on the keys, the warmup that every kind shares, then the kind's own rules.
     pub fn validate(&self, total_steps: usize) -> Result<(), ScheduleError> {
-        let err = |field: &str, message: String| {
-            Err(ScheduleError {
-                field: field.to_owned(),
-                message,
-            })
-        };
-        let lr_ok = |field: &str, v: f64, positive: bool| -> Result<(), ScheduleError> {
-            if !v.is_finite() || v < 0.0 || (positive && v == 0.0) {
-                let want = if positive {
-                    "a finite number > 0"
-                } else {
-                    "a finite number >= 0"
-                };
-                return err(field, format!("is {v}; expected {want}"));
-            }
-            Ok(())
-        };
-        // A decay from `peak_lr` down to `end` (min_lr / final_lr, named `field`).
-        let goes_down = |field: &str, end: f64, peak: f64| -> Result<(), ScheduleError> {
-            if end > peak {
-                return err(
-                    field,
-                    format!("({end}) is above peak_lr ({peak}); a decay must go down"),
-                );
-            }
-            Ok(())
-        };
+        check_ranges(self, "").map_err(|e| ScheduleError {
+            field: e.key.unwrap_or_else(|| "kind".into()),
+            message: e.message,
+        })?;
         if total_steps == 0 {
-            return err(
+            return invalid(
                 "kind",
                 "the run has 0 steps (train.steps must be > 0)".into(),
             );
@@ -320,7 +480,7 @@ impl ScheduleConfig {
         let w = self.warmup_steps();
         let decays = !matches!(self, ScheduleConfig::Constant(_));
         if w > total_steps || (decays && w >= total_steps && total_steps > 1) {
-            return err(
+            return invalid(
                 "warmup_steps",
                 format!(
                     "is {w} but the run has {total_steps} steps (train.steps); the warmup must end before the last step{}",
@@ -333,119 +493,11 @@ impl ScheduleConfig {
             );
         }
         match self {
-            ScheduleConfig::Constant(c) => lr_ok("lr", c.lr, true)?,
-            ScheduleConfig::Cosine(c) => {
-                lr_ok("peak_lr", c.peak_lr, true)?;
-                lr_ok("min_lr", c.min_lr, false)?;
-                goes_down("min_lr", c.min_lr, c.peak_lr)?;
-            }
-            ScheduleConfig::Wsd(c) => {
-                lr_ok("peak_lr", c.peak_lr, true)?;
-                lr_ok("min_lr", c.min_lr, false)?;
-                goes_down("min_lr", c.min_lr, c.peak_lr)?;
-                match (c.decay_steps, c.decay_fraction) {
-                    (Some(_), Some(_)) => {
-                        return err(
-                            "decay_fraction",
-                            "give either decay_steps or decay_fraction, not both".into(),
-                        );
-                    }
-                    (None, None) => {
-                        return err(
-                            "decay_steps",
-                            "missing: give decay_steps or decay_fraction (the decay's length)"
-                                .into(),
-                        );
-                    }
-                    (None, Some(f)) if !(f > 0.0 && f <= 1.0) => {
-                        return err(
-                            "decay_fraction",
-                            format!("is {f}; expected a fraction in (0, 1]"),
-                        );
-                    }
-                    (Some(0), None) => {
-                        return err("decay_steps", "is 0; expected at least 1 step".into());
-                    }
-                    _ => {}
-                }
-                let d = c.decay_len(total_steps);
-                if d + w > total_steps {
-                    return err(
-                        "decay_steps",
-                        format!(
-                            "warmup ({w}) + decay ({d}) steps exceed the run's {total_steps} steps (train.steps)"
-                        ),
-                    );
-                }
-                if c.decay_shape == DecayShape::Exponential && c.min_lr <= 0.0 {
-                    return err("min_lr", "must be > 0 for decay_shape = \"exponential\" (a geometric decay never reaches 0)".into());
-                }
-            }
-            ScheduleConfig::Anneal(c) => {
-                lr_ok("start_lr", c.start_lr, false)?;
-                lr_ok("peak_lr", c.peak_lr, true)?;
-                lr_ok("final_lr", c.final_lr, false)?;
-                goes_down("final_lr", c.final_lr, c.peak_lr)?;
-                if c.start_lr > c.peak_lr {
-                    return err(
-                        "start_lr",
-                        format!(
-                            "({}) is above peak_lr ({}); the re-warm must go up",
-                            c.start_lr, c.peak_lr
-                        ),
-                    );
-                }
-                if w < 2 && c.start_lr != c.peak_lr {
-                    return err(
-                        "warmup_steps",
-                        format!(
-                            "is {w}; a re-warm from start_lr to peak_lr needs at least 2 steps (or set start_lr = peak_lr)"
-                        ),
-                    );
-                }
-                match (c.decay, c.half_life_steps, c.decay_rate) {
-                    (AnnealDecay::Exponential, Some(_), Some(_)) => {
-                        return err(
-                            "decay_rate",
-                            "give either half_life_steps or decay_rate, not both".into(),
-                        );
-                    }
-                    (AnnealDecay::Exponential, None, None) => {
-                        return err(
-                            "half_life_steps",
-                            "missing: decay = \"exponential\" needs half_life_steps or decay_rate"
-                                .into(),
-                        );
-                    }
-                    (AnnealDecay::Exponential, Some(h), None) if !(h.is_finite() && h > 0.0) => {
-                        return err(
-                            "half_life_steps",
-                            format!("is {h}; expected a number of steps > 0"),
-                        );
-                    }
-                    (AnnealDecay::Exponential, None, Some(r)) if !(r > 0.0 && r < 1.0) => {
-                        return err(
-                            "decay_rate",
-                            format!("is {r}; expected a per-step factor in (0, 1)"),
-                        );
-                    }
-                    (AnnealDecay::Linear | AnnealDecay::Cosine, Some(_), _) => {
-                        return err(
-                            "half_life_steps",
-                            "only applies to decay = \"exponential\"".into(),
-                        );
-                    }
-                    (AnnealDecay::Linear | AnnealDecay::Cosine, _, Some(_)) => {
-                        return err(
-                            "decay_rate",
-                            "only applies to decay = \"exponential\"".into(),
-                        );
-                    }
-                    _ => {}
-                }
-            }
+            ScheduleConfig::Constant(_) => Ok(()),
+            ScheduleConfig::Cosine(c) => decays_down("min_lr", c.min_lr, c.peak_lr),
+            ScheduleConfig::Wsd(c) => c.validate(total_steps),
+            ScheduleConfig::Anneal(c) => c.validate(),
         }
-        Ok(())
     }
 
     /// A few lines describing the schedule over a run of `total_steps` steps: first step, end of

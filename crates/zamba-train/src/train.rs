@@ -1,9 +1,13 @@
 //! The training loop: `zamba-train --config FILE.toml`. Phase 1 and phase 2 (annealing) are the
-//! same loop with different configs. Read top to bottom: set-up, where the run starts from, the
-//! step loop (micro-batches → global-norm clip → AdamW), evaluation, checkpoints.
+//! same loop with different configs.
+//!
+//! [`train`] sets up what is global to the process (threads, the signal handler), finds out which
+//! ranks this process runs (one; one of a launched group; or all of them as threads) and runs
+//! [`run_rank`] for each. `run_rank` reads top to bottom: where the run starts from, then per step
+//! micro-batches → local gradient sum → one bucketed all-reduce → global norm → skip decision →
+//! clip + AdamW → metrics → evaluation if due → checkpoint if due.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,20 +16,26 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use zamba_data::{Batch, MixtureLoader};
+use zamba_dist::ReduceOp;
 use zamba_model::params::FlopsPerToken;
 use zamba_model::{Execution, RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 
+use crate::batch::micro_batch;
 use crate::checkpoint::{self, TrainerState};
+use crate::config::Device as DeviceChoice;
 use crate::config::{RunConfig, TrainSection};
+use crate::data_parallel::{DataParallel, Sharding};
 use crate::device::device_for;
-use crate::optim::{AdamW, AdamWParams, clip_factor, global_grad_norm};
-use crate::plot::METRICS_FILE;
-
-/// Written into `run.dir` when the run has completed all its steps (sweeps skip such runs).
-pub const DONE_FILE: &str = "DONE";
+use crate::eval;
+use crate::launch::Ranks;
+use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
+use crate::optim::{AdamW, AdamWParams, clip_factor};
+use crate::peak::TRAINER_PEAK_SHAPES;
+use crate::rank::RankContext;
+use crate::run_lock::RunLock;
 
 pub struct TrainOptions {
     pub config: PathBuf,
@@ -36,37 +46,259 @@ pub struct TrainOptions {
     pub allow_data_change: bool,
 }
 
-/// What the run starts from.
+/// Trains the run `opts.config` describes, as every rank this process is responsible for.
+pub fn train(opts: &TrainOptions) -> Result<()> {
+    let mut config = RunConfig::load(&opts.config, &opts.overrides)?;
+    let ranks = Ranks::detect(&config)?;
+    config.runtime.world_size = ranks.world_size();
+    config
+        .validate()
+        .with_context(|| format!("with {} ranks", ranks.world_size()))?;
+    if let Some(threads) = config.runtime.threads {
+        // The first run of a process sets the pool; later runs (tests) keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+    }
+    let stop = stop_flag()?;
+    ranks.run(&config, |comm, local_rank| {
+        let device =
+            device_for(config.runtime.device, local_rank, config.runtime.precision)?.autodiff();
+        let ctx = RankContext {
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+            local_rank,
+            device,
+            comm,
+        };
+        run_rank(&ctx, &config, opts, stop)
+    })
+}
+
+/// What the run starts from (the optimizer state is loaded once the parameter layout is known).
 struct Start {
     model: ZambaModel,
-    optimizer: AdamW,
     state: Option<TrainerState>,
+    /// A checkpoint whose AdamW moments to restore, and its optimizer step.
+    moments_from: Option<(PathBuf, u64)>,
     description: String,
 }
 
-pub fn train(opts: &TrainOptions) -> Result<()> {
-    let config = RunConfig::load(&opts.config, &opts.overrides)?;
-    if config.runtime.world_size != 1 {
-        bail!(
-            "runtime.world_size = {}: data-parallel training is not available yet; set runtime.world_size = 1",
-            config.runtime.world_size
+/// Everything one rank carries from step to step.
+struct RankRun {
+    dp: DataParallel,
+    model: ZambaModel,
+    optimizer: AdamW,
+    loader: MixtureLoader,
+    state: TrainerState,
+    /// Rank 0 only.
+    metrics: Option<MetricsWriter>,
+    /// GFLOP/s of one device that `mfu` is relative to (rank 0 only).
+    mfu_peak: Option<f64>,
+    /// Rank 0's hold on the run directory, for the whole run.
+    _lock: Option<RunLock>,
+}
+
+/// What every rank agreed on after a step's gradients were reduced.
+struct StepOutcome {
+    loss: f64,
+    grad_norm: f64,
+    interrupted: bool,
+}
+
+/// The whole run, as one rank.
+fn run_rank(
+    ctx: &RankContext,
+    config: &RunConfig,
+    opts: &TrainOptions,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut run = start_rank(ctx, config, opts)?;
+    let run_dir = &config.run.dir;
+    let compute = ctx.compute_device();
+    let steps = config.train.steps as u64;
+    let tokens_per_step = config.tokens_per_step() as u64;
+    let train_flops = FlopsPerToken::of(config.model_config(), config.data.seq_len).train();
+    let progress = progress_bar(
+        ctx.is_main() && config.logging.progress,
+        steps,
+        run.state.step,
+    );
+    let run_start = Instant::now();
+    let tokens_at_start = run.state.tokens;
+    let mut last_loss = f64::NAN;
+
+    while run.state.step < steps {
+        let step = run.state.step;
+        let lr = config.lr(step as usize);
+        let t0 = Instant::now();
+
+        // Micro-batches → this rank's gradient sum → one bucketed all-reduce (ZeRO-1:
+        // reduce-scatter) → one more of [loss, partial sum of squares, stop request], so that
+        // every rank takes the same decisions from here on.
+        let batch = run.loader.next_batch()?;
+        let (grads, loss_sum) = local_gradients(&run.model, &batch, config, &ctx.device);
+        let (grads, sum_squares) = run
+            .dp
+            .reduce_gradients(grads, ctx.comm.as_ref(), &compute)?;
+        let agreed = agree_on_step(ctx, loss_sum, sum_squares, stop)?;
+
+        let skip = skip_reason(
+            agreed.loss,
+            agreed.grad_norm,
+            &run.state.loss_window,
+            &config.train,
+        );
+        if let Some(reason) = &skip {
+            count_skip(&mut run.state, reason, config, &progress)?;
+        } else {
+            let scale = clip_factor(agreed.grad_norm, config.optimizer.clip_grad_norm);
+            run.model = run.dp.update(
+                run.model,
+                &mut run.optimizer,
+                grads,
+                lr,
+                scale,
+                ctx.comm.as_ref(),
+                &compute,
+            )?;
+            run.state.consecutive_skips = 0;
+            push_window(
+                &mut run.state.loss_window,
+                agreed.loss,
+                config.train.spike_window,
+            );
+            last_loss = agreed.loss;
+        }
+        run.state.step += 1;
+        run.state.tokens += tokens_per_step;
+        run.state.optimizer_step = run.optimizer.step;
+        run.state.loader = run.loader.state();
+        run.state.world_size = ctx.world_size;
+
+        let tok_s = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
+        let gflops_per_rank = train_flops * tok_s / 1e9 / ctx.world_size as f64;
+        if let Some(metrics) = &mut run.metrics {
+            let record = StepRecord {
+                step,
+                tokens: run.state.tokens,
+                loss: finite(agreed.loss),
+                lr,
+                grad_norm: finite(agreed.grad_norm),
+                tokens_per_sec: Some(tok_s),
+                gflops: Some(gflops_per_rank),
+                mfu: run.mfu_peak.map(|peak| gflops_per_rank / peak),
+                skipped: skip.is_some(),
+                world_size: ctx.world_size,
+            };
+            metrics.step(&record, run.state.step == steps)?;
+        }
+        progress.set_position(run.state.step);
+        progress.set_message(format!(
+            "loss {:.4} lr {lr:.2e} {tok_s:.0} tok/s",
+            agreed.loss
+        ));
+
+        let every = config.eval.every as u64;
+        if every > 0 && (run.state.step % every == 0 || run.state.step == steps) {
+            let losses = evaluate(ctx, &run.model, &run.loader, config)?;
+            if let Some(metrics) = &mut run.metrics
+                && !losses.is_empty()
+            {
+                progress.println(format!("step {step}: eval {}", describe_losses(&losses)));
+                let tokens = run.state.tokens;
+                metrics.eval(&EvalRecord {
+                    step,
+                    tokens,
+                    loss: losses,
+                })?;
+            }
+        }
+
+        let every = config.checkpoint.every as u64;
+        if agreed.interrupted
+            || run.state.step == steps
+            || (every > 0 && run.state.step % every == 0)
+        {
+            save_checkpoint(ctx, config, &run, &progress)?;
+        }
+        if agreed.interrupted {
+            progress.abandon_with_message("interrupted");
+            if ctx.is_main() {
+                eprintln!(
+                    "interrupted after step {step}: checkpoint written; run the same command to resume"
+                );
+            }
+            return Ok(());
+        }
+    }
+    progress.finish();
+    if ctx.is_main() {
+        metrics::mark_done(run_dir, run.state.step)?;
+        let elapsed = run_start.elapsed().as_secs_f64();
+        eprintln!(
+            "done: {} steps, {} tokens, final train loss {last_loss:.4}, {} skipped updates, {:.0} tokens/s this session \
+             ({} rank(s)); metrics in {}",
+            run.state.step,
+            run.state.tokens,
+            run.state.total_skips,
+            (run.state.tokens - tokens_at_start) as f64 / elapsed.max(1e-9),
+            ctx.world_size,
+            run_dir.join(metrics::METRICS_FILE).display()
         );
     }
-    let run_dir = config.run.dir.clone();
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
-    if let Some(threads) = config.runtime.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("setting the number of CPU threads (runtime.threads)")?;
-    }
-    let device = device_for(config.runtime.device, config.runtime.precision)?.autodiff();
-    let model_config = config.model_config().clone();
-    let resolved = config.to_toml_string()?;
-    std::fs::write(run_dir.join("config.toml"), &resolved)?;
+    Ok(())
+}
 
-    // ---- where the run starts from -------------------------------------------------------
+/// Set-up of a rank: the run directory and data (rank 0 first), where the run starts from, the
+/// parameter layout, the optimizer state for this rank's share, the loader and the metrics.
+fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Result<RankRun> {
+    let run_dir = &config.run.dir;
+    // Rank 0 locks the run directory before anything in it is touched, then generates synthetic
+    // data (if any) first; the others then find it in the cache.
+    let prepared = if ctx.is_main() {
+        RunLock::acquire(run_dir).and_then(|lock| {
+            let resolved = config.to_toml_string()?;
+            std::fs::write(run_dir.join("config.toml"), resolved)
+                .with_context(|| format!("writing {}/config.toml", run_dir.display()))?;
+            let data = config.resolve_data()?;
+            Ok((Some(lock), Some(data), mfu_peak(config)))
+        })
+    } else {
+        Ok((None, None, None))
+    };
+    let (lock, data, mfu_peak) = ctx.agree(prepared, "preparing the run directory and data")?;
+    let data = match data {
+        Some(data) => data,
+        None => config.resolve_data()?,
+    };
+
+    let resume = agreed_resume_dir(ctx, config, opts)?;
+    let start = starting_point(config, resume, config.model_config(), &ctx.device)?;
+    let execution = Execution {
+        precision: config.runtime.precision,
+        checkpointing: config.train.activation_checkpointing,
+    };
+    let start = Start {
+        model: start.model.with_execution(execution),
+        ..start
+    };
+    if ctx.is_main() {
+        eprintln!("{}", start.description);
+    }
+    let sharding = match config.optimizer.zero {
+        0 => Sharding::Replicated,
+        _ => Sharding::Zero1,
+    };
+    let bucket_bytes = (config.dist.bucket_mb * (1 << 20) as f64) as usize;
+    let dp = DataParallel::new(
+        &start.model,
+        bucket_bytes,
+        sharding,
+        ctx.rank,
+        ctx.world_size,
+    );
+    let compute = ctx.compute_device();
     let adamw = AdamWParams {
         beta1: config.optimizer.beta1,
         beta2: config.optimizer.beta2,
@@ -74,31 +306,21 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         weight_decay: config.optimizer.weight_decay,
         decay_embeddings: config.optimizer.decay_embeddings,
     };
-    let start = starting_point(&config, opts, &model_config, adamw, &device)?;
-    eprintln!("{}", start.description);
-    let Start {
-        mut model,
-        mut optimizer,
-        state,
-        ..
-    } = start;
-    model = model.with_execution(Execution {
-        precision: config.runtime.precision,
-        checkpointing: config.train.activation_checkpointing,
-    });
+    let optimizer = match &start.moments_from {
+        Some((dir, step)) => checkpoint::load_optimizer(dir, adamw, *step, &dp, &compute)?,
+        None => AdamW::new(adamw),
+    };
+    let model = dp.broadcast_parameters(start.model, ctx.comm.as_ref(), &compute)?;
 
-    // ---- data ----------------------------------------------------------------------------
-    let data = config.resolve_data()?;
-    let global_rows = config.global_sequences();
-    let mut loader = MixtureLoader::new(
+    let loader = MixtureLoader::new(
         &data,
-        0,
-        config.runtime.world_size.max(1),
-        global_rows,
-        state.as_ref().map(|s| s.loader.clone()),
+        ctx.rank,
+        ctx.world_size,
+        config.global_sequences(),
+        start.state.as_ref().map(|s| s.loader.clone()),
         opts.allow_data_change,
     )?;
-    let mut state = state.unwrap_or_else(|| TrainerState {
+    let state = start.state.unwrap_or_else(|| TrainerState {
         step: 0,
         tokens: 0,
         consecutive_skips: 0,
@@ -106,137 +328,169 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         loss_window: Vec::new(),
         optimizer_step: 0,
         loader: loader.state(),
+        world_size: ctx.world_size,
     });
+    let metrics = match ctx.is_main() {
+        true => Some(MetricsWriter::open(
+            run_dir,
+            state.step,
+            config.logging.every,
+        )?),
+        false => None,
+    };
+    Ok(RankRun {
+        dp,
+        model,
+        optimizer,
+        loader,
+        state,
+        metrics,
+        mfu_peak,
+        _lock: lock,
+    })
+}
 
-    let mut metrics = MetricsLog::open(&run_dir.join(METRICS_FILE), state.step)?;
-    let stop = stop_flag()?;
+/// The GFLOP/s the `mfu` column is relative to: `runtime.peak_gflops`, else on CPU the machine's
+/// f32 GEMM peak measured now (the fastest library, as `zamba-train bench peak` reports it, at
+/// the step's shapes so that it takes under a second).
+fn mfu_peak(config: &RunConfig) -> Option<f64> {
+    if let Some(peak) = config.runtime.peak_gflops {
+        return Some(peak);
+    }
+    match config.runtime.device {
+        DeviceChoice::Cpu => {
+            let report = crate::peak::measure_f32_peak(&TRAINER_PEAK_SHAPES, true);
+            let (library, peak) = report.best();
+            eprintln!(
+                "mfu is relative to the f32 GEMM peak measured now: {peak:.1} GFLOP/s ({library}); set runtime.peak_gflops to skip the measurement"
+            );
+            Some(peak)
+        }
+        _ => None,
+    }
+}
 
-    let steps = config.train.steps as u64;
+/// This rank's micro-batches, forward and backward: the summed gradients and the summed loss
+/// (on the device: no host sync per micro-batch). Each loss is the micro-batch mean divided by
+/// the rank's number of micro-batches, so the sum is the gradient of this rank's rows' mean
+/// loss; averaged over ranks it is the gradient of the global batch's mean loss.
+fn local_gradients(
+    model: &ZambaModel,
+    batch: &Batch,
+    config: &RunConfig,
+    device: &Device,
+) -> (GradientsParams, Tensor<1>) {
     let micro = config.batch.micro_batch;
     let accum = config.grad_accum_steps();
-    let seq_len = data.seq_len;
-    let tokens_per_step = config.tokens_per_step() as u64;
-    let train_flops = FlopsPerToken::of(&model_config, seq_len).train();
-    let progress = progress_bar(config.logging.progress, steps, state.step);
-    let run_start = Instant::now();
-    let tokens_at_start = state.tokens;
-    let mut last_loss = f64::NAN;
-
-    // ---- the step loop ---------------------------------------------------------------------
-    while state.step < steps {
-        let step = state.step;
-        let lr = config.lr(step as usize);
-        let t0 = Instant::now();
-        let batch = loader.next_batch()?;
-
-        // Micro-batches: each loss is the micro-batch mean divided by the number of micro-batches,
-        // so the summed gradient is the gradient of the global-batch mean.
-        let mut accumulator = GradientsAccumulator::new();
-        let mut loss_sum = 0.0;
-        for m in 0..accum {
-            let (inputs, targets) = micro_batch(&batch, m * micro, micro, &device);
-            let loss = cross_entropy(model.forward(inputs), targets) / accum as f64;
-            loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-        }
-        let grads = accumulator.grads();
-        let grad_norm = global_grad_norm(&model, &grads);
-
-        let skip = skip_reason(loss_sum, grad_norm, &state.loss_window, &config.train);
-        if let Some(reason) = &skip {
-            state.consecutive_skips += 1;
-            state.total_skips += 1;
-            progress.println(format!("step {step}: update skipped ({reason})"));
-            if state.consecutive_skips as usize >= config.train.max_consecutive_skips {
-                bail!(
-                    "{} updates in a row were skipped (last: {reason}); stopping. The last good checkpoint in {} is intact; \
-                     lower the learning rate or check the data before resuming",
-                    state.consecutive_skips,
-                    checkpoint::checkpoints_dir(&run_dir).display()
-                );
-            }
-        } else {
-            let scale = clip_factor(grad_norm, config.optimizer.clip_grad_norm);
-            model = optimizer.step(model, &grads, lr, scale);
-            state.consecutive_skips = 0;
-            push_window(&mut state.loss_window, loss_sum, config.train.spike_window);
-            last_loss = loss_sum;
-        }
-        state.step += 1;
-        state.tokens += tokens_per_step;
-        state.optimizer_step = optimizer.step;
-        let secs = t0.elapsed().as_secs_f64();
-        let tok_s = tokens_per_step as f64 / secs;
-
-        metrics.step(serde_json::json!({
-            "step": step,
-            "tokens": state.tokens,
-            "loss": finite(loss_sum),
-            "lr": lr,
-            "grad_norm": finite(grad_norm),
-            "tokens_per_sec": tok_s,
-            "gflops": train_flops * tok_s / 1e9,
-            "mfu": config.runtime.peak_gflops.map(|peak| train_flops * tok_s / 1e9 / peak),
-            "skipped": skip.is_some(),
-        }))?;
-        progress.set_position(state.step);
-        progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
-
-        if config.eval.every > 0
-            && (state.step % config.eval.every as u64 == 0 || state.step == steps)
-        {
-            let losses = evaluate(&model, &loader, config.eval.batches, micro, &device)?;
-            if !losses.is_empty() {
-                let text: Vec<String> = losses.iter().map(|(s, l)| format!("{s} {l:.4}")).collect();
-                progress.println(format!("step {step}: eval {}", text.join(", ")));
-                metrics.step(serde_json::json!({"eval": true, "step": step, "tokens": state.tokens, "loss": losses}))?;
-            }
-        }
-
-        state.loader = loader.state();
-        let interrupted = stop.swap(false, Ordering::SeqCst);
-        let every = config.checkpoint.every as u64;
-        if interrupted || state.step == steps || (every > 0 && state.step % every == 0) {
-            let dir = checkpoint::save(
-                &run_dir,
-                &model,
-                &model_config,
-                &optimizer,
-                &state,
-                &resolved,
-            )?;
-            checkpoint::prune(
-                &run_dir,
-                config.checkpoint.keep_last,
-                config.checkpoint.keep_every as u64,
-            )?;
-            progress.println(format!("step {step}: checkpoint {}", dir.display()));
-        }
-        if interrupted {
-            progress.abandon_with_message("interrupted");
-            eprintln!(
-                "interrupted after step {step}: checkpoint written; run the same command to resume"
-            );
-            return Ok(());
-        }
+    let mut accumulator = GradientsAccumulator::new();
+    let mut loss_sum = Tensor::<1>::zeros([1], &device.clone().without_autodiff());
+    for m in 0..accum {
+        let (inputs, targets) = micro_batch(batch, m * micro, micro, device);
+        let loss = cross_entropy(model.forward(inputs), targets) / accum as f64;
+        loss_sum = loss_sum + loss.clone().inner().reshape([1]);
+        accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
     }
-    progress.finish();
-    std::fs::write(run_dir.join(DONE_FILE), format!("{}\n", state.step))?;
-    let elapsed = run_start.elapsed().as_secs_f64();
-    eprintln!(
-        "done: {} steps, {} tokens, final train loss {:.4}, {} skipped updates, {:.0} tokens/s this session; metrics in {}",
-        state.step,
-        state.tokens,
-        last_loss,
-        state.total_skips,
-        (state.tokens - tokens_at_start) as f64 / elapsed.max(1e-9),
-        run_dir.join(METRICS_FILE).display()
+    (accumulator.grads(), loss_sum)
+}
+
+/// One all-reduce of [this rank's loss, its partial sum of squared gradients, its stop request]
+/// and one host read: the global batch's loss, the global gradient norm, and whether any rank
+/// was asked to stop (SIGINT/SIGTERM).
+fn agree_on_step(
+    ctx: &RankContext,
+    loss_sum: Tensor<1>,
+    sum_squares: Tensor<1>,
+    stop: &AtomicBool,
+) -> Result<StepOutcome> {
+    let device = ctx.compute_device();
+    let stop_requested = f32::from(stop.swap(false, Ordering::SeqCst));
+    let control = Tensor::cat(
+        vec![
+            loss_sum,
+            sum_squares,
+            Tensor::from_floats([stop_requested], &device),
+        ],
+        0,
     );
+    let [loss, sum_squares, stops] = host_values(ctx.comm.all_reduce(control, ReduceOp::Sum)?);
+    Ok(StepOutcome {
+        loss: loss / ctx.world_size as f64,
+        grad_norm: sum_squares.sqrt(),
+        interrupted: stops > 0.0,
+    })
+}
+
+/// Counts a skipped update; too many in a row end the run.
+fn count_skip(
+    state: &mut TrainerState,
+    reason: &str,
+    config: &RunConfig,
+    progress: &ProgressBar,
+) -> Result<()> {
+    state.consecutive_skips += 1;
+    state.total_skips += 1;
+    progress.println(format!("step {}: update skipped ({reason})", state.step));
+    if state.consecutive_skips as usize >= config.train.max_consecutive_skips {
+        bail!(
+            "{} updates in a row were skipped (last: {reason}); stopping. The last good checkpoint in {} is intact; \
+             lower the learning rate or check the data before resuming",
+            state.consecutive_skips,
+            checkpoint::checkpoints_dir(&config.run.dir).display()
+        );
+    }
     Ok(())
 }
 
-/// Set by SIGINT/SIGTERM; the loop checks it after each step. The handler is process-wide and can
-/// be installed once, so it is shared by every run of the process.
+/// Writes a checkpoint (every rank takes part) and prunes old ones (rank 0).
+fn save_checkpoint(
+    ctx: &RankContext,
+    config: &RunConfig,
+    run: &RankRun,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let dir = checkpoint::save(
+        ctx,
+        &config.run.dir,
+        &run.model,
+        config.model_config(),
+        &run.optimizer,
+        run.dp.sharding(),
+        &run.state,
+        &config.to_toml_string()?,
+    )
+    .with_context(|| {
+        format!(
+            "the checkpoint after step {} failed, so the run stops here; the earlier checkpoints in {} are intact \
+             (free disk space if it is full, then rerun the same command to resume from the newest)",
+            run.state.step - 1,
+            checkpoint::checkpoints_dir(&config.run.dir).display()
+        )
+    })?;
+    if ctx.is_main() {
+        checkpoint::prune(
+            &config.run.dir,
+            config.checkpoint.keep_last,
+            config.checkpoint.keep_every as u64,
+        )?;
+        progress.println(format!(
+            "step {}: checkpoint {}",
+            run.state.step - 1,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+fn describe_losses(losses: &BTreeMap<String, Option<f64>>) -> String {
+    let text: Vec<String> = losses
+        .iter()
+        .map(|(s, l)| format!("{s} {}", l.map_or("nan".into(), |l| format!("{l:.4}"))))
+        .collect();
+    text.join(", ")
+}
+
+/// Set by SIGINT/SIGTERM; the loop reads it after each step and the ranks agree on it. The handler
+/// is process-wide and can be installed once, so it is shared by every run of the process.
 fn stop_flag() -> Result<&'static AtomicBool> {
     static STOP: OnceLock<Result<&'static AtomicBool, String>> = OnceLock::new();
     let installed = STOP.get_or_init(|| {
@@ -248,47 +502,98 @@ fn stop_flag() -> Result<&'static AtomicBool> {
     installed.clone().map_err(anyhow::Error::msg)
 }
 
-/// Resume (newest checkpoint or `--resume`), `[init] from` (a new phase from earlier weights), or
-/// a fresh initialisation — in that order of precedence.
-fn starting_point(
+/// The checkpoint to resume from, decided by rank 0 and the same on every rank: `--resume` (which
+/// must verify), else the newest checkpoint in the run directory that verifies.
+fn agreed_resume_dir(
+    ctx: &RankContext,
     config: &RunConfig,
     opts: &TrainOptions,
+) -> Result<Option<PathBuf>> {
+    let choice = match ctx.is_main() {
+        true => resume_dir(&config.run.dir, opts.resume.as_deref()).map(|dir| {
+            let text = dir.map(|d| d.to_string_lossy().into_owned());
+            Some(text.unwrap_or_default().into_bytes())
+        }),
+        false => Ok(None),
+    };
+    let choice = ctx.agree(choice, "choosing the checkpoint to resume from")?;
+    let bytes = ctx.comm.broadcast_bytes(choice, 0)?;
+    let text = String::from_utf8(bytes).context("the resume path from rank 0 is not UTF-8")?;
+    Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+}
+
+fn resume_dir(run_dir: &Path, requested: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Some(dir) = requested {
+        checkpoint::verify(dir).context("refusing to resume from it (--resume)")?;
+        return Ok(Some(dir.to_path_buf()));
+    }
+    let mut failures = Vec::new();
+    for (_, dir) in checkpoint::list(run_dir)?.into_iter().rev() {
+        match checkpoint::verify(&dir) {
+            Ok(()) => {
+                if !failures.is_empty() {
+                    eprintln!(
+                        "warning: skipped {} newer checkpoint(s) that do not verify; resuming from {}",
+                        failures.len(),
+                        dir.display()
+                    );
+                }
+                return Ok(Some(dir));
+            }
+            Err(e) => {
+                eprintln!("warning: {e:#}; falling back to an earlier checkpoint");
+                failures.push(e);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "no checkpoint in {} verifies (see the warnings above); restore one, or move the checkpoints away to start afresh",
+            checkpoint::checkpoints_dir(run_dir).display()
+        );
+    }
+    Ok(None)
+}
+
+/// Resume (from `resume`), `[init] from` (a new phase from earlier weights), or a fresh
+/// initialisation — in that order of precedence.
+fn starting_point(
+    config: &RunConfig,
+    resume: Option<PathBuf>,
     model_config: &ZambaConfig,
-    adamw: AdamWParams,
     device: &Device,
 ) -> Result<Start> {
-    let resume = match &opts.resume {
-        Some(path) => Some(path.clone()),
-        None => checkpoint::list(&config.run.dir)?.pop().map(|(_, p)| p),
-    };
     if let Some(dir) = resume {
-        let loaded = checkpoint::load(&dir, adamw, device)?;
+        let loaded = checkpoint::load(&dir, device)?;
         ensure_same_model(&loaded.model_config, model_config, &dir)?;
         let description = format!(
-            "resuming from {} (step {}, {} tokens): weights, AdamW moments, data position and counters restored",
+            "resuming from {} (step {}, {} tokens, written by {} rank(s)): weights, AdamW moments, data position and counters restored",
             dir.display(),
             loaded.state.step,
-            loaded.state.tokens
+            loaded.state.tokens,
+            loaded.state.world_size
         );
+        let optimizer_step = loaded.state.optimizer_step;
         return Ok(Start {
             model: loaded.model,
-            optimizer: loaded.optimizer,
             state: Some(loaded.state),
+            moments_from: Some((dir, optimizer_step)),
             description,
         });
     }
     if let Some(init) = &config.init {
         let from = &init.from;
         if checkpoint::is_checkpoint(from) {
-            let loaded = checkpoint::load(from, adamw, device)?;
+            checkpoint::verify(from).context("refusing to initialise from it ([init] from)")?;
+            let loaded = checkpoint::load(from, device)?;
             ensure_same_model(&loaded.model_config, model_config, from)?;
-            let mut optimizer = AdamW::new(adamw);
-            let moments = if init.load_optimizer {
-                optimizer.moments = loaded.optimizer.moments;
-                optimizer.step = loaded.optimizer.step;
-                "and AdamW moments"
+            let (moments_from, moments) = if init.load_optimizer {
+                (
+                    Some((from.clone(), loaded.state.optimizer_step)),
+                    "and AdamW moments",
+                )
             } else {
-                "(AdamW moments NOT loaded: fresh optimizer state)"
+                (None, "(AdamW moments NOT loaded: fresh optimizer state)")
             };
             let description = format!(
                 "initialised from {} (its step {}): model weights {moments}; step counter 0, LR from this config's \
@@ -298,8 +603,8 @@ fn starting_point(
             );
             return Ok(Start {
                 model: loaded.model,
-                optimizer,
                 state: None,
+                moments_from,
                 description,
             });
         }
@@ -318,8 +623,8 @@ fn starting_point(
         );
         return Ok(Start {
             model,
-            optimizer: AdamW::new(adamw),
             state: None,
+            moments_from: None,
             description,
         });
     }
@@ -332,8 +637,8 @@ fn starting_point(
             config.run.seed
         ),
         model,
-        optimizer: AdamW::new(adamw),
         state: None,
+        moments_from: None,
     })
 }
 
@@ -371,22 +676,10 @@ fn ensure_same_model(loaded: &ZambaConfig, configured: &ZambaConfig, source: &Pa
     Ok(())
 }
 
-/// Rows `[start, start + rows)` of the batch as `[rows, seq_len]` input and target tensors.
-fn micro_batch(
-    batch: &Batch,
-    start: usize,
-    rows: usize,
-    device: &Device,
-) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let l = batch.seq_len;
-    let take = |v: &[u32]| {
-        let ids: Vec<i64> = v[start * l..(start + rows) * l]
-            .iter()
-            .map(|&t| t as i64)
-            .collect();
-        Tensor::<2, Int>::from_data(TensorData::new(ids, vec![rows, l]), device)
-    };
-    (take(&batch.inputs), take(&batch.targets))
+/// The values of a small tensor on the host (one device sync).
+fn host_values<const N: usize>(t: Tensor<1>) -> [f64; N] {
+    let values = t.into_data().try_into_vec_as::<f32>().expect("f32 values");
+    std::array::from_fn(|i| values[i] as f64)
 }
 
 /// Why the update of a step must be skipped, if it must.
@@ -424,31 +717,44 @@ fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
 
-/// Mean held-out loss per source over up to `batches` batches, on a model without autodiff.
+/// Mean held-out loss per source over the first `eval.batches × batch.micro_batch` validation
+/// sequences of each source — the same sequences whatever the world size: the ranks split them,
+/// and their sums are all-reduced (one collective for all sources).
 fn evaluate(
+    ctx: &RankContext,
     model: &ZambaModel,
     loader: &MixtureLoader,
-    batches: usize,
-    rows: usize,
-    device: &Device,
-) -> Result<BTreeMap<String, f64>> {
+    config: &RunConfig,
+) -> Result<BTreeMap<String, Option<f64>>> {
+    let rows = config.batch.micro_batch;
+    let total = (config.eval.batches * rows) as u64;
+    let (rank, world) = (ctx.rank as u64, ctx.world_size as u64);
+    let mine = total.saturating_sub(rank).div_ceil(world);
     let model = model.valid();
-    let device = device.clone().without_autodiff();
-    let mut losses = BTreeMap::new();
-    for source in loader.validation_sources() {
-        let (mut total, mut count) = (0.0, 0usize);
-        for batch in loader.validation(&source, rows)?.take(batches) {
-            let batch = batch?;
-            let (inputs, targets) = micro_batch(&batch, 0, batch.rows, &device);
-            total += cross_entropy(model.forward(inputs), targets).into_scalar::<f32>() as f64
-                * batch.rows as f64;
-            count += batch.rows;
-        }
-        if count > 0 {
-            losses.insert(source, total / count as f64);
-        }
+    let device = ctx.compute_device();
+    let sources = loader.validation_sources();
+    let mut sums = Vec::with_capacity(2 * sources.len());
+    for source in &sources {
+        let batches = loader.validation(source, rows)?.limit_windows(mine);
+        let source_sums = eval::loss_sums(&model, batches, |_| {})?;
+        sums.push(source_sums.loss);
+        sums.push(Tensor::from_floats([source_sums.tokens as f32], &device));
     }
-    Ok(losses)
+    if sums.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let totals = ctx
+        .comm
+        .all_reduce(Tensor::cat(sums, 0), ReduceOp::Sum)?
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("f32 sums");
+    Ok(sources
+        .into_iter()
+        .zip(totals.chunks_exact(2))
+        .filter(|(_, pair)| pair[1] > 0.0)
+        .map(|(source, pair)| (source, finite(pair[0] as f64 / pair[1] as f64)))
+        .collect())
 }
 
 fn progress_bar(enabled: bool, steps: u64, position: u64) -> ProgressBar {
@@ -466,46 +772,6 @@ fn progress_bar(enabled: bool, steps: u64, position: u64) -> ProgressBar {
     );
     bar.set_position(position);
     bar
-}
-
-/// `metrics.jsonl`, appended line by line. On resume, lines of steps at or after the resumed step
-/// (written after the checkpoint by the interrupted run) are dropped first, so the file reads as
-/// one uninterrupted run.
-struct MetricsLog {
-    file: std::fs::File,
-}
-
-impl MetricsLog {
-    fn open(path: &Path, resume_step: u64) -> Result<Self> {
-        if path.exists() {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s < resume_step)
-                })
-                .collect();
-            let mut body = kept.join("\n");
-            if !body.is_empty() {
-                body.push('\n');
-            }
-            std::fs::write(path, body).with_context(|| format!("rewriting {}", path.display()))?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { file })
-    }
-
-    fn step(&mut self, line: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{line}").context("writing metrics.jsonl")
-    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,20 @@
 //! Checkpoints: a saved checkpoint loads back exactly (weights, moments, counters, loader state),
-//! incomplete ones are refused and not listed, pruning keeps the last k and every N-th.
+//! incomplete ones are refused and not listed, pruning keeps the last k and every N-th, and
+//! optimizer moments written by any number of ZeRO-1 ranks load on any other number.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use zamba_data::{LoaderState, SourceCursor};
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
-use zamba_train::checkpoint::{self, TrainerState};
-use zamba_train::optim::{AdamW, AdamWParams};
+use zamba_dist::SingleRank;
+use zamba_model::{RandomInit, SaveDtype, ZambaConfig, ZambaModel, next_token_loss};
+use zamba_train::checkpoint::{self, TrainerState, moments};
+use zamba_train::data_parallel::{DataParallel, Sharding, param_slots};
+use zamba_train::optim::{AdamW, AdamWParams, Moments};
+use zamba_train::rank::RankContext;
 
 const PARAMS: AdamWParams = AdamWParams {
     beta1: 0.9,
@@ -34,7 +39,17 @@ fn values(model: &ZambaModel) -> Vec<Vec<f32>> {
     v.0
 }
 
-fn moments(opt: &AdamW) -> BTreeMap<String, (Vec<f32>, Vec<f32>)> {
+fn single_rank(device: &Device) -> RankContext {
+    RankContext {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        device: device.clone(),
+        comm: Box::new(SingleRank),
+    }
+}
+
+fn moments_of(opt: &AdamW) -> BTreeMap<String, (Vec<f32>, Vec<f32>)> {
     let read = |t: &Tensor<1>| t.clone().into_data().try_to_vec::<f32>().unwrap();
     opt.moments
         .iter()
@@ -50,6 +65,7 @@ fn state(step: u64) -> TrainerState {
         total_skips: 2,
         loss_window: vec![3.5, 3.25],
         optimizer_step: step - 1,
+        world_size: 1,
         loader: LoaderState {
             version: 1,
             fingerprint: "abc".into(),
@@ -81,29 +97,45 @@ fn save_then_load_gives_back_everything() {
         &model,
     );
     let mut opt = AdamW::new(PARAMS);
-    let model = opt.step(model, &grads, 1e-3, 1.0);
+    let dp = DataParallel::new(&model, 1 << 16, Sharding::Replicated, 0, 1);
+    let compute = Device::flex();
+    let (grads, _) = dp.reduce_gradients(grads, &SingleRank, &compute).unwrap();
+    let model = dp
+        .update(model, &mut opt, grads, 1e-3, 1.0, &SingleRank, &compute)
+        .unwrap();
 
     let run = tempfile::tempdir().unwrap();
-    let dir = checkpoint::save(run.path(), &model, &config, &opt, &state(5), "# config\n").unwrap();
+    let ctx = single_rank(&device);
+    let saved = state(5);
+    let dir = checkpoint::save(
+        &ctx,
+        run.path(),
+        &model,
+        &config,
+        &opt,
+        Sharding::Replicated,
+        &saved,
+        "# config\n",
+    )
+    .unwrap();
     assert!(checkpoint::is_checkpoint(&dir));
-    let loaded = checkpoint::load(&dir, PARAMS, &device).unwrap();
+    let loaded = checkpoint::load(&dir, &device).unwrap();
     assert_eq!(values(&loaded.model), values(&model));
-    assert_eq!(moments(&loaded.optimizer), moments(&opt));
+    let restored =
+        checkpoint::load_optimizer(&dir, PARAMS, loaded.state.optimizer_step, &dp, &compute)
+            .unwrap();
+    assert_eq!(moments_of(&restored), moments_of(&opt));
     assert_eq!(
-        loaded.optimizer.step, 4,
+        restored.step, 4,
         "the optimizer step comes from the trainer state"
     );
     assert_eq!(loaded.state, state(5));
     assert_eq!(loaded.resolved_config, "# config\n");
-    // The saved config.json spells the layer schedule out, as transformers writes it.
+    // The saved config.json spells derived values out, as transformers writes them: the same
+    // config once resolved.
     assert_eq!(loaded.model_config.layer_kinds(), config.layer_kinds());
-    assert_eq!(
-        ZambaConfig {
-            layers_block_type: None,
-            ..loaded.model_config
-        },
-        config
-    );
+    let resolved = |c: &ZambaConfig| zamba_model::hf_export::hf_config_json(c, SaveDtype::F32);
+    assert_eq!(resolved(&loaded.model_config), resolved(&config));
 }
 
 #[test]
@@ -113,13 +145,27 @@ fn incomplete_checkpoints_are_refused_and_pruning_keeps_last_and_every_nth() {
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(1), &device).unwrap();
     let opt = AdamW::new(PARAMS);
     let run = tempfile::tempdir().unwrap();
+    let ctx = single_rank(&device);
+    let save = |step| {
+        checkpoint::save(
+            &ctx,
+            run.path(),
+            &model,
+            &config,
+            &opt,
+            Sharding::Replicated,
+            &state(step),
+            "",
+        )
+        .unwrap()
+    };
     for step in 1..=6 {
-        checkpoint::save(run.path(), &model, &config, &opt, &state(step), "").unwrap();
+        save(step);
     }
     // An interrupted write: a directory without the completion marker.
-    let broken = checkpoint::save(run.path(), &model, &config, &opt, &state(7), "").unwrap();
+    let broken = save(7);
     std::fs::remove_file(broken.join("COMPLETE")).unwrap();
-    let err = checkpoint::load(&broken, PARAMS, &device)
+    let err = checkpoint::load(&broken, &device)
         .err()
         .unwrap()
         .to_string();
@@ -135,4 +181,146 @@ fn incomplete_checkpoints_are_refused_and_pruning_keeps_last_and_every_nth() {
 
     checkpoint::prune(run.path(), 2, 3).unwrap();
     assert_eq!(steps(run.path()), vec![3, 5, 6]);
+}
+
+/// Made-up moments for every parameter: element `i` of `path` has m = i + k, v = 2i + k.
+fn full_moments(model: &ZambaModel) -> HashMap<String, (Vec<f32>, Vec<f32>)> {
+    param_slots(model)
+        .into_iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let m = (0..s.numel).map(|i| (i + k) as f32).collect();
+            let v = (0..s.numel).map(|i| (2 * i + k) as f32).collect();
+            (s.path, (m, v))
+        })
+        .collect()
+}
+
+/// The moments rank `rank` of `world` holds under `sharding`, cut from `full`.
+fn owned(
+    model: &ZambaModel,
+    full: &HashMap<String, (Vec<f32>, Vec<f32>)>,
+    sharding: Sharding,
+    rank: usize,
+    world: usize,
+) -> (DataParallel, BTreeMap<String, Moments>) {
+    // Small buckets, so that parameters are cut between ranks.
+    let dp = DataParallel::new(model, 4096, sharding, rank, world);
+    let device = Device::flex();
+    let cut = |v: &[f32], r: &Range<usize>| {
+        Tensor::<1>::from_data(
+            TensorData::new(v[r.clone()].to_vec(), vec![r.len()]),
+            &device,
+        )
+    };
+    let moments = dp
+        .segments()
+        .iter()
+        .map(|s| {
+            let (m, v) = &full[dp.path(s)];
+            let moments = Moments {
+                range: s.range.clone(),
+                m: cut(m, &s.range),
+                v: cut(v, &s.range),
+            };
+            (dp.path(s).to_string(), moments)
+        })
+        .collect();
+    (dp, moments)
+}
+
+fn wanted(dp: &DataParallel) -> Vec<(String, Range<usize>)> {
+    dp.segments()
+        .iter()
+        .map(|s| (dp.path(s).to_string(), s.range.clone()))
+        .collect()
+}
+
+#[test]
+fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
+    let config = ZambaConfig::preset("zamba-tiny").unwrap();
+    let model = ZambaModel::from_source(&config, &mut RandomInit::new(1), &Device::flex()).unwrap();
+    let full = full_moments(&model);
+    let numel: HashMap<String, usize> = param_slots(&model)
+        .into_iter()
+        .map(|s| (s.path, s.numel))
+        .collect();
+    let numel_ref: HashMap<&str, usize> = numel.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let ckpt = tempfile::tempdir().unwrap();
+    for rank in 0..2 {
+        let (dp, moments) = owned(&model, &full, Sharding::Zero1, rank, 2);
+        assert!(
+            dp.segments().len() < param_slots(&model).len() + 2,
+            "rank {rank} holds a share"
+        );
+        moments::write(
+            &moments::part_path(ckpt.path(), rank, 2),
+            &moments,
+            &numel_ref,
+        )
+        .unwrap();
+    }
+    for (sharding, world) in [(Sharding::Replicated, 1), (Sharding::Zero1, 3)] {
+        for rank in 0..world {
+            let (dp, expected) = owned(&model, &full, sharding, rank, world);
+            let got = moments::read(ckpt.path(), &numel_ref, &wanted(&dp), true, &Device::flex())
+                .unwrap();
+            assert_eq!(got.len(), expected.len());
+            for (path, e) in &expected {
+                let g = &got[path];
+                assert_eq!(g.range, e.range, "{path}");
+                let read = |t: &Tensor<1>| t.clone().into_data().try_to_vec::<f32>().unwrap();
+                assert_eq!(read(&g.m), read(&e.m), "{path} m on rank {rank} of {world}");
+                assert_eq!(read(&g.v), read(&e.v), "{path} v on rank {rank} of {world}");
+            }
+        }
+    }
+
+    // A missing part leaves parameters short; the error says so.
+    let (dp, _) = owned(&model, &full, Sharding::Replicated, 0, 1);
+    std::fs::remove_file(moments::part_path(ckpt.path(), 1, 2)).unwrap();
+    let err = format!(
+        "{:#}",
+        moments::read(ckpt.path(), &numel_ref, &wanted(&dp), true, &Device::flex()).unwrap_err()
+    );
+    assert!(
+        err.contains("part file is missing") || err.contains("no AdamW moments"),
+        "{err}"
+    );
+
+    // Moments of a parameter the model does not have, and a parameter without moments.
+    let (_, mut all) = owned(&model, &full, Sharding::Replicated, 0, 1);
+    let one = all.remove("final_layernorm.gamma").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut numel_extra = numel_ref.clone();
+    numel_extra.insert("layers.99.gamma", one.range.len());
+    let mut with_stranger = all.clone();
+    with_stranger.insert("layers.99.gamma".into(), one);
+    moments::write(
+        &moments::part_path(dir.path(), 0, 1),
+        &with_stranger,
+        &numel_extra,
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        moments::read(dir.path(), &numel_ref, &wanted(&dp), true, &Device::flex()).unwrap_err()
+    );
+    assert!(
+        err.contains("layers.99.gamma") && err.contains("does not have"),
+        "{err}"
+    );
+    moments::write(&moments::part_path(dir.path(), 0, 1), &all, &numel_ref).unwrap();
+    let err = format!(
+        "{:#}",
+        moments::read(dir.path(), &numel_ref, &wanted(&dp), true, &Device::flex()).unwrap_err()
+    );
+    assert!(
+        err.contains("final_layernorm.gamma") && err.contains("no AdamW moments"),
+        "{err}"
+    );
+    assert!(
+        moments::read(dir.path(), &numel_ref, &wanted(&dp), false, &Device::flex()).is_ok(),
+        "before the first step none are required"
+    );
 }

@@ -1,7 +1,8 @@
 //! metrics.jsonl parsing and the PNG/SVG plots.
 
 use std::path::{Path, PathBuf};
-use zamba_train::plot::{PlotArgs, parse_metrics, plot_runs, plot_schedule, read_metrics};
+use zamba_train::metrics::{parse_metrics, read_metrics};
+use zamba_train::plot::{PlotArgs, plot_runs, plot_schedule};
 use zamba_train::schedule::{CosineSchedule, ScheduleConfig};
 
 /// A run directory with `steps` step lines and an eval line every 10 steps.

@@ -220,6 +220,21 @@ fn runs_points_skips_finished_ones_and_summarizes() {
         3
     );
     assert!(report.summary_markdown.contains("done (skipped)"));
+
+    // A point whose run directory another trainer holds is not started a second time.
+    let busy = &report.plan.points[1];
+    std::fs::remove_file(busy.run_dir.join("DONE")).unwrap();
+    let lock = zamba_train::run_lock::RunLock::acquire(&busy.run_dir).unwrap();
+    let fake = FakeTrainer::new();
+    let report = run_with(&args, &fake, Path::new("/usr/bin/zamba-train")).unwrap();
+    assert!(fake.ran.lock().unwrap().is_empty());
+    assert!(
+        matches!(&report.statuses[1], PointStatus::RunningElsewhere(who) if who.contains(&format!("pid {}", std::process::id()))),
+        "{:?}",
+        report.statuses[1]
+    );
+    assert!(report.summary_markdown.contains("running elsewhere"));
+    drop(lock);
 }
 
 #[test]
@@ -323,4 +338,60 @@ fn emit_writes_configs_and_a_slurm_array_script() {
             point.config_path.display().to_string()
         );
     }
+}
+
+/// Records how many points run at once; each point waits until a second one has started, so a
+/// pool that ran points one by one would time out instead of passing.
+struct ConcurrencyProbe {
+    active: Mutex<usize>,
+    most: Mutex<usize>,
+    arrived: std::sync::Condvar,
+    inner: FakeTrainer,
+}
+
+impl RunExecutor for ConcurrencyProbe {
+    fn execute(&self, point: &SweepPoint) -> Result<()> {
+        {
+            let mut active = self.active.lock().unwrap();
+            *active += 1;
+            {
+                let mut most = self.most.lock().unwrap();
+                *most = (*most).max(*active);
+            }
+            self.arrived.notify_all();
+            let (_guard, timeout) = self
+                .arrived
+                .wait_timeout_while(active, std::time::Duration::from_secs(20), |_| {
+                    *self.most.lock().unwrap() < 2
+                })
+                .unwrap();
+            assert!(
+                !timeout.timed_out(),
+                "no second point ran alongside {}",
+                point.name
+            );
+        }
+        let result = self.inner.execute(point);
+        *self.active.lock().unwrap() -= 1;
+        result
+    }
+}
+
+#[test]
+fn jobs_bounds_how_many_points_run_at_once() {
+    let (_dir, mut args) = setup("[grid]\n\"train.steps\" = [10, 11, 12, 13, 14, 15]\n");
+    args.jobs = 2;
+    let probe = ConcurrencyProbe {
+        active: Mutex::new(0),
+        most: Mutex::new(0),
+        arrived: std::sync::Condvar::new(),
+        inner: FakeTrainer::new(),
+    };
+    let report = run_with(&args, &probe, Path::new("zamba-train")).unwrap();
+    assert_eq!(report.statuses, vec![PointStatus::Done; 6]);
+    assert_eq!(
+        *probe.most.lock().unwrap(),
+        2,
+        "--jobs 2 runs exactly two points at a time"
+    );
 }

@@ -2,100 +2,13 @@
 //! continues bit-identically (also after a real SIGINT), an annealing run starts from exactly the
 //! phase-1 weights.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use zamba_train::train::{DONE_FILE, TrainOptions, train};
+use std::path::Path;
 
-/// A tiny run on the synthetic web set, generated into `dir/cache` on first use.
-fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let cache = dir.join("cache");
-    let text = format!(
-        r#"
-[run]
-name = "{name}"
-dir = "{run}"
-seed = 7
-
-[model]
-preset = "zamba-tiny"
-hidden_size = 32
-intermediate_size = 64
-num_attention_heads = 2
-num_key_value_heads = 2
-vocab_size = 264
-pad_token_id = 258
-
-[synthetic]
-cache_dir = "{cache}"
-web_docs = 600
-instruct_examples = 600
-validation_fraction = 0.1
-
-[data]
-seq_len = 64
-seed = 3
-
-[data.sources.web]
-paths = ["synthetic:web"]
-validation = ["synthetic:web"]
-weight = 1.0
-
-[batch]
-sequences = 8
-micro_batch = 4
-
-[checkpoint]
-every = 3
-keep_last = 10
-
-[eval]
-every = 3
-batches = 1
-
-[logging]
-progress = false
-{extra}
-"#,
-        run = dir.join(name).display(),
-        cache = cache.display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn options(config: PathBuf) -> TrainOptions {
-    TrainOptions {
-        config,
-        overrides: Vec::new(),
-        resume: None,
-        allow_data_change: false,
-    }
-}
-
-/// (step, loss bits) of every step line of a run.
-fn step_losses(run_dir: &Path) -> Vec<(u64, Option<u64>)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("eval").is_none())
-        .map(|v| {
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().map(f64::to_bits),
-            )
-        })
-        .collect()
-}
-
-const SCHEDULE: &str = r#"
-[schedule]
-kind = "cosine"
-peak_lr = 5e-3
-min_lr = 5e-4
-warmup_steps = 2
-"#;
+use common::{SCHEDULE, copy_dir, options, step_losses, write_config};
+use zamba_train::metrics::{DONE_FILE, metrics_path, read_metrics};
+use zamba_train::train::train;
 
 #[test]
 fn loss_drops_and_resume_is_bit_identical() {
@@ -112,6 +25,13 @@ fn loss_drops_and_resume_is_bit_identical() {
     let first = f64::from_bits(reference[0].1.unwrap());
     let last = f64::from_bits(reference[11].1.unwrap());
     assert!(last < first - 0.3, "loss did not drop: {first} → {last}");
+    // On CPU without `runtime.peak_gflops`, MFU is relative to the peak measured at start: the
+    // model's FLOP/s can never exceed the machine's best GEMM.
+    let metrics = read_metrics(&metrics_path(&full_dir)).unwrap();
+    for record in &metrics.steps {
+        let mfu = record.mfu.expect("mfu on every CPU step line");
+        assert!(mfu > 0.0 && mfu < 1.0, "step {}: mfu {mfu}", record.step);
+    }
 
     // A run that "crashed" after step 6: its run dir holds the step-6 checkpoint and the metrics
     // written until the crash (including a step the checkpoint does not cover).
@@ -253,17 +173,4 @@ fn sigint_checkpoints_and_the_rerun_matches_an_uninterrupted_run() {
     assert!(launch().wait().unwrap().success());
     assert!(run_dir.join(DONE_FILE).exists());
     assert_eq!(step_losses(&run_dir), reference);
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

@@ -4,6 +4,7 @@ use crate::error::DataError;
 use crate::manifest::{Manifest, ShardInfo};
 use crate::tokenizer::TokenizerInfo;
 use anyhow::{Context, Result, bail};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,35 +16,48 @@ fn default_prefetch() -> usize {
     4
 }
 
-/// One phase's data: named, weighted sources of tokenized shards.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One phase's data: named, weighted sources of tokenized shards, mixed into sequences of
+/// `seq_len` tokens in a deterministic, resumable order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Source name → shards and weight. A BTreeMap so the order (and so the data) never depends on how the file lists them.
+    /// Source name → shards and weight (a `[data.sources.NAME]` table each). A BTreeMap so the
+    /// order (and so the data) never depends on how the file lists them.
+    #[schemars(extend("minProperties" = 1))]
     pub sources: BTreeMap<String, SourceConfig>,
     /// Tokens per training sequence; windows of seq_len + 1 tokens give inputs and shifted targets.
+    #[schemars(range(min = 1))]
     pub seq_len: usize,
+    /// Seed of the data order (shuffles and source draws); independent of `run.seed`.
     #[serde(default)]
     pub seed: u64,
     /// Row groups shuffled together as one unit (more: better mixing, more memory).
     #[serde(default = "default_shuffle_blocks")]
+    #[schemars(range(min = 1))]
     pub shuffle_blocks: usize,
     /// Batches prepared ahead on the background thread.
     #[serde(default = "default_prefetch")]
+    #[schemars(range(min = 1))]
     pub prefetch: usize,
     /// The model's vocabulary size; when set, data whose tokenizer has more ids is rejected.
+    /// A run config leaves it out: the trainer sets it from `model.vocab_size`.
     #[serde(default)]
     pub model_vocab_size: Option<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One data source: tokenized shards, its share of the training tokens, and held-out shards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Tokenized shard directories (with a manifest.json), shard files, or globs of either.
+    /// In a run config, relative paths are relative to the config file's directory, and
+    /// `"synthetic:web"` / `"synthetic:instruct"` name the generated sets (see `[synthetic]`).
+    #[schemars(length(min = 1))]
     pub paths: Vec<String>,
-    /// Share of training tokens; weights are normalised over all sources.
+    /// Share of training tokens; weights are normalised over all sources (0: held-out loss only).
+    #[schemars(range(min = 0.0))]
     pub weight: f64,
-    /// Held-out tokenized shards for this source's validation loss.
+    /// Held-out tokenized shards for this source's validation loss (see `[eval]`).
     #[serde(default)]
     pub validation: Vec<String>,
 }
@@ -109,6 +123,8 @@ pub struct ResolvedShard {
     pub path: PathBuf,
     pub info: ShardInfo,
     pub manifest_fingerprint: String,
+    /// The shard has a `loss_mask` column.
+    pub has_loss_mask: bool,
 }
 
 /// Checks that every manifest used in one phase comes from the same tokenizer.
@@ -219,6 +235,7 @@ pub fn resolve_shards(
                         path: shard_path,
                         info: info.clone(),
                         manifest_fingerprint: manifest.content_fingerprint.clone(),
+                        has_loss_mask: manifest.settings.has_loss_mask(),
                     });
                 }
             }

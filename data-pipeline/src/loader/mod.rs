@@ -59,6 +59,9 @@ pub struct Batch {
     pub inputs: Vec<u32>,
     /// Row-major `[rows, seq_len]`: `inputs` shifted by one token.
     pub targets: Vec<u32>,
+    /// Row-major `[rows, seq_len]`: whether each target counts in the loss (false for tokens
+    /// outside the trained spans of `--loss-on assistant` data). None: every target counts.
+    pub loss_mask: Option<Vec<bool>>,
     /// Index (into [`MixtureLoader::source_names`]) of the source of each row.
     pub row_sources: Vec<u16>,
     /// Target tokens per source in this rank's rows.
@@ -120,22 +123,17 @@ impl Producer {
         mine.sort_by_key(|&(_, s, w)| (s, w));
 
         let l = self.seq_len;
-        let mut inputs = vec![0u32; local * l];
-        let mut targets = vec![0u32; local * l];
+        let mut rows = RowsBuilder::new(local, l, self.sources.iter().any(|s| s.stream.masked()));
         let mut row_sources = vec![0u16; local];
         let mut per_source = vec![0u64; n];
-        let mut window = vec![0u32; l + 1];
         for &(r, s, w) in &mine {
             let source = &mut self.sources[s as usize];
-            source
-                .stream
-                .read(w * l as u64, &mut window)
+            rows.read(r, &mut source.stream, w)
                 .with_context(|| format!("reading source {:?}", source.name))?;
-            inputs[r * l..(r + 1) * l].copy_from_slice(&window[..l]);
-            targets[r * l..(r + 1) * l].copy_from_slice(&window[1..]);
             row_sources[r] = s;
             per_source[s as usize] += l as u64;
         }
+        let (inputs, targets, loss_mask) = rows.finish();
 
         let batch = Batch {
             step: self.state.step,
@@ -143,6 +141,7 @@ impl Producer {
             seq_len: l,
             inputs,
             targets,
+            loss_mask,
             row_sources,
             source_tokens: self
                 .sources
@@ -162,6 +161,52 @@ impl Producer {
             );
         }
         Ok((batch, self.state.clone()))
+    }
+}
+
+/// Fills the rows of a batch from windows of source streams: inputs, targets shifted by one, and
+/// the targets' loss mask when any source has masks.
+pub(crate) struct RowsBuilder {
+    seq_len: usize,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    mask: Option<Vec<bool>>,
+    window: Vec<u32>,
+    window_mask: Vec<bool>,
+}
+
+impl RowsBuilder {
+    pub(crate) fn new(rows: usize, seq_len: usize, masked: bool) -> Self {
+        Self {
+            seq_len,
+            inputs: vec![0; rows * seq_len],
+            targets: vec![0; rows * seq_len],
+            mask: masked.then(|| vec![true; rows * seq_len]),
+            window: vec![0; seq_len + 1],
+            window_mask: vec![true; seq_len + 1],
+        }
+    }
+
+    /// Row `row` := window `w` of `stream` (stream tokens `[w·L, w·L + L + 1)`).
+    pub(crate) fn read(&mut self, row: usize, stream: &mut SourceStream, w: u64) -> Result<()> {
+        let l = self.seq_len;
+        let mask = stream.masked().then_some(&mut self.window_mask[..]);
+        stream.read(w * l as u64, &mut self.window, mask)?;
+        self.inputs[row * l..(row + 1) * l].copy_from_slice(&self.window[..l]);
+        self.targets[row * l..(row + 1) * l].copy_from_slice(&self.window[1..]);
+        if let Some(out) = &mut self.mask {
+            let row_mask = &mut out[row * l..(row + 1) * l];
+            if stream.masked() {
+                row_mask.copy_from_slice(&self.window_mask[1..]);
+            } else {
+                row_mask.fill(true);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> (Vec<u32>, Vec<u32>, Option<Vec<bool>>) {
+        (self.inputs, self.targets, self.mask)
     }
 }
 

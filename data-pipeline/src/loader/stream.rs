@@ -35,6 +35,8 @@ struct LoadedGroup {
     epoch: u64,
     group: usize,
     tokens: Vec<u32>,
+    /// One loss-mask value per token; empty when the stream has no masks.
+    mask: Vec<bool>,
 }
 
 pub struct SourceStream {
@@ -44,6 +46,8 @@ pub struct SourceStream {
     shuffle: bool,
     group_blocks: usize,
     vocab_limit: u32,
+    /// Whether any shard carries a loss mask (then every read yields one).
+    masked: bool,
     shards: Vec<ResolvedShard>,
     readers: Vec<Option<ShardReader>>,
     blocks: Vec<Block>,
@@ -76,7 +80,9 @@ impl SourceStream {
             }
         }
         let total_tokens = blocks.iter().map(|b| b.tokens).sum();
+        let masked = shards.iter().any(|s| s.has_loss_mask);
         Self {
+            masked,
             name: name.to_owned(),
             name_id: name_id(name),
             seed,
@@ -97,8 +103,19 @@ impl SourceStream {
         self.total_tokens
     }
 
-    /// Fills `out` with the stream's tokens starting at `offset` (wrapping into later epochs).
-    pub fn read(&mut self, offset: u64, out: &mut [u32]) -> Result<()> {
+    /// Whether reads yield a loss mask (some shard of the source has one).
+    pub fn masked(&self) -> bool {
+        self.masked
+    }
+
+    /// Fills `out` with the stream's tokens starting at `offset` (wrapping into later epochs),
+    /// and `mask` (same length) with their loss mask when the stream is [`masked`](Self::masked).
+    pub fn read(
+        &mut self,
+        offset: u64,
+        out: &mut [u32],
+        mut mask: Option<&mut [bool]>,
+    ) -> Result<()> {
         let mut pos = offset;
         let mut filled = 0;
         while filled < out.len() {
@@ -115,6 +132,11 @@ impl SourceStream {
             let from = (within - group_start) as usize;
             let n = (out.len() - filled).min(tokens.len() - from);
             out[filled..filled + n].copy_from_slice(&tokens[from..from + n]);
+            if let Some(mask) = mask.as_deref_mut() {
+                let group_mask = &self.groups[loaded].mask;
+                assert!(self.masked, "a mask was asked of a stream without masks");
+                mask[filled..filled + n].copy_from_slice(&group_mask[from..from + n]);
+            }
             filled += n;
             pos += n as u64;
         }
@@ -165,6 +187,7 @@ impl SourceStream {
             .expect("group in range")
             .to_vec();
         let mut tokens = Vec::new();
+        let mut mask = Vec::new();
         let mut lens = std::mem::take(&mut self.scratch_lens);
         lens.clear();
         for &b in &block_ids {
@@ -175,7 +198,14 @@ impl SourceStream {
             }
             let reader = self.readers[shard].as_ref().expect("opened above");
             let before = tokens.len();
-            reader.read_row_group(row_group, self.vocab_limit, &mut tokens, &mut lens)?;
+            let group_mask = self.masked.then_some(&mut mask);
+            reader.read_row_group(
+                row_group,
+                self.vocab_limit,
+                &mut tokens,
+                &mut lens,
+                group_mask,
+            )?;
             let got = (tokens.len() - before) as u64;
             if got != expected {
                 bail!(
@@ -185,10 +215,14 @@ impl SourceStream {
                 );
             }
         }
-        let tokens = if self.shuffle {
-            self.shuffle_documents(&tokens, &lens, epoch, group)
+        let (tokens, mask) = if self.shuffle {
+            let order = self.document_order(lens.len(), epoch, group);
+            (
+                permute_documents(&tokens, &lens, &order),
+                permute_documents(&mask, &lens, &order),
+            )
         } else {
-            tokens
+            (tokens, mask)
         };
         self.scratch_lens = lens;
         if self.groups.len() == GROUP_CACHE {
@@ -198,32 +232,35 @@ impl SourceStream {
             epoch,
             group,
             tokens,
+            mask,
         });
         Ok(0)
     }
 
-    fn shuffle_documents(
-        &self,
-        tokens: &[u32],
-        lens: &[u32],
-        epoch: u64,
-        group: usize,
-    ) -> Vec<u32> {
-        let mut starts = Vec::with_capacity(lens.len());
-        let mut at = 0usize;
-        for &len in lens {
-            starts.push(at);
-            at += len as usize;
-        }
-        let order = permutation(
+    fn document_order(&self, docs: usize, epoch: u64, group: usize) -> Vec<u32> {
+        permutation(
             &mut rng_for(self.seed, &[self.name_id, DOCS_STREAM, epoch, group as u64]),
-            lens.len(),
-        );
-        let mut out = Vec::with_capacity(tokens.len());
-        for &d in &order {
-            let (start, len) = (starts[d as usize], lens[d as usize] as usize);
-            out.extend_from_slice(&tokens[start..start + len]);
-        }
-        out
+            docs,
+        )
     }
+}
+
+/// The documents of `values` (lengths `lens`, concatenated) in `order`; an empty `values` (no
+/// mask) stays empty.
+fn permute_documents<T: Copy>(values: &[T], lens: &[u32], order: &[u32]) -> Vec<T> {
+    if values.is_empty() {
+        return Vec::new();
+    }
+    let mut starts = Vec::with_capacity(lens.len());
+    let mut at = 0usize;
+    for &len in lens {
+        starts.push(at);
+        at += len as usize;
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for &d in order {
+        let (start, len) = (starts[d as usize], lens[d as usize] as usize);
+        out.extend_from_slice(&values[start..start + len]);
+    }
+    out
 }

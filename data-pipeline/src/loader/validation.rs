@@ -1,8 +1,8 @@
 //! Evaluation batches over a held-out set: sequential windows in file order, no shuffling.
 
-use super::Batch;
 use super::config::ResolvedShard;
 use super::stream::SourceStream;
+use super::{Batch, RowsBuilder};
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
 
@@ -54,18 +54,23 @@ impl ValidationBatches {
         self.per_rank
     }
 
+    /// Stops the pass after this rank's first `windows` windows. With `windows` =
+    /// ⌈(n − rank) / world⌉ the ranks together read exactly the first `n` windows of the set,
+    /// whatever the world size.
+    pub fn limit_windows(mut self, windows: u64) -> Self {
+        self.per_rank = self.per_rank.min(windows);
+        self
+    }
+
     fn read_batch(&mut self) -> Result<Batch> {
         let rows = (self.per_rank - self.next).min(self.rows as u64) as usize;
         let l = self.seq_len;
-        let mut inputs = vec![0u32; rows * l];
-        let mut targets = vec![0u32; rows * l];
-        let mut window = vec![0u32; l + 1];
+        let mut builder = RowsBuilder::new(rows, l, self.stream.masked());
         for r in 0..rows {
             let global_window = self.rank + self.world * (self.next + r as u64);
-            self.stream.read(global_window * l as u64, &mut window)?;
-            inputs[r * l..(r + 1) * l].copy_from_slice(&window[..l]);
-            targets[r * l..(r + 1) * l].copy_from_slice(&window[1..]);
+            builder.read(r, &mut self.stream, global_window)?;
         }
+        let (inputs, targets, loss_mask) = builder.finish();
         self.next += rows as u64;
         let batch = Batch {
             step: self.batch_index,
@@ -73,6 +78,7 @@ impl ValidationBatches {
             seq_len: l,
             inputs,
             targets,
+            loss_mask,
             row_sources: vec![self.source_index; rows],
             source_tokens: BTreeMap::from([(self.name.clone(), (rows * l) as u64)]),
         };

@@ -14,6 +14,11 @@ const WORDS: &[&str] = &[
 ];
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 
+/// The chat template (Jinja, as in a tokenizer_config.json) whose rendering of
+/// `[{user: prompt}, {assistant: answer}]` is [`Example::chat_text`]; with
+/// `add_generation_prompt` it ends where the answer starts.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] }}{% else %}{{ raise_exception('only user and assistant messages are supported') }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
+
 pub struct Example {
     pub task: &'static str,
     pub prompt: String,
@@ -24,7 +29,12 @@ pub struct Example {
 
 impl Example {
     pub fn chat_text(&self) -> String {
-        format!("<|user|>\n{}\n<|assistant|>\n{}", self.prompt, self.answer)
+        format!("{}{}", self.chat_prompt(), self.answer)
+    }
+
+    /// The text before the answer: what a model is prompted with.
+    pub fn chat_prompt(&self) -> String {
+        format!("<|user|>\n{}\n<|assistant|>\n", self.prompt)
     }
 }
 

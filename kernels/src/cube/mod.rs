@@ -10,9 +10,9 @@ use burn_cubecl::kernel::{cast, into_contiguous, slice, untile};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::ops::{permute, reshape};
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::client::Client;
 use cubecl::ir::AddressType;
 use cubecl::prelude::ElemType;
-use cubecl::client::Client;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::cpu::Dims;

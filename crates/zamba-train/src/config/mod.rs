@@ -1,38 +1,40 @@
 //! The run config: one strict TOML file per run (phase 1 and the anneal are two such files).
+//! docs/configuration.md lists every section and key; it is generated from this module's types
+//! (`zamba-train config reference`) and a test keeps it current.
 //!
-//! ```toml
-//! [run]        name, dir, seed
-//! [model]      preset and/or any field of zamba_model::ZambaConfig
-//! [init]       from, load_optimizer                     (optional)
-//! [data]       zamba_data::DataConfig: seq_len, seed, [data.sources.NAME] paths/weight/validation
-//! [synthetic]  how "synthetic:web" / "synthetic:instruct" sources are generated (optional)
-//! [batch]      tokens | sequences, micro_batch
-//! [optimizer]  beta1, beta2, eps, weight_decay, decay_embeddings, clip_grad_norm
-//! [schedule]   kind = "constant" | "cosine" | "wsd" | "anneal", … (see crate::schedule)
-//! [train]      steps, max_consecutive_skips, spike_zscore, spike_window, activation_checkpointing
-//! [checkpoint] every, keep_last, keep_every
-//! [eval]       every, batches
-//! [logging]    every, progress
-//! [runtime]    device, precision, threads, world_size, peak_gflops
-//! ```
-//!
-//! Paths: data shard paths and `synthetic.tokenizer` are inputs shipped next to the config and
-//! are relative to the config file's directory; `run.dir`, `init.from` and
-//! `synthetic.cache_dir` are run outputs and are relative to the working directory. All are
-//! absolute after [`RunConfig::load`], so a saved config means the same thing from anywhere.
-//! Nothing is opened at load time: shards and checkpoints are checked when the trainer opens them.
+//! # Adding a key or a section
+//! - A key: add the field to its section struct with a `///` doc comment (what it does, which
+//!   keys it interacts with), a serde default if it is optional (the struct's `Default` for
+//!   sections with `#[serde(default)]`), and its range as `#[schemars(range(min = …, max = …))]`
+//!   or `#[schemars(extend("exclusiveMinimum" = 0.0))]` — [`check_ranges`] enforces it. Rules
+//!   involving other keys go in the section's [`Section::validate`].
+//! - A section: a struct deriving `Serialize, Deserialize, JsonSchema` with
+//!   `#[serde(deny_unknown_fields)]` and a doc comment, a field of [`RunConfig`]
+//!   (`#[serde(default)]` unless the section must be written), `impl Section` for it, and a line
+//!   in [`RunConfig::validate`].
+//! - Then regenerate the reference: `cargo run -p zamba-train -- config reference > docs/configuration.md`.
 
+mod cli;
+mod data;
 mod error;
 mod model;
 mod overrides;
+mod reference;
+mod rules;
+mod schema_text;
 mod sections;
+mod starter;
 mod summary;
 mod synthetic;
 
+pub use cli::{ConfigCommand, run_command};
 pub use error::{ConfigError, ConfigErrorKind, closest};
 pub use model::ModelSection;
 pub use overrides::{Override, parse_value};
+pub use reference::{REGENERATE, reference_markdown};
+pub use rules::{Section, check_ranges, schema_of};
 pub use sections::*;
+pub use starter::{StarterError, StarterStyle, render_starter, starter_config};
 pub use summary::human_count;
 pub use synthetic::{SYNTHETIC_PREFIX, SYNTHETIC_SETS, SyntheticSection, synthetic_set};
 
@@ -40,6 +42,7 @@ use crate::schedule::{
     AnnealSchedule, ConstantSchedule, CosineSchedule, ScheduleConfig, WsdSchedule,
 };
 use error::from_serde;
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -47,7 +50,16 @@ use std::path::Path;
 use zamba_data::DataConfig;
 use zamba_model::ZambaConfig;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The sections that describe *what* is trained — the run's directory, the model, the data, the
+/// batch, the LR schedule and the number of steps — must be written; the others have defaults
+/// (`[init]` and `[synthetic]`: absent = not used).
+///
+/// Paths: data shard paths and `synthetic.tokenizer` are inputs shipped next to the config and
+/// are relative to the config file's directory; `run.dir`, `init.from` and
+/// `synthetic.cache_dir` are run outputs and are relative to the working directory. All are
+/// absolute once loaded, so a saved config means the same thing from anywhere. Nothing is
+/// opened at load time: shards and checkpoints are checked when the trainer opens them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub run: RunSection,
@@ -55,7 +67,6 @@ pub struct RunConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitSection>,
     pub data: DataConfig,
-    /// Present (with defaults filled in) whenever a source uses a synthetic set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synthetic: Option<SyntheticSection>,
     pub batch: BatchSection,
@@ -63,6 +74,7 @@ pub struct RunConfig {
     pub optimizer: OptimizerSection,
     pub schedule: ScheduleConfig,
     pub train: TrainSection,
+    #[serde(default)]
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub eval: EvalSection,
@@ -70,8 +82,11 @@ pub struct RunConfig {
     pub logging: LoggingSection,
     #[serde(default)]
     pub runtime: RuntimeSection,
+    #[serde(default)]
+    pub dist: DistSection,
 }
 
+/// The values of `schedule.kind`, as serde names the [`ScheduleConfig`] variants.
 const SCHEDULE_KINDS: &[&str] = &["constant", "cosine", "wsd", "anneal"];
 
 impl RunConfig {
@@ -192,234 +207,26 @@ impl RunConfig {
         Ok(())
     }
 
-    /// Checks that the values make sense together; errors name the key(s).
+    /// Checks every key's range, then each section's rules; errors name the key to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_data()?;
-        self.validate_batch()?;
-        if let Some(peak) = self.runtime.peak_gflops
-            && !(peak > 0.0 && peak.is_finite())
-        {
-            return Err(ConfigError::invalid(
-                "runtime.peak_gflops",
-                format!("is {peak}; expected a number of GFLOP/s > 0"),
-            ));
-        }
-        let o = &self.optimizer;
-        for (key, beta) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
-            if !(0.0..1.0).contains(&beta) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("is {beta}; expected a number in [0, 1)"),
-                ));
-            }
-        }
-        if !(o.eps > 0.0 && o.eps.is_finite()) {
-            return Err(ConfigError::invalid(
-                "optimizer.eps",
-                format!("is {}; expected a number > 0", o.eps),
-            ));
-        }
-        for (key, v) in [
-            ("optimizer.weight_decay", o.weight_decay),
-            ("optimizer.clip_grad_norm", o.clip_grad_norm),
-        ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("is {v}; expected a number >= 0 (0 = off)"),
-                ));
-            }
-        }
-        let t = &self.train;
-        if t.steps == 0 {
-            return Err(ConfigError::invalid(
-                "train.steps",
-                "is 0; expected the number of optimizer steps (> 0)",
-            ));
-        }
-        if t.max_consecutive_skips == 0 {
-            return Err(ConfigError::invalid(
-                "train.max_consecutive_skips",
-                "is 0; expected at least 1",
-            ));
-        }
-        if let Some(z) = t.spike_zscore
-            && !(z > 0.0 && z.is_finite())
-        {
-            return Err(ConfigError::invalid(
-                "train.spike_zscore",
-                format!("is {z}; expected a number of standard deviations > 0"),
-            ));
-        }
-        if t.spike_zscore.is_some() && t.spike_window < 2 {
-            return Err(ConfigError::invalid(
-                "train.spike_window",
-                format!(
-                    "is {}; a z-score needs a window of at least 2 losses",
-                    t.spike_window
-                ),
-            ));
-        }
-        self.schedule
-            .validate(t.steps)
-            .map_err(|e| ConfigError::invalid(format!("schedule.{}", e.field), e.message))?;
-        if self.checkpoint.keep_last == 0 {
-            return Err(ConfigError::invalid(
-                "checkpoint.keep_last",
-                "is 0; keep at least the newest checkpoint (1)",
-            ));
-        }
-        if self.eval.every > 0 {
-            if self.eval.batches == 0 {
-                return Err(ConfigError::invalid(
-                    "eval.batches",
-                    "is 0 while eval.every > 0; expected at least 1",
-                ));
-            }
-            if self.data.sources.values().all(|s| s.validation.is_empty()) {
-                return Err(ConfigError::invalid(
-                    "eval.every",
-                    "is set but no data source lists `validation` shards; add data.sources.NAME.validation or set eval.every = 0",
-                ));
-            }
-        }
-        if self.logging.every == 0 {
-            return Err(ConfigError::invalid(
-                "logging.every",
-                "is 0; expected at least 1",
-            ));
-        }
-        if self.runtime.threads == Some(0) {
-            return Err(ConfigError::invalid(
-                "runtime.threads",
-                "is 0; expected at least 1 (or leave it out for all cores)",
-            ));
-        }
-        Ok(())
-    }
-
-    fn validate_data(&self) -> Result<(), ConfigError> {
-        let d = &self.data;
-        if d.sources.is_empty() {
-            return Err(ConfigError::invalid(
-                "data.sources",
-                "no sources; add a [data.sources.NAME] table with paths and weight",
-            ));
-        }
-        if d.seq_len == 0 {
-            return Err(ConfigError::invalid(
-                "data.seq_len",
-                "is 0; expected the tokens per training sequence",
-            ));
-        }
-        for (name, s) in &d.sources {
-            if !(s.weight.is_finite() && s.weight >= 0.0) {
-                return Err(ConfigError::invalid(
-                    format!("data.sources.{name}.weight"),
-                    format!("is {}; expected a finite number >= 0", s.weight),
-                ));
-            }
-            if s.paths.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("data.sources.{name}.paths"),
-                    "is empty; list shard directories, files or globs",
-                ));
-            }
-        }
-        if d.sources.values().all(|s| s.weight == 0.0) {
-            return Err(ConfigError::invalid(
-                "data.sources",
-                "all source weights are 0; give at least one source a positive weight",
-            ));
-        }
-        if let Some(v) = d.model_vocab_size
-            && v as usize != self.model.config.vocab_size
-        {
-            return Err(ConfigError::invalid(
-                "data.model_vocab_size",
-                format!(
-                    "is {v} but model.vocab_size is {}; leave it out (the trainer sets it from the model)",
-                    self.model.config.vocab_size
-                ),
-            ));
-        }
-        synthetic::check_references(d)?;
-        if let Some(s) = &self.synthetic {
-            s.validate()?;
-        }
-        // The pipeline's own checks, as a backstop for anything added there later.
-        d.validate()
-            .map_err(|e| ConfigError::invalid("data", e.to_string()))
-    }
-
-    fn validate_batch(&self) -> Result<(), ConfigError> {
-        let b = &self.batch;
-        let seq = self.data.seq_len;
-        let global = match (b.tokens, b.sequences) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "batch.tokens",
-                    "give the global batch as batch.tokens or batch.sequences, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::new(
-                    ConfigErrorKind::MissingKey,
-                    Some("batch.sequences".into()),
-                    "missing: give the global batch as batch.sequences or batch.tokens",
-                ));
-            }
-            (Some(0), None) | (None, Some(0)) => {
-                let key = if b.tokens.is_some() {
-                    "batch.tokens"
-                } else {
-                    "batch.sequences"
-                };
-                return Err(ConfigError::invalid(
-                    key,
-                    "is 0; expected a positive global batch",
-                ));
-            }
-            (Some(t), None) if t % seq != 0 => {
-                return Err(ConfigError::invalid(
-                    "batch.tokens",
-                    format!(
-                        "{t} is not a multiple of data.seq_len = {seq}; e.g. {} or {}",
-                        (t / seq).max(1) * seq,
-                        (t / seq + 1) * seq
-                    ),
-                ));
-            }
-            (Some(t), None) => t / seq,
-            (None, Some(s)) => s,
-        };
-        if b.micro_batch == 0 {
-            return Err(ConfigError::invalid(
-                "batch.micro_batch",
-                "is 0; expected at least 1 sequence",
-            ));
-        }
-        if self.runtime.world_size == 0 {
-            return Err(ConfigError::invalid(
-                "runtime.world_size",
-                "is 0; expected at least 1",
-            ));
-        }
-        let per_pass = b.micro_batch * self.runtime.world_size;
-        if global % per_pass != 0 {
-            let key = if b.tokens.is_some() {
-                "batch.tokens"
-            } else {
-                "batch.sequences"
-            };
-            return Err(ConfigError::invalid(
-                key,
-                format!(
-                    "the global batch of {global} sequences is not divisible by batch.micro_batch ({}) × runtime.world_size ({}) = {per_pass}, \
-                     so gradient accumulation would not be a whole number of micro-batches",
-                    b.micro_batch, self.runtime.world_size
-                ),
-            ));
+        check_ranges(self, "")?;
+        let sections: [Option<&dyn Section>; 13] = [
+            Some(&self.run),
+            self.init.as_ref().map(|s| s as &dyn Section),
+            Some(&self.data),
+            self.synthetic.as_ref().map(|s| s as &dyn Section),
+            Some(&self.batch),
+            Some(&self.optimizer),
+            Some(&self.schedule),
+            Some(&self.train),
+            Some(&self.checkpoint),
+            Some(&self.eval),
+            Some(&self.logging),
+            Some(&self.runtime),
+            Some(&self.dist),
+        ];
+        for section in sections.into_iter().flatten() {
+            section.validate(self)?;
         }
         Ok(())
     }
@@ -557,5 +364,20 @@ fn check_schedule(value: &toml::Value) -> Result<(), ConfigError> {
                 closest(other, SCHEDULE_KINDS.iter().copied()).map(|s| format!("\"{s}\""));
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_kinds_are_the_schema_tags() {
+        let schema = schema_of::<ScheduleConfig>();
+        let tags: Vec<String> = schema_text::tagged_variants(&schema, "kind")
+            .into_iter()
+            .map(|(tag, _)| tag)
+            .collect();
+        assert_eq!(tags, SCHEDULE_KINDS);
     }
 }

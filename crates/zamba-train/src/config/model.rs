@@ -4,11 +4,17 @@
 //! what a preset means in a later version.
 
 use super::error::{ConfigError, ConfigErrorKind, closest};
+use super::schema_text::{KEY_ORDER, field_names};
+use super::summary::human_count;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use zamba_model::ZambaConfig;
 use zamba_model::config::PRESETS;
+use zamba_model::params::ParamCounts;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSection {
@@ -148,4 +154,65 @@ impl<'de> Deserialize<'de> for ModelSection {
         let table = BTreeMap::<String, Value>::deserialize(d)?;
         Self::resolve(&table).map_err(serde::de::Error::custom)
     }
+}
+
+/// The schema of `[model]`: `preset` plus every field of [`ZambaConfig`] (with its doc comment
+/// and its default, transformers' = Zamba-7B's), described with a table of the presets.
+impl JsonSchema for ModelSection {
+    fn schema_name() -> Cow<'static, str> {
+        "ModelSection".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let mut schema = ZambaConfig::json_schema(generator);
+        let preset = json_schema!({
+            "type": "string",
+            "enum": PRESETS,
+            "description": "Start from this preset's model config; the other keys override its fields. Absent: transformers' defaults, i.e. Zamba-7B.",
+        });
+        let mut properties = serde_json::Map::from_iter([("preset".to_owned(), preset.to_value())]);
+        if let Some(Value::Object(fields)) = schema.remove("properties") {
+            properties.extend(fields);
+        }
+        schema.insert("properties".into(), Value::Object(properties));
+        // The preset first, then the fields in transformers' order.
+        let order: Vec<&str> = std::iter::once("preset")
+            .chain(field_names::<ZambaConfig>())
+            .collect();
+        schema.insert(KEY_ORDER.into(), serde_json::json!(order));
+        schema.insert("description".into(), Value::String(description()));
+        schema.remove("title");
+        schema
+    }
+}
+
+fn description() -> String {
+    let mut text = String::from(
+        "The model: a `preset`, and any field of transformers' `ZambaConfig` to override it (same \
+         names and meaning as in a Zamba `config.json`). The resolved config is validated as a \
+         whole, and saved with every field so a run does not depend on what a preset means later.\n\n\
+         | preset | layers | hybrid layers | hidden_size | attention heads | vocab_size | parameters |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for name in PRESETS {
+        let Ok(c) = ZambaConfig::preset(name) else {
+            continue;
+        };
+        let _ = writeln!(
+            text,
+            "| `{name}` | {} | {:?} | {} | {} | {} | {} |",
+            c.num_hidden_layers,
+            c.hybrid_layers(),
+            c.hidden_size,
+            c.num_attention_heads,
+            c.vocab_size,
+            human_count(ParamCounts::of(&c).total() as f64)
+        );
+    }
+    text.push_str(
+        "\n`zamba-7b` is Zyphra/Zamba-7B-v1; the others are small proxies for CPU runs and tests. \
+         `zamba-train params --preset NAME` prints the parameter count by component. \
+         The defaults below are transformers' (Zamba-7B's); a preset replaces them with its own.",
+    );
+    text
 }

@@ -1,98 +1,172 @@
-//! The plain sections of a run config. Every struct rejects unknown keys.
+//! The plain sections of a run config. Every struct rejects unknown keys; the doc comments and
+//! `#[schemars(...)]` ranges are the reference (docs/configuration.md) and the range checks.
 
+use super::RunConfig;
+use super::error::{ConfigError, ConfigErrorKind};
+use super::rules::Section;
+use crate::schedule::ScheduleConfig;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use zamba_model::{ActivationCheckpointing, Precision};
 
-/// `[run]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Names the run and where it writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
-    /// Shown in logs and plots; defaults to the last component of `dir`.
+    /// A label for the run in `--dry-run`, the saved config and sweep summaries; defaults to the
+    /// last component of `dir`.
     #[serde(default)]
     pub name: String,
     /// The run's output directory (metrics.jsonl, checkpoints, resolved config). A relative path
     /// is relative to the working directory; it is made absolute when the config is loaded.
+    /// Training resumes from the newest checkpoint found here.
     pub dir: PathBuf,
-    /// Seed of model initialisation and of everything random in the trainer (the data order has `data.seed`).
+    /// Seed of model initialisation and of everything random in the trainer (the data order has
+    /// `data.seed`).
     #[serde(default)]
     pub seed: u64,
 }
 
-/// `[init]`: start from trained weights instead of a fresh initialisation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl Section for RunSection {}
+
+/// Start from trained weights instead of a fresh initialisation (phase 2, fine-tuning). The
+/// step counter, the LR schedule and the data position start at 0; only the weights (and, with
+/// `load_optimizer`, AdamW's moments) come from `from`.
+///
+/// ```toml
+/// [init]
+/// # The last phase-1 checkpoint (or a transformers Zamba directory).
+/// from = "runs/phase1/checkpoints/step-00000300"
+/// # Fresh AdamW moments: phase 1's were accumulated under another LR and mixture.
+/// load_optimizer = false
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitSection {
-    /// A phase-1 checkpoint directory or a transformers Zamba directory (config.json +
+    /// A checkpoint directory of this trainer or a transformers Zamba directory (config.json +
     /// safetensors). Relative to the working directory, made absolute at load; it is opened by
-    /// the trainer, not when the config is loaded.
+    /// the trainer, not when the config is loaded. Its model config must equal `[model]`.
     pub from: PathBuf,
     /// Also load AdamW's moments (only from a checkpoint of this trainer).
     #[serde(default)]
     pub load_optimizer: bool,
 }
 
-/// `[batch]`: the global batch in `tokens` or in `sequences` (exactly one), and the micro-batch
-/// that one rank processes per forward/backward; gradient accumulation is derived.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl Section for InitSection {}
+
+/// The global batch, in `tokens` or in `sequences` (exactly one), and the micro-batch that one
+/// rank processes per forward/backward. Gradient accumulation is derived:
+/// `sequences` = `micro_batch` × accumulation steps × `runtime.world_size`, and
+/// `tokens` = `sequences` × `data.seq_len`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSection {
+    /// Global batch in tokens per optimizer step; a multiple of `data.seq_len` (alternative to
+    /// `sequences`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub tokens: Option<usize>,
+    /// Global batch in sequences per optimizer step, over all ranks; a multiple of
+    /// `micro_batch` × `runtime.world_size` (alternative to `tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub sequences: Option<usize>,
-    /// Sequences per forward/backward pass on one rank.
+    /// Sequences per forward/backward pass on one rank (bounded by memory; the result does not
+    /// depend on it).
+    #[schemars(range(min = 1))]
     pub micro_batch: usize,
 }
 
-fn default_beta1() -> f64 {
-    0.9
-}
-fn default_beta2() -> f64 {
-    0.95
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_weight_decay() -> f64 {
-    0.1
-}
-fn default_clip() -> f64 {
-    1.0
+impl Section for BatchSection {
+    fn validate(&self, run: &RunConfig) -> Result<(), ConfigError> {
+        let seq = run.data.seq_len;
+        let (key, global) = match (self.tokens, self.sequences) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "batch.tokens",
+                    "give the global batch as batch.tokens or batch.sequences, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    ConfigErrorKind::MissingKey,
+                    Some("batch.sequences".into()),
+                    "missing: give the global batch as batch.sequences or batch.tokens",
+                ));
+            }
+            (Some(t), None) if t % seq != 0 => {
+                return Err(ConfigError::invalid(
+                    "batch.tokens",
+                    format!(
+                        "{t} is not a multiple of data.seq_len = {seq}; e.g. {} or {}",
+                        (t / seq).max(1) * seq,
+                        (t / seq + 1) * seq
+                    ),
+                ));
+            }
+            (Some(t), None) => ("batch.tokens", t / seq),
+            (None, Some(s)) => ("batch.sequences", s),
+        };
+        let per_pass = self.micro_batch * run.runtime.world_size;
+        if global % per_pass != 0 {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "the global batch of {global} sequences is not divisible by batch.micro_batch ({}) × runtime.world_size ({}) = {per_pass}, \
+                     so gradient accumulation would not be a whole number of micro-batches",
+                    self.micro_batch, run.runtime.world_size
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// `[optimizer]`: AdamW. Norm weights, biases, A_log, D and dt biases are never decayed;
-/// embeddings only with `decay_embeddings`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// AdamW. Norm weights, biases, `A_log`, `D` and the dt biases are never decayed; embeddings
+/// only with `decay_embeddings`. The learning rate comes from `[schedule]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct OptimizerSection {
-    #[serde(default = "default_beta1")]
+    /// Decay rate of the first-moment (mean) estimate.
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1.0))]
     pub beta1: f64,
-    #[serde(default = "default_beta2")]
+    /// Decay rate of the second-moment (uncentred variance) estimate.
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1.0))]
     pub beta2: f64,
-    #[serde(default = "default_eps")]
+    /// Added to the square root of the second moment before dividing.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub eps: f64,
-    #[serde(default = "default_weight_decay")]
+    /// Decoupled weight decay (multiplied by the LR of each step); 0 turns it off.
+    #[schemars(range(min = 0.0))]
     pub weight_decay: f64,
-    #[serde(default)]
+    /// Also decay the (tied) embedding matrix.
     pub decay_embeddings: bool,
     /// Global gradient-norm clip; 0 turns clipping off.
-    #[serde(default = "default_clip")]
+    #[schemars(range(min = 0.0))]
     pub clip_grad_norm: f64,
+    /// ZeRO stage: 0 = every rank keeps AdamW moments for all parameters; 1 = each rank keeps
+    /// them for ~1/`runtime.world_size` of the parameters (gradients reduce-scattered, updated
+    /// parameters all-gathered; the same weights as 0). Checkpoints are the same either way.
+    #[schemars(range(max = 1))]
+    pub zero: u8,
 }
 
 impl Default for OptimizerSection {
     fn default() -> Self {
         Self {
-            beta1: default_beta1(),
-            beta2: default_beta2(),
-            eps: default_eps(),
-            weight_decay: default_weight_decay(),
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
             decay_embeddings: false,
-            clip_grad_norm: default_clip(),
+            clip_grad_norm: 1.0,
+            zero: 0,
         }
     }
 }
+
+impl Section for OptimizerSection {}
 
 fn default_max_skips() -> usize {
     5
@@ -101,60 +175,73 @@ fn default_spike_window() -> usize {
     128
 }
 
-/// `[train]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Length of the run and its guards against bad updates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// Optimizer steps of this run (the schedule spans exactly these steps).
+    /// Optimizer steps of this run; the schedule spans exactly these steps, and the run's tokens
+    /// are `steps` × `batch.sequences` × `data.seq_len`.
+    #[schemars(range(min = 1))]
     pub steps: usize,
     /// Stop after this many skipped updates (non-finite loss/gradient or loss spike) in a row.
     #[serde(default = "default_max_skips")]
+    #[schemars(range(min = 1))]
     pub max_consecutive_skips: usize,
     /// Skip the update when the loss is more than this many standard deviations above the mean
     /// of the last `spike_window` losses; absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub spike_zscore: Option<f64>,
+    /// Recent losses the spike test compares against; the test starts once the window is full.
     #[serde(default = "default_spike_window")]
+    #[schemars(range(min = 2))]
     pub spike_window: usize,
     /// What the backward keeps: `"none"` (every activation) or `"layers"` (each Mamba layer and
     /// each use of the shared block keeps only its input and is recomputed in the backward:
     /// activation memory drops to about one `[micro_batch, seq_len, hidden]` tensor per layer for
     /// about one more forward pass of compute). `--dry-run` prints the estimate both ways.
     #[serde(default)]
+    #[schemars(with = "String", extend("enum" = ["none", "layers"]))]
     pub activation_checkpointing: ActivationCheckpointing,
 }
 
-fn default_keep_last() -> usize {
-    2
-}
+impl Section for TrainSection {}
 
-/// `[checkpoint]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Checkpoints in `run.dir/checkpoints/step-NNNNNNNN` (transformers weights + optimizer and
+/// data state). One is always written after the last step and on SIGINT/SIGTERM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
-    /// Checkpoint every this many optimizer steps; 0 = only at the end of the run (and on SIGINT/SIGTERM).
+    /// Also checkpoint every this many optimizer steps; 0 = only at the end (and on a signal).
     pub every: usize,
-    /// Keep the newest this many checkpoints…
-    #[serde(default = "default_keep_last")]
+    /// Keep the newest this many checkpoints (plus those `keep_every` keeps); older ones are deleted.
+    #[schemars(range(min = 1))]
     pub keep_last: usize,
-    /// …plus every checkpoint whose step is a multiple of this (0 = none).
-    #[serde(default)]
+    /// Also keep, however old, every checkpoint whose step is a multiple of this (0 = none).
     pub keep_every: usize,
 }
 
-fn default_eval_batches() -> usize {
-    8
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every: 1000,
+            keep_last: 2,
+            keep_every: 0,
+        }
+    }
 }
 
-/// `[eval]`: held-out loss per data source (the sources' `validation` shards).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl Section for CheckpointSection {}
+
+/// Held-out loss per data source, on the sources' `validation` shards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
-    /// Evaluate every this many optimizer steps; 0 = never.
-    #[serde(default)]
+    /// Evaluate every this many optimizer steps and after the last; 0 = never. Needs
+    /// `validation` shards on at least one data source.
     pub every: usize,
     /// Micro-batches (of `batch.micro_batch` sequences) per source and evaluation.
-    #[serde(default = "default_eval_batches")]
+    #[schemars(range(min = 1))]
     pub batches: usize,
 }
 
@@ -162,27 +249,31 @@ impl Default for EvalSection {
     fn default() -> Self {
         Self {
             every: 0,
-            batches: default_eval_batches(),
+            batches: 8,
         }
     }
 }
 
-fn default_one() -> usize {
-    1
-}
-fn default_true() -> bool {
-    true
+impl Section for EvalSection {
+    fn validate(&self, run: &RunConfig) -> Result<(), ConfigError> {
+        if self.every > 0 && run.data.sources.values().all(|s| s.validation.is_empty()) {
+            return Err(ConfigError::invalid(
+                "eval.every",
+                "is set but no data source lists `validation` shards; add data.sources.NAME.validation or set eval.every = 0",
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// `[logging]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What the run reports while it trains.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoggingSection {
     /// Write a metrics.jsonl line every this many optimizer steps.
-    #[serde(default = "default_one")]
+    #[schemars(range(min = 1))]
     pub every: usize,
-    /// Show a progress bar on the terminal.
-    #[serde(default = "default_true")]
+    /// Show a progress bar (step, loss, LR, tokens/s, ETA) on stderr.
     pub progress: bool,
 }
 
@@ -194,6 +285,33 @@ impl Default for LoggingSection {
         }
     }
 }
+
+impl Section for LoggingSection {}
+
+/// Data parallelism across ranks (see docs/distributed.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistSection {
+    /// Gradients are averaged over the ranks in flat buckets of up to this many MiB (f32): a few
+    /// large collectives per optimizer step instead of one per parameter.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    pub bucket_mb: f64,
+    /// Seconds a collective (or the rendezvous) waits for the slowest rank; past it every rank
+    /// fails with a message naming the rank(s) that died or hang, and the run exits non-zero.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    pub timeout_s: f64,
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        Self {
+            bucket_mb: 25.0,
+            timeout_s: 300.0,
+        }
+    }
+}
+
+impl Section for DistSection {}
 
 /// Where the model runs: `"cpu"` (Burn's Flex backend), `"cuda:N"` (`"cuda"` = `"cuda:0"`; a
 /// build with `--features cuda`) or `"cube-cpu"` (Burn's CubeCL CPU runtime, which runs the GPU
@@ -250,26 +368,36 @@ impl<'de> Deserialize<'de> for Device {
     }
 }
 
-/// `[runtime]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The machine: device, CPU threads, data-parallel ranks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct RuntimeSection {
-    #[serde(default)]
+    /// `"cpu"` (Burn's Flex backend), `"cuda:N"` (`"cuda"` = `"cuda:0"`; a build with
+    /// `--features cuda`) or `"cube-cpu"` (the CubeCL CPU runtime, which runs the GPU kernels on
+    /// the CPU; a build with `--features cube-cpu`).
+    #[schemars(with = "String")]
     pub device: Device,
     /// Float type of matmuls and activations: `"fp32"`, or `"bf16"` mixed precision (f32 master
     /// weights and AdamW state; f32 norm statistics, residual stream, scan state, softmax and
     /// loss; see `zamba_model::Precision`). Emulated on CPU devices (bf16 numerics, f32 speed).
-    #[serde(default)]
+    #[schemars(with = "String", extend("enum" = ["fp32", "bf16"]))]
     pub precision: Precision,
     /// CPU threads for the compute pool; absent = all cores.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub threads: Option<usize>,
-    /// Data-parallel ranks sharing the global batch.
-    #[serde(default = "default_one")]
+    /// Data-parallel ranks sharing the global batch (see `[batch]`). Under `zamba-train launch`,
+    /// torchrun or SLURM the launcher's world size is used (this key must then be 1 or equal to
+    /// it); on the CPU without a launcher, a world size above 1 runs the ranks as threads of one
+    /// process.
+    #[schemars(range(min = 1))]
     pub world_size: usize,
     /// Peak GFLOP/s of one device, for the MFU column of metrics.jsonl (e.g. 989000 for an H100's
-    /// dense bf16; `zamba-train bench peak` measures a CPU's f32 peak). Absent: MFU is not logged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// dense bf16). Absent: on CPU the f32 GEMM peak of the fastest library on the machine is
+    /// measured at start (as `zamba-train bench peak` does, at the step's shapes: under a
+    /// second); on GPUs MFU is not logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub peak_gflops: Option<f64>,
 }
 
@@ -282,5 +410,15 @@ impl Default for RuntimeSection {
             world_size: 1,
             peak_gflops: None,
         }
+    }
+}
+
+impl Section for RuntimeSection {}
+
+/// The rules of each schedule kind live with the kinds, in `crate::schedule`.
+impl Section for ScheduleConfig {
+    fn validate(&self, run: &RunConfig) -> Result<(), ConfigError> {
+        ScheduleConfig::validate(self, run.train.steps)
+            .map_err(|e| ConfigError::invalid(format!("schedule.{}", e.field), e.message))
     }
 }

@@ -1,6 +1,7 @@
 //! The `--dry-run` report of a run config.
 
 use super::RunConfig;
+use crate::data_parallel::{Sharding, StateMemory};
 use std::fmt::Write as _;
 use zamba_model::ActivationCheckpointing;
 use zamba_model::memory::ActivationMemory;
@@ -21,6 +22,55 @@ pub fn human_count(n: f64) -> String {
     } else {
         format!("{v:.2}{unit}")
     }
+}
+
+/// Per-rank memory: one micro-batch's activations with and without recomputation, and the
+/// parameters, gradients and AdamW moments at the configured world size, with and without ZeRO-1.
+fn memory_lines(c: &RunConfig, num_params: u64) -> String {
+    let world = c.runtime.world_size;
+    let gb = |b: f64| match b >= 1e9 {
+        true => format!("{:.2} GB", b / 1e9),
+        false => format!("{:.1} MB", b / 1e6),
+    };
+    let mut out = String::new();
+    let activations = |k| {
+        let m = ActivationMemory::of(
+            c.model_config(),
+            c.batch.micro_batch,
+            c.data.seq_len,
+            c.runtime.precision,
+            k,
+        );
+        gb(m.peak())
+    };
+    let _ = writeln!(
+        out,
+        "memory/rank  activations of one micro-batch ({}, estimate): {} without recomputation, {} with train.activation_checkpointing = \"layers\" (configured: \"{}\")",
+        c.runtime.precision,
+        activations(ActivationCheckpointing::None),
+        activations(ActivationCheckpointing::Layers),
+        c.train.activation_checkpointing,
+    );
+    for (name, sharding, zero) in [
+        ("no sharding", Sharding::Replicated, 0),
+        ("ZeRO-1", Sharding::Zero1, 1),
+    ] {
+        let m = StateMemory::per_rank(num_params, world, sharding);
+        let _ = writeln!(
+            out,
+            "memory/rank  {name:<11} (world {world}): parameters {} + gradients {} + AdamW moments {} = {}{}",
+            gb(m.params),
+            gb(m.grads),
+            gb(m.moments),
+            gb(m.total()),
+            if c.optimizer.zero == zero {
+                "  ← optimizer.zero"
+            } else {
+                ""
+            }
+        );
+    }
+    out
 }
 
 pub(super) fn summary(c: &RunConfig) -> String {
@@ -100,19 +150,6 @@ pub(super) fn summary(c: &RunConfig) -> String {
         c.runtime.world_size,
         c.grad_accum_steps()
     );
-    let activations = |k| {
-        let m = ActivationMemory::of(model, c.batch.micro_batch, c.data.seq_len, c.runtime.precision, k);
-        m.peak() / 1e9
-    };
-    let _ = writeln!(
-        out,
-        "memory/GPU   activations of one micro-batch ({}, estimate): {:.1} GB without recomputation, {:.1} GB with          train.activation_checkpointing = \"layers\" (configured: \"{}\"); parameters + gradients + AdamW {:.1} GB          (16 B/param)",
-        c.runtime.precision,
-        activations(ActivationCheckpointing::None),
-        activations(ActivationCheckpointing::Layers),
-        c.train.activation_checkpointing,
-        16.0 * params.total() as f64 / 1e9
-    );
     let _ = writeln!(
         out,
         "training     {} steps → {} tokens ({})",
@@ -154,6 +191,7 @@ pub(super) fn summary(c: &RunConfig) -> String {
             "off".into()
         }
     );
+    out.push_str(&memory_lines(c, params.total() as u64));
     let _ = writeln!(
         out,
         "checkpoints  every {} steps, keep last {}{}; eval every {} steps",

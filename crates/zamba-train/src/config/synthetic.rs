@@ -4,7 +4,9 @@
 //! on first use (zamba_data::ensure_synthetic_cache), so a config can train on a fresh clone.
 
 use super::error::{ConfigError, ConfigErrorKind, closest};
+use super::rules::Section;
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use zamba_data::{DataConfig, SyntheticCache, SyntheticCacheOptions, TokenizerSpec};
@@ -14,24 +16,31 @@ pub const SYNTHETIC_PREFIX: &str = "synthetic:";
 /// The synthetic sets the data pipeline generates.
 pub const SYNTHETIC_SETS: &[&str] = &["web", "instruct"];
 
-fn default_cache_dir() -> PathBuf {
-    PathBuf::from(".cache/synthetic")
-}
-
-/// `[synthetic]`: how the synthetic sets are generated (all optional; the defaults are the data
-/// pipeline's). Different values give a different cache subdirectory.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// How the `"synthetic:web"` / `"synthetic:instruct"` data sources are generated; present
+/// (with these defaults) whenever a source uses them. The sets are generated and tokenized into
+/// `cache_dir` on first use; different values give a different cache subdirectory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyntheticSection {
     /// Where the generated, tokenized sets are kept. Relative to the working directory (like
     /// `run.dir`: it is an output), made absolute at load.
     pub cache_dir: PathBuf,
+    /// Seed of the generated text (independent of `run.seed` and `data.seed`).
     pub seed: u64,
+    /// Documents of the web-like set.
+    #[schemars(range(min = 1))]
     pub web_docs: u64,
+    /// Examples of the instruction set.
+    #[schemars(range(min = 1))]
     pub instruct_examples: u64,
+    /// Share of each set held out for validation (the sources' `validation` split).
+    #[schemars(extend("exclusiveMinimum" = 0.0, "exclusiveMaximum" = 1.0))]
     pub validation_fraction: f64,
-    /// `"byte"` or a tokenizer.json path (relative to the config file).
+    /// `"byte"` (256 bytes + bos/eos/pad: `model.vocab_size` ≥ 259) or a tokenizer.json path
+    /// (relative to the config file).
     pub tokenizer: String,
+    /// Tokens per parquet row group (the unit the loader shuffles); small sets need small groups.
+    #[schemars(range(min = 1))]
     pub row_group_tokens: u64,
 }
 
@@ -39,7 +48,7 @@ impl Default for SyntheticSection {
     fn default() -> Self {
         let d = SyntheticCacheOptions::default();
         Self {
-            cache_dir: default_cache_dir(),
+            cache_dir: PathBuf::from(".cache/synthetic"),
             seed: d.seed,
             web_docs: d.web_docs,
             instruct_examples: d.instruct_examples,
@@ -64,34 +73,9 @@ impl SyntheticSection {
             row_group_tokens: self.row_group_tokens,
         }
     }
-
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.web_docs == 0 || self.instruct_examples == 0 {
-            let key = if self.web_docs == 0 {
-                "synthetic.web_docs"
-            } else {
-                "synthetic.instruct_examples"
-            };
-            return Err(ConfigError::invalid(key, "must be > 0"));
-        }
-        if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
-            return Err(ConfigError::invalid(
-                "synthetic.validation_fraction",
-                format!(
-                    "is {}; expected a fraction in (0, 1)",
-                    self.validation_fraction
-                ),
-            ));
-        }
-        if self.row_group_tokens == 0 {
-            return Err(ConfigError::invalid(
-                "synthetic.row_group_tokens",
-                "must be > 0",
-            ));
-        }
-        Ok(())
-    }
 }
+
+impl Section for SyntheticSection {}
 
 /// The set a data path names, if it is a synthetic reference.
 pub fn synthetic_set(path: &str) -> Option<&str> {

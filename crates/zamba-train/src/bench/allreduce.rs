@@ -1,0 +1,211 @@
+//! `bench allreduce`: time and bandwidth of one communicator's all-reduce across message sizes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use burn::tensor::{Device, Tensor};
+use clap::Args;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AllreduceBackend {
+    /// Ranks as threads of this process, sharing memory.
+    Threads,
+    /// Ranks as threads of this process, each with its own TCP connections over loopback.
+    Tcp,
+    /// NCCL, one thread per GPU (needs a build with `--features cuda` and `--world` GPUs).
+    Nccl,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AllreduceDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct AllreduceArgs {
+    /// Ranks.
+    #[arg(long, default_value_t = 4)]
+    world: usize,
+    /// Message sizes in bytes, comma-separated; K, M, G suffixes are powers of 1024.
+    #[arg(long, value_delimiter = ',', default_value = "4K,64K,1M,16M,64M")]
+    sizes: Vec<String>,
+    #[arg(long, value_enum, default_value = "threads")]
+    backend: AllreduceBackend,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: AllreduceDtype,
+    /// Timed all-reduces per size (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+fn parse_size(text: &str) -> Result<usize> {
+    let text = text.trim();
+    let (digits, scale) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    match digits.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n * scale),
+        _ => bail!("--sizes: {text:?} is not a size in bytes like 4096, 64K or 16M"),
+    }
+}
+
+/// The communicators of one benchmark group, and the device each rank's tensors live on.
+fn allreduce_group(a: &AllreduceArgs) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
+    let opts = zamba_dist::DistOptions {
+        timeout: Duration::from_secs(120),
+    };
+    match a.backend {
+        AllreduceBackend::Threads => Ok(zamba_dist::thread_group(a.world, &opts)
+            .into_iter()
+            .map(|c| (c, Device::flex()))
+            .collect()),
+        AllreduceBackend::Tcp => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let token = zamba_dist::generate_token()?;
+            let info = |rank| zamba_dist::RendezvousInfo {
+                rank,
+                world_size: a.world,
+                local_rank: rank,
+                local_world_size: a.world,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                launcher: zamba_dist::Launcher::Torchrun,
+                token: Some(zamba_dist::TokenSource::Value(token.clone())),
+            };
+            std::thread::scope(|s| {
+                let joins: Vec<_> = (0..a.world)
+                    .map(|rank| {
+                        let info = info(rank);
+                        let opts = &opts;
+                        s.spawn(move || zamba_dist::init(&info, zamba_dist::Backend::Tcp, opts))
+                    })
+                    .collect();
+                joins
+                    .into_iter()
+                    .map(|j| Ok((j.join().expect("rendezvous thread")?, Device::flex())))
+                    .collect()
+            })
+        }
+        AllreduceBackend::Nccl => nccl_group(a, &opts),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_group(
+    _: &AllreduceArgs,
+    _: &zamba_dist::DistOptions,
+) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
+    bail!("--backend nccl needs a zamba-train built with `--features cuda`")
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_group(
+    a: &AllreduceArgs,
+    opts: &zamba_dist::DistOptions,
+) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let token = zamba_dist::generate_token()?;
+    std::thread::scope(|s| {
+        let joins: Vec<_> = (0..a.world)
+            .map(|rank| {
+                let info = zamba_dist::RendezvousInfo {
+                    rank,
+                    world_size: a.world,
+                    local_rank: rank,
+                    local_world_size: a.world,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    launcher: zamba_dist::Launcher::Torchrun,
+                    token: Some(zamba_dist::TokenSource::Value(token.clone())),
+                };
+                s.spawn(move || zamba_dist::connect_nccl(&info, rank, opts))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .enumerate()
+            .map(|(rank, j)| {
+                let comm: Box<dyn zamba_dist::Communicator> =
+                    Box::new(j.join().expect("NCCL init thread")?);
+                Ok((comm, Device::cuda(rank)))
+            })
+            .collect()
+    })
+}
+
+/// nccl-tests' definitions: algbw = bytes / time; busbw = algbw · 2(n−1)/n for all-reduce, the
+/// traffic per link of a bandwidth-optimal algorithm, comparable across world sizes.
+pub(super) fn run(a: &AllreduceArgs) -> Result<()> {
+    if a.world == 0 || a.iters == 0 {
+        bail!("--world and --iters must be at least 1");
+    }
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<Vec<_>>>()?;
+    let (dtype, element) = match a.dtype {
+        AllreduceDtype::F32 => (burn::tensor::DType::F32, 4),
+        AllreduceDtype::Bf16 => (burn::tensor::DType::BF16, 2),
+    };
+    let group = allreduce_group(a)?;
+    println!(
+        "all_reduce (sum), {:?} backend, world {}, {:?}, {} iterations per size",
+        a.backend, a.world, a.dtype, a.iters
+    );
+    println!(
+        "{:>12} {:>12} {:>12} {:>12} {:>12}",
+        "bytes", "elements", "time (us)", "algbw GB/s", "busbw GB/s"
+    );
+    let times: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let joins: Vec<_> = group
+            .into_iter()
+            .map(|(comm, device)| {
+                let sizes = &sizes;
+                s.spawn(move || -> Result<Vec<f64>> {
+                    let mut seconds = Vec::new();
+                    for &bytes in sizes {
+                        let count = (bytes / element).max(1);
+                        let x = Tensor::<1>::ones([count], (&device, dtype));
+                        comm.all_reduce(x.clone(), zamba_dist::ReduceOp::Sum)?;
+                        comm.barrier()?;
+                        let t = Instant::now();
+                        for _ in 0..a.iters {
+                            let y = comm.all_reduce(x.clone(), zamba_dist::ReduceOp::Sum)?;
+                            std::hint::black_box(y);
+                        }
+                        device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        seconds.push(t.elapsed().as_secs_f64() / a.iters as f64);
+                    }
+                    Ok(seconds)
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("benchmark thread"))
+            .collect::<Result<_>>()
+    })?;
+    let n = a.world as f64;
+    for (i, &bytes) in sizes.iter().enumerate() {
+        let count = (bytes / element).max(1);
+        let bytes = (count * element) as f64;
+        // The slowest rank's time is the collective's.
+        let secs = times.iter().map(|t| t[i]).fold(0.0, f64::max);
+        let algbw = bytes / secs / 1e9;
+        let busbw = algbw * 2.0 * (n - 1.0) / n;
+        println!(
+            "{bytes:>12} {count:>12} {:>12.1} {algbw:>12.3} {busbw:>12.3}",
+            secs * 1e6
+        );
+    }
+    Ok(())
+}

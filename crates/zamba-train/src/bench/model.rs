@@ -1,0 +1,326 @@
+//! `bench model`: the trainer's step (forward, backward, gradient averaging over one rank, AdamW
+//! and the parameter update, exactly as `zamba-train` runs them) on a model preset, against the
+//! machine's f32 peak, with the step's heap use next to its theoretical minimum.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{DType, Device, Distribution, Int, Tensor};
+use clap::Args;
+use zamba_dist::DistOptions;
+use zamba_model::memory::ActivationMemory;
+use zamba_model::params::{FlopsPerToken, ParamCounts};
+use zamba_model::{
+    ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
+    next_token_loss,
+};
+use zamba_train::data_parallel::{DataParallel, Sharding};
+use zamba_train::device::{DeviceChoice, device_for};
+use zamba_train::memory;
+use zamba_train::optim::AdamW;
+
+use super::scan::{ScanShape, scan_times};
+use super::{Machine, bench_adamw, load_average, sync, time};
+
+#[derive(Args)]
+pub struct ModelArgs {
+    #[arg(long, default_value = "zamba-bench")]
+    preset: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Data-parallel ranks (threads): time the whole training step — gradient averaging and the
+    /// AdamW update included — with this many ranks against one, on the same global batch.
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// With --world: ZeRO-1 (moments sharded, gradients reduce-scattered) instead of replicated.
+    #[arg(long)]
+    zero: bool,
+    /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// fp32 or bf16 (see runtime.precision).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    /// none or layers (see train.activation_checkpointing).
+    #[arg(long, default_value = "none")]
+    activation_checkpointing: ActivationCheckpointing,
+    /// The device's peak GFLOP/s for the MFU figure (e.g. 989000 for an H100/H200's dense bf16).
+    /// Default on the `cpu` device: the measured f32 GEMM peak (see `bench peak`).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
+    /// Skip torch.matmul in the peak (see `bench peak`).
+    #[arg(long)]
+    no_torch: bool,
+    /// Also print the figures as one JSON object on the last line (for scripts).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Mean times of the measured steps and the largest heap use among them.
+struct StepMeasurement {
+    grads: Duration,
+    update: Duration,
+    heap: HeapUse,
+}
+
+/// The f32 peak an MFU is relative to: `(what it is, GFLOP/s)`.
+struct MfuPeak {
+    source: String,
+    gflops: f64,
+}
+
+pub(super) fn run(a: &ModelArgs) -> Result<()> {
+    let config = ZambaConfig::preset(&a.preset)?;
+    if a.world > 1 {
+        let sharding = match a.zero {
+            true => Sharding::Zero1,
+            false => Sharding::Replicated,
+        };
+        return super::world::run(&config, a.batch, a.seq_len, a.steps, a.world, sharding);
+    }
+    let device = device_for(a.device, 0, a.precision)?;
+    let peak = match (a.peak_gflops, a.device) {
+        (Some(gflops), _) => Some(MfuPeak {
+            source: "--peak-gflops".into(),
+            gflops,
+        }),
+        (None, DeviceChoice::Cpu) => {
+            let machine = Machine::measure(!a.no_torch);
+            machine.print();
+            let (library, gflops) = machine.gemm.best();
+            Some(MfuPeak {
+                source: library.to_string(),
+                gflops,
+            })
+        }
+        (None, _) => None,
+    };
+    // The bandwidth probe's 512 MB would otherwise be the process's peak RSS.
+    let rss_reset = memory::reset_peak_rss();
+    let autodiff = device.clone().autodiff();
+    let execution = Execution {
+        precision: a.precision,
+        checkpointing: a.activation_checkpointing,
+    };
+    let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &autodiff)?
+        .with_execution(execution);
+    let tokens = Tensor::<2, Int>::random(
+        [a.batch, a.seq_len + 1],
+        Distribution::Uniform(0.0, config.vocab_size as f64),
+        &autodiff,
+    );
+    let (model, measured) = train_steps(model, &tokens, a.steps, &device)?;
+    let forward_time = time(a.steps, || {
+        let _ = model.valid().forward(tokens.clone().inner()).into_data();
+    })
+    .as_secs_f64();
+    report(
+        a,
+        &config,
+        &device,
+        peak,
+        &measured,
+        forward_time,
+        rss_reset,
+    )
+}
+
+/// One warm-up step (allocator, first-touch page faults, optimizer moments) and `steps` measured
+/// ones of the trainer's step on a world of one.
+fn train_steps(
+    mut model: ZambaModel,
+    tokens: &Tensor<2, Int>,
+    steps: usize,
+    compute: &Device,
+) -> Result<(ZambaModel, StepMeasurement)> {
+    let comm = zamba_dist::thread_group(1, &DistOptions::default())
+        .pop()
+        .expect("a group of one");
+    let dp = DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1);
+    let mut optimizer = AdamW::new(bench_adamw());
+    let (mut grads_time, mut update_time) = (Duration::ZERO, Duration::ZERO);
+    let mut heap = HeapUse::default();
+    for step in 0..=steps {
+        memory::reset_peak();
+        let (live_before, _) = memory::heap();
+        let t = Instant::now();
+        let loss = next_token_loss(model.forward(tokens.clone()), tokens.clone());
+        let activations = memory::heap().0.saturating_sub(live_before);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        sync(compute);
+        let backward_done = Instant::now();
+        let (grads, _) = dp.reduce_gradients(grads, comm.as_ref(), compute)?;
+        model = dp.update(
+            model,
+            &mut optimizer,
+            grads,
+            1e-4,
+            1.0,
+            comm.as_ref(),
+            compute,
+        )?;
+        sync(compute);
+        let done = Instant::now();
+        if step > 0 {
+            grads_time += backward_done - t;
+            update_time += done - backward_done;
+            heap = heap.max(HeapUse {
+                activations,
+                peak_over_start: memory::heap().1.saturating_sub(live_before),
+                start: live_before,
+            });
+        }
+    }
+    let n = steps.max(1) as u32;
+    let measured = StepMeasurement {
+        grads: grads_time / n,
+        update: update_time / n,
+        heap,
+    };
+    Ok((model, measured))
+}
+
+fn report(
+    a: &ModelArgs,
+    config: &ZambaConfig,
+    device: &Device,
+    peak: Option<MfuPeak>,
+    measured: &StepMeasurement,
+    forward_time: f64,
+    rss_reset: bool,
+) -> Result<()> {
+    let (grads_time, update_time) = (measured.grads.as_secs_f64(), measured.update.as_secs_f64());
+    let step_time = grads_time + update_time;
+    let tokens_per_step = (a.batch * a.seq_len) as f64;
+    let flops = FlopsPerToken::of(config, a.seq_len);
+    let tok_s = tokens_per_step / step_time;
+    let achieved = flops.train() * tok_s / 1e9;
+    let scan_shape = ScanShape {
+        batch: a.batch,
+        channels: config.d_inner(),
+        len: a.seq_len + 1,
+        state: config.mamba_d_state,
+        groups: config.n_mamba_heads,
+    };
+    let act = match a.precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    };
+    let (scan_f, scan_b) = scan_times(device, scan_shape, act, a.steps, false)?;
+    // With per-layer recomputation every layer's scan runs forward twice.
+    let forwards = match a.activation_checkpointing {
+        ActivationCheckpointing::None => 1.0,
+        ActivationCheckpointing::Layers => 2.0,
+    };
+    let scan_step = forwards * scan_f.as_secs_f64() + scan_b.as_secs_f64();
+    let scan_share = config.num_hidden_layers as f64 * scan_step / step_time;
+    let params = ParamCounts::of(config).total() as f64;
+    println!(
+        "model {} ({} parameters), batch {} × seq {}, device {}, precision {}, activation checkpointing {}",
+        a.preset, params, a.batch, a.seq_len, a.device, a.precision, a.activation_checkpointing
+    );
+    println!(
+        "  train step: {:.3} s (forward+backward {:.3} s, AdamW update {:.3} s) → {:.0} tokens/s",
+        step_time, grads_time, update_time, tok_s
+    );
+    println!(
+        "  inference forward:    {:.3} s  → {:.0} tokens/s",
+        forward_time,
+        tokens_per_step / forward_time
+    );
+    let mfu = match &peak {
+        Some(p) => format!(
+            " = {:.1}% of the peak ({:.1} GFLOP/s, {})",
+            100.0 * achieved / p.gflops,
+            p.gflops,
+            p.source
+        ),
+        None => " (give --peak-gflops for MFU)".into(),
+    };
+    println!(
+        "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s{mfu}",
+        flops.train(),
+        achieved,
+    );
+    println!(
+        "  selective scan share of the step: {:.1}%",
+        100.0 * scan_share
+    );
+    print_memory(a, config, device, measured.heap, params, rss_reset);
+    if a.json {
+        let json = serde_json::json!({
+            "preset": a.preset,
+            "batch": a.batch,
+            "seq_len": a.seq_len,
+            "device": a.device.to_string(),
+            "precision": a.precision.to_string(),
+            "threads": rayon::current_num_threads(),
+            "step_seconds": step_time,
+            "tokens_per_sec": tok_s,
+            "model_gflops": achieved,
+            "peak_gflops": peak.as_ref().map(|p| p.gflops),
+            "peak_library": peak.as_ref().map(|p| p.source.clone()),
+            "fraction_of_peak": peak.as_ref().map(|p| achieved / p.gflops),
+            "load_average": load_average(),
+        });
+        println!("{json}");
+    }
+    Ok(())
+}
+
+/// The step's memory next to its minimum: model states (16 B/param) plus the activations
+/// `--dry-run` estimates for this model, precision and checkpointing.
+fn print_memory(
+    a: &ModelArgs,
+    config: &ZambaConfig,
+    device: &Device,
+    heap: HeapUse,
+    params: f64,
+    rss_reset: bool,
+) {
+    let state = 16.0 * params;
+    let estimate = ActivationMemory::of(
+        config,
+        a.batch,
+        a.seq_len + 1,
+        a.precision,
+        a.activation_checkpointing,
+    );
+    println!(
+        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (minimum {:.1} MB)",
+        state / 1e6,
+        heap.activations as f64 / 1e6,
+        estimate.kept / 1e6,
+        (heap.start + heap.peak_over_start) as f64 / 1e6,
+        (state + estimate.peak()) / 1e6,
+    );
+    if let Some(pools) = device.memory_pool_report() {
+        let peak: u64 = pools.iter().map(|p| p.pages_peak * p.page_size).sum();
+        println!("  device memory pool peak {:.1} MB", peak as f64 / 1e6);
+    }
+    if let Some(rss) = memory::peak_rss_bytes() {
+        let note = match rss_reset {
+            true => "since the peak measurement",
+            false => "includes the 512 MB bandwidth probe",
+        };
+        println!("  peak RSS {:.1} MB ({note})", rss as f64 / 1e6);
+    }
+}
+
+/// Heap bytes of one training step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct HeapUse {
+    /// Growth of the live heap from the start of the step to the end of the forward.
+    activations: usize,
+    /// Peak live heap during the step minus the live heap at its start.
+    peak_over_start: usize,
+    /// Live heap at the start of the step (model, optimizer moments, inputs).
+    start: usize,
+}

@@ -1,0 +1,335 @@
+//! Training checkpoints: one directory per step, written under a temporary name and renamed when
+//! complete, with a marker file checked on load.
+//!
+//! ```text
+//! <run.dir>/checkpoints/step-00000100/
+//!     model/config.json, model/model.safetensors   a transformers ZambaForCausalLM checkpoint (f32)
+//!     optimizer/part-00000-of-00004.safetensors …  AdamW moments by parameter path (see [`moments`])
+//!     trainer.json                                  counters, loader state, optimizer step
+//!     config.toml                                   the resolved run config
+//!     MANIFEST.json                                 size and blake3 of every file above
+//!     COMPLETE                                      written last
+//! ```
+//! The model is stored in transformers' format so that any checkpoint can be loaded by
+//! transformers or used as `[init] from` of a new phase without conversion. Nothing in a
+//! checkpoint depends on the world size that wrote it.
+//!
+//! With several ranks, rank 0 writes the model, trainer state and config; the optimizer parts are
+//! written by rank 0 alone, or under ZeRO-1 by every rank for the moments it owns. Every file is
+//! fsynced, then all ranks agree that their parts are on disk, and only then does rank 0 write the
+//! manifest and the marker and rename the directory into place. Loading verifies the manifest
+//! ([`verify`]): a checkpoint whose bytes changed is never trained from.
+
+pub mod manifest;
+pub mod moments;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+use zamba_data::LoaderState;
+use zamba_model::{SaveDtype, ZambaConfig, ZambaModel, save_hf};
+
+use crate::data_parallel::{DataParallel, Sharding};
+use crate::optim::{AdamW, AdamWParams};
+use crate::rank::RankContext;
+
+const COMPLETE: &str = "COMPLETE";
+const PREFIX: &str = "step-";
+
+/// Everything besides weights that the next step depends on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed (the next step to run).
+    pub step: u64,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Updates skipped for a non-finite or spiking loss, in a row at save time and in total.
+    pub consecutive_skips: u32,
+    pub total_skips: u64,
+    /// Recent losses for the spike detector (oldest first).
+    pub loss_window: Vec<f64>,
+    pub optimizer_step: u64,
+    pub loader: LoaderState,
+    /// Ranks of the run that wrote the checkpoint (informational: any world size can resume).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("{PREFIX}{step:08}"))
+}
+
+/// Writes a checkpoint of step `state.step` (collective: every rank calls it). Returns the
+/// checkpoint's directory. On an error (a full disk, say) the partial `.tmp` directory is removed,
+/// earlier checkpoints are untouched, and every rank returns an error.
+#[allow(clippy::too_many_arguments)]
+pub fn save(
+    ctx: &RankContext,
+    run_dir: &Path,
+    model: &ZambaModel,
+    model_config: &ZambaConfig,
+    optimizer: &AdamW,
+    sharding: Sharding,
+    state: &TrainerState,
+    resolved_config: &str,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(run_dir, state.step);
+    let tmp = final_dir.with_extension("tmp");
+    let result = write_parts(
+        ctx,
+        &tmp,
+        model,
+        model_config,
+        optimizer,
+        sharding,
+        state,
+        resolved_config,
+    )
+    .and_then(|()| {
+        let sealed = if ctx.is_main() {
+            seal(&tmp, &final_dir, run_dir)
+        } else {
+            Ok(())
+        };
+        ctx.agree(sealed, "sealing the checkpoint")
+    });
+    if result.is_err() && ctx.is_main() && tmp.exists() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+        .map(|()| final_dir)
+        .with_context(|| format!("writing checkpoint {}", tmp.display()))
+}
+
+/// Every file of the checkpoint, each fsynced, written into `tmp`.
+#[allow(clippy::too_many_arguments)]
+fn write_parts(
+    ctx: &RankContext,
+    tmp: &Path,
+    model: &ZambaModel,
+    model_config: &ZambaConfig,
+    optimizer: &AdamW,
+    sharding: Sharding,
+    state: &TrainerState,
+    resolved_config: &str,
+) -> Result<()> {
+    let main_files = if ctx.is_main() {
+        write_main_files(tmp, model, model_config, state, resolved_config)
+    } else {
+        Ok(())
+    };
+    ctx.agree(main_files, "writing the model and trainer state")?;
+    let (part, parts) = match sharding {
+        Sharding::Zero1 => (ctx.rank, ctx.world_size),
+        Sharding::Replicated => (0, 1),
+    };
+    let moments = if part == ctx.rank {
+        let slots = crate::data_parallel::param_slots(model);
+        let numel: HashMap<&str, usize> =
+            slots.iter().map(|s| (s.path.as_str(), s.numel)).collect();
+        let path = moments::part_path(tmp, part, parts);
+        moments::write(&path, &optimizer.moments, &numel).and_then(|()| sync_file(&path))
+    } else {
+        Ok(())
+    };
+    ctx.agree(moments, "writing the optimizer state")
+}
+
+fn write_main_files(
+    tmp: &Path,
+    model: &ZambaModel,
+    model_config: &ZambaConfig,
+    state: &TrainerState,
+    resolved_config: &str,
+) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp)
+            .with_context(|| format!("removing the stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    save_hf(model, model_config, &tmp.join("model"), SaveDtype::F32)?;
+    write_synced(
+        &tmp.join("trainer.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    write_synced(&tmp.join("config.toml"), resolved_config.as_bytes())?;
+    sync_tree(&tmp.join("model"))
+}
+
+/// The manifest and the marker, written once every file is durably on disk, and the rename into
+/// place.
+fn seal(tmp: &Path, final_dir: &Path, run_dir: &Path) -> Result<()> {
+    sync_tree(tmp)?;
+    manifest::write(tmp, &[COMPLETE])?;
+    write_synced(&tmp.join(COMPLETE), b"")?;
+    sync_dir(tmp)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(final_dir)
+            .with_context(|| format!("removing the older {}", final_dir.display()))?;
+    }
+    std::fs::rename(tmp, final_dir)
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    sync_dir(&checkpoints_dir(run_dir))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    sync_file(path)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
+}
+
+/// fsyncs every file and directory under `dir`, `dir` last.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            sync_file(&path)?;
+        }
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let dir = checkpoints_dir(run_dir);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(step) = name
+            .strip_prefix(PREFIX)
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if path.join(COMPLETE).exists() {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Deletes all but the last `keep_last` checkpoints, sparing every `keep_every`-th step.
+pub fn prune(run_dir: &Path, keep_last: usize, keep_every: u64) -> Result<()> {
+    let all = list(run_dir)?;
+    let cut = all.len().saturating_sub(keep_last.max(1));
+    for (step, path) in &all[..cut] {
+        if keep_every > 0 && step % keep_every == 0 {
+            continue;
+        }
+        std::fs::remove_dir_all(path)
+            .with_context(|| format!("removing old checkpoint {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A loaded checkpoint, without its optimizer state (see [`load_optimizer`]).
+pub struct Loaded {
+    pub model_config: ZambaConfig,
+    pub model: ZambaModel,
+    pub state: TrainerState,
+    pub resolved_config: String,
+}
+
+/// Whether `dir` is a training checkpoint (as opposed to a plain transformers directory).
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("trainer.json").exists()
+}
+
+/// Checks that `dir` is a complete checkpoint whose files are exactly as written; the error
+/// names every file that changed.
+pub fn verify(dir: &Path) -> Result<()> {
+    if !dir.join(COMPLETE).exists() {
+        bail!(
+            "{} is not a complete checkpoint (no {COMPLETE} marker: it was interrupted while being written); \
+             use an earlier checkpoint",
+            dir.display()
+        );
+    }
+    manifest::verify(dir)
+}
+
+/// Loads the model and trainer state of a checkpoint directory (verify it first with [`verify`]).
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
+    if !dir.join(COMPLETE).exists() {
+        bail!(
+            "{} is not a complete checkpoint (no {COMPLETE} marker: it was interrupted while being written); \
+             use an earlier checkpoint",
+            dir.display()
+        );
+    }
+    let (model_config, model) = zamba_model::load_hf(&dir.join("model"), device)?;
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer.json"))
+            .with_context(|| format!("reading {}/trainer.json", dir.display()))?,
+    )
+    .with_context(|| {
+        format!(
+            "{}/trainer.json is not a valid trainer state",
+            dir.display()
+        )
+    })?;
+    let resolved_config = std::fs::read_to_string(dir.join("config.toml")).unwrap_or_default();
+    Ok(Loaded {
+        model_config,
+        model,
+        state,
+        resolved_config,
+    })
+}
+
+/// The AdamW state of a checkpoint for the parameter ranges this rank owns under `dp`. Every
+/// parameter must have moments once the optimizer has taken a step (`optimizer_step > 0`), and
+/// the checkpoint must hold no moments for parameters the model does not have.
+pub fn load_optimizer(
+    dir: &Path,
+    params: AdamWParams,
+    optimizer_step: u64,
+    dp: &DataParallel,
+    device: &Device,
+) -> Result<AdamW> {
+    let numel: HashMap<&str, usize> = dp
+        .slots()
+        .iter()
+        .map(|s| (s.path.as_str(), s.numel))
+        .collect();
+    let wanted: Vec<_> = dp
+        .segments()
+        .iter()
+        .map(|s| (dp.path(s).to_string(), s.range.clone()))
+        .collect();
+    let mut optimizer = AdamW::new(params);
+    optimizer.step = optimizer_step;
+    optimizer.moments = moments::read(dir, &numel, &wanted, optimizer_step > 0, device)?;
+    Ok(optimizer)
+}

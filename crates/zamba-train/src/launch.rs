@@ -1,0 +1,121 @@
+//! Which ranks this process runs: one (a single-device run), one rank of a job started by
+//! `zamba-train launch`, torchrun or SLURM (one process per GPU), or — on the CPU, with
+//! `runtime.world_size` > 1 and no launcher — every rank as a thread of this process.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use zamba_dist::{Backend, Communicator, DistOptions, RendezvousInfo, SingleRank};
+
+use crate::config::{Device, RunConfig};
+
+pub enum Ranks {
+    Single,
+    /// Every rank a thread of this process, communicating through shared memory.
+    Threads(usize),
+    /// This process is one rank of a launched job.
+    Launched(RendezvousInfo),
+}
+
+impl Ranks {
+    /// From the launcher's environment (torchrun or SLURM variables), else `runtime.world_size`.
+    pub fn detect(config: &RunConfig) -> Result<Self> {
+        let info = RendezvousInfo::from_env()?;
+        let configured = config.runtime.world_size;
+        if info.is_distributed() {
+            if configured != 1 && configured != info.world_size {
+                bail!(
+                    "runtime.world_size = {configured}, but the launcher started {} ranks; set runtime.world_size to {} \
+                     (or leave it at 1 to follow the launcher)",
+                    info.world_size,
+                    info.world_size
+                );
+            }
+            return Ok(Ranks::Launched(info));
+        }
+        match (configured, config.runtime.device) {
+            (1, _) => Ok(Ranks::Single),
+            (world, Device::Cpu) => Ok(Ranks::Threads(world)),
+            (world, device) => bail!(
+                "runtime.world_size = {world} on {device}: start one process per GPU, e.g. \
+                 `zamba-train launch --nproc-per-node {world} -- --config …` (or torchrun / srun; see docs/distributed.md)"
+            ),
+        }
+    }
+
+    pub fn world_size(&self) -> usize {
+        match self {
+            Ranks::Single => 1,
+            Ranks::Threads(world) => *world,
+            Ranks::Launched(info) => info.world_size,
+        }
+    }
+
+    /// Runs `rank(communicator, local_rank)` for every rank of this process.
+    pub fn run(
+        self,
+        config: &RunConfig,
+        rank: impl Fn(Box<dyn Communicator>, usize) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let opts = DistOptions {
+            timeout: Duration::from_secs_f64(config.dist.timeout_s),
+        };
+        match self {
+            Ranks::Single => rank(Box::new(SingleRank), 0),
+            Ranks::Threads(world) => {
+                let comms = zamba_dist::thread_group(world, &opts);
+                let results: Vec<Result<()>> = std::thread::scope(|scope| {
+                    let rank = &rank;
+                    let handles: Vec<_> = comms
+                        .into_iter()
+                        .map(|comm| scope.spawn(move || rank(comm, 0)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join()
+                                .unwrap_or_else(|_| Err(anyhow!("the rank's thread panicked")))
+                        })
+                        .collect()
+                });
+                combine(results)
+            }
+            Ranks::Launched(info) => {
+                let backend = match config.runtime.device {
+                    Device::Cpu | Device::CubeCpu => Backend::Tcp,
+                    Device::Cuda(first) => Backend::Nccl {
+                        device_index: first + info.local_rank,
+                    },
+                };
+                let comm = zamba_dist::init(&info, backend, &opts)?;
+                rank(comm, info.local_rank)
+            }
+        }
+    }
+}
+
+/// One error for the thread ranks: each distinct message once, with the ranks that reported it.
+fn combine(results: Vec<Result<()>>) -> Result<()> {
+    let mut messages: Vec<(String, Vec<usize>)> = Vec::new();
+    for (r, result) in results.into_iter().enumerate() {
+        if let Err(e) = result {
+            let text = format!("{e:#}");
+            match messages.iter_mut().find(|(m, _)| *m == text) {
+                Some((_, ranks)) => ranks.push(r),
+                None => messages.push((text, vec![r])),
+            }
+        }
+    }
+    match messages.as_slice() {
+        [] => Ok(()),
+        [(text, _)] => Err(anyhow!("{text}")),
+        _ => Err(anyhow!(
+            "{}",
+            messages
+                .iter()
+                .map(|(text, ranks)| format!("rank(s) {ranks:?}: {text}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )),
+    }
+}

@@ -1,0 +1,111 @@
+//! Shared by the trainer's end-to-end tests: a tiny run config on synthetic data, and readers of
+//! what a run leaves behind.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use zamba_train::train::TrainOptions;
+
+/// A tiny run on the synthetic web set, generated into `dir/cache` on first use.
+pub fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let cache = dir.join("cache");
+    let text = format!(
+        r#"
+[run]
+name = "{name}"
+dir = "{run}"
+seed = 7
+
+[model]
+preset = "zamba-tiny"
+hidden_size = 32
+intermediate_size = 64
+num_attention_heads = 2
+num_key_value_heads = 2
+vocab_size = 264
+pad_token_id = 258
+
+[synthetic]
+cache_dir = "{cache}"
+web_docs = 600
+instruct_examples = 600
+validation_fraction = 0.1
+
+[data]
+seq_len = 64
+seed = 3
+
+[data.sources.web]
+paths = ["synthetic:web"]
+validation = ["synthetic:web"]
+weight = 1.0
+
+[batch]
+sequences = 8
+micro_batch = 4
+
+[checkpoint]
+every = 3
+keep_last = 10
+
+[eval]
+every = 3
+batches = 1
+
+[logging]
+progress = false
+{extra}
+"#,
+        run = dir.join(name).display(),
+        cache = cache.display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn options(config: PathBuf) -> TrainOptions {
+    TrainOptions {
+        config,
+        overrides: Vec::new(),
+        resume: None,
+        allow_data_change: false,
+    }
+}
+
+/// (step, loss bits) of every step line of a run.
+pub fn step_losses(run_dir: &Path) -> Vec<(u64, Option<u64>)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_none())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().map(f64::to_bits),
+            )
+        })
+        .collect()
+}
+
+pub const SCHEDULE: &str = r#"
+[schedule]
+kind = "cosine"
+peak_lr = 5e-3
+min_lr = 5e-4
+warmup_steps = 2
+"#;
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

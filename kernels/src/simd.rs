@@ -1,0 +1,684 @@
+//! Portable SIMD for the CPU kernels. Each kernel is written once, generic over `V: Lanes` (a
+//! vector of `V::WIDTH` f32), and instantiated three times: `f32` (portable, any length, any CPU),
+//! `avx2::F32x8` (AVX2 + FMA) and `avx512::F32x16` (AVX-512F). [`simd_dispatch!`] picks the
+//! widest instance the CPU supports at run time, so the binary needs nothing beyond x86-64's
+//! baseline (SSE2) and uses AVX-512 where present. The vector instances are compiled inside
+//! `#[target_feature]` functions so that the intrinsics inline. (Plain loops over the state are
+//! not reliably auto-vectorized by LLVM: the loads and stores through the state buffer and the
+//! exp's bit tricks defeat its SLP vectorizer.)
+//!
+//! `ZAMBA_KERNELS_SIMD=scalar|avx2|avx512` caps the level (never above what the CPU has): tests
+//! use it to run the narrower paths on a machine with AVX-512, and it shows what the wide
+//! vectors buy. The levels round differently (FMA vs separate multiply and add, vector widths
+//! change the order of horizontal sums), so results can differ in the last bits between them;
+//! at a fixed level every kernel is deterministic.
+
+use std::ops::{Add, Div, Mul, Sub};
+use std::sync::OnceLock;
+
+/// The instruction sets the CPU kernels can use, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// Portable scalar code.
+    Scalar,
+    /// 8 floats per instruction (AVX2 + FMA).
+    Avx2,
+    /// 16 floats per instruction (AVX-512F).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// Floats per vector.
+    pub fn width(self) -> usize {
+        match self {
+            Self::Scalar => 1,
+            Self::Avx2 => 8,
+            Self::Avx512 => 16,
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Self::Scalar),
+            "avx2" => Some(Self::Avx2),
+            "avx512" => Some(Self::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// Environment variable that caps [`simd_level`].
+pub const SIMD_ENV: &str = "ZAMBA_KERNELS_SIMD";
+
+/// The widest level this CPU supports, detected at run time.
+pub fn detected_simd_level() -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            return SimdLevel::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return SimdLevel::Avx2;
+        }
+    }
+    SimdLevel::Scalar
+}
+
+/// The level the kernels use: [`detected_simd_level`], capped by `ZAMBA_KERNELS_SIMD` when set.
+/// Read once per process.
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = detected_simd_level();
+        match std::env::var(SIMD_ENV) {
+            Ok(value) => match SimdLevel::parse(&value) {
+                Some(cap) => cap.min(detected),
+                None => {
+                    eprintln!(
+                        "warning: {SIMD_ENV}={value:?} is not one of scalar, avx2, avx512; using {detected:?}"
+                    );
+                    detected
+                }
+            },
+            Err(_) => detected,
+        }
+    })
+}
+
+/// The widest level at or below [`simd_level`] whose vector width divides `n` (a kernel whose
+/// inner loop runs over exactly `n` floats with no remainder loop).
+pub(crate) fn level_dividing(n: usize) -> SimdLevel {
+    [SimdLevel::Avx512, SimdLevel::Avx2]
+        .into_iter()
+        .find(|&level| level <= simd_level() && n.is_multiple_of(level.width()))
+        .unwrap_or(SimdLevel::Scalar)
+}
+
+/// Declares `fn $name($args) -> $ret` that runs `$generic::<V>($args)` with the vector type of
+/// the level `$level` evaluates to (a [`SimdLevel`] no wider than [`simd_level`]).
+macro_rules! simd_dispatch {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+        = $generic:ident, level = $level:expr) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            let level: $crate::simd::SimdLevel = $level;
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $generic::<$crate::simd::avx512::F32x16>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $generic::<$crate::simd::avx2::F32x8>($($arg),*)
+                }
+                match level {
+                    // SAFETY: `level` never exceeds `simd_level()`, which the CPU supports.
+                    $crate::simd::SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::simd::SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::SimdLevel::Scalar => {}
+                }
+            }
+            let _ = level;
+            $generic::<f32>($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+/// A vector of `WIDTH` f32. `max`/`min` return `self` when it is NaN, so NaN propagates.
+pub(crate) trait Lanes:
+    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self>
+{
+    const WIDTH: usize;
+    fn splat(x: f32) -> Self;
+    /// The first `WIDTH` floats of `src`.
+    fn load(src: &[f32]) -> Self;
+    /// Into the first `WIDTH` floats of `dst`.
+    fn store(self, dst: &mut [f32]);
+    /// `self * b + c`, fused where the target has FMA.
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    fn max(self, other: Self) -> Self;
+    fn min(self, other: Self) -> Self;
+    /// `then` in the lanes where `a < b`, `otherwise` elsewhere (also where either is NaN).
+    fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self;
+    /// `2^k` from `t = k + 1.5·2^23` (an integer-valued `k` in `[-126, 127]` stored in the
+    /// low mantissa bits of `t`): `(bits(t) + 127) << 23` leaves `k + 127` in the exponent field.
+    fn pow2_of_rounded(t: Self) -> Self;
+    /// `(m, e)` with `self = m · 2^e`, `m` in `[0.5, 1)`, for positive normal `self`.
+    fn frexp(self) -> (Self, Self);
+    /// Horizontal sum, in a fixed order.
+    fn sum(self) -> f32;
+    /// Horizontal maximum (NaN lanes are not propagated; callers check finiteness separately).
+    fn max_lane(self) -> f32;
+    fn sqrt(self) -> Self;
+}
+
+impl Lanes for f32 {
+    const WIDTH: usize = 1;
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn load(src: &[f32]) -> Self {
+        src[0]
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        dst[0] = self;
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        // Without FMA in the baseline target `f32::mul_add` is a call to libm's `fmaf`.
+        #[cfg(target_arch = "aarch64")]
+        return f32::mul_add(self, b, c);
+        #[cfg(not(target_arch = "aarch64"))]
+        return self * b + c;
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        if self < other { other } else { self }
+    }
+    #[inline(always)]
+    fn min(self, other: Self) -> Self {
+        if self > other { other } else { self }
+    }
+    #[inline(always)]
+    fn pow2_of_rounded(t: Self) -> Self {
+        f32::from_bits(t.to_bits().wrapping_add(127) << 23)
+    }
+    #[inline(always)]
+    fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
+        if a < b { then } else { otherwise }
+    }
+    #[inline(always)]
+    fn frexp(self) -> (Self, Self) {
+        let bits = self.to_bits();
+        let m = f32::from_bits((bits & 0x807F_FFFF) | 0x3F00_0000);
+        (m, ((bits >> 23) as i32 - 126) as f32)
+    }
+    #[inline(always)]
+    fn sum(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn max_lane(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+/// AVX2+FMA vectors. Invariant: values of [`F32x8`] are only created inside functions compiled
+/// with `#[target_feature(enable = "avx2,fma")]` that run after the features were detected, so
+/// the intrinsics below are always executed on a CPU that has them.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::{Add, Div, Mul, Sub};
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct F32x8(pub(super) __m256);
+
+    // SAFETY (every `unsafe` block in this module): see the module invariant; loads and stores
+    // check the slice length first.
+    impl Add for F32x8 {
+        type Output = Self;
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            unsafe { Self(_mm256_add_ps(self.0, o.0)) }
+        }
+    }
+    impl Sub for F32x8 {
+        type Output = Self;
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            unsafe { Self(_mm256_sub_ps(self.0, o.0)) }
+        }
+    }
+    impl Mul for F32x8 {
+        type Output = Self;
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            unsafe { Self(_mm256_mul_ps(self.0, o.0)) }
+        }
+    }
+    impl Div for F32x8 {
+        type Output = Self;
+        #[inline(always)]
+        fn div(self, o: Self) -> Self {
+            unsafe { Self(_mm256_div_ps(self.0, o.0)) }
+        }
+    }
+
+    impl super::Lanes for F32x8 {
+        const WIDTH: usize = 8;
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { Self(_mm256_set1_ps(x)) }
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            let src = &src[..8];
+            unsafe { Self(_mm256_loadu_ps(src.as_ptr())) }
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            let dst = &mut dst[..8];
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            unsafe { Self(_mm256_fmadd_ps(self.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        fn max(self, other: Self) -> Self {
+            // `maxps` returns its second operand when either is NaN.
+            unsafe { Self(_mm256_max_ps(other.0, self.0)) }
+        }
+        #[inline(always)]
+        fn min(self, other: Self) -> Self {
+            unsafe { Self(_mm256_min_ps(other.0, self.0)) }
+        }
+        #[inline(always)]
+        fn pow2_of_rounded(t: Self) -> Self {
+            unsafe {
+                let bits = _mm256_add_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(127));
+                Self(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+            }
+        }
+        #[inline(always)]
+        fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
+            unsafe {
+                let lt = _mm256_cmp_ps::<_CMP_LT_OQ>(a.0, b.0);
+                Self(_mm256_blendv_ps(otherwise.0, then.0, lt))
+            }
+        }
+        #[inline(always)]
+        fn frexp(self) -> (Self, Self) {
+            unsafe {
+                let bits = _mm256_castps_si256(self.0);
+                let m = _mm256_or_si256(
+                    _mm256_and_si256(bits, _mm256_set1_epi32(0x807F_FFFF_u32 as i32)),
+                    _mm256_set1_epi32(0x3F00_0000),
+                );
+                let e = _mm256_sub_epi32(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(126));
+                (Self(_mm256_castsi256_ps(m)), Self(_mm256_cvtepi32_ps(e)))
+            }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            unsafe {
+                // ((0+4) + (2+6)) + ((1+5) + (3+7)).
+                let half = _mm_add_ps(
+                    _mm256_castps256_ps128(self.0),
+                    _mm256_extractf128_ps::<1>(self.0),
+                );
+                let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+                _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+            }
+        }
+        #[inline(always)]
+        fn max_lane(self) -> f32 {
+            unsafe {
+                let half = _mm_max_ps(
+                    _mm256_castps256_ps128(self.0),
+                    _mm256_extractf128_ps::<1>(self.0),
+                );
+                let quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+                _mm_cvtss_f32(_mm_max_ss(quarter, _mm_movehdup_ps(quarter)))
+            }
+        }
+        #[inline(always)]
+        fn sqrt(self) -> Self {
+            unsafe { Self(_mm256_sqrt_ps(self.0)) }
+        }
+    }
+}
+
+/// AVX-512F vectors. Invariant: values of [`F32x16`] are only created inside functions compiled
+/// with `#[target_feature(enable = "avx512f")]` that run after the feature was detected.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::{Add, Div, Mul, Sub};
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct F32x16(__m512);
+
+    // SAFETY (every `unsafe` block in this module): see the module invariant; loads and stores
+    // check the slice length first.
+    impl Add for F32x16 {
+        type Output = Self;
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            unsafe { Self(_mm512_add_ps(self.0, o.0)) }
+        }
+    }
+    impl Sub for F32x16 {
+        type Output = Self;
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            unsafe { Self(_mm512_sub_ps(self.0, o.0)) }
+        }
+    }
+    impl Mul for F32x16 {
+        type Output = Self;
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            unsafe { Self(_mm512_mul_ps(self.0, o.0)) }
+        }
+    }
+    impl Div for F32x16 {
+        type Output = Self;
+        #[inline(always)]
+        fn div(self, o: Self) -> Self {
+            unsafe { Self(_mm512_div_ps(self.0, o.0)) }
+        }
+    }
+
+    impl super::Lanes for F32x16 {
+        const WIDTH: usize = 16;
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { Self(_mm512_set1_ps(x)) }
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            let src = &src[..16];
+            unsafe { Self(_mm512_loadu_ps(src.as_ptr())) }
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            let dst = &mut dst[..16];
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            unsafe { Self(_mm512_fmadd_ps(self.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        fn max(self, other: Self) -> Self {
+            // `vmaxps` returns its second operand when either is NaN.
+            unsafe { Self(_mm512_max_ps(other.0, self.0)) }
+        }
+        #[inline(always)]
+        fn min(self, other: Self) -> Self {
+            unsafe { Self(_mm512_min_ps(other.0, self.0)) }
+        }
+        #[inline(always)]
+        fn pow2_of_rounded(t: Self) -> Self {
+            unsafe {
+                let bits = _mm512_add_epi32(_mm512_castps_si512(t.0), _mm512_set1_epi32(127));
+                Self(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)))
+            }
+        }
+        #[inline(always)]
+        fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
+            unsafe {
+                let lt = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a.0, b.0);
+                Self(_mm512_mask_blend_ps(lt, otherwise.0, then.0))
+            }
+        }
+        #[inline(always)]
+        fn frexp(self) -> (Self, Self) {
+            unsafe {
+                let bits = _mm512_castps_si512(self.0);
+                let m = _mm512_or_si512(
+                    _mm512_and_si512(bits, _mm512_set1_epi32(0x807F_FFFF_u32 as i32)),
+                    _mm512_set1_epi32(0x3F00_0000),
+                );
+                let e = _mm512_sub_epi32(_mm512_srli_epi32::<23>(bits), _mm512_set1_epi32(126));
+                (Self(_mm512_castsi512_ps(m)), Self(_mm512_cvtepi32_ps(e)))
+            }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            unsafe {
+                // Halves, then the AVX2 order on the 8 partial sums.
+                let lo = _mm512_castps512_ps256(self.0);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+                super::avx2::F32x8(_mm256_add_ps(lo, hi)).sum()
+            }
+        }
+        #[inline(always)]
+        fn max_lane(self) -> f32 {
+            unsafe {
+                let lo = _mm512_castps512_ps256(self.0);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+                super::avx2::F32x8(_mm256_max_ps(lo, hi)).max_lane()
+            }
+        }
+        #[inline(always)]
+        fn sqrt(self) -> Self {
+            unsafe { Self(_mm512_sqrt_ps(self.0)) }
+        }
+    }
+}
+
+/// `exp(x)` without libm, so that it vectorizes: Cody-Waite reduction `x = k ln2 + r`, a
+/// degree-5 polynomial for `e^r` on `|r| <= ln2/2` (Cephes `expf` coefficients) and `2^k`
+/// assembled in the exponent bits. Relative error below 2e-7 (tested). Inputs below
+/// `ln(2^-126)` give 0 (no subnormals); inputs above 88 saturate at `e^88` (the scan only
+/// evaluates `exp(Δ·A)` with `Δ > 0`, `A < 0`); NaN gives NaN.
+#[inline(always)]
+pub(crate) fn exp_approx<V: Lanes>(x: V) -> V {
+    const LO: f32 = -87.336_54;
+    const HI: f32 = 88.0;
+    // 1.5 * 2^23: adding it rounds to an integer that lands in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.max(V::splat(LO)).min(V::splat(HI));
+    let t = xc.mul_add(V::splat(std::f32::consts::LOG2_E), V::splat(ROUND));
+    let k = t - V::splat(ROUND);
+    let r = k.mul_add(V::splat(-LN2_HI), xc);
+    let r = k.mul_add(V::splat(-LN2_LO), r);
+    let mut p = V::splat(1.987_569_1e-4);
+    p = p.mul_add(r, V::splat(1.398_2e-3));
+    p = p.mul_add(r, V::splat(8.333_452e-3));
+    p = p.mul_add(r, V::splat(4.166_579_6e-2));
+    p = p.mul_add(r, V::splat(0.166_666_65));
+    p = p.mul_add(r, V::splat(0.5));
+    let er = p.mul_add(r * r, r) + V::splat(1.0);
+    V::select_lt(x, V::splat(LO), V::splat(0.0), er * V::pow2_of_rounded(t))
+}
+
+/// `ln(x)` for finite `x >= 1`, Cephes `logf`: `x = m·2^e` with `m` in `[√½, √2)`, then a
+/// polynomial in `m - 1`. Relative error ~1e-7 (tested).
+#[inline(always)]
+pub(crate) fn ln_ge1<V: Lanes>(x: V) -> V {
+    let one = V::splat(1.0);
+    let (m, e) = x.frexp();
+    let small = V::select_lt(
+        m,
+        V::splat(std::f32::consts::FRAC_1_SQRT_2),
+        one,
+        V::splat(0.0),
+    );
+    let e = e - small;
+    // m - 1, or 2m - 1 when m < √½ (exact).
+    let x = m.mul_add(one + small, V::splat(-1.0));
+    let z = x * x;
+    let mut p = V::splat(7.037_683_6e-2);
+    for coefficient in [
+        -1.151_461e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_5e-1,
+        -2.499_999_4e-1,
+        3.333_333e-1,
+    ] {
+        p = p.mul_add(x, V::splat(coefficient));
+    }
+    let y = e.mul_add(V::splat(-2.121_944_4e-4), p * x * z);
+    let y = z.mul_add(V::splat(-0.5), y);
+    e.mul_add(V::splat(0.693_359_4), x + y)
+}
+
+/// mamba-ssm's softplus `log1p(exp(x))` (`x` itself above 20) and its derivative
+/// `exp(x) / (1 + exp(x))` (1 above 20).
+#[inline(always)]
+pub(crate) fn softplus_and_grad<V: Lanes>(x: V) -> (V, V) {
+    let one = V::splat(1.0);
+    let threshold = V::splat(20.0);
+    let e = exp_approx(x.min(threshold));
+    let u = one + e;
+    // log1p(e) = ln(1 + e) + (e - ((1 + e) - 1)) / (1 + e): the correction restores what the
+    // rounding of 1 + e lost, so tiny e (very negative x) still gives log1p(e) ≈ e.
+    let log1p = ln_ge1(u) + (e - (u - one)) / u;
+    (
+        V::select_lt(threshold, x, x, log1p),
+        V::select_lt(threshold, x, one, e / u),
+    )
+}
+
+#[inline(always)]
+pub(crate) fn sigmoid<V: Lanes>(x: V) -> V {
+    let one = V::splat(1.0);
+    one / (one + exp_approx(V::splat(0.0) - x))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The levels this CPU can run.
+    fn levels() -> Vec<SimdLevel> {
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+            .into_iter()
+            .filter(|&l| l <= detected_simd_level())
+            .collect()
+    }
+
+    /// The vector functions under test, by index, over `xs` (a multiple of 16 long).
+    #[inline(always)]
+    fn apply_generic<V: Lanes>(_level: SimdLevel, function: usize, xs: &[f32], out: &mut [f32]) {
+        for (x, out) in xs
+            .chunks_exact(V::WIDTH)
+            .zip(out.chunks_exact_mut(V::WIDTH))
+        {
+            let x = V::load(x);
+            let y = match function {
+                0 => exp_approx(x),
+                1 => ln_ge1(x),
+                2 => softplus_and_grad(x).0,
+                3 => softplus_and_grad(x).1,
+                4 => sigmoid(x),
+                5 => V::splat(x.sum()),
+                6 => V::splat(x.max_lane()),
+                _ => x.sqrt(),
+            };
+            y.store(out);
+        }
+    }
+
+    simd_dispatch!(fn apply(level: SimdLevel, function: usize, xs: &[f32], out: &mut [f32])
+        = apply_generic, level = level);
+
+    /// Max relative error of `function` at `level` against `want` on `xs`.
+    fn max_rel_error(
+        level: SimdLevel,
+        function: usize,
+        xs: &[f32],
+        want: &dyn Fn(f64) -> f64,
+    ) -> f64 {
+        let mut out = vec![0f32; xs.len()];
+        apply(level, function, xs, &mut out);
+        xs.iter().zip(&out).fold(0f64, |worst, (&x, &got)| {
+            let want = want(x as f64);
+            worst.max(((got as f64 - want) / want).abs())
+        })
+    }
+
+    fn grid(lo: f32, hi: f32, step: f32) -> Vec<f32> {
+        let n = ((hi - lo) / step) as usize / 16 * 16;
+        (0..n).map(|i| lo + step * i as f32).collect()
+    }
+
+    #[test]
+    fn vector_math_relative_errors_at_every_level() {
+        let softplus = |x: f64| if x > 20.0 { x } else { x.exp().ln_1p() };
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let softplus_grad = |x: f64| if x > 20.0 { 1.0 } else { sigmoid(x) };
+        // (name, inputs, exact function, tolerance), in the order of `apply_generic`.
+        type Case<'a> = (&'a str, Vec<f32>, &'a dyn Fn(f64) -> f64, f64);
+        let cases: [Case; 5] = [
+            ("exp", grid(-87.3, 88.0, 1.3e-3), &f64::exp, 2e-7),
+            ("ln", grid(1.0, 4e8, 3.1e3), &f64::ln, 2e-7),
+            ("softplus", grid(-40.0, 40.0, 3e-4), &softplus, 4e-7),
+            ("softplus'", grid(-40.0, 40.0, 3e-4), &softplus_grad, 4e-7),
+            ("sigmoid", grid(-40.0, 40.0, 3e-4), &sigmoid, 4e-7),
+        ];
+        for level in levels() {
+            for (function, (name, xs, exact, tol)) in cases.iter().enumerate() {
+                let err = max_rel_error(level, function, xs, exact);
+                assert!(err <= *tol, "{name} {level:?}: {err:e} > {tol:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn horizontal_sum_max_and_sqrt_at_every_level() {
+        let xs: Vec<f32> = (0..64).map(|i| ((i * 37) % 23) as f32 - 7.5).collect();
+        for level in levels() {
+            let width = level.width();
+            let mut out = vec![0f32; xs.len()];
+            apply(level, 5, &xs, &mut out);
+            for (x, got) in xs.chunks(width).zip(out.chunks(width)) {
+                assert_eq!(got[0], x.iter().sum::<f32>(), "{level:?} sum");
+            }
+            apply(level, 6, &xs, &mut out);
+            for (x, got) in xs.chunks(width).zip(out.chunks(width)) {
+                assert_eq!(
+                    got[0],
+                    x.iter().cloned().fold(f32::MIN, f32::max),
+                    "{level:?} max"
+                );
+            }
+            let squares: Vec<f32> = xs.iter().map(|x| x * x).collect();
+            apply(level, 7, &squares, &mut out);
+            for (x, got) in xs.iter().zip(&out) {
+                assert_eq!(*got, x.abs(), "{level:?} sqrt");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_approx_edges() {
+        assert_eq!(exp_approx(-100f32), 0.0);
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_approx(0f32), 1.0);
+        assert!(exp_approx(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn the_level_is_capped_by_the_cpu_and_parsed_from_names() {
+        assert!(simd_level() <= detected_simd_level());
+        assert_eq!(SimdLevel::parse(" AVX2 "), Some(SimdLevel::Avx2));
+        assert_eq!(SimdLevel::parse("avx512"), Some(SimdLevel::Avx512));
+        assert_eq!(SimdLevel::parse("sse"), None);
+        assert_eq!(level_dividing(12), SimdLevel::Scalar);
+        assert!(level_dividing(16) >= level_dividing(8));
+    }
+
+    /// The build must not assume AVX2 or AVX-512: every wide path is chosen at run time, so the
+    /// same binary runs on any x86-64 CPU (a `-C target-cpu=native` build would break that).
+    #[test]
+    fn the_build_targets_baseline_x86_64() {
+        assert!(
+            !cfg!(target_feature = "avx2"),
+            "built with AVX2 enabled at compile time"
+        );
+        assert!(
+            !cfg!(target_feature = "avx512f"),
+            "built with AVX-512 enabled at compile time"
+        );
+    }
+}

@@ -1,0 +1,461 @@
+//! The fused CPU ops (cross-entropy, AdamW, causal conv + SiLU, RMSNorm) against their plain
+//! tensor-op versions — values and gradients — and against central finite differences in f64.
+//!
+//! Relative error: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use zamba_kernels::{
+    AdamWHyper, IGNORE_INDEX, adamw_update, adamw_update_reference, causal_conv1d_silu,
+    causal_conv1d_silu_reference, cross_entropy, cross_entropy_reference, rms_norm,
+    rms_norm_reference,
+};
+
+/// SplitMix64 → uniform in [lo, hi).
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want
+        .iter()
+        .fold(0f64, |m, y| m.max(y.abs() as f64))
+        .max(1e-30);
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+    diff / scale
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn tensor<const D: usize>(data: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(data.to_vec(), shape.to_vec()), device)
+}
+
+/// Central finite difference of `f` at `x` along coordinate `i`, in f64.
+fn finite_difference(f: &dyn Fn(&[f64]) -> f64, x: &[f64], i: usize, h: f64) -> f64 {
+    let (mut plus, mut minus) = (x.to_vec(), x.to_vec());
+    plus[i] += h;
+    minus[i] -= h;
+    (f(&plus) - f(&minus)) / (2.0 * h)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy.
+
+/// `(loss, d loss / d logits)` of `op` on an autodiff Flex device.
+fn ce_run(
+    op: fn(Tensor<2>, Tensor<1, Int>) -> Tensor<1>,
+    logits: &[f32],
+    targets: &[i64],
+    vocab: usize,
+) -> (f32, Vec<f32>) {
+    let device = Device::flex().autodiff();
+    let rows = targets.len();
+    let x = tensor(logits, [rows, vocab], &device).require_grad();
+    let t = Tensor::<1, Int>::from_data(TensorData::new(targets.to_vec(), vec![rows]), &device);
+    let loss = op(x.clone(), t);
+    let grads = (loss.clone() * 1.5).sum().backward();
+    (values(loss)[0], values(x.grad(&grads).unwrap()))
+}
+
+fn ce_case(rows: usize, vocab: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = Rng(seed);
+    let logits = rng.vec(rows * vocab, -6.0, 6.0);
+    let targets = (0..rows)
+        .map(|r| match r % 5 {
+            3 => IGNORE_INDEX,
+            _ => (rng.uniform(0.0, vocab as f32) as i64).min(vocab as i64 - 1),
+        })
+        .collect();
+    (logits, targets)
+}
+
+#[test]
+fn cross_entropy_matches_tensor_ops_in_value_and_gradient() {
+    // Vocabulary sizes with and without a vector remainder.
+    for (rows, vocab) in [(37, 4096), (11, 1000), (5, 3)] {
+        let (logits, targets) = ce_case(rows, vocab, rows as u64);
+        let (loss, grad) = ce_run(cross_entropy, &logits, &targets, vocab);
+        let (want_loss, want_grad) = ce_run(cross_entropy_reference, &logits, &targets, vocab);
+        assert!(
+            ((loss - want_loss) / want_loss).abs() < 1e-6,
+            "{rows}x{vocab}: loss {loss} vs {want_loss}"
+        );
+        let err = rel_error(&grad, &want_grad);
+        assert!(err < 2e-6, "{rows}x{vocab}: gradient error {err:e}");
+        for (r, &t) in targets.iter().enumerate() {
+            if t == IGNORE_INDEX {
+                assert!(grad[r * vocab..(r + 1) * vocab].iter().all(|&g| g == 0.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_gradient_matches_finite_differences() {
+    let (rows, vocab) = (4, 9);
+    let (logits, targets) = ce_case(rows, vocab, 7);
+    let (_, grad) = ce_run(cross_entropy, &logits, &targets, vocab);
+    let loss = |x: &[f64]| {
+        let mut total = 0.0;
+        let mut count = 0;
+        for (row, &t) in x.chunks(vocab).zip(&targets) {
+            if t != IGNORE_INDEX {
+                let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+                total += lse - row[t as usize];
+                count += 1;
+            }
+        }
+        1.5 * total / count as f64
+    };
+    let x: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+    for (i, &g) in grad.iter().enumerate() {
+        let fd = finite_difference(&loss, &x, i, 1e-5);
+        assert!((g as f64 - fd).abs() < 1e-6, "logit {i}: {g} vs {fd}");
+    }
+}
+
+#[test]
+fn cross_entropy_edge_cases() {
+    let device = Device::flex();
+    let ignored = Tensor::<1, Int>::full([3], IGNORE_INDEX, &device);
+    let loss = cross_entropy(Tensor::zeros([3, 8], &device), ignored);
+    assert_eq!(values(loss), [0.0]);
+    let (mut logits, targets) = ce_case(2, 16, 1);
+    logits[5] = f32::NAN;
+    let t = Tensor::<1, Int>::from_data(TensorData::new(targets, vec![2]), &device);
+    let loss = cross_entropy(tensor(&logits, [2, 16], &device), t);
+    assert!(values(loss)[0].is_nan(), "a NaN logit must give a NaN loss");
+}
+
+#[test]
+#[should_panic(expected = "outside the vocabulary")]
+fn cross_entropy_rejects_targets_outside_the_vocabulary() {
+    let device = Device::flex();
+    let t = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 8], vec![2]), &device);
+    cross_entropy(Tensor::zeros([2, 8], &device), t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW.
+
+fn adamw_steps(
+    update: fn(
+        Tensor<1>,
+        Tensor<1>,
+        Tensor<1>,
+        Tensor<1>,
+        &AdamWHyper,
+    ) -> (Tensor<1>, Tensor<1>, Tensor<1>),
+    n: usize,
+) -> [Vec<f32>; 3] {
+    let device = Device::flex();
+    let mut rng = Rng(42);
+    let mut theta = tensor(&rng.vec(n, -1.0, 1.0), [n], &device);
+    let (mut m, mut v) = (Tensor::zeros([n], &device), Tensor::zeros([n], &device));
+    for step in 1..=4u64 {
+        let grad = tensor(&rng.vec(n, -3.0, 3.0), [n], &device);
+        let hyper = AdamWHyper {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: if step % 2 == 0 { 0.1 } else { 0.0 },
+            step,
+            grad_scale: 0.7,
+        };
+        // Keep an alias of theta alive on odd steps: the kernel must not write through it.
+        let alias = (step % 2 == 1).then(|| theta.clone());
+        let before = alias.as_ref().map(|t| values(t.clone()));
+        (theta, m, v) = update(theta, grad, m, v, &hyper);
+        if let (Some(alias), Some(before)) = (alias, before) {
+            assert_eq!(
+                values(alias),
+                before,
+                "the update wrote into a shared buffer"
+            );
+        }
+    }
+    [values(theta), values(m), values(v)]
+}
+
+#[test]
+fn adamw_update_is_bit_identical_to_tensor_ops() {
+    for n in [1, 15, 16, 1000, 70_001] {
+        let fused = adamw_steps(adamw_update, n);
+        let reference = adamw_steps(adamw_update_reference, n);
+        for (name, (f, r)) in ["theta", "m", "v"].iter().zip(fused.iter().zip(&reference)) {
+            let same = f.iter().zip(r).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name} differs at n = {n}");
+        }
+    }
+}
+
+#[test]
+fn adamw_update_accepts_autodiff_tensors() {
+    // Moments restored from a checkpoint may live on the autodiff device.
+    let device = Device::flex().autodiff();
+    let hyper = AdamWHyper {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let t = |x: f32| Tensor::<1>::from_data(TensorData::new(vec![x; 3], vec![3]), &device);
+    let (theta, m, v) = adamw_update(t(1.0), t(2.0), t(0.0), t(0.0), &hyper);
+    let (want_theta, want_m, want_v) =
+        adamw_update_reference(t(1.0), t(2.0), t(0.0), t(0.0), &hyper);
+    assert_eq!(values(theta), values(want_theta));
+    assert_eq!(values(m), values(want_m));
+    assert_eq!(values(v), values(want_v));
+}
+
+#[test]
+#[should_panic(expected = "same length")]
+fn adamw_update_rejects_mismatched_lengths() {
+    let device = Device::flex();
+    let hyper = AdamWHyper {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let t = |n| Tensor::<1>::zeros([n], &device);
+    adamw_update(t(4), t(5), t(4), t(4), &hyper);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal conv + SiLU, RMSNorm: three-input ops compared through `loss = Σ w · op(...)`.
+
+/// Output and input gradients of `loss = Σ w · out` for an op of `x` `[.., width]` and two
+/// parameter vectors/matrices, all on an autodiff Flex device.
+struct OpRun {
+    out: Vec<f32>,
+    grads: Vec<Vec<f32>>,
+}
+
+type ConvFn = fn(Tensor<3>, Tensor<2>, Tensor<1>) -> Tensor<3>;
+
+fn conv_run(
+    op: ConvFn,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dims: [usize; 4],
+    loss_w: &[f32],
+) -> OpRun {
+    let [batch, channels, len, taps] = dims;
+    let device = Device::flex().autodiff();
+    let xt = tensor(x, [batch, channels, len], &device).require_grad();
+    let wt = tensor(w, [channels, taps], &device).require_grad();
+    let bt = tensor(b, [channels], &device).require_grad();
+    let out = op(xt.clone(), wt.clone(), bt.clone());
+    let grads = (out.clone() * tensor(loss_w, [batch, channels, len], &device))
+        .sum()
+        .backward();
+    OpRun {
+        out: values(out),
+        grads: vec![
+            values(xt.grad(&grads).unwrap()),
+            values(wt.grad(&grads).unwrap()),
+            values(bt.grad(&grads).unwrap()),
+        ],
+    }
+}
+
+fn conv_case(dims: [usize; 4], seed: u64) -> [Vec<f32>; 4] {
+    let [batch, channels, len, taps] = dims;
+    let mut rng = Rng(seed);
+    [
+        rng.vec(batch * channels * len, -2.0, 2.0),
+        rng.vec(channels * taps, -1.0, 1.0),
+        rng.vec(channels, -0.5, 0.5),
+        rng.vec(batch * channels * len, -1.0, 1.0),
+    ]
+}
+
+#[test]
+fn causal_conv_silu_matches_tensor_ops() {
+    for dims in [[2, 5, 37, 4], [3, 16, 64, 4], [1, 2, 3, 4], [2, 3, 20, 1]] {
+        let [x, w, b, lw] = conv_case(dims, dims[2] as u64);
+        let fused = conv_run(causal_conv1d_silu, &x, &w, &b, dims, &lw);
+        let reference = conv_run(causal_conv1d_silu_reference, &x, &w, &b, dims, &lw);
+        let err = rel_error(&fused.out, &reference.out);
+        assert!(err < 1e-6, "{dims:?} output error {err:e}");
+        for (name, (f, r)) in ["x", "weight", "bias"]
+            .iter()
+            .zip(fused.grads.iter().zip(&reference.grads))
+        {
+            let err = rel_error(f, r);
+            assert!(err < 2e-6, "{dims:?} d{name} error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn causal_conv_silu_gradients_match_finite_differences() {
+    let dims = [1, 2, 6, 3];
+    let [batch, channels, len, taps] = dims;
+    let [x, w, b, lw] = conv_case(dims, 3);
+    let fused = conv_run(causal_conv1d_silu, &x, &w, &b, dims, &lw);
+    // All inputs in one f64 vector: x, then w, then b.
+    let all: Vec<f64> = x.iter().chain(&w).chain(&b).map(|&v| v as f64).collect();
+    let (nx, nw) = (x.len(), w.len());
+    let loss = |p: &[f64]| {
+        let (x, rest) = p.split_at(nx);
+        let (w, b) = rest.split_at(nw);
+        let mut total = 0.0;
+        for lane in 0..batch * channels {
+            let c = lane % channels;
+            for t in 0..len {
+                let mut a = b[c];
+                for k in 0..taps {
+                    if let Some(src) = (t + k).checked_sub(taps - 1) {
+                        a += w[c * taps + k] * x[lane * len + src];
+                    }
+                }
+                total += lw[lane * len + t] as f64 * a / (1.0 + (-a).exp());
+            }
+        }
+        total
+    };
+    let grads: Vec<f32> = fused.grads.concat();
+    for (i, &g) in grads.iter().enumerate() {
+        let fd = finite_difference(&loss, &all, i, 1e-5);
+        assert!(
+            (g as f64 - fd).abs() < 2e-5 * (1.0 + fd.abs()),
+            "input {i}: {g} vs {fd}"
+        );
+    }
+}
+
+type NormFn = fn(Tensor<3>, Tensor<1>, f64) -> Tensor<3>;
+
+fn norm_run(op: NormFn, x: &[f32], gamma: &[f32], shape: [usize; 3], loss_w: &[f32]) -> OpRun {
+    let device = Device::flex().autodiff();
+    let xt = tensor(x, shape, &device).require_grad();
+    let gt = tensor(gamma, [shape[2]], &device).require_grad();
+    let out = op(xt.clone(), gt.clone(), 1e-5);
+    let grads = (out.clone() * tensor(loss_w, shape, &device))
+        .sum()
+        .backward();
+    OpRun {
+        out: values(out),
+        grads: vec![
+            values(xt.grad(&grads).unwrap()),
+            values(gt.grad(&grads).unwrap()),
+        ],
+    }
+}
+
+#[test]
+fn rms_norm_matches_tensor_ops() {
+    for shape in [[2, 70, 256], [3, 5, 20], [1, 130, 7]] {
+        let n: usize = shape.iter().product();
+        let mut rng = Rng(n as u64);
+        let (x, gamma, lw) = (
+            rng.vec(n, -3.0, 3.0),
+            rng.vec(shape[2], 0.5, 1.5),
+            rng.vec(n, -1.0, 1.0),
+        );
+        let fused = norm_run(rms_norm, &x, &gamma, shape, &lw);
+        let reference = norm_run(rms_norm_reference, &x, &gamma, shape, &lw);
+        let err = rel_error(&fused.out, &reference.out);
+        assert!(err < 1e-6, "{shape:?} output error {err:e}");
+        for (name, (f, r)) in ["x", "gamma"]
+            .iter()
+            .zip(fused.grads.iter().zip(&reference.grads))
+        {
+            let err = rel_error(f, r);
+            assert!(err < 5e-6, "{shape:?} d{name} error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn rms_norm_gradients_match_finite_differences() {
+    let shape = [1, 3, 5];
+    let n = 15;
+    let mut rng = Rng(9);
+    let (x, gamma, lw) = (
+        rng.vec(n, -2.0, 2.0),
+        rng.vec(5, 0.5, 1.5),
+        rng.vec(n, -1.0, 1.0),
+    );
+    let fused = norm_run(rms_norm, &x, &gamma, shape, &lw);
+    let all: Vec<f64> = x.iter().chain(&gamma).map(|&v| v as f64).collect();
+    let loss = |p: &[f64]| {
+        let (x, g) = p.split_at(n);
+        x.chunks(5)
+            .zip(lw.chunks(5))
+            .map(|(row, w)| {
+                let rms = (row.iter().map(|v| v * v).sum::<f64>() / 5.0 + 1e-5).sqrt();
+                (0..5)
+                    .map(|j| w[j] as f64 * row[j] / rms * g[j])
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    for (i, &g) in fused.grads.concat().iter().enumerate() {
+        let fd = finite_difference(&loss, &all, i, 1e-5);
+        assert!(
+            (g as f64 - fd).abs() < 2e-5 * (1.0 + fd.abs()),
+            "input {i}: {g} vs {fd}"
+        );
+    }
+}
+
+/// Every test of this file again with the kernels capped at AVX2 and at scalar code (each in a
+/// child process, as the level is fixed per process): the narrower paths, which machines
+/// without AVX-512 run, stay tested on machines that have it.
+#[test]
+fn narrower_simd_levels_pass_too() {
+    if std::env::var_os(zamba_kernels::SIMD_ENV).is_some() {
+        return; // the child run itself
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    for level in [
+        zamba_kernels::SimdLevel::Avx2,
+        zamba_kernels::SimdLevel::Scalar,
+    ] {
+        if level >= zamba_kernels::detected_simd_level() {
+            continue; // the default run already covers it
+        }
+        let name = format!("{level:?}").to_lowercase();
+        let out = std::process::Command::new(&exe)
+            .env(zamba_kernels::SIMD_ENV, &name)
+            .args(["--quiet", "--skip", "narrower_simd_levels_pass_too"])
+            .output()
+            .expect("run the test binary");
+        assert!(
+            out.status.success(),
+            "tests failed with {}={name}:\n{}{}",
+            zamba_kernels::SIMD_ENV,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
