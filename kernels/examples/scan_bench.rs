@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use zamba_kernels::{scan_bytes, scan_flops, selective_scan};
+use zamba_kernels::{scan_bytes, scan_chunk, scan_flops, selective_scan};
 
 struct Inputs {
     u: Tensor<3>,
@@ -96,7 +96,8 @@ fn main() {
     };
     let [batch, channels, len, state, groups] = dims;
     let (fwd_flops, bwd_flops) = scan_flops(batch, channels, len, state);
-    let (fwd_bytes, bwd_bytes) = scan_bytes(batch, channels, len, state, groups);
+    let chunk = scan_chunk(&Device::flex(), state).expect("Flex has the fused kernel");
+    let (fwd_bytes, bwd_bytes) = scan_bytes(batch, channels, len, state, groups, chunk);
     let reps = 7;
     println!(
         "Bt={batch} Dc={channels} L={len} N={state} G={groups}, {} rayon threads, median of {reps}",

@@ -86,7 +86,7 @@ pub fn adamw_update(
     hyper: &AdamWHyper,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     check_lengths(&theta, &grad, &m, &v);
-    if !crate::fused_kernel_available(&theta.device()) {
+    if !crate::on_flex(&theta.device()) {
         return adamw_update_reference(theta, grad, m, v, hyper);
     }
     // The update is never differentiated: run it on the inner backend whatever device the

@@ -31,7 +31,7 @@ use crate::simd::{Lanes, sigmoid, simd_dispatch, simd_level};
 /// If the shapes disagree.
 pub fn causal_conv1d_silu(x: Tensor<3>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<3> {
     check_shapes(&x, &weight, &bias);
-    if !crate::fused_kernel_available(&x.device()) {
+    if !crate::on_flex(&x.device()) {
         return causal_conv1d_silu_reference(x, weight, bias);
     }
     Tensor::from_dispatch(<Dispatch as CausalConvBackend>::causal_conv1d_silu(

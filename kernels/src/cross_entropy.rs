@@ -37,7 +37,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// If the shapes disagree, or a target is neither [`IGNORE_INDEX`] nor in `0..vocab`.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     check_shapes(&logits, &targets);
-    if !crate::fused_kernel_available(&logits.device()) {
+    if !crate::on_flex(&logits.device()) {
         return cross_entropy_reference(logits, targets);
     }
     Tensor::from_dispatch(<Dispatch as CrossEntropyBackend>::cross_entropy(

@@ -25,7 +25,7 @@
 //! the inner loop over the state vectorizes. Inputs that are not contiguous `f32` are converted
 //! once; contiguous `f32` inputs are read in place, and results are handed to Burn without copies.
 //!
-//! # Kernels (Flex, CPU)
+//! # The CPU kernel (Flex)
 //! The forward runs the lanes in parallel (rayon). A lane's state stays in a small stack buffer and
 //! is updated one SIMD vector at a time: on x86-64, sixteen floats per instruction with AVX-512F
 //! or eight with AVX2+FMA (detected at run time; the state size must be a multiple of the width),
@@ -37,12 +37,13 @@
 //!
 //! # Chunked recompute, memory
 //! The forward keeps no per-step state. When gradients are needed it saves the state entering
-//! every [`SCAN_CHUNK`]-step chunk (except the first, which is zero): `batch·channels·state·⌈len /
-//! SCAN_CHUNK⌉` floats. The backward walks each lane's chunks from last to first: it restores the
-//! chunk's entry state, recomputes the chunk's states and decays into a `SCAN_CHUNK × state` scratch
+//! every chunk of `T` steps (except the first, which is zero; `T` is [`scan_chunk`]):
+//! `batch·channels·state·⌈len / T⌉` floats. The backward walks each lane's chunks from last to
+//! first: it restores the chunk's entry state, recomputes the chunk's states and decays into a
+//! `T × state` scratch
 //! buffer (bit-identical to the forward: same code, same order), then walks the chunk backward,
 //! carrying `∂L/∂s`. The op therefore holds `O(batch·channels·len)` (its inputs and gradients) plus
-//! `O(batch·channels·state·len / SCAN_CHUNK)`; it never materializes a `[batch, channels, len,
+//! `O(batch·channels·state·len / T)`; it never materializes a `[batch, channels, len,
 //! state]` tensor. `dB`/`dC` sum over the channels of a group: the channels are split into a fixed
 //! number of blocks, each (batch, group, block) task accumulates into its own `[len, state]`
 //! buffers, and the blocks are summed afterwards (blocks hold at least `2·state` channels, so these
@@ -56,16 +57,21 @@
 //! results can differ in the last bits between CPUs with and without AVX2).
 //!
 //! # Backends and fallback
-//! The fused op is a Burn backend extension (`#[backend_extension(Flex, Autodiff)]`) with
-//! implementations for `Flex` and `Autodiff<Flex, _>`; the latter records one `Backward` node with
-//! the eight inputs as parents (any subset may be untracked). A backend extension panics on a
-//! backend it does not list, so [`selective_scan`] checks the device first: in Burn 0.22 a
-//! `Tensor`'s `Device` wraps a `burn::backend::DispatchDevice` enum (`Device::as_dispatch`), with
-//! autodiff as an `Autodiff` wrapper that `Device::inner()` strips. Only
-//! `DispatchDevice::Flex` takes the fused path ([`fused_kernel_available`]); every other device —
-//! in particular the CubeCL devices of the `cuda` feature (`DispatchDevice::Cube`) — runs
-//! [`selective_scan_reference`], which is correct on any backend but issues several ops per time
-//! step.
+//! One autodiff node over a small kernel interface (`op::ScanKernel`: a forward that can keep the
+//! chunk-boundary states, and a backward from them), implemented twice:
+//! - Flex: the CPU kernel above (`cpu.rs`, chunks of 64 steps);
+//! - Burn's CubeCL backend (`Cube`: CUDA with the `cuda` feature, the LLVM-compiled CPU runtime
+//!   with `cube-cpu`): `#[cube]` kernels with the structure of mamba-ssm's selective scan, see
+//!   `cube/kernels.rs`. Activations may be f32, f16 or bf16 (read and written in their type; the
+//!   state and every sum are f32); the chunk is sized to keep the recomputed states in unit-local
+//!   memory ([`scan_chunk`]).
+//!
+//! The op is a Burn backend extension (`#[backend_extension(Flex, Cube, Autodiff)]`), routed by
+//! the device: in Burn 0.22 a `Tensor`'s `Device` wraps a `burn::backend::DispatchDevice` enum
+//! (`Device::as_dispatch`), with autodiff as a wrapper that `Device::inner()` strips. A backend
+//! extension panics on a backend it does not list, so [`selective_scan`] checks the device first
+//! ([`fused_kernel_available`]); any other device runs [`selective_scan_reference`], which is
+//! correct on any backend but issues several ops per time step.
 //!
 //! # Performance note
 //! The workspace's dev profile compiles workspace crates at `opt-level = 1`; the kernels still use
@@ -77,8 +83,12 @@ mod adamw;
 mod conv;
 mod cpu;
 mod cross_entropy;
+#[cfg(feature = "cube")]
+mod cube;
 mod flex;
 mod host;
+mod op;
+mod recompute;
 mod reference;
 mod rms_norm;
 mod simd;
@@ -90,11 +100,26 @@ pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use simd::{SIMD_ENV, SimdLevel, detected_simd_level, simd_level};
 
+pub use recompute::{MAX_SEGMENT_INPUTS, Segment, recompute};
+
 use burn::backend::DispatchDevice;
 use burn::tensor::{Device, Tensor};
 
-/// Time steps per checkpoint chunk of the fused backward (see the crate docs).
-pub const SCAN_CHUNK: usize = cpu::CHUNK;
+/// Time steps per checkpoint chunk of the fused kernel on `device` for state size `state` (the
+/// forward saves the state entering every chunk but the first; the backward recomputes one chunk
+/// at a time), or `None` where [`selective_scan`] has no fused kernel.
+pub fn scan_chunk(device: &Device, state: usize) -> Option<usize> {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => Some(cpu::CHUNK),
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => Some(cube::chunk(state)),
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = state;
+            None
+        }
+    }
+}
 
 /// Validates the input shapes, panicking with a message naming the bad input.
 #[allow(clippy::too_many_arguments)]
@@ -121,13 +146,34 @@ fn check_shapes(
     cpu::Dims::new(shapes.each_ref().map(|s| s.as_slice()));
 }
 
-/// Whether [`selective_scan`] runs the fused kernel on `device` (Flex, with or without autodiff)
-/// rather than the per-step fallback.
-pub fn fused_kernel_available(device: &Device) -> bool {
+/// Every device of this build that has a fused kernel and is present on this machine, in this
+/// order: Flex; the CubeCL CPU runtime (feature `cube-cpu`); each visible CUDA device (feature
+/// `cuda`). The kernel and model tests run on all of them.
+pub fn kernel_devices() -> Vec<Device> {
+    #[allow(unused_mut)]
+    let mut devices = vec![Device::flex()];
+    #[cfg(feature = "cube-cpu")]
+    devices.push(Device::cpu());
+    #[cfg(feature = "cuda")]
+    devices.extend(Device::enumerate(burn::tensor::DeviceType::Cuda).into_vec());
+    devices
+}
+
+/// Whether `device` is a Flex device (with or without autodiff): where the fused CPU ops
+/// ([`cross_entropy`], [`causal_conv1d_silu`], [`rms_norm`], [`adamw_update`]) run; elsewhere they
+/// fall back to their tensor-op definitions.
+pub(crate) fn on_flex(device: &Device) -> bool {
     matches!(
         device.clone().inner().as_dispatch(),
         DispatchDevice::Flex(_)
     )
+}
+
+/// Whether [`selective_scan`] runs a fused kernel on `device` (Flex, and with the `cuda` or
+/// `cube-cpu` feature the CubeCL devices; with or without autodiff) rather than the per-step
+/// fallback.
+pub fn fused_kernel_available(device: &Device) -> bool {
+    scan_chunk(device, 1).is_some()
 }
 
 /// The selective scan, `y · silu(z)`, fused (see the crate docs for the formula and the fallback).
@@ -153,7 +199,7 @@ pub fn selective_scan(
 ) -> Tensor<3> {
     check_shapes(&u, &delta, &a, &b, &c, &d, &z, &delta_bias);
     if fused_kernel_available(&u.device()) {
-        flex::fused(u, delta, a, b, c, d, z, delta_bias)
+        op::fused(u, delta, a, b, c, d, z, delta_bias)
     } else {
         reference::scan(u, delta, a, b, c, d, z, delta_bias)
     }
@@ -195,12 +241,12 @@ pub fn scan_flops(batch: usize, channels: usize, len: usize, state: usize) -> (u
 }
 
 /// Minimal memory traffic of the fused kernels in bytes, `(forward, backward)`, all `f32`: each
-/// input read once and each output written once, including the chunk checkpoints (written by a
-/// forward that records gradients, read by the backward). Scratch buffers that stay in cache are
-/// not counted.
+/// input read once and each output written once, including the chunk checkpoints of `chunk` steps
+/// (written by a forward that records gradients, read by the backward; see [`scan_chunk`]).
+/// Scratch buffers that stay in cache are not counted.
 ///
 /// Forward: reads `u`, `delta`, `z` (`Bt·Dc·L` each), `B`, `C` (`Bt·G·L·N` each), `A`, `D`,
-/// `delta_bias`; writes the output and the checkpoints (`Bt·Dc·N·(⌈L / SCAN_CHUNK⌉ - 1)`).
+/// `delta_bias`; writes the output and the checkpoints (`Bt·Dc·N·(⌈L / chunk⌉ - 1)`).
 /// Backward: reads `u`, `delta`, `z`, the output gradient, `B`, `C`, `A`, `D`, `delta_bias` and
 /// the checkpoints; writes a gradient of the size of every input.
 pub fn scan_bytes(
@@ -209,12 +255,13 @@ pub fn scan_bytes(
     len: usize,
     state: usize,
     groups: usize,
+    chunk: usize,
 ) -> (u64, u64) {
     let lanes = (batch * channels) as u64;
     let rows = lanes * len as u64;
     let bc = (batch * groups * len * state) as u64;
     let params = (channels * state + 2 * channels) as u64;
-    let checkpoints = lanes * state as u64 * (len.div_ceil(SCAN_CHUNK) as u64).saturating_sub(1);
+    let checkpoints = lanes * state as u64 * (len.div_ceil(chunk) as u64).saturating_sub(1);
     let forward = 4 * rows + 2 * bc + params + checkpoints;
     let backward = 7 * rows + 4 * bc + 2 * params + checkpoints;
     (4 * forward, 4 * backward)

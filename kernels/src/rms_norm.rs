@@ -26,7 +26,7 @@ use crate::simd::{Lanes, simd_dispatch, simd_level};
 /// If `gamma`'s length is not `x`'s last dimension, or `eps` is negative or not finite.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {
     check(&x, &gamma, eps);
-    if !crate::fused_kernel_available(&x.device()) {
+    if !crate::on_flex(&x.device()) {
         return rms_norm_reference(x, gamma, eps);
     }
     let dims = x.dims();

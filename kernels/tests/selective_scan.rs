@@ -1,13 +1,29 @@
 //! The fused selective scan against the Burn-ops reference, an independent f64 implementation
-//! (value and central finite differences), and itself (determinism, untracked inputs).
+//! (value and central finite differences), and itself (determinism, untracked inputs, dtypes).
+//! The CPU kernel (Flex) is checked against those oracles; every other device of
+//! [`kernel_devices`] (the CubeCL kernels with `--features cube-cpu` or `cuda`) against the CPU
+//! kernel, and runs the device-independent properties too.
 //!
 //! Relative error everywhere: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use zamba_kernels::{
-    SCAN_CHUNK, fused_kernel_available, scan_bytes, scan_flops, selective_scan,
+    fused_kernel_available, kernel_devices, scan_bytes, scan_chunk, scan_flops, selective_scan,
     selective_scan_reference,
 };
+
+/// The CPU kernel's chunk.
+fn flex_chunk() -> usize {
+    scan_chunk(&Device::flex(), 16).expect("Flex has the fused kernel")
+}
+
+/// The devices other than Flex the fused op runs on in this build.
+fn other_devices() -> Vec<Device> {
+    kernel_devices()
+        .into_iter()
+        .filter(|d| *d != Device::flex())
+        .collect()
+}
 
 /// SplitMix64; a fixed stream per seed.
 struct Rng(u64);
@@ -195,7 +211,11 @@ fn run_autodiff(case: &Case, scan: ScanFn, devices: &[Device; 8], tracked: [bool
 }
 
 fn autodiff_devices() -> [Device; 8] {
-    std::array::from_fn(|_| Device::flex().autodiff())
+    autodiff_on(&Device::flex())
+}
+
+fn autodiff_on(device: &Device) -> [Device; 8] {
+    std::array::from_fn(|_| device.clone().autodiff())
 }
 
 fn rel_err(x: &[f32], y: &[f32]) -> f64 {
@@ -231,12 +251,13 @@ fn sizes() -> Vec<Size> {
         len,
         state,
     };
-    const { assert!(37 < SCAN_CHUNK && 150 > 2 * SCAN_CHUNK && 150 % SCAN_CHUNK != 0) };
+    let chunk = flex_chunk();
+    assert!(37 < chunk && 150 > 2 * chunk && 150 % chunk != 0);
     vec![
         s(2, 6, 2, 37, 16),
         s(3, 5, 1, 150, 8),
         s(2, 64, 2, 70, 8),
-        s(2, 4, 2, 2 * SCAN_CHUNK, 12),
+        s(2, 4, 2, 2 * chunk, 12),
         s(2, 3, 1, 1, 5),
         s(2, 4, 2, 101, 16),
         s(2, 2, 1, 20, 72),
@@ -318,7 +339,7 @@ fn fused_matches_f64_scan_and_finite_differences() {
         batch: 2,
         channels: 4,
         groups: 2,
-        len: SCAN_CHUNK + 6,
+        len: flex_chunk() + 6,
         state: 8,
     };
     let case = Case::new(size, 42);
@@ -357,51 +378,185 @@ fn fused_matches_f64_scan_and_finite_differences() {
 
 // ------------------------------------------------------------------------------------------------
 
+/// Odd sizes for the devices compared with the CPU kernel: lengths that are no multiple of either
+/// kernel's chunk, N = 1 and 16, several heads (groups), groups whose channels do not fill the
+/// last cube of the CubeCL backward.
+fn device_sizes() -> Vec<Size> {
+    let s = |batch, channels, groups, len, state| Size {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    };
+    vec![
+        s(2, 6, 2, 37, 16),
+        s(3, 5, 1, 150, 1),
+        s(2, 12, 3, 45, 16),
+        s(1, 10, 2, 70, 5),
+        s(2, 4, 4, 1, 16),
+    ]
+}
+
+/// Every input gradient, `None` where untracked.
+fn all(run: &Run) -> impl Iterator<Item = (&'static str, &Vec<f32>)> {
+    NAMES
+        .iter()
+        .zip(&run.grads)
+        .map(|(name, g)| (*name, g.as_ref().expect("tracked input has a gradient")))
+}
+
+#[test]
+fn every_device_matches_the_cpu_kernel() {
+    for device in other_devices() {
+        for (k, size) in device_sizes().into_iter().enumerate() {
+            let chunk = scan_chunk(&device, size.state).expect("a fused kernel");
+            let mut case = Case::new(size, 300 + k as u64);
+            for t in (0..case.inputs[1].len()).step_by(23) {
+                case.inputs[1][t] = 21.0 + (t % 3) as f32;
+            }
+            let want = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+            let got = run_autodiff(&case, selective_scan, &autodiff_on(&device), ALL);
+            let what = format!("{device:?} {size:?} (chunk {chunk})");
+            assert_close(&format!("{what} out"), &got.out, &want.out, 1e-4);
+            for ((name, g), (_, w)) in all(&got).zip(all(&want)) {
+                assert_close(&format!("{what} d{name}"), g, w, 1e-4);
+            }
+        }
+    }
+}
+
+/// bf16 activations (`u, delta, b, c, z`; parameters stay f32, as in the model's mixed precision):
+/// the output and the activations' gradients come back in bf16, within bf16 rounding of the f32
+/// CPU kernel on the same (bf16-representable) values.
+#[test]
+fn bf16_activations_on_every_device() {
+    let size = device_sizes()[2];
+    let mut case = Case::new(size, 21);
+    for i in [0, 1, 3, 4, 6] {
+        let shape = case.shapes()[i].clone();
+        let rounded = Tensor::<1>::from_data(
+            TensorData::new(case.inputs[i].clone(), [case.inputs[i].len()]),
+            &Device::flex(),
+        )
+        .cast(DType::BF16)
+        .cast(DType::F32);
+        case.inputs[i] = values(rounded);
+        assert_eq!(case.inputs[i].len(), shape.iter().product::<usize>());
+    }
+    let want = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+    for device in kernel_devices() {
+        if !device.supports_dtype(DType::BF16) {
+            continue;
+        }
+        let x = Tensors::new(&case, &autodiff_on(&device), [false; 8]);
+        let bf16 = |t: Tensor<3>| t.cast(DType::BF16).require_grad();
+        let x = Tensors {
+            u: bf16(x.u),
+            delta: bf16(x.delta),
+            a: x.a.require_grad(),
+            b: x.b.cast(DType::BF16).require_grad(),
+            c: x.c.cast(DType::BF16).require_grad(),
+            d: x.d.require_grad(),
+            z: bf16(x.z),
+            delta_bias: x.delta_bias.require_grad(),
+        };
+        let out = x.run(selective_scan);
+        assert_eq!(out.dtype(), DType::BF16, "{device:?}");
+        let w = Tensor::<3>::from_data(
+            TensorData::new(case.w.clone(), case.shapes()[0].clone()),
+            &device.clone().autodiff(),
+        );
+        let grads = (out.clone().cast(DType::F32) * w).sum().backward();
+        let f32_of = |t: Tensor<1>, dtype: DType| {
+            assert_eq!(t.dtype(), dtype, "{device:?}");
+            values(t.cast(DType::F32))
+        };
+        let got = [
+            f32_of(x.u.grad(&grads).expect("du").flatten(0, 2), DType::BF16),
+            f32_of(
+                x.delta.grad(&grads).expect("ddelta").flatten(0, 2),
+                DType::BF16,
+            ),
+            f32_of(x.a.grad(&grads).expect("da").flatten(0, 1), DType::F32),
+            f32_of(x.b.grad(&grads).expect("db").flatten(0, 3), DType::BF16),
+            f32_of(x.c.grad(&grads).expect("dc").flatten(0, 3), DType::BF16),
+            f32_of(x.d.grad(&grads).expect("dd"), DType::F32),
+            f32_of(x.z.grad(&grads).expect("dz").flatten(0, 2), DType::BF16),
+            f32_of(x.delta_bias.grad(&grads).expect("dbias"), DType::F32),
+        ];
+        // bf16 keeps 8 significant bits: the output's own rounding is 2^-9 relative, and the
+        // gradients see the rounded output gradient of the cast.
+        let out = f32_of(out.flatten(0, 2), DType::BF16);
+        assert_close(&format!("{device:?} bf16 out"), &out, &want.out, 8e-3);
+        for ((name, g), (_, w)) in NAMES.iter().zip(&got).zip(all(&want)) {
+            assert_close(&format!("{device:?} bf16 d{name}"), g, w, 2e-2);
+        }
+    }
+}
+
 #[test]
 fn untracked_and_non_autodiff_inputs() {
+    for device in kernel_devices() {
+        untracked_and_non_autodiff_inputs_on(&device);
+    }
+}
+
+fn untracked_and_non_autodiff_inputs_on(device: &Device) {
     let case = Case::new(sizes()[2], 9);
-    let all = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+    let all = run_autodiff(&case, selective_scan, &autodiff_on(device), ALL);
 
     // Only u and b tracked; the others on the autodiff device but constant.
     let tracked = [true, false, false, true, false, false, false, false];
-    let some = run_autodiff(&case, selective_scan, &autodiff_devices(), tracked);
-    assert_eq!(some.out, all.out);
+    let some = run_autodiff(&case, selective_scan, &autodiff_on(device), tracked);
+    assert_eq!(some.out, all.out, "{device:?}");
     for i in 0..8 {
         match tracked[i] {
-            true => assert_eq!(some.grads[i], all.grads[i], "d{}", NAMES[i]),
+            true => assert_eq!(some.grads[i], all.grads[i], "{device:?} d{}", NAMES[i]),
             false => assert!(some.grads[i].is_none(), "d{} should be None", NAMES[i]),
         }
     }
 
-    // a, d, delta_bias on the plain Flex device (no autodiff), delta untracked, rest tracked.
-    let mut devices = autodiff_devices();
+    // a, d, delta_bias on the device without autodiff, delta untracked, rest tracked.
+    let mut devices = autodiff_on(device);
     for i in [2, 5, 7] {
-        devices[i] = Device::flex();
+        devices[i] = device.clone();
     }
     let tracked = [true, false, false, true, true, false, true, false];
     let mixed = run_autodiff(&case, selective_scan, &devices, tracked);
-    assert_eq!(mixed.out, all.out);
+    assert_eq!(mixed.out, all.out, "{device:?}");
     for i in 0..8 {
         match tracked[i] {
-            true => assert_eq!(mixed.grads[i], all.grads[i], "d{}", NAMES[i]),
+            true => assert_eq!(mixed.grads[i], all.grads[i], "{device:?} d{}", NAMES[i]),
             false => assert!(mixed.grads[i].is_none(), "d{} should be None", NAMES[i]),
         }
     }
 
-    // Nothing tracked on the autodiff device: the untracked path, same output.
-    let x = Tensors::new(&case, &autodiff_devices(), [false; 8]);
-    assert_eq!(values(x.run(selective_scan)), all.out);
+    // Nothing tracked on the autodiff device, and no autodiff at all: the same output.
+    let x = Tensors::new(&case, &autodiff_on(device), [false; 8]);
+    assert_eq!(values(x.run(selective_scan)), all.out, "{device:?}");
+    let devices: [Device; 8] = std::array::from_fn(|_| device.clone());
+    let x = Tensors::new(&case, &devices, [false; 8]);
+    assert_eq!(values(x.run(selective_scan)), all.out, "{device:?}");
 }
 
 /// Non-f32 inputs are computed in f32 and the output and gradients come back in the input dtype:
 /// with f32-representable values stored as f64, everything equals the f32 run exactly.
 #[test]
 fn f64_inputs_match_the_f32_run() {
+    for device in kernel_devices() {
+        if device.supports_dtype(DType::F64) {
+            f64_inputs_match_the_f32_run_on(&device);
+        }
+    }
+}
+
+fn f64_inputs_match_the_f32_run_on(device: &Device) {
     let case = Case::new(sizes()[0], 5);
-    let want = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+    let want = run_autodiff(&case, selective_scan, &autodiff_on(device), ALL);
 
     let f64 = |t: Tensor<3>| t.cast(DType::F64).require_grad();
-    let x = Tensors::new(&case, &autodiff_devices(), [false; 8]);
+    let x = Tensors::new(&case, &autodiff_on(device), [false; 8]);
     let x = Tensors {
         u: f64(x.u),
         delta: f64(x.delta),
@@ -416,14 +571,14 @@ fn f64_inputs_match_the_f32_run() {
     assert_eq!(out.dtype(), DType::F64);
     let w = Tensor::<3>::from_data(
         TensorData::new(case.w.clone(), case.shapes()[0].clone()),
-        &Device::flex().autodiff(),
+        &device.clone().autodiff(),
     );
     let grads = (out.clone() * w.cast(DType::F64)).sum().backward();
     let as_f32 = |t: Tensor<1>| {
         assert_eq!(t.dtype(), DType::F64);
         values(t.cast(DType::F32))
     };
-    assert_eq!(as_f32(out.flatten(0, 2)), want.out);
+    assert_eq!(as_f32(out.flatten(0, 2)), want.out, "{device:?}");
     let got = [
         as_f32(x.u.grad(&grads).expect("du").flatten(0, 2)),
         as_f32(x.delta.grad(&grads).expect("ddelta").flatten(0, 2)),
@@ -435,20 +590,21 @@ fn f64_inputs_match_the_f32_run() {
         as_f32(x.delta_bias.grad(&grads).expect("ddelta_bias")),
     ];
     for ((got, want), name) in got.iter().zip(&want.grads).zip(NAMES) {
-        assert_eq!(Some(got), want.as_ref(), "d{name}");
+        assert_eq!(Some(got), want.as_ref(), "{device:?} d{name}");
     }
 }
 
 #[test]
 fn deterministic_bit_for_bit() {
-    let case = Case::new(sizes()[2], 11);
-    let first = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
-    let second = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&first.out), bits(&second.out), "out");
-    for ((a, b), name) in first.grads.iter().zip(&second.grads).zip(NAMES) {
-        let (a, b) = (a.as_ref().expect("grad"), b.as_ref().expect("grad"));
-        assert_eq!(bits(a), bits(b), "d{name}");
+    for device in kernel_devices() {
+        let case = Case::new(sizes()[2], 11);
+        let first = run_autodiff(&case, selective_scan, &autodiff_on(&device), ALL);
+        let second = run_autodiff(&case, selective_scan, &autodiff_on(&device), ALL);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&first.out), bits(&second.out), "{device:?} out");
+        for ((name, a), (_, b)) in all(&first).zip(all(&second)) {
+            assert_eq!(bits(a), bits(b), "{device:?} d{name}");
+        }
     }
 }
 
@@ -462,16 +618,23 @@ fn shape_mismatch_names_the_input() {
 }
 
 #[test]
-fn flex_devices_take_the_fused_path() {
-    assert!(fused_kernel_available(&Device::flex()));
-    assert!(fused_kernel_available(&Device::flex().autodiff()));
+fn every_kernel_device_takes_the_fused_path() {
+    for device in kernel_devices() {
+        assert!(fused_kernel_available(&device), "{device:?}");
+        assert!(
+            fused_kernel_available(&device.clone().autodiff()),
+            "{device:?}"
+        );
+        let chunk = scan_chunk(&device, 16).expect("a chunk");
+        assert!(chunk >= 4, "{device:?}: chunk {chunk}");
+    }
 }
 
 #[test]
 fn cost_model() {
     assert_eq!(scan_flops(2, 3, 5, 4), (30 * 39, 30 * 121));
     // One chunk: no checkpoints. f32 = 4 bytes.
-    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1);
+    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1, 64);
     let (rows, bc, params) = (8, 12, 10);
     assert_eq!(
         (fwd, bwd),
@@ -481,8 +644,8 @@ fn cost_model() {
         )
     );
     // Three chunks: two checkpointed states per lane.
-    let len = 2 * SCAN_CHUNK + 1;
-    let (with_ck, _) = scan_bytes(1, 1, len, 1, 1);
+    let len = 2 * 16 + 1;
+    let (with_ck, _) = scan_bytes(1, 1, len, 1, 1, 16);
     assert_eq!(with_ck, 4 * (4 * len as u64 + 2 * len as u64 + 3 + 2));
 }
 

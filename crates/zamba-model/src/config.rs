@@ -139,8 +139,9 @@ impl Default for ZambaConfig {
     }
 }
 
-/// Named presets. `zamba-7b` is Zyphra/Zamba-7B-v1; the others are proxies sized for CPU.
-pub const PRESETS: &[&str] = &["zamba-7b", "zamba-tiny", "zamba-bench"];
+/// Named presets. `zamba-7b` is Zyphra/Zamba-7B-v1, `zamba-1b` the same architecture at ~1B
+/// parameters (the GPU check's model); the others are proxies sized for CPU.
+pub const PRESETS: &[&str] = &["zamba-7b", "zamba-1b", "zamba-tiny", "zamba-bench"];
 
 impl ZambaConfig {
     /// A named preset (see [`PRESETS`]).
@@ -156,6 +157,9 @@ impl ZambaConfig {
         };
         let config = match name {
             "zamba-7b" => ZambaConfig::default(),
+            // Zamba-7B's shape scaled to ~1B: hidden 2048, 30 layers (hybrid at 2, 7, 13, 19,
+            // 25), 2 Mamba heads, 16 attention heads, MLP 4×, Mistral's 32k vocabulary.
+            "zamba-1b" => proxy(2048, 30, 16, 32000),
             // 6 layers, hybrid at 2 and 4 (period 2, offset 1): the smallest model that exercises
             // two uses of the shared block; for tests.
             "zamba-tiny" => ZambaConfig {
@@ -385,6 +389,14 @@ mod tests {
             ZambaConfig::preset("zamba-bench").unwrap().hybrid_layers(),
             vec![2, 7]
         );
+    }
+
+    #[test]
+    fn one_b_preset_is_about_a_billion_parameters() {
+        let c = ZambaConfig::preset("zamba-1b").unwrap();
+        assert_eq!(c.hybrid_layers(), vec![2, 7, 13, 19, 25]);
+        let total = crate::params::ParamCounts::of(&c).total();
+        assert!((0.95e9..1.05e9).contains(&(total as f64)), "{total}");
     }
 
     #[test]

@@ -18,7 +18,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::{LayerKind, ZambaConfig};
 use crate::error::ModelError;
+use crate::exec::{ActivationCheckpointing, Compute, Execution, f32};
 use crate::param_table::{ParamSpec, param_table};
+use crate::recompute::checkpointed;
 use crate::weights::{HostTensor, WeightSource};
 
 /// Builds parameters by module path: each is looked up in the parameter table, requested from a
@@ -152,22 +154,26 @@ impl MambaMixer {
         })
     }
 
-    /// `hidden`: `[B, L, d]` → `[B, L, d]`.
-    pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {
+    /// `hidden`: `[B, L, d]` → `[B, L, d]`, in the compute type of `compute`.
+    pub(crate) fn forward(&self, hidden: Tensor<3>, compute: Compute) -> Tensor<3> {
         let [batch, len, _] = hidden.dims();
         let [h, r, n] = [self.n_heads, self.dt_rank, self.d_state];
         let [di, _] = self.conv_weight.dims();
         let p = di / h;
 
-        let xz = self.in_proj.forward(hidden);
+        let xz = compute.linear(&self.in_proj, hidden);
         let x = xz.clone().slice([0..batch, 0..len, 0..di]).swap_dims(1, 2); // [B, D, L]
         let z = xz.slice([0..batch, 0..len, di..2 * di]).swap_dims(1, 2); // [B, D, L]
-        let x = zamba_kernels::causal_conv1d_silu(x, self.conv_weight.val(), self.conv_bias.val());
+        // The fused conv computes in f32 on the CPU; the products after it run in the compute type.
+        let x = compute.cast(zamba_kernels::causal_conv1d_silu(
+            x,
+            compute.cast(self.conv_weight.val()),
+            compute.cast(self.conv_bias.val()),
+        ));
 
         // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L] → [B, H, R+2N, L])
-        let ssm = self
-            .x_proj_weight
-            .val()
+        let ssm = compute
+            .cast(self.x_proj_weight.val())
             .unsqueeze::<4>()
             .matmul(x.clone().reshape([batch, h, p, len]));
         let dt = ssm.clone().slice([0..batch, 0..h, 0..r, 0..len]);
@@ -178,12 +184,12 @@ impl MambaMixer {
         let c_t = ssm
             .slice([0..batch, 0..h, r + n..r + 2 * n, 0..len])
             .swap_dims(2, 3);
-        let delta = self
-            .dt_proj_weight
-            .val()
+        let delta = compute
+            .cast(self.dt_proj_weight.val())
             .unsqueeze::<4>()
             .matmul(dt)
             .reshape([batch, di, len]);
+        // The scan's parameters stay f32 (its state and sums are f32 on every backend).
         let a = self.a_log.val().exp().neg().reshape([di, n]);
         let d_skip = self.d_skip.val().reshape([di]);
         let dt_bias = self.dt_proj_bias.val().reshape([di]);
@@ -194,13 +200,14 @@ impl MambaMixer {
             zamba_kernels::selective_scan
         };
         let y = scan(x, delta, a, b_t, c_t, d_skip, z, dt_bias); // [B, D, L], gated by silu(z)
-        self.out_proj.forward(y.swap_dims(1, 2))
+        compute.linear(&self.out_proj, y.swap_dims(1, 2))
     }
 }
 
-/// `norm` applied with the fused RMSNorm kernel (same formula as `RmsNorm::forward`).
+/// `norm` applied with the fused RMSNorm kernel (same formula as `RmsNorm::forward`), its
+/// statistics in f32 whatever the compute type.
 fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
-    zamba_kernels::rms_norm(x, norm.gamma.val(), norm.epsilon)
+    zamba_kernels::rms_norm(f32(x), norm.gamma.val(), norm.epsilon)
 }
 
 /// The ONE shared attention + MLP block. Its input is `[x, x0]` (width 2d); no residual inside.
@@ -238,17 +245,17 @@ impl SharedTransformer {
         })
     }
 
-    /// `x`, `x0`: `[B, L, d]` → `[B, L, d]`.
-    pub fn forward(&self, x: Tensor<3>, x0: Tensor<3>) -> Tensor<3> {
+    /// `x`, `x0`: `[B, L, d]` (f32) → `[B, L, d]`, in the compute type of `compute`.
+    pub(crate) fn forward(&self, x: Tensor<3>, x0: Tensor<3>, compute: Compute) -> Tensor<3> {
         let [batch, len, _] = x.dims();
         let u = rms_norm(&self.input_layernorm, Tensor::cat(vec![x, x0], 2));
         let heads = |t: Tensor<3>, n: usize| {
             let width = t.dims()[2];
             t.reshape([batch, len, n, width / n]).swap_dims(1, 2)
         };
-        let q = heads(self.q_proj.forward(u.clone()), self.n_heads);
-        let mut k = heads(self.k_proj.forward(u.clone()), self.n_kv_heads);
-        let mut v = heads(self.v_proj.forward(u), self.n_kv_heads);
+        let q = heads(compute.linear(&self.q_proj, u.clone()), self.n_heads);
+        let mut k = heads(compute.linear(&self.k_proj, u.clone()), self.n_kv_heads);
+        let mut v = heads(compute.linear(&self.v_proj, u), self.n_kv_heads);
         if self.n_kv_heads != self.n_heads {
             let groups = self.n_heads / self.n_kv_heads;
             k = repeat_kv(k, groups);
@@ -261,9 +268,10 @@ impl SharedTransformer {
         };
         let attn = attention(q, k, v, None, None, options); // [B, heads, L, hd]
         let attn = attn.swap_dims(1, 2).reshape([batch as i64, len as i64, -1]);
-        let h = rms_norm(&self.pre_ff_layernorm, self.o_proj.forward(attn));
-        let gated = gelu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
-        self.down_proj.forward(gated)
+        let h = rms_norm(&self.pre_ff_layernorm, compute.linear(&self.o_proj, attn));
+        let gated =
+            gelu(compute.linear(&self.gate_proj, h.clone())) * compute.linear(&self.up_proj, h);
+        compute.linear(&self.down_proj, gated)
     }
 }
 
@@ -306,6 +314,9 @@ pub struct ZambaModel {
     pub final_layernorm: RmsNorm,
     /// Embedding rows of this token receive no gradient from the lookup (PyTorch `padding_idx`).
     pub padding_idx: Option<usize>,
+    /// How the forward runs; not part of the weights (see [`ZambaModel::with_execution`]).
+    #[module(skip)]
+    pub execution: Execution,
 }
 
 impl ZambaModel {
@@ -340,6 +351,7 @@ impl ZambaModel {
             shared,
             final_layernorm,
             padding_idx: c.pad_token_id.map(|p| p as usize),
+            execution: Execution::default(),
         })
     }
 
@@ -351,33 +363,60 @@ impl ZambaModel {
         self
     }
 
-    /// Final hidden states (after the final norm): `tokens` `[B, L]` → `[B, L, d]`.
+    /// Sets how the forward runs: mixed precision, per-layer recomputation in the backward.
+    pub fn with_execution(mut self, execution: Execution) -> Self {
+        self.execution = execution;
+        self
+    }
+
+    /// Final hidden states (after the final norm, f32): `tokens` `[B, L]` → `[B, L, d]`.
     pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let compute = Compute::new(self.execution.precision);
+        let recompute = self.execution.checkpointing == ActivationCheckpointing::Layers;
         let x0 = self.embed(tokens);
         let mut x = x0.clone();
         for layer in &self.layers {
-            let mamba_in = match &layer.hybrid_linear {
-                Some(linear) => {
-                    let shared = self.shared.forward(x.clone(), x0.clone());
-                    x.clone() + linear.forward(shared)
+            // t = W_l · Shared([x, x0]) feeds only this layer's Mamba block, never the residual.
+            let t = layer.hybrid_linear.as_ref().map(|linear| {
+                let block = (self.shared.clone(), linear.clone());
+                let inputs = vec![x.clone(), x0.clone()];
+                let run = move |(shared, linear): &(SharedTransformer, Linear),
+                                inputs: Vec<Tensor<3>>| {
+                    let [x, x0] = <[Tensor<3>; 2]>::try_from(inputs).expect("x and x0");
+                    f32(compute.linear(linear, shared.forward(x, x0, compute)))
+                };
+                match recompute {
+                    true => checkpointed(&block, inputs, run),
+                    false => run(&block, inputs),
                 }
-                None => x.clone(),
+            });
+            let block = (layer.input_layernorm.clone(), layer.mamba.clone());
+            let inputs = [Some(x), t].into_iter().flatten().collect();
+            let run = move |(norm, mamba): &(RmsNorm, MambaMixer), inputs: Vec<Tensor<3>>| {
+                let mut inputs = inputs.into_iter();
+                let x = inputs.next().expect("the residual stream");
+                let mamba_in = match inputs.next() {
+                    Some(t) => x.clone() + t,
+                    None => x.clone(),
+                };
+                x + f32(mamba.forward(rms_norm(norm, mamba_in), compute))
             };
-            x = x + layer
-                .mamba
-                .forward(rms_norm(&layer.input_layernorm, mamba_in));
+            x = match recompute {
+                true => checkpointed(&block, inputs, run),
+                false => run(&block, inputs),
+            };
         }
         rms_norm(&self.final_layernorm, x)
     }
 
-    /// Logits `[B, L, vocab]` with the tied embedding head.
+    /// Logits `[B, L, vocab]` (f32) with the tied embedding head.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        let h = self.hidden_states(tokens);
+        let compute = Compute::new(self.execution.precision);
+        let h = compute.cast(self.hidden_states(tokens));
         let [batch, len, d] = h.dims();
         // One [B·L, d] × [d, V] product (a batched one would sum a [B, d, V] weight gradient).
-        let logits = h
-            .reshape([batch * len, d])
-            .matmul(self.embed_tokens.weight.val().transpose());
+        let head = compute.cast(self.embed_tokens.weight.val().transpose());
+        let logits = f32(h.reshape([batch * len, d]).matmul(head));
         logits.reshape([batch, len, self.embed_tokens.weight.dims()[0]])
     }
 

@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use zamba_data::{DataConfig, MixtureLoader, SourceConfig};
-use zamba_model::{ZambaModel, load_hf};
+use zamba_model::{Precision, ZambaModel, load_hf};
 
 use crate::artifacts::{ModelSource, tokenizer_for};
 use crate::config::{RunConfig, synthetic_set};
+use crate::device::{DeviceChoice, device_for};
 use crate::eval::{
     ExactMatch, SourceLoss, exact_match, held_out_loss, synthetic_instruct_examples,
 };
@@ -27,6 +27,9 @@ pub struct EvalArgs {
     /// A checkpoint, a run directory (its newest checkpoint) or a transformers directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Run config whose sources' validation sets are evaluated (default: the checkpoint's own).
     #[arg(long, conflicts_with = "data")]
     pub config: Option<PathBuf>,
@@ -71,7 +74,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None => source.run.clone(),
     };
     let data = data_config(&args, run_config.as_ref())?;
-    let device = Device::flex();
+    let device = device_for(args.device, 0, Precision::Fp32)?;
     let (model_config, model) = load_hf(&source.model_dir, &device)
         .with_context(|| format!("loading {}", source.description))?;
     let data = DataConfig {

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 use zamba_model::generate::{GenerateOptions, SamplingParams, generate};
-use zamba_model::load_hf;
+use zamba_model::{Precision, load_hf};
 
 use crate::artifacts::{ModelSource, tokenizer_for};
+use crate::device::{DeviceChoice, device_for};
 use crate::export::with_tokenizer_ids;
 
 #[derive(Args, Debug)]
@@ -20,6 +20,9 @@ pub struct GenerateArgs {
     /// A checkpoint, a run directory (its newest checkpoint) or an exported/transformers directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value_t = 128)]
@@ -48,7 +51,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     sampling.validate().map_err(anyhow::Error::msg)?;
     let source = ModelSource::resolve(&args.checkpoint)?;
-    let device = Device::flex();
+    let device = device_for(args.device, 0, Precision::Fp32)?;
     let (config, model) = load_hf(&source.model_dir, &device)
         .with_context(|| format!("loading {}", source.description))?;
     let files = tokenizer_for(&source, &config, args.tokenizer.as_deref())?;

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
-use zamba_model::{ZambaConfig, load_hf, next_token_loss};
+use zamba_model::{Precision, ZambaConfig, load_hf, next_token_loss};
+
+use zamba_train::device::{DeviceChoice, device_for};
 
 #[derive(Args)]
 pub struct LogitsArgs {
@@ -19,6 +21,9 @@ pub struct LogitsArgs {
     /// Output JSON: {"logits": [[f32; vocab]; T], "loss": f64}.
     #[arg(long)]
     out: PathBuf,
+    /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 pub fn logits(args: LogitsArgs) -> Result<()> {
@@ -30,7 +35,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
             args.tokens.display()
         )
     })?;
-    let device = Device::flex();
+    let device = device_for(args.device, 0, Precision::Fp32)?;
     let (config, model) = load_hf(&args.hf, &device)?;
     if tokens.len() < 2 {
         bail!(

@@ -82,7 +82,7 @@ impl Ranks {
             }
             Ranks::Launched(info) => {
                 let backend = match config.runtime.device {
-                    Device::Cpu => Backend::Tcp,
+                    Device::Cpu | Device::CubeCpu => Backend::Tcp,
                     Device::Cuda(first) => Backend::Nccl {
                         device_index: first + info.local_rank,
                     },

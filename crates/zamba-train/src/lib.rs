@@ -7,6 +7,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data_parallel;
+pub mod device;
 pub mod eval;
 pub mod eval_cmd;
 pub mod export;

@@ -69,7 +69,7 @@ enum Command {
     Logits(inspect::LogitsArgs),
     /// Parameter count by component of a preset or a checkpoint's config.
     Params(inspect::ParamsArgs),
-    /// Benchmarks (CPU): the model's training step, the scan op, the machine's matmul peak.
+    /// Benchmarks: the model's training step, the scan op, the machine's matmul peak.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Start this node's ranks of a data-parallel job (torchrun-style):

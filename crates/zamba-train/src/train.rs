@@ -21,13 +21,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use zamba_data::{Batch, MixtureLoader};
 use zamba_dist::ReduceOp;
 use zamba_model::params::FlopsPerToken;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
+use zamba_model::{Execution, RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 
 use crate::batch::micro_batch;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::Device as DeviceChoice;
 use crate::config::{RunConfig, TrainSection};
 use crate::data_parallel::{DataParallel, Sharding};
+use crate::device::device_for;
 use crate::eval;
 use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
@@ -61,7 +62,8 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
     }
     let stop = stop_flag()?;
     ranks.run(&config, |comm, local_rank| {
-        let device = make_device(config.runtime.device, local_rank)?.autodiff();
+        let device =
+            device_for(config.runtime.device, local_rank, config.runtime.precision)?.autodiff();
         let ctx = RankContext {
             rank: comm.rank(),
             world_size: comm.world_size(),
@@ -273,6 +275,14 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
 
     let resume = agreed_resume_dir(ctx, config, opts)?;
     let start = starting_point(config, resume, config.model_config(), &ctx.device)?;
+    let execution = Execution {
+        precision: config.runtime.precision,
+        checkpointing: config.train.activation_checkpointing,
+    };
+    let start = Start {
+        model: start.model.with_execution(execution),
+        ..start
+    };
     if ctx.is_main() {
         eprintln!("{}", start.description);
     }
@@ -490,32 +500,6 @@ fn stop_flag() -> Result<&'static AtomicBool> {
             .map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))
     });
     installed.clone().map_err(anyhow::Error::msg)
-}
-
-/// The device of a rank: with several ranks on a node, rank `local_rank` takes GPU `local_rank`.
-fn make_device(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(i) => {
-            let index = i + local_rank;
-            let found = Device::enumerate(burn::tensor::DeviceType::Cuda)
-                .into_vec()
-                .len();
-            if index >= found {
-                bail!(
-                    "this rank needs CUDA device {index} (runtime.device = \"cuda:{i}\", local rank {local_rank}) \
-                     but this machine has {found} CUDA device(s) visible"
-                );
-            }
-            Ok(Device::cuda(index))
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(i) => {
-            let _ = local_rank;
-            bail!("runtime.device = \"cuda:{i}\" needs a build with `--features cuda` (see README)")
-        }
-    }
 }
 
 /// The checkpoint to resume from, decided by rank 0 and the same on every rank: `--resume` (which
@@ -800,6 +784,7 @@ mod tests {
             max_consecutive_skips: 3,
             spike_zscore,
             spike_window,
+            activation_checkpointing: Default::default(),
         }
     }
 

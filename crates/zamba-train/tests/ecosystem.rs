@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use zamba_model::{ZambaModel, load_hf};
+use zamba_train::device::DeviceChoice;
 use zamba_train::eval_cmd::{EvalArgs, run as eval};
 use zamba_train::export::{ExportArgs, ExportDtype, run as export};
 use zamba_train::generate::{GenerateArgs, run as generate};
@@ -206,6 +207,7 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
     // eval: loss per source, exact match on the instruct set, as JSON.
     let report = tmp.path().join("eval.json");
     eval(EvalArgs {
+        device: DeviceChoice::Cpu,
         checkpoint: run.clone(),
         config: None,
         data: Vec::new(),
@@ -231,6 +233,7 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
     // generate from the checkpoint and from the export.
     for source in [run.clone(), f32_dir.clone()] {
         generate(GenerateArgs {
+            device: DeviceChoice::Cpu,
             checkpoint: source,
             prompt: "<|user|>\nRepeat exactly: abc\n<|assistant|>\n".into(),
             max_new_tokens: 8,
@@ -257,6 +260,7 @@ fn bad_inputs_are_clear_errors() {
     assert!(err.contains("neither a zamba-train checkpoint"), "{err}");
     assert!(!tmp.path().join("out").exists());
     let err = generate(GenerateArgs {
+        device: DeviceChoice::Cpu,
         checkpoint: tmp.path().to_path_buf(),
         prompt: "x".into(),
         max_new_tokens: 1,

@@ -102,6 +102,13 @@ impl Machine {
     }
 }
 
+/// Waits for the device's queued work (a no-op on Flex).
+fn sync(device: &burn::tensor::Device) {
+    if let Err(e) = device.sync() {
+        panic!("device {device:?} failed while benchmarking: {e:?}");
+    }
+}
+
 fn time<F: FnMut()>(repeats: usize, mut f: F) -> Duration {
     f();
     let t = Instant::now();

@@ -7,16 +7,22 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor};
 use clap::Args;
 use zamba_dist::DistOptions;
+use zamba_model::memory::ActivationMemory;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
+use zamba_model::{
+    ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
+    next_token_loss,
+};
 use zamba_train::data_parallel::{DataParallel, Sharding};
+use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::memory;
 use zamba_train::optim::AdamW;
 
-use super::{Machine, bench_adamw, load_average, scan::scan_times, time};
+use super::scan::{ScanShape, scan_times};
+use super::{Machine, bench_adamw, load_average, sync, time};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -36,6 +42,19 @@ pub struct ModelArgs {
     /// With --world: ZeRO-1 (moments sharded, gradients reduce-scattered) instead of replicated.
     #[arg(long)]
     zero: bool,
+    /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// fp32 or bf16 (see runtime.precision).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    /// none or layers (see train.activation_checkpointing).
+    #[arg(long, default_value = "none")]
+    activation_checkpointing: ActivationCheckpointing,
+    /// The device's peak GFLOP/s for the MFU figure (e.g. 989000 for an H100/H200's dense bf16).
+    /// Default on the `cpu` device: the measured f32 GEMM peak (see `bench peak`).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
     /// Skip torch.matmul in the peak (see `bench peak`).
     #[arg(long)]
     no_torch: bool,
@@ -51,6 +70,12 @@ struct StepMeasurement {
     heap: HeapUse,
 }
 
+/// The f32 peak an MFU is relative to: `(what it is, GFLOP/s)`.
+struct MfuPeak {
+    source: String,
+    gflops: f64,
+}
+
 pub(super) fn run(a: &ModelArgs) -> Result<()> {
     let config = ZambaConfig::preset(&a.preset)?;
     if a.world > 1 {
@@ -60,24 +85,51 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
         };
         return super::world::run(&config, a.batch, a.seq_len, a.steps, a.world, sharding);
     }
-    let machine = Machine::measure(!a.no_torch);
-    machine.print();
+    let device = device_for(a.device, 0, a.precision)?;
+    let peak = match (a.peak_gflops, a.device) {
+        (Some(gflops), _) => Some(MfuPeak {
+            source: "--peak-gflops".into(),
+            gflops,
+        }),
+        (None, DeviceChoice::Cpu) => {
+            let machine = Machine::measure(!a.no_torch);
+            machine.print();
+            let (library, gflops) = machine.gemm.best();
+            Some(MfuPeak {
+                source: library.to_string(),
+                gflops,
+            })
+        }
+        (None, _) => None,
+    };
     // The bandwidth probe's 512 MB would otherwise be the process's peak RSS.
     let rss_reset = memory::reset_peak_rss();
-    let device = Device::flex().autodiff();
-    let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &device)?;
+    let autodiff = device.clone().autodiff();
+    let execution = Execution {
+        precision: a.precision,
+        checkpointing: a.activation_checkpointing,
+    };
+    let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &autodiff)?
+        .with_execution(execution);
     let tokens = Tensor::<2, Int>::random(
         [a.batch, a.seq_len + 1],
         Distribution::Uniform(0.0, config.vocab_size as f64),
-        &device,
+        &autodiff,
     );
-    let (model, measured) = train_steps(model, &tokens, a.steps)?;
+    let (model, measured) = train_steps(model, &tokens, a.steps, &device)?;
     let forward_time = time(a.steps, || {
         let _ = model.valid().forward(tokens.clone().inner()).into_data();
     })
     .as_secs_f64();
-    report(a, &config, &machine, &measured, forward_time, rss_reset);
-    Ok(())
+    report(
+        a,
+        &config,
+        &device,
+        peak,
+        &measured,
+        forward_time,
+        rss_reset,
+    )
 }
 
 /// One warm-up step (allocator, first-touch page faults, optimizer moments) and `steps` measured
@@ -86,8 +138,8 @@ fn train_steps(
     mut model: ZambaModel,
     tokens: &Tensor<2, Int>,
     steps: usize,
+    compute: &Device,
 ) -> Result<(ZambaModel, StepMeasurement)> {
-    let compute = Device::flex();
     let comm = zamba_dist::thread_group(1, &DistOptions::default())
         .pop()
         .expect("a group of one");
@@ -102,8 +154,9 @@ fn train_steps(
         let loss = next_token_loss(model.forward(tokens.clone()), tokens.clone());
         let activations = memory::heap().0.saturating_sub(live_before);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        sync(compute);
         let backward_done = Instant::now();
-        let (grads, _) = dp.reduce_gradients(grads, comm.as_ref(), &compute)?;
+        let (grads, _) = dp.reduce_gradients(grads, comm.as_ref(), compute)?;
         model = dp.update(
             model,
             &mut optimizer,
@@ -111,8 +164,9 @@ fn train_steps(
             1e-4,
             1.0,
             comm.as_ref(),
-            &compute,
+            compute,
         )?;
+        sync(compute);
         let done = Instant::now();
         if step > 0 {
             grads_time += backward_done - t;
@@ -136,33 +190,41 @@ fn train_steps(
 fn report(
     a: &ModelArgs,
     config: &ZambaConfig,
-    machine: &Machine,
+    device: &Device,
+    peak: Option<MfuPeak>,
     measured: &StepMeasurement,
     forward_time: f64,
     rss_reset: bool,
-) {
+) -> Result<()> {
     let (grads_time, update_time) = (measured.grads.as_secs_f64(), measured.update.as_secs_f64());
     let step_time = grads_time + update_time;
     let tokens_per_step = (a.batch * a.seq_len) as f64;
     let flops = FlopsPerToken::of(config, a.seq_len);
     let tok_s = tokens_per_step / step_time;
     let achieved = flops.train() * tok_s / 1e9;
-    let (scan_f, scan_b) = scan_times(
-        &Device::flex(),
-        a.batch,
-        config.d_inner(),
-        a.seq_len + 1,
-        config.mamba_d_state,
-        config.n_mamba_heads,
-        a.steps,
-        false,
-    );
-    let scan_share = config.num_hidden_layers as f64 * (scan_f + scan_b).as_secs_f64() / step_time;
+    let scan_shape = ScanShape {
+        batch: a.batch,
+        channels: config.d_inner(),
+        len: a.seq_len + 1,
+        state: config.mamba_d_state,
+        groups: config.n_mamba_heads,
+    };
+    let act = match a.precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    };
+    let (scan_f, scan_b) = scan_times(device, scan_shape, act, a.steps, false)?;
+    // With per-layer recomputation every layer's scan runs forward twice.
+    let forwards = match a.activation_checkpointing {
+        ActivationCheckpointing::None => 1.0,
+        ActivationCheckpointing::Layers => 2.0,
+    };
+    let scan_step = forwards * scan_f.as_secs_f64() + scan_b.as_secs_f64();
+    let scan_share = config.num_hidden_layers as f64 * scan_step / step_time;
     let params = ParamCounts::of(config).total() as f64;
-    let (library, peak) = machine.gemm.best();
     println!(
-        "model {} ({} parameters), batch {} × seq {}",
-        a.preset, params, a.batch, a.seq_len
+        "model {} ({} parameters), batch {} × seq {}, device {}, precision {}, activation checkpointing {}",
+        a.preset, params, a.batch, a.seq_len, a.device, a.precision, a.activation_checkpointing
     );
     println!(
         "  train step: {:.3} s (forward+backward {:.3} s, AdamW update {:.3} s) → {:.0} tokens/s",
@@ -173,49 +235,82 @@ fn report(
         forward_time,
         tokens_per_step / forward_time
     );
+    let mfu = match &peak {
+        Some(p) => format!(
+            " = {:.1}% of the peak ({:.1} GFLOP/s, {})",
+            100.0 * achieved / p.gflops,
+            p.gflops,
+            p.source
+        ),
+        None => " (give --peak-gflops for MFU)".into(),
+    };
     println!(
-        "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s = {:.1}% of the f32 peak ({peak:.1} GFLOP/s, {library})",
+        "  model FLOPs/token (train, 3× fwd): {:.3e} → {:.2} GFLOP/s{mfu}",
         flops.train(),
         achieved,
-        100.0 * achieved / peak
     );
     println!(
         "  selective scan share of the step: {:.1}%",
         100.0 * scan_share
     );
-    let heap = measured.heap;
+    print_memory(a, config, device, measured.heap, params, rss_reset);
+    if a.json {
+        let json = serde_json::json!({
+            "preset": a.preset,
+            "batch": a.batch,
+            "seq_len": a.seq_len,
+            "device": a.device.to_string(),
+            "precision": a.precision.to_string(),
+            "threads": rayon::current_num_threads(),
+            "step_seconds": step_time,
+            "tokens_per_sec": tok_s,
+            "model_gflops": achieved,
+            "peak_gflops": peak.as_ref().map(|p| p.gflops),
+            "peak_library": peak.as_ref().map(|p| p.source.clone()),
+            "fraction_of_peak": peak.as_ref().map(|p| achieved / p.gflops),
+            "load_average": load_average(),
+        });
+        println!("{json}");
+    }
+    Ok(())
+}
+
+/// The step's memory next to its minimum: model states (16 B/param) plus the activations
+/// `--dry-run` estimates for this model, precision and checkpointing.
+fn print_memory(
+    a: &ModelArgs,
+    config: &ZambaConfig,
+    device: &Device,
+    heap: HeapUse,
+    params: f64,
+    rss_reset: bool,
+) {
     let state = 16.0 * params;
-    let floor = activation_floor_bytes(config, a.batch, a.seq_len + 1);
+    let estimate = ActivationMemory::of(
+        config,
+        a.batch,
+        a.seq_len + 1,
+        a.precision,
+        a.activation_checkpointing,
+    );
     println!(
-        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB (floor {:.1} MB); step peak heap {:.1} MB (minimum {:.1} MB)",
+        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (minimum {:.1} MB)",
         state / 1e6,
         heap.activations as f64 / 1e6,
-        floor / 1e6,
+        estimate.kept / 1e6,
         (heap.start + heap.peak_over_start) as f64 / 1e6,
-        (state + floor) / 1e6,
+        (state + estimate.peak()) / 1e6,
     );
+    if let Some(pools) = device.memory_pool_report() {
+        let peak: u64 = pools.iter().map(|p| p.pages_peak * p.page_size).sum();
+        println!("  device memory pool peak {:.1} MB", peak as f64 / 1e6);
+    }
     if let Some(rss) = memory::peak_rss_bytes() {
         let note = match rss_reset {
             true => "since the peak measurement",
             false => "includes the 512 MB bandwidth probe",
         };
         println!("  peak RSS {:.1} MB ({note})", rss as f64 / 1e6);
-    }
-    if a.json {
-        let json = serde_json::json!({
-            "preset": a.preset,
-            "batch": a.batch,
-            "seq_len": a.seq_len,
-            "threads": rayon::current_num_threads(),
-            "step_seconds": step_time,
-            "tokens_per_sec": tok_s,
-            "model_gflops": achieved,
-            "peak_gflops": peak,
-            "peak_library": library,
-            "fraction_of_peak": achieved / peak,
-            "load_average": load_average(),
-        });
-        println!("{json}");
     }
 }
 
@@ -228,28 +323,4 @@ struct HeapUse {
     peak_over_start: usize,
     /// Live heap at the start of the step (model, optimizer moments, inputs).
     start: usize,
-}
-
-/// The activations a backward pass must keep, for this model as implemented (fused ops, no
-/// recomputation of GEMM inputs), in bytes: per Mamba layer and token, the norm's input and
-/// output (`2d`), `x|z` (`2D`), the conv output (`D`), `dt|B|C` (`R + 2N`), `Δ` (`D`), the scan
-/// output (`D`) and its chunk checkpoints (`D·N / SCAN_CHUNK`); per use of the shared block, its
-/// concatenated input and norm (`4d`), `q`, `k`, `v` and the attention output (`4a`), the
-/// `o_proj` output and its norm (`2d`), gate, up and their product (`3i`) and the hybrid
-/// projection's input (`d`); the final norm's input and output (`2d`) and the logits (`V`).
-fn activation_floor_bytes(c: &ZambaConfig, batch: usize, len: usize) -> f64 {
-    let (d, di, n, r) = (
-        c.hidden_size as f64,
-        c.d_inner() as f64,
-        c.mamba_d_state as f64,
-        c.dt_rank() as f64,
-    );
-    let (a, i) = (c.attention_hidden_size() as f64, c.intermediate_size as f64);
-    let per_mamba = 2.0 * d + 5.0 * di + r + 2.0 * n + di * n / zamba_kernels::SCAN_CHUNK as f64;
-    let per_shared = 4.0 * d + 4.0 * a + 2.0 * d + 3.0 * i + d;
-    let per_token = c.num_hidden_layers as f64 * per_mamba
-        + c.hybrid_layers().len() as f64 * per_shared
-        + 2.0 * d
-        + c.vocab_size as f64;
-    4.0 * per_token * (batch * len) as f64
 }

@@ -1,12 +1,15 @@
-//! `bench scan`: the fused selective-scan op against its roofline and the tensor-op reference.
+//! `bench scan`: the fused selective-scan op against its roofline and the tensor-op reference;
+//! with `--device`, that device's fused kernel next to the CPU kernel.
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 use clap::Args;
+use zamba_model::Precision;
+use zamba_train::device::{DeviceChoice, device_for};
 
-use super::{Machine, time};
+use super::{Machine, sync, time};
 
 #[derive(Args)]
 pub struct ScanArgs {
@@ -22,6 +25,19 @@ pub struct ScanArgs {
     groups: usize,
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Also time the fused kernel of this device (cuda, cuda:N, cube-cpu) next to the CPU kernel.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+/// The scan's problem size.
+#[derive(Clone, Copy)]
+pub(super) struct ScanShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub len: usize,
+    pub state: usize,
+    pub groups: usize,
 }
 
 pub(super) fn run(a: &ScanArgs, peak: &Machine) -> Result<()> {
@@ -32,74 +48,114 @@ pub(super) fn run(a: &ScanArgs, peak: &Machine) -> Result<()> {
             a.groups
         );
     }
+    let shape = ScanShape {
+        batch: a.batch,
+        channels: a.channels,
+        len: a.seq_len,
+        state: a.state,
+        groups: a.groups,
+    };
+    let device = device_for(a.device, 0, Precision::Fp32)?;
     peak.print();
-    let device = Device::flex();
-    let (fwd, bwd) = scan_times(
-        &device, a.batch, a.channels, a.seq_len, a.state, a.groups, a.repeats, false,
-    );
-    let (ref_fwd, ref_bwd) = scan_times(
-        &device, a.batch, a.channels, a.seq_len, a.state, a.groups, 1, true,
-    );
-    let (flops_f, flops_b) = zamba_kernels::scan_flops(a.batch, a.channels, a.seq_len, a.state);
-    let (ops_f, ops_b) = zamba_kernels::scan_lane_ops(a.batch, a.channels, a.seq_len, a.state);
-    let (bytes_f, bytes_b) =
-        zamba_kernels::scan_bytes(a.batch, a.channels, a.seq_len, a.state, a.groups);
-    let [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b] =
-        [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b].map(|v| v as f64);
     // Compute ceiling of an exp-bound kernel: the vector unit retires at most one FMA-lane-op per
     // 2 FLOP of the GEMM peak, and every op of the kernel (each instruction of the polynomial exp,
     // compares, blends, multiplies) takes one such slot; see `scan_lane_ops`.
-    let lane_ops_per_s = peak.peak_gflops() * 1e9 / 2.0;
     println!(
-        "selective_scan B={} D={} L={} N={} G={}; roofline = max(lane-ops / {:.1} G lane-ops/s, bytes / {:.1} GB/s)",
+        "selective_scan B={} D={} L={} N={} G={}; CPU roofline = max(lane-ops / {:.1} G lane-ops/s, bytes / {:.1} GB/s)",
         a.batch,
         a.channels,
         a.seq_len,
         a.state,
         a.groups,
-        lane_ops_per_s / 1e9,
+        peak.peak_gflops() / 2.0,
         peak.bandwidth_gbs
     );
-    for (name, t, flops, ops, bytes, reference) in [
-        ("forward", fwd, flops_f, ops_f, bytes_f, ref_fwd),
+    let flex = Device::flex();
+    let cpu = scan_times(&flex, shape, DType::F32, a.repeats, false)?;
+    let reference = scan_times(&flex, shape, DType::F32, 1, true)?;
+    print_rows("CPU kernel (cpu)", &flex, shape, cpu, Some(reference), peak);
+    if device != flex {
+        let times = scan_times(&device, shape, DType::F32, a.repeats, false)?;
+        let name = format!("fused kernel ({})", a.device);
+        print_rows(&name, &device, shape, times, None, peak);
+        println!(
+            "  forward+backward: {:.2}x the CPU kernel's time",
+            (times.0 + times.1).as_secs_f64() / (cpu.0 + cpu.1).as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Forward and forward+backward rows: time, GFLOP/s, lane-ops/s, GB/s, share of the CPU roofline,
+/// and the plain-tensor-op reference's time where given.
+fn print_rows(
+    name: &str,
+    device: &Device,
+    s: ScanShape,
+    (fwd, bwd): (Duration, Duration),
+    reference: Option<(Duration, Duration)>,
+    peak: &Machine,
+) {
+    let chunk = zamba_kernels::scan_chunk(device, s.state).unwrap_or(1);
+    let (flops_f, flops_b) = zamba_kernels::scan_flops(s.batch, s.channels, s.len, s.state);
+    let (ops_f, ops_b) = zamba_kernels::scan_lane_ops(s.batch, s.channels, s.len, s.state);
+    let (bytes_f, bytes_b) =
+        zamba_kernels::scan_bytes(s.batch, s.channels, s.len, s.state, s.groups, chunk);
+    let [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b] =
+        [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b].map(|v| v as f64);
+    let lane_ops_per_s = peak.peak_gflops() * 1e9 / 2.0;
+    println!("{name}:");
+    let rows = [
+        (
+            "forward",
+            fwd,
+            flops_f,
+            ops_f,
+            bytes_f,
+            reference.map(|r| r.0),
+        ),
         (
             "forward+backward",
             fwd + bwd,
             flops_f + flops_b,
             ops_f + ops_b,
             bytes_f + bytes_b,
-            ref_fwd + ref_bwd,
+            reference.map(|r| r.0 + r.1),
         ),
-    ] {
+    ];
+    for (row, t, flops, ops, bytes, reference) in rows {
         let secs = t.as_secs_f64();
         let roofline = (ops / lane_ops_per_s).max(bytes / (peak.bandwidth_gbs * 1e9));
+        let versus = reference
+            .map(|r| {
+                format!(
+                    "  reference ops {:.1} ms ({:.0}x slower)",
+                    r.as_secs_f64() * 1e3,
+                    r.as_secs_f64() / secs
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "  {name:<17} {:>9.3} ms  {:>6.2} GFLOP/s  {:>6.2} G lane-ops/s  {:>6.2} GB/s  roofline {:.3} ms ({:.0}% of roofline)  reference ops {:.1} ms ({:.0}x slower)",
+            "  {row:<17} {:>9.3} ms  {:>6.2} GFLOP/s  {:>6.2} G lane-ops/s  {:>6.2} GB/s  roofline {:.3} ms ({:.0}% of roofline){versus}",
             secs * 1e3,
             flops / secs / 1e9,
             ops / secs / 1e9,
             bytes / secs / 1e9,
             roofline * 1e3,
             100.0 * roofline / secs,
-            reference.as_secs_f64() * 1e3,
-            reference.as_secs_f64() / secs
         );
     }
-    Ok(())
 }
 
-/// (forward, backward) time of one scan call with inputs that all require gradients.
-#[allow(clippy::too_many_arguments)]
+/// (forward, backward) time of one scan call on `device` with inputs that all require gradients;
+/// the activations (`u, delta, b, c, z`) in `dtype`, the parameters f32.
 pub(super) fn scan_times(
     device: &Device,
-    batch: usize,
-    channels: usize,
-    len: usize,
-    state: usize,
-    groups: usize,
+    s: ScanShape,
+    dtype: DType,
     repeats: usize,
     reference: bool,
-) -> (Duration, Duration) {
+) -> Result<(Duration, Duration)> {
     let rand = |shape: Vec<usize>, lo: f64, hi: f64| {
         Tensor::<1>::random(
             [shape.iter().product::<usize>()],
@@ -107,13 +163,23 @@ pub(super) fn scan_times(
             device,
         )
     };
-    let u = rand(vec![batch, channels, len], -1.0, 1.0).reshape([batch, channels, len]);
-    let delta = rand(vec![batch, channels, len], -3.0, 0.0).reshape([batch, channels, len]);
+    let ScanShape {
+        batch,
+        channels,
+        len,
+        state,
+        groups,
+    } = s;
+    let act = |t: Tensor<1>| t.cast(dtype);
+    let rows = [batch, channels, len];
+    let bc = [batch, groups, len, state];
+    let u = act(rand(rows.to_vec(), -1.0, 1.0)).reshape(rows);
+    let delta = act(rand(rows.to_vec(), -3.0, 0.0)).reshape(rows);
     let a = rand(vec![channels, state], -2.0, -0.1).reshape([channels, state]);
-    let b = rand(vec![batch, groups, len, state], -1.0, 1.0).reshape([batch, groups, len, state]);
-    let c = rand(vec![batch, groups, len, state], -1.0, 1.0).reshape([batch, groups, len, state]);
+    let b = act(rand(bc.to_vec(), -1.0, 1.0)).reshape(bc);
+    let c = act(rand(bc.to_vec(), -1.0, 1.0)).reshape(bc);
     let d = rand(vec![channels], 0.5, 1.5);
-    let z = rand(vec![batch, channels, len], -1.0, 1.0).reshape([batch, channels, len]);
+    let z = act(rand(rows.to_vec(), -1.0, 1.0)).reshape(rows);
     let bias = rand(vec![channels], -1.0, 0.0);
     let scan = if reference {
         zamba_kernels::selective_scan_reference
@@ -136,7 +202,9 @@ pub(super) fn scan_times(
         let _ = forward().inner().into_data();
     });
     let total = time(repeats, || {
-        let _ = forward().sum().backward();
+        let grads = forward().sum().backward();
+        std::hint::black_box(grads);
+        sync(device);
     });
-    (fwd, total.saturating_sub(fwd))
+    Ok((fwd, total.saturating_sub(fwd)))
 }

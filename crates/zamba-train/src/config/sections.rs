@@ -8,6 +8,7 @@ use crate::schedule::ScheduleConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use zamba_model::{ActivationCheckpointing, Precision};
 
 /// Names the run and where it writes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -195,6 +196,13 @@ pub struct TrainSection {
     #[serde(default = "default_spike_window")]
     #[schemars(range(min = 2))]
     pub spike_window: usize,
+    /// What the backward keeps: `"none"` (every activation) or `"layers"` (each Mamba layer and
+    /// each use of the shared block keeps only its input and is recomputed in the backward:
+    /// activation memory drops to about one `[micro_batch, seq_len, hidden]` tensor per layer for
+    /// about one more forward pass of compute). `--dry-run` prints the estimate both ways.
+    #[serde(default)]
+    #[schemars(with = "String", extend("enum" = ["none", "layers"]))]
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 impl Section for TrainSection {}
@@ -305,12 +313,15 @@ impl Default for DistSection {
 
 impl Section for DistSection {}
 
-/// Where the model runs: `"cpu"` or `"cuda:N"` (`"cuda"` = `"cuda:0"`).
+/// Where the model runs: `"cpu"` (Burn's Flex backend), `"cuda:N"` (`"cuda"` = `"cuda:0"`; a
+/// build with `--features cuda`) or `"cube-cpu"` (Burn's CubeCL CPU runtime, which runs the GPU
+/// kernels on the CPU; a build with `--features cube-cpu`). See `crate::device`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
     #[default]
     Cpu,
     Cuda(usize),
+    CubeCpu,
 }
 
 impl std::fmt::Display for Device {
@@ -318,6 +329,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::CubeCpu => write!(f, "cube-cpu"),
         }
     }
 }
@@ -325,10 +337,14 @@ impl std::fmt::Display for Device {
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("unknown device {s:?}; expected \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")");
+        let bad = || {
+            format!(
+                "unknown device {s:?}; expected \"cpu\", \"cuda\", \"cuda:N\" (e.g. \"cuda:0\") or \"cube-cpu\""
+            )
+        };
         match s {
             "cpu" => Ok(Device::Cpu),
+            "cube-cpu" => Ok(Device::CubeCpu),
             "cuda" => Ok(Device::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
@@ -356,9 +372,16 @@ impl<'de> Deserialize<'de> for Device {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeSection {
-    /// `"cpu"`, or `"cuda:N"` (`"cuda"` = `"cuda:0"`; needs a build with `--features cuda`).
+    /// `"cpu"` (Burn's Flex backend), `"cuda:N"` (`"cuda"` = `"cuda:0"`; a build with
+    /// `--features cuda`) or `"cube-cpu"` (the CubeCL CPU runtime, which runs the GPU kernels on
+    /// the CPU; a build with `--features cube-cpu`).
     #[schemars(with = "String")]
     pub device: Device,
+    /// Float type of matmuls and activations: `"fp32"`, or `"bf16"` mixed precision (f32 master
+    /// weights and AdamW state; f32 norm statistics, residual stream, scan state, softmax and
+    /// loss; see `zamba_model::Precision`). Emulated on CPU devices (bf16 numerics, f32 speed).
+    #[schemars(with = "String", extend("enum" = ["fp32", "bf16"]))]
+    pub precision: Precision,
     /// CPU threads for the compute pool; absent = all cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -382,6 +405,7 @@ impl Default for RuntimeSection {
     fn default() -> Self {
         Self {
             device: Device::Cpu,
+            precision: Precision::Fp32,
             threads: None,
             world_size: 1,
             peak_gflops: None,

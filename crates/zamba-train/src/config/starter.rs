@@ -33,7 +33,8 @@ pub fn starter_config(preset: &str) -> Result<String, StarterError> {
 
 /// The run each preset's starter describes: sizes that suit the model, on the synthetic sets
 /// (generated on first use, so the config trains as it is) for the CPU-sized presets, and on
-/// tokenized shards to be made with `zamba-train data tokenize` for Zamba-7B.
+/// tokenized shards to be made with `zamba-train data tokenize` for the GPU presets (zamba-1b in
+/// bf16, Zamba-7B).
 fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
     // The synthetic sets use the byte tokenizer; its vocabulary padded to a multiple of 8.
     let synthetic_model = format!(
@@ -84,6 +85,18 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
                 2000,
                 2000,
                 "[runtime]\ndevice = \"cuda:0\"\n",
+            ),
+            "zamba-1b" => (
+                &String::new(),
+                "[data.sources.web]\npaths = [\"data/web\"]\nvalidation = [\"data/web-validation\"]\nweight = 1.0\n",
+                4096,
+                256,
+                4,
+                20_000,
+                ("3e-4", "3e-5"),
+                1000,
+                1000,
+                "[runtime]\ndevice = \"cuda:0\"\nprecision = \"bf16\"\n",
             ),
             other => {
                 return Err(StarterError(format!(

@@ -3,6 +3,8 @@
 use super::RunConfig;
 use crate::data_parallel::{Sharding, StateMemory};
 use std::fmt::Write as _;
+use zamba_model::ActivationCheckpointing;
+use zamba_model::memory::ActivationMemory;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 
 /// 1234567 → "1.23 M" (decimal units, as in token and parameter counts).
@@ -22,12 +24,33 @@ pub fn human_count(n: f64) -> String {
     }
 }
 
-/// Per-rank memory of parameters, gradients and AdamW moments at the configured world size,
-/// with and without ZeRO-1.
+/// Per-rank memory: one micro-batch's activations with and without recomputation, and the
+/// parameters, gradients and AdamW moments at the configured world size, with and without ZeRO-1.
 fn memory_lines(c: &RunConfig, num_params: u64) -> String {
     let world = c.runtime.world_size;
-    let gb = |b: f64| format!("{:.2} GB", b / 1e9);
+    let gb = |b: f64| match b >= 1e9 {
+        true => format!("{:.2} GB", b / 1e9),
+        false => format!("{:.1} MB", b / 1e6),
+    };
     let mut out = String::new();
+    let activations = |k| {
+        let m = ActivationMemory::of(
+            c.model_config(),
+            c.batch.micro_batch,
+            c.data.seq_len,
+            c.runtime.precision,
+            k,
+        );
+        gb(m.peak())
+    };
+    let _ = writeln!(
+        out,
+        "memory/rank  activations of one micro-batch ({}, estimate): {} without recomputation, {} with train.activation_checkpointing = \"layers\" (configured: \"{}\")",
+        c.runtime.precision,
+        activations(ActivationCheckpointing::None),
+        activations(ActivationCheckpointing::Layers),
+        c.train.activation_checkpointing,
+    );
     for (name, sharding, zero) in [
         ("no sharding", Sharding::Replicated, 0),
         ("ZeRO-1", Sharding::Zero1, 1),

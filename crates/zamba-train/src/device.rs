@@ -1,0 +1,128 @@
+//! Where the model runs: the Burn device of a `runtime.device` / `--device` value, with a clear
+//! error (before Burn would panic) when this build lacks the backend or the machine lacks the
+//! device.
+
+use anyhow::{Result, bail};
+use burn::tensor::{DType, Device};
+use zamba_model::Precision;
+
+pub use crate::config::Device as DeviceChoice;
+
+/// The Burn device of `choice` (without autodiff) for the process's `local_rank`-th rank on this
+/// node: `"cuda:N"` is the first GPU of the node's ranks, which take consecutive GPUs.
+pub fn make_device(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::flex()),
+        DeviceChoice::CubeCpu => cube_cpu(),
+        DeviceChoice::Cuda(first) => cuda(first, local_rank),
+    }
+}
+
+#[cfg(feature = "cube-cpu")]
+fn cube_cpu() -> Result<Device> {
+    Ok(Device::cpu())
+}
+
+#[cfg(not(feature = "cube-cpu"))]
+fn cube_cpu() -> Result<Device> {
+    bail!(
+        "device \"cube-cpu\" needs a build with `--features cube-cpu` (run scripts/prepare-llvm.sh \
+         once first; see README)"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(first: usize, local_rank: usize) -> Result<Device> {
+    let index = first + local_rank;
+    // Constructing a CUDA device panics where the driver is missing; listing them does not.
+    let found = Device::enumerate(burn::tensor::DeviceType::Cuda)
+        .into_vec()
+        .len();
+    if index >= found {
+        let rank = match local_rank {
+            0 => String::new(),
+            r => format!(" (\"cuda:{first}\" + local rank {r})"),
+        };
+        bail!(
+            "device \"cuda:{index}\"{rank} is not available: this machine has {found} CUDA device(s) \
+             visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        );
+    }
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(first: usize, _local_rank: usize) -> Result<Device> {
+    bail!(
+        "device \"cuda:{first}\" needs a build with `--features cuda` (run scripts/prepare-llvm.sh \
+         once first; see README)"
+    )
+}
+
+/// Checks that `device` can compute in `precision`.
+pub fn check_precision(device: &Device, choice: DeviceChoice, precision: Precision) -> Result<()> {
+    if precision == Precision::Bf16 && !device.supports_dtype(DType::BF16) {
+        bail!("precision \"bf16\" is not supported on device \"{choice}\"; use precision \"fp32\"");
+    }
+    Ok(())
+}
+
+/// The device of `choice` for local rank `local_rank` (0 for single-process commands), checked
+/// for `precision`: what every command that runs the model starts from.
+pub fn device_for(choice: DeviceChoice, local_rank: usize, precision: Precision) -> Result<Device> {
+    let device = make_device(choice, local_rank)?;
+    check_precision(&device, choice, precision)?;
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_always_available_and_computes_bf16() {
+        assert_eq!(
+            device_for(DeviceChoice::Cpu, 0, Precision::Bf16).unwrap(),
+            Device::flex()
+        );
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build() {
+        let e = make_device(DeviceChoice::Cuda(1), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda:1") && e.contains("--features cuda"), "{e}");
+    }
+
+    #[cfg(not(feature = "cube-cpu"))]
+    #[test]
+    fn cube_cpu_without_the_feature_says_how_to_build() {
+        let e = make_device(DeviceChoice::CubeCpu, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--features cube-cpu"), "{e}");
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn absent_cuda_device_is_an_error_not_a_panic() {
+        let e = make_device(DeviceChoice::Cuda(4096), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cuda:4096") && e.contains("not available"),
+            "{e}"
+        );
+    }
+
+    #[cfg(feature = "cube-cpu")]
+    #[test]
+    fn cube_cpu_with_the_feature() {
+        assert_eq!(
+            make_device(DeviceChoice::CubeCpu, 0).unwrap(),
+            Device::cpu()
+        );
+    }
+}
