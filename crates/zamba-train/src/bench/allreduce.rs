@@ -64,26 +64,13 @@ fn allreduce_group(a: &AllreduceArgs) -> Result<Vec<(Box<dyn zamba_dist::Communi
             .map(|c| (c, Device::flex()))
             .collect()),
         AllreduceBackend::Tcp => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let token = zamba_dist::generate_token()?;
-            let info = |rank| zamba_dist::RendezvousInfo {
-                rank,
-                world_size: a.world,
-                local_rank: rank,
-                local_world_size: a.world,
-                master_addr: "127.0.0.1".into(),
-                master_port: port,
-                launcher: zamba_dist::Launcher::Torchrun,
-                token: Some(zamba_dist::TokenSource::Value(token.clone())),
-            };
+            let infos = loopback_world(a.world)?;
             std::thread::scope(|s| {
-                let joins: Vec<_> = (0..a.world)
-                    .map(|rank| {
-                        let info = info(rank);
+                let joins: Vec<_> = infos
+                    .iter()
+                    .map(|info| {
                         let opts = &opts;
-                        s.spawn(move || zamba_dist::init(&info, zamba_dist::Backend::Tcp, opts))
+                        s.spawn(move || zamba_dist::init(info, zamba_dist::Backend::Tcp, opts))
                     })
                     .collect();
                 joins
@@ -109,25 +96,11 @@ fn nccl_group(
     a: &AllreduceArgs,
     opts: &zamba_dist::DistOptions,
 ) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let token = zamba_dist::generate_token()?;
+    let infos = loopback_world(a.world)?;
     std::thread::scope(|s| {
-        let joins: Vec<_> = (0..a.world)
-            .map(|rank| {
-                let info = zamba_dist::RendezvousInfo {
-                    rank,
-                    world_size: a.world,
-                    local_rank: rank,
-                    local_world_size: a.world,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    launcher: zamba_dist::Launcher::Torchrun,
-                    token: Some(zamba_dist::TokenSource::Value(token.clone())),
-                };
-                s.spawn(move || zamba_dist::connect_nccl(&info, rank, opts))
-            })
+        let joins: Vec<_> = infos
+            .iter()
+            .map(|info| s.spawn(move || zamba_dist::connect_nccl(info, info.local_rank, opts)))
             .collect();
         joins
             .into_iter()
@@ -139,6 +112,27 @@ fn nccl_group(
             })
             .collect()
     })
+}
+
+/// The rendezvous of `world` ranks as threads of this process, meeting on a free loopback port
+/// with a fresh job token.
+fn loopback_world(world: usize) -> Result<Vec<zamba_dist::RendezvousInfo>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let token = zamba_dist::generate_token()?;
+    Ok((0..world)
+        .map(|rank| zamba_dist::RendezvousInfo {
+            rank,
+            world_size: world,
+            local_rank: rank,
+            local_world_size: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            launcher: zamba_dist::Launcher::Torchrun,
+            token: Some(zamba_dist::TokenSource::Value(token.clone())),
+        })
+        .collect())
 }
 
 /// nccl-tests' definitions: algbw = bytes / time; busbw = algbw · 2(n−1)/n for all-reduce, the
