@@ -85,12 +85,11 @@ pub(crate) struct Rendezvous {
     /// `host:port` of the store.
     pub master: String,
     pub store: StoreClient,
-    /// Rank 0's server; the others' `None`.
-    pub server: Option<StoreServer>,
+    /// Rank 0's server, held so that it serves as long as the rendezvous lives; the others' `None`.
+    pub _server: Option<StoreServer>,
     /// Where rank 0 listens: loopback for a one-node job on a loopback master, else every
     /// interface.
     pub bind_ip: IpAddr,
-    pub timeout: Duration,
 }
 
 impl Rendezvous {
@@ -132,9 +131,8 @@ impl Rendezvous {
             token,
             master,
             store,
-            server,
+            _server: server,
             bind_ip,
-            timeout,
         })
     }
 }
