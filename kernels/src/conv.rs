@@ -20,7 +20,7 @@ use burn::backend::{Autodiff, Backend, DType, Dispatch, Flex, backend_extension}
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host::{as_f32, contiguous_f32, from_f32};
+use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
 use crate::simd::{Lanes, sigmoid, simd_dispatch, simd_level};
 
 /// The fused `silu(causal_depthwise_conv(x) + bias)`; `x`: `[batch, channels, len]`, `weight`:
@@ -112,7 +112,7 @@ fn forward(x: &[f32], weight: &[f32], bias: &[f32], dims: ConvDims) -> Vec<f32> 
         len,
         taps,
     } = dims;
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeros(x.len());
     out.par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
@@ -174,9 +174,9 @@ fn backward(
         len,
         taps,
     } = dims;
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     // Per lane: [dw[0..K], dbias], summed over the batch afterwards in batch order.
-    let mut lane_params = vec![0f32; x.len() / len * (taps + 1)];
+    let mut lane_params = zeros(x.len() / len * (taps + 1));
     dx.par_chunks_mut(len)
         .zip(lane_params.par_chunks_mut(taps + 1))
         .zip(x.par_chunks(len).zip(dout.par_chunks(len)))

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use crate::host::zeros;
 use crate::simd::{Lanes, exp_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad};
 
 /// Time steps per checkpoint chunk. The forward stores the state entering every chunk but the
@@ -251,13 +252,13 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
 /// `save_checkpoints`, the chunk-boundary states `[batch, channels, chunks - 1, state]` (empty
 /// otherwise).
 pub(crate) fn forward(x: &Inputs, dims: Dims, save_checkpoints: bool) -> (Vec<f32>, Vec<f32>) {
-    let mut out = vec![0f32; dims.lanes() * dims.len];
+    let mut out = zeros(dims.lanes() * dims.len);
     let per_lane = if save_checkpoints {
         dims.checkpoint_len()
     } else {
         0
     };
-    let mut checkpoints = vec![0f32; dims.lanes() * per_lane];
+    let mut checkpoints = zeros(dims.lanes() * per_lane);
     let run = |lane: usize, out: &mut [f32], checkpoints: &mut [f32]| {
         forward_lane(&x.lane(&dims, lane), out, checkpoints);
     };
@@ -441,7 +442,7 @@ fn reduce_blocks(parts: Vec<f32>, outer: usize, blocks: usize, rows: usize) -> V
         return parts;
     }
     const PIECE: usize = 4096;
-    let mut out = vec![0f32; outer * rows];
+    let mut out = zeros(outer * rows);
     out.par_chunks_mut(rows).enumerate().for_each(|(o, dst)| {
         dst.par_chunks_mut(PIECE).enumerate().for_each(|(p, dst)| {
             let piece = dst.len();
@@ -472,12 +473,12 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
     let per_lane_checkpoints = dims.checkpoint_len();
     let params_len = state + 2;
 
-    let mut du = vec![0f32; dims.lanes() * len];
-    let mut ddelta = vec![0f32; dims.lanes() * len];
-    let mut dz = vec![0f32; dims.lanes() * len];
-    let mut params = vec![0f32; dims.lanes() * params_len];
-    let mut db_parts = vec![0f32; batch * groups * blocks * rows];
-    let mut dc_parts = vec![0f32; batch * groups * blocks * rows];
+    let mut du = zeros(dims.lanes() * len);
+    let mut ddelta = zeros(dims.lanes() * len);
+    let mut dz = zeros(dims.lanes() * len);
+    let mut params = zeros(dims.lanes() * params_len);
+    let mut db_parts = zeros(batch * groups * blocks * rows);
+    let mut dc_parts = zeros(batch * groups * blocks * rows);
 
     // Tasks in (batch, group, block) order own consecutive lanes, so every per-lane buffer splits
     // into consecutive pieces.

@@ -138,9 +138,9 @@ impl Forward {
     }
 }
 
-simd_dispatch!(fn log_sum_exp(row: &[f32]) -> f32 = log_sum_exp_generic, level = simd_level());
+simd_dispatch!(pub(crate) fn log_sum_exp(row: &[f32]) -> f32 = log_sum_exp_generic, level = simd_level());
 
-simd_dispatch!(fn softmax_times(row: &mut [f32], lse: f32, scale: f32)
+simd_dispatch!(pub(crate) fn softmax_times(row: &mut [f32], lse: f32, scale: f32)
     = softmax_times_generic, level = simd_level());
 
 /// `max + ln Σ exp(x - max)`: whole vectors with `V`, the tail with scalars.

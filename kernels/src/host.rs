@@ -4,6 +4,22 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Bytes, DType, Flex, FloatDType};
 use burn::tensor::Shape;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// `len` zeros, written by all threads of the pool. A large `vec![0.0; len]` is one
+/// single-threaded memset on the calling thread (freed memory is reused, so the allocator cannot
+/// hand out pages the kernel zeroed), while the kernels' own passes over the buffer run in
+/// parallel.
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()
+        .par_chunks_mut(1 << 14)
+        .for_each(|chunk| chunk.fill(MaybeUninit::new(0.0)));
+    // SAFETY: every element of the capacity was just written.
+    unsafe { v.set_len(len) };
+    v
+}
 
 /// A contiguous `f32` tensor with the same values; no copy when `t` already is one.
 pub(crate) fn contiguous_f32(t: FlexTensor) -> FlexTensor {

@@ -12,11 +12,12 @@
 //! out    = y_t · silu(z[b,c,t])
 //! ```
 //!
-//! The crate also holds the other fused CPU ops of a training step — [`cross_entropy`],
-//! [`causal_conv1d_silu`], [`rms_norm`] (each with a hand-written backward) and [`adamw_update`]
-//! — each one multi-threaded pass where tensor ops take several single-threaded ones, and each
-//! with its tensor-op definition (`*_reference`, also the fallback on devices without the
-//! kernels) that the tests compare it with.
+//! The crate also holds the other fused CPU ops of a training step — [`linear`] and
+//! [`per_head_matmul`] (direct GEMMs on strided operands), [`causal_attention`], [`gelu_mul`],
+//! [`cross_entropy`], [`causal_conv1d_silu`], [`rms_norm`] (each with a hand-written backward)
+//! and [`adamw_update`] — each one multi-threaded pass where tensor ops take several
+//! single-threaded ones, and each with its tensor-op definition (`*_reference`, also the fallback
+//! on devices without the kernels) that the tests compare it with.
 //!
 //! # Layout
 //! All tensors are row-major `f32`: `u`, `delta`, `z`, `out` are `[batch, channels, len]`, so one
@@ -80,23 +81,32 @@
 //! times the op and reports GFLOP/s from [`scan_flops`] and bandwidth from [`scan_bytes`].
 
 mod adamw;
+mod attention;
 mod conv;
 mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cube")]
 mod cube;
 mod flex;
+mod gelu;
+mod heads;
 mod host;
+mod linear;
 mod op;
 mod recompute;
 mod reference;
 mod rms_norm;
 mod simd;
+mod strided;
 
 pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
+pub use attention::{causal_attention, causal_attention_reference};
 pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
 pub use cpu::scan_lane_ops;
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
+pub use gelu::{gelu_mul, gelu_mul_reference};
+pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
+pub use linear::{linear, linear_channels_first, linear_reference};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use simd::{SIMD_ENV, SimdLevel, detected_simd_level, simd_level};
 

@@ -16,7 +16,7 @@ use burn::backend::{Autodiff, Backend, DType, Dispatch, Flex, backend_extension}
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host::{as_f32, contiguous_f32, from_f32};
+use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
 use crate::simd::{Lanes, simd_dispatch, simd_level};
 
 /// `x / sqrt(mean(x²) + eps) · gamma` over the last dimension of `x` (`gamma`: `[width]`).
@@ -69,7 +69,7 @@ pub(crate) trait RmsNormBackend: Backend {
 /// `y` and the per-row `rms`.
 fn forward(x: &[f32], gamma: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     let mut rms = vec![0f32; x.len() / width];
     y.par_chunks_mut(width)
         .zip(rms.par_iter_mut())
@@ -109,7 +109,7 @@ const ROWS_PER_TASK: usize = 64;
 fn backward(x: &[f32], gamma: &[f32], rms: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len();
     let piece = ROWS_PER_TASK * width;
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     let tasks = rms.len().div_ceil(ROWS_PER_TASK);
     let mut dgamma_parts = vec![0f32; tasks * width];
     dx.par_chunks_mut(piece)

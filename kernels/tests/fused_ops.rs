@@ -1,13 +1,16 @@
-//! The fused CPU ops (cross-entropy, AdamW, causal conv + SiLU, RMSNorm) against their plain
-//! tensor-op versions — values and gradients — and against central finite differences in f64.
+//! The fused CPU ops (linear, per-head products, causal attention, GELU gate, cross-entropy,
+//! AdamW, causal conv + SiLU, RMSNorm) against their plain tensor-op versions — values and gradients — and
+//! against central finite differences in f64.
 //!
 //! Relative error: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use zamba_kernels::{
-    AdamWHyper, IGNORE_INDEX, adamw_update, adamw_update_reference, causal_conv1d_silu,
-    causal_conv1d_silu_reference, cross_entropy, cross_entropy_reference, rms_norm,
-    rms_norm_reference,
+    AdamWHyper, IGNORE_INDEX, adamw_update, adamw_update_reference, causal_attention,
+    causal_attention_reference, causal_conv1d_silu, causal_conv1d_silu_reference, cross_entropy,
+    cross_entropy_reference, gelu_mul, gelu_mul_reference, linear, linear_channels_first,
+    linear_reference, per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed,
+    rms_norm, rms_norm_reference,
 };
 
 /// SplitMix64 → uniform in [lo, hi).
@@ -426,6 +429,386 @@ fn rms_norm_gradients_match_finite_differences() {
             "input {i}: {g} vs {fd}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear (direct GEMMs on strided operands).
+
+type LinearFn = fn(Tensor<3>, Tensor<2>) -> Tensor<3>;
+
+/// How the operands reach the op: as contiguous tensors, or as transposed views of buffers laid
+/// out the other way (out_proj's input, the tied head's weight).
+#[derive(Clone, Copy, Debug)]
+struct LinearCase {
+    dims: [usize; 4], // batch, rows, d_in, d_out
+    x_transposed: bool,
+    w_transposed: bool,
+}
+
+fn linear_run(op: LinearFn, case: LinearCase, x: &[f32], w: &[f32], loss_w: &[f32]) -> OpRun {
+    let [b, m, k, n] = case.dims;
+    let device = Device::flex().autodiff();
+    let xt = match case.x_transposed {
+        true => tensor(x, [b, k, m], &device).require_grad(),
+        false => tensor(x, [b, m, k], &device).require_grad(),
+    };
+    let wt = match case.w_transposed {
+        true => tensor(w, [n, k], &device).require_grad(),
+        false => tensor(w, [k, n], &device).require_grad(),
+    };
+    let x_in = match case.x_transposed {
+        true => xt.clone().swap_dims(1, 2),
+        false => xt.clone(),
+    };
+    let w_in = match case.w_transposed {
+        true => wt.clone().transpose(),
+        false => wt.clone(),
+    };
+    let out = op(x_in, w_in);
+    let grads = (out.clone() * tensor(loss_w, [b, m, n], &device))
+        .sum()
+        .backward();
+    OpRun {
+        out: values(out),
+        grads: vec![
+            values(xt.grad(&grads).unwrap()),
+            values(wt.grad(&grads).unwrap()),
+        ],
+    }
+}
+
+#[test]
+fn linear_matches_tensor_ops_on_strided_operands() {
+    let mut cases = Vec::new();
+    // Small (one thread) and above the parallel threshold; batch 1 and several.
+    for dims in [[2, 70, 33, 19], [1, 5, 3, 2], [4, 128, 96, 200]] {
+        for (x_transposed, w_transposed) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
+            cases.push(LinearCase {
+                dims,
+                x_transposed,
+                w_transposed,
+            });
+        }
+    }
+    for case in cases {
+        let [b, m, k, n] = case.dims;
+        let mut rng = Rng((b * m * k * n) as u64);
+        let (x, w, lw) = (
+            rng.vec(b * m * k, -2.0, 2.0),
+            rng.vec(k * n, -1.0, 1.0),
+            rng.vec(b * m * n, -1.0, 1.0),
+        );
+        let reference = linear_run(linear_reference, case, &x, &w, &lw);
+        let channels_first: LinearFn = |x, w| linear_channels_first(x, w).swap_dims(1, 2);
+        for (order, op) in [
+            ("row-major", linear as LinearFn),
+            ("channels-first", channels_first),
+        ] {
+            let fused = linear_run(op, case, &x, &w, &lw);
+            let err = rel_error(&fused.out, &reference.out);
+            assert!(err < 1e-6, "{order} {case:?} output error {err:e}");
+            for (name, (f, r)) in ["x", "w"]
+                .iter()
+                .zip(fused.grads.iter().zip(&reference.grads))
+            {
+                let err = rel_error(f, r);
+                assert!(err < 1e-6, "{order} {case:?} d{name} error {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_values_match_a_plain_loop_in_every_rank() {
+    let (k, n) = (7, 5);
+    let mut rng = Rng(3);
+    let (x, w) = (rng.vec(6 * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0));
+    let want: Vec<f32> = x
+        .chunks(k)
+        .flat_map(|row| {
+            (0..n).map(|j| {
+                (0..k)
+                    .map(|i| row[i] as f64 * w[i * n + j] as f64)
+                    .sum::<f64>() as f32
+            })
+        })
+        .collect();
+    let device = Device::flex();
+    let w_t = tensor(&w, [k, n], &device);
+    let got2 = values(linear(tensor(&x, [6, k], &device), w_t.clone()));
+    let got4 = values(linear(tensor(&x, [1, 2, 3, k], &device), w_t));
+    assert!(rel_error(&got2, &want) < 1e-6);
+    assert_eq!(got2, got4);
+}
+
+#[test]
+#[should_panic(expected = "linear: x's last dimension is 4 but the weight is [3, 2]")]
+fn linear_rejects_mismatched_dimensions() {
+    let device = Device::flex();
+    let _ = linear(
+        tensor(&[0.0; 8], [2, 4], &device),
+        tensor(&[0.0; 6], [3, 2], &device),
+    );
+}
+
+type HeadsFn = fn(Tensor<3>, Tensor<4>) -> Tensor<4>;
+
+/// `dims`: batch, heads, M, K, N. With `sliced`, `x` is rows `1..K + 1` of a taller tensor (a
+/// strided view, as `dt` is of `x_proj`'s output).
+fn heads_run(op: HeadsFn, dims: [usize; 5], sliced: bool, inputs: &[Vec<f32>; 3]) -> OpRun {
+    let [b, h, m, k, n] = dims;
+    let device = Device::flex().autodiff();
+    let wt = tensor(&inputs[0], [h, m, k], &device).require_grad();
+    let rows = if sliced { k + 2 } else { k };
+    let xt = tensor(&inputs[1], [b, h, rows, n], &device).require_grad();
+    let x_in = match sliced {
+        true => xt.clone().slice([0..b, 0..h, 1..k + 1, 0..n]),
+        false => xt.clone(),
+    };
+    let out = op(wt.clone(), x_in);
+    let grads = (out.clone() * tensor(&inputs[2], [b, h, m, n], &device))
+        .sum()
+        .backward();
+    OpRun {
+        out: values(out),
+        grads: vec![
+            values(wt.grad(&grads).unwrap()),
+            values(xt.grad(&grads).unwrap()),
+        ],
+    }
+}
+
+#[test]
+fn per_head_matmul_matches_tensor_ops_in_value_and_gradient() {
+    for (dims, sliced) in [
+        ([2, 3, 5, 7, 11], false),
+        ([4, 2, 48, 256, 130], false),
+        ([3, 2, 9, 4, 20], true),
+    ] {
+        let [b, h, m, k, n] = dims;
+        let rows = if sliced { k + 2 } else { k };
+        let mut rng = Rng(dims.iter().product::<usize>() as u64);
+        let inputs = [
+            rng.vec(h * m * k, -1.0, 1.0),
+            rng.vec(b * h * rows * n, -2.0, 2.0),
+            rng.vec(b * h * m * n, -1.0, 1.0),
+        ];
+        let reference = heads_run(per_head_matmul_reference, dims, sliced, &inputs);
+        let transposed: HeadsFn = |w, x| per_head_matmul_transposed(w, x).swap_dims(2, 3);
+        for (order, op) in [
+            ("row-major", per_head_matmul as HeadsFn),
+            ("transposed", transposed),
+        ] {
+            let fused = heads_run(op, dims, sliced, &inputs);
+            let err = rel_error(&fused.out, &reference.out);
+            assert!(err < 1e-6, "{order} {dims:?} output error {err:e}");
+            for (name, (f, r)) in ["w", "x"]
+                .iter()
+                .zip(fused.grads.iter().zip(&reference.grads))
+            {
+                let err = rel_error(f, r);
+                assert!(err < 1e-6, "{order} {dims:?} d{name} error {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "per_head_matmul: w [2, 3, 4] and x [1, 3, 4, 5]")]
+fn per_head_matmul_rejects_mismatched_heads() {
+    let device = Device::flex();
+    let _ = per_head_matmul(
+        tensor(&[0.0; 24], [2, 3, 4], &device),
+        tensor(&[0.0; 60], [1, 3, 4, 5], &device),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU gate.
+
+type GeluFn = fn(Tensor<3>, Tensor<3>) -> Tensor<3>;
+
+fn gelu_run(op: GeluFn, inputs: &[Vec<f32>; 3], shape: [usize; 3]) -> OpRun {
+    let device = Device::flex().autodiff();
+    let gate = tensor(&inputs[0], shape, &device).require_grad();
+    let up = tensor(&inputs[1], shape, &device).require_grad();
+    let out = op(gate.clone(), up.clone());
+    let grads = (out.clone() * tensor(&inputs[2], shape, &device))
+        .sum()
+        .backward();
+    OpRun {
+        out: values(out),
+        grads: vec![
+            values(gate.grad(&grads).unwrap()),
+            values(up.grad(&grads).unwrap()),
+        ],
+    }
+}
+
+#[test]
+fn gelu_mul_matches_tensor_ops_and_finite_differences() {
+    for shape in [[2, 70, 129], [1, 3, 5]] {
+        let n: usize = shape.iter().product();
+        let mut rng = Rng(n as u64);
+        let inputs = [
+            rng.vec(n, -6.0, 6.0),
+            rng.vec(n, -2.0, 2.0),
+            rng.vec(n, -1.0, 1.0),
+        ];
+        let fused = gelu_run(gelu_mul, &inputs, shape);
+        let reference = gelu_run(gelu_mul_reference, &inputs, shape);
+        let err = rel_error(&fused.out, &reference.out);
+        assert!(err < 1e-6, "{shape:?} output error {err:e}");
+        for (name, (f, r)) in ["gate", "up"]
+            .iter()
+            .zip(fused.grads.iter().zip(&reference.grads))
+        {
+            let err = rel_error(f, r);
+            assert!(err < 2e-6, "{shape:?} d{name} error {err:e}");
+        }
+    }
+    // d/dgate of gelu(gate)·up, by central differences of the f64 formula.
+    let gelu64 = |x: f64| {
+        let erf = |x: f64| {
+            let (mut term, mut sum) = (x, x);
+            for k in 1..120 {
+                term *= -x * x / k as f64;
+                sum += term / (2 * k + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))
+    };
+    let gates = [-3.5f32, -1.0, -0.2, 0.0, 0.3, 1.7, 4.0];
+    let ones = vec![1.0; gates.len()];
+    let run = gelu_run(
+        gelu_mul,
+        &[gates.to_vec(), ones.clone(), ones],
+        [1, 1, gates.len()],
+    );
+    for (i, &g) in gates.iter().enumerate() {
+        let fd = finite_difference(&|p: &[f64]| gelu64(p[0]), &[g as f64], 0, 1e-5);
+        assert!(
+            (run.out[i] as f64 - gelu64(g as f64)).abs() < 1e-6,
+            "gelu({g})"
+        );
+        assert!(
+            (run.grads[0][i] as f64 - fd).abs() < 2e-6,
+            "gelu'({g}): {} vs {fd}",
+            run.grads[0][i]
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention.
+
+type AttentionFn = fn(Tensor<4>, Tensor<4>, Tensor<4>, f64) -> Tensor<4>;
+
+/// `dims`: batch, len, heads, kv heads, head dim. With `strided`, q/k/v reach the op as
+/// `[B, heads, L, hd]` tensors with dims 1 and 2 swapped (not contiguous).
+fn attention_run(
+    op: AttentionFn,
+    dims: [usize; 5],
+    strided: bool,
+    inputs: &[Vec<f32>; 4],
+) -> OpRun {
+    let [b, l, h, kv, hd] = dims;
+    let device = Device::flex().autodiff();
+    let leaf = |data: &[f32], heads: usize| match strided {
+        true => tensor(data, [b, heads, l, hd], &device).require_grad(),
+        false => tensor(data, [b, l, heads, hd], &device).require_grad(),
+    };
+    let [q, k, v] = [(&inputs[0], h), (&inputs[1], kv), (&inputs[2], kv)].map(|(x, n)| leaf(x, n));
+    let view = |t: &Tensor<4>| match strided {
+        true => t.clone().swap_dims(1, 2),
+        false => t.clone(),
+    };
+    let out = op(view(&q), view(&k), view(&v), 1.0 / (hd as f64).sqrt());
+    let grads = (out.clone() * tensor(&inputs[3], [b, l, h, hd], &device))
+        .sum()
+        .backward();
+    OpRun {
+        out: values(out),
+        grads: [q, k, v]
+            .iter()
+            .map(|t| values(t.grad(&grads).unwrap()))
+            .collect(),
+    }
+}
+
+fn attention_inputs(dims: [usize; 5], seed: u64) -> [Vec<f32>; 4] {
+    let [b, l, h, kv, hd] = dims;
+    let mut rng = Rng(seed);
+    [
+        rng.vec(b * l * h * hd, -2.0, 2.0),
+        rng.vec(b * l * kv * hd, -2.0, 2.0),
+        rng.vec(b * l * kv * hd, -1.0, 1.0),
+        rng.vec(b * l * h * hd, -1.0, 1.0),
+    ]
+}
+
+#[test]
+fn causal_attention_matches_tensor_ops_in_value_and_gradient() {
+    // Lengths below, at and across the 64-row blocks; grouped queries; strided inputs.
+    for (dims, strided) in [
+        ([2, 70, 4, 4, 8], false),
+        ([1, 130, 4, 2, 16], false),
+        ([2, 64, 2, 1, 4], true),
+        ([1, 1, 3, 3, 5], false),
+        ([3, 33, 6, 3, 7], true),
+    ] {
+        let inputs = attention_inputs(dims, dims.iter().product::<usize>() as u64);
+        let fused = attention_run(causal_attention, dims, strided, &inputs);
+        let reference = attention_run(causal_attention_reference, dims, strided, &inputs);
+        let err = rel_error(&fused.out, &reference.out);
+        assert!(err < 2e-6, "{dims:?} output error {err:e}");
+        for (name, (f, r)) in ["q", "k", "v"]
+            .iter()
+            .zip(fused.grads.iter().zip(&reference.grads))
+        {
+            let err = rel_error(f, r);
+            assert!(err < 1e-5, "{dims:?} d{name} error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn causal_attention_values_match_a_plain_loop() {
+    let dims = [1, 9, 2, 1, 3];
+    let [_, l, h, _, hd] = dims;
+    let inputs = attention_inputs(dims, 5);
+    let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut want = vec![0f32; l * h * hd];
+    for head in 0..h {
+        for i in 0..l {
+            let score = |j: usize| {
+                (0..hd)
+                    .map(|c| q[(i * h + head) * hd + c] as f64 * k[j * hd + c] as f64)
+                    .sum::<f64>()
+                    * scale
+            };
+            let weights: Vec<f64> = (0..=i).map(|j| score(j).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for c in 0..hd {
+                let o: f64 = (0..=i).map(|j| weights[j] * v[j * hd + c] as f64).sum();
+                want[(i * h + head) * hd + c] = (o / total) as f32;
+            }
+        }
+    }
+    let got = attention_run(causal_attention, dims, false, &inputs).out;
+    assert!(rel_error(&got, &want) < 1e-6, "{got:?} vs {want:?}");
+}
+
+#[test]
+#[should_panic(expected = "causal_attention: q [1, 4, 3, 2], k [1, 4, 2, 2]")]
+fn causal_attention_rejects_heads_that_do_not_group() {
+    let device = Device::flex();
+    let t = |heads: usize| tensor(&vec![0.0; 8 * heads], [1, 4, heads, 2], &device);
+    let _ = causal_attention(t(3), t(2), t(2), 1.0);
 }
 
 /// Every test of this file again with the kernels capped at AVX2 and at scalar code (each in a

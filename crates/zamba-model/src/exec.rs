@@ -5,7 +5,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::nn::Linear;
-use burn::tensor::module::linear;
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -97,13 +96,29 @@ impl Compute {
         to(t, self.dtype)
     }
 
-    /// `x · W (+ b)` with both operands in the compute type.
+    /// `x · W (+ b)` with both operands in the compute type (direct GEMMs on the CPU, see
+    /// [`zamba_kernels::linear`]).
     pub(crate) fn linear<const D: usize>(self, layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-        if self.dtype == DType::F32 {
-            return layer.forward(x);
+        let y = zamba_kernels::linear(self.cast(x), self.cast(layer.weight.val()));
+        match &layer.bias {
+            Some(bias) => y + self.cast(bias.val()).unsqueeze(),
+            None => y,
         }
-        let bias = layer.bias.as_ref().map(|b| self.cast(b.val()));
-        linear(self.cast(x), self.cast(layer.weight.val()), bias)
+    }
+
+    /// `x · W` for the two halves of `layer`'s output columns (no bias), each `[B, d_out / 2, L]`
+    /// (see [`zamba_kernels::linear_channels_first`]).
+    pub(crate) fn channels_first_halves(self, layer: &Linear, x: Tensor<3>) -> [Tensor<3>; 2] {
+        debug_assert!(layer.bias.is_none(), "no bias on the split projection");
+        let weight = self.cast(layer.weight.val());
+        let [d_in, d_out] = weight.dims();
+        let x = self.cast(x);
+        [0..d_out / 2, d_out / 2..d_out].map(|columns| {
+            zamba_kernels::linear_channels_first(
+                x.clone(),
+                weight.clone().slice([0..d_in, columns]),
+            )
+        })
     }
 }
 

@@ -11,9 +11,6 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::{LayerKind, ZambaConfig};
@@ -161,9 +158,9 @@ impl MambaMixer {
         let [di, _] = self.conv_weight.dims();
         let p = di / h;
 
-        let xz = compute.linear(&self.in_proj, hidden);
-        let x = xz.clone().slice([0..batch, 0..len, 0..di]).swap_dims(1, 2); // [B, D, L]
-        let z = xz.slice([0..batch, 0..len, di..2 * di]).swap_dims(1, 2); // [B, D, L]
+        // x and z as two products written channel-major, [B, D, L]: the layout the conv and the
+        // scan read (one [B, L, 2D] product would need a sliced, transposed copy of each).
+        let [x, z] = compute.channels_first_halves(&self.in_proj, hidden);
         // The fused conv computes in f32 on the CPU; the products after it run in the compute type.
         let x = compute.cast(zamba_kernels::causal_conv1d_silu(
             x,
@@ -171,23 +168,16 @@ impl MambaMixer {
             compute.cast(self.conv_bias.val()),
         ));
 
-        // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L] → [B, H, R+2N, L])
-        let ssm = compute
-            .cast(self.x_proj_weight.val())
-            .unsqueeze::<4>()
-            .matmul(x.clone().reshape([batch, h, p, len]));
-        let dt = ssm.clone().slice([0..batch, 0..h, 0..r, 0..len]);
-        let b_t = ssm
-            .clone()
-            .slice([0..batch, 0..h, r..r + n, 0..len])
-            .swap_dims(2, 3);
-        let c_t = ssm
-            .slice([0..batch, 0..h, r + n..r + 2 * n, 0..len])
-            .swap_dims(2, 3);
-        let delta = compute
-            .cast(self.dt_proj_weight.val())
-            .unsqueeze::<4>()
-            .matmul(dt)
+        // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L]), one product per
+        // block of rows: dt [B, H, R, L]; B and C written time-major, [B, H, L, N], as the scan
+        // reads them (no slices of one product, whose gradients Burn would assemble in zeros).
+        let x_heads = x.clone().reshape([batch, h, p, len]);
+        let w_x = compute.cast(self.x_proj_weight.val());
+        let rows = |range: std::ops::Range<usize>| w_x.clone().slice([0..h, range, 0..p]);
+        let dt = zamba_kernels::per_head_matmul(rows(0..r), x_heads.clone());
+        let b_t = zamba_kernels::per_head_matmul_transposed(rows(r..r + n), x_heads.clone());
+        let c_t = zamba_kernels::per_head_matmul_transposed(rows(r + n..r + 2 * n), x_heads);
+        let delta = zamba_kernels::per_head_matmul(compute.cast(self.dt_proj_weight.val()), dt)
             .reshape([batch, di, len]);
         // The scan's parameters stay f32 (its state and sums are f32 on every backend).
         let a = self.a_log.val().exp().neg().reshape([di, n]);
@@ -249,38 +239,23 @@ impl SharedTransformer {
     pub(crate) fn forward(&self, x: Tensor<3>, x0: Tensor<3>, compute: Compute) -> Tensor<3> {
         let [batch, len, _] = x.dims();
         let u = rms_norm(&self.input_layernorm, Tensor::cat(vec![x, x0], 2));
+        // [B, L, heads, hd]: the projections' layout, which the attention op reads in place.
         let heads = |t: Tensor<3>, n: usize| {
             let width = t.dims()[2];
-            t.reshape([batch, len, n, width / n]).swap_dims(1, 2)
+            t.reshape([batch, len, n, width / n])
         };
         let q = heads(compute.linear(&self.q_proj, u.clone()), self.n_heads);
-        let mut k = heads(compute.linear(&self.k_proj, u.clone()), self.n_kv_heads);
-        let mut v = heads(compute.linear(&self.v_proj, u), self.n_kv_heads);
-        if self.n_kv_heads != self.n_heads {
-            let groups = self.n_heads / self.n_kv_heads;
-            k = repeat_kv(k, groups);
-            v = repeat_kv(v, groups);
-        }
-        let options = AttentionModuleOptions {
-            scale: Some(self.scale),
-            softcap: None,
-            is_causal: true,
-        };
-        let attn = attention(q, k, v, None, None, options); // [B, heads, L, hd]
-        let attn = attn.swap_dims(1, 2).reshape([batch as i64, len as i64, -1]);
+        let k = heads(compute.linear(&self.k_proj, u.clone()), self.n_kv_heads);
+        let v = heads(compute.linear(&self.v_proj, u), self.n_kv_heads);
+        let attn = zamba_kernels::causal_attention(q, k, v, self.scale);
+        let attn = attn.reshape([batch as i64, len as i64, -1]);
         let h = rms_norm(&self.pre_ff_layernorm, compute.linear(&self.o_proj, attn));
-        let gated =
-            gelu(compute.linear(&self.gate_proj, h.clone())) * compute.linear(&self.up_proj, h);
+        let gated = zamba_kernels::gelu_mul(
+            compute.linear(&self.gate_proj, h.clone()),
+            compute.linear(&self.up_proj, h),
+        );
         compute.linear(&self.down_proj, gated)
     }
-}
-
-/// `[B, kv, L, hd]` → `[B, kv·groups, L, hd]`, each kv head repeated `groups` times in a row.
-fn repeat_kv(t: Tensor<4>, groups: usize) -> Tensor<4> {
-    let [b, kv, l, hd] = t.dims();
-    t.unsqueeze_dim::<5>(2)
-        .expand([b, kv, groups, l, hd])
-        .reshape([b, kv * groups, l, hd])
 }
 
 /// One of the `num_hidden_layers` layers: a Mamba block, and for hybrid layers the
@@ -413,11 +388,9 @@ impl ZambaModel {
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let compute = Compute::new(self.execution.precision);
         let h = compute.cast(self.hidden_states(tokens));
-        let [batch, len, d] = h.dims();
-        // One [B·L, d] × [d, V] product (a batched one would sum a [B, d, V] weight gradient).
+        // The tied head reads the embedding transposed, in place.
         let head = compute.cast(self.embed_tokens.weight.val().transpose());
-        let logits = f32(h.reshape([batch * len, d]).matmul(head));
-        logits.reshape([batch, len, self.embed_tokens.weight.dims()[0]])
+        f32(zamba_kernels::linear(h, head))
     }
 
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

@@ -1,6 +1,6 @@
 //! `bench model`: the trainer's step (forward, backward, gradient averaging over one rank, AdamW
 //! and the parameter update, exactly as `zamba-train` runs them) on a model preset, against the
-//! machine's f32 peak, with the step's heap use next to its theoretical minimum.
+//! machine's f32 peak, with the step's heap use next to the `--dry-run` estimate.
 
 use std::time::{Duration, Instant};
 
@@ -275,7 +275,7 @@ fn report(
     Ok(())
 }
 
-/// The step's memory next to its minimum: model states (16 B/param) plus the activations
+/// The step's memory next to its estimate: model states (16 B/param) plus the activations
 /// `--dry-run` estimates for this model, precision and checkpointing.
 fn print_memory(
     a: &ModelArgs,
@@ -294,7 +294,7 @@ fn print_memory(
         a.activation_checkpointing,
     );
     println!(
-        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (minimum {:.1} MB)",
+        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (states + estimated activations {:.1} MB)",
         state / 1e6,
         heap.activations as f64 / 1e6,
         estimate.kept / 1e6,

@@ -1,0 +1,455 @@
+//! Causal softmax attention as one fused op on Flex, forward and backward.
+//!
+//! Burn's attention on Flex is its generic fallback: a batched `Q·Kᵀ` over the whole `T × T`
+//! square, a mask, a softmax of several single-threaded element-wise passes, then `P·V`, with
+//! every intermediate a new zero-filled tensor. Here each (batch, head) is one task (tasks in
+//! parallel): the scores are computed only for the causal part, in blocks of [`BLOCK`] query rows
+//! (block `r0..r1` needs keys `0..r1`), each row's softmax is one vectorised pass, and `P·V` is
+//! written straight into the `[B, L, H, hd]` output that the output projection reads. The
+//! backward keeps `P` (`B·H·T²` floats, as Burn's does) and follows the standard softmax-attention
+//! gradient, block by block:
+//!
+//! ```text
+//! dV = Pᵀ·dO    dP = dO·Vᵀ    dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale    dQ = dS·K    dK = dSᵀ·Q
+//! ```
+//!
+//! Grouped-query attention reads each key/value head for its group of query heads in place (no
+//! repeated copies); the gradients of a key/value head are summed over its group in a fixed order.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cross_entropy::{log_sum_exp, softmax_times};
+use crate::simd::{Lanes, simd_dispatch, simd_level};
+use crate::strided::{Dst, Mat, SharedMut, Threads, gemm_into, written};
+
+/// Query rows per block: a block's scores cover keys `0..end of block`.
+const BLOCK: usize = 64;
+
+/// Causal softmax attention, `softmax(scale · Q·Kᵀ + causal mask) · V`, per batch and head.
+///
+/// `q`: `[B, L, H, hd]`; `k`, `v`: `[B, L, H_kv, hd]` with `H` a multiple of `H_kv` (query head
+/// `h` reads key/value head `h / (H / H_kv)`). Returns `[B, L, H, hd]`. This is the layout of the
+/// projections' outputs reshaped, so neither the inputs nor the output need a transposed copy.
+/// Fused on Flex devices for `f32` inputs; [`causal_attention_reference`] elsewhere.
+///
+/// # Panics
+/// If the shapes disagree (the message names them).
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    check(&q, &k, &v);
+    let fused = crate::on_flex(&q.device()) && [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
+    if !fused {
+        return causal_attention_reference(q, k, v, scale);
+    }
+    Tensor::from_dispatch(<Dispatch as AttentionBackend>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale as f32,
+    ))
+}
+
+/// [`causal_attention`] with Burn's `attention` (key/value heads repeated for grouped queries);
+/// any backend.
+pub fn causal_attention_reference(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+) -> Tensor<4> {
+    check(&q, &k, &v);
+    let groups = q.dims()[2] / k.dims()[2];
+    let [q, k, v] = [q, k, v].map(|t| t.swap_dims(1, 2)); // [B, heads, L, hd]
+    let [k, v] = [k, v].map(|t| repeat_kv(t, groups));
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        softcap: None,
+        is_causal: true,
+    };
+    attention(q, k, v, None, None, options).swap_dims(1, 2)
+}
+
+/// `[B, kv, L, hd]` → `[B, kv·groups, L, hd]`, each kv head repeated `groups` times in a row.
+fn repeat_kv(t: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return t;
+    }
+    let [b, kv, l, hd] = t.dims();
+    t.unsqueeze_dim::<5>(2)
+        .expand([b, kv, groups, l, hd])
+        .reshape([b, kv * groups, l, hd])
+}
+
+fn check(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) {
+    let [b, l, h, hd] = q.dims();
+    let kv = k.dims()[2];
+    assert!(
+        k.dims() == v.dims() && k.dims() == [b, l, kv, hd] && kv > 0 && h % kv == 0,
+        "causal_attention: q {:?}, k {:?}, v {:?} — expected q [B, L, H, hd] and k, v \
+         [B, L, H_kv, hd] with H a multiple of H_kv",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub(crate) trait AttentionBackend: Backend {
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+}
+
+/// Sizes of one call: batch, sequence, query heads, key/value heads, head dimension.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    len: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn of(q: &FlexTensor, k: &FlexTensor) -> Dims {
+        let [batch, len, heads, head_dim] = q.layout().shape().dims::<4>();
+        Dims {
+            batch,
+            len,
+            heads,
+            kv_heads: k.layout().shape()[2],
+            head_dim,
+        }
+    }
+
+    /// Row blocks `(start, end)` of the sequence.
+    fn blocks(self) -> impl Iterator<Item = (usize, usize)> {
+        (0..self.len)
+            .step_by(BLOCK)
+            .map(move |r0| (r0, (r0 + BLOCK).min(self.len)))
+    }
+
+    fn shape(self, heads: usize) -> Shape {
+        Shape::from(vec![self.batch, self.len, heads, self.head_dim])
+    }
+}
+
+/// The `[L, hd]` matrix of (batch `b`, head `h`) of a `[B, L, heads, hd]` tensor.
+fn head(t: &FlexTensor, b: usize, h: usize) -> Mat {
+    Mat::of(t, &[b, 0, h, 0], 1, 3)
+}
+
+/// The `[L, hd]` destination of (batch `b`, head `h`) in a contiguous `[B, L, heads, hd]` buffer.
+fn head_dst(buf: SharedMut, d: Dims, heads: usize, b: usize, h: usize) -> Dst {
+    let row = heads * d.head_dim;
+    Dst::rows_of(buf.ptr(), row).at(b * d.len, h * d.head_dim)
+}
+
+fn contiguous(shape: Shape) -> Vec<isize> {
+    Layout::contiguous(shape).strides().to_vec()
+}
+
+/// The output, and with `keep_probs` the probabilities `P` (`[B, H, L, L]`; row `i` of a block
+/// ending at `r1` holds columns `0..r1`, zero above the diagonal, and nothing after `r1`).
+fn forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    scale: f32,
+    keep_probs: bool,
+) -> (FlexTensor, Option<Vec<f32>>) {
+    let d = Dims::of(q, k);
+    let square = d.len * d.len;
+    let group = d.heads / d.kv_heads;
+    let mut probs: Vec<f32> = Vec::with_capacity(if keep_probs {
+        d.batch * d.heads * square
+    } else {
+        0
+    });
+    let probs_ptr = SharedMut(probs.as_mut_ptr());
+    let out = written(d.shape(d.heads), contiguous(d.shape(d.heads)), |out| {
+        let out = SharedMut(out);
+        (0..d.batch * d.heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / d.heads, task % d.heads);
+            let mut scratch = Vec::new();
+            let p = match keep_probs {
+                // SAFETY: task `task` owns slab `task` of the buffer; only what it writes is read.
+                true => unsafe {
+                    std::slice::from_raw_parts_mut(probs_ptr.ptr().add(task * square), square)
+                },
+                false => {
+                    scratch.resize(square, 0.0);
+                    &mut scratch[..]
+                }
+            };
+            let (qm, km, vm) = (head(q, b, h), head(k, b, h / group), head(v, b, h / group));
+            let dst = head_dst(out, d, d.heads, b, h);
+            for (r0, r1) in d.blocks() {
+                let p_block = Dst::rows_of(p.as_mut_ptr(), d.len).at(r0, 0);
+                // SAFETY: rows r0..r1, columns 0..r1 of this task's L × L slab; the output rows
+                // r0..r1 of this (batch, head) belong to this task alone.
+                unsafe {
+                    gemm_into(
+                        p_block,
+                        qm.rows(r0, r1),
+                        km.rows(0, r1).t(),
+                        scale,
+                        false,
+                        Threads::Caller,
+                    );
+                }
+                for i in r0..r1 {
+                    let row = &mut p[i * d.len..i * d.len + r1];
+                    let lse = log_sum_exp(&row[..=i]);
+                    softmax_times(&mut row[..=i], lse, 1.0);
+                    row[i + 1..].fill(0.0);
+                }
+                let p_rows = Mat {
+                    ptr: p.as_ptr(),
+                    rows: d.len,
+                    cols: d.len,
+                    rs: d.len as isize,
+                    cs: 1,
+                };
+                unsafe {
+                    gemm_into(
+                        dst.at(r0, 0),
+                        p_rows.rows(r0, r1).cols(0, r1),
+                        vm.rows(0, r1),
+                        1.0,
+                        false,
+                        Threads::Caller,
+                    );
+                }
+            }
+        });
+    });
+    if keep_probs {
+        // SAFETY: every task wrote the parts of its slab that are ever read (see above); the rest
+        // of the buffer is f32 garbage that nothing reads.
+        unsafe { probs.set_len(d.batch * d.heads * square) };
+    }
+    (out, keep_probs.then_some(probs))
+}
+
+simd_dispatch!(fn softmax_backward_row(p: &[f32], dp: &mut [f32], scale: f32)
+    = softmax_backward_row_generic, level = simd_level());
+
+/// `dp ← p ⊙ (dp − Σ p ⊙ dp) · scale` over one row.
+#[inline(always)]
+fn softmax_backward_row_generic<V: Lanes>(p: &[f32], dp: &mut [f32], scale: f32) {
+    let split = p.len() - p.len() % V::WIDTH;
+    let mut dot = V::splat(0.0);
+    for i in (0..split).step_by(V::WIDTH) {
+        dot = V::load(&p[i..]).mul_add(V::load(&dp[i..]), dot);
+    }
+    let dot = (split..p.len()).fold(dot.sum(), |s, i| s + p[i] * dp[i]);
+    let (dot_v, scale_v) = (V::splat(dot), V::splat(scale));
+    for i in (0..split).step_by(V::WIDTH) {
+        (V::load(&p[i..]) * (V::load(&dp[i..]) - dot_v) * scale_v).store(&mut dp[i..]);
+    }
+    for i in split..p.len() {
+        dp[i] = p[i] * (dp[i] - dot) * scale;
+    }
+}
+
+/// `(dq, dk, dv)` from the kept probabilities and the output gradient.
+fn backward(
+    [q, k, v]: &[FlexTensor; 3],
+    probs: &[f32],
+    dout: &FlexTensor,
+    scale: f32,
+) -> [FlexTensor; 3] {
+    let d = Dims::of(q, k);
+    let square = d.len * d.len;
+    let group = d.heads / d.kv_heads;
+    let (q_shape, kv_shape) = (d.shape(d.heads), d.shape(d.kv_heads));
+    let mut dk = Vec::<f32>::with_capacity(kv_shape.num_elements());
+    let mut dv = Vec::<f32>::with_capacity(kv_shape.num_elements());
+    let (dk_ptr, dv_ptr) = (SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let dq = written(q_shape.clone(), contiguous(q_shape), |dq| {
+        let dq = SharedMut(dq);
+        // One task per (batch, key/value head): it owns that head's dK, dV and its group's dQ.
+        (0..d.batch * d.kv_heads).into_par_iter().for_each(|task| {
+            let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+            let (km, vm) = (head(k, b, g), head(v, b, g));
+            let dk_dst = head_dst(dk_ptr, d, d.kv_heads, b, g);
+            let dv_dst = head_dst(dv_ptr, d, d.kv_heads, b, g);
+            let mut ds = vec![0f32; square];
+            for (n, h) in (g * group..(g + 1) * group).enumerate() {
+                let accumulate = n > 0;
+                let (qm, dom) = (head(q, b, h), head(dout, b, h));
+                let slab = (b * d.heads + h) * square;
+                let pm = Mat {
+                    ptr: probs[slab..].as_ptr(),
+                    rows: d.len,
+                    cols: d.len,
+                    rs: d.len as isize,
+                    cs: 1,
+                };
+                let dsm = Mat {
+                    ptr: ds.as_ptr(),
+                    ..pm
+                };
+                // SAFETY (all GEMMs below): the destinations are this task's own heads of dQ,
+                // dK, dV and its scratch `ds`; the operands are read in ranges written before.
+                for (c0, c1) in d.blocks() {
+                    // dV[c0..c1] (+)= P[c0..L, c0..c1]ᵀ · dO[c0..L]
+                    unsafe {
+                        gemm_into(
+                            dv_dst.at(c0, 0),
+                            pm.rows(c0, d.len).cols(c0, c1).t(),
+                            dom.rows(c0, d.len),
+                            1.0,
+                            accumulate,
+                            Threads::Caller,
+                        );
+                    }
+                }
+                for (r0, r1) in d.blocks() {
+                    // dP[r0..r1, 0..r1] = dO[r0..r1] · V[0..r1]ᵀ, then dS in place.
+                    unsafe {
+                        gemm_into(
+                            Dst::rows_of(ds.as_mut_ptr(), d.len).at(r0, 0),
+                            dom.rows(r0, r1),
+                            vm.rows(0, r1).t(),
+                            1.0,
+                            false,
+                            Threads::Caller,
+                        );
+                    }
+                    for i in r0..r1 {
+                        let row = i * d.len;
+                        softmax_backward_row(
+                            &probs[slab + row..slab + row + i + 1],
+                            &mut ds[row..row + i + 1],
+                            scale,
+                        );
+                        ds[row + i + 1..row + r1].fill(0.0);
+                    }
+                    // dQ[r0..r1] = dS[r0..r1, 0..r1] · K[0..r1]
+                    unsafe {
+                        gemm_into(
+                            head_dst(dq, d, d.heads, b, h).at(r0, 0),
+                            dsm.rows(r0, r1).cols(0, r1),
+                            km.rows(0, r1),
+                            1.0,
+                            false,
+                            Threads::Caller,
+                        );
+                    }
+                }
+                for (c0, c1) in d.blocks() {
+                    // dK[c0..c1] (+)= dS[c0..L, c0..c1]ᵀ · Q[c0..L]
+                    unsafe {
+                        gemm_into(
+                            dk_dst.at(c0, 0),
+                            dsm.rows(c0, d.len).cols(c0, c1).t(),
+                            qm.rows(c0, d.len),
+                            1.0,
+                            accumulate,
+                            Threads::Caller,
+                        );
+                    }
+                }
+            }
+        });
+    });
+    // SAFETY: the tasks wrote every (batch, key/value head) of both buffers.
+    unsafe {
+        dk.set_len(kv_shape.num_elements());
+        dv.set_len(kv_shape.num_elements());
+    }
+    let wrap = |data: Vec<f32>| {
+        FlexTensor::new(
+            burn::backend::Bytes::from_elems(data),
+            Layout::contiguous(kv_shape.clone()),
+            DType::F32,
+        )
+    };
+    [dq, wrap(dk), wrap(dv)]
+}
+
+impl AttentionBackend for Flex {
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f32) -> FlexTensor {
+        forward(&q, &k, &v, scale, false).0
+    }
+}
+
+#[derive(Clone, Debug)]
+struct AttentionState {
+    /// `q`, `k`, `v` as they came (views, not copies).
+    inputs: [FlexTensor; 3],
+    probs: Arc<Vec<f32>>,
+    scale: f32,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let dout = grads.consume::<Flex>(&ops.node);
+        let AttentionState {
+            inputs,
+            probs,
+            scale,
+        } = ops.state;
+        let computed = backward(&inputs, &probs, &dout, scale);
+        for (parent, grad) in ops.parents.into_iter().zip(computed) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> AttentionBackend for Autodiff<Flex, C> {
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let [(q, gq), (k, gk), (v, gv)] = [q, k, v].map(|t| t.into_parts());
+        match AttentionBackward
+            .prepare::<C>([gq, gk, gv])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, probs) = forward(&q, &k, &v, scale, true);
+                let probs = Arc::new(probs.expect("a forward asked for probabilities keeps them"));
+                prep.finish(
+                    AttentionState {
+                        inputs: [q, k, v],
+                        probs,
+                        scale,
+                    },
+                    out,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(&q, &k, &v, scale, false).0),
+        }
+    }
+}

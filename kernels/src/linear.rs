@@ -1,0 +1,252 @@
+//! `x · W` (a linear layer without bias) as direct GEMM calls on Flex, forward and backward.
+//!
+//! Burn's Flex matmul allocates every product zero-filled and then copies it once more into an
+//! aligned buffer, on the calling thread, and its backward materialises transposed operands. Here
+//! each product is written by the `gemm` crate into a fresh, uninitialised buffer that becomes the
+//! result tensor as is, and every operand is read in place with its strides: a transposed weight
+//! (the tied LM head), the `[B, L, D]` view of the scan's `[B, D, L]` output (`out_proj`), and the
+//! transposes of the backward are never copied. `dx` is written in the layout `x` came in (when
+//! that is a permutation of a dense buffer), so the gradient flowing back through a `swap_dims`
+//! arrives contiguous.
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::{DType, Shape, Tensor};
+
+use crate::strided::{Dst, Mat, Threads, dense_strides_like, gemm_into, written};
+
+/// `x · weight` over the last dimension of `x` (`weight`: `[d_in, d_out]`, Burn's `Linear`
+/// layout). Direct GEMMs on Flex devices for `f32` operands; Burn's `linear` elsewhere.
+///
+/// # Panics
+/// If `weight`'s first dimension is not `x`'s last.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    check(&dims, &weight);
+    if !fused(&x, &weight) {
+        return linear_reference(x, weight);
+    }
+    // Rank 3 without a reshape (a reshape would copy a strided view such as out_proj's input).
+    let x3: Tensor<3> = match D {
+        3 => Tensor::from_dispatch(x.into_dispatch()),
+        _ => x.reshape([1, dims[..D - 1].iter().product(), dims[D - 1]]),
+    };
+    let y = fused_linear(x3, weight, OutputOrder::RowMajor);
+    let mut out_dims = dims;
+    out_dims[D - 1] = y.dims()[2];
+    match D {
+        3 => Tensor::from_dispatch(y.into_dispatch()),
+        _ => y.reshape(out_dims),
+    }
+}
+
+/// [`linear`] with the result's last two dimensions swapped, written in that order: `x`
+/// `[B, L, d_in]` → `[B, d_out, L]`, contiguous — the channel-major layout the causal conv and
+/// the selective scan read, without a transposed copy.
+pub fn linear_channels_first(x: Tensor<3>, weight: Tensor<2>) -> Tensor<3> {
+    check(&x.dims(), &weight);
+    match fused(&x, &weight) {
+        true => fused_linear(x, weight, OutputOrder::ChannelsFirst).swap_dims(1, 2),
+        false => linear_reference(x, weight).swap_dims(1, 2),
+    }
+}
+
+fn check<const D: usize>(dims: &[usize; D], weight: &Tensor<2>) {
+    let [d_in, d_out] = weight.dims();
+    assert!(
+        dims[D - 1] == d_in,
+        "linear: x's last dimension is {} but the weight is [{d_in}, {d_out}] (x {dims:?})",
+        dims[D - 1]
+    );
+}
+
+/// Whether the direct GEMMs run: Flex devices, `f32` operands.
+fn fused<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>) -> bool {
+    crate::on_flex(&x.device()) && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+}
+
+/// `[B, M, K] · [K, N]` → `[B, M, N]` (in `order`).
+fn fused_linear(x: Tensor<3>, weight: Tensor<2>, order: OutputOrder) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as LinearBackend>::linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        order == OutputOrder::ChannelsFirst,
+    ))
+}
+
+/// The memory order of a `[B, M, N]` result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputOrder {
+    RowMajor,
+    /// Strides `[M·N, 1, M]`: each batch's `[N, M]` transpose is contiguous.
+    ChannelsFirst,
+}
+
+/// [`linear`] with Burn's matmul; any backend. `x` is taken as one `[rows, d_in]` matrix, so the
+/// weight gradient is one product rather than a batched one summed over the batch.
+pub fn linear_reference<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    let mut dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let rows = dims[..D - 1].iter().product();
+    dims[D - 1] = d_out;
+    x.reshape([rows, d_in]).matmul(weight).reshape(dims)
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub(crate) trait LinearBackend: Backend {
+    /// `x`: `[B, M, K]`, `weight`: `[K, N]` → `[B, M, N]`, any strides; with `channels_first`
+    /// the result has strides `[M·N, 1, M]`.
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        channels_first: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// Batch `i` of a `[B, M, K]` tensor.
+fn batch(t: &FlexTensor, i: usize) -> Mat {
+    Mat::of(t, &[i, 0, 0], 1, 2)
+}
+
+/// The whole `[B, M, K]` tensor as one `[B·M, K]` matrix, when its batch stride allows that.
+fn merged(t: &FlexTensor) -> Option<Mat> {
+    let shape = t.layout().shape();
+    let m = batch(t, 0);
+    (shape[0] == 1 || t.layout().strides()[0] == shape[1] as isize * m.rs).then_some(Mat {
+        rows: shape[0] * shape[1],
+        ..m
+    })
+}
+
+fn weight(w: &FlexTensor) -> Mat {
+    Mat::of(w, &[0, 0], 0, 1)
+}
+
+fn forward(x: &FlexTensor, w: &FlexTensor, channels_first: bool) -> FlexTensor {
+    let [b, m, _] = x.layout().shape().dims::<3>();
+    let w = weight(w);
+    let n = w.cols;
+    let shape = Shape::from(vec![b, m, n]);
+    if channels_first {
+        let strides = vec![(m * n) as isize, 1, m as isize];
+        return written(shape, strides, |out| {
+            let out = Dst {
+                ptr: out,
+                rs: 1,
+                cs: m as isize,
+            };
+            // SAFETY: batch i is the m × n matrix at offset i·m·n, column-major.
+            (0..b).for_each(|i| unsafe {
+                gemm_into(out.at(0, i * n), batch(x, i), w, 1.0, false, Threads::Pool)
+            })
+        });
+    }
+    let strides = Layout::contiguous(shape.clone()).strides().to_vec();
+    written(shape, strides, |out| {
+        let out = Dst::rows_of(out, n);
+        // SAFETY: the output is b·m × n, row-major; the operands are the tensors' own views.
+        match merged(x) {
+            Some(x) => unsafe { gemm_into(out, x, w, 1.0, false, Threads::Pool) },
+            None => (0..b).for_each(|i| unsafe {
+                gemm_into(out.at(i * m, 0), batch(x, i), w, 1.0, false, Threads::Pool)
+            }),
+        }
+    })
+}
+
+/// `dx = dy · Wᵀ`, in the memory order of `x` where that is dense.
+fn grad_x(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let strides = dense_strides_like(x.layout());
+    let wt = weight(w).t();
+    written(shape.clone(), strides.clone(), |dx| {
+        for i in 0..shape[0] {
+            let dst = Dst {
+                ptr: dx.wrapping_offset(i as isize * strides[0]),
+                rs: strides[1],
+                cs: strides[2],
+            };
+            // SAFETY: batch i of dx is an m × k matrix at these strides inside the buffer.
+            unsafe { gemm_into(dst, batch(dy, i), wt, 1.0, false, Threads::Pool) }
+        }
+    })
+}
+
+/// `dW = Σ_batches xᵀ · dy`, in the memory order of `w` where that is dense.
+fn grad_w(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
+    let shape = w.layout().shape().clone();
+    let strides = dense_strides_like(w.layout());
+    let (rs, cs) = (strides[0], strides[1]);
+    written(shape, strides, |dw| {
+        let dst = Dst { ptr: dw, rs, cs };
+        // SAFETY: dW is a k × n matrix at these strides; the first GEMM writes all of it.
+        match (merged(x), merged(dy)) {
+            (Some(x), Some(dy)) => unsafe { gemm_into(dst, x.t(), dy, 1.0, false, Threads::Pool) },
+            _ => (0..x.layout().shape()[0]).for_each(|i| unsafe {
+                gemm_into(
+                    dst,
+                    batch(x, i).t(),
+                    batch(dy, i),
+                    1.0,
+                    i > 0,
+                    Threads::Pool,
+                )
+            }),
+        }
+    })
+}
+
+impl LinearBackend for Flex {
+    fn linear(x: FlexTensor, weight: FlexTensor, channels_first: bool) -> FlexTensor {
+        forward(&x, &weight, channels_first)
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 2> for LinearBackward {
+    /// `x` and `weight` as they came (views, not copies).
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        // f32, as the forward's output (only f32 operands reach this op).
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        let [node_x, node_w] = ops.parents;
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, grad_x(&x, &w, &dy));
+        }
+        if let Some(node) = node_w {
+            grads.register::<Flex>(node.id, grad_w(&x, &w, &dy));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> LinearBackend for Autodiff<Flex, C> {
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        channels_first: bool,
+    ) -> FloatTensor<Self> {
+        let [(x, gx), (w, gw)] = [x, weight].map(|t| t.into_parts());
+        let y = forward(&x, &w, channels_first);
+        match LinearBackward
+            .prepare::<C>([gx, gw])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, w), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
