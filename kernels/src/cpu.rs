@@ -215,6 +215,7 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
         &mut heap
     };
     let (mut dt, mut dsp, mut sz) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+    let mut y_parts = [0f32; CHUNK * MAX_WIDTH];
     for (chunk, t0) in (0..out.len()).step_by(CHUNK).enumerate() {
         if chunk > 0
             && let Some(dst) = checkpoints.get_mut((chunk - 1) * n..chunk * n)
@@ -242,10 +243,35 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
                 next.store(&mut s[q..]);
                 y = V::load(&c[q..]).mul_add(next, y);
             }
-            let y = lane.d * ut + y.sum();
+            y.store(&mut y_parts[j * V::WIDTH..]);
+        }
+        // The per-step sums over the state, V::WIDTH steps at a time, and the gated output.
+        let (split, d) = (steps - steps % V::WIDTH, V::splat(lane.d));
+        for j in (0..split).step_by(V::WIDTH) {
+            let t = t0 + j;
+            let y = d.mul_add(V::load(&lane.u[t..]), step_sums::<V>(&y_parts, j));
+            (y * V::load(&lane.z[t..]) * V::load(&sz[j..])).store(&mut out[t..]);
+        }
+        for j in split..steps {
+            let t = t0 + j;
+            let y = lane.d * lane.u[t] + V::load(&y_parts[j * V::WIDTH..]).sum();
             out[t] = y * lane.z[t] * sz[j];
         }
     }
+}
+
+/// The widest vector of [`Lanes`], in floats.
+const MAX_WIDTH: usize = 16;
+
+/// Lane `k` = the horizontal sum of the vector of step `j + k`, for the `V::WIDTH` steps from
+/// `j`: `parts` holds one vector of per-state partial products per step.
+#[inline(always)]
+fn step_sums<V: Lanes>(parts: &[f32], j: usize) -> V {
+    let mut rows = [V::splat(0.0); MAX_WIDTH];
+    for (k, row) in rows[..V::WIDTH].iter_mut().enumerate() {
+        *row = V::load(&parts[(j + k) * V::WIDTH..]);
+    }
+    V::sums(&rows[..V::WIDTH])
 }
 
 /// The forward over all lanes. Returns the output `[batch, channels, len]` and, when
@@ -302,6 +328,11 @@ struct Scratch {
     dt: [f32; CHUNK],
     dsp: [f32; CHUNK],
     sz: [f32; CHUNK],
+    /// Per step of the chunk, one vector of partial products each for `Σ C s`, `Σ h B` and
+    /// `Σ h e s_prev A` (their horizontal sums are taken `WIDTH` steps at a time after the walk).
+    y_parts: Vec<f32>,
+    hb_parts: Vec<f32>,
+    r_parts: Vec<f32>,
 }
 
 impl Scratch {
@@ -313,6 +344,9 @@ impl Scratch {
             dt: [0.0; CHUNK],
             dsp: [0.0; CHUNK],
             sz: [0.0; CHUNK],
+            y_parts: vec![0.0; CHUNK * MAX_WIDTH],
+            hb_parts: vec![0.0; CHUNK * MAX_WIDTH],
+            r_parts: vec![0.0; CHUNK * MAX_WIDTH],
         }
     }
 }
@@ -339,7 +373,7 @@ fn backward_lane_impl<V: Lanes>(
     let n = lane.a.len();
     let len = dout.len();
     let (da, rest) = grads.params.split_at_mut(n);
-    let (mut d_skip, mut d_bias) = (0f32, 0f32);
+    let mut sums = ParamSums::<V>::default();
     scratch.carry.fill(0.0);
 
     for chunk in (0..len.div_ceil(CHUNK)).rev() {
@@ -373,11 +407,9 @@ fn backward_lane_impl<V: Lanes>(
         // Walk the chunk backward.
         for j in (0..steps).rev() {
             let t = t0 + j;
-            let (dt, sz) = (dt[j], sz[j]);
+            let (dt, sz) = (scratch.dt[j], scratch.sz[j]);
             let ut = lane.u[t];
-            let zt = lane.z[t];
-            let g = dout[t];
-            let dy = g * zt * sz;
+            let dy = dout[t] * lane.z[t] * sz;
             let (dt_v, du_v, dy_v) = (V::splat(dt), V::splat(dt * ut), V::splat(dy));
             let prev = &scratch.states[j * n..(j + 1) * n];
             let cur = &scratch.states[(j + 1) * n..(j + 2) * n];
@@ -399,18 +431,90 @@ fn backward_lane_impl<V: Lanes>(
                 hb = h.mul_add(V::load(&b[q..]), hb);
                 (e_q * h).store(&mut scratch.carry[q..]);
             }
-            let y = lane.d * ut + y.sum();
-            let hb = hb.sum();
-            grads.dz[t] = g * y * sz * (1.0 + zt * (1.0 - sz));
-            grads.du[t] = dt * hb + lane.d * dy;
-            let ddelta = (ut * hb + r.sum()) * dsp[j];
-            grads.ddelta[t] = ddelta;
-            d_bias += ddelta;
-            d_skip += dy * ut;
+            let w = j * V::WIDTH;
+            y.store(&mut scratch.y_parts[w..]);
+            hb.store(&mut scratch.hb_parts[w..]);
+            r.store(&mut scratch.r_parts[w..]);
+        }
+        let outputs = [&mut *grads.dz, &mut *grads.du, &mut *grads.ddelta];
+        step_grads::<V>(lane, t0, dout, scratch, outputs, &mut sums);
+    }
+    rest[0] = sums.d_skip.sum() + sums.d_skip_tail;
+    rest[1] = sums.d_bias.sum() + sums.d_bias_tail;
+}
+
+/// `Σ dy·u` (dD) and `Σ ddelta` (d delta_bias) of one lane: vector partials plus a scalar tail.
+struct ParamSums<V> {
+    d_skip: V,
+    d_bias: V,
+    d_skip_tail: f32,
+    d_bias_tail: f32,
+}
+
+impl<V: Lanes> Default for ParamSums<V> {
+    fn default() -> Self {
+        Self {
+            d_skip: V::splat(0.0),
+            d_bias: V::splat(0.0),
+            d_skip_tail: 0.0,
+            d_bias_tail: 0.0,
         }
     }
-    rest[0] = d_skip;
-    rest[1] = d_bias;
+}
+
+/// The per-step gradients `[dz, du, ddelta]` of one chunk from the walk's partial products,
+/// `V::WIDTH` steps at a time (the tail with scalars):
+/// `dz = dout·y·silu'(z)`, `du = Δ·Σ hB + D·dy`, `ddelta = (u·Σ hB + Σ h e s A)·softplus'`.
+#[inline(always)]
+fn step_grads<V: Lanes>(
+    lane: &Lane,
+    t0: usize,
+    dout: &[f32],
+    scratch: &Scratch,
+    [dz, du, dd]: [&mut [f32]; 3],
+    sums: &mut ParamSums<V>,
+) {
+    let steps = scratch.dt.len().min(dout.len() - t0);
+    let split = steps - steps % V::WIDTH;
+    let (d, one) = (V::splat(lane.d), V::splat(1.0));
+    for j in (0..split).step_by(V::WIDTH) {
+        let t = t0 + j;
+        let (u, z, g) = (
+            V::load(&lane.u[t..]),
+            V::load(&lane.z[t..]),
+            V::load(&dout[t..]),
+        );
+        let (dt, dsp, sz) = (
+            V::load(&scratch.dt[j..]),
+            V::load(&scratch.dsp[j..]),
+            V::load(&scratch.sz[j..]),
+        );
+        let dy = g * z * sz;
+        let y = d.mul_add(u, step_sums::<V>(&scratch.y_parts, j));
+        let hb = step_sums::<V>(&scratch.hb_parts, j);
+        let r = step_sums::<V>(&scratch.r_parts, j);
+        (g * y * sz * z.mul_add(one - sz, one)).store(&mut dz[t..]);
+        dt.mul_add(hb, d * dy).store(&mut du[t..]);
+        let ddelta = u.mul_add(hb, r) * dsp;
+        ddelta.store(&mut dd[t..]);
+        sums.d_bias = sums.d_bias + ddelta;
+        sums.d_skip = dy.mul_add(u, sums.d_skip);
+    }
+    for j in split..steps {
+        let t = t0 + j;
+        let (ut, zt, g, sz) = (lane.u[t], lane.z[t], dout[t], scratch.sz[j]);
+        let w = j * V::WIDTH;
+        let dy = g * zt * sz;
+        let y = lane.d * ut + V::load(&scratch.y_parts[w..]).sum();
+        let hb = V::load(&scratch.hb_parts[w..]).sum();
+        let r = V::load(&scratch.r_parts[w..]).sum();
+        dz[t] = g * y * sz * (1.0 + zt * (1.0 - sz));
+        du[t] = scratch.dt[j] * hb + lane.d * dy;
+        let ddelta = (ut * hb + r) * scratch.dsp[j];
+        dd[t] = ddelta;
+        sums.d_bias_tail += ddelta;
+        sums.d_skip_tail += dy * ut;
+    }
 }
 
 /// How many blocks the channels of each group are split into for the backward. Every

@@ -151,6 +151,10 @@ pub(crate) trait Lanes:
     fn frexp(self) -> (Self, Self);
     /// Horizontal sum, in a fixed order.
     fn sum(self) -> f32;
+    /// The horizontal sums of `WIDTH` vectors at once: lane `i` is the sum of `rows[i]`, in a
+    /// fixed order (a transpose-and-add tree: a few shuffles per sum instead of a whole reduction
+    /// each).
+    fn sums(rows: &[Self]) -> Self;
     /// Horizontal maximum (NaN lanes are not propagated; callers check finiteness separately).
     fn max_lane(self) -> f32;
     fn sqrt(self) -> Self;
@@ -203,6 +207,10 @@ impl Lanes for f32 {
     #[inline(always)]
     fn sum(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn sums(rows: &[Self]) -> Self {
+        rows[0]
     }
     #[inline(always)]
     fn max_lane(self) -> f32 {
@@ -321,6 +329,21 @@ pub(crate) mod avx2 {
                 );
                 let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
                 _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+            }
+        }
+        #[inline(always)]
+        fn sums(rows: &[Self]) -> Self {
+            let r: &[Self; 8] = rows.try_into().expect("8 rows");
+            unsafe {
+                // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]: two
+                // levels leave rows 0-3 (then 4-7) summed per 128-bit half, the halves add last.
+                let pair = |a: Self, b: Self| _mm256_hadd_ps(a.0, b.0);
+                let low = _mm256_hadd_ps(pair(r[0], r[1]), pair(r[2], r[3]));
+                let high = _mm256_hadd_ps(pair(r[4], r[5]), pair(r[6], r[7]));
+                Self(_mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(low, high),
+                    _mm256_permute2f128_ps::<0x31>(low, high),
+                ))
             }
         }
         #[inline(always)]
@@ -444,6 +467,42 @@ pub(crate) mod avx512 {
                 let lo = _mm512_castps512_ps256(self.0);
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
                 super::avx2::F32x8(_mm256_add_ps(lo, hi)).sum()
+            }
+        }
+        #[inline(always)]
+        fn sums(rows: &[Self]) -> Self {
+            let r: &[Self; 16] = rows.try_into().expect("16 rows");
+            // Four levels, each adding two shuffles of a pair of vectors: 128-bit quarters
+            // (rows i and i+8, then i and i+4), then lanes within quarters (i and i+2, then 0
+            // and 1). The result's lane L then holds the sum of input PERM[L]; PERM is its own
+            // inverse, so feeding the rows in PERM order puts row L's sum in lane L.
+            const PERM: [usize; 16] = [0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15];
+            unsafe {
+                let quarters = |a: __m512, b: __m512, lo: bool| match lo {
+                    true => _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x44>(a, b),
+                        _mm512_shuffle_f32x4::<0xEE>(a, b),
+                    ),
+                    false => _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x88>(a, b),
+                        _mm512_shuffle_f32x4::<0xDD>(a, b),
+                    ),
+                };
+                let lanes = |a: __m512, b: __m512, lo: bool| match lo {
+                    true => _mm512_add_ps(
+                        _mm512_shuffle_ps::<0x44>(a, b),
+                        _mm512_shuffle_ps::<0xEE>(a, b),
+                    ),
+                    false => _mm512_add_ps(
+                        _mm512_shuffle_ps::<0x88>(a, b),
+                        _mm512_shuffle_ps::<0xDD>(a, b),
+                    ),
+                };
+                let v: [__m512; 16] = std::array::from_fn(|i| r[PERM[i]].0);
+                let w: [__m512; 8] = std::array::from_fn(|i| quarters(v[i], v[i + 8], true));
+                let x: [__m512; 4] = std::array::from_fn(|i| quarters(w[i], w[i + 4], false));
+                let y: [__m512; 2] = std::array::from_fn(|i| lanes(x[i], x[i + 2], true));
+                Self(lanes(y[0], y[1], false))
             }
         }
         #[inline(always)]
@@ -647,6 +706,30 @@ mod tests {
             for (x, got) in xs.iter().zip(&out) {
                 assert_eq!(*got, x.abs(), "{level:?} sqrt");
             }
+        }
+    }
+
+    #[inline(always)]
+    fn sums_generic<V: Lanes>(_level: SimdLevel, rows: &[f32], out: &mut [f32]) {
+        let vectors: Vec<V> = rows.chunks_exact(V::WIDTH).map(V::load).collect();
+        V::sums(&vectors).store(out);
+    }
+
+    simd_dispatch!(fn sums_at(level: SimdLevel, rows: &[f32], out: &mut [f32])
+        = sums_generic, level = level);
+
+    #[test]
+    fn sums_of_width_rows_at_every_level() {
+        for level in levels() {
+            let width = level.width();
+            // Integer values: every summation order gives the exact sum.
+            let rows: Vec<f32> = (0..width * width)
+                .map(|i| ((i * 53) % 31) as f32 - 15.0)
+                .collect();
+            let mut out = vec![0f32; width];
+            sums_at(level, &rows, &mut out);
+            let want: Vec<f32> = rows.chunks(width).map(|r| r.iter().sum()).collect();
+            assert_eq!(out, want, "{level:?}");
         }
     }
 
