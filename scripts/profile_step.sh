@@ -26,4 +26,9 @@ perf record -q -e cpu-clock -F 997 -g -p "$pid" -o "$out/perf.data" -- sleep "$s
 perf report -i "$out/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0 \
     >"$out/report.txt" 2>/dev/null
 echo "perf report: $out/report.txt" >&2
+# Samples per thread: the lowest thread id is the main thread, whose work no other thread shares
+# (rayon's workers idle meanwhile); cores busy = all samples / (seconds x sampling rate).
+perf report -i "$out/perf.data" --stdio --sort pid -n -g none 2>/dev/null \
+    | awk -v s="$seconds" '/^ +[0-9.]+%/ { print "  thread " $4 ": " $1 " of samples" > "/dev/stderr"; n += $3 }
+        END { printf "  cores busy: %.2f\n", n / (s * 997) > "/dev/stderr" }'
 python3 "$(dirname "$0")/perf_categories.py" <"$out/report.txt"
