@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The test suite, two builds: the whole workspace on the default (Flex) backend, then the scan
-# kernels and the model again with `cube-cpu`, where every kernel and model test also runs on Burn's
-# CubeCL CPU runtime (the same `#[cube]` kernels the CUDA build runs, compiled by LLVM; see
-# `zamba_kernels::kernel_devices`). The second build needs the offline LLVM of prepare-llvm.sh.
+# The test suite, two builds: the whole workspace on the default (Flex) backend, then, with
+# `cube-cpu`, the two test targets that run on every device of `zamba_kernels::kernel_devices` (the
+# scan kernels, the model's execution) again, now also on Burn's CubeCL CPU runtime (the same
+# `#[cube]` kernels the CUDA build runs, compiled by LLVM). The other tests are device-independent
+# and ran in the first build. The second build needs the offline LLVM of prepare-llvm.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace
 bash scripts/prepare-llvm.sh
-cargo test -p zamba-kernels -p zamba-model --features cube-cpu
+cargo test -p zamba-kernels -p zamba-model --features cube-cpu --test selective_scan --test execution
