@@ -260,6 +260,30 @@ struct OpRun {
     grads: Vec<Vec<f32>>,
 }
 
+impl OpRun {
+    /// Asserts this run matches `reference`: the output within relative error `out_tol`, each
+    /// gradient (named by `names`, in order) within `grad_tol`; `case` names the case in messages.
+    fn assert_matches(
+        &self,
+        reference: &OpRun,
+        names: &[&str],
+        [out_tol, grad_tol]: [f64; 2],
+        case: &str,
+    ) {
+        let err = rel_error(&self.out, &reference.out);
+        assert!(err < out_tol, "{case} output error {err:e}");
+        assert_eq!(
+            self.grads.len(),
+            names.len(),
+            "{case}: one name per gradient"
+        );
+        for (name, (f, r)) in names.iter().zip(self.grads.iter().zip(&reference.grads)) {
+            let err = rel_error(f, r);
+            assert!(err < grad_tol, "{case} d{name} error {err:e}");
+        }
+    }
+}
+
 type ConvFn = fn(Tensor<3>, Tensor<2>, Tensor<1>) -> Tensor<3>;
 
 fn conv_run(
@@ -306,15 +330,12 @@ fn causal_conv_silu_matches_tensor_ops() {
         let [x, w, b, lw] = conv_case(dims, dims[2] as u64);
         let fused = conv_run(causal_conv1d_silu, &x, &w, &b, dims, &lw);
         let reference = conv_run(causal_conv1d_silu_reference, &x, &w, &b, dims, &lw);
-        let err = rel_error(&fused.out, &reference.out);
-        assert!(err < 1e-6, "{dims:?} output error {err:e}");
-        for (name, (f, r)) in ["x", "weight", "bias"]
-            .iter()
-            .zip(fused.grads.iter().zip(&reference.grads))
-        {
-            let err = rel_error(f, r);
-            assert!(err < 2e-6, "{dims:?} d{name} error {err:e}");
-        }
+        fused.assert_matches(
+            &reference,
+            &["x", "weight", "bias"],
+            [1e-6, 2e-6],
+            &format!("{dims:?}"),
+        );
     }
 }
 
@@ -386,15 +407,12 @@ fn rms_norm_matches_tensor_ops() {
         );
         let fused = norm_run(rms_norm, &x, &gamma, shape, &lw);
         let reference = norm_run(rms_norm_reference, &x, &gamma, shape, &lw);
-        let err = rel_error(&fused.out, &reference.out);
-        assert!(err < 1e-6, "{shape:?} output error {err:e}");
-        for (name, (f, r)) in ["x", "gamma"]
-            .iter()
-            .zip(fused.grads.iter().zip(&reference.grads))
-        {
-            let err = rel_error(f, r);
-            assert!(err < 5e-6, "{shape:?} d{name} error {err:e}");
-        }
+        fused.assert_matches(
+            &reference,
+            &["x", "gamma"],
+            [1e-6, 5e-6],
+            &format!("{shape:?}"),
+        );
     }
 }
 
@@ -507,15 +525,12 @@ fn linear_matches_tensor_ops_on_strided_operands() {
             ("channels-first", channels_first),
         ] {
             let fused = linear_run(op, case, &x, &w, &lw);
-            let err = rel_error(&fused.out, &reference.out);
-            assert!(err < 1e-6, "{order} {case:?} output error {err:e}");
-            for (name, (f, r)) in ["x", "w"]
-                .iter()
-                .zip(fused.grads.iter().zip(&reference.grads))
-            {
-                let err = rel_error(f, r);
-                assert!(err < 1e-6, "{order} {case:?} d{name} error {err:e}");
-            }
+            fused.assert_matches(
+                &reference,
+                &["x", "w"],
+                [1e-6, 1e-6],
+                &format!("{order} {case:?}"),
+            );
         }
     }
 }
@@ -602,15 +617,12 @@ fn per_head_matmul_matches_tensor_ops_in_value_and_gradient() {
             ("transposed", transposed),
         ] {
             let fused = heads_run(op, dims, sliced, &inputs);
-            let err = rel_error(&fused.out, &reference.out);
-            assert!(err < 1e-6, "{order} {dims:?} output error {err:e}");
-            for (name, (f, r)) in ["w", "x"]
-                .iter()
-                .zip(fused.grads.iter().zip(&reference.grads))
-            {
-                let err = rel_error(f, r);
-                assert!(err < 1e-6, "{order} {dims:?} d{name} error {err:e}");
-            }
+            fused.assert_matches(
+                &reference,
+                &["w", "x"],
+                [1e-6, 1e-6],
+                &format!("{order} {dims:?}"),
+            );
         }
     }
 }
@@ -659,15 +671,12 @@ fn gelu_mul_matches_tensor_ops_and_finite_differences() {
         ];
         let fused = gelu_run(gelu_mul, &inputs, shape);
         let reference = gelu_run(gelu_mul_reference, &inputs, shape);
-        let err = rel_error(&fused.out, &reference.out);
-        assert!(err < 1e-6, "{shape:?} output error {err:e}");
-        for (name, (f, r)) in ["gate", "up"]
-            .iter()
-            .zip(fused.grads.iter().zip(&reference.grads))
-        {
-            let err = rel_error(f, r);
-            assert!(err < 2e-6, "{shape:?} d{name} error {err:e}");
-        }
+        fused.assert_matches(
+            &reference,
+            &["gate", "up"],
+            [1e-6, 2e-6],
+            &format!("{shape:?}"),
+        );
     }
     // d/dgate of gelu(gate)·up, by central differences of the f64 formula.
     let gelu64 = |x: f64| {
@@ -763,15 +772,12 @@ fn causal_attention_matches_tensor_ops_in_value_and_gradient() {
         let inputs = attention_inputs(dims, dims.iter().product::<usize>() as u64);
         let fused = attention_run(causal_attention, dims, strided, &inputs);
         let reference = attention_run(causal_attention_reference, dims, strided, &inputs);
-        let err = rel_error(&fused.out, &reference.out);
-        assert!(err < 2e-6, "{dims:?} output error {err:e}");
-        for (name, (f, r)) in ["q", "k", "v"]
-            .iter()
-            .zip(fused.grads.iter().zip(&reference.grads))
-        {
-            let err = rel_error(f, r);
-            assert!(err < 1e-5, "{dims:?} d{name} error {err:e}");
-        }
+        fused.assert_matches(
+            &reference,
+            &["q", "k", "v"],
+            [2e-6, 1e-5],
+            &format!("{dims:?}"),
+        );
     }
 }
 
