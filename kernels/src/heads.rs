@@ -6,16 +6,16 @@
 //! place (the `dt` rows of `x_proj`'s output are a strided slice) and the weight gradient
 //! accumulates over the batch inside the GEMM.
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::strided::{Dst, Mat, SharedMut, Threads, dense_strides_like, gemm_into, written};
+use crate::strided::{
+    Dst, Mat, SharedMut, Threads, dense_strides_like, gemm_into, product_with_grads, written,
+};
 
 /// `w[h] · x[b, h]` for every batch `b` and head `h`: `w` `[H, M, K]`, `x` `[B, H, K, N]` →
 /// `[B, H, M, N]`. Direct GEMMs on Flex devices for `f32` operands; [`per_head_matmul_reference`]
@@ -181,47 +181,13 @@ impl HeadsBackend for Flex {
     }
 }
 
-#[derive(Debug)]
-struct HeadsBackward;
-
-impl Backward<Flex, 2> for HeadsBackward {
-    /// `w` and `x` as they came (views, not copies).
-    type State = (FlexTensor, FlexTensor);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        // f32, as the forward's output (only f32 operands reach this op).
-        let dy = grads.consume::<Flex>(&ops.node);
-        let (w, x) = ops.state;
-        let [node_w, node_x] = ops.parents;
-        if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, grad_w(&w, &x, &dy));
-        }
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, grad_x(&w, &x, &dy));
-        }
-    }
-}
-
 impl<C: CheckpointStrategy> HeadsBackend for Autodiff<Flex, C> {
     fn per_head_matmul(
         w: FloatTensor<Self>,
         x: FloatTensor<Self>,
         transposed: bool,
     ) -> FloatTensor<Self> {
-        let [(w, gw), (x, gx)] = [w, x].map(|t| t.into_parts());
-        let y = forward(&w, &x, transposed);
-        match HeadsBackward
-            .prepare::<C>([gw, gx])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((w, x), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        let forward = |w: &FlexTensor, x: &FlexTensor| forward(w, x, transposed);
+        product_with_grads::<C>(w, x, forward, [grad_w, grad_x])
     }
 }

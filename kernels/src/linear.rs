@@ -9,15 +9,15 @@
 //! that is a permutation of a dense buffer), so the gradient flowing back through a `swap_dims`
 //! arrives contiguous.
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 
-use crate::strided::{Dst, Mat, Threads, dense_strides_like, gemm_into, written};
+use crate::strided::{
+    Dst, Mat, Threads, dense_strides_like, gemm_into, product_with_grads, written,
+};
 
 /// `x · weight` over the last dimension of `x` (`weight`: `[d_in, d_out]`, Burn's `Linear`
 /// layout). Direct GEMMs on Flex devices for `f32` operands; Burn's `linear` elsewhere.
@@ -206,47 +206,13 @@ impl LinearBackend for Flex {
     }
 }
 
-#[derive(Debug)]
-struct LinearBackward;
-
-impl Backward<Flex, 2> for LinearBackward {
-    /// `x` and `weight` as they came (views, not copies).
-    type State = (FlexTensor, FlexTensor);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        // f32, as the forward's output (only f32 operands reach this op).
-        let dy = grads.consume::<Flex>(&ops.node);
-        let (x, w) = ops.state;
-        let [node_x, node_w] = ops.parents;
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, grad_x(&x, &w, &dy));
-        }
-        if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, grad_w(&x, &w, &dy));
-        }
-    }
-}
-
 impl<C: CheckpointStrategy> LinearBackend for Autodiff<Flex, C> {
     fn linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         channels_first: bool,
     ) -> FloatTensor<Self> {
-        let [(x, gx), (w, gw)] = [x, weight].map(|t| t.into_parts());
-        let y = forward(&x, &w, channels_first);
-        match LinearBackward
-            .prepare::<C>([gx, gw])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((x, w), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        let forward = |x: &FlexTensor, w: &FlexTensor| forward(x, w, channels_first);
+        product_with_grads::<C>(x, weight, forward, [grad_x, grad_w])
     }
 }

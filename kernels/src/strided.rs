@@ -1,9 +1,14 @@
 //! Strided `f32` matrices inside Flex tensors, and GEMMs on them with the `gemm` crate: the
 //! operands are read in place whatever their strides (transposes and permuted views cost
-//! nothing), and results go into fresh buffers that are never zero-filled.
+//! nothing), and results go into fresh buffers that are never zero-filled. Also the one autodiff
+//! node of the two-operand products built on them ([`product_with_grads`]).
 
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::{Bytes, DType};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Bytes, DType, Flex};
 use burn::tensor::Shape;
 
 /// A read-only strided matrix: element `(i, j)` at `ptr + i·rs + j·cs`.
@@ -218,3 +223,50 @@ impl SharedMut {
 // SAFETY: every user writes only the part of the buffer its task owns.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
+
+/// The gradient of one operand of a product `y = f(a, b)` from `(a, b, dy)`.
+pub(crate) type OperandGrad = fn(&FlexTensor, &FlexTensor, &FlexTensor) -> FlexTensor;
+
+/// The autodiff node of a product of two `f32` operands on Flex (`linear`, `per_head_matmul`):
+/// keeps both operands as they came (views, not copies) and computes each operand's gradient only
+/// when that operand needs one.
+#[derive(Debug)]
+struct ProductBackward {
+    grads: [OperandGrad; 2],
+}
+
+impl Backward<Flex, 2> for ProductBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        // f32, as the forward's output (only f32 operands reach these ops).
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (a, b) = ops.state;
+        for (parent, grad) in ops.parents.into_iter().zip(self.grads) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad(&a, &b, &dy));
+            }
+        }
+    }
+}
+
+/// `forward(a, b)` as one autodiff node whose backward is `grads` (see [`ProductBackward`]).
+pub(crate) fn product_with_grads<C: CheckpointStrategy>(
+    a: FloatTensor<Autodiff<Flex, C>>,
+    b: FloatTensor<Autodiff<Flex, C>>,
+    forward: impl FnOnce(&FlexTensor, &FlexTensor) -> FlexTensor,
+    grads: [OperandGrad; 2],
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let [(a, ga), (b, gb)] = [a, b].map(|t| t.into_parts());
+    let y = forward(&a, &b);
+    let node = ProductBackward { grads };
+    match node.prepare::<C>([ga, gb]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((a, b), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
