@@ -194,9 +194,8 @@ fn step_terms_range<V: Lanes>(
 simd_dispatch!(fn forward_lane(lane: &Lane, out: &mut [f32], checkpoints: &mut [f32])
     = forward_lane_impl, level = level_dividing(lane.a.len()));
 
-simd_dispatch!(fn backward_lane(
-    lane: &Lane, checkpoints: &[f32], dout: &[f32], grads: LaneGrads, scratch: &mut Scratch)
-    = backward_lane_impl, level = level_dividing(lane.a.len()));
+simd_dispatch!(fn backward_task(task: TaskWork, state: usize)
+    = backward_task_impl, level = level_dividing(state));
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
@@ -304,30 +303,45 @@ pub(crate) fn forward(x: &Inputs, dims: Dims, save_checkpoints: bool) -> (Vec<f3
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-/// Per-lane gradient outputs plus the (batch, group) accumulators the lane adds into.
+/// One lane's gradient outputs.
 struct LaneGrads<'a> {
     du: &'a mut [f32],
     ddelta: &'a mut [f32],
     dz: &'a mut [f32],
     /// `[dA[0..N], dD, d_delta_bias]` of this lane, summed over batch afterwards.
     params: &'a mut [f32],
-    /// `[len, state]` partial sums over the channels of one block; see [`channel_blocks`].
-    db: &'a mut [f32],
-    dc: &'a mut [f32],
 }
 
-/// Reused by every lane of a task: one chunk of recomputed states and decays, and the adjoint.
+/// One lane of the backward: its inputs, saved chunk states, output gradient and gradients.
+struct LaneWork<'a> {
+    lane: Lane<'a>,
+    checkpoints: &'a [f32],
+    dout: &'a [f32],
+    grads: LaneGrads<'a>,
+}
+
+/// One task: consecutive lanes of one (batch, group) and the partial sums of dB and dC over them
+/// (see [`channel_blocks`]), `[len, 2, state]`: step `t`'s dB row, then its dC row. Interleaved
+/// rather than two buffers because two large buffers start at the same offset in a 4 KiB page,
+/// and a load from one after a store to the other at the same offset stalls as if it depended on
+/// the store (4K aliasing), once per step.
+struct TaskWork<'a> {
+    lanes: Vec<LaneWork<'a>>,
+    dbc: &'a mut [f32],
+}
+
+/// A task's working memory, reused for each of its lanes in turn: one chunk of recomputed states
+/// and decays, and the per-step terms and partial sums of the adjoint walk.
 struct Scratch {
     /// `[CHUNK + 1, state]`: row `j` is the state before step `t0 + j`.
     states: Vec<f32>,
     /// `[CHUNK, state]`: `exp(Δ_t A)` of step `t0 + j`.
     decay: Vec<f32>,
-    /// `exp(Δ_{t+1} A) ⊙ ∂L/∂s_{t+1}`: the part of `∂L/∂s_t` coming from later steps.
-    carry: Vec<f32>,
-    /// The chunk's [`step_terms`].
+    /// The chunk's [`step_terms`] and `dy = dout·silu(z)`.
     dt: [f32; CHUNK],
     dsp: [f32; CHUNK],
     sz: [f32; CHUNK],
+    dy: [f32; CHUNK],
     /// Per step of the chunk, one vector of partial products each for `Σ C s`, `Σ h B` and
     /// `Σ h e s_prev A` (their horizontal sums are taken `WIDTH` steps at a time after the walk).
     y_parts: Vec<f32>,
@@ -340,10 +354,10 @@ impl Scratch {
         Self {
             states: vec![0.0; (CHUNK + 1) * state],
             decay: vec![0.0; CHUNK * state],
-            carry: vec![0.0; state],
             dt: [0.0; CHUNK],
             dsp: [0.0; CHUNK],
             sz: [0.0; CHUNK],
+            dy: [0.0; CHUNK],
             y_parts: vec![0.0; CHUNK * MAX_WIDTH],
             hb_parts: vec![0.0; CHUNK * MAX_WIDTH],
             r_parts: vec![0.0; CHUNK * MAX_WIDTH],
@@ -351,9 +365,10 @@ impl Scratch {
     }
 }
 
-/// Backward of one lane. Walks the chunks last to first: restores the chunk's entry state from
-/// `checkpoints`, recomputes its states and decays (bit-identical to the forward: same code, same
-/// order), then walks its steps backward carrying `h_t = ∂L/∂s_t`:
+/// Backward of one task's lanes. Walks the chunks last to first, and each chunk lane by lane: for
+/// each lane, restores the chunk's entry state from its checkpoints, recomputes the chunk's states
+/// and decays (bit-identical to the forward: same arithmetic), then walks its steps backward
+/// carrying `h_t = ∂L/∂s_t`:
 ///
 /// ```text
 /// h_t    = dy_t C_t + exp(Δ_{t+1}A) ⊙ h_{t+1}            dy_t = dout_t silu(z_t)
@@ -362,85 +377,154 @@ impl Scratch {
 /// du_t   = Δ_t Σ h_t ⊙ B_t + D dy_t                      dD  += dy_t u_t
 /// dz_t   = dout_t y_t silu'(z_t)                         ddelta_t = dΔ_t softplus'(delta_t + bias)
 /// ```
+///
+/// Chunk outside, lanes inside: the task's lanes share one (batch, group)'s B and C and add into
+/// the same dB and dC rows, so a chunk's rows of those stay in L1 while all its lanes pass over
+/// them (lane by lane, in lane order). Both recurrences are elementwise over the state, so each
+/// state vector is walked through the chunk on its own (state-vector loop outside, step loop
+/// inside): its state, carry and dA stay in registers instead of making a store-to-load round
+/// trip per step, which would otherwise be the critical path.
 #[inline(always)]
-fn backward_lane_impl<V: Lanes>(
-    lane: &Lane,
-    checkpoints: &[f32],
-    dout: &[f32],
-    grads: LaneGrads,
-    scratch: &mut Scratch,
-) {
-    let n = lane.a.len();
-    let len = dout.len();
-    let (da, rest) = grads.params.split_at_mut(n);
-    let mut sums = ParamSums::<V>::default();
-    scratch.carry.fill(0.0);
-
+fn backward_task_impl<V: Lanes>(task: TaskWork, state: usize) {
+    let TaskWork { mut lanes, dbc } = task;
+    let len = lanes[0].dout.len();
+    let mut scratch = Scratch::new(state);
+    // Per lane: `exp(Δ_{t+1} A) ⊙ ∂L/∂s_{t+1}`, the part of `∂L/∂s_t` from later steps.
+    let mut carry = vec![0f32; lanes.len() * state];
+    let mut sums: Vec<ParamSums<V>> = lanes.iter().map(|_| ParamSums::default()).collect();
     for chunk in (0..len.div_ceil(CHUNK)).rev() {
         let t0 = chunk * CHUNK;
         let steps = CHUNK.min(len - t0);
-        let entry = &mut scratch.states[..n];
-        match chunk {
-            0 => entry.fill(0.0),
-            _ => entry.copy_from_slice(&checkpoints[(chunk - 1) * n..chunk * n]),
-        }
-        let (dt, dsp, sz) = (
-            &mut scratch.dt[..steps],
-            &mut scratch.dsp[..steps],
-            &mut scratch.sz[..steps],
-        );
-        step_terms::<V>(lane, t0, dt, dsp, sz);
-        // Recompute the chunk's states exactly as the forward did.
-        for (j, &dt_j) in dt.iter().enumerate() {
-            let t = t0 + j;
-            let (dt_v, du_v) = (V::splat(dt_j), V::splat(dt_j * lane.u[t]));
-            let (prev, next) = scratch.states[j * n..(j + 2) * n].split_at_mut(n);
-            let decay = &mut scratch.decay[j * n..(j + 1) * n];
-            let b = &lane.b[t * n..(t + 1) * n];
-            for q in (0..n).step_by(V::WIDTH) {
-                let e = exp_approx(dt_v * V::load(&lane.a[q..]));
-                e.store(&mut decay[q..]);
-                e.mul_add(V::load(&prev[q..]), du_v * V::load(&b[q..]))
-                    .store(&mut next[q..]);
+        for ((w, carry), sums) in lanes.iter_mut().zip(carry.chunks_mut(state)).zip(&mut sums) {
+            start_chunk::<V>(w, chunk, steps, &mut scratch);
+            for q in (0..state).step_by(V::WIDTH) {
+                recompute_states::<V>(&w.lane, t0, steps, q, &mut scratch);
+                let carry = &mut carry[q..];
+                match q {
+                    0 => walk_back::<V, true>(w, t0, steps, q, carry, dbc, &mut scratch),
+                    _ => walk_back::<V, false>(w, t0, steps, q, carry, dbc, &mut scratch),
+                }
             }
+            let g = &mut w.grads;
+            let outputs = [&mut *g.dz, &mut *g.du, &mut *g.ddelta];
+            step_grads::<V>(&w.lane, t0, w.dout, &scratch, outputs, sums);
         }
-        // Walk the chunk backward.
-        for j in (0..steps).rev() {
-            let t = t0 + j;
-            let (dt, sz) = (scratch.dt[j], scratch.sz[j]);
-            let ut = lane.u[t];
-            let dy = dout[t] * lane.z[t] * sz;
-            let (dt_v, du_v, dy_v) = (V::splat(dt), V::splat(dt * ut), V::splat(dy));
-            let prev = &scratch.states[j * n..(j + 1) * n];
-            let cur = &scratch.states[(j + 1) * n..(j + 2) * n];
-            let decay = &scratch.decay[j * n..(j + 1) * n];
-            let row = t * n..(t + 1) * n;
-            let (b, c) = (&lane.b[row.clone()], &lane.c[row.clone()]);
-            let (db, dc) = (&mut grads.db[row.clone()], &mut grads.dc[row]);
-            let (mut y, mut r, mut hb) = (V::splat(0.0), V::splat(0.0), V::splat(0.0));
-            for q in (0..n).step_by(V::WIDTH) {
-                let (c_q, cur_q, e_q) =
-                    (V::load(&c[q..]), V::load(&cur[q..]), V::load(&decay[q..]));
-                let h = dy_v.mul_add(c_q, V::load(&scratch.carry[q..]));
-                y = c_q.mul_add(cur_q, y);
-                dy_v.mul_add(cur_q, V::load(&dc[q..])).store(&mut dc[q..]);
-                h.mul_add(du_v, V::load(&db[q..])).store(&mut db[q..]);
-                let has = h * e_q * V::load(&prev[q..]);
-                r = has.mul_add(V::load(&lane.a[q..]), r);
-                has.mul_add(dt_v, V::load(&da[q..])).store(&mut da[q..]);
-                hb = h.mul_add(V::load(&b[q..]), hb);
-                (e_q * h).store(&mut scratch.carry[q..]);
-            }
-            let w = j * V::WIDTH;
-            y.store(&mut scratch.y_parts[w..]);
-            hb.store(&mut scratch.hb_parts[w..]);
-            r.store(&mut scratch.r_parts[w..]);
-        }
-        let outputs = [&mut *grads.dz, &mut *grads.du, &mut *grads.ddelta];
-        step_grads::<V>(lane, t0, dout, scratch, outputs, &mut sums);
     }
-    rest[0] = sums.d_skip.sum() + sums.d_skip_tail;
-    rest[1] = sums.d_bias.sum() + sums.d_bias_tail;
+    for (w, sums) in lanes.iter_mut().zip(sums) {
+        w.grads.params[state] = sums.d_skip.sum() + sums.d_skip_tail;
+        w.grads.params[state + 1] = sums.d_bias.sum() + sums.d_bias_tail;
+    }
+}
+
+/// Restores the state entering chunk `chunk` (zero for the first) and computes the chunk's step
+/// terms and `dy`.
+#[inline(always)]
+fn start_chunk<V: Lanes>(w: &LaneWork, chunk: usize, steps: usize, s: &mut Scratch) {
+    let (lane, n, t0) = (&w.lane, w.lane.a.len(), chunk * CHUNK);
+    let entry = &mut s.states[..n];
+    match chunk {
+        0 => entry.fill(0.0),
+        _ => entry.copy_from_slice(&w.checkpoints[(chunk - 1) * n..chunk * n]),
+    }
+    step_terms::<V>(
+        lane,
+        t0,
+        &mut s.dt[..steps],
+        &mut s.dsp[..steps],
+        &mut s.sz[..steps],
+    );
+    for j in 0..steps {
+        let t = t0 + j;
+        s.dy[j] = w.dout[t] * lane.z[t] * s.sz[j];
+    }
+}
+
+/// The chunk's states and decays of state vector `q..q + WIDTH`, exactly as the forward computed
+/// them: `states` row `j + 1` is the state after step `t0 + j`, `decay` row `j` is its
+/// `exp(Δ A)`.
+#[inline(always)]
+fn recompute_states<V: Lanes>(lane: &Lane, t0: usize, steps: usize, q: usize, s: &mut Scratch) {
+    let n = lane.a.len();
+    // The bounds of every access below, checked once so that the step loop runs without checks.
+    assert!(q + V::WIDTH <= n && steps <= CHUNK && t0 + steps <= lane.u.len());
+    assert!((t0 + steps) * n <= lane.b.len() && steps * n <= s.decay.len());
+    assert!((steps + 1) * n <= s.states.len());
+    let a = V::load(&lane.a[q..]);
+    let mut state = V::load(&s.states[q..]);
+    for j in 0..steps {
+        let t = t0 + j;
+        // SAFETY: `j < steps <= CHUNK` (the length of `dt`), `t < t0 + steps`, and the vectors
+        // end at `(t0 + steps) * n` in `b`, `steps * n` in `decay`, `(steps + 1) * n` in `states`.
+        unsafe {
+            let dt = *s.dt.get_unchecked(j);
+            let decay = exp_approx(V::splat(dt) * a);
+            decay.store_at(&mut s.decay, j * n + q);
+            let input = V::splat(dt * lane.u.get_unchecked(t)) * V::load_at(lane.b, t * n + q);
+            state = decay.mul_add(state, input);
+            state.store_at(&mut s.states, (j + 1) * n + q);
+        }
+    }
+}
+
+/// The adjoint walk of state vector `q..q + WIDTH` of one lane backward through the chunk:
+/// continues `carry` (this vector of the lane's), adds into the dB and dC rows of the chunk's
+/// steps and the lane's dA, and adds this vector's partial products of `Σ C s`, `Σ h B`,
+/// `Σ h e s_prev A` to the per-step parts (`FIRST`, for `q == 0`, starts them).
+#[inline(always)]
+fn walk_back<V: Lanes, const FIRST: bool>(
+    w: &mut LaneWork,
+    t0: usize,
+    steps: usize,
+    q: usize,
+    carry: &mut [f32],
+    dbc: &mut [f32],
+    s: &mut Scratch,
+) {
+    let lane = &w.lane;
+    let n = lane.a.len();
+    let rows = (t0 + steps) * n;
+    // The bounds of every access below, checked once so that the step loop runs without checks.
+    assert!(q + V::WIDTH <= n && steps <= CHUNK && t0 + steps <= lane.u.len());
+    assert!(rows <= lane.b.len() && rows <= lane.c.len() && 2 * rows <= dbc.len());
+    assert!((steps + 1) * n <= s.states.len() && steps * n <= s.decay.len());
+    assert!(steps * V::WIDTH <= s.y_parts.len());
+    assert!(steps * V::WIDTH <= s.hb_parts.len() && steps * V::WIDTH <= s.r_parts.len());
+    let a = V::load(&lane.a[q..]);
+    let mut carried = V::load(carry);
+    let mut da = V::load(&w.grads.params[q..]);
+    for j in (0..steps).rev() {
+        let (t, w) = (t0 + j, j * V::WIDTH);
+        let row = t * n + q;
+        // SAFETY: `j < steps <= CHUNK` (the length of `dt` and `dy`), `t < t0 + steps`,
+        // `row + WIDTH <= rows`, and the asserts above cover the scratch rows.
+        unsafe {
+            let part = |parts: &[f32]| match FIRST {
+                true => V::splat(0.0),
+                false => V::load_at(parts, w),
+            };
+            let (dt, dy) = (*s.dt.get_unchecked(j), *s.dy.get_unchecked(j));
+            let du = V::splat(dt * lane.u.get_unchecked(t));
+            let (dt, dy) = (V::splat(dt), V::splat(dy));
+            let c = V::load_at(lane.c, row);
+            let cur = V::load_at(&s.states, (j + 1) * n + q);
+            let e = V::load_at(&s.decay, j * n + q);
+            let from_output = dy * c;
+            let h = from_output + carried;
+            // e ⊙ h with the carry entering by one FMA: the step-to-step dependency is one FMA.
+            carried = e.mul_add(carried, e * from_output);
+            let (db, dc) = (row + t * n, row + (t + 1) * n);
+            h.mul_add(du, V::load_at(dbc, db)).store_at(dbc, db);
+            dy.mul_add(cur, V::load_at(dbc, dc)).store_at(dbc, dc);
+            let has = h * e * V::load_at(&s.states, j * n + q);
+            da = has.mul_add(dt, da);
+            c.mul_add(cur, part(&s.y_parts)).store_at(&mut s.y_parts, w);
+            h.mul_add(V::load_at(lane.b, row), part(&s.hb_parts))
+                .store_at(&mut s.hb_parts, w);
+            has.mul_add(a, part(&s.r_parts)).store_at(&mut s.r_parts, w);
+        }
+    }
+    carried.store(carry);
+    da.store(&mut w.grads.params[q..]);
 }
 
 /// `Σ dy·u` (dD) and `Σ ddelta` (d delta_bias) of one lane: vector partials plus a scalar tail.
@@ -489,7 +573,7 @@ fn step_grads<V: Lanes>(
             V::load(&scratch.dsp[j..]),
             V::load(&scratch.sz[j..]),
         );
-        let dy = g * z * sz;
+        let dy = V::load(&scratch.dy[j..]);
         let y = d.mul_add(u, step_sums::<V>(&scratch.y_parts, j));
         let hb = step_sums::<V>(&scratch.hb_parts, j);
         let r = step_sums::<V>(&scratch.r_parts, j);
@@ -504,7 +588,7 @@ fn step_grads<V: Lanes>(
         let t = t0 + j;
         let (ut, zt, g, sz) = (lane.u[t], lane.z[t], dout[t], scratch.sz[j]);
         let w = j * V::WIDTH;
-        let dy = g * zt * sz;
+        let dy = scratch.dy[j];
         let y = lane.d * ut + V::load(&scratch.y_parts[w..]).sum();
         let hb = V::load(&scratch.hb_parts[w..]).sum();
         let r = V::load(&scratch.r_parts[w..]).sum();
@@ -540,25 +624,37 @@ fn split_lengths<'a>(mut buf: &'a mut [f32], lengths: &[usize]) -> Vec<&'a mut [
         .collect()
 }
 
-/// Sums `parts` laid out as `[outer, blocks, rows]` over `blocks`, in block order.
-fn reduce_blocks(parts: Vec<f32>, outer: usize, blocks: usize, rows: usize) -> Vec<f32> {
-    if blocks == 1 {
-        return parts;
-    }
-    const PIECE: usize = 4096;
-    let mut out = zeros(outer * rows);
-    out.par_chunks_mut(rows).enumerate().for_each(|(o, dst)| {
-        dst.par_chunks_mut(PIECE).enumerate().for_each(|(p, dst)| {
-            let piece = dst.len();
+/// Sums the interleaved dB/dC partials `[outer, blocks, len, 2, state]` (see [`TaskWork`]) over
+/// `blocks`, in block order, into dB and dC, each `[outer, len, state]`.
+fn reduce_blocks(
+    parts: &[f32],
+    outer: usize,
+    blocks: usize,
+    len: usize,
+    state: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = len * state;
+    // Pieces of whole steps, small enough to spread over the threads.
+    let piece_steps = (4096 / state).max(1);
+    let (mut db, mut dc) = (zeros(outer * rows), zeros(outer * rows));
+    let outputs = db.par_chunks_mut(rows).zip(dc.par_chunks_mut(rows));
+    outputs.enumerate().for_each(|(o, (db, dc))| {
+        let pieces = db.par_chunks_mut(piece_steps * state);
+        let pieces = pieces.zip(dc.par_chunks_mut(piece_steps * state));
+        pieces.enumerate().for_each(|(p, (db, dc))| {
             for block in 0..blocks {
-                let start = (o * blocks + block) * rows + p * PIECE;
-                for (d, s) in dst.iter_mut().zip(&parts[start..start + piece]) {
-                    *d += s;
+                let part = &parts[(o * blocks + block) * 2 * rows..][..2 * rows];
+                let steps = db.chunks_exact_mut(state).zip(dc.chunks_exact_mut(state));
+                for (k, (db, dc)) in steps.enumerate() {
+                    let (b, c) =
+                        part[(p * piece_steps + k) * 2 * state..][..2 * state].split_at(state);
+                    db.iter_mut().zip(b).for_each(|(d, s)| *d += s);
+                    dc.iter_mut().zip(c).for_each(|(d, s)| *d += s);
                 }
             }
         });
     });
-    out
+    (db, dc)
 }
 
 /// The backward over all lanes, given the checkpoints saved by [`forward`] and the output
@@ -581,8 +677,7 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
     let mut ddelta = zeros(dims.lanes() * len);
     let mut dz = zeros(dims.lanes() * len);
     let mut params = zeros(dims.lanes() * params_len);
-    let mut db_parts = zeros(batch * groups * blocks * rows);
-    let mut dc_parts = zeros(batch * groups * blocks * rows);
+    let mut dbc_parts = zeros(batch * groups * blocks * 2 * rows);
 
     // Tasks in (batch, group, block) order own consecutive lanes, so every per-lane buffer splits
     // into consecutive pieces.
@@ -602,42 +697,38 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
     let ddelta_parts = split_lengths(&mut ddelta, &sizes(len));
     let dz_parts = split_lengths(&mut dz, &sizes(len));
     let param_parts = split_lengths(&mut params, &sizes(params_len));
-    let db_task = db_parts.chunks_mut(rows);
-    let dc_task = dc_parts.chunks_mut(rows);
 
-    let work: Vec<_> = tasks
+    let work: Vec<TaskWork> = tasks
         .iter()
         .zip(du_parts)
         .zip(ddelta_parts)
         .zip(dz_parts)
         .zip(param_parts)
-        .zip(db_task.zip(dc_task))
-        .map(|(((((lanes, du), ddelta), dz), params), (db, dc))| {
-            (*lanes, du, ddelta, dz, params, db, dc)
+        .zip(dbc_parts.chunks_mut(2 * rows))
+        .map(|(((((&(first, end), du), ddelta), dz), params), dbc)| {
+            let lanes = (first..end)
+                .zip(du.chunks_mut(len))
+                .zip(ddelta.chunks_mut(len))
+                .zip(dz.chunks_mut(len))
+                .zip(params.chunks_mut(params_len))
+                .map(|((((lane, du), ddelta), dz), params)| LaneWork {
+                    lane: x.lane(&dims, lane),
+                    checkpoints: &checkpoints
+                        [lane * per_lane_checkpoints..(lane + 1) * per_lane_checkpoints],
+                    dout: &dout[lane * len..(lane + 1) * len],
+                    grads: LaneGrads {
+                        du,
+                        ddelta,
+                        dz,
+                        params,
+                    },
+                })
+                .collect();
+            TaskWork { lanes, dbc }
         })
         .collect();
     work.into_par_iter()
-        .for_each(|((first, end), du, ddelta, dz, params, db, dc)| {
-            let mut scratch = Scratch::new(state);
-            for (k, lane) in (first..end).enumerate() {
-                let lane_rows = k * len..(k + 1) * len;
-                let grads = LaneGrads {
-                    du: &mut du[lane_rows.clone()],
-                    ddelta: &mut ddelta[lane_rows.clone()],
-                    dz: &mut dz[lane_rows],
-                    params: &mut params[k * params_len..(k + 1) * params_len],
-                    db: &mut *db,
-                    dc: &mut *dc,
-                };
-                backward_lane(
-                    &x.lane(&dims, lane),
-                    &checkpoints[lane * per_lane_checkpoints..(lane + 1) * per_lane_checkpoints],
-                    &dout[lane * len..(lane + 1) * len],
-                    grads,
-                    &mut scratch,
-                );
-            }
-        });
+        .for_each(|task| backward_task(task, state));
 
     // dA, dD and d_delta_bias: sum the per-lane values over batch, in batch order.
     let mut da = vec![0f32; channels * state];
@@ -653,12 +744,13 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
         }
     }
 
+    let (db, dc) = reduce_blocks(&dbc_parts, batch * groups, blocks, len, state);
     Grads {
         u: du,
         delta: ddelta,
         a: da,
-        b: reduce_blocks(db_parts, batch * groups, blocks, rows),
-        c: reduce_blocks(dc_parts, batch * groups, blocks, rows),
+        b: db,
+        c: dc,
         d: dd,
         z: dz,
         delta_bias: dbias,
@@ -672,7 +764,7 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 /// kernel spends its vector issue slots on. A horizontal sum of `N` lanes counts `N - 1` adds.
 ///
 /// Per (batch, channel, step, state) element: forward 23 (`Δ·A`, `exp`, the state update, the
-/// `C·s` accumulation); backward 32 (the recompute, 22, and the adjoint walk, 10). Per (batch,
+/// `C·s` accumulation); backward 34 (the recompute, 22, and the adjoint walk, 12). Per (batch,
 /// channel, step): 77 for the step terms (softplus and its derivative, 55; sigmoid, 22), plus the
 /// horizontal sums and scalar tail: forward `N + 4`, backward `3N + 12`.
 pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) -> (u64, u64) {
@@ -681,6 +773,6 @@ pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) ->
     let n = state as u64;
     (
         steps * (23 * n + STEP_TERMS + n + 4),
-        steps * (32 * n + STEP_TERMS + 3 * n + 12),
+        steps * (34 * n + STEP_TERMS + 3 * n + 12),
     )
 }

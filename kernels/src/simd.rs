@@ -138,6 +138,17 @@ pub(crate) trait Lanes:
     fn load(src: &[f32]) -> Self;
     /// Into the first `WIDTH` floats of `dst`.
     fn store(self, dst: &mut [f32]);
+    /// `load(&src[i..])` without the bounds check, for hot loops whose bounds are checked once
+    /// before the loop.
+    ///
+    /// # Safety
+    /// `i + WIDTH <= src.len()`.
+    unsafe fn load_at(src: &[f32], i: usize) -> Self;
+    /// `store(&mut dst[i..])` without the bounds check.
+    ///
+    /// # Safety
+    /// `i + WIDTH <= dst.len()`.
+    unsafe fn store_at(self, dst: &mut [f32], i: usize);
     /// `self * b + c`, fused where the target has FMA.
     fn mul_add(self, b: Self, c: Self) -> Self;
     fn max(self, other: Self) -> Self;
@@ -173,6 +184,16 @@ impl Lanes for f32 {
     #[inline(always)]
     fn store(self, dst: &mut [f32]) {
         dst[0] = self;
+    }
+    #[inline(always)]
+    unsafe fn load_at(src: &[f32], i: usize) -> Self {
+        debug_assert!(i < src.len());
+        unsafe { *src.get_unchecked(i) }
+    }
+    #[inline(always)]
+    unsafe fn store_at(self, dst: &mut [f32], i: usize) {
+        debug_assert!(i < dst.len());
+        unsafe { *dst.get_unchecked_mut(i) = self }
     }
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
@@ -279,6 +300,16 @@ pub(crate) mod avx2 {
         fn store(self, dst: &mut [f32]) {
             let dst = &mut dst[..8];
             unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_at(src: &[f32], i: usize) -> Self {
+            debug_assert!(i + 8 <= src.len());
+            unsafe { Self(_mm256_loadu_ps(src.as_ptr().add(i))) }
+        }
+        #[inline(always)]
+        unsafe fn store_at(self, dst: &mut [f32], i: usize) {
+            debug_assert!(i + 8 <= dst.len());
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), self.0) }
         }
         #[inline(always)]
         fn mul_add(self, b: Self, c: Self) -> Self {
@@ -420,6 +451,16 @@ pub(crate) mod avx512 {
         fn store(self, dst: &mut [f32]) {
             let dst = &mut dst[..16];
             unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_at(src: &[f32], i: usize) -> Self {
+            debug_assert!(i + 16 <= src.len());
+            unsafe { Self(_mm512_loadu_ps(src.as_ptr().add(i))) }
+        }
+        #[inline(always)]
+        unsafe fn store_at(self, dst: &mut [f32], i: usize) {
+            debug_assert!(i + 16 <= dst.len());
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i), self.0) }
         }
         #[inline(always)]
         fn mul_add(self, b: Self, c: Self) -> Self {
