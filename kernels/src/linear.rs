@@ -14,6 +14,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::strided::{
     Dst, Mat, Threads, dense_strides_like, gemm_into, product_with_grads, written,
@@ -122,6 +123,13 @@ fn merged(t: &FlexTensor) -> Option<Mat> {
     })
 }
 
+/// Runs the products of a batched result, one per batch, in parallel (they write disjoint
+/// batches). One at a time would leave the pool idle while each starts: gemm packs a row-major left
+/// operand of up to 1024 rows (a batch's `L` rows) on the calling thread before it splits the work.
+fn for_each_batch(batches: usize, product: impl Fn(usize) + Sync + Send) {
+    (0..batches).into_par_iter().for_each(product);
+}
+
 fn weight(w: &FlexTensor) -> Mat {
     Mat::of(w, &[0, 0], 0, 1)
 }
@@ -140,7 +148,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, channels_first: bool) -> FlexTensor {
                 cs: m as isize,
             };
             // SAFETY: batch i is the m × n matrix at offset i·m·n, column-major.
-            (0..b).for_each(|i| unsafe {
+            for_each_batch(b, |i| unsafe {
                 gemm_into(out.at(0, i * n), batch(x, i), w, 1.0, false, Threads::Pool)
             })
         });
@@ -151,7 +159,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, channels_first: bool) -> FlexTensor {
         // SAFETY: the output is b·m × n, row-major; the operands are the tensors' own views.
         match merged(x) {
             Some(x) => unsafe { gemm_into(out, x, w, 1.0, false, Threads::Pool) },
-            None => (0..b).for_each(|i| unsafe {
+            None => for_each_batch(b, |i| unsafe {
                 gemm_into(out.at(i * m, 0), batch(x, i), w, 1.0, false, Threads::Pool)
             }),
         }
@@ -164,15 +172,16 @@ fn grad_x(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let strides = dense_strides_like(x.layout());
     let wt = weight(w).t();
     written(shape.clone(), strides.clone(), |dx| {
-        for i in 0..shape[0] {
-            let dst = Dst {
-                ptr: dx.wrapping_offset(i as isize * strides[0]),
-                rs: strides[1],
-                cs: strides[2],
-            };
-            // SAFETY: batch i of dx is an m × k matrix at these strides inside the buffer.
-            unsafe { gemm_into(dst, batch(dy, i), wt, 1.0, false, Threads::Pool) }
-        }
+        let dx = Dst {
+            ptr: dx,
+            rs: strides[1],
+            cs: strides[2],
+        };
+        // SAFETY: batch i of dx is an m × k matrix at these strides inside the buffer.
+        for_each_batch(shape[0], |i| unsafe {
+            let dst = dx.offset(i as isize * strides[0]);
+            gemm_into(dst, batch(dy, i), wt, 1.0, false, Threads::Pool)
+        })
     })
 }
 

@@ -99,6 +99,14 @@ impl Dst {
         }
     }
 
+    /// The destination starting `elements` past this one's start (a batch of a batched result).
+    pub(crate) fn offset(self, elements: isize) -> Dst {
+        Dst {
+            ptr: self.ptr.wrapping_offset(elements),
+            ..self
+        }
+    }
+
     /// The destination starting at element `(i, j)`.
     pub(crate) fn at(self, i: usize, j: usize) -> Dst {
         Dst {
@@ -208,6 +216,10 @@ pub(crate) fn dense_strides_like(like: &Layout) -> Vec<isize> {
         false => Layout::contiguous(shape.clone()).strides().to_vec(),
     }
 }
+
+// SAFETY: tasks sharing a destination write disjoint elements of it (each its own batch).
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
 
 /// A raw pointer that tasks writing disjoint parts of one buffer can share.
 #[derive(Clone, Copy, Debug)]
