@@ -229,20 +229,12 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
             &mut dsp[..steps],
             &mut sz[..steps],
         );
-        for j in 0..steps {
-            let t = t0 + j;
-            let ut = lane.u[t];
-            let (dt_v, du_v) = (V::splat(dt[j]), V::splat(dt[j] * ut));
-            let b = &lane.b[t * n..(t + 1) * n];
-            let c = &lane.c[t * n..(t + 1) * n];
-            let mut y = V::splat(0.0);
-            for q in (0..n).step_by(V::WIDTH) {
-                let decay = exp_approx(dt_v * V::load(&lane.a[q..]));
-                let next = decay.mul_add(V::load(&s[q..]), du_v * V::load(&b[q..]));
-                next.store(&mut s[q..]);
-                y = V::load(&c[q..]).mul_add(next, y);
+        for q in (0..n).step_by(V::WIDTH) {
+            let (dt, state) = (&dt[..steps], &mut s[q..q + V::WIDTH]);
+            match q {
+                0 => forward_steps::<V, true>(lane, t0, dt, q, state, &mut y_parts),
+                _ => forward_steps::<V, false>(lane, t0, dt, q, state, &mut y_parts),
             }
-            y.store(&mut y_parts[j * V::WIDTH..]);
         }
         // The per-step sums over the state, V::WIDTH steps at a time, and the gated output.
         let (split, d) = (steps - steps % V::WIDTH, V::splat(lane.d));
@@ -257,6 +249,51 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
             out[t] = y * lane.z[t] * sz[j];
         }
     }
+}
+
+/// One step of the recurrence for one state vector: `(exp(Δ A), exp(Δ A) ⊙ s + Δ u B)`. The
+/// forward and the backward's recompute both take it from here, so they agree bit for bit.
+#[inline(always)]
+fn advance<V: Lanes>(s: V, dt: f32, u: f32, a: V, b: V) -> (V, V) {
+    let decay = exp_approx(V::splat(dt) * a);
+    (decay, decay.mul_add(s, V::splat(dt * u) * b))
+}
+
+/// The chunk's steps `t0..t0 + dt.len()` of state vector `q..q + WIDTH`, continuing `state`, which
+/// stays in a register through the chunk: adds this vector's partial products of `Σ C s` to each
+/// step's vector in `y_parts` (`FIRST`, for `q == 0`, starts them).
+#[inline(always)]
+fn forward_steps<V: Lanes, const FIRST: bool>(
+    lane: &Lane,
+    t0: usize,
+    dt: &[f32],
+    q: usize,
+    state: &mut [f32],
+    y_parts: &mut [f32],
+) {
+    let (n, steps) = (lane.a.len(), dt.len());
+    // The bounds of every access below, checked once so that the step loop runs without checks.
+    assert!(q + V::WIDTH <= n && t0 + steps <= lane.u.len() && steps * V::WIDTH <= y_parts.len());
+    assert!((t0 + steps) * n <= lane.b.len() && (t0 + steps) * n <= lane.c.len());
+    let a = V::load(&lane.a[q..]);
+    let mut s = V::load(state);
+    for (j, &dt) in dt.iter().enumerate() {
+        let (t, w) = (t0 + j, j * V::WIDTH);
+        // SAFETY: `t < t0 + steps`, so `t * n + q + WIDTH <= (t0 + steps) * n`; `j < steps`, so
+        // `w + WIDTH <= steps * WIDTH`.
+        unsafe {
+            let b = V::load_at(lane.b, t * n + q);
+            s = advance(s, dt, *lane.u.get_unchecked(t), a, b).1;
+            let sum = match FIRST {
+                true => V::splat(0.0),
+                false => V::load_at(y_parts, w),
+            };
+            V::load_at(lane.c, t * n + q)
+                .mul_add(s, sum)
+                .store_at(y_parts, w);
+        }
+    }
+    s.store(state);
 }
 
 /// The widest vector of [`Lanes`], in floats.
@@ -456,11 +493,16 @@ fn recompute_states<V: Lanes>(lane: &Lane, t0: usize, steps: usize, q: usize, s:
         // SAFETY: `j < steps <= CHUNK` (the length of `dt`), `t < t0 + steps`, and the vectors
         // end at `(t0 + steps) * n` in `b`, `steps * n` in `decay`, `(steps + 1) * n` in `states`.
         unsafe {
-            let dt = *s.dt.get_unchecked(j);
-            let decay = exp_approx(V::splat(dt) * a);
+            let b = V::load_at(lane.b, t * n + q);
+            let decay;
+            (decay, state) = advance(
+                state,
+                *s.dt.get_unchecked(j),
+                *lane.u.get_unchecked(t),
+                a,
+                b,
+            );
             decay.store_at(&mut s.decay, j * n + q);
-            let input = V::splat(dt * lane.u.get_unchecked(t)) * V::load_at(lane.b, t * n + q);
-            state = decay.mul_add(state, input);
             state.store_at(&mut s.states, (j + 1) * n + q);
         }
     }
