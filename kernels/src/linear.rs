@@ -185,26 +185,34 @@ fn grad_x(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     })
 }
 
+/// Rows of dW per task when it is a sum of per-batch products.
+const GRAD_W_ROWS: usize = 64;
+
 /// `dW = Σ_batches xᵀ · dy`, in the memory order of `w` where that is dense.
 fn grad_w(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let shape = w.layout().shape().clone();
     let strides = dense_strides_like(w.layout());
-    let (rs, cs) = (strides[0], strides[1]);
+    let (rs, cs, rows) = (strides[0], strides[1], shape[0]);
     written(shape, strides, |dw| {
         let dst = Dst { ptr: dw, rs, cs };
         // SAFETY: dW is a k × n matrix at these strides; the first GEMM writes all of it.
         match (merged(x), merged(dy)) {
             (Some(x), Some(dy)) => unsafe { gemm_into(dst, x.t(), dy, 1.0, false, Threads::Pool) },
-            _ => (0..x.layout().shape()[0]).for_each(|i| unsafe {
-                gemm_into(
-                    dst,
-                    batch(x, i).t(),
-                    batch(dy, i),
-                    1.0,
-                    i > 0,
-                    Threads::Pool,
-                )
-            }),
+            // One sum of per-batch products: blocks of dW's rows in parallel, each summing the
+            // batches in order (the same sums as one product after another). Whole-dW products
+            // would have gemm pack each batch's xᵀ, when row-major, on the calling thread.
+            _ => {
+                let batches = x.layout().shape()[0];
+                (0..rows.div_ceil(GRAD_W_ROWS))
+                    .into_par_iter()
+                    .for_each(|block| {
+                        let (r0, r1) = (block * GRAD_W_ROWS, ((block + 1) * GRAD_W_ROWS).min(rows));
+                        (0..batches).for_each(|i| unsafe {
+                            let xt = batch(x, i).t().rows(r0, r1);
+                            gemm_into(dst.at(r0, 0), xt, batch(dy, i), 1.0, i > 0, Threads::Caller)
+                        })
+                    });
+            }
         }
     })
 }
