@@ -155,9 +155,11 @@ pub(crate) trait Lanes:
     fn min(self, other: Self) -> Self;
     /// `then` in the lanes where `a < b`, `otherwise` elsewhere (also where either is NaN).
     fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self;
-    /// `2^k` from `t = k + 1.5·2^23` (an integer-valued `k` in `[-126, 127]` stored in the
-    /// low mantissa bits of `t`): `(bits(t) + 127) << 23` leaves `k + 127` in the exponent field.
-    fn pow2_of_rounded(t: Self) -> Self;
+    /// `self · 2^k` for an integer-valued `k` in `[-126, 127]`, given both as `k` and as
+    /// `t = k + 1.5·2^23` (`k` in the low mantissa bits of `t`): AVX-512 scales by `k` in one
+    /// instruction (`vscalefps`); the others put `k + 127` in the exponent field of `t`'s bits
+    /// (`(bits(t) + 127) << 23` is `2^k`) and multiply. Exact wherever the product is.
+    fn scale_pow2(self, k: Self, t: Self) -> Self;
     /// `(m, e)` with `self = m · 2^e`, `m` in `[0.5, 1)`, for positive normal `self`.
     fn frexp(self) -> (Self, Self);
     /// Horizontal sum, in a fixed order.
@@ -212,8 +214,8 @@ impl Lanes for f32 {
         if self > other { other } else { self }
     }
     #[inline(always)]
-    fn pow2_of_rounded(t: Self) -> Self {
-        f32::from_bits(t.to_bits().wrapping_add(127) << 23)
+    fn scale_pow2(self, _k: Self, t: Self) -> Self {
+        self * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
     }
     #[inline(always)]
     fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
@@ -325,10 +327,13 @@ pub(crate) mod avx2 {
             unsafe { Self(_mm256_min_ps(other.0, self.0)) }
         }
         #[inline(always)]
-        fn pow2_of_rounded(t: Self) -> Self {
+        fn scale_pow2(self, _k: Self, t: Self) -> Self {
             unsafe {
                 let bits = _mm256_add_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(127));
-                Self(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+                Self(_mm256_mul_ps(
+                    self.0,
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)),
+                ))
             }
         }
         #[inline(always)]
@@ -476,11 +481,8 @@ pub(crate) mod avx512 {
             unsafe { Self(_mm512_min_ps(other.0, self.0)) }
         }
         #[inline(always)]
-        fn pow2_of_rounded(t: Self) -> Self {
-            unsafe {
-                let bits = _mm512_add_epi32(_mm512_castps_si512(t.0), _mm512_set1_epi32(127));
-                Self(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)))
-            }
+        fn scale_pow2(self, k: Self, _t: Self) -> Self {
+            unsafe { Self(_mm512_scalef_ps(self.0, k.0)) }
         }
         #[inline(always)]
         fn select_lt(a: Self, b: Self, then: Self, otherwise: Self) -> Self {
@@ -586,7 +588,7 @@ pub(crate) fn exp_approx<V: Lanes>(x: V) -> V {
     p = p.mul_add(r, V::splat(0.166_666_65));
     p = p.mul_add(r, V::splat(0.5));
     let er = p.mul_add(r * r, r) + V::splat(1.0);
-    V::select_lt(x, V::splat(LO), V::splat(0.0), er * V::pow2_of_rounded(t))
+    V::select_lt(x, V::splat(LO), V::splat(0.0), er.scale_pow2(k, t))
 }
 
 /// `ln(x)` for finite `x >= 1`, Cephes `logf`: `x = m·2^e` with `m` in `[√½, √2)`, then a
