@@ -801,9 +801,10 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 
 /// Vector-lane arithmetic operations of the fused kernels as written, `(forward, backward)`: the
 /// compute side of the scan's roofline (`bench scan`). Unlike [`crate::scan_flops`], which counts
-/// an `exp` as one FLOP, every instruction of the polynomial `exp` (19), `ln` and the
-/// softplus/sigmoid built on them counts, as do compares and blends: that is what an exp-bound
-/// kernel spends its vector issue slots on. A horizontal sum of `N` lanes counts `N - 1` adds.
+/// an `exp` as one FLOP, every instruction of the polynomial `exp` (19, of which AVX-512 fuses
+/// three into one: counted as 19 at every level), `ln` and the softplus/sigmoid built on them
+/// counts, as do compares and blends: that is what an exp-bound kernel spends its vector issue
+/// slots on. A horizontal sum of `N` lanes counts `N - 1` adds.
 ///
 /// Per (batch, channel, step, state) element: forward 23 (`Δ·A`, `exp`, the state update, the
 /// `C·s` accumulation); backward 34 (the recompute, 22, and the adjoint walk, 12). Per (batch,
