@@ -135,9 +135,17 @@ pub(crate) trait Lanes:
     const WIDTH: usize;
     fn splat(x: f32) -> Self;
     /// The first `WIDTH` floats of `src`.
-    fn load(src: &[f32]) -> Self;
+    #[inline(always)]
+    fn load(src: &[f32]) -> Self {
+        // SAFETY: the slice has exactly `WIDTH` floats.
+        unsafe { Self::load_at(&src[..Self::WIDTH], 0) }
+    }
     /// Into the first `WIDTH` floats of `dst`.
-    fn store(self, dst: &mut [f32]);
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        // SAFETY: the slice has exactly `WIDTH` floats.
+        unsafe { self.store_at(&mut dst[..Self::WIDTH], 0) }
+    }
     /// `load(&src[i..])` without the bounds check, for hot loops whose bounds are checked once
     /// before the loop.
     ///
@@ -178,14 +186,6 @@ impl Lanes for f32 {
     #[inline(always)]
     fn splat(x: f32) -> Self {
         x
-    }
-    #[inline(always)]
-    fn load(src: &[f32]) -> Self {
-        src[0]
-    }
-    #[inline(always)]
-    fn store(self, dst: &mut [f32]) {
-        dst[0] = self;
     }
     #[inline(always)]
     unsafe fn load_at(src: &[f32], i: usize) -> Self {
@@ -292,16 +292,6 @@ pub(crate) mod avx2 {
         #[inline(always)]
         fn splat(x: f32) -> Self {
             unsafe { Self(_mm256_set1_ps(x)) }
-        }
-        #[inline(always)]
-        fn load(src: &[f32]) -> Self {
-            let src = &src[..8];
-            unsafe { Self(_mm256_loadu_ps(src.as_ptr())) }
-        }
-        #[inline(always)]
-        fn store(self, dst: &mut [f32]) {
-            let dst = &mut dst[..8];
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
         }
         #[inline(always)]
         unsafe fn load_at(src: &[f32], i: usize) -> Self {
@@ -446,16 +436,6 @@ pub(crate) mod avx512 {
         #[inline(always)]
         fn splat(x: f32) -> Self {
             unsafe { Self(_mm512_set1_ps(x)) }
-        }
-        #[inline(always)]
-        fn load(src: &[f32]) -> Self {
-            let src = &src[..16];
-            unsafe { Self(_mm512_loadu_ps(src.as_ptr())) }
-        }
-        #[inline(always)]
-        fn store(self, dst: &mut [f32]) {
-            let dst = &mut dst[..16];
-            unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
         }
         #[inline(always)]
         unsafe fn load_at(src: &[f32], i: usize) -> Self {
