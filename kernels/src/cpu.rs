@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::host::zeros;
-use crate::simd::{Lanes, exp_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad};
+use crate::simd::{Lanes, exp2_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad};
 
 /// Time steps per checkpoint chunk. The forward stores the state entering every chunk but the
 /// first; the backward recomputes one chunk of states at a time from it.
@@ -251,11 +251,19 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
     }
 }
 
-/// One step of the recurrence for one state vector: `(exp(Δ A), exp(Δ A) ⊙ s + Δ u B)`. The
-/// forward and the backward's recompute both take it from here, so they agree bit for bit.
+/// `A·log2 e` of one state vector, the rate [`advance`] takes: scaled once per chunk so that each
+/// step's decay `exp(Δ A) = 2^(Δ·A·log2 e)` is one multiply and an [`exp2_approx`].
 #[inline(always)]
-fn advance<V: Lanes>(s: V, dt: f32, u: f32, a: V, b: V) -> (V, V) {
-    let decay = exp_approx(V::splat(dt) * a);
+fn log2_rate<V: Lanes>(lane: &Lane, q: usize) -> V {
+    V::load(&lane.a[q..]) * V::splat(std::f32::consts::LOG2_E)
+}
+
+/// One step of the recurrence for one state vector: `(exp(Δ A), exp(Δ A) ⊙ s + Δ u B)`, given
+/// the [`log2_rate`] of `A`. The forward and the backward's recompute both take it from here, so
+/// they agree bit for bit.
+#[inline(always)]
+fn advance<V: Lanes>(s: V, dt: f32, u: f32, rate: V, b: V) -> (V, V) {
+    let decay = exp2_approx(V::splat(dt) * rate);
     (decay, decay.mul_add(s, V::splat(dt * u) * b))
 }
 
@@ -275,7 +283,7 @@ fn forward_steps<V: Lanes, const FIRST: bool>(
     // The bounds of every access below, checked once so that the step loop runs without checks.
     assert!(q + V::WIDTH <= n && t0 + steps <= lane.u.len() && steps * V::WIDTH <= y_parts.len());
     assert!((t0 + steps) * n <= lane.b.len() && (t0 + steps) * n <= lane.c.len());
-    let a = V::load(&lane.a[q..]);
+    let rate = log2_rate::<V>(lane, q);
     let mut s = V::load(state);
     for (j, &dt) in dt.iter().enumerate() {
         let (t, w) = (t0 + j, j * V::WIDTH);
@@ -283,7 +291,7 @@ fn forward_steps<V: Lanes, const FIRST: bool>(
         // `w + WIDTH <= steps * WIDTH`.
         unsafe {
             let b = V::load_at(lane.b, t * n + q);
-            s = advance(s, dt, *lane.u.get_unchecked(t), a, b).1;
+            s = advance(s, dt, *lane.u.get_unchecked(t), rate, b).1;
             let sum = match FIRST {
                 true => V::splat(0.0),
                 false => V::load_at(y_parts, w),
@@ -432,7 +440,11 @@ fn backward_task_impl<V: Lanes>(task: TaskWork, state: usize) {
     for chunk in (0..len.div_ceil(CHUNK)).rev() {
         let t0 = chunk * CHUNK;
         let steps = CHUNK.min(len - t0);
-        for ((w, carry), sums) in lanes.iter_mut().zip(carry.chunks_mut(state)).zip(&mut sums) {
+        for (i, (carry, sums)) in carry.chunks_mut(state).zip(&mut sums).enumerate() {
+            if let Some(next) = lanes.get(i + 1) {
+                prefetch_chunk(next, chunk, steps);
+            }
+            let w = &mut lanes[i];
             start_chunk::<V>(w, chunk, steps, &mut scratch);
             for q in (0..state).step_by(V::WIDTH) {
                 recompute_states::<V>(&w.lane, t0, steps, q, &mut scratch);
@@ -451,6 +463,48 @@ fn backward_task_impl<V: Lanes>(task: TaskWork, state: usize) {
         w.grads.params[state] = sums.d_skip.sum() + sums.d_skip_tail;
         w.grads.params[state + 1] = sums.d_bias.sum() + sums.d_bias_tail;
     }
+}
+
+/// Asks for the cache lines a lane reads and writes in chunk `chunk` (the next lane's, while this
+/// one is processed): lanes are visited chunk by chunk, so each lane's rows are touched in short
+/// pieces 2 KiB apart, which the hardware prefetchers do not follow, and every piece would
+/// otherwise start with a wait on memory.
+#[inline(always)]
+fn prefetch_chunk(w: &LaneWork, chunk: usize, steps: usize) {
+    const LINE: usize = 16;
+    let (g, t0, n) = (&w.grads, chunk * CHUNK, w.lane.a.len());
+    let rows: [&[f32]; 7] = [
+        w.lane.u,
+        w.lane.delta,
+        w.lane.z,
+        w.dout,
+        g.du,
+        g.ddelta,
+        g.dz,
+    ];
+    for row in rows {
+        for t in (t0..t0 + steps).step_by(LINE) {
+            prefetch(&row[t..]);
+        }
+    }
+    if chunk > 0 {
+        for i in (0..n).step_by(LINE) {
+            prefetch(&w.checkpoints[(chunk - 1) * n + i..]);
+        }
+    }
+}
+
+/// A hint to bring the cache line holding `data[0]` into L1.
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch of a valid address; SSE is part of the x86-64 baseline.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Restores the state entering chunk `chunk` (zero for the first) and computes the chunk's step
@@ -486,7 +540,7 @@ fn recompute_states<V: Lanes>(lane: &Lane, t0: usize, steps: usize, q: usize, s:
     assert!(q + V::WIDTH <= n && steps <= CHUNK && t0 + steps <= lane.u.len());
     assert!((t0 + steps) * n <= lane.b.len() && steps * n <= s.decay.len());
     assert!((steps + 1) * n <= s.states.len());
-    let a = V::load(&lane.a[q..]);
+    let rate = log2_rate::<V>(lane, q);
     let mut state = V::load(&s.states[q..]);
     for j in 0..steps {
         let t = t0 + j;
@@ -499,7 +553,7 @@ fn recompute_states<V: Lanes>(lane: &Lane, t0: usize, steps: usize, q: usize, s:
                 state,
                 *s.dt.get_unchecked(j),
                 *lane.u.get_unchecked(t),
-                a,
+                rate,
                 b,
             );
             decay.store_at(&mut s.decay, j * n + q);
@@ -801,13 +855,13 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 
 /// Vector-lane arithmetic operations of the fused kernels as written, `(forward, backward)`: the
 /// compute side of the scan's roofline (`bench scan`). Unlike [`crate::scan_flops`], which counts
-/// an `exp` as one FLOP, every instruction of the polynomial `exp` (19, of which AVX-512 fuses
-/// three into one: counted as 19 at every level), `ln` and the softplus/sigmoid built on them
-/// counts, as do compares and blends: that is what an exp-bound kernel spends its vector issue
-/// slots on. A horizontal sum of `N` lanes counts `N - 1` adds.
+/// an `exp` as one FLOP, every instruction of the polynomials `exp` (19) and `exp2` (13; AVX-512
+/// fuses three of each into one: counted in full at every level), `ln` and the softplus/sigmoid
+/// built on them counts, as do compares and blends: that is what an exp-bound kernel spends its
+/// vector issue slots on. A horizontal sum of `N` lanes counts `N - 1` adds.
 ///
-/// Per (batch, channel, step, state) element: forward 23 (`Δ·A`, `exp`, the state update, the
-/// `C·s` accumulation); backward 34 (the recompute, 22, and the adjoint walk, 12). Per (batch,
+/// Per (batch, channel, step, state) element: forward 17 (`Δ·A`, `exp2`, the state update, the
+/// `C·s` accumulation); backward 28 (the recompute, 16, and the adjoint walk, 12). Per (batch,
 /// channel, step): 77 for the step terms (softplus and its derivative, 55; sigmoid, 22), plus the
 /// horizontal sums and scalar tail: forward `N + 4`, backward `3N + 12`.
 pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) -> (u64, u64) {
@@ -815,7 +869,7 @@ pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) ->
     let steps = (batch * channels * len) as u64;
     let n = state as u64;
     (
-        steps * (23 * n + STEP_TERMS + n + 4),
-        steps * (34 * n + STEP_TERMS + 3 * n + 12),
+        steps * (17 * n + STEP_TERMS + n + 4),
+        steps * (28 * n + STEP_TERMS + 3 * n + 12),
     )
 }

@@ -571,6 +571,29 @@ pub(crate) fn exp_approx<V: Lanes>(x: V) -> V {
     V::select_lt(x, V::splat(LO), V::splat(0.0), er.scale_pow2(k, t))
 }
 
+/// `2^x` for `x` in `[-125, 127]`, with fewer operations than [`exp_approx`] for arguments whose
+/// factor `log2 e` can be folded into a constant: the scan's decays `exp(Δ·A) = 2^(Δ·A·log2 e)`
+/// scale `A` once per state vector. `x = k + f` with `k` the nearest integer (no Cody-Waite
+/// reduction: the reduction is exact), a degree-6 polynomial for `2^f` on `|f| <= 1/2` (the
+/// Cephes `exp2f` coefficients) and `·2^k`. Relative error below 2e-7 (tested). Inputs below
+/// `-125` give `2^-125` (≈ 2e-38; never a subnormal, which would cost a microcode assist per
+/// lane); NaN gives NaN.
+#[inline(always)]
+pub(crate) fn exp2_approx<V: Lanes>(x: V) -> V {
+    // 1.5 * 2^23: adding it rounds to an integer that lands in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(V::splat(-125.0));
+    let t = x + V::splat(ROUND);
+    let k = t - V::splat(ROUND);
+    let f = x - k;
+    let mut p = V::splat(1.535_336_2e-4);
+    let coefficients = [1.339_887_5e-3, 9.618_437e-3, 5.550_332_4e-2, 0.240_226_48];
+    for coefficient in coefficients.into_iter().chain([std::f32::consts::LN_2]) {
+        p = p.mul_add(f, V::splat(coefficient));
+    }
+    p.mul_add(f, V::splat(1.0)).scale_pow2(k, t)
+}
+
 /// `ln(x)` for finite `x >= 1`, Cephes `logf`: `x = m·2^e` with `m` in `[√½, √2)`, then a
 /// polynomial in `m - 1`. Relative error ~1e-7 (tested).
 #[inline(always)]
@@ -655,7 +678,8 @@ mod tests {
                 4 => sigmoid(x),
                 5 => V::splat(x.sum()),
                 6 => V::splat(x.max_lane()),
-                _ => x.sqrt(),
+                7 => x.sqrt(),
+                _ => exp2_approx(x),
             };
             y.store(out);
         }
@@ -691,15 +715,18 @@ mod tests {
         let softplus_grad = |x: f64| if x > 20.0 { 1.0 } else { sigmoid(x) };
         // (name, inputs, exact function, tolerance), in the order of `apply_generic`.
         type Case<'a> = (&'a str, Vec<f32>, &'a dyn Fn(f64) -> f64, f64);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             ("exp", grid(-87.3, 88.0, 1.3e-3), &f64::exp, 2e-7),
             ("ln", grid(1.0, 4e8, 3.1e3), &f64::ln, 2e-7),
             ("softplus", grid(-40.0, 40.0, 3e-4), &softplus, 4e-7),
             ("softplus'", grid(-40.0, 40.0, 3e-4), &softplus_grad, 4e-7),
             ("sigmoid", grid(-40.0, 40.0, 3e-4), &sigmoid, 4e-7),
+            ("exp2", grid(-125.0, 127.0, 3.7e-3), &f64::exp2, 2e-7),
         ];
+        // `exp2` is function 8 (5..=7 are tested below).
         for level in levels() {
-            for (function, (name, xs, exact, tol)) in cases.iter().enumerate() {
+            for (case, (name, xs, exact, tol)) in cases.iter().enumerate() {
+                let function = if case == 5 { 8 } else { case };
                 let err = max_rel_error(level, function, xs, exact);
                 assert!(err <= *tol, "{name} {level:?}: {err:e} > {tol:e}");
             }
@@ -762,6 +789,30 @@ mod tests {
         assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_approx(0f32), 1.0);
         assert!(exp_approx(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp2_approx_edges_at_every_level() {
+        let mut xs = vec![
+            f32::NEG_INFINITY,
+            -1e30,
+            -200.0,
+            -125.0,
+            -1.0,
+            0.0,
+            3.0,
+            f32::NAN,
+        ];
+        xs.resize(16, -7.0);
+        let floor = 2f32.powi(-125);
+        let want = [floor, floor, floor, floor, 0.5, 1.0, 8.0];
+        for level in levels() {
+            let mut out = vec![0f32; 16];
+            apply(level, 8, &xs, &mut out);
+            assert_eq!(out[..7], want, "{level:?}");
+            assert!(out[7].is_nan(), "{level:?}: NaN must propagate");
+            assert!(out[8..].iter().all(|&y| y == 2f32.powi(-7)), "{level:?}");
+        }
     }
 
     #[test]
