@@ -11,6 +11,7 @@ mod world;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use burn::tensor::{Device, Distribution, Int, Tensor};
 use clap::{Args, Subcommand};
 use zamba_train::optim::AdamWParams;
 use zamba_train::peak::{PEAK_SHAPES, PeakReport, measure_f32_peak};
@@ -116,6 +117,27 @@ fn time<F: FnMut()>(repeats: usize, mut f: F) -> Duration {
         f();
     }
     t.elapsed() / repeats as u32
+}
+
+/// A random batch shaped as the trainer feeds it: `rows` windows of `seq_len + 1` tokens, split
+/// into the model's inputs (the first `seq_len`) and their next-token targets (the last
+/// `seq_len`), so the model runs `seq_len` positions per row, every one of which is a counted
+/// token.
+fn random_batch(
+    rows: usize,
+    seq_len: usize,
+    vocab: usize,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let tokens = Tensor::<2, Int>::random(
+        [rows, seq_len + 1],
+        Distribution::Uniform(0.0, vocab as f64),
+        device,
+    );
+    (
+        tokens.clone().slice([0..rows, 0..seq_len]),
+        tokens.slice([0..rows, 1..seq_len + 1]),
+    )
 }
 
 /// The AdamW hyper-parameters of the benchmarked steps (the quickstart's).

@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, Device, Distribution, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 use clap::Args;
 use zamba_dist::DistOptions;
 use zamba_model::memory::ActivationMemory;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
-    next_token_loss,
+    cross_entropy,
 };
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::device::{DeviceChoice, device_for};
@@ -22,7 +22,7 @@ use zamba_train::memory;
 use zamba_train::optim::AdamW;
 
 use super::scan::{ScanShape, scan_times};
-use super::{Machine, bench_adamw, load_average, sync, time};
+use super::{Machine, bench_adamw, load_average, random_batch, sync, time};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -111,14 +111,10 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
     };
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &autodiff)?
         .with_execution(execution);
-    let tokens = Tensor::<2, Int>::random(
-        [a.batch, a.seq_len + 1],
-        Distribution::Uniform(0.0, config.vocab_size as f64),
-        &autodiff,
-    );
-    let (model, measured) = train_steps(model, &tokens, a.steps, &device)?;
+    let batch = random_batch(a.batch, a.seq_len, config.vocab_size, &autodiff);
+    let (model, measured) = train_steps(model, &batch, a.steps, &device)?;
     let forward_time = time(a.steps, || {
-        let _ = model.valid().forward(tokens.clone().inner()).into_data();
+        let _ = model.valid().forward(batch.0.clone().inner()).into_data();
     })
     .as_secs_f64();
     report(
@@ -136,7 +132,7 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
 /// ones of the trainer's step on a world of one.
 fn train_steps(
     mut model: ZambaModel,
-    tokens: &Tensor<2, Int>,
+    (inputs, targets): &(Tensor<2, Int>, Tensor<2, Int>),
     steps: usize,
     compute: &Device,
 ) -> Result<(ZambaModel, StepMeasurement)> {
@@ -151,7 +147,7 @@ fn train_steps(
         memory::reset_peak();
         let (live_before, _) = memory::heap();
         let t = Instant::now();
-        let loss = next_token_loss(model.forward(tokens.clone()), tokens.clone());
+        let loss = cross_entropy(model.forward(inputs.clone()), targets.clone());
         let activations = memory::heap().0.saturating_sub(live_before);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         sync(compute);
@@ -205,7 +201,7 @@ fn report(
     let scan_shape = ScanShape {
         batch: a.batch,
         channels: config.d_inner(),
-        len: a.seq_len + 1,
+        len: a.seq_len,
         state: config.mamba_d_state,
         groups: config.n_mamba_heads,
     };
@@ -289,7 +285,7 @@ fn print_memory(
     let estimate = ActivationMemory::of(
         config,
         a.batch,
-        a.seq_len + 1,
+        a.seq_len,
         a.precision,
         a.activation_checkpointing,
     );

@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 use zamba_dist::{Communicator, DistOptions, ReduceOp};
 use zamba_model::params::FlopsPerToken;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
+use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::optim::AdamW;
 
-use super::bench_adamw;
+use super::{bench_adamw, random_batch};
 
 /// Time per step on rank 0, split into its parts.
 #[derive(Default, Clone, Copy)]
@@ -120,16 +120,12 @@ fn rank_steps(
     let dp = DataParallel::new(&model, 25 << 20, sharding, comm.rank(), comm.world_size());
     let mut optimizer = AdamW::new(bench_adamw());
     device.seed(comm.rank() as u64);
-    let tokens = Tensor::<2, Int>::random(
-        [rows, seq_len + 1],
-        Distribution::Uniform(0.0, config.vocab_size as f64),
-        &device,
-    );
+    let (inputs, targets) = random_batch(rows, seq_len, config.vocab_size, &device);
     let mut total = StepTimes::default();
     for step in 0..=steps {
         comm.barrier()?;
         let t0 = Instant::now();
-        let loss = next_token_loss(model.forward(tokens.clone()), tokens.clone());
+        let loss = cross_entropy(model.forward(inputs.clone()), targets.clone());
         let loss_value = loss.clone().inner().reshape([1]);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let _ = loss_value.clone().into_data();
