@@ -587,10 +587,11 @@ pub(crate) fn exp2_approx<V: Lanes>(x: V) -> V {
     let k = t - V::splat(ROUND);
     let f = x - k;
     let mut p = V::splat(1.535_336_2e-4);
-    let coefficients = [1.339_887_5e-3, 9.618_437e-3, 5.550_332_4e-2, 0.240_226_48];
-    for coefficient in coefficients.into_iter().chain([std::f32::consts::LN_2]) {
-        p = p.mul_add(f, V::splat(coefficient));
-    }
+    p = p.mul_add(f, V::splat(1.339_887_5e-3));
+    p = p.mul_add(f, V::splat(9.618_437e-3));
+    p = p.mul_add(f, V::splat(5.550_332_4e-2));
+    p = p.mul_add(f, V::splat(0.240_226_48));
+    p = p.mul_add(f, V::splat(std::f32::consts::LN_2));
     p.mul_add(f, V::splat(1.0)).scale_pow2(k, t)
 }
 
