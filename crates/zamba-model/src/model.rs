@@ -168,15 +168,18 @@ impl MambaMixer {
             compute.cast(self.conv_bias.val()),
         ));
 
-        // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L]), one product per
-        // block of rows: dt [B, H, R, L]; B and C written time-major, [B, H, L, N], as the scan
-        // reads them (no slices of one product, whose gradients Burn would assemble in zeros).
+        // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L]) as one product per
+        // (batch, head), written time-major, [B, H, L, R+2N]: x_h is read once (three products of
+        // R or N rows each spent more time packing x_h than multiplying, and their three
+        // gradients of x_h had to be summed). dt is a transposed view, [B, H, R, L]; B and C are
+        // column slices, [B, H, L, N], the time-major layout the scan reads.
         let x_heads = x.clone().reshape([batch, h, p, len]);
         let w_x = compute.cast(self.x_proj_weight.val());
-        let rows = |range: std::ops::Range<usize>| w_x.clone().slice([0..h, range, 0..p]);
-        let dt = zamba_kernels::per_head_matmul(rows(0..r), x_heads.clone());
-        let b_t = zamba_kernels::per_head_matmul_transposed(rows(r..r + n), x_heads.clone());
-        let c_t = zamba_kernels::per_head_matmul_transposed(rows(r + n..r + 2 * n), x_heads);
+        let proj = zamba_kernels::per_head_matmul_transposed(w_x, x_heads);
+        let columns =
+            |range: std::ops::Range<usize>| proj.clone().slice([0..batch, 0..h, 0..len, range]);
+        let dt = columns(0..r).swap_dims(2, 3);
+        let (b_t, c_t) = (columns(r..r + n), columns(r + n..r + 2 * n));
         let delta = zamba_kernels::per_head_matmul(compute.cast(self.dt_proj_weight.val()), dt)
             .reshape([batch, di, len]);
         // The scan's parameters stay f32 (its state and sums are f32 on every backend).
