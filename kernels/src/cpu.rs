@@ -471,7 +471,7 @@ fn backward_task_impl<V: Lanes>(task: TaskWork, state: usize) {
 /// otherwise start with a wait on memory.
 #[inline(always)]
 fn prefetch_chunk(w: &LaneWork, chunk: usize, steps: usize) {
-    const LINE: usize = 16;
+    const FLOATS_PER_LINE: usize = 16;
     let (g, t0, n) = (&w.grads, chunk * CHUNK, w.lane.a.len());
     let rows: [&[f32]; 7] = [
         w.lane.u,
@@ -483,12 +483,12 @@ fn prefetch_chunk(w: &LaneWork, chunk: usize, steps: usize) {
         g.dz,
     ];
     for row in rows {
-        for t in (t0..t0 + steps).step_by(LINE) {
+        for t in (t0..t0 + steps).step_by(FLOATS_PER_LINE) {
             prefetch(&row[t..]);
         }
     }
     if chunk > 0 {
-        for i in (0..n).step_by(LINE) {
+        for i in (0..n).step_by(FLOATS_PER_LINE) {
             prefetch(&w.checkpoints[(chunk - 1) * n + i..]);
         }
     }
