@@ -180,8 +180,8 @@ impl DataParallel {
                 .collect();
             let flat = self.padded(bucket, parts, device);
             let (chunk, full) = match self.sharding {
-                // One rank's gradients are their own average: no round trip through the host
-                // exchange (a copy out and back of every gradient, ~1.4% of a zamba-bench step).
+                // One rank's gradients are their own average: no round trip through the
+                // communicator (a copy out and back of every gradient).
                 _ if self.world == 1 => (flat.clone(), Some(flat)),
                 Sharding::Replicated => {
                     let full = comm.all_reduce(flat, ReduceOp::Avg)?;
