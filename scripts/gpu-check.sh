@@ -1,183 +1,248 @@
 #!/usr/bin/env bash
-# The GPU check: one command for a ~10-minute window on one H100/H200.
+# The GPU check: everything the first minutes on a GPU node should tell us, from prebuilt
+# binaries (the bundle of scripts/gpu-bundle.sh), with no compiler and no network.
 #
-#   scripts/gpu-check.sh                 # all sections
-#   scripts/gpu-check.sh build kernels   # some sections, in the given order
+#   ./gpu-check.sh                     all sections on the first CUDA device (needs a GPU)
+#   ./gpu-check.sh --smoke             every section at tiny sizes on the best device the binary
+#                                      finds (the CPU where there is no GPU): proves the script
+#   ./gpu-check.sh kernels model       only these sections (then the report)
 #
-# Sections (functions below, run in this order by default):
-#   build     prepare the offline LLVM, build zamba-train and the kernel/model tests with `cuda`
-#   kernels   the scan kernel tests on the CUDA device (vs the CPU kernel, bf16, determinism)
-#   model     the model tests on the CUDA device (whole model vs Flex, recomputation, bf16)
-#   train     ~30 steps of the ~1B preset (zamba-1b) in bf16 with per-layer recomputation on
-#             synthetic data: tokens/s, MFU, peak GPU memory
-#   bench     one training step of the same model alone: the scan's share of the step
-#   dist      NCCL collectives (one rank per GPU) and all-reduce bandwidth (needs libnccl.so.2)
+# Options: --bin DIR (folder of zamba-train; default: this script's folder, else target/release),
+#          --out DIR (default: gpu-check-out), --fixtures DIR (default: DIR/fixtures beside the
+#          binary, else the source tree's tests/fixtures), --section-timeout S (default 240).
 #
-# MFU is against the card's dense bf16 peak: 989 TFLOP/s for an H100 SXM and an H200 (both
-# 989.4 TFLOP/s dense bf16 per NVIDIA's datasheets); set PEAK_TFLOPS for another card (H100 PCIe:
-# 756). Results go to docs/performance.md (GPU section) by hand.
+# Sections (each runs on its own: a failing or timed-out section is reported and the next one
+# runs; each writes OUT/<section>.json and OUT/<section>.log):
+#   env      GPU name, driver, memory (nvidia-smi); the CUDA libraries found and used
+#   kernels  `zamba-train selftest --only kernels`: the scan kernels vs the CPU kernel (f32, bf16)
+#   model    `zamba-train selftest --only model`: whole model vs CPU, recomputation, bf16,
+#            transformers' logits
+#   peak     measured bf16 GEMM peak through our GEMM path, and through PyTorch when present
+#   step     zamba-1b training steps (bf16, layer recomputation, seq 4096): tokens/s, MFU, peak
+#            memory, and the step's time split by op class (spans with device synchronisation)
+#   scan     the scan op's achieved bandwidth against a measured device-to-device copy
+#   dist     NCCL (world 1): collectives' values, all-reduce bandwidth
+# then `zamba-train bench report`: one table, also OUT/summary.json.
 #
-# Env: PEAK_TFLOPS (989), STEPS (30), SEQ_LEN (4096), MICRO_BATCH (4), SEQUENCES (8 per step),
-#      OUT (target/gpu-check), CARGO_FLAGS (extra cargo flags).
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# Library search order (printed): LD_LIBRARY_PATH, /usr/local/cuda/lib64 (and CUDA_HOME),
+# Python site-packages nvidia/*/lib (pip's PyTorch layout). libcuda comes with the driver.
+set -uo pipefail
 
-PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
-STEPS="${STEPS:-30}"
-SEQ_LEN="${SEQ_LEN:-4096}"
-MICRO_BATCH="${MICRO_BATCH:-4}"
-SEQUENCES="${SEQUENCES:-8}"
-OUT="${OUT:-target/gpu-check}"
-CARGO_FLAGS="${CARGO_FLAGS:-}"
-BIN="target/release/zamba-train"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+BIN_DIR=""
+OUT="gpu-check-out"
+FIXTURES=""
+SMOKE=0
+SECTION_TIMEOUT=240
+SECTIONS=()
 
-section() { printf '\n==== %s ====\n' "$*"; }
-die() { printf 'gpu-check: error: %s\n' "$*" >&2; exit 1; }
+die() { printf 'gpu-check: error: %s\n' "$*" >&2; exit 2; }
 
-# Runs "$@" while sampling the GPU's used memory every second; prints the peak in MiB.
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --smoke) SMOKE=1 ;;
+        --bin) BIN_DIR="${2:?--bin needs a folder}"; shift ;;
+        --out) OUT="${2:?--out needs a folder}"; shift ;;
+        --fixtures) FIXTURES="${2:?--fixtures needs a folder}"; shift ;;
+        --section-timeout) SECTION_TIMEOUT="${2:?--section-timeout needs seconds}"; shift ;;
+        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        env|kernels|model|peak|step|scan|dist) SECTIONS+=("$1") ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+done
+[[ ${#SECTIONS[@]} -gt 0 ]] || SECTIONS=(env kernels model peak step scan dist)
+
+# The binary: --bin, else beside this script (the bundle), else the source tree's release build.
+find_binary() {
+    local dir
+    for dir in ${BIN_DIR:+"${BIN_DIR}"} "${HERE}" "${HERE}/../target/release"; do
+        if [[ -x "${dir}/zamba-train" ]]; then
+            BIN="$(cd "${dir}" && pwd)/zamba-train"
+            return 0
+        fi
+    done
+    die "no zamba-train binary in ${BIN_DIR:-${HERE} or ${HERE}/../target/release}; pass --bin DIR"
+}
+
+# Folders that may hold the CUDA user-space libraries, in search order.
+library_dirs() {
+    local d
+    IFS=: read -ra d <<<"${LD_LIBRARY_PATH:-}"
+    printf '%s\n' "${d[@]}"
+    [[ -n "${CUDA_HOME:-}" ]] && printf '%s\n' "${CUDA_HOME}/lib64"
+    printf '%s\n' /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64
+    local python
+    for python in python3 python; do
+        command -v "${python}" >/dev/null 2>&1 || continue
+        "${python}" - <<'PY' 2>/dev/null
+import glob, site, sys
+roots = list(getattr(site, "getsitepackages", lambda: [])()) + [site.getusersitepackages()] + sys.path
+for root in dict.fromkeys(roots):
+    for lib in sorted(glob.glob(f"{root}/nvidia/*/lib")):
+        print(lib)
+PY
+        break
+    done
+}
+
+# Finds library $1 (a soname pattern); prints its path.
+find_library() {
+    local dir hit
+    while read -r dir; do
+        [[ -n "${dir}" && -d "${dir}" ]] || continue
+        hit=$(compgen -G "${dir}/$1" | head -n 1)
+        [[ -n "${hit}" ]] && { printf '%s\n' "${hit}"; return 0; }
+    done < <(library_dirs)
+    return 1
+}
+
+# Puts the folders of the libraries found on LD_LIBRARY_PATH; writes OUT/libraries.txt.
+locate_libraries() {
+    local name pattern path dirs=()
+    : >"${OUT}/libraries.txt"
+    for entry in "cuda:libcuda.so.1" "nccl:libnccl.so*" "cublasLt:libcublasLt.so*" "nvrtc:libnvrtc.so*"; do
+        name="${entry%%:*}"; pattern="${entry#*:}"
+        if path=$(find_library "${pattern}"); then
+            printf '%-9s %s\n' "${name}" "${path}" | tee -a "${OUT}/libraries.txt"
+            dirs+=("$(dirname "${path}")")
+        else
+            printf '%-9s not found\n' "${name}" | tee -a "${OUT}/libraries.txt"
+        fi
+    done
+    local joined
+    joined=$(printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd: -)
+    export LD_LIBRARY_PATH="${joined}${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
+}
+
+json_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr -d '\n')"; }
+
+# ---- sections ----------------------------------------------------------------------------------
+
+section_env() {
+    local name="none" driver="none" memory=0
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        IFS=, read -r name driver memory < <(nvidia-smi -i 0 \
+            --query-gpu=name,driver_version,memory.total --format=csv,noheader,nounits)
+        name="$(echo "${name}" | xargs)"; driver="$(echo "${driver}" | xargs)"
+        memory="$(echo "${memory}" | xargs)"
+    fi
+    echo "GPU: ${name}, driver ${driver}, ${memory} MiB"
+    echo "device: ${DEVICE}"
+    {
+        printf '{"gpu": %s, "driver": %s, "memory_mib": %s, "device": %s, "smoke": %s, "libraries": [' \
+            "$(json_string "${name}")" "$(json_string "${driver}")" "${memory:-0}" \
+            "$(json_string "${DEVICE}")" "$([[ ${SMOKE} -eq 1 ]] && echo true || echo false)"
+        local first=1 line
+        while read -r line; do
+            [[ ${first} -eq 1 ]] || printf ', '
+            first=0
+            json_string "${line}"
+        done <"${OUT}/libraries.txt"
+        printf ']}\n'
+    } >"${OUT}/env.json"
+}
+
+section_kernels() {
+    "${BIN}" selftest --device "${DEVICE}" --only kernels ${FIXTURES:+--fixtures "${FIXTURES}"} \
+        --json "${OUT}/kernels.json"
+}
+
+section_model() {
+    "${BIN}" selftest --device "${DEVICE}" --only model ${FIXTURES:+--fixtures "${FIXTURES}"} \
+        --json "${OUT}/model.json"
+}
+
+section_peak() {
+    local size=8192
+    [[ ${SMOKE} -eq 1 ]] && size=256
+    "${BIN}" bench peak --device "${DEVICE}" --precision bf16 --size "${size}" \
+        --json "${OUT}/peak.json"
+}
+
+section_step() {
+    if [[ ${SMOKE} -eq 1 ]]; then
+        set -- --preset zamba-tiny --batch 1 --seq-len 64 --steps 2
+    else
+        set -- --preset zamba-1b --batch 1 --seq-len 4096 --steps 3
+    fi
+    with_memory_peak "${BIN}" bench model --device "${DEVICE}" --precision bf16 \
+        --activation-checkpointing layers --no-torch "$@" --json-file "${OUT}/step.json"
+}
+
+section_scan() {
+    if [[ ${SMOKE} -eq 1 ]]; then
+        set -- --batch 1 --channels 32 --seq-len 64 --repeats 2
+    else
+        set -- --batch 1 --channels 4096 --seq-len 4096 --repeats 5
+    fi
+    "${BIN}" bench scan --device "${DEVICE}" --precision bf16 "$@" --json "${OUT}/scan.json"
+}
+
+section_dist() {
+    local backend=nccl sizes="1M,16M,64M,256M"
+    [[ ${DEVICE} == cuda* ]] || backend=tcp
+    [[ ${SMOKE} -eq 1 ]] && sizes="64K,1M"
+    "${BIN}" bench allreduce --backend "${backend}" --world 1 --check --sizes "${sizes}" \
+        --iters 10 --json "${OUT}/dist.json"
+}
+
+# Runs "$@" while sampling the GPU's used memory; the peak goes to OUT/memory-peak.txt.
 with_memory_peak() {
+    if ! command -v nvidia-smi >/dev/null 2>&1 || [[ ${DEVICE} != cuda* ]]; then
+        "$@"
+        return
+    fi
     local samples="${OUT}/memory-samples.txt"
     : >"${samples}"
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 500 >>"${samples}" &
-    local sampler=$!
-    local status=0
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 200 >>"${samples}" &
+    local sampler=$! status=0
     "$@" || status=$?
-    kill "${sampler}" 2>/dev/null || true
-    wait "${sampler}" 2>/dev/null || true
-    printf 'peak GPU memory used (nvidia-smi, whole device): %s MiB\n' \
-        "$(sort -n "${samples}" | tail -n 1)"
+    kill "${sampler}" 2>/dev/null
+    wait "${sampler}" 2>/dev/null
+    sort -n "${samples}" | tail -n 1 >"${OUT}/memory-peak.txt"
     return "${status}"
 }
 
-check_gpu() {
-    command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this check needs an NVIDIA GPU"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    mkdir -p "${OUT}"
-}
-
-build() {
-    section "build (release, --features cuda)"
-    bash scripts/prepare-llvm.sh
-    # shellcheck disable=SC2086
-    cargo build --release -p zamba-train --features cuda ${CARGO_FLAGS}
-    # shellcheck disable=SC2086
-    cargo test --release --features cuda -p zamba-kernels -p zamba-model --no-run ${CARGO_FLAGS}
-}
-
-kernels() {
-    section "scan kernel tests on the CUDA device"
-    # shellcheck disable=SC2086
-    cargo test --release --features cuda -p zamba-kernels --test selective_scan ${CARGO_FLAGS}
-}
-
-model() {
-    section "model tests on the CUDA device"
-    # shellcheck disable=SC2086
-    cargo test --release --features cuda -p zamba-model --test execution ${CARGO_FLAGS}
-}
-
-train_config() {
-    cat <<EOF
-# Written by scripts/gpu-check.sh.
-[run]
-name = "gpu-check"
-dir = "${OUT}/run"
-
-[model]
-preset = "zamba-1b"
-
-[data]
-seq_len = ${SEQ_LEN}
-
-[data.sources.web]
-paths = ["synthetic:web"]
-weight = 1.0
-
-[batch]
-sequences = ${SEQUENCES}
-micro_batch = ${MICRO_BATCH}
-
-[schedule]
-kind = "cosine"
-peak_lr = 3e-4
-min_lr = 3e-5
-warmup_steps = 5
-
-[train]
-steps = ${STEPS}
-activation_checkpointing = "layers"
-
-[checkpoint]
-every = 0
-
-[logging]
-progress = false
-
-[runtime]
-device = "cuda:0"
-precision = "bf16"
-peak_gflops = ${PEAK_TFLOPS}000
-EOF
-}
-
-train() {
-    section "train: zamba-1b, bf16, layer recomputation, ${STEPS} steps of ${SEQUENCES} × ${SEQ_LEN} tokens"
-    rm -rf "${OUT}/run"
-    train_config >"${OUT}/gpu-check.toml"
-    "${BIN}" --config "${OUT}/gpu-check.toml" --dry-run | sed -n '/^== Run/,$p' | head -n 12
-    with_memory_peak "${BIN}" --config "${OUT}/gpu-check.toml"
-    # Throughput and MFU: the median over the steps after the first five (JIT and allocator warm-up).
-    python3 - "${OUT}/run/metrics.jsonl" "${PEAK_TFLOPS}" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-steps = [r for r in rows if not r.get("eval") and r["step"] >= 5] or rows
-tok = statistics.median(r["tokens_per_sec"] for r in steps)
-mfu = statistics.median(r["mfu"] for r in steps if r.get("mfu") is not None)
-print(f"tokens/s (median of steps 5..): {tok:.0f}")
-print(f"MFU vs {sys.argv[2]} TFLOP/s dense bf16: {100 * mfu:.1f}% (model FLOPs: 3x forward, attention without causal discount)")
-print(f"final loss: {rows[-1]['loss']}")
-PY
-}
-
-bench() {
-    section "bench: one training step of zamba-1b alone (scan share)"
-    with_memory_peak "${BIN}" bench model --device cuda --preset zamba-1b --precision bf16 \
-        --activation-checkpointing layers --batch "${MICRO_BATCH}" --seq-len "${SEQ_LEN}" \
-        --steps 3 --peak-gflops "${PEAK_TFLOPS}000"
-}
-
-dist() {
-    local gpus
-    gpus=$(nvidia-smi -L | wc -l)
-    section "zamba-dist: NCCL collectives (world 1 on GPU 0; one rank per GPU on all ${gpus})"
-    # shellcheck disable=SC2086
-    ZAMBA_GPU_COUNT=${gpus} cargo test --release -p zamba-dist --features cuda --test nccl ${CARGO_FLAGS} \
-        -- --ignored --test-threads=1 every_collective_on_one_rank_per_gpu
-    if [[ ${gpus} -ge 2 ]]; then
-        section "zamba-dist: a rank that skips a collective is named (world ${gpus})"
-        # shellcheck disable=SC2086
-        ZAMBA_GPU_COUNT=${gpus} cargo test --release -p zamba-dist --features cuda --test nccl ${CARGO_FLAGS} \
-            -- --ignored --test-threads=1 a_rank_that_skips_a_collective_is_named
+# Runs section $1 under `timeout` (its whole process group is stopped at the limit); its output
+# goes to the terminal and OUT/$1.log, its outcome to OUT/sections.txt. A failure never stops the
+# script.
+run_section() {
+    local s=$1 start=${SECONDS} status outcome=ok
+    printf '\n==== %s ====\n' "${s}"
+    timeout -k 10 "${SECTION_TIMEOUT}" bash -c "section_${s}" 2>&1 | tee "${OUT}/${s}.log"
+    status=${PIPESTATUS[0]}
+    if [[ ${status} -eq 124 || ${status} -eq 137 ]]; then
+        outcome="timeout after ${SECTION_TIMEOUT}s"
+    elif [[ ${status} -ne 0 ]]; then
+        outcome="failed (exit ${status})"
     fi
-    section "zamba-dist: NCCL all-reduce bandwidth"
-    for world in 1 "${gpus}"; do
-        "${BIN}" bench allreduce --backend nccl --world "${world}" --sizes 1M,16M,64M,256M --iters 20
-        "${BIN}" bench allreduce --backend nccl --world "${world}" --dtype bf16 --sizes 64M,256M --iters 20
-    done
+    printf '%s\t%s\t%s\n' "${s}" "$(( SECONDS - start ))" "${outcome}" >>"${OUT}/sections.txt"
+    printf -- '---- %s: %s in %ss\n' "${s}" "${outcome}" "$(( SECONDS - start ))"
 }
 
 main() {
-    local sections=("$@")
-    if [[ ${#sections[@]} -eq 0 ]]; then
-        sections=(build kernels model train bench dist)
+    find_binary
+    local devices
+    devices=$("${BIN}" selftest --list-devices) || die "${BIN} selftest --list-devices failed"
+    DEVICE=$(head -n 1 <<<"${devices}")
+    if [[ ${SMOKE} -eq 0 && ${DEVICE} != cuda* ]]; then
+        die "no CUDA device found (this binary's devices: $(paste -sd' ' <<<"${devices}")); \
+this check needs an NVIDIA GPU with its driver (nvidia-smi), and a binary built with \
+--features cuda (scripts/gpu-bundle.sh). Use --smoke to exercise the script on this machine."
     fi
-    check_gpu
+    mkdir -p "${OUT}" || die "cannot create ${OUT}"
+    : >"${OUT}/sections.txt"
+    echo "binary: ${BIN}"
+    locate_libraries
+    export BIN OUT DEVICE SMOKE FIXTURES
+    export -f json_string with_memory_peak "${SECTIONS[@]/#/section_}"
     local start=${SECONDS}
-    for s in "${sections[@]}"; do
-        declare -F "${s}" >/dev/null || die "unknown section ${s}"
-        "${s}"
+    for s in "${SECTIONS[@]}"; do
+        run_section "${s}"
     done
-    section "done in $((SECONDS - start)) s"
+    printf '\n==== report (%ss) ====\n' "$(( SECONDS - start ))"
+    "${BIN}" bench report --dir "${OUT}"
 }
 
-main "$@"
+main

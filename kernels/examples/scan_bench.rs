@@ -97,7 +97,7 @@ fn main() {
     let [batch, channels, len, state, groups] = dims;
     let (fwd_flops, bwd_flops) = scan_flops(batch, channels, len, state);
     let chunk = scan_chunk(&Device::flex(), state).expect("Flex has the fused kernel");
-    let (fwd_bytes, bwd_bytes) = scan_bytes(batch, channels, len, state, groups, chunk);
+    let (fwd_bytes, bwd_bytes) = scan_bytes(batch, channels, len, state, groups, chunk, 4);
     let reps = 7;
     println!(
         "Bt={batch} Dc={channels} L={len} N={state} G={groups}, {} rayon threads, median of {reps}",

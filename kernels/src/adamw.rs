@@ -13,6 +13,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
+use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, as_f32_mut, contiguous_f32};
 use crate::simd::{Lanes, simd_dispatch, simd_level};
 
@@ -127,6 +128,15 @@ pub fn adamw_update_reference(
 }
 
 fn check_lengths(theta: &Tensor<1>, grad: &Tensor<1>, m: &Tensor<1>, v: &Tensor<1>) {
+    expect_same_dtype(
+        "adamw_update",
+        &[
+            ("theta", theta.dtype()),
+            ("grad", grad.dtype()),
+            ("m", m.dtype()),
+            ("v", v.dtype()),
+        ],
+    );
     let lengths = [theta, grad, m, v].map(|t| t.dims()[0]);
     assert!(
         lengths.iter().all(|&n| n == lengths[0]),

@@ -30,6 +30,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cross_entropy::{log_sum_exp, softmax_times};
+use crate::dtype::expect_same_dtype;
 use crate::simd::{Lanes, simd_dispatch, simd_level};
 use crate::strided::{Dst, Mat, SharedMut, Threads, gemm_into, written};
 
@@ -47,6 +48,10 @@ const BLOCK: usize = 64;
 /// If the shapes disagree (the message names them).
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
     check(&q, &k, &v);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&q.device()) {
+        return crate::cube::ops::causal_attention(q, k, v, scale);
+    }
     let fused = crate::on_flex(&q.device()) && [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
     if !fused {
         return causal_attention_reference(q, k, v, scale);
@@ -91,6 +96,10 @@ fn repeat_kv(t: Tensor<4>, groups: usize) -> Tensor<4> {
 }
 
 fn check(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) {
+    expect_same_dtype(
+        "causal_attention",
+        &[("q", q.dtype()), ("k", k.dtype()), ("v", v.dtype())],
+    );
     let [b, l, h, hd] = q.dims();
     let kv = k.dims()[2];
     assert!(

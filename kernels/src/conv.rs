@@ -20,6 +20,7 @@ use burn::backend::{Autodiff, Backend, DType, Dispatch, Flex, backend_extension}
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
 use crate::simd::{Lanes, sigmoid, simd_dispatch, simd_level};
 
@@ -47,10 +48,9 @@ pub fn causal_conv1d_silu_reference(x: Tensor<3>, weight: Tensor<2>, bias: Tenso
     check_shapes(&x, &weight, &bias);
     let [batch, channels, len] = x.dims();
     let [_, k] = weight.dims();
-    let padded = Tensor::cat(
-        vec![Tensor::zeros([batch, channels, k - 1], &x.device()), x],
-        2,
-    );
+    // The padding in x's dtype: `cat` reads every part as the first one's type.
+    let padding = Tensor::zeros([batch, channels, k - 1], (&x.device(), x.dtype()));
+    let padded = Tensor::cat(vec![padding, x], 2);
     let mut out = bias
         .reshape([1, channels, 1])
         .expand([batch, channels, len]);
@@ -65,6 +65,14 @@ pub fn causal_conv1d_silu_reference(x: Tensor<3>, weight: Tensor<2>, bias: Tenso
 }
 
 fn check_shapes(x: &Tensor<3>, weight: &Tensor<2>, bias: &Tensor<1>) {
+    expect_same_dtype(
+        "causal_conv1d_silu",
+        &[
+            ("x", x.dtype()),
+            ("weight", weight.dtype()),
+            ("bias", bias.dtype()),
+        ],
+    );
     let [_, channels, len] = x.dims();
     let [w_channels, k] = weight.dims();
     assert!(

@@ -15,6 +15,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::gelu;
 use rayon::prelude::*;
 
+use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
 use crate::simd::{Lanes, exp_approx, simd_dispatch, simd_level};
 
@@ -41,6 +42,7 @@ pub fn gelu_mul_reference<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Ten
 }
 
 fn check<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>) {
+    expect_same_dtype("gelu_mul", &[("gate", gate.dtype()), ("up", up.dtype())]);
     assert!(
         gate.dims() == up.dims(),
         "gelu_mul: gate {:?} and up {:?} must have the same shape",

@@ -13,6 +13,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::dtype::expect_same_dtype;
 use crate::strided::{
     Dst, Mat, SharedMut, Threads, dense_strides_like, gemm_into, product_with_grads, written,
 };
@@ -25,6 +26,10 @@ use crate::strided::{
 /// If the head counts or the inner dimensions disagree.
 pub fn per_head_matmul(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
     check(&w, &x);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        return crate::cube::ops::per_head_matmul(w, x);
+    }
     match fused(&w, &x) {
         true => fused_op(w, x, false),
         false => per_head_matmul_reference(w, x),
@@ -35,6 +40,10 @@ pub fn per_head_matmul(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
 /// contiguous (the time-major `B`/`C` the selective scan reads).
 pub fn per_head_matmul_transposed(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
     check(&w, &x);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        return crate::cube::ops::per_head_matmul_transposed(w, x);
+    }
     match fused(&w, &x) {
         true => fused_op(w, x, true).swap_dims(2, 3),
         false => per_head_matmul_reference(w, x).swap_dims(2, 3),
@@ -61,6 +70,7 @@ pub fn per_head_matmul_reference(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
 }
 
 fn check(w: &Tensor<3>, x: &Tensor<4>) {
+    expect_same_dtype("per_head_matmul", &[("w", w.dtype()), ("x", x.dtype())]);
     let ([h, _, k], [_, xh, xk, _]) = (w.dims(), x.dims());
     assert!(
         h == xh && k == xk,

@@ -82,11 +82,14 @@
 
 mod adamw;
 mod attention;
+pub mod check;
 mod conv;
 mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cube")]
 mod cube;
+pub mod device_checks;
+mod dtype;
 mod flex;
 mod gelu;
 mod heads;
@@ -104,6 +107,7 @@ pub use attention::{causal_attention, causal_attention_reference};
 pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
 pub use cpu::scan_lane_ops;
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
+pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
 pub use linear::{linear, linear_channels_first, linear_reference};
@@ -179,6 +183,16 @@ pub(crate) fn on_flex(device: &Device) -> bool {
     )
 }
 
+/// Whether `device` is a CubeCL device (with or without autodiff): where the products and the
+/// attention run through `cube::ops`.
+#[cfg(feature = "cube")]
+pub(crate) fn on_cube(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Cube(_)
+    )
+}
+
 /// Whether [`selective_scan`] runs a fused kernel on `device` (Flex, and with the `cuda` or
 /// `cube-cpu` feature the CubeCL devices; with or without autodiff) rather than the per-step
 /// fallback.
@@ -250,10 +264,12 @@ pub fn scan_flops(batch: usize, channels: usize, len: usize, state: usize) -> (u
     (steps * (7 * state + 11), steps * (22 * state + 33))
 }
 
-/// Minimal memory traffic of the fused kernels in bytes, `(forward, backward)`, all `f32`: each
-/// input read once and each output written once, including the chunk checkpoints of `chunk` steps
-/// (written by a forward that records gradients, read by the backward; see [`scan_chunk`]).
-/// Scratch buffers that stay in cache are not counted.
+/// Minimal memory traffic of the fused kernels in bytes, `(forward, backward)`: each input read
+/// once and each output written once, including the chunk checkpoints of `chunk` steps (written by
+/// a forward that records gradients, read by the backward; see [`scan_chunk`]). The activations
+/// (`u`, `delta`, `z`, `B`, `C`, the output, and their gradients) take `activation_bytes` each
+/// (4 in f32, 2 in bf16); the parameters, their gradients and the checkpoints are f32. Scratch
+/// buffers that stay in cache are not counted.
 ///
 /// Forward: reads `u`, `delta`, `z` (`Bt·Dc·L` each), `B`, `C` (`Bt·G·L·N` each), `A`, `D`,
 /// `delta_bias`; writes the output and the checkpoints (`Bt·Dc·N·(⌈L / chunk⌉ - 1)`).
@@ -266,13 +282,15 @@ pub fn scan_bytes(
     state: usize,
     groups: usize,
     chunk: usize,
+    activation_bytes: usize,
 ) -> (u64, u64) {
     let lanes = (batch * channels) as u64;
     let rows = lanes * len as u64;
     let bc = (batch * groups * len * state) as u64;
     let params = (channels * state + 2 * channels) as u64;
     let checkpoints = lanes * state as u64 * (len.div_ceil(chunk) as u64).saturating_sub(1);
-    let forward = 4 * rows + 2 * bc + params + checkpoints;
-    let backward = 7 * rows + 4 * bc + 2 * params + checkpoints;
-    (4 * forward, 4 * backward)
+    let act = activation_bytes as u64;
+    let forward = act * (4 * rows + 2 * bc) + 4 * (params + checkpoints);
+    let backward = act * (7 * rows + 4 * bc) + 4 * (2 * params + checkpoints);
+    (forward, backward)
 }

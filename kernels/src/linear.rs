@@ -16,6 +16,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::dtype::expect_same_dtype;
 use crate::strided::{
     Dst, Mat, Threads, dense_strides_like, gemm_into, product_with_grads, written,
 };
@@ -26,8 +27,12 @@ use crate::strided::{
 /// # Panics
 /// If `weight`'s first dimension is not `x`'s last.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    check(&x, &weight);
     let dims = x.dims();
-    check(&dims, &weight);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        return crate::cube::ops::linear(x, weight);
+    }
     if !fused(&x, &weight) {
         return linear_reference(x, weight);
     }
@@ -49,14 +54,20 @@ pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
 /// `[B, L, d_in]` → `[B, d_out, L]`, contiguous — the channel-major layout the causal conv and
 /// the selective scan read, without a transposed copy.
 pub fn linear_channels_first(x: Tensor<3>, weight: Tensor<2>) -> Tensor<3> {
-    check(&x.dims(), &weight);
+    check(&x, &weight);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        return crate::cube::ops::linear(x, weight).swap_dims(1, 2);
+    }
     match fused(&x, &weight) {
         true => fused_linear(x, weight, OutputOrder::ChannelsFirst).swap_dims(1, 2),
         false => linear_reference(x, weight).swap_dims(1, 2),
     }
 }
 
-fn check<const D: usize>(dims: &[usize; D], weight: &Tensor<2>) {
+fn check<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>) {
+    expect_same_dtype("linear", &[("x", x.dtype()), ("weight", weight.dtype())]);
+    let dims = x.dims();
     let [d_in, d_out] = weight.dims();
     assert!(
         dims[D - 1] == d_in,

@@ -16,6 +16,7 @@ use burn::backend::{Autodiff, Backend, DType, Dispatch, Flex, backend_extension}
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
 use crate::simd::{Lanes, simd_dispatch, simd_level};
 
@@ -48,6 +49,7 @@ pub fn rms_norm_reference<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f
 }
 
 fn check<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, eps: f64) {
+    expect_same_dtype("rms_norm", &[("x", x.dtype()), ("gamma", gamma.dtype())]);
     assert!(
         gamma.dims()[0] == x.dims()[D - 1],
         "rms_norm: gamma has {} elements but x's last dimension is {} (x {:?})",

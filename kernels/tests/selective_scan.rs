@@ -1,12 +1,14 @@
 //! The fused selective scan against the Burn-ops reference, an independent f64 implementation
 //! (value and central finite differences), and itself (determinism, untracked inputs, dtypes).
-//! The CPU kernel (Flex) is checked against those oracles; every other device of
-//! [`kernel_devices`] (the CubeCL kernels with `--features cube-cpu` or `cuda`) against the CPU
-//! kernel, and runs the device-independent properties too.
+//! The CPU kernel (Flex) is checked against those oracles; every device of [`kernel_devices`]
+//! (also the CubeCL kernels with `--features cube-cpu` or `cuda`) runs the device checks of
+//! `zamba_kernels::device_checks` (against the CPU kernel) and the device-independent properties.
 //!
 //! Relative error everywhere: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use zamba_kernels::check::rel_err;
+use zamba_kernels::device_checks::{INPUT_NAMES, ScanCase, ScanSize, scan_checks};
 use zamba_kernels::{
     fused_kernel_available, kernel_devices, scan_bytes, scan_chunk, scan_flops, selective_scan,
     selective_scan_reference,
@@ -17,110 +19,9 @@ fn flex_chunk() -> usize {
     scan_chunk(&Device::flex(), 16).expect("Flex has the fused kernel")
 }
 
-/// The devices other than Flex the fused op runs on in this build.
-fn other_devices() -> Vec<Device> {
-    kernel_devices()
-        .into_iter()
-        .filter(|d| *d != Device::flex())
-        .collect()
-}
-
-/// SplitMix64; a fixed stream per seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^ (x >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * unit
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform(1e-7, 1.0);
-        let u2 = self.uniform(0.0, 1.0);
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Size {
-    batch: usize,
-    channels: usize,
-    groups: usize,
-    len: usize,
-    state: usize,
-}
-
-const NAMES: [&str; 8] = ["u", "delta", "a", "b", "c", "d", "z", "delta_bias"];
-
-/// Random inputs in the order of `NAMES`, plus loss weights `w` (`loss = Σ w · out`).
-#[derive(Clone)]
-struct Case {
-    size: Size,
-    inputs: [Vec<f32>; 8],
-    w: Vec<f32>,
-}
-
-impl Case {
-    fn new(size: Size, seed: u64) -> Self {
-        let Size {
-            batch,
-            channels,
-            groups,
-            len,
-            state,
-        } = size;
-        let mut rng = Rng(seed);
-        let rows = batch * channels * len;
-        let bc = batch * groups * len * state;
-        let mut gen_n = |n: usize, f: &mut dyn FnMut(&mut Rng) -> f32| -> Vec<f32> {
-            (0..n).map(|_| f(&mut rng)).collect()
-        };
-        let u = gen_n(rows, &mut |r| r.normal());
-        let delta = gen_n(rows, &mut |r| r.uniform(-4.0, 1.0));
-        let a = gen_n(channels * state, &mut |r| {
-            -r.uniform(0.5f32.ln(), 8f32.ln()).exp()
-        });
-        let b = gen_n(bc, &mut |r| r.normal());
-        let c = gen_n(bc, &mut |r| r.normal());
-        let d = gen_n(channels, &mut |r| r.normal());
-        let z = gen_n(rows, &mut |r| 1.5 * r.normal());
-        let delta_bias = gen_n(channels, &mut |r| r.uniform(-1.0, 0.5));
-        let w = gen_n(rows, &mut |r| r.normal());
-        Self {
-            size,
-            inputs: [u, delta, a, b, c, d, z, delta_bias],
-            w,
-        }
-    }
-
-    fn shapes(&self) -> [Vec<usize>; 8] {
-        let Size {
-            batch,
-            channels,
-            groups,
-            len,
-            state,
-        } = self.size;
-        let rows = vec![batch, channels, len];
-        let bc = vec![batch, groups, len, state];
-        [
-            rows.clone(),
-            rows.clone(),
-            vec![channels, state],
-            bc.clone(),
-            bc,
-            vec![channels],
-            rows,
-            vec![channels],
-        ]
-    }
-}
+type Size = ScanSize;
+type Case = ScanCase;
+const NAMES: [&str; 8] = INPUT_NAMES;
 
 /// The eight inputs as Burn tensors.
 struct Tensors {
@@ -216,17 +117,6 @@ fn autodiff_devices() -> [Device; 8] {
 
 fn autodiff_on(device: &Device) -> [Device; 8] {
     std::array::from_fn(|_| device.clone().autodiff())
-}
-
-fn rel_err(x: &[f32], y: &[f32]) -> f64 {
-    assert_eq!(x.len(), y.len());
-    let diff = x
-        .iter()
-        .zip(y)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    let scale = y.iter().map(|v| (*v as f64).abs()).fold(0.0, f64::max);
-    diff / scale.max(1e-30)
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
@@ -378,121 +268,21 @@ fn fused_matches_f64_scan_and_finite_differences() {
 
 // ------------------------------------------------------------------------------------------------
 
-/// Odd sizes for the devices compared with the CPU kernel: lengths that are no multiple of either
-/// kernel's chunk, N = 1 and 16, several heads (groups), groups whose channels do not fill the
-/// last cube of the CubeCL backward.
-fn device_sizes() -> Vec<Size> {
-    let s = |batch, channels, groups, len, state| Size {
-        batch,
-        channels,
-        groups,
-        len,
-        state,
-    };
-    vec![
-        s(2, 6, 2, 37, 16),
-        s(3, 5, 1, 150, 1),
-        s(2, 12, 3, 45, 16),
-        s(1, 10, 2, 70, 5),
-        s(2, 4, 4, 1, 16),
-    ]
-}
-
-/// Every input gradient, `None` where untracked.
-fn all(run: &Run) -> impl Iterator<Item = (&'static str, &Vec<f32>)> {
-    NAMES
-        .iter()
-        .zip(&run.grads)
-        .map(|(name, g)| (*name, g.as_ref().expect("tracked input has a gradient")))
-}
-
+/// The device checks (`zamba_kernels::device_checks`, also run by `zamba-train selftest`) on
+/// every device of this build: f32 against the CPU kernel on odd sizes, bf16 activations,
+/// determinism.
 #[test]
-fn every_device_matches_the_cpu_kernel() {
-    for device in other_devices() {
-        for (k, size) in device_sizes().into_iter().enumerate() {
-            let chunk = scan_chunk(&device, size.state).expect("a fused kernel");
-            let mut case = Case::new(size, 300 + k as u64);
-            for t in (0..case.inputs[1].len()).step_by(23) {
-                case.inputs[1][t] = 21.0 + (t % 3) as f32;
-            }
-            let want = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
-            let got = run_autodiff(&case, selective_scan, &autodiff_on(&device), ALL);
-            let what = format!("{device:?} {size:?} (chunk {chunk})");
-            assert_close(&format!("{what} out"), &got.out, &want.out, 1e-4);
-            for ((name, g), (_, w)) in all(&got).zip(all(&want)) {
-                assert_close(&format!("{what} d{name}"), g, w, 1e-4);
-            }
-        }
-    }
-}
-
-/// bf16 activations (`u, delta, b, c, z`; parameters stay f32, as in the model's mixed precision):
-/// the output and the activations' gradients come back in bf16, within bf16 rounding of the f32
-/// CPU kernel on the same (bf16-representable) values.
-#[test]
-fn bf16_activations_on_every_device() {
-    let size = device_sizes()[2];
-    let mut case = Case::new(size, 21);
-    for i in [0, 1, 3, 4, 6] {
-        let shape = case.shapes()[i].clone();
-        let rounded = Tensor::<1>::from_data(
-            TensorData::new(case.inputs[i].clone(), [case.inputs[i].len()]),
-            &Device::flex(),
-        )
-        .cast(DType::BF16)
-        .cast(DType::F32);
-        case.inputs[i] = values(rounded);
-        assert_eq!(case.inputs[i].len(), shape.iter().product::<usize>());
-    }
-    let want = run_autodiff(&case, selective_scan, &autodiff_devices(), ALL);
+fn device_checks_pass_on_every_device() {
+    let mut failed = Vec::new();
     for device in kernel_devices() {
-        if !device.supports_dtype(DType::BF16) {
-            continue;
-        }
-        let x = Tensors::new(&case, &autodiff_on(&device), [false; 8]);
-        let bf16 = |t: Tensor<3>| t.cast(DType::BF16).require_grad();
-        let x = Tensors {
-            u: bf16(x.u),
-            delta: bf16(x.delta),
-            a: x.a.require_grad(),
-            b: x.b.cast(DType::BF16).require_grad(),
-            c: x.c.cast(DType::BF16).require_grad(),
-            d: x.d.require_grad(),
-            z: bf16(x.z),
-            delta_bias: x.delta_bias.require_grad(),
-        };
-        let out = x.run(selective_scan);
-        assert_eq!(out.dtype(), DType::BF16, "{device:?}");
-        let w = Tensor::<3>::from_data(
-            TensorData::new(case.w.clone(), case.shapes()[0].clone()),
-            &device.clone().autodiff(),
-        );
-        let grads = (out.clone().cast(DType::F32) * w).sum().backward();
-        let f32_of = |t: Tensor<1>, dtype: DType| {
-            assert_eq!(t.dtype(), dtype, "{device:?}");
-            values(t.cast(DType::F32))
-        };
-        let got = [
-            f32_of(x.u.grad(&grads).expect("du").flatten(0, 2), DType::BF16),
-            f32_of(
-                x.delta.grad(&grads).expect("ddelta").flatten(0, 2),
-                DType::BF16,
-            ),
-            f32_of(x.a.grad(&grads).expect("da").flatten(0, 1), DType::F32),
-            f32_of(x.b.grad(&grads).expect("db").flatten(0, 3), DType::BF16),
-            f32_of(x.c.grad(&grads).expect("dc").flatten(0, 3), DType::BF16),
-            f32_of(x.d.grad(&grads).expect("dd"), DType::F32),
-            f32_of(x.z.grad(&grads).expect("dz").flatten(0, 2), DType::BF16),
-            f32_of(x.delta_bias.grad(&grads).expect("dbias"), DType::F32),
-        ];
-        // bf16 keeps 8 significant bits: the output's own rounding is 2^-9 relative, and the
-        // gradients see the rounded output gradient of the cast.
-        let out = f32_of(out.flatten(0, 2), DType::BF16);
-        assert_close(&format!("{device:?} bf16 out"), &out, &want.out, 8e-3);
-        for ((name, g), (_, w)) in NAMES.iter().zip(&got).zip(all(&want)) {
-            assert_close(&format!("{device:?} bf16 d{name}"), g, w, 2e-2);
+        for check in scan_checks(&device) {
+            println!("{device:?}: {check}");
+            if !check.is_passed() {
+                failed.push(format!("{device:?}: {check}"));
+            }
         }
     }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 #[test]
@@ -595,20 +385,6 @@ fn f64_inputs_match_the_f32_run_on(device: &Device) {
 }
 
 #[test]
-fn deterministic_bit_for_bit() {
-    for device in kernel_devices() {
-        let case = Case::new(sizes()[2], 11);
-        let first = run_autodiff(&case, selective_scan, &autodiff_on(&device), ALL);
-        let second = run_autodiff(&case, selective_scan, &autodiff_on(&device), ALL);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&first.out), bits(&second.out), "{device:?} out");
-        for ((name, a), (_, b)) in all(&first).zip(all(&second)) {
-            assert_eq!(bits(a), bits(b), "{device:?} d{name}");
-        }
-    }
-}
-
-#[test]
 #[should_panic(expected = "`b` must have shape [batch, groups, len, state]")]
 fn shape_mismatch_names_the_input() {
     let case = Case::new(sizes()[0], 1);
@@ -634,7 +410,7 @@ fn every_kernel_device_takes_the_fused_path() {
 fn cost_model() {
     assert_eq!(scan_flops(2, 3, 5, 4), (30 * 39, 30 * 121));
     // One chunk: no checkpoints. f32 = 4 bytes.
-    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1, 64);
+    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1, 64, 4);
     let (rows, bc, params) = (8, 12, 10);
     assert_eq!(
         (fwd, bwd),
@@ -643,9 +419,18 @@ fn cost_model() {
             4 * (7 * rows + 4 * bc + 2 * params)
         )
     );
+    // bf16 activations: half the bytes of everything but the parameters.
+    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1, 64, 2);
+    assert_eq!(
+        (fwd, bwd),
+        (
+            2 * (4 * rows + 2 * bc) + 4 * params,
+            2 * (7 * rows + 4 * bc) + 4 * 2 * params
+        )
+    );
     // Three chunks: two checkpointed states per lane.
     let len = 2 * 16 + 1;
-    let (with_ck, _) = scan_bytes(1, 1, len, 1, 1, 16);
+    let (with_ck, _) = scan_bytes(1, 1, len, 1, 1, 16, 4);
     assert_eq!(with_ck, 4 * (4 * len as u64 + 2 * len as u64 + 3 + 2));
 }
 

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod device_checks;
 pub mod error;
 pub mod exec;
 pub mod generate;

@@ -13,6 +13,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+use zamba_kernels::expect_same_dtype;
+
 use crate::config::{LayerKind, ZambaConfig};
 use crate::error::ModelError;
 use crate::exec::{ActivationCheckpointing, Compute, Execution, f32};
@@ -241,6 +243,10 @@ impl SharedTransformer {
     /// `x`, `x0`: `[B, L, d]` (f32) → `[B, L, d]`, in the compute type of `compute`.
     pub(crate) fn forward(&self, x: Tensor<3>, x0: Tensor<3>, compute: Compute) -> Tensor<3> {
         let [batch, len, _] = x.dims();
+        expect_same_dtype(
+            "shared block input",
+            &[("x", x.dtype()), ("x0", x0.dtype())],
+        );
         let u = rms_norm(&self.input_layernorm, Tensor::cat(vec![x, x0], 2));
         // [B, L, heads, hd]: the projections' layout, which the attention op reads in place.
         let heads = |t: Tensor<3>, n: usize| {
@@ -374,7 +380,13 @@ impl ZambaModel {
                 let mut inputs = inputs.into_iter();
                 let x = inputs.next().expect("the residual stream");
                 let mamba_in = match inputs.next() {
-                    Some(t) => x.clone() + t,
+                    Some(t) => {
+                        expect_same_dtype(
+                            "hybrid layer input",
+                            &[("x", x.dtype()), ("t", t.dtype())],
+                        );
+                        x.clone() + t
+                    }
                     None => x.clone(),
                 };
                 x + f32(mamba.forward(rms_norm(norm, mamba_in), compute))

@@ -21,5 +21,6 @@ pub mod plot;
 pub mod rank;
 pub mod run_lock;
 pub mod schedule;
+pub mod selftest;
 pub mod sweep;
 pub mod train;

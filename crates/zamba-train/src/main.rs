@@ -84,6 +84,9 @@ enum Command {
     Generate(zamba_train::generate::GenerateArgs),
     /// Held-out loss/perplexity per source and exact-match accuracy of a checkpoint.
     Eval(zamba_train::eval_cmd::EvalArgs),
+    /// Check the fused kernels and the model on a device against the CPU (what the tests check),
+    /// e.g. `selftest --device cuda` on a new machine.
+    Selftest(zamba_train::selftest::SelftestArgs),
 }
 
 #[derive(Subcommand)]
@@ -156,6 +159,7 @@ fn main() -> ExitCode {
         Some(Command::ExportHf(args)) => zamba_train::export::run(args),
         Some(Command::Generate(args)) => zamba_train::generate::run(args),
         Some(Command::Eval(args)) => zamba_train::eval_cmd::run(args),
+        Some(Command::Selftest(args)) => zamba_train::selftest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 
 /// `(m, k, n)` of a matrix product.
 pub type GemmShape = (usize, usize, usize);
@@ -117,7 +117,7 @@ pub fn measure_f32_peak(shapes: &[GemmShape], with_torch: bool) -> PeakReport {
         burn: measure_burn(shapes),
         gemm: measure_gemm_crate(shapes),
         torch: match with_torch {
-            true => measure_torch(threads, shapes),
+            true => measure_torch(threads, shapes, "cpu", "f32"),
             false => Err("not requested".into()),
         },
     }
@@ -201,10 +201,42 @@ fn measure_gemm_crate(shapes: &[GemmShape]) -> GemmMeasurement {
     }
 }
 
+/// GFLOP/s of a `size × size × size` product through the model's GEMM path
+/// (`zamba_kernels::linear`: Burn's matmul on the CubeCL backends, the direct GEMMs on Flex) on
+/// `device` with `dtype` operands: best of several products, each timed with the device
+/// synchronised before and after.
+pub fn measure_linear(device: &Device, dtype: DType, size: usize) -> Result<f64, String> {
+    let operand = |seed| {
+        device.seed(seed);
+        Tensor::<2>::random([size, size], Distribution::Default, device).cast(dtype)
+    };
+    let (a, b) = (operand(1), operand(2));
+    let sync = || device.sync().map_err(|e| format!("device error: {e:?}"));
+    let mut failure = None;
+    let gflops = best_gflops(size, size, size, || {
+        let c = zamba_kernels::linear(a.clone(), b.clone());
+        if let Err(e) = sync() {
+            failure = Some(e);
+        }
+        std::hint::black_box(c);
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(gflops),
+    }
+}
+
 /// The Python side of the torch measurement: prints one JSON list of GFLOP/s.
 const TORCH_SCRIPT: &str = include_str!("../../../scripts/bench_torch_matmul.py");
 
-fn measure_torch(threads: usize, shapes: &[GemmShape]) -> Result<GemmMeasurement, String> {
+/// torch.matmul at `shapes` on torch's `device` ("cpu", "cuda") in `dtype` ("f32", "bf16"), in a
+/// child Python (`ZAMBA_TORCH_PYTHON`, else `python3`); `Err` says why it could not be measured.
+pub fn measure_torch(
+    threads: usize,
+    shapes: &[GemmShape],
+    device: &str,
+    dtype: &str,
+) -> Result<GemmMeasurement, String> {
     let python = std::env::var(TORCH_PYTHON_ENV).unwrap_or_else(|_| "python3".into());
     let shape_args: Vec<String> = shapes
         .iter()
@@ -215,6 +247,7 @@ fn measure_torch(threads: usize, shapes: &[GemmShape]) -> Result<GemmMeasurement
         .arg(TORCH_SCRIPT)
         .arg("--threads")
         .arg(threads.to_string())
+        .args(["--device", device, "--dtype", dtype])
         .arg("--shapes")
         .args(&shape_args)
         .output()
@@ -238,7 +271,7 @@ fn measure_torch(threads: usize, shapes: &[GemmShape]) -> Result<GemmMeasurement
     }
     let version = parsed["torch"].as_str().unwrap_or("?");
     Ok(GemmMeasurement {
-        library: format!("torch.matmul (torch {version})"),
+        library: format!("torch.matmul (torch {version}, {device}, {dtype})"),
         gflops,
     })
 }
@@ -274,7 +307,7 @@ mod tests {
     fn a_missing_python_is_reported_not_fatal() {
         // SAFETY: no other thread of this test binary reads this variable.
         unsafe { std::env::set_var(TORCH_PYTHON_ENV, "/nonexistent/python") };
-        let err = measure_torch(1, &PEAK_SHAPES).unwrap_err();
+        let err = measure_torch(1, &PEAK_SHAPES, "cpu", "f32").unwrap_err();
         assert!(err.contains("/nonexistent/python"), "{err}");
     }
 }

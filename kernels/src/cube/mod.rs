@@ -2,7 +2,10 @@
 //! CUDA with the `cuda` feature, the LLVM-compiled CPU runtime with `cube-cpu`. Everything that
 //! depends on the device (units per cube, the chunk) is taken from the client's limits.
 
+mod gemm;
 mod kernels;
+pub(crate) mod ops;
+mod product;
 
 use burn::backend::{Cube, DType, TensorMetadata};
 use burn::tensor::Shape;

@@ -5,14 +5,17 @@
 mod allreduce;
 mod decode;
 mod model;
+mod report;
 mod scan;
 mod world;
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor};
 use clap::{Args, Subcommand};
+use zamba_model::Precision;
+use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::optim::AdamWParams;
 use zamba_train::peak::{PEAK_SHAPES, PeakReport, measure_f32_peak};
 
@@ -28,6 +31,8 @@ pub enum BenchCommand {
     Allreduce(allreduce::AllreduceArgs),
     /// Recurrent decoding: time per generated token vs the length of the prefix already decoded.
     Decode(decode::DecodeArgs),
+    /// The one-screen summary of a GPU check's output folder (scripts/gpu-check.sh).
+    Report(report::ReportArgs),
 }
 
 #[derive(Args)]
@@ -35,6 +40,20 @@ pub struct PeakArgs {
     /// Skip torch.matmul (otherwise tried through `ZAMBA_TORCH_PYTHON`, else `python3`).
     #[arg(long)]
     no_torch: bool,
+    /// Measure one `size³` product on this device (cpu, cuda, cuda:N, cube-cpu) through the
+    /// model's GEMM path in `--precision`, next to torch.matmul on the same kind of device,
+    /// instead of the CPU f32 table.
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// fp32 or bf16 operands of the --device product.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    /// Size of the --device product.
+    #[arg(long, default_value_t = 8192)]
+    size: usize,
+    /// Also write the --device figures as JSON to this file.
+    #[arg(long, requires = "device")]
+    json: Option<std::path::PathBuf>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -45,14 +64,18 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         load_average()
     );
     match cmd {
-        BenchCommand::Peak(args) => {
-            Machine::measure(!args.no_torch).print();
-            Ok(())
-        }
+        BenchCommand::Peak(args) => match args.device {
+            Some(device) => device_peak(&args, device),
+            None => {
+                Machine::measure(!args.no_torch).print();
+                Ok(())
+            }
+        },
         BenchCommand::Scan(args) => scan::run(&args, &Machine::measure(false)),
         BenchCommand::Model(args) => model::run(&args),
         BenchCommand::Allreduce(args) => allreduce::run(&args),
         BenchCommand::Decode(args) => decode::run(&args),
+        BenchCommand::Report(args) => report::run(&args),
     }
 }
 
@@ -100,6 +123,56 @@ impl Machine {
             "memory bandwidth (256 MB copy, read+write, one thread): {:.1} GB/s",
             self.bandwidth_gbs
         );
+    }
+}
+
+/// `bench peak --device`: one large product through our GEMM path and through torch.matmul.
+fn device_peak(args: &PeakArgs, choice: DeviceChoice) -> Result<()> {
+    let device = device_for(choice, 0, args.precision)?;
+    let dtype = compute_dtype(args.precision);
+    let n = args.size;
+    let ours = zamba_train::peak::measure_linear(&device, dtype, n).map_err(anyhow::Error::msg)?;
+    let torch_device = match choice {
+        DeviceChoice::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    };
+    let torch = match args.no_torch {
+        true => Err("not requested".to_string()),
+        false => zamba_train::peak::measure_torch(
+            rayon::current_num_threads(),
+            &[(n, n, n)],
+            &torch_device,
+            &args.precision.to_string().replace("fp32", "f32"),
+        ),
+    };
+    println!(
+        "{n}×{n}×{n} {} product on {choice}: ours (zamba_kernels::linear) {ours:.1} GFLOP/s",
+        args.precision
+    );
+    match &torch {
+        Ok(m) => println!("  {}: {:.1} GFLOP/s", m.library, m.best()),
+        Err(why) => println!("  torch.matmul not measured: {why}"),
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "device": choice.to_string(),
+            "precision": args.precision.to_string(),
+            "size": n,
+            "ours_gflops": ours,
+            "torch_gflops": torch.as_ref().ok().map(|m| m.best()),
+            "torch_library": torch.as_ref().ok().map(|m| m.library.clone()),
+            "torch_error": torch.as_ref().err(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+/// The dtype of matmuls and activations in `precision`.
+fn compute_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use clap::Args;
 use zamba_dist::DistOptions;
 use zamba_model::memory::ActivationMemory;
@@ -61,6 +61,9 @@ pub struct ModelArgs {
     /// Also print the figures as one JSON object on the last line (for scripts).
     #[arg(long)]
     json: bool,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json_file: Option<std::path::PathBuf>,
 }
 
 /// Mean times of the measured steps and the largest heap use among them.
@@ -205,10 +208,7 @@ fn report(
         state: config.mamba_d_state,
         groups: config.n_mamba_heads,
     };
-    let act = match a.precision {
-        Precision::Fp32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-    };
+    let act = super::compute_dtype(a.precision);
     let (scan_f, scan_b) = scan_times(device, scan_shape, act, a.steps, false)?;
     // With per-layer recomputation every layer's scan runs forward twice.
     let forwards = match a.activation_checkpointing {
@@ -249,8 +249,8 @@ fn report(
         "  selective scan share of the step: {:.1}%",
         100.0 * scan_share
     );
-    print_memory(a, config, device, measured.heap, params, rss_reset);
-    if a.json {
+    let pool_peak = print_memory(a, config, device, measured.heap, params, rss_reset);
+    if a.json || a.json_file.is_some() {
         let json = serde_json::json!({
             "preset": a.preset,
             "batch": a.batch,
@@ -265,14 +265,21 @@ fn report(
             "peak_library": peak.as_ref().map(|p| p.source.clone()),
             "fraction_of_peak": peak.as_ref().map(|p| achieved / p.gflops),
             "load_average": load_average(),
+            "device_pool_peak_mb": pool_peak.map(|bytes| bytes as f64 / 1e6),
         });
-        println!("{json}");
+        if a.json {
+            println!("{json}");
+        }
+        if let Some(path) = &a.json_file {
+            std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+        }
     }
     Ok(())
 }
 
 /// The step's memory next to its estimate: model states (16 B/param) plus the activations
-/// `--dry-run` estimates for this model, precision and checkpointing.
+/// `--dry-run` estimates for this model, precision and checkpointing. Returns the device memory
+/// pool's peak in bytes, where the device has pools.
 fn print_memory(
     a: &ModelArgs,
     config: &ZambaConfig,
@@ -280,7 +287,7 @@ fn print_memory(
     heap: HeapUse,
     params: f64,
     rss_reset: bool,
-) {
+) -> Option<u64> {
     let state = 16.0 * params;
     let estimate = ActivationMemory::of(
         config,
@@ -297,10 +304,11 @@ fn print_memory(
         (heap.start + heap.peak_over_start) as f64 / 1e6,
         (state + estimate.peak()) / 1e6,
     );
-    if let Some(pools) = device.memory_pool_report() {
+    let pool_peak = device.memory_pool_report().map(|pools| {
         let peak: u64 = pools.iter().map(|p| p.pages_peak * p.page_size).sum();
         println!("  device memory pool peak {:.1} MB", peak as f64 / 1e6);
-    }
+        peak
+    });
     if let Some(rss) = memory::peak_rss_bytes() {
         let note = match rss_reset {
             true => "since the peak measurement",
@@ -308,6 +316,7 @@ fn print_memory(
         };
         println!("  peak RSS {:.1} MB ({note})", rss as f64 / 1e6);
     }
+    pool_peak
 }
 
 /// Heap bytes of one training step.

@@ -28,6 +28,13 @@ pub struct ScanArgs {
     /// Also time the fused kernel of this device (cuda, cuda:N, cube-cpu) next to the CPU kernel.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// The activations' type on --device: fp32, or bf16 (read and written in bf16, f32 state).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    /// Also write --device's figures as JSON to this file: times, bytes moved, achieved GB/s and
+    /// a device-to-device copy's GB/s.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// The scan's problem size.
@@ -55,7 +62,7 @@ pub(super) fn run(a: &ScanArgs, peak: &Machine) -> Result<()> {
         state: a.state,
         groups: a.groups,
     };
-    let device = device_for(a.device, 0, Precision::Fp32)?;
+    let device = device_for(a.device, 0, a.precision)?;
     peak.print();
     // Compute ceiling of an exp-bound kernel: the vector unit retires at most one FMA-lane-op per
     // 2 FLOP of the GEMM peak, and every op of the kernel (each instruction of the polynomial exp,
@@ -73,17 +80,79 @@ pub(super) fn run(a: &ScanArgs, peak: &Machine) -> Result<()> {
     let flex = Device::flex();
     let cpu = scan_times(&flex, shape, DType::F32, a.repeats, false)?;
     let reference = scan_times(&flex, shape, DType::F32, 1, true)?;
-    print_rows("CPU kernel (cpu)", &flex, shape, cpu, Some(reference), peak);
-    if device != flex {
-        let times = scan_times(&device, shape, DType::F32, a.repeats, false)?;
-        let name = format!("fused kernel ({})", a.device);
-        print_rows(&name, &device, shape, times, None, peak);
-        println!(
-            "  forward+backward: {:.2}x the CPU kernel's time",
-            (times.0 + times.1).as_secs_f64() / (cpu.0 + cpu.1).as_secs_f64()
+    print_rows(
+        "CPU kernel (cpu)",
+        &flex,
+        shape,
+        cpu,
+        Some(reference),
+        peak,
+        4,
+    );
+    let dtype = super::compute_dtype(a.precision);
+    let act_bytes = dtype.size();
+    let times = match device != flex || dtype != DType::F32 {
+        true => {
+            let times = scan_times(&device, shape, dtype, a.repeats, false)?;
+            let name = format!("fused kernel ({}, {})", a.device, a.precision);
+            print_rows(&name, &device, shape, times, None, peak, act_bytes);
+            println!(
+                "  forward+backward: {:.2}x the CPU kernel's time",
+                (times.0 + times.1).as_secs_f64() / (cpu.0 + cpu.1).as_secs_f64()
+            );
+            times
+        }
+        false => cpu,
+    };
+    if let Some(path) = &a.json {
+        let copy_gbps = device_copy_gbps(&device, 256 << 20);
+        println!("  device-to-device copy (read + write): {copy_gbps:.1} GB/s");
+        let chunk = zamba_kernels::scan_chunk(&device, shape.state).unwrap_or(1);
+        let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(
+            shape.batch,
+            shape.channels,
+            shape.len,
+            shape.state,
+            shape.groups,
+            chunk,
+            act_bytes,
         );
+        let (fwd, bwd) = (times.0.as_secs_f64(), times.1.as_secs_f64());
+        let achieved = (bytes_f + bytes_b) as f64 / (fwd + bwd) / 1e9;
+        let json = serde_json::json!({
+            "device": a.device.to_string(),
+            "precision": a.precision.to_string(),
+            "shape": {"batch": shape.batch, "channels": shape.channels, "len": shape.len,
+                      "state": shape.state, "groups": shape.groups},
+            "forward_seconds": fwd,
+            "backward_seconds": bwd,
+            "forward_bytes": bytes_f,
+            "backward_bytes": bytes_b,
+            "forward_gbps": bytes_f as f64 / fwd / 1e9,
+            "achieved_gbps": achieved,
+            "copy_gbps": copy_gbps,
+            "fraction_of_copy": achieved / copy_gbps,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
+}
+
+/// GB/s (bytes read + written) of an element-wise pass over `bytes` of f32 on `device` that reads
+/// each element once and writes it once — what a device-to-device copy moves; best of 5, each
+/// timed with the device synchronised.
+fn device_copy_gbps(device: &Device, bytes: usize) -> f64 {
+    let x = Tensor::<1>::random([bytes / 4], Distribution::Default, device);
+    sync(device);
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let t = std::time::Instant::now();
+        let y = x.clone().add_scalar(0.0);
+        sync(device);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(y);
+    }
+    (2 * bytes) as f64 / best / 1e9
 }
 
 /// Forward and forward+backward rows: time, GFLOP/s, lane-ops/s, GB/s, share of the CPU roofline,
@@ -95,12 +164,20 @@ fn print_rows(
     (fwd, bwd): (Duration, Duration),
     reference: Option<(Duration, Duration)>,
     peak: &Machine,
+    activation_bytes: usize,
 ) {
     let chunk = zamba_kernels::scan_chunk(device, s.state).unwrap_or(1);
     let (flops_f, flops_b) = zamba_kernels::scan_flops(s.batch, s.channels, s.len, s.state);
     let (ops_f, ops_b) = zamba_kernels::scan_lane_ops(s.batch, s.channels, s.len, s.state);
-    let (bytes_f, bytes_b) =
-        zamba_kernels::scan_bytes(s.batch, s.channels, s.len, s.state, s.groups, chunk);
+    let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(
+        s.batch,
+        s.channels,
+        s.len,
+        s.state,
+        s.groups,
+        chunk,
+        activation_bytes,
+    );
     let [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b] =
         [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b].map(|v| v as f64);
     let lane_ops_per_s = peak.peak_gflops() * 1e9 / 2.0;

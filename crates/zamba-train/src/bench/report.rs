@@ -1,0 +1,286 @@
+//! `bench report --dir OUT`: the one-screen summary of a GPU check (scripts/gpu-check.sh), from
+//! the JSON its sections wrote into OUT; also written as OUT/summary.json.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The GPU check's output folder.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+/// Dense bf16 TFLOP/s from NVIDIA's datasheets, by a part of the name `nvidia-smi` prints
+/// (first match wins, so the more specific names come first).
+const DATASHEET_BF16_TFLOPS: [(&str, f64); 8] = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H100", 989.4), // SXM: "NVIDIA H100 80GB HBM3"
+    ("H200", 989.4), // SXM
+    ("A100", 312.0),
+    ("L40S", 362.0),
+];
+
+/// The card's dense bf16 peak from its name, in GFLOP/s, and the entry it matched.
+pub fn datasheet_peak(gpu: &str) -> Option<(&'static str, f64)> {
+    DATASHEET_BF16_TFLOPS
+        .iter()
+        .find(|(part, _)| gpu.contains(part))
+        .map(|&(part, tflops)| (part, tflops * 1e3))
+}
+
+/// One section's line of OUT/sections.txt: name, seconds, outcome.
+struct Section {
+    name: String,
+    seconds: u64,
+    outcome: String,
+}
+
+fn sections(dir: &Path) -> Result<Vec<Section>> {
+    let path = dir.join("sections.txt");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (written by gpu-check.sh)", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, '\t');
+            Some(Section {
+                name: parts.next()?.to_string(),
+                seconds: parts.next()?.parse().ok()?,
+                outcome: parts.next()?.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// A section's JSON, `Null` where it wrote none (it failed or did not run).
+fn read_json(dir: &Path, section: &str) -> Value {
+    std::fs::read_to_string(dir.join(format!("{section}.json")))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+pub(super) fn run(a: &ReportArgs) -> Result<()> {
+    let sections = sections(&a.dir)?;
+    let env = read_json(&a.dir, "env");
+    let peak = read_json(&a.dir, "peak");
+    let step = read_json(&a.dir, "step");
+    let scan = read_json(&a.dir, "scan");
+    let gpu = env["gpu"].as_str().unwrap_or("none").to_string();
+    let datasheet = datasheet_peak(&gpu);
+    let measured_peak = [num(&peak["ours_gflops"]), num(&peak["torch_gflops"])]
+        .into_iter()
+        .flatten()
+        .fold(None, |best: Option<f64>, v| {
+            Some(best.map_or(v, |b| b.max(v)))
+        });
+    let achieved = num(&step["model_gflops"]);
+    let mfu = |peak: Option<f64>| achieved.zip(peak).map(|(a, p)| a / p);
+    let memory_peak_mib = std::fs::read_to_string(a.dir.join("memory-peak.txt"))
+        .ok()
+        .and_then(|t| t.trim().parse::<f64>().ok());
+    let summary = json!({
+        "gpu": gpu,
+        "driver": env["driver"],
+        "memory_mib": env["memory_mib"],
+        "device": env["device"],
+        "smoke": env["smoke"],
+        "libraries": env["libraries"],
+        "sections": sections.iter().map(|s| json!({
+            "name": s.name, "seconds": s.seconds, "outcome": s.outcome,
+        })).collect::<Vec<_>>(),
+        "checks": {
+            "kernels": check_counts(&read_json(&a.dir, "kernels")),
+            "model": check_counts(&read_json(&a.dir, "model")),
+        },
+        "gemm_peak_gflops": {
+            "ours": peak["ours_gflops"],
+            "torch": peak["torch_gflops"],
+            "measured": measured_peak,
+            "datasheet": datasheet.map(|(_, g)| g),
+            "datasheet_part": datasheet.map(|(p, _)| p),
+        },
+        "step": {
+            "preset": step["preset"],
+            "tokens_per_sec": step["tokens_per_sec"],
+            "model_gflops": achieved,
+            "mfu_vs_measured_peak": mfu(measured_peak),
+            "mfu_vs_datasheet_peak": mfu(datasheet.map(|(_, g)| g)),
+            "device_memory_peak_mib": memory_peak_mib,
+            "device_pool_peak_mb": step["device_pool_peak_mb"],
+            "split": step["split"],
+        },
+        "scan": {
+            "achieved_gbps": scan["achieved_gbps"],
+            "copy_gbps": scan["copy_gbps"],
+            "fraction_of_copy": scan["fraction_of_copy"],
+        },
+        "dist": read_json(&a.dir, "dist"),
+    });
+    print!("{}", render(&summary));
+    let path = a.dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("written to {}", path.display());
+    let failed: Vec<&str> = sections
+        .iter()
+        .filter(|s| s.outcome != "ok")
+        .map(|s| s.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("section(s) not ok: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn check_counts(report: &Value) -> Value {
+    match report.is_null() {
+        true => Value::Null,
+        false => json!({"passed": report["passed"], "failed": report["failed"]}),
+    }
+}
+
+/// `v` with `digits` decimals, or "n/a".
+fn fmt(v: &Value, scale: f64, digits: usize) -> String {
+    v.as_f64()
+        .map(|x| format!("{:.*}", digits, x * scale))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn render(s: &Value) -> String {
+    let mut out = String::from("\n");
+    out += &format!(
+        "GPU            {} | driver {} | {} MiB | device {}{}\n",
+        s["gpu"].as_str().unwrap_or("?"),
+        s["driver"].as_str().unwrap_or("?"),
+        fmt(&s["memory_mib"], 1.0, 0),
+        s["device"].as_str().unwrap_or("?"),
+        if s["smoke"] == true {
+            " | SMOKE (tiny sizes)"
+        } else {
+            ""
+        }
+    );
+    let sections: Vec<String> = s["sections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            format!(
+                "{} {} ({}s)",
+                x["name"].as_str().unwrap_or("?"),
+                x["outcome"].as_str().unwrap_or("?"),
+                x["seconds"]
+            )
+        })
+        .collect();
+    out += &format!("sections       {}\n", sections.join(" | "));
+    for group in ["kernels", "model"] {
+        let c = &s["checks"][group];
+        out += &format!(
+            "{:<14} {} passed, {} failed\n",
+            format!("{group} checks"),
+            fmt(&c["passed"], 1.0, 0),
+            fmt(&c["failed"], 1.0, 0)
+        );
+    }
+    let g = &s["gemm_peak_gflops"];
+    out += &format!(
+        "bf16 GEMM      ours {} TFLOP/s | torch {} | datasheet {} ({})\n",
+        fmt(&g["ours"], 1e-3, 3),
+        fmt(&g["torch"], 1e-3, 3),
+        fmt(&g["datasheet"], 1e-3, 1),
+        g["datasheet_part"]
+            .as_str()
+            .unwrap_or("card not recognised")
+    );
+    let st = &s["step"];
+    out += &format!(
+        "step ({})   {} tokens/s | {} TFLOP/s | MFU {}% of measured, {}% of datasheet\n",
+        st["preset"].as_str().unwrap_or("?"),
+        fmt(&st["tokens_per_sec"], 1.0, 0),
+        fmt(&st["model_gflops"], 1e-3, 1),
+        fmt(&st["mfu_vs_measured_peak"], 100.0, 1),
+        fmt(&st["mfu_vs_datasheet_peak"], 100.0, 1),
+    );
+    out += &format!(
+        "memory         device peak {} MiB (nvidia-smi) | pool peak {} MB\n",
+        fmt(&st["device_memory_peak_mib"], 1.0, 0),
+        fmt(&st["device_pool_peak_mb"], 1.0, 0)
+    );
+    if let Some(split) = st["split"].as_array() {
+        let parts: Vec<String> = split
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}%",
+                    c["category"].as_str().unwrap_or("?"),
+                    fmt(&c["share"], 100.0, 1)
+                )
+            })
+            .collect();
+        out += &format!("step split     {}\n", parts.join(" | "));
+    }
+    let sc = &s["scan"];
+    out += &format!(
+        "scan           {} GB/s vs device copy {} GB/s ({}%)\n",
+        fmt(&sc["achieved_gbps"], 1.0, 1),
+        fmt(&sc["copy_gbps"], 1.0, 1),
+        fmt(&sc["fraction_of_copy"], 100.0, 1)
+    );
+    let best_bus = s["dist"]["sizes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["busbw_gbps"].as_f64())
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    out += &format!(
+        "dist           {} world {}: collectives {} | best busbw {}\n",
+        s["dist"]["backend"].as_str().unwrap_or("n/a"),
+        fmt(&s["dist"]["world"], 1.0, 0),
+        match s["dist"]["checked"].as_bool() {
+            Some(true) => "correct",
+            _ => "not checked",
+        },
+        best_bus.map_or("n/a".into(), |b| format!("{b:.1} GB/s"))
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datasheet_peaks_follow_the_name_nvidia_smi_prints() {
+        assert_eq!(
+            datasheet_peak("NVIDIA H100 80GB HBM3"),
+            Some(("H100", 989_400.0))
+        );
+        assert_eq!(
+            datasheet_peak("NVIDIA H100 PCIe"),
+            Some(("H100 PCIe", 756_000.0))
+        );
+        assert_eq!(datasheet_peak("NVIDIA H200"), Some(("H200", 989_400.0)));
+        assert_eq!(
+            datasheet_peak("NVIDIA H200 NVL"),
+            Some(("H200 NVL", 835_000.0))
+        );
+        assert_eq!(
+            datasheet_peak("NVIDIA GH200 480GB"),
+            Some(("GH200", 989_400.0))
+        );
+        assert_eq!(datasheet_peak("none"), None);
+    }
+}

@@ -1,0 +1,312 @@
+//! The fused scan on a device against the CPU kernel (Flex): what the kernel tests run on every
+//! device of a build, and what `zamba-train selftest` runs on a new machine.
+//!
+//! Each check is named and carries the tolerance its comparison is entitled to, with the reason
+//! (see [`crate::check::Arithmetic`]): the scan itself has no matrix products, so its arithmetic
+//! is f32 on every device and only its bf16 inputs and outputs are rounded.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::check::{Check, Comparisons, Rng};
+use crate::{scan_chunk, selective_scan};
+
+/// Sizes of one scan: batch, channels, groups (heads), sequence length, state.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanSize {
+    pub batch: usize,
+    pub channels: usize,
+    pub groups: usize,
+    pub len: usize,
+    pub state: usize,
+}
+
+/// Odd sizes: lengths that are no multiple of either kernel's chunk, N = 1 and 16, several heads,
+/// groups whose channels do not fill the last cube of the CubeCL backward, a single step.
+pub fn odd_sizes() -> Vec<ScanSize> {
+    let s = |batch, channels, groups, len, state| ScanSize {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    };
+    vec![
+        s(2, 6, 2, 37, 16),
+        s(3, 5, 1, 150, 1),
+        s(2, 12, 3, 45, 16),
+        s(1, 10, 2, 70, 5),
+        s(2, 4, 4, 1, 16),
+    ]
+}
+
+/// Names of the scan's inputs, in argument order.
+pub const INPUT_NAMES: [&str; 8] = ["u", "delta", "a", "b", "c", "d", "z", "delta_bias"];
+
+/// Random inputs of one scan in the order of [`INPUT_NAMES`], and the weights `w` of the loss
+/// `Σ w · out` whose gradients are compared.
+#[derive(Clone, Debug)]
+pub struct ScanCase {
+    pub size: ScanSize,
+    pub inputs: [Vec<f32>; 8],
+    pub w: Vec<f32>,
+}
+
+impl ScanCase {
+    /// Inputs in the ranges the model produces: Δ pre-activations mostly below softplus's linear
+    /// threshold, `A = -exp(·)` in `[-8, -0.5]`.
+    pub fn new(size: ScanSize, seed: u64) -> Self {
+        let ScanSize {
+            batch,
+            channels,
+            groups,
+            len,
+            state,
+        } = size;
+        let mut rng = Rng::new(seed);
+        let rows = batch * channels * len;
+        let bc = batch * groups * len * state;
+        let mut n = |n: usize, f: &mut dyn FnMut(&mut Rng) -> f32| -> Vec<f32> {
+            (0..n).map(|_| f(&mut rng)).collect()
+        };
+        let u = n(rows, &mut |r| r.normal());
+        let delta = n(rows, &mut |r| r.uniform(-4.0, 1.0));
+        let a = n(channels * state, &mut |r| {
+            -r.uniform(0.5f32.ln(), 8f32.ln()).exp()
+        });
+        let b = n(bc, &mut |r| r.normal());
+        let c = n(bc, &mut |r| r.normal());
+        let d = n(channels, &mut |r| r.normal());
+        let z = n(rows, &mut |r| 1.5 * r.normal());
+        let delta_bias = n(channels, &mut |r| r.uniform(-1.0, 0.5));
+        let w = n(rows, &mut |r| r.normal());
+        Self {
+            size,
+            inputs: [u, delta, a, b, c, d, z, delta_bias],
+            w,
+        }
+    }
+
+    /// Sets every `every`-th Δ pre-activation beyond softplus's linear threshold of 20.
+    pub fn with_large_deltas(mut self, every: usize) -> Self {
+        for t in (0..self.inputs[1].len()).step_by(every) {
+            self.inputs[1][t] = 21.0 + (t % 3) as f32;
+        }
+        self
+    }
+
+    /// Rounds the activations (`u, delta, b, c, z`) to bf16-representable values.
+    pub fn rounded_to_bf16(mut self) -> Self {
+        for i in [0, 1, 3, 4, 6] {
+            self.inputs[i] = self.inputs[i]
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect();
+        }
+        self
+    }
+
+    pub fn shapes(&self) -> [Vec<usize>; 8] {
+        let ScanSize {
+            batch,
+            channels,
+            groups,
+            len,
+            state,
+        } = self.size;
+        let rows = vec![batch, channels, len];
+        let bc = vec![batch, groups, len, state];
+        [
+            rows.clone(),
+            rows.clone(),
+            vec![channels, state],
+            bc.clone(),
+            bc,
+            vec![channels],
+            rows,
+            vec![channels],
+        ]
+    }
+
+    /// Output and every input's gradient of `Σ w · out` on the autodiff version of `device`,
+    /// with the activations (`u, delta, b, c, z`) in `activations` and the parameters in f32.
+    /// The gradients are returned in f32, each checked to come back in its input's dtype.
+    pub fn run(&self, device: &Device, activations: DType) -> Result<ScanRun, String> {
+        let device = device.clone().autodiff();
+        let shapes = self.shapes();
+        let input = |i: usize| -> Tensor<1> {
+            let t = Tensor::<1>::from_data(
+                TensorData::new(self.inputs[i].clone(), [self.inputs[i].len()]),
+                &device,
+            );
+            match [0, 1, 3, 4, 6].contains(&i) {
+                true => t.cast(activations),
+                false => t,
+            }
+            .require_grad()
+        };
+        let leaves: [Tensor<1>; 8] = std::array::from_fn(input);
+        let dims = |i: usize| shapes[i].clone();
+        let out = selective_scan(
+            leaves[0].clone().reshape(to3(&dims(0))),
+            leaves[1].clone().reshape(to3(&dims(1))),
+            leaves[2].clone().reshape([dims(2)[0], dims(2)[1]]),
+            leaves[3].clone().reshape(to4(&dims(3))),
+            leaves[4].clone().reshape(to4(&dims(4))),
+            leaves[5].clone(),
+            leaves[6].clone().reshape(to3(&dims(6))),
+            leaves[7].clone(),
+        );
+        if out.dtype() != activations {
+            return Err(format!(
+                "output in {:?}, expected the activations' {activations:?}",
+                out.dtype()
+            ));
+        }
+        let w = Tensor::<3>::from_data(TensorData::new(self.w.clone(), dims(0)), &device);
+        let grads = (out.clone().cast(DType::F32) * w).sum().backward();
+        let mut grad_values = Vec::with_capacity(8);
+        for (i, leaf) in leaves.iter().enumerate() {
+            let grad = leaf
+                .grad(&grads)
+                .ok_or_else(|| format!("no gradient for {}", INPUT_NAMES[i]))?;
+            if grad.dtype() != leaf.dtype() {
+                return Err(format!(
+                    "d{} in {:?}, expected its input's {:?}",
+                    INPUT_NAMES[i],
+                    grad.dtype(),
+                    leaf.dtype()
+                ));
+            }
+            grad_values.push(f32_values(grad));
+        }
+        Ok(ScanRun {
+            out: f32_values(out.flatten::<1>(0, 2)),
+            grads: grad_values.try_into().expect("eight gradients"),
+        })
+    }
+}
+
+fn to3(s: &[usize]) -> [usize; 3] {
+    [s[0], s[1], s[2]]
+}
+
+fn to4(s: &[usize]) -> [usize; 4] {
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn f32_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 values")
+}
+
+/// The output and the eight input gradients of one [`ScanCase::run`], as f32.
+#[derive(Clone, Debug)]
+pub struct ScanRun {
+    pub out: Vec<f32>,
+    pub grads: [Vec<f32>; 8],
+}
+
+impl ScanRun {
+    /// Compares output and gradients with `want`, within `out_tol` and `grad_tol`.
+    fn compare(
+        &self,
+        what: &str,
+        want: &ScanRun,
+        out_tol: f64,
+        grad_tol: f64,
+        c: &mut Comparisons,
+    ) {
+        c.close(format!("{what} out"), &self.out, &want.out, out_tol);
+        for (i, name) in INPUT_NAMES.iter().enumerate() {
+            c.close(
+                format!("{what} d{name}"),
+                &self.grads[i],
+                &want.grads[i],
+                grad_tol,
+            );
+        }
+    }
+}
+
+/// f32 activations against the CPU kernel. Tolerance 1e-4 of the largest value: both sides are
+/// f32 throughout; they differ in the order of the sums over the state and in `exp` (the CPU
+/// kernel's polynomial, the device's own).
+const F32_TOLERANCE: f64 = 1e-4;
+
+/// bf16 activations against the CPU kernel in f32 on the same bf16-representable values: the
+/// output is rounded to bf16 (2^-9 relative, 8e-3 allows a few roundings of the largest value);
+/// the gradients see the rounded output gradient and come back rounded (2e-2).
+const BF16_OUT_TOLERANCE: f64 = 8e-3;
+const BF16_GRAD_TOLERANCE: f64 = 2e-2;
+
+/// Every scan check on `device` (which must have the fused kernel; the comparisons are with the
+/// CPU kernel, so on Flex itself they are exact).
+pub fn scan_checks(device: &Device) -> Vec<Check> {
+    let mut checks = Vec::new();
+    if *device != Device::flex() {
+        checks.push(vs_cpu_kernel(device));
+    }
+    if device.supports_dtype(DType::BF16) {
+        checks.push(Check::run(
+            "scan bf16 activations vs the CPU kernel",
+            || {
+                let case = ScanCase::new(odd_sizes()[2], 21).rounded_to_bf16();
+                let want = case.run(&Device::flex(), DType::F32)?;
+                let got = case.run(device, DType::BF16)?;
+                let mut c = Comparisons::new();
+                got.compare(
+                    "bf16",
+                    &want,
+                    BF16_OUT_TOLERANCE,
+                    BF16_GRAD_TOLERANCE,
+                    &mut c,
+                );
+                c.outcome()
+            },
+        ));
+    }
+    checks.push(deterministic(device));
+    checks
+}
+
+fn vs_cpu_kernel(device: &Device) -> Check {
+    Check::run("scan f32 vs the CPU kernel, odd sizes", || {
+        let mut c = Comparisons::new();
+        for (k, size) in odd_sizes().into_iter().enumerate() {
+            let case = ScanCase::new(size, 300 + k as u64).with_large_deltas(23);
+            let want = case.run(&Device::flex(), DType::F32)?;
+            let got = case.run(device, DType::F32)?;
+            let chunk = scan_chunk(device, size.state).ok_or("no fused scan on this device")?;
+            let what = format!("{size:?} chunk {chunk}");
+            got.compare(&what, &want, F32_TOLERANCE, F32_TOLERANCE, &mut c);
+        }
+        c.outcome()
+    })
+}
+
+/// Two runs agree bit for bit, at a size whose backward splits each group's channels into
+/// several blocks (the CPU kernel's partial sums) and several cubes (the CubeCL backward).
+fn deterministic(device: &Device) -> Check {
+    Check::run("scan deterministic bit for bit", || {
+        let size = ScanSize {
+            batch: 2,
+            channels: 64,
+            groups: 2,
+            len: 70,
+            state: 8,
+        };
+        let case = ScanCase::new(size, 11);
+        let first = case.run(device, DType::F32)?;
+        let second = case.run(device, DType::F32)?;
+        let bits = |run: &ScanRun| -> Vec<u32> {
+            let all = std::iter::once(&run.out).chain(&run.grads);
+            all.flat_map(|v| v.iter().map(|x| x.to_bits())).collect()
+        };
+        match bits(&first) == bits(&second) {
+            true => Ok("two runs, identical output and gradients".into()),
+            false => Err("two runs on the same inputs differ".into()),
+        }
+    })
+}

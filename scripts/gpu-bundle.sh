@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the GPU bundle on an ordinary CPU machine (no GPU, no CUDA toolkit needed): a release
+# `zamba-train` with `--features cuda`, stripped, packed with the GPU check and the transformers
+# fixture its model checks read, into target/zamba-gpu-bundle.tar.xz (at most 60 MiB).
+#
+#   scripts/gpu-bundle.sh
+#
+# On a GPU node (NVIDIA driver; NCCL and the other CUDA libraries the binary loads at run time
+# may live only in a Python environment's nvidia/*/lib folders), with no compiler and no network:
+#
+#   tar xf zamba-gpu-bundle.tar.xz && cd zamba-gpu-bundle && ./gpu-check.sh
+#
+# Needs what a `--features cuda` build needs (scripts/prepare-llvm.sh: python3 with pip, PyPI
+# reachable once), ~12 minutes of a 2-core machine from a cold target dir, and `strip`, `tar`,
+# `xz`. Env: CARGO_FLAGS (extra cargo flags).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LIMIT_MIB=60
+NAME="zamba-gpu-bundle"
+STAGE="target/${NAME}"
+ARCHIVE="target/${NAME}.tar.xz"
+
+bash scripts/prepare-llvm.sh
+# shellcheck disable=SC2086
+cargo build --release -p zamba-train --features cuda ${CARGO_FLAGS:-}
+
+rm -rf "${STAGE}" "${ARCHIVE}"
+mkdir -p "${STAGE}/fixtures"
+cp target/release/zamba-train "${STAGE}/"
+strip "${STAGE}/zamba-train"
+cp scripts/gpu-check.sh "${STAGE}/"
+cp -r tests/fixtures/zamba-tiny-h2 "${STAGE}/fixtures/"
+cat >"${STAGE}/README.txt" <<EOF
+zamba-train GPU bundle ($(git describe --always --dirty 2>/dev/null || echo unknown), built $(date -u +%Y-%m-%d))
+
+  ./gpu-check.sh            all sections on the first CUDA device (about 8 minutes on an H100)
+  ./gpu-check.sh --smoke    every section at tiny sizes (proves the script; no GPU needed)
+  ./gpu-check.sh --help     sections and options
+
+Results: gpu-check-out/ (one log and one JSON per section, summary.json, the table at the end).
+The binary also runs alone: ./zamba-train selftest --device cuda, ./zamba-train --help.
+It loads libcuda (the driver) and, for the dist section, libnccl at run time; gpu-check.sh finds
+them on LD_LIBRARY_PATH, /usr/local/cuda/lib64 or a Python environment's nvidia/*/lib folders.
+EOF
+tar -C target -cJf "${ARCHIVE}" "${NAME}"
+
+size=$(stat -c %s "${ARCHIVE}")
+mib=$(( (size + (1 << 20) - 1) >> 20 ))
+echo "gpu-bundle: ${ARCHIVE} (${mib} MiB; binary $(( $(stat -c %s "${STAGE}/zamba-train") >> 20 )) MiB unpacked)"
+if (( size > LIMIT_MIB << 20 )); then
+    echo "gpu-bundle: error: the archive is over ${LIMIT_MIB} MiB" >&2
+    exit 1
+fi
