@@ -46,6 +46,7 @@ const BLOCK: usize = 64;
 /// # Panics
 /// If the shapes disagree (the message names them).
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    let _span = zamba_trace::span(zamba_trace::Category::Attention, "attention");
     check(&q, &k, &v);
     let fused = crate::on_flex(&q.device()) && [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
     if !fused {
@@ -409,6 +410,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Attention, "attention backward");
         let dout = grads.consume::<Flex>(&ops.node);
         let AttentionState {
             inputs,

@@ -27,6 +27,9 @@ use crate::strided::{
 /// If `weight`'s first dimension is not `x`'s last.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
+    let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+        format!("linear {dims:?}·{:?}", weight.dims())
+    });
     check(&dims, &weight);
     if !fused(&x, &weight) {
         return linear_reference(x, weight);
@@ -49,6 +52,9 @@ pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
 /// `[B, L, d_in]` → `[B, d_out, L]`, contiguous — the channel-major layout the causal conv and
 /// the selective scan read, without a transposed copy.
 pub fn linear_channels_first(x: Tensor<3>, weight: Tensor<2>) -> Tensor<3> {
+    let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+        format!("linear {:?}·{:?}", x.dims(), weight.dims())
+    });
     check(&x.dims(), &weight);
     match fused(&x, &weight) {
         true => fused_linear(x, weight, OutputOrder::ChannelsFirst).swap_dims(1, 2),

@@ -162,6 +162,15 @@ pub struct Span {
     _thread_bound: PhantomData<*const ()>,
 }
 
+impl Span {
+    /// Runs `f` inside this span, then ends it.
+    pub fn run<T>(self, f: impl FnOnce() -> T) -> T {
+        let out = f();
+        drop(self);
+        out
+    }
+}
+
 impl Drop for Span {
     fn drop(&mut self) {
         if let Some(depth) = self.depth {
