@@ -151,6 +151,7 @@ fn profile_steps_trace_every_rank_with_nested_spans_covering_each_step() {
         "runtime.world_size=2".into(),
         "checkpoint.every=2".into(),
         "eval.every=2".into(),
+        "runtime.peak_gflops=100".into(),
     ];
     train(&opts).unwrap();
 
