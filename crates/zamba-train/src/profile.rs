@@ -20,9 +20,22 @@ pub struct StepProfiler {
 }
 
 impl StepProfiler {
-    pub fn new(profile_steps: Option<[usize; 2]>, rank: usize) -> Self {
+    /// For a run (session) that starts at optimizer step `start`; says so on rank 0 when the
+    /// steps to trace are already behind it.
+    pub fn new(profile_steps: Option<[usize; 2]>, rank: usize, start: u64) -> Self {
+        let steps = profile_steps.map(|[first, last]| first as u64..=last as u64);
+        if let Some(steps) = &steps
+            && start > *steps.end()
+            && rank == 0
+        {
+            eprintln!(
+                "train.profile_steps = [{}, {}]: the run resumes at step {start}, after them; nothing is traced",
+                steps.start(),
+                steps.end()
+            );
+        }
         Self {
-            steps: profile_steps.map(|[first, last]| first as u64..=last as u64),
+            steps,
             rank,
             capture: None,
         }

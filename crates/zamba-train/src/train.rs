@@ -129,7 +129,7 @@ fn run_rank(
     let run_start = Instant::now();
     let tokens_at_start = run.state.tokens;
     let mut last_loss = f64::NAN;
-    let mut profiler = StepProfiler::new(config.train.profile_steps, ctx.rank);
+    let mut profiler = StepProfiler::new(config.train.profile_steps, ctx.rank, run.state.step);
 
     while run.state.step < steps {
         let step = run.state.step;
