@@ -92,7 +92,7 @@ fn read_trace(path: &Path) -> Vec<Event> {
     events
 }
 
-fn children<'a>(events: &'a [Event], parent: usize) -> impl Iterator<Item = &'a Event> {
+fn children(events: &[Event], parent: usize) -> impl Iterator<Item = &Event> {
     events.iter().filter(move |e| e.parent == Some(parent))
 }
 

@@ -80,6 +80,9 @@ fn assert_f32_eq(tb: &[(u64, f64)], expected: &[(u64, f64)], what: &str) {
     assert_eq!(as_f32(tb), as_f32(expected), "{what}");
 }
 
+/// A number of a step line, as a float.
+type Field = fn(&StepRecord) -> f64;
+
 fn lr_by_step(metrics: &RunMetrics) -> Vec<(u64, f64)> {
     metrics.steps.iter().map(|s| (s.step, s.lr)).collect()
 }
@@ -148,7 +151,7 @@ fn event_files_hold_the_metrics_once_per_step_across_a_resume_and_runs_sit_side_
         .map(|s| (s.step, s.loss.unwrap()))
         .collect();
     assert_f32_eq(&series(run, "train/loss"), &losses, "train/loss");
-    let fields: [(&str, fn(&StepRecord) -> f64); 7] = [
+    let fields: [(&str, Field); 7] = [
         ("tokens", |s| s.tokens as f64),
         ("grad_norm", |s| s.grad_norm.unwrap()),
         ("tokens_per_sec", |s| s.tokens_per_sec.unwrap()),
