@@ -187,3 +187,26 @@ fn the_chrome_document_names_processes_and_threads_and_keeps_the_spans() {
     let expected = trace.spans()[1].duration.as_nanos() as f64 / 1e3;
     assert!((us(&gemm, "dur") - expected).abs() < 1e-6);
 }
+
+#[test]
+fn several_captures_make_one_document_with_a_process_each() {
+    let traces: Vec<zamba_trace::Trace> = (0..2)
+        .map(|rank| {
+            let capture = Capture::start("main");
+            drop(span_with(Category::Step, || format!("step of rank {rank}")));
+            capture.finish()
+        })
+        .collect();
+    let json = zamba_trace::chrome_json_of(&[(0, "rank 0", &traces[0]), (1, "rank 1", &traces[1])]);
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    let events = doc["traceEvents"].as_array().unwrap();
+    let of = |name: &str| events.iter().find(|e| e["name"] == name).unwrap()["pid"].clone();
+    assert_eq!(of("step of rank 0"), 0);
+    assert_eq!(of("step of rank 1"), 1);
+    let processes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["name"] == "process_name")
+        .map(|e| &e["args"]["name"])
+        .collect();
+    assert_eq!(processes, ["rank 0", "rank 1"]);
+}
