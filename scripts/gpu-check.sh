@@ -167,7 +167,8 @@ section_step() {
         set -- --preset zamba-1b --batch 1 --seq-len 4096 --steps 3
     fi
     with_memory_peak "${BIN}" bench model --device "${DEVICE}" --precision bf16 \
-        --activation-checkpointing layers --no-torch "$@" --json-file "${OUT}/step.json"
+        --activation-checkpointing layers --no-torch "$@" --trace "${OUT}/step-trace.json" \
+        --json-file "${OUT}/step.json"
 }
 
 section_scan() {

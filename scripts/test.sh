@@ -3,10 +3,12 @@
 # `cube-cpu`, the two test targets that run on every device of `zamba_kernels::kernel_devices` (the
 # scan kernels, the model's execution) again, now also on Burn's CubeCL CPU runtime (the same
 # `#[cube]` kernels the CUDA build runs, compiled by LLVM). The other tests are device-independent
-# and ran in the first build. The second build needs the offline LLVM of prepare-llvm.sh.
+# and ran in the first build. The second build needs the offline LLVM of prepare-llvm.sh; the
+# first, TensorBoard's event-file reader (prepare-test-python.sh), which checks the trainer's files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/prepare-test-python.sh
 cargo test --workspace
 bash scripts/prepare-llvm.sh
 cargo test -p zamba-kernels -p zamba-model --features cube-cpu --test selective_scan --test execution

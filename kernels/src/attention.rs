@@ -47,6 +47,7 @@ const BLOCK: usize = 64;
 /// # Panics
 /// If the shapes disagree (the message names them).
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    let _span = zamba_trace::span(zamba_trace::Category::Attention, "attention");
     check(&q, &k, &v);
     #[cfg(feature = "cube")]
     if crate::on_cube(&q.device()) {
@@ -418,6 +419,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Attention, "attention backward");
         let dout = grads.consume::<Flex>(&ops.node);
         let AttentionState {
             inputs,

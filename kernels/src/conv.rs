@@ -31,6 +31,7 @@ use crate::simd::{Lanes, sigmoid, simd_dispatch, simd_level};
 /// # Panics
 /// If the shapes disagree.
 pub fn causal_conv1d_silu(x: Tensor<3>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<3> {
+    let _span = zamba_trace::span(zamba_trace::Category::Elementwise, "causal conv + silu");
     check_shapes(&x, &weight, &bias);
     if !crate::on_flex(&x.device()) {
         return causal_conv1d_silu_reference(x, weight, bias);
@@ -301,6 +302,10 @@ impl Backward<Flex, 3> for ConvBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(
+            zamba_trace::Category::Elementwise,
+            "causal conv + silu backward",
+        );
         let dout = contiguous_f32(grads.consume::<Flex>(&ops.node));
         let ConvState { inputs, dtypes } = ops.state;
         let [x, weight, bias] = &inputs;

@@ -36,6 +36,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// # Panics
 /// If the shapes disagree, or a target is neither [`IGNORE_INDEX`] nor in `0..vocab`.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let _span = zamba_trace::span(zamba_trace::Category::Loss, "cross-entropy");
     check_shapes(&logits, &targets);
     if !crate::on_flex(&logits.device()) {
         return cross_entropy_reference(logits, targets);
@@ -208,6 +209,7 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Loss, "cross-entropy backward");
         let dout = contiguous_f32(grads.consume::<Flex>(&ops.node));
         let dout = as_f32(&dout)[0];
         let CrossEntropyState {

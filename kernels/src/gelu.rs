@@ -25,6 +25,7 @@ use crate::simd::{Lanes, exp_approx, simd_dispatch, simd_level};
 /// # Panics
 /// If the shapes differ.
 pub fn gelu_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    let _span = zamba_trace::span(zamba_trace::Category::Elementwise, "gelu · up");
     check(&gate, &up);
     if !crate::on_flex(&gate.device()) {
         return gelu_mul_reference(gate, up);
@@ -170,6 +171,7 @@ impl Backward<Flex, 2> for GeluMulBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Elementwise, "gelu · up backward");
         let dout = contiguous_f32(grads.consume::<Flex>(&ops.node));
         let (inputs, dtypes) = ops.state;
         let computed = backward(as_f32(&inputs[0]), as_f32(&inputs[1]), as_f32(&dout));

@@ -25,6 +25,9 @@ use crate::strided::{
 /// # Panics
 /// If the head counts or the inner dimensions disagree.
 pub fn per_head_matmul(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
+    let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+        format!("per-head {:?}·{:?}", w.dims(), x.dims())
+    });
     check(&w, &x);
     #[cfg(feature = "cube")]
     if crate::on_cube(&x.device()) {
@@ -39,6 +42,9 @@ pub fn per_head_matmul(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
 /// [`per_head_matmul`] with each product transposed, written in that layout: `[B, H, N, M]`,
 /// contiguous (the time-major `B`/`C` the selective scan reads).
 pub fn per_head_matmul_transposed(w: Tensor<3>, x: Tensor<4>) -> Tensor<4> {
+    let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+        format!("per-head {:?}·{:?}", w.dims(), x.dims())
+    });
     check(&w, &x);
     #[cfg(feature = "cube")]
     if crate::on_cube(&x.device()) {

@@ -82,6 +82,7 @@
 
 mod adamw;
 mod attention;
+mod backward_span;
 pub mod check;
 mod conv;
 mod cpu;
@@ -104,6 +105,7 @@ mod strided;
 
 pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
 pub use attention::{causal_attention, causal_attention_reference};
+pub use backward_span::{BlockEdge, mark_backward_span};
 pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
 pub use cpu::scan_lane_ops;
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
@@ -222,6 +224,7 @@ pub fn selective_scan(
     delta_bias: Tensor<1>,
 ) -> Tensor<3> {
     check_shapes(&u, &delta, &a, &b, &c, &d, &z, &delta_bias);
+    let _span = zamba_trace::span(zamba_trace::Category::Scan, "scan forward");
     if fused_kernel_available(&u.device()) {
         op::fused(u, delta, a, b, c, d, z, delta_bias)
     } else {

@@ -29,6 +29,9 @@ use crate::strided::{
 pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
     check(&x, &weight);
     let dims = x.dims();
+    let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+        format!("linear {dims:?}·{:?}", weight.dims())
+    });
     #[cfg(feature = "cube")]
     if crate::on_cube(&x.device()) {
         return crate::cube::ops::linear(x, weight);
@@ -55,6 +58,9 @@ pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
 /// the selective scan read, without a transposed copy.
 pub fn linear_channels_first(x: Tensor<3>, weight: Tensor<2>) -> Tensor<3> {
     check(&x, &weight);
+    let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+        format!("linear {:?}·{:?}", x.dims(), weight.dims())
+    });
     #[cfg(feature = "cube")]
     if crate::on_cube(&x.device()) {
         return crate::cube::ops::linear(x, weight).swap_dims(1, 2);

@@ -140,6 +140,7 @@ impl<B: ScanKernel> Backward<B, 8> for ScanBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Scan, "scan backward");
         let dout = grads.consume::<B>(&ops.node);
         let ScanState {
             inputs,

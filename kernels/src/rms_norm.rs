@@ -26,6 +26,7 @@ use crate::simd::{Lanes, simd_dispatch, simd_level};
 /// # Panics
 /// If `gamma`'s length is not `x`'s last dimension, or `eps` is negative or not finite.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {
+    let _span = zamba_trace::span(zamba_trace::Category::Norm, "rms norm");
     check(&x, &gamma, eps);
     if !crate::on_flex(&x.device()) {
         return rms_norm_reference(x, gamma, eps);
@@ -208,6 +209,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Norm, "rms norm backward");
         let dy = contiguous_f32(grads.consume::<Flex>(&ops.node));
         let RmsNormState {
             inputs,

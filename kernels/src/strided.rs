@@ -259,6 +259,10 @@ impl Backward<Flex, 2> for ProductBackward {
         // f32, as the forward's output (only f32 operands reach these ops).
         let dy = grads.consume::<Flex>(&ops.node);
         let (a, b) = ops.state;
+        let _span = zamba_trace::span_with(zamba_trace::Category::Gemm, || {
+            let [a, b] = [&a, &b].map(|t| t.layout().shape().to_vec());
+            format!("gemm backward {a:?}·{b:?}")
+        });
         for (parent, grad) in ops.parents.into_iter().zip(self.grads) {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, grad(&a, &b, &dy));

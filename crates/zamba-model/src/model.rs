@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use zamba_kernels::{BlockEdge, mark_backward_span};
+use zamba_trace::{Category, span, span_with};
 
 use zamba_kernels::expect_same_dtype;
 
@@ -278,6 +280,14 @@ pub struct ZambaLayer {
 }
 
 impl ZambaLayer {
+    /// `mamba` or `hybrid` (a Mamba block fed by the shared attention block).
+    fn kind(&self) -> &'static str {
+        match self.hybrid_linear {
+            Some(_) => "hybrid",
+            None => "mamba",
+        }
+    }
+
     fn build(b: &mut ParamBuilder, kind: LayerKind, c: &ZambaConfig) -> Result<Self, ModelError> {
         Ok(Self {
             input_layernorm: b.rms_norm("input_layernorm", c.rms_norm_eps)?,
@@ -357,9 +367,14 @@ impl ZambaModel {
     pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let compute = Compute::new(self.execution.precision);
         let recompute = self.execution.checkpointing == ActivationCheckpointing::Layers;
-        let x0 = self.embed(tokens);
+        let x0 = span(Category::Layer, "embedding").run(|| self.embed(tokens));
         let mut x = x0.clone();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            // One span per layer in the forward, and one for its backward (trace only).
+            let name = || format!("layer {i} ({})", layer.kind());
+            let _forward = span_with(Category::Layer, name);
+            let backward = || format!("{} backward", name());
+            x = mark_backward_span(x, BlockEdge::Input, Category::Layer, backward);
             // t = W_l · Shared([x, x0]) feeds only this layer's Mamba block, never the residual.
             let t = layer.hybrid_linear.as_ref().map(|linear| {
                 let block = (self.shared.clone(), linear.clone());
@@ -395,6 +410,7 @@ impl ZambaModel {
                 true => checkpointed(&block, inputs, run),
                 false => run(&block, inputs),
             };
+            x = mark_backward_span(x, BlockEdge::Output, Category::Layer, backward);
         }
         rms_norm(&self.final_layernorm, x)
     }

@@ -86,7 +86,9 @@ impl<M: Module + Clone + Send + Sync> Segment for BlockSegment<M> {
         inputs: Vec<DispatchTensor>,
         dout: DispatchTensor,
     ) -> Vec<Option<DispatchTensor>> {
-        let (activations, module, out) = self.run(inputs, true);
+        let (activations, module, out) =
+            zamba_trace::span(zamba_trace::Category::Recompute, "recompute")
+                .run(|| self.run(inputs, true));
         // A constant: the gradient of Σ out ⊙ dout with respect to `out` is `dout`.
         let grads = (out * Tensor::<3>::from_dispatch(dout)).sum().backward();
         let mut collect = CollectGrads {

@@ -23,6 +23,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use zamba_dist::{Communicator, DistError, ReduceOp};
+use zamba_trace::{Category, span, span_with};
 
 use crate::optim::{AdamW, SegmentUpdate};
 
@@ -169,6 +170,7 @@ impl DataParallel {
         let mut sum_squares = Tensor::<1>::zeros([1], device);
         let mut segments = self.segments.iter().peekable();
         for (b, bucket) in self.buckets.iter().enumerate() {
+            let _bucket = span_with(Category::Gradients, || self.bucket_name(b));
             let parts = bucket
                 .slots
                 .clone()
@@ -184,10 +186,14 @@ impl DataParallel {
                 // communicator (a copy out and back of every gradient).
                 _ if self.world == 1 => (flat.clone(), Some(flat)),
                 Sharding::Replicated => {
-                    let full = comm.all_reduce(flat, ReduceOp::Avg)?;
+                    let full = span(Category::Communication, "all-reduce")
+                        .run(|| comm.all_reduce(flat, ReduceOp::Avg))?;
                     (full.clone().slice(self.owned(bucket)), Some(full))
                 }
-                Sharding::Zero1 => (comm.reduce_scatter(flat, ReduceOp::Avg)?, None),
+                Sharding::Zero1 => {
+                    let _comm = span(Category::Communication, "reduce-scatter");
+                    (comm.reduce_scatter(flat, ReduceOp::Avg)?, None)
+                }
             };
             sum_squares = sum_squares + chunk.clone().square().sum();
             let chunk_start = self.owned(bucket).start;
@@ -251,6 +257,9 @@ impl DataParallel {
                     if filled < bucket.chunk {
                         parts.push(Tensor::zeros([bucket.chunk - filled], device));
                     }
+                    let _bucket = span_with(Category::Communication, || {
+                        format!("all-gather of {}", self.bucket_name(b))
+                    });
                     let full = comm.all_gather(Tensor::cat(parts, 0))?;
                     self.split_into(bucket, full, &mut new_values);
                 }
@@ -285,7 +294,9 @@ impl DataParallel {
                 grad,
             })
             .collect();
-        let updated = optimizer.update(segments, lr, grad_scale);
+        let updated =
+            span(Category::Optimizer, "adamw").run(|| optimizer.update(segments, lr, grad_scale));
+        let _apply = span(Category::Optimizer, "apply updated parameters");
         self.apply(model, updated, comm, device)
     }
 
@@ -311,6 +322,16 @@ impl DataParallel {
             self.split_into(bucket, full, &mut new_values);
         }
         Ok(set_values(model, new_values))
+    }
+
+    /// A bucket as a trace names it: index, parameters and size.
+    fn bucket_name(&self, b: usize) -> String {
+        let bucket = &self.buckets[b];
+        let mb = (bucket.chunk * self.world * 4) as f64 / (1 << 20) as f64;
+        format!(
+            "bucket {b} ({} parameters, {mb:.1} MiB)",
+            bucket.slots.len()
+        )
     }
 
     /// The bucket's flat buffer: `parts` concatenated and zero-padded to `chunk × world`.

@@ -20,6 +20,10 @@
 //! A line whose `step` is not above the previous line's means the run resumed from an earlier
 //! checkpoint: the later lines replace the earlier ones from that step on. The writer also drops
 //! such lines when it reopens the file for a resumed run, so the file reads as one run.
+//!
+//! With `logging.tensorboard`, the writer sends every record to the run's TensorBoard event file
+//! too ([`crate::tensorboard`]): the step line's numbers as `train/<field>` scalars, an eval
+//! line's as `eval/<source>/loss` and `eval/<source>/perplexity`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,6 +31,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
+
+use crate::tensorboard::EventWriter;
 
 /// File name of the metrics log inside a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -186,11 +192,13 @@ fn parse_line(mut value: serde_json::Value) -> Result<Line, String> {
     }
 }
 
-/// Appends records to a run's metrics.jsonl, one line each.
+/// Appends records to a run's metrics.jsonl, one line each (and to its TensorBoard event file,
+/// see [`Self::with_tensorboard`]).
 pub struct MetricsWriter {
     file: std::fs::File,
     path: PathBuf,
     every: u64,
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsWriter {
@@ -226,27 +234,98 @@ impl MetricsWriter {
             file,
             path,
             every: every.max(1) as u64,
+            tensorboard: None,
         })
+    }
+
+    /// Also writes every record to a new TensorBoard event file in `run_dir` for the session
+    /// that starts at `start_step`, which begins with `config` (the resolved run config, TOML) as
+    /// the text `config` at that step.
+    pub fn with_tensorboard(
+        mut self,
+        run_dir: &Path,
+        start_step: u64,
+        config: &str,
+    ) -> Result<Self> {
+        let mut events = EventWriter::create(run_dir, start_step)?;
+        // Indented: a Markdown code block, so that the Text dashboard keeps the TOML's lines.
+        let block: String = config.lines().map(|line| format!("    {line}\n")).collect();
+        events.text(start_step, "config", &block)?;
+        self.tensorboard = Some(events);
+        Ok(self)
     }
 
     /// Writes the record of a step if it is due: every `logging.every`-th step, the run's last
     /// step (`last`), and every skipped step.
     pub fn step(&mut self, record: &StepRecord, last: bool) -> Result<()> {
-        if (record.step + 1).is_multiple_of(self.every) || last || record.skipped {
-            self.write(&serde_json::to_string(record)?)
-        } else {
-            Ok(())
+        if !((record.step + 1).is_multiple_of(self.every) || last || record.skipped) {
+            return Ok(());
+        }
+        self.write(&serde_json::to_string(record)?)?;
+        match &mut self.tensorboard {
+            Some(events) => events.scalars(record.step, &step_scalars(record)),
+            None => Ok(()),
         }
     }
 
     pub fn eval(&mut self, record: &EvalRecord) -> Result<()> {
         let line = serde_json::to_string(&EvalLine { eval: true, record })?;
-        self.write(&line)
+        self.write(&line)?;
+        match &mut self.tensorboard {
+            Some(events) => events.scalars(record.step, &eval_scalars(record)),
+            None => Ok(()),
+        }
     }
 
     fn write(&mut self, line: &str) -> Result<()> {
         writeln!(self.file, "{line}").with_context(|| format!("writing {}", self.path.display()))
     }
+}
+
+/// The numbers of a step line as TensorBoard scalars, `train/<field>` (absent values left out).
+fn step_scalars(record: &StepRecord) -> Vec<(String, f64)> {
+    let StepRecord {
+        step: _,
+        tokens,
+        loss,
+        lr,
+        grad_norm,
+        tokens_per_sec,
+        gflops,
+        mfu,
+        skipped,
+        world_size,
+    } = record;
+    let fields = [
+        ("tokens", Some(*tokens as f64)),
+        ("loss", *loss),
+        ("lr", Some(*lr)),
+        ("grad_norm", *grad_norm),
+        ("tokens_per_sec", *tokens_per_sec),
+        ("gflops", *gflops),
+        ("mfu", *mfu),
+        ("skipped", Some(f64::from(u8::from(*skipped)))),
+        ("world_size", Some(*world_size as f64)),
+    ];
+    fields
+        .into_iter()
+        .filter_map(|(name, value)| Some((format!("train/{name}"), value?)))
+        .collect()
+}
+
+/// An eval line as TensorBoard scalars: `eval/<source>/loss` and `eval/<source>/perplexity`.
+fn eval_scalars(record: &EvalRecord) -> Vec<(String, f64)> {
+    record
+        .loss
+        .iter()
+        .filter_map(|(source, loss)| Some((source, (*loss)?)))
+        .flat_map(|(source, loss)| {
+            [
+                (format!("eval/{source}/loss"), loss),
+                (format!("eval/{source}/perplexity"), loss.exp()),
+            ]
+        })
+        .collect()
 }
 
 /// Marks `run_dir` as finished after `steps` steps.

@@ -22,6 +22,7 @@ use zamba_data::{Batch, MixtureLoader};
 use zamba_dist::ReduceOp;
 use zamba_model::params::FlopsPerToken;
 use zamba_model::{Execution, RandomInit, ZambaConfig, ZambaModel, cross_entropy};
+use zamba_trace::{Category, span, span_with};
 
 use crate::batch::micro_batch;
 use crate::checkpoint::{self, TrainerState};
@@ -34,6 +35,7 @@ use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{AdamW, AdamWParams, clip_factor};
 use crate::peak::TRAINER_PEAK_SHAPES;
+use crate::profile::{self, StepProfiler};
 use crate::rank::RankContext;
 use crate::run_lock::RunLock;
 
@@ -127,16 +129,19 @@ fn run_rank(
     let run_start = Instant::now();
     let tokens_at_start = run.state.tokens;
     let mut last_loss = f64::NAN;
+    let mut profiler = StepProfiler::new(config.train.profile_steps, ctx.rank, run.state.step);
 
     while run.state.step < steps {
         let step = run.state.step;
         let lr = config.lr(step as usize);
+        profiler.before_step(step, &compute);
+        let step_span = span_with(Category::Step, || format!("step {step}"));
         let t0 = Instant::now();
 
         // Micro-batches → this rank's gradient sum → one bucketed all-reduce (ZeRO-1:
         // reduce-scatter) → one more of [loss, partial sum of squares, stop request], so that
         // every rank takes the same decisions from here on.
-        let batch = run.loader.next_batch()?;
+        let batch = span(Category::Data, "next batch").run(|| run.loader.next_batch())?;
         let (grads, loss_sum) = local_gradients(&run.model, &batch, config, &ctx.device);
         let (grads, sum_squares) = run
             .dp
@@ -221,6 +226,13 @@ fn run_rank(
             || (every > 0 && run.state.step % every == 0)
         {
             save_checkpoint(ctx, config, &run, &progress)?;
+        }
+        drop(step_span);
+        if let Some((path, trace)) = profiler.after_step(step, agreed.interrupted, run_dir)?
+            && ctx.is_main()
+        {
+            // Printed even without a progress bar: it says where the trace is.
+            progress.suspend(|| eprintln!("{}", profile::describe(&path, &trace)));
         }
         if agreed.interrupted {
             progress.abandon_with_message("interrupted");
@@ -331,11 +343,13 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
         world_size: ctx.world_size,
     });
     let metrics = match ctx.is_main() {
-        true => Some(MetricsWriter::open(
-            run_dir,
-            state.step,
-            config.logging.every,
-        )?),
+        true => {
+            let writer = MetricsWriter::open(run_dir, state.step, config.logging.every)?;
+            Some(match config.logging.tensorboard {
+                true => writer.with_tensorboard(run_dir, state.step, &config.to_toml_string()?)?,
+                false => writer,
+            })
+        }
         false => None,
     };
     Ok(RankRun {
@@ -386,9 +400,14 @@ fn local_gradients(
     let mut loss_sum = Tensor::<1>::zeros([1], &device.clone().without_autodiff());
     for m in 0..accum {
         let (inputs, targets) = micro_batch(batch, m * micro, micro, device);
-        let loss = cross_entropy(model.forward(inputs), targets) / accum as f64;
+        let logits =
+            span_with(Category::Forward, || format!("forward {m}")).run(|| model.forward(inputs));
+        let loss = cross_entropy(logits, targets) / accum as f64;
         loss_sum = loss_sum + loss.clone().inner().reshape([1]);
-        accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+        let grads =
+            span_with(Category::Backward, || format!("backward {m}")).run(|| loss.backward());
+        let _accumulate = span(Category::Gradients, "accumulate gradients");
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
     (accumulator.grads(), loss_sum)
 }
@@ -402,6 +421,10 @@ fn agree_on_step(
     sum_squares: Tensor<1>,
     stop: &AtomicBool,
 ) -> Result<StepOutcome> {
+    let _span = span(
+        Category::Communication,
+        "agree on loss, gradient norm, stop",
+    );
     let device = ctx.compute_device();
     let stop_requested = f32::from(stop.swap(false, Ordering::SeqCst));
     let control = Tensor::cat(
@@ -448,6 +471,7 @@ fn save_checkpoint(
     run: &RankRun,
     progress: &ProgressBar,
 ) -> Result<()> {
+    let _span = span(Category::Checkpoint, "checkpoint");
     let dir = checkpoint::save(
         ctx,
         &config.run.dir,
@@ -726,6 +750,7 @@ fn evaluate(
     loader: &MixtureLoader,
     config: &RunConfig,
 ) -> Result<BTreeMap<String, Option<f64>>> {
+    let _span = span(Category::Eval, "eval");
     let rows = config.batch.micro_batch;
     let total = (config.eval.batches * rows) as u64;
     let (rank, world) = (ctx.rank as u64, ctx.world_size as u64);
@@ -785,6 +810,7 @@ mod tests {
             spike_zscore,
             spike_window,
             activation_checkpointing: Default::default(),
+            profile_steps: None,
         }
     }
 

@@ -216,7 +216,23 @@ fn train_checkpoint_eval_logging_runtime_rules() {
         (&["runtime.world_size=0"], "runtime.world_size", "≥ 1"),
         (&["runtime.peak_gflops=0.0"], "runtime.peak_gflops", "> 0"),
         (&["runtime.device=tpu"], "runtime.device", "cuda:N"),
+        (
+            &["train.profile_steps=[12, 10]"],
+            "train.profile_steps",
+            "must not come after the last",
+        ),
+        (
+            &["train.steps=20", "train.profile_steps=[10, 20]"],
+            "train.profile_steps",
+            "the run's steps are 0 to 19",
+        ),
+        (
+            &["train.profile_steps=[10]"],
+            "train.profile_steps",
+            "length 2",
+        ),
     ]);
+    load(BASE, &["train.steps=20", "train.profile_steps=[10, 19]"]).unwrap();
     let no_validation = BASE.replace("validation = [\"synthetic:web\"]\n", "");
     let e = load(&no_validation, &["eval.every=10"]).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("eval.every"));

@@ -66,6 +66,21 @@ fn smoke_mode_runs_every_section_and_reports() {
     }
     assert!(summary["gemm_peak_gflops"]["ours"].as_f64().unwrap() > 0.0);
     assert!(summary["step"]["tokens_per_sec"].as_f64().unwrap() > 0.0);
+    let split = summary["step"]["split"]
+        .as_array()
+        .expect("the traced step's split");
+    let categories: Vec<&str> = split
+        .iter()
+        .filter_map(|c| c["category"].as_str())
+        .collect();
+    for class in ["gemm", "scan", "attention", "optimizer"] {
+        assert!(categories.contains(&class), "{class} in {categories:?}");
+    }
+    let shares: f64 = split.iter().filter_map(|c| c["share"].as_f64()).sum();
+    assert!(
+        (shares - 1.0).abs() < 1e-6,
+        "the split covers the step: {shares}"
+    );
     assert!(summary["scan"]["copy_gbps"].as_f64().unwrap() > 0.0);
     assert_eq!(summary["dist"]["checked"], true);
     // The table is the end of the output; everything written stays in the output folder.

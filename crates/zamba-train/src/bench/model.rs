@@ -2,9 +2,10 @@
 //! and the parameter update, exactly as `zamba-train` runs them) on a model preset, against the
 //! machine's f32 peak, with the step's heap use next to the `--dry-run` estimate.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor};
@@ -16,6 +17,7 @@ use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
     cross_entropy,
 };
+use zamba_trace::{Capture, Category, span};
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::memory;
@@ -64,10 +66,17 @@ pub struct ModelArgs {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json_file: Option<std::path::PathBuf>,
+    /// After the measured steps, run one more with every span recorded (the device synchronised
+    /// at each span boundary) and write it to FILE as Chrome-trace JSON (open it in
+    /// ui.perfetto.dev or chrome://tracing); prints its time split by op class.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 /// Mean times of the measured steps and the largest heap use among them.
 struct StepMeasurement {
+    /// The traced step's time split (with `--trace`).
+    split: Option<serde_json::Value>,
     grads: Duration,
     update: Duration,
     heap: HeapUse,
@@ -82,6 +91,11 @@ struct MfuPeak {
 pub(super) fn run(a: &ModelArgs) -> Result<()> {
     let config = ZambaConfig::preset(&a.preset)?;
     if a.world > 1 {
+        if a.trace.is_some() {
+            bail!(
+                "--trace traces the one-rank step; leave out --world (a run with train.profile_steps traces every rank)"
+            );
+        }
         let sharding = match a.zero {
             true => Sharding::Zero1,
             false => Sharding::Replicated,
@@ -115,7 +129,7 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &autodiff)?
         .with_execution(execution);
     let batch = random_batch(a.batch, a.seq_len, config.vocab_size, &autodiff);
-    let (model, measured) = train_steps(model, &batch, a.steps, &device)?;
+    let (model, measured) = train_steps(model, &batch, a.steps, &device, a.trace.as_deref())?;
     let forward_time = time(a.steps, || {
         let _ = model.valid().forward(batch.0.clone().inner()).into_data();
     })
@@ -132,12 +146,13 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
 }
 
 /// One warm-up step (allocator, first-touch page faults, optimizer moments) and `steps` measured
-/// ones of the trainer's step on a world of one.
+/// ones of the trainer's step on a world of one; then, with `trace`, one traced step written there.
 fn train_steps(
     mut model: ZambaModel,
     (inputs, targets): &(Tensor<2, Int>, Tensor<2, Int>),
     steps: usize,
     compute: &Device,
+    trace: Option<&Path>,
 ) -> Result<(ZambaModel, StepMeasurement)> {
     let comm = zamba_dist::thread_group(1, &DistOptions::default())
         .pop()
@@ -146,13 +161,21 @@ fn train_steps(
     let mut optimizer = AdamW::new(bench_adamw());
     let (mut grads_time, mut update_time) = (Duration::ZERO, Duration::ZERO);
     let mut heap = HeapUse::default();
-    for step in 0..=steps {
+    let mut split = None;
+    for step in 0..=steps + usize::from(trace.is_some()) {
+        let capture = (step > steps).then(|| {
+            let device = compute.clone();
+            Capture::start("bench model step").with_sync(move || sync(&device))
+        });
+        let step_span = span(Category::Step, "step");
         memory::reset_peak();
         let (live_before, _) = memory::heap();
         let t = Instant::now();
-        let loss = cross_entropy(model.forward(inputs.clone()), targets.clone());
+        let logits = span(Category::Forward, "forward").run(|| model.forward(inputs.clone()));
+        let loss = cross_entropy(logits, targets.clone());
         let activations = memory::heap().0.saturating_sub(live_before);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = span(Category::Backward, "backward").run(|| loss.backward());
+        let grads = GradientsParams::from_grads(grads, &model);
         sync(compute);
         let backward_done = Instant::now();
         let (grads, _) = dp.reduce_gradients(grads, comm.as_ref(), compute)?;
@@ -167,7 +190,10 @@ fn train_steps(
         )?;
         sync(compute);
         let done = Instant::now();
-        if step > 0 {
+        drop(step_span);
+        if let (Some(capture), Some(path)) = (capture, trace) {
+            split = Some(write_trace(capture, path)?);
+        } else if step > 0 {
             grads_time += backward_done - t;
             update_time += done - backward_done;
             heap = heap.max(HeapUse {
@@ -179,11 +205,50 @@ fn train_steps(
     }
     let n = steps.max(1) as u32;
     let measured = StepMeasurement {
+        split,
         grads: grads_time / n,
         update: update_time / n,
         heap,
     };
     Ok((model, measured))
+}
+
+/// Writes the traced step to `path`, prints its time split and returns it as JSON: the seconds
+/// and share of the step of each op class (exclusive of nested spans), and the scan's forward and
+/// backward apart.
+fn write_trace(capture: Capture, path: &Path) -> Result<serde_json::Value> {
+    let trace = capture.finish();
+    trace
+        .write_chrome(path, 0, "zamba-train bench model")
+        .with_context(|| format!("writing the trace {}", path.display()))?;
+    println!(
+        "  trace of one step written to {} (open it in ui.perfetto.dev or chrome://tracing); time by op class:",
+        path.display()
+    );
+    let summary = trace.summary();
+    for line in summary.table().lines() {
+        println!("    {line}");
+    }
+    let wall = summary.wall.as_secs_f64().max(1e-12);
+    let split: Vec<serde_json::Value> = summary
+        .exclusive_seconds()
+        .into_iter()
+        .filter(|(_, seconds)| *seconds > 0.0)
+        .map(|(category, seconds)| {
+            serde_json::json!({"category": category, "seconds": seconds, "share": seconds / wall})
+        })
+        .collect();
+    let scan = |prefix: &str| -> f64 {
+        let spans = trace.spans().iter();
+        let named = spans.filter(|s| s.category == Category::Scan && s.name.starts_with(prefix));
+        named.map(|s| s.duration.as_secs_f64()).sum()
+    };
+    Ok(serde_json::json!({
+        "wall_seconds": wall,
+        "split": split,
+        "scan_forward_seconds": scan("scan forward"),
+        "scan_backward_seconds": scan("scan backward"),
+    }))
 }
 
 fn report(
@@ -266,6 +331,7 @@ fn report(
             "fraction_of_peak": peak.as_ref().map(|p| achieved / p.gflops),
             "load_average": load_average(),
             "device_pool_peak_mb": pool_peak.map(|bytes| bytes as f64 / 1e6),
+            "traced_step": measured.split,
         });
         if a.json {
             println!("{json}");

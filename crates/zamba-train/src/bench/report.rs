@@ -119,7 +119,10 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
             "mfu_vs_datasheet_peak": mfu(datasheet.map(|(_, g)| g)),
             "device_memory_peak_mib": memory_peak_mib,
             "device_pool_peak_mb": step["device_pool_peak_mb"],
-            "split": step["split"],
+            "split": step["traced_step"]["split"],
+            "scan_forward_seconds": step["traced_step"]["scan_forward_seconds"],
+            "scan_backward_seconds": step["traced_step"]["scan_backward_seconds"],
+            "traced_step_seconds": step["traced_step"]["wall_seconds"],
         },
         "scan": {
             "achieved_gbps": scan["achieved_gbps"],
@@ -231,6 +234,12 @@ fn render(s: &Value) -> String {
             })
             .collect();
         out += &format!("step split     {}\n", parts.join(" | "));
+        out += &format!(
+            "               (one traced step, {} s, device synchronised at every span; scan forward {} s, backward {} s)\n",
+            fmt(&st["traced_step_seconds"], 1.0, 3),
+            fmt(&st["scan_forward_seconds"], 1.0, 3),
+            fmt(&st["scan_backward_seconds"], 1.0, 3)
+        );
     }
     let sc = &s["scan"];
     out += &format!(

@@ -203,9 +203,43 @@ pub struct TrainSection {
     #[serde(default)]
     #[schemars(with = "String", extend("enum" = ["none", "layers"]))]
     pub activation_checkpointing: ActivationCheckpointing,
+    /// Trace the optimizer steps `[first, last]` (inclusive; numbered from 0 as in
+    /// metrics.jsonl): each rank writes their spans — per op class and per layer, forward,
+    /// backward, recompute, gradient buckets and their communication, optimizer, checkpoint — as
+    /// Chrome-trace JSON to `run.dir/traces/steps-FIRST-LAST.rank-R.json` (open it in
+    /// ui.perfetto.dev or chrome://tracing), and rank 0 prints their time split by op class.
+    /// While tracing, the device is synchronised at every span boundary, so the traced steps
+    /// run slower; the other steps are untouched. Absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_steps: Option<[usize; 2]>,
 }
 
-impl Section for TrainSection {}
+impl Section for TrainSection {
+    fn validate(&self, _run: &RunConfig) -> Result<(), ConfigError> {
+        let Some([first, last]) = self.profile_steps else {
+            return Ok(());
+        };
+        if first > last {
+            return Err(ConfigError::invalid(
+                "train.profile_steps",
+                format!(
+                    "is [{first}, {last}]; the first step to trace must not come after the last"
+                ),
+            ));
+        }
+        if last >= self.steps {
+            return Err(ConfigError::invalid(
+                "train.profile_steps",
+                format!(
+                    "ends at step {last}, but the run's steps are 0 to {} (train.steps = {}); trace steps within the run",
+                    self.steps - 1,
+                    self.steps
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Checkpoints in `run.dir/checkpoints/step-NNNNNNNN` (transformers weights + optimizer and
 /// data state). One is always written after the last step and on SIGINT/SIGTERM.
@@ -275,6 +309,9 @@ pub struct LoggingSection {
     pub every: usize,
     /// Show a progress bar (step, loss, LR, tokens/s, ETA) on stderr.
     pub progress: bool,
+    /// Also write every metrics.jsonl record, and the resolved config as text, to TensorBoard
+    /// event files in `run.dir/tensorboard/` (watch runs with `tensorboard --logdir runs/`).
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingSection {
@@ -282,6 +319,7 @@ impl Default for LoggingSection {
         Self {
             every: 1,
             progress: true,
+            tensorboard: true,
         }
     }
 }
