@@ -59,6 +59,7 @@ impl Ranks {
     ) -> Result<()> {
         let opts = DistOptions {
             timeout: Duration::from_secs_f64(config.dist.timeout_s),
+            ..Default::default()
         };
         match self {
             Ranks::Single => rank(Box::new(SingleRank), 0),
