@@ -159,15 +159,17 @@ fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
     let capacity = match train_args.and_then(|t| t.config.map(|c| (c, t.overrides))) {
         Some((path, overrides)) => {
             let mut config = RunConfig::load(&path, &overrides)?;
+            let capacity = match config.runtime.device {
+                zamba_train::config::Device::Cuda(first) => NodeCapacity::gpus(first),
+                _ => NodeCapacity::cpu_cores(),
+            };
+            args.check_capacity(&capacity)?;
             let world = args.nnodes.saturating_mul(args.nproc_per_node);
             config.runtime.world_size = world;
             config
                 .validate()
                 .with_context(|| format!("{} with {world} ranks", path.display()))?;
-            match config.runtime.device {
-                zamba_train::config::Device::Cuda(first) => NodeCapacity::gpus(first),
-                _ => NodeCapacity::cpu_cores(),
-            }
+            capacity
         }
         // Not a training run: whatever the node has most of.
         None => [NodeCapacity::gpus(0), NodeCapacity::cpu_cores()]

@@ -106,8 +106,8 @@ fn explain_interruption(e: anyhow::Error, run_dir: &Path) -> anyhow::Error {
         return e;
     }
     e.context(format!(
-        "stopped by a signal without a checkpoint of the current step; the checkpoints in {} are intact: \
-         rerun the same command to resume from the newest",
+        "stopped by a signal before a checkpoint could be written; rerun the same command to resume from the \
+         newest checkpoint in {} (if there is one: they are intact)",
         checkpoint::checkpoints_dir(run_dir).display()
     ))
 }
@@ -711,6 +711,27 @@ mod tests {
                 .contains("non-finite")
         );
         assert_eq!(skip_reason(2.0, 1.0, &[], &t), None);
+    }
+
+    #[test]
+    fn a_failed_checkpoint_suggests_what_fits_its_cause() {
+        let run_dir = Path::new("/runs/r");
+        let explain = |e: anyhow::Error| format!("{:#}", explain_failed_checkpoint(e, 5, run_dir));
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let text = explain(anyhow::Error::new(full).context("writing model.safetensors"));
+        assert!(text.contains("free disk space"), "{text}");
+        let mismatch = zamba_dist::DistError::Invalid(
+            "all_reduce #7: rank 0 called all_reduce(Max, 1 f32), rank 1 called all_reduce(Sum, 9 f32)".into(),
+        );
+        let text = explain(anyhow::Error::new(mismatch));
+        assert!(
+            text.contains("the ranks could not complete it together") && !text.contains("disk"),
+            "{text}"
+        );
+        assert!(
+            text.contains("after step 5") && text.contains("/runs/r/checkpoints"),
+            "{text}"
+        );
     }
 
     #[test]

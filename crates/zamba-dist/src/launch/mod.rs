@@ -55,6 +55,20 @@ pub struct LaunchArgs {
     pub args: Vec<OsString>,
 }
 
+impl LaunchArgs {
+    /// Refuses more ranks on this node than it has GPUs or cores, unless `--force`.
+    pub fn check_capacity(&self, capacity: &NodeCapacity) -> Result<(), DistError> {
+        if self.nproc_per_node <= capacity.ranks || self.force {
+            return Ok(());
+        }
+        Err(DistError::Invalid(format!(
+            "launch: --nproc-per-node {} is more than this node has: {} (one rank each); start at most {} \
+             rank(s) here, or pass --force to start them anyway",
+            self.nproc_per_node, capacity.what, capacity.ranks
+        )))
+    }
+}
+
 /// How many ranks this node can run: one per GPU, or one per CPU core for CPU ranks.
 #[derive(Clone, Debug)]
 pub struct NodeCapacity {
@@ -186,13 +200,7 @@ impl Plan {
         if args.nproc_per_node == 0 || args.nnodes == 0 {
             return invalid("--nproc-per-node and --nnodes must be at least 1".into());
         }
-        if args.nproc_per_node > capacity.ranks && !args.force {
-            return invalid(format!(
-                "--nproc-per-node {} is more than this node has: {} (one rank each); start at most {} rank(s) \
-                 here, or pass --force to start them anyway",
-                args.nproc_per_node, capacity.what, capacity.ranks
-            ));
-        }
+        args.check_capacity(capacity)?;
         let world = match args.nnodes.checked_mul(args.nproc_per_node) {
             Some(world) if world <= MAX_WORLD => world,
             _ => {
