@@ -246,6 +246,14 @@ fn wait_bounded(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
+fn sigterm(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -325,11 +333,7 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
         seen.push_str(&line);
     }
     assert_eq!(waiting, 2, "{seen}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(launcher.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    sigterm(&launcher);
     let rest = std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
@@ -414,11 +418,7 @@ fn the_launcher_escalates_to_sigkill_after_the_grace_period() {
         );
         waiting += line.contains("] waiting") as usize;
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(launcher.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    sigterm(&launcher);
     let out = wait_bounded(launcher, Duration::from_secs(30));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -468,11 +468,7 @@ fn a_signal_ends_the_wait_at_the_rendezvous() {
         );
     }
     std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    sigterm(&child);
     // Far below the rendezvous time-out of 120 s.
     let out = wait_bounded(child, Duration::from_secs(20));
     let stderr = text(&out.stderr);

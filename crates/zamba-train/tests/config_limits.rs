@@ -2,33 +2,14 @@
 //! naming the key (in `--dry-run` too), and no value within it makes loading, the `--dry-run`
 //! summary or the LR schedule panic.
 
+mod common;
+
 use std::process::Command;
 
 use serde_json::Value as Json;
 use zamba_train::config::{RunConfig, schema_of};
 
-const BASE: &str = r#"
-[run]
-dir = "runs/limits"
-[model]
-preset = "zamba-tiny"
-[data]
-seq_len = 32
-[data.sources.web]
-paths = ["synthetic:web"]
-validation = ["synthetic:web"]
-weight = 1.0
-[batch]
-sequences = 8
-micro_batch = 2
-[schedule]
-kind = "cosine"
-peak_lr = 1e-3
-min_lr = 1e-4
-warmup_steps = 10
-[train]
-steps = 100
-"#;
+use common::MINIMAL_RUN as BASE;
 
 /// Keys every value of whose type is valid.
 const UNBOUNDED: &[&str] = &["run.seed", "data.seed", "synthetic.seed"];
@@ -148,7 +129,7 @@ fn no_value_within_the_ranges_panics() {
 fn dry_run_refuses_an_unrepresentable_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("run.toml");
-    let text = BASE.replace("runs/limits", &dir.path().join("run").display().to_string());
+    let text = BASE.replace("runs/rules", &dir.path().join("run").display().to_string());
     std::fs::write(&config, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_zamba-train"))
         .arg("--config")

@@ -1,29 +1,10 @@
 //! Each section's validation: one case per rule, each naming the key to change.
 
+mod common;
+
 use zamba_train::config::{ConfigError, ConfigErrorKind, RunConfig};
 
-const BASE: &str = r#"
-[run]
-dir = "runs/rules"
-[model]
-preset = "zamba-tiny"
-[data]
-seq_len = 32
-[data.sources.web]
-paths = ["synthetic:web"]
-validation = ["synthetic:web"]
-weight = 1.0
-[batch]
-sequences = 8
-micro_batch = 2
-[schedule]
-kind = "cosine"
-peak_lr = 1e-3
-min_lr = 1e-4
-warmup_steps = 10
-[train]
-steps = 100
-"#;
+use common::MINIMAL_RUN as BASE;
 
 fn load(text: &str, sets: &[&str]) -> Result<RunConfig, ConfigError> {
     let dir = tempfile::tempdir().unwrap();

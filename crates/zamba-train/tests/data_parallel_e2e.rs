@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SCHEDULE, options, step_losses, write_config};
+use common::{SCHEDULE, free_port, options, step_losses, write_config};
 use zamba_train::checkpoint::{self, TrainerState};
 use zamba_train::metrics::DONE_FILE;
 use zamba_train::train::{TrainOptions, train};
@@ -253,14 +253,6 @@ fn launched_processes_train_like_thread_ranks_and_sigterm_checkpoints_every_rank
         step_losses(&run_dir),
         step_losses(&tmp.path().join("reference"))
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -8,18 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SCHEDULE, write_config};
+use common::{SCHEDULE, free_port, write_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zamba-train");
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Rank `rank` of a world of 2, started by hand (as under SLURM), with `--set` overrides.
 fn rank(config: &Path, rank: usize, port: u16, sets: &[&str]) -> Child {
