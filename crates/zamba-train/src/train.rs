@@ -320,23 +320,7 @@ fn start_rank(
     if ctx.is_main() {
         eprintln!("{}", start.description);
     }
-    let bucket_bytes = (config.dist.bucket_mb * (1 << 20) as f64) as usize;
-    let dp = DataParallel::new(
-        &start.model,
-        bucket_bytes,
-        config.optimizer.zero,
-        ctx.rank,
-        ctx.world_size,
-    );
-    let compute = ctx.compute_device();
-    let adamw = AdamWParams::from(&config.optimizer);
-    let optimizer = match &start.moments_from {
-        Some((dir, step)) => checkpoint::load_optimizer(dir, adamw, *step, &dp, &compute),
-        None => Ok(AdamW::new(adamw)),
-    };
-    let optimizer = ctx.agree(optimizer, "loading the optimizer state")?;
-    let model = dp.broadcast_parameters(start.model, ctx.comm.as_ref(), &compute)?;
-
+    let (dp, optimizer, model) = distribute(ctx, config, start.model, &start.moments_from)?;
     let loader = MixtureLoader::new(
         &data,
         ctx.rank,
@@ -373,6 +357,34 @@ fn start_rank(
         mfu_peak,
         _lock: lock,
     }))
+}
+
+/// The parameters' layout over the ranks, this rank's share of the optimizer state (from
+/// `moments_from`, a checkpoint and its optimizer step, if given), and the model with rank 0's
+/// parameters on every rank.
+fn distribute(
+    ctx: &RankContext,
+    config: &RunConfig,
+    model: ZambaModel,
+    moments_from: &Option<(PathBuf, u64)>,
+) -> Result<(DataParallel, AdamW, ZambaModel)> {
+    let bucket_bytes = (config.dist.bucket_mb * (1 << 20) as f64) as usize;
+    let dp = DataParallel::new(
+        &model,
+        bucket_bytes,
+        config.optimizer.zero,
+        ctx.rank,
+        ctx.world_size,
+    );
+    let compute = ctx.compute_device();
+    let adamw = AdamWParams::from(&config.optimizer);
+    let optimizer = match moments_from {
+        Some((dir, step)) => checkpoint::load_optimizer(dir, adamw, *step, &dp, &compute),
+        None => Ok(AdamW::new(adamw)),
+    };
+    let optimizer = ctx.agree(optimizer, "loading the optimizer state")?;
+    let model = dp.broadcast_parameters(model, ctx.comm.as_ref(), &compute)?;
+    Ok((dp, optimizer, model))
 }
 
 /// Whether the checkpoint to resume from already has every step of the run (rank 0 says so).
