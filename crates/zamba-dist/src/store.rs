@@ -195,7 +195,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// the log.
 fn reject(shared: &Shared, peer: &str, why: &str) {
     let n = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-    if n <= 10 || n % 100 == 0 {
+    if n <= 10 || n.is_multiple_of(100) {
         eprintln!(
             "zamba-dist: rendezvous store dropped a connection from {peer}: {why} ({n} dropped so far)"
         );

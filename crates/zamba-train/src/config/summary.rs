@@ -191,7 +191,7 @@ pub(super) fn summary(c: &RunConfig) -> String {
             "off".into()
         }
     );
-    out.push_str(&memory_lines(c, params.total() as u64));
+    out.push_str(&memory_lines(c, params.total()));
     let _ = writeln!(
         out,
         "checkpoints  every {} steps, keep last {}{}; eval every {} steps",
