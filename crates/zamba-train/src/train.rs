@@ -94,15 +94,19 @@ fn set_up_threads(config: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// A run a signal stopped before it could checkpoint says so, and how to go on.
-fn explain_interruption(e: anyhow::Error, run_dir: &Path) -> anyhow::Error {
-    let interrupted = e.chain().any(|cause| {
+/// Whether a signal ended a wait somewhere in `e`'s causes.
+fn interrupted(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<zamba_dist::DistError>(),
             Some(zamba_dist::DistError::Interrupted { .. })
         ) || cause.to_string().starts_with("interrupted (")
-    });
-    if !interrupted {
+    })
+}
+
+/// A run a signal stopped before it could checkpoint says so, and how to go on.
+fn explain_interruption(e: anyhow::Error, run_dir: &Path) -> anyhow::Error {
+    if !interrupted(&e) {
         return e;
     }
     e.context(format!(
@@ -575,7 +579,9 @@ fn explain_failed_checkpoint(e: anyhow::Error, step: u64, run_dir: &Path) -> any
         .chain()
         .any(|cause| cause.downcast_ref::<zamba_dist::DistError>().is_some())
         || e.to_string().contains("on another rank");
-    let next = if storage_full {
+    let next = if interrupted(&e) {
+        "a second signal interrupted it; rerun the same command to resume from the newest"
+    } else if storage_full {
         "free disk space (or raise the quota), then rerun the same command to resume from the newest"
     } else if between_ranks {
         "the ranks could not complete it together (see the error); fix that, then rerun the same command to resume \
