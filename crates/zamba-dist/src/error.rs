@@ -18,6 +18,9 @@ pub enum DistError {
     /// A failure inside the collective library (NCCL) that no single rank is known to have caused.
     #[error("{op}: {detail}")]
     Backend { op: String, detail: String },
+    /// A wait ended early because the rank was asked to stop (a signal).
+    #[error("{op}: interrupted ({reason})")]
+    Interrupted { op: String, reason: String },
     #[error("{0}")]
     Invalid(String),
     #[error("{context}: {source}")]
@@ -70,6 +73,10 @@ impl Clone for DistError {
             DistError::Backend { op, detail } => DistError::Backend {
                 op: op.clone(),
                 detail: detail.clone(),
+            },
+            DistError::Interrupted { op, reason } => DistError::Interrupted {
+                op: op.clone(),
+                reason: reason.clone(),
             },
             DistError::Invalid(msg) => DistError::Invalid(msg.clone()),
             DistError::Io { context, source } => DistError::Io {

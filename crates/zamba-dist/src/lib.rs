@@ -3,15 +3,19 @@
 //! over TCP, and by NCCL on CUDA devices; the rendezvous that lets ranks find each other
 //! ([`RendezvousInfo`], [`init`]); and the launcher ([`launch`]).
 
+mod auth;
 mod collective;
 mod comm;
 mod cpu;
 mod error;
+mod fault;
+mod fingerprint;
 // The heartbeats name the culprits of NCCL time-outs; tested on CPU, used with `cuda`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod heartbeat;
 mod host;
 mod init;
+mod interrupt;
 pub mod launch;
 #[cfg(feature = "cuda")]
 mod nccl;
@@ -27,12 +31,17 @@ mod wire;
 
 pub use comm::{Communicator, ReduceOp};
 pub use error::DistError;
-pub use init::{Backend, init, resolve_token};
+pub use fault::{FAULT_LINES_ENV, FaultReport, report_fault};
+pub use fingerprint::{Difference, Fingerprint};
+pub use init::{Backend, init};
+pub use interrupt::Interrupt;
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCommunicator, connect_nccl};
 pub use nodelist::expand_nodelist;
 pub use options::DistOptions;
-pub use rendezvous::{Launcher, RendezvousInfo, TOKEN_ENV, TOKEN_FILE_ENV, TokenSource};
+pub use rendezvous::{
+    Launcher, RendezvousInfo, TOKEN_ENV, TOKEN_FILE_ENV, TokenSource, resolve_token,
+};
 pub use single::SingleRank;
 pub use tcp::TcpCommunicator;
 pub use thread::{ThreadCommunicator, thread_group};

@@ -23,9 +23,9 @@ use cudarc::driver::{CudaContext, CudaStream, sys as cu};
 use cudarc::nccl::{result as nccl, sys};
 
 use crate::heartbeat::{Heartbeat, find_culprits, interval_for};
-use crate::init::Rendezvous;
+use crate::rendezvous::Rendezvous;
 use crate::store::StoreClient;
-use crate::{Communicator, DistError, ReduceOp};
+use crate::{Communicator, DistError, Interrupt, ReduceOp};
 
 /// The CUDA compute server, whose storage resources carry device pointers.
 type CudaServer = <CudaRuntime as Runtime>::Server;
@@ -42,6 +42,8 @@ pub struct NcclCommunicator {
     stream: Arc<CudaStream>,
     _context: Arc<CudaContext>,
     rendezvous: RefCell<Rendezvous>,
+    /// Ends a wait for the GPU early (a signal): the communicator is then aborted.
+    interrupt: Interrupt,
     heartbeat: Heartbeat,
     watchdog: Watchdog,
     /// Store-backed operations (barrier, broadcast_bytes) so far: they name their keys.
@@ -97,6 +99,7 @@ impl NcclCommunicator {
             .new_stream()
             .map_err(|e| cuda_error("creating a CUDA stream", e))?;
         let mut rendezvous = rendezvous;
+        let interrupt = rendezvous.interrupt.clone();
         let id = exchange_unique_id(&mut rendezvous.store, rank, timeout)?;
         let watchdog = Watchdog::start(rank);
         let heartbeat_store = StoreClient::connect(&rendezvous.master, &rendezvous.token, timeout)?;
@@ -116,6 +119,7 @@ impl NcclCommunicator {
             stream,
             _context: context,
             rendezvous: RefCell::new(rendezvous),
+            interrupt,
             heartbeat,
             watchdog,
             store_ops: Cell::new(0),
@@ -239,6 +243,13 @@ impl NcclCommunicator {
             if Instant::now() >= deadline {
                 self.abort();
                 return Err(self.blame(label, index));
+            }
+            if let Some(reason) = self.interrupt.reason() {
+                self.abort();
+                return Err(DistError::Interrupted {
+                    op: label.to_string(),
+                    reason,
+                });
             }
             spins += 1;
             if spins < 100 {
@@ -556,6 +567,6 @@ pub fn connect_nccl(
     device_index: usize,
     opts: &crate::DistOptions,
 ) -> Result<NcclCommunicator, DistError> {
-    let rendezvous = Rendezvous::join(info, opts.timeout)?;
+    let rendezvous = Rendezvous::join(info, opts)?;
     NcclCommunicator::new(rendezvous, device_index, opts.timeout)
 }

@@ -2,7 +2,8 @@
 //! the ranks meet (addresses, the NCCL id, barriers, heartbeats).
 //!
 //! It listens on a port other hosts can reach, so it trusts no one: every connection must first
-//! present the job's token (compared in constant time); anything else is dropped and logged.
+//! prove that it holds the job's token, and the store proves the same to it, by challenge and
+//! response (see `crate::auth`: the token never travels); anything else is dropped and logged.
 //! Messages are bounded in size, a started message must arrive within a time-out, and every
 //! connection has its own thread, so garbage, oversized, slow or half-open connections cost
 //! the job nothing.
@@ -15,20 +16,20 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::DistError;
-use crate::token::{MAX_TOKEN_LEN, tokens_equal};
+use crate::auth::{HandshakeError, prove_as_client, prove_as_server};
+use crate::interrupt::POLL;
 use crate::wire::{FrameError, Reader, Writer, read_frame, write_frame};
+use crate::{DistError, Interrupt};
 
-const HELLO: &[u8] = b"zamba-dist store v1\0";
+const HELLO: &[u8] = b"zamba-dist store v2\0";
 const ACCEPTED: &[u8] = b"ok";
-const DENIED: &[u8] = b"denied";
 
 /// Bounds on what a connection may send and how slowly.
 #[derive(Clone, Debug)]
 pub struct StoreLimits {
     /// Largest request, in bytes.
     pub max_message: usize,
-    /// Time to present the token after connecting.
+    /// Time for each step of the authentication after connecting.
     pub handshake_timeout: Duration,
     /// Time for a request, once its first byte has arrived, to arrive whole.
     pub message_timeout: Duration,
@@ -66,7 +67,7 @@ pub struct StoreServer {
 }
 
 struct Shared {
-    token: Vec<u8>,
+    token: String,
     limits: StoreLimits,
     data: Mutex<HashMap<String, Vec<u8>>>,
     changed: Condvar,
@@ -93,7 +94,7 @@ impl StoreServer {
             .local_addr()
             .map_err(|e| DistError::io("rendezvous store address", e))?;
         let shared = Arc::new(Shared {
-            token: token.as_bytes().to_vec(),
+            token: token.to_string(),
             limits,
             data: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
@@ -120,7 +121,7 @@ impl StoreServer {
         self.addr
     }
 
-    /// Connections dropped so far for a wrong or missing token or a bad message.
+    /// Connections dropped so far for a failed authentication or a bad message.
     pub fn rejected_connections(&self) -> usize {
         self.shared.rejected.load(Ordering::Relaxed)
     }
@@ -194,7 +195,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// the log.
 fn reject(shared: &Shared, peer: &str, why: &str) {
     let n = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-    if n <= 10 || n % 100 == 0 {
+    if n <= 10 || n.is_multiple_of(100) {
         eprintln!(
             "zamba-dist: rendezvous store dropped a connection from {peer}: {why} ({n} dropped so far)"
         );
@@ -204,33 +205,21 @@ fn reject(shared: &Shared, peer: &str, why: &str) {
 fn serve(mut stream: TcpStream, peer: &str, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let limits = &shared.limits;
-    let hello = read_frame(
-        &mut stream,
-        HELLO.len() + MAX_TOKEN_LEN,
-        Some(Instant::now() + limits.handshake_timeout),
-        limits.handshake_timeout,
-    );
-    let reply_deadline = Instant::now() + limits.message_timeout;
-    match hello {
-        Ok(hello)
-            if hello.starts_with(HELLO) && tokens_equal(&hello[HELLO.len()..], &shared.token) =>
-        {
-            if write_frame(&mut stream, ACCEPTED, reply_deadline).is_err() {
+    match prove_as_server(&mut stream, HELLO, &shared.token, limits.handshake_timeout) {
+        Ok(()) => {
+            let deadline = Instant::now() + limits.message_timeout;
+            if write_frame(&mut stream, ACCEPTED, deadline).is_err() {
                 return;
             }
         }
-        Ok(hello) => {
-            let why = if hello.starts_with(HELLO) {
-                "wrong job token"
-            } else {
-                "not a zamba-dist client (no greeting)"
-            };
-            // Counted before the reply, so a refused client never sees an uncounted refusal.
-            reject(shared, peer, why);
-            let _ = write_frame(&mut stream, DENIED, reply_deadline);
-            return;
+        Err(HandshakeError::Frame(FrameError::Io(e))) if is_disconnect(&e) => {
+            return reject(
+                shared,
+                peer,
+                "it left during the authentication (a wrong job token, or not a zamba-dist client)",
+            );
         }
-        Err(e) => return reject(shared, peer, &format!("no valid greeting: {e}")),
+        Err(e) => return reject(shared, peer, &format!("authentication failed: {e}")),
     }
     loop {
         let request = match read_frame(
@@ -238,6 +227,7 @@ fn serve(mut stream: TcpStream, peer: &str, shared: &Shared) {
             limits.max_message,
             None,
             limits.message_timeout,
+            &Interrupt::never(),
         ) {
             Ok(r) => r,
             Err(FrameError::Io(e)) if is_disconnect(&e) => return,
@@ -374,81 +364,130 @@ pub struct StoreClient {
     addr: String,
     /// Extra time a reply may take beyond the wait it was asked for.
     io_timeout: Duration,
+    interrupt: Interrupt,
+    /// Set when a call was interrupted half-way: the connection is out of step, and unusable.
+    broken: Option<DistError>,
 }
 
+/// Longest wait one request asks the server for: longer waits are several requests, so that
+/// the client looks at its interrupt in between.
+const WAIT_SLICE: Duration = Duration::from_millis(500);
+
 impl StoreClient {
-    /// Connects to `addr` (`host:port`) and presents `token`, retrying while the server is not
-    /// up yet, for at most `timeout`.
+    /// Connects to `addr` (`host:port`) and authenticates with `token` (both ways), retrying
+    /// while the server is not up yet, for at most `timeout`.
     pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<Self, DistError> {
-        let deadline = Instant::now() + timeout;
-        let mut delay = Duration::from_millis(20);
-        let mut stream = loop {
-            let last_error = match resolve(addr) {
-                Ok(sockets) => match connect_any(&sockets, deadline) {
-                    Ok(stream) => break stream,
-                    Err(e) => e,
-                },
-                Err(e) => e,
-            };
-            if Instant::now() + delay >= deadline {
-                return Err(DistError::Timeout {
-                    op: format!(
-                        "connecting to the rendezvous store at {addr} (served by rank 0): {last_error}"
-                    ),
-                    timeout_s: timeout.as_secs_f64(),
-                    ranks: vec![0],
-                });
-            }
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(1));
-        };
+        Self::connect_with(addr, token, timeout, &Interrupt::never())
+    }
+
+    /// As [`connect`](Self::connect); every wait of this client, now and later, ends early when
+    /// `interrupt` fires.
+    pub fn connect_with(
+        addr: &str,
+        token: &str,
+        timeout: Duration,
+        interrupt: &Interrupt,
+    ) -> Result<Self, DistError> {
+        let op = format!("connecting to the rendezvous store at {addr} (served by rank 0)");
+        let mut stream = connect_retrying(addr, timeout, interrupt, &op)?;
         let _ = stream.set_nodelay(true);
         let io_timeout = timeout.clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let mut hello = HELLO.to_vec();
-        hello.extend_from_slice(token.as_bytes());
-        let reply_deadline = Instant::now() + io_timeout;
-        let lost = |e: FrameError| DistError::PeerLost {
+        let deadline = Instant::now() + io_timeout;
+        let failed = |detail: String| DistError::PeerLost {
             op: format!("joining the rendezvous store at {addr}"),
             rank: 0,
-            detail: e.to_string(),
+            detail,
         };
-        write_frame(&mut stream, &hello, reply_deadline).map_err(lost)?;
-        let answer = read_frame(&mut stream, 64, Some(reply_deadline), io_timeout).map_err(lost)?;
+        match prove_as_client(&mut stream, HELLO, token, deadline, interrupt) {
+            Ok(()) => {}
+            Err(HandshakeError::WrongToken | HandshakeError::Stranger) => {
+                return Err(DistError::Invalid(format!(
+                    "the process at {addr} is not this job's rendezvous store: it could not prove that it holds the \
+                     job token (nothing secret was sent to it). Every rank of a job must have the same ZAMBA_DIST_TOKEN \
+                     (or ZAMBA_DIST_TOKEN_FILE); or another program listens on MASTER_PORT"
+                )));
+            }
+            Err(HandshakeError::Interrupted(reason)) => {
+                return Err(DistError::Interrupted { op, reason });
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        }
+        let answer = read_frame(&mut stream, 64, Some(deadline), io_timeout, interrupt)
+            .map_err(|e| failed(e.to_string()))?;
         if answer != ACCEPTED {
-            return Err(DistError::Invalid(format!(
-                "the rendezvous store at {addr} refused this process's token: every rank of a job must have the same \
-                 ZAMBA_DIST_TOKEN (or ZAMBA_DIST_TOKEN_FILE)"
+            return Err(failed(format!(
+                "unexpected answer {:?}",
+                String::from_utf8_lossy(&answer)
             )));
         }
         Ok(Self {
             stream,
             addr: addr.to_string(),
             io_timeout,
+            interrupt: interrupt.clone(),
+            broken: None,
         })
     }
 
     fn call(&mut self, request: Writer, wait: Duration, what: &str) -> Result<Vec<u8>, DistError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let op = format!("rendezvous store {what}");
+        self.interrupt.check(&op)?;
         let deadline = Instant::now() + wait + self.io_timeout;
         let lost = |e: FrameError| match e {
             FrameError::TimedOut => DistError::Timeout {
-                op: format!("rendezvous store {what}"),
+                op: op.clone(),
                 timeout_s: (wait + self.io_timeout).as_secs_f64(),
                 ranks: vec![0],
             },
+            FrameError::Interrupted(reason) => DistError::Interrupted {
+                op: op.clone(),
+                reason,
+            },
             e => DistError::PeerLost {
-                op: format!("rendezvous store {what}"),
+                op: op.clone(),
                 rank: 0,
                 detail: format!("the store at {} (served by rank 0): {e}", self.addr),
             },
         };
-        write_frame(&mut self.stream, &request.0, deadline).map_err(lost)?;
-        read_frame(
-            &mut self.stream,
-            1 << 30,
-            Some(deadline),
-            self.io_timeout + wait,
-        )
-        .map_err(lost)
+        let reply = write_frame(&mut self.stream, &request.0, deadline)
+            .and_then(|()| {
+                read_frame(
+                    &mut self.stream,
+                    1 << 30,
+                    Some(deadline),
+                    self.io_timeout + wait,
+                    &self.interrupt,
+                )
+            })
+            .map_err(lost);
+        if let Err(e @ DistError::Interrupted { .. }) = &reply {
+            self.broken = Some(e.clone());
+        }
+        reply
+    }
+
+    /// Repeats `attempt` (one request that may wait up to the slice it is given) until it
+    /// yields a value or `wait` has passed; `None` then.
+    fn in_slices<T>(
+        &mut self,
+        wait: Duration,
+        mut attempt: impl FnMut(&mut Self, Duration) -> Result<Option<T>, DistError>,
+    ) -> Result<Option<T>, DistError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(WAIT_SLICE);
+            if let Some(value) = attempt(self, slice)? {
+                return Ok(Some(value));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<(), DistError> {
@@ -460,6 +499,10 @@ impl StoreClient {
 
     /// The value of `key`, waiting up to `wait` for it to be set; `None` if it was not.
     pub fn get(&mut self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, DistError> {
+        self.in_slices(wait, |client, slice| client.get_once(key, slice))
+    }
+
+    fn get_once(&mut self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, DistError> {
         let mut w = Writer::default();
         w.u8(tag::GET)
             .bytes(key.as_bytes())
@@ -490,6 +533,15 @@ impl StoreClient {
 
     /// Waits up to `wait` for all `keys`; returns those still missing.
     pub fn wait(&mut self, keys: &[String], wait: Duration) -> Result<Vec<String>, DistError> {
+        let mut missing = keys.to_vec();
+        let done = self.in_slices(wait, |client, slice| {
+            missing = client.wait_once(keys, slice)?;
+            Ok(missing.is_empty().then_some(()))
+        })?;
+        Ok(if done.is_some() { Vec::new() } else { missing })
+    }
+
+    fn wait_once(&mut self, keys: &[String], wait: Duration) -> Result<Vec<String>, DistError> {
         let mut w = Writer::default();
         w.u8(tag::WAIT).u32(keys.len() as u32);
         for key in keys {
@@ -521,6 +573,42 @@ impl StoreClient {
             "the rendezvous store at {} sent a garbled reply: {why}",
             self.addr
         ))
+    }
+}
+
+/// A TCP connection to `addr`, retried (backing off up to a second, or [`POLL`] when
+/// `interrupt` can fire) until `timeout` has passed.
+fn connect_retrying(
+    addr: &str,
+    timeout: Duration,
+    interrupt: &Interrupt,
+    op: &str,
+) -> Result<TcpStream, DistError> {
+    let deadline = Instant::now() + timeout;
+    let longest = if interrupt.is_active() {
+        POLL
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut delay = Duration::from_millis(20).min(longest);
+    loop {
+        interrupt.check(op)?;
+        let last_error = match resolve(addr) {
+            Ok(sockets) => match connect_any(&sockets, deadline) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if Instant::now() + delay >= deadline {
+            return Err(DistError::Timeout {
+                op: format!("{op}: {last_error}"),
+                timeout_s: timeout.as_secs_f64(),
+                ranks: vec![0],
+            });
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(longest);
     }
 }
 

@@ -9,23 +9,23 @@
 //! rank is left blocked on a write when the group fails.
 
 use std::cell::RefCell;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use half::bf16;
 
+use crate::auth::{HandshakeError, prove_as_client, prove_as_server};
 use crate::collective::{Call, Kind, check_calls, combine};
 use crate::cpu::{HostExchange, host_communicator};
 use crate::host::{Dtype, Payload};
-use crate::store::StoreClient;
-use crate::token::{MAX_TOKEN_LEN, tokens_equal};
+use crate::rendezvous::Rendezvous;
 use crate::wire::{
     FrameError, Reader, Writer, read_exact_by, read_frame, write_all_by, write_frame,
 };
-use crate::{DistError, ReduceOp};
+use crate::{DistError, Interrupt, ReduceOp};
 
-const HELLO: &[u8] = b"zamba-dist tcp v1\0";
+const HELLO: &[u8] = b"zamba-dist tcp v2\0";
 const HUB_KEY: &str = "tcp/hub";
 
 mod msg {
@@ -40,6 +40,7 @@ pub struct TcpCommunicator {
     rank: usize,
     world: usize,
     timeout: Duration,
+    interrupt: Interrupt,
     /// Rank 0: the connections to ranks 1.. (index r - 1). Other ranks: the one to rank 0.
     links: RefCell<Vec<TcpStream>>,
     next_index: std::cell::Cell<u64>,
@@ -48,38 +49,44 @@ pub struct TcpCommunicator {
 }
 
 impl TcpCommunicator {
-    /// Connects the group: rank 0 listens on `bind_ip` (on the master host, where it serves the
-    /// store) and publishes its port through the store; the other ranks connect to it there and
-    /// present the token.
+    /// Connects the group: rank 0 listens (on the master host, where it serves the store) and
+    /// publishes its port through the store; the other ranks connect to it there, and each
+    /// connection is authenticated both ways with the job token.
     pub(crate) fn connect(
-        rank: usize,
-        world: usize,
-        store: &mut StoreClient,
+        rendezvous: &mut Rendezvous,
         master_host: &str,
-        token: &str,
-        bind_ip: IpAddr,
         timeout: Duration,
     ) -> Result<Self, DistError> {
+        let (rank, world) = (rendezvous.rank, rendezvous.world);
+        let interrupt = rendezvous.interrupt.clone();
         let links = if rank == 0 {
-            let listener = TcpListener::bind(SocketAddr::new(bind_ip, 0))
+            let listener = TcpListener::bind(SocketAddr::new(rendezvous.bind_ip, 0))
                 .map_err(|e| DistError::io("rank 0: listening for the TCP group", e))?;
             let port = listener
                 .local_addr()
                 .map_err(|e| DistError::io("rank 0: TCP group address", e))?
                 .port();
-            store.set(HUB_KEY, port.to_string().as_bytes())?;
-            accept_ranks(listener, world, token, timeout)?
+            rendezvous.store.set(HUB_KEY, port.to_string().as_bytes())?;
+            accept_ranks(listener, world, &rendezvous.token, timeout, &interrupt)?
         } else {
-            let port = store.get(HUB_KEY, timeout)?.ok_or_else(|| {
+            let port = rendezvous.store.get(HUB_KEY, timeout)?.ok_or_else(|| {
                 DistError::timeout("TCP group: waiting for rank 0's port", timeout, vec![0])
             })?;
             let hub = format!("{master_host}:{}", String::from_utf8_lossy(&port));
-            vec![join_hub(&hub, rank, world, token, timeout)?]
+            let joining = Joining {
+                rank,
+                world,
+                token: &rendezvous.token,
+                timeout,
+                interrupt: &interrupt,
+            };
+            vec![joining.join_hub(&hub)?]
         };
         Ok(Self {
             rank,
             world,
             timeout,
+            interrupt,
             links: RefCell::new(links),
             next_index: std::cell::Cell::new(0),
             fault: RefCell::new(None),
@@ -92,6 +99,7 @@ fn accept_ranks(
     world: usize,
     token: &str,
     timeout: Duration,
+    interrupt: &Interrupt,
 ) -> Result<Vec<TcpStream>, DistError> {
     let deadline = Instant::now() + timeout;
     listener
@@ -100,6 +108,7 @@ fn accept_ranks(
     let (joined_tx, joined) = mpsc::channel::<(usize, TcpStream)>();
     let mut links: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
     while links.iter().any(Option::is_none) {
+        interrupt.check("TCP group: waiting for ranks to connect")?;
         if Instant::now() >= deadline {
             let missing = (1..world).filter(|&r| links[r - 1].is_none()).collect();
             return Err(DistError::timeout(
@@ -153,7 +162,7 @@ fn accept_ranks(
         .collect())
 }
 
-/// Reads a newcomer's greeting: the token, its rank and world size.
+/// Authenticates a newcomer, then reads its rank and world size.
 fn check_newcomer(
     mut stream: TcpStream,
     world: usize,
@@ -162,36 +171,26 @@ fn check_newcomer(
 ) -> Result<(usize, TcpStream), String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let hello = read_frame(
-        &mut stream,
-        HELLO.len() + MAX_TOKEN_LEN + 64,
-        Some(Instant::now() + limit),
-        limit,
-    )
-    .map_err(|e| format!("no valid greeting: {e}"))?;
-    let mut r = Reader(&hello);
-    let parsed = (|| -> Result<(Vec<u8>, Vec<u8>, usize, usize), String> {
-        let magic = r.bytes()?.to_vec();
-        let their_token = r.bytes()?.to_vec();
+    prove_as_server(&mut stream, HELLO, token, limit).map_err(|e| match e {
+        HandshakeError::Frame(FrameError::Io(_)) => {
+            "it left during the authentication (a wrong job token?)".to_string()
+        }
+        e => format!("authentication failed: {e}"),
+    })?;
+    let deadline = Some(Instant::now() + limit);
+    let never = Interrupt::never();
+    let claim = read_frame(&mut stream, 8, deadline, limit, &never)
+        .map_err(|e| format!("no rank after the authentication: {e}"))?;
+    let mut r = Reader(&claim);
+    let parsed = (|| -> Result<(usize, usize), String> {
         let rank = r.u32()? as usize;
         let their_world = r.u32()? as usize;
         r.finish()?;
-        Ok((magic, their_token, rank, their_world))
+        Ok((rank, their_world))
     })();
-    let (magic, their_token, rank, their_world) =
-        parsed.map_err(|e| format!("malformed greeting: {e}"))?;
-    if magic != HELLO {
-        return Err("not a zamba-dist rank (no greeting)".into());
-    }
-    if !tokens_equal(&their_token, token.as_bytes()) {
-        let _ = write_frame(
-            &mut stream,
-            b"denied",
-            Instant::now() + Duration::from_secs(1),
-        );
-        return Err("wrong job token".into());
-    }
+    let (rank, their_world) = parsed.map_err(|e| format!("malformed rank claim: {e}"))?;
     if rank == 0 || rank >= world || their_world != world {
+        let _ = write_frame(&mut stream, b"wrong rank", Instant::now() + limit);
         return Err(format!(
             "it claims rank {rank} of {their_world}, this group has {world} ranks"
         ));
@@ -199,42 +198,65 @@ fn check_newcomer(
     Ok((rank, stream))
 }
 
-fn join_hub(
-    hub: &str,
+/// A rank other than 0 joining the group.
+struct Joining<'a> {
     rank: usize,
     world: usize,
-    token: &str,
+    token: &'a str,
     timeout: Duration,
-) -> Result<TcpStream, DistError> {
-    let lost = |detail: String| DistError::PeerLost {
-        op: format!("TCP group: joining rank 0 at {hub}"),
-        rank: 0,
-        detail,
-    };
-    let addr = hub
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| lost(format!("cannot resolve {hub:?}")))?;
-    let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| lost(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    let mut hello = Writer::default();
-    hello
-        .bytes(HELLO)
-        .bytes(token.as_bytes())
-        .u32(rank as u32)
-        .u32(world as u32);
-    write_frame(&mut stream, &hello.0, deadline).map_err(|e| lost(e.to_string()))?;
-    let reply =
-        read_frame(&mut stream, 64, Some(deadline), timeout).map_err(|e| lost(e.to_string()))?;
-    if reply != b"ok" {
-        return Err(DistError::Invalid(format!(
-            "TCP group: rank 0 refused rank {rank} ({}): same token and world size on every rank, one process per rank",
-            String::from_utf8_lossy(&reply)
-        )));
+    interrupt: &'a Interrupt,
+}
+
+impl Joining<'_> {
+    fn join_hub(&self, hub: &str) -> Result<TcpStream, DistError> {
+        let op = format!("TCP group: joining rank 0 at {hub}");
+        let lost = |detail: String| DistError::PeerLost {
+            op: op.clone(),
+            rank: 0,
+            detail,
+        };
+        let addr = hub
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| lost(format!("cannot resolve {hub:?}")))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut stream =
+            TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| lost(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        match prove_as_client(&mut stream, HELLO, self.token, deadline, self.interrupt) {
+            Ok(()) => {}
+            Err(HandshakeError::Interrupted(reason)) => {
+                return Err(DistError::Interrupted { op, reason });
+            }
+            Err(HandshakeError::WrongToken | HandshakeError::Stranger) => {
+                return Err(DistError::Invalid(format!(
+                    "{op}: the process there could not prove that it holds the job token; \
+                     every rank of a job must have the same token"
+                )));
+            }
+            Err(e) => return Err(lost(e.to_string())),
+        }
+        let mut claim = Writer::default();
+        claim.u32(self.rank as u32).u32(self.world as u32);
+        write_frame(&mut stream, &claim.0, deadline).map_err(|e| lost(e.to_string()))?;
+        let reply = read_frame(
+            &mut stream,
+            64,
+            Some(deadline),
+            self.timeout,
+            self.interrupt,
+        )
+        .map_err(|e| lost(e.to_string()))?;
+        if reply != b"ok" {
+            return Err(DistError::Invalid(format!(
+                "TCP group: rank 0 refused rank {} ({}): the same world size on every rank, one process per rank",
+                self.rank,
+                String::from_utf8_lossy(&reply)
+            )));
+        }
+        Ok(stream)
     }
-    Ok(stream)
 }
 
 impl HostExchange for TcpCommunicator {
@@ -277,18 +299,18 @@ impl TcpCommunicator {
             let mut arrived = Writer::default();
             arrived.u8(msg::ARRIVED).u64(index);
             for (i, link) in links.iter_mut().enumerate() {
-                write_message(link, &arrived.0, gather_deadline)
+                write_message(link, &arrived.0, gather_deadline, &self.interrupt)
                     .map_err(|e| self.link_error(e, i + 1, label))?;
             }
             let mut calls = vec![call];
             let mut inputs = vec![input];
             for (i, link) in links.iter_mut().enumerate() {
                 let rank = i + 1;
-                write_message(link, &[msg::SEND], gather_deadline)
+                write_message(link, &[msg::SEND], gather_deadline, &self.interrupt)
                     .map_err(|e| self.link_error(e, rank, label))?;
-                let (their_call, their_index) = read_call(link, gather_deadline)
+                let (their_call, their_index) = read_call(link, gather_deadline, &self.interrupt)
                     .map_err(|e| self.link_error(e, rank, label))?;
-                let payload = read_payload(link, &their_call, gather_deadline)
+                let payload = read_payload(link, &their_call, gather_deadline, &self.interrupt)
                     .map_err(|e| self.link_error(e, rank, label))?;
                 if their_index != index {
                     return Err(DistError::Invalid(format!(
@@ -305,7 +327,7 @@ impl TcpCommunicator {
                 let mut out = Writer::default();
                 out.u8(msg::RESULT);
                 write_payload(&mut out, &combined.for_rank(i + 1, self.world));
-                write_message(link, &out.0, send_deadline)
+                write_message(link, &out.0, send_deadline, &self.interrupt)
                     .map_err(|e| self.link_error(e, i + 1, label))?;
             }
             Ok(combined.for_rank(0, self.world))
@@ -317,7 +339,7 @@ impl TcpCommunicator {
             encode_error(&mut out, e);
             let deadline = Instant::now() + self.timeout.min(Duration::from_secs(5));
             for link in links.iter_mut() {
-                let _ = write_message(link, &out.0, deadline);
+                let _ = write_message(link, &out.0, deadline, &Interrupt::never());
             }
         }
         result
@@ -334,7 +356,7 @@ impl TcpCommunicator {
     ) -> Result<Payload, DistError> {
         // Rank 0 must reach the collective within the time-out; after that it is rank 0 that
         // applies the time-out to everyone, so this rank waits longer before blaming it.
-        let message = read_message(hub, Instant::now() + self.timeout)
+        let message = read_message(hub, Instant::now() + self.timeout, &self.interrupt)
             .map_err(|e| self.link_error(e, 0, label))?;
         let arrived = Instant::now();
         let mut r = Reader(&message);
@@ -352,14 +374,15 @@ impl TcpCommunicator {
         }
         let patience = arrived + 3 * self.timeout;
         loop {
-            let message = read_message(hub, patience).map_err(|e| self.link_error(e, 0, label))?;
+            let message = read_message(hub, patience, &self.interrupt)
+                .map_err(|e| self.link_error(e, 0, label))?;
             let mut r = Reader(&message);
             match r.u8().map_err(|e| garbled(label, e))? {
                 msg::SEND => {
                     let mut out = Writer::default();
                     write_call(&mut out, &call, index);
                     write_payload(&mut out, &input);
-                    write_all_by(hub, &out.0, patience)
+                    write_all_by(hub, &out.0, patience, &self.interrupt)
                         .map_err(|e| self.link_error(e, 0, label))?;
                 }
                 msg::RESULT => return read_payload_body(&mut r, label),
@@ -374,6 +397,10 @@ impl TcpCommunicator {
     fn link_error(&self, e: FrameError, rank: usize, label: &str) -> DistError {
         match e {
             FrameError::TimedOut => DistError::timeout(label, self.timeout, vec![rank]),
+            FrameError::Interrupted(reason) => DistError::Interrupted {
+                op: label.to_string(),
+                reason,
+            },
             e => DistError::PeerLost {
                 op: label.to_string(),
                 rank,
@@ -388,19 +415,28 @@ fn garbled(label: &str, why: String) -> DistError {
 }
 
 /// Messages from rank 0 to the others: a `u64` length, then the body.
-fn write_message(link: &mut TcpStream, body: &[u8], deadline: Instant) -> Result<(), FrameError> {
+fn write_message(
+    link: &mut TcpStream,
+    body: &[u8],
+    deadline: Instant,
+    interrupt: &Interrupt,
+) -> Result<(), FrameError> {
     let mut out = Vec::with_capacity(8 + body.len());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(body);
-    write_all_by(link, &out, deadline)
+    write_all_by(link, &out, deadline, interrupt)
 }
 
-fn read_message(link: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, FrameError> {
+fn read_message(
+    link: &mut TcpStream,
+    deadline: Instant,
+    interrupt: &Interrupt,
+) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 8];
-    read_exact_by(link, &mut len, Some(deadline))?;
+    read_exact_by(link, &mut len, Some(deadline), interrupt)?;
     let len = u64::from_le_bytes(len);
     let mut body = vec![0u8; usize::try_from(len).map_err(|_| FrameError::TooLarge(len))?];
-    read_exact_by(link, &mut body, Some(deadline))?;
+    read_exact_by(link, &mut body, Some(deadline), interrupt)?;
     Ok(body)
 }
 
@@ -433,9 +469,13 @@ fn write_call(out: &mut Writer, call: &Call, index: u64) {
 
 const CALL_BYTES: usize = 3 + 4 + 8 + 8;
 
-fn read_call(link: &mut TcpStream, deadline: Instant) -> Result<(Call, u64), FrameError> {
+fn read_call(
+    link: &mut TcpStream,
+    deadline: Instant,
+    interrupt: &Interrupt,
+) -> Result<(Call, u64), FrameError> {
     let mut buf = [0u8; CALL_BYTES];
-    read_exact_by(link, &mut buf, Some(deadline))?;
+    read_exact_by(link, &mut buf, Some(deadline), interrupt)?;
     let bad = |what: &str| {
         FrameError::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -513,9 +553,10 @@ fn read_payload(
     link: &mut TcpStream,
     call: &Call,
     deadline: Instant,
+    interrupt: &Interrupt,
 ) -> Result<Payload, FrameError> {
     let mut head = [0u8; 9];
-    read_exact_by(link, &mut head, Some(deadline))?;
+    read_exact_by(link, &mut head, Some(deadline), interrupt)?;
     let tag = head[0];
     let count = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
     let element = match tag {
@@ -530,7 +571,7 @@ fn read_payload(
         return Err(FrameError::TooLarge(count));
     }
     let mut bytes = vec![0u8; (count * element) as usize];
-    read_exact_by(link, &mut bytes, Some(deadline))?;
+    read_exact_by(link, &mut bytes, Some(deadline), interrupt)?;
     Ok(decode_values(tag, &bytes))
 }
 

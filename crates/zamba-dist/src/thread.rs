@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use crate::collective::{Call, Combined, combine};
 use crate::cpu::{HostExchange, host_communicator};
 use crate::host::Payload;
-use crate::{Communicator, DistError, DistOptions};
+use crate::{Communicator, DistError, DistOptions, Interrupt};
 
 /// `world` communicators, one per rank (index = rank), to be moved to one thread each.
 pub fn thread_group(world: usize, opts: &DistOptions) -> Vec<Box<dyn Communicator>> {
     assert!(world >= 1, "a thread group needs at least one rank");
     let shared = Arc::new(Shared {
         timeout: opts.timeout,
+        interrupt: opts.interrupt.clone(),
         state: Mutex::new(State::new(world)),
         changed: Condvar::new(),
     });
@@ -46,6 +47,7 @@ pub struct ThreadCommunicator {
 
 struct Shared {
     timeout: Duration,
+    interrupt: Interrupt,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -98,21 +100,35 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits for a change until `deadline`; false once it has passed.
+    /// Waits for a change until `deadline` (looking at the interrupt in between); false once
+    /// it has passed.
     fn wait<'a>(
         &self,
         state: MutexGuard<'a, State>,
         deadline: Instant,
     ) -> (MutexGuard<'a, State>, bool) {
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             return (state, false);
         }
         let (state, _) = self
             .changed
-            .wait_timeout(state, deadline - now)
+            .wait_timeout(state, self.interrupt.slice_until(deadline))
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         (state, true)
+    }
+
+    /// Fails the group if this rank's waits must end now (a signal).
+    fn check_interrupt(&self, state: &mut State, label: &str) -> Result<(), DistError> {
+        match self.interrupt.reason() {
+            Some(reason) => Err(self.fail(
+                state,
+                DistError::Interrupted {
+                    op: label.to_string(),
+                    reason,
+                },
+            )),
+            None => Ok(()),
+        }
     }
 
     fn fail(&self, state: &mut State, error: DistError) -> DistError {
@@ -139,6 +155,7 @@ impl HostExchange for ThreadCommunicator {
             }
             let (s, in_time) = shared.wait(state, deadline);
             state = s;
+            shared.check_interrupt(&mut state, &label)?;
             if !in_time && state.index < index {
                 let late = (0..self.world).filter(|&r| !state.taken[r]).collect();
                 return Err(
@@ -194,6 +211,9 @@ impl HostExchange for ThreadCommunicator {
             }
             let (s, in_time) = shared.wait(state, deadline);
             state = s;
+            if state.result.is_none() {
+                shared.check_interrupt(&mut state, &label)?;
+            }
             if !in_time && state.result.is_none() && state.fault.is_none() {
                 let missing = (0..self.world)
                     .filter(|&r| state.calls[r].is_none())

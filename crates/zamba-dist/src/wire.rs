@@ -4,6 +4,9 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::Interrupt;
+use crate::interrupt::POLL;
+
 /// Why reading a frame failed.
 #[derive(Debug)]
 pub(crate) enum FrameError {
@@ -13,6 +16,8 @@ pub(crate) enum FrameError {
     TimedOut,
     /// The frame announced more bytes than allowed.
     TooLarge(u64),
+    /// The rank's interrupt fired (a signal), with its reason.
+    Interrupted(String),
 }
 
 impl std::fmt::Display for FrameError {
@@ -24,6 +29,7 @@ impl std::fmt::Display for FrameError {
             FrameError::Io(e) => write!(f, "{e}"),
             FrameError::TimedOut => write!(f, "timed out"),
             FrameError::TooLarge(n) => write!(f, "message of {n} bytes is over the limit"),
+            FrameError::Interrupted(why) => write!(f, "interrupted ({why})"),
         }
     }
 }
@@ -34,17 +40,27 @@ fn remaining(deadline: Instant) -> Option<Duration> {
         .filter(|d| !d.is_zero())
 }
 
-/// Fills `buf`, failing with `TimedOut` once `deadline` passes (`None`: wait for ever).
+/// Fills `buf`, failing with `TimedOut` once `deadline` passes (`None`: wait for ever) and with
+/// `Interrupted` as soon as `interrupt` fires.
 pub(crate) fn read_exact_by(
     stream: &mut TcpStream,
     buf: &mut [u8],
     deadline: Option<Instant>,
+    interrupt: &Interrupt,
 ) -> Result<(), FrameError> {
     let mut filled = 0;
     while filled < buf.len() {
+        if let Some(why) = interrupt.reason() {
+            return Err(FrameError::Interrupted(why));
+        }
         let timeout = match deadline {
             Some(d) => Some(remaining(d).ok_or(FrameError::TimedOut)?),
             None => None,
+        };
+        let timeout = match (timeout, interrupt.is_active()) {
+            (Some(t), true) => Some(t.min(POLL)),
+            (None, true) => Some(POLL),
+            (t, false) => t,
         };
         stream.set_read_timeout(timeout).map_err(FrameError::Io)?;
         match stream.read(&mut buf[filled..]) {
@@ -62,15 +78,24 @@ pub(crate) fn read_exact_by(
     Ok(())
 }
 
-/// Writes all of `buf`, failing with `TimedOut` once `deadline` passes.
+/// Writes all of `buf`, failing with `TimedOut` once `deadline` passes and with `Interrupted`
+/// as soon as `interrupt` fires (a write blocks only while the peer does not read).
 pub(crate) fn write_all_by(
     stream: &mut TcpStream,
     buf: &[u8],
     deadline: Instant,
+    interrupt: &Interrupt,
 ) -> Result<(), FrameError> {
     let mut written = 0;
     while written < buf.len() {
+        if let Some(why) = interrupt.reason() {
+            return Err(FrameError::Interrupted(why));
+        }
         let timeout = remaining(deadline).ok_or(FrameError::TimedOut)?;
+        let timeout = match interrupt.is_active() {
+            true => timeout.min(POLL),
+            false => timeout,
+        };
         stream
             .set_write_timeout(Some(timeout))
             .map_err(FrameError::Io)?;
@@ -92,22 +117,24 @@ pub(crate) fn write_all_by(
 /// Reads one `u32`-length-prefixed frame of at most `max_len` bytes. The first byte may take
 /// until `start_deadline` (`None`: any time, an idle connection); once it has come, the whole
 /// frame must follow within `body_timeout`, so a slow or stalled sender cannot hold a reader.
+/// `interrupt` ends the wait at once.
 pub(crate) fn read_frame(
     stream: &mut TcpStream,
     max_len: usize,
     start_deadline: Option<Instant>,
     body_timeout: Duration,
+    interrupt: &Interrupt,
 ) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; 4];
-    read_exact_by(stream, &mut header[..1], start_deadline)?;
+    read_exact_by(stream, &mut header[..1], start_deadline, interrupt)?;
     let body_deadline = Instant::now() + body_timeout;
-    read_exact_by(stream, &mut header[1..], Some(body_deadline))?;
+    read_exact_by(stream, &mut header[1..], Some(body_deadline), interrupt)?;
     let len = u32::from_le_bytes(header) as u64;
     if len > max_len as u64 {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len as usize];
-    read_exact_by(stream, &mut body, Some(body_deadline))?;
+    read_exact_by(stream, &mut body, Some(body_deadline), interrupt)?;
     Ok(body)
 }
 
@@ -120,7 +147,7 @@ pub(crate) fn write_frame(
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(body);
-    write_all_by(stream, &frame, deadline)
+    write_all_by(stream, &frame, deadline, &Interrupt::never())
 }
 
 /// Builds a message: fixed-width little-endian integers and length-prefixed byte strings.

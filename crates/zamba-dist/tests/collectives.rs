@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::FloatDType;
 use common::*;
-use zamba_dist::{Communicator, DistError, ReduceOp, SingleRank, thread_group};
+use zamba_dist::{Communicator, DistError, Interrupt, ReduceOp, SingleRank, thread_group};
 
 /// Runs `f` on every rank of a thread group, one thread each; returns each rank's result.
 fn on_threads<T: Send>(
@@ -176,4 +178,25 @@ fn a_failed_group_stays_failed() {
     for e in results {
         assert!(e.contains("timed out") && e.contains("[1]"), "{e}");
     }
+}
+
+#[test]
+fn an_interrupt_ends_a_wait_for_a_rank_that_never_arrives() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut opts = opts(60_000);
+    let flag = stop.clone();
+    opts.interrupt =
+        Interrupt::new(move || flag.load(Ordering::SeqCst).then(|| "SIGINT".to_string()));
+    let mut comms = thread_group(2, &opts);
+    let _absent = comms.pop();
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::SeqCst);
+    });
+    let e = comms[0].barrier().unwrap_err();
+    setter.join().unwrap();
+    assert!(
+        matches!(&e, DistError::Interrupted { reason, .. } if reason == "SIGINT"),
+        "{e}"
+    );
 }

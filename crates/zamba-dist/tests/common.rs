@@ -15,6 +15,7 @@ pub fn device() -> Device {
 pub fn opts(timeout_ms: u64) -> DistOptions {
     DistOptions {
         timeout: Duration::from_millis(timeout_ms),
+        ..Default::default()
     }
 }
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::FloatDType;
 use common::*;
-use zamba_dist::launch::{LaunchArgs, launch};
-use zamba_dist::{Backend, DistOptions, ReduceOp, RendezvousInfo, init};
+use zamba_dist::launch::{LaunchArgs, NodeCapacity, launch};
+use zamba_dist::{Backend, DistError, DistOptions, Interrupt, ReduceOp, RendezvousInfo, init};
 
 /// What a child process does (`ZAMBA_DIST_TEST_ROLE`).
 const ROLE: &str = "ZAMBA_DIST_TEST_ROLE";
@@ -43,13 +43,26 @@ fn child_entry() {
             "launcher-collectives" => collectives_rank(),
             "launcher-sigterm" => sigterm_rank(),
             "killed" => killed_scenario_rank(),
+            "launcher-hang" => hang_rank(),
+            "launcher-stubborn" => stubborn_rank(),
+            "launcher-fingerprint" => fingerprint_rank(),
+            "rendezvous-interrupt" => interrupted_rank(),
             other => panic!("unknown role {other}"),
         }
     };
     std::process::exit(code);
 }
 
+/// A shell script the launcher runs as its ranks instead of this binary (`sh -c SCRIPT`).
+const SCRIPT: &str = "ZAMBA_DIST_TEST_SCRIPT";
+/// Set: the launcher gets `--force`.
+const FORCE: &str = "ZAMBA_DIST_TEST_FORCE";
+
 fn run_launcher() -> i32 {
+    let (program, rank_args) = match std::env::var(SCRIPT) {
+        Ok(script) => ("/bin/sh".into(), vec!["-c".to_string(), script]),
+        Err(_) => (std::env::current_exe().unwrap(), child_args()),
+    };
     let args = LaunchArgs {
         nproc_per_node: std::env::var(NPROC).unwrap().parse().unwrap(),
         nnodes: 1,
@@ -57,9 +70,15 @@ fn run_launcher() -> i32 {
         master_addr: None,
         master_port: None,
         grace_s: 2.0,
-        args: child_args().into_iter().map(Into::into).collect(),
+        force: std::env::var_os(FORCE).is_some(),
+        args: rank_args.into_iter().map(Into::into).collect(),
     };
-    match launch(&args, &std::env::current_exe().unwrap()) {
+    // The tests start more ranks than CI has cores: they mostly wait.
+    let capacity = NodeCapacity {
+        ranks: 8,
+        what: "8 test slots".into(),
+    };
+    match launch(&args, &program, &capacity) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
@@ -111,6 +130,7 @@ fn killed_scenario_rank() -> i32 {
         Backend::Tcp,
         &DistOptions {
             timeout: Duration::from_secs(30),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -126,6 +146,73 @@ fn killed_scenario_rank() -> i32 {
             eprintln!("error: {e}");
             3
         }
+    }
+}
+
+/// Rank 1 hangs before the collective; rank 0 times out waiting for it and reports it.
+fn hang_rank() -> i32 {
+    let info = RendezvousInfo::from_env().unwrap();
+    let comm = init(&info, Backend::Tcp, &opts(1_500)).unwrap();
+    if info.rank == 1 {
+        std::thread::sleep(Duration::from_secs(60));
+        return 0;
+    }
+    match comm.all_reduce(input(info.rank, 16, FloatDType::F32), ReduceOp::Sum) {
+        Ok(_) => 0,
+        Err(e) => {
+            zamba_dist::report_fault(&e);
+            eprintln!("error: {e}");
+            3
+        }
+    }
+}
+
+/// Ignores SIGTERM: only the launcher's SIGKILL ends it.
+fn stubborn_rank() -> i32 {
+    let ignored = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, ignored).unwrap();
+    println!("waiting");
+    std::thread::sleep(Duration::from_secs(60));
+    0
+}
+
+/// Rank 1 brings another `data.seq_len` than rank 0.
+fn fingerprint_rank() -> i32 {
+    let info = RendezvousInfo::from_env().unwrap();
+    let mut opts = opts(30_000);
+    opts.fingerprint.push("binary", "same");
+    let seq_len = if info.rank == 1 { "128" } else { "64" };
+    opts.fingerprint.push("data.seq_len", seq_len);
+    opts.fingerprint
+        .push("train.steps", if info.rank == 1 { "9" } else { "6" });
+    match init(&info, Backend::Tcp, &opts) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            3
+        }
+    }
+}
+
+/// Waits at the rendezvous for a rank that never comes, until SIGTERM.
+fn interrupted_rank() -> i32 {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()).unwrap();
+    let info = RendezvousInfo::from_env().unwrap();
+    let mut opts = opts(120_000);
+    opts.interrupt =
+        Interrupt::new(move || stop.load(Ordering::SeqCst).then(|| "SIGTERM".to_string()));
+    println!("joining");
+    match init(&info, Backend::Tcp, &opts) {
+        Err(e @ DistError::Interrupted { .. }) => {
+            eprintln!("error: {e}");
+            4
+        }
+        Err(e) => {
+            eprintln!("unexpected error: {e}");
+            5
+        }
+        Ok(_) => 6,
     }
 }
 
@@ -157,6 +244,14 @@ fn wait_bounded(mut child: Child, limit: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
+}
+
+fn sigterm(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -238,11 +333,7 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
         seen.push_str(&line);
     }
     assert_eq!(waiting, 2, "{seen}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(launcher.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    sigterm(&launcher);
     let rest = std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
@@ -289,4 +380,135 @@ fn a_killed_rank_is_named_by_the_other_processes() {
         assert!(stderr.contains("lost rank 2"), "rank {rank}: {stderr}");
     }
     assert!(killed_at.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn the_launcher_blames_the_hung_rank_not_the_one_that_noticed() {
+    let launcher = this_test_binary("launcher-hang")
+        .env(NPROC, "2")
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(launcher, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("launch: lost rank 1: rank 0 gave up on it"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("waiting for rank(s) [1]"), "{stderr}");
+    assert!(
+        !stderr.contains("zamba-dist fault:"),
+        "the report is not copied: {stderr}"
+    );
+}
+
+#[test]
+fn the_launcher_escalates_to_sigkill_after_the_grace_period() {
+    let mut launcher = this_test_binary("launcher-stubborn")
+        .env(NPROC, "2")
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(launcher.stdout.take().unwrap());
+    let mut waiting = 0;
+    while waiting < 2 {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "a rank did not start"
+        );
+        waiting += line.contains("] waiting") as usize;
+    }
+    sigterm(&launcher);
+    let out = wait_bounded(launcher, Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("after the signal: SIGKILL"), "{stderr}");
+    assert!(
+        stderr.contains("stopped by SIGTERM; not every rank exited cleanly")
+            && stderr.contains("killed by signal 9 (SIGKILL)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ranks_of_different_jobs_stop_at_the_rendezvous_naming_the_difference() {
+    let launcher = this_test_binary("launcher-fingerprint")
+        .env(NPROC, "2")
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(launcher, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for rank in 0..2 {
+        let line = format!(
+            "[rank {rank}] error: the ranks do not run the same job: data.seq_len is \"128\" on rank 1 but \"64\" on rank 0"
+        );
+        assert!(stderr.contains(&line), "{stderr}");
+    }
+}
+
+#[test]
+fn a_signal_ends_the_wait_at_the_rendezvous() {
+    let mut rank = this_test_binary("rendezvous-interrupt");
+    rank.env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0")
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .env("ZAMBA_DIST_TOKEN", TEST_TOKEN);
+    let mut child = rank.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("joining") {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the rank did not start"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    sigterm(&child);
+    // Far below the rendezvous time-out of 120 s.
+    let out = wait_bounded(child, Duration::from_secs(20));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("interrupted (SIGTERM)"), "{stderr}");
+}
+
+#[test]
+fn the_launcher_refuses_more_ranks_than_the_node_has() {
+    let launcher = this_test_binary("launcher-collectives")
+        .env(NPROC, "9")
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(launcher, Duration::from_secs(20));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--nproc-per-node 9 is more than this node has: 8 test slots")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("[rank "), "no rank was started: {stdout}");
+}
+
+#[test]
+fn the_launcher_stops_spawning_once_a_rank_failed() {
+    let tmp = std::env::temp_dir().join(format!("zamba-dist-spawned-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let nproc = 1000;
+    let launcher = this_test_binary("launcher-shell")
+        .env(NPROC, nproc.to_string())
+        .env(FORCE, "1")
+        .env(SCRIPT, format!("echo $RANK >> '{}'; exit 1", tmp.display()))
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(launcher, Duration::from_secs(120));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("exited with status 1"), "{stderr}");
+    let started = std::fs::read_to_string(&tmp).unwrap().lines().count();
+    let _ = std::fs::remove_file(&tmp);
+    assert!(started < nproc, "all {nproc} ranks were started");
 }

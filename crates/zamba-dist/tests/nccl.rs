@@ -33,7 +33,10 @@ fn on_gpus<T: Send>(
                     let comm = connect_nccl(
                         &loopback_info(rank, world, port),
                         rank,
-                        &DistOptions { timeout },
+                        &DistOptions {
+                            timeout,
+                            ..Default::default()
+                        },
                     )
                     .unwrap();
                     f(&comm, &Device::cuda(rank))

@@ -71,10 +71,90 @@ fn a_wrong_token_is_refused() {
         .err()
         .expect("a wrong token must be refused");
     assert!(
-        e.to_string().contains("refused this process's token"),
+        e.to_string()
+            .contains("could not prove that it holds the job token"),
         "{e}"
     );
+    // The store counts the client that left during the authentication once it has seen it go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.rejected_connections() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(server.rejected_connections(), 1);
+}
+
+/// A client written from the protocol's description (crate::auth), independently of the
+/// crate's: it authenticates and returns the raw connection.
+fn authenticated_by_hand(addr: SocketAddr) -> TcpStream {
+    use hmac::{Hmac, Mac};
+    fn frame(s: &mut TcpStream, body: &[u8]) {
+        s.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+        s.write_all(body).unwrap();
+    }
+    fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        body
+    }
+    let proof = |role: &[u8], first: &[u8], second: &[u8]| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(TEST_TOKEN.as_bytes()).unwrap();
+        for part in [role, MAGIC, first, second] {
+            mac.update(&(part.len() as u32).to_le_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().to_vec()
+    };
+    const MAGIC: &[u8] = b"zamba-dist store v2\0";
+    let ours = [42u8; 32];
+    let mut s = TcpStream::connect(addr).unwrap();
+    frame(&mut s, &[MAGIC, &ours].concat());
+    let reply = read_frame(&mut s);
+    let (theirs, their_proof) = reply.split_at(32);
+    assert_eq!(
+        their_proof,
+        proof(b"server", &ours, theirs),
+        "the store's proof"
+    );
+    frame(&mut s, &proof(b"client", theirs, &ours));
+    assert_eq!(read_frame(&mut s), b"ok");
+    s
+}
+
+#[test]
+fn a_stranger_on_the_port_never_receives_the_token() {
+    // A stray server on the rendezvous port answers like an HTTP server and records everything.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stray = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut received = vec![0u8; 4096];
+        let n = conn.read(&mut received).unwrap_or(0);
+        let reply = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        let _ = conn.write_all(&[&(64u32).to_le_bytes()[..], &reply[..], &[0u8; 64][..]].concat());
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        received.truncate(n);
+        received.extend(rest);
+        received
+    });
+    let e = StoreClient::connect(&addr, TEST_TOKEN, Duration::from_secs(5))
+        .err()
+        .expect("a stray server is not the store");
+    assert!(
+        e.to_string().contains("is not this job's rendezvous store"),
+        "{e}"
+    );
+    let received = stray.join().unwrap();
+    assert!(!received.is_empty(), "the client greeted");
+    assert!(
+        !received
+            .windows(TEST_TOKEN.len())
+            .any(|w| w == TEST_TOKEN.as_bytes()),
+        "the token travelled"
+    );
 }
 
 /// Sends `bytes` to the store and reports whether the store closed the connection within
@@ -116,14 +196,7 @@ fn garbage_oversized_and_stalled_messages_are_dropped() {
     let mut raw = client(addr);
     good.set("k", b"v").unwrap();
     drop(raw.set("big", &vec![0u8; 10_000]).unwrap_err());
-    let mut staller = TcpStream::connect(addr).unwrap();
-    let mut hello = Vec::new();
-    hello.extend_from_slice(
-        &((b"zamba-dist store v1\0".len() + TEST_TOKEN.len()) as u32).to_le_bytes(),
-    );
-    hello.extend_from_slice(b"zamba-dist store v1\0");
-    hello.extend_from_slice(TEST_TOKEN.as_bytes());
-    staller.write_all(&hello).unwrap();
+    let mut staller = authenticated_by_hand(addr);
     staller.write_all(&[100, 0]).unwrap();
     // The stalled request holds up no one.
     let t = Instant::now();

@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::FloatDType;
 use common::*;
-use zamba_dist::{Backend, Communicator, DistError, ReduceOp, init, thread_group};
+use zamba_dist::{Backend, Communicator, DistError, Interrupt, ReduceOp, init, thread_group};
 
 fn tcp_ranks<T: Send>(
     world: usize,
@@ -149,9 +151,51 @@ fn ranks_with_different_tokens_do_not_meet() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(
-        errors[1].contains("refused this process's token"),
+        errors[1].contains("could not prove that it holds the job token"),
         "{}",
         errors[1]
     );
     assert!(errors[0].contains("[1]"), "{}", errors[0]);
+}
+
+#[test]
+fn an_interrupt_ends_a_collective_waiting_for_a_silent_rank() {
+    let port = free_port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Vec<Result<(), DistError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = [0, 1]
+            .map(|rank| {
+                let stop = stop.clone();
+                s.spawn(move || {
+                    let mut opts = opts(60_000);
+                    let flag = stop.clone();
+                    opts.interrupt = Interrupt::new(move || {
+                        flag.load(Ordering::SeqCst).then(|| "SIGTERM".to_string())
+                    });
+                    let comm = init(&loopback_info(rank, 2, port), Backend::Tcp, &opts)?;
+                    if rank == 1 {
+                        // Silent, and still there well after the interrupt.
+                        while !stop.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        std::thread::sleep(Duration::from_secs(2));
+                        return Ok(());
+                    }
+                    comm.barrier()
+                })
+            })
+            .into_iter()
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Long before the 60 s time-out, rank 0 leaves the barrier, saying why.
+    match &results[0] {
+        Err(DistError::Interrupted { op, reason }) => {
+            assert!(op.contains("barrier"), "{op}");
+            assert_eq!(reason, "SIGTERM");
+        }
+        other => panic!("expected an interrupted barrier, got {other:?}"),
+    }
 }

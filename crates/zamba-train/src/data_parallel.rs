@@ -27,11 +27,43 @@ use zamba_trace::{Category, span, span_with};
 
 use crate::optim::{AdamW, SegmentUpdate};
 
-/// How optimizer state is spread over the ranks (`optimizer.zero`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How optimizer state is spread over the ranks: `optimizer.zero`, the ZeRO stage, written as
+/// its number (0 or 1) in a run config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Sharding {
+    /// Stage 0: every rank keeps the moments of every parameter.
+    #[default]
     Replicated,
+    /// Stage 1: each rank keeps the moments of the chunks it owns.
     Zero1,
+}
+
+impl Sharding {
+    /// The ZeRO stage.
+    pub fn stage(self) -> u8 {
+        match self {
+            Sharding::Replicated => 0,
+            Sharding::Zero1 => 1,
+        }
+    }
+}
+
+impl serde::Serialize for Sharding {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.stage())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sharding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match i64::deserialize(d)? {
+            0 => Ok(Sharding::Replicated),
+            1 => Ok(Sharding::Zero1),
+            other => Err(serde::de::Error::custom(format!(
+                "ZeRO stage {other} is not supported; expected 0 (every rank keeps all AdamW moments) or 1 (ZeRO-1)"
+            ))),
+        }
+    }
 }
 
 /// One float parameter of the model.

@@ -5,9 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
-use zamba_dist::{Backend, Communicator, DistOptions, RendezvousInfo, SingleRank};
+use zamba_dist::{
+    Backend, Communicator, DistError, DistOptions, Interrupt, RendezvousInfo, SingleRank,
+    report_fault,
+};
 
 use crate::config::{Device, RunConfig};
+use crate::signals::StopSignal;
 
 pub enum Ranks {
     Single,
@@ -55,10 +59,13 @@ impl Ranks {
     pub fn run(
         self,
         config: &RunConfig,
+        stop: &'static StopSignal,
         rank: impl Fn(Box<dyn Communicator>, usize) -> Result<()> + Sync,
     ) -> Result<()> {
         let opts = DistOptions {
             timeout: Duration::from_secs_f64(config.dist.timeout_s),
+            interrupt: Interrupt::new(move || stop.abort_reason()),
+            ..Default::default()
         };
         match self {
             Ranks::Single => rank(Box::new(SingleRank), 0),
@@ -68,12 +75,18 @@ impl Ranks {
                     let rank = &rank;
                     let handles: Vec<_> = comms
                         .into_iter()
-                        .map(|comm| scope.spawn(move || rank(comm, 0)))
+                        .enumerate()
+                        .map(|(r, comm)| {
+                            std::thread::Builder::new()
+                                .name(format!("rank-{r}"))
+                                .spawn_scoped(scope, move || rank(comm, 0))
+                                .map_err(|e| anyhow!("starting the thread of rank {r}: {e}"))
+                        })
                         .collect();
                     handles
                         .into_iter()
                         .map(|h| {
-                            h.join()
+                            h?.join()
                                 .unwrap_or_else(|_| Err(anyhow!("the rank's thread panicked")))
                         })
                         .collect()
@@ -87,8 +100,16 @@ impl Ranks {
                         device_index: first + info.local_rank,
                     },
                 };
-                let comm = zamba_dist::init(&info, backend, &opts)?;
-                rank(comm, info.local_rank)
+                let opts = DistOptions {
+                    fingerprint: crate::fingerprint::of(config)?,
+                    ..opts
+                };
+                let comm = zamba_dist::init(&info, backend, &opts).inspect_err(report_fault)?;
+                rank(comm, info.local_rank).inspect_err(|e| {
+                    if let Some(dist) = e.chain().find_map(|c| c.downcast_ref::<DistError>()) {
+                        report_fault(dist);
+                    }
+                })
             }
         }
     }

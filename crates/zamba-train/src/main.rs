@@ -9,7 +9,7 @@ mod inspect;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
 use zamba_train::train::{TrainOptions, train};
@@ -141,6 +141,49 @@ fn run_train(args: TrainArgs) -> Result<()> {
     })
 }
 
+/// `launch`: the ranks' run config is loaded and checked at the job's world size first (one
+/// error here rather than one per rank), and its device decides how many ranks this node can
+/// run: one per GPU, or one per core for CPU ranks.
+fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
+    use zamba_dist::launch::NodeCapacity;
+    let rank_cli =
+        Cli::try_parse_from(std::iter::once("zamba-train".into()).chain(args.args.clone()));
+    let train_args = match rank_cli {
+        Ok(Cli {
+            command: None,
+            train,
+        })
+        | Ok(Cli {
+            command: Some(Command::Train(train)),
+            ..
+        }) => Some(train),
+        _ => None,
+    };
+    let capacity = match train_args.and_then(|t| t.config.map(|c| (c, t.overrides))) {
+        Some((path, overrides)) => {
+            let mut config = RunConfig::load(&path, &overrides)?;
+            let capacity = match config.runtime.device {
+                zamba_train::config::Device::Cuda(first) => NodeCapacity::gpus(first),
+                _ => NodeCapacity::cpu_cores(),
+            };
+            args.check_capacity(&capacity)?;
+            let world = args.nnodes.saturating_mul(args.nproc_per_node);
+            config.runtime.world_size = world;
+            config
+                .validate()
+                .with_context(|| format!("{} with {world} ranks", path.display()))?;
+            capacity
+        }
+        // Not a training run: whatever the node has most of.
+        None => [NodeCapacity::gpus(0), NodeCapacity::cpu_cores()]
+            .into_iter()
+            .max_by_key(|c| c.ranks)
+            .expect("two capacities"),
+    };
+    zamba_dist::launch::run(&args, &capacity)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     zamba_train::memory::retain_freed_memory();
     let cli = Cli::parse();
@@ -154,7 +197,7 @@ fn main() -> ExitCode {
         Some(Command::Logits(args)) => inspect::logits(args),
         Some(Command::Params(args)) => inspect::params(args),
         Some(Command::Bench(cmd)) => bench::run(cmd),
-        Some(Command::Launch(args)) => zamba_dist::launch::run(&args).map_err(Into::into),
+        Some(Command::Launch(args)) => run_launch(args),
         Some(Command::Checkpoint(cmd)) => run_checkpoint(cmd),
         Some(Command::ExportHf(args)) => zamba_train::export::run(args),
         Some(Command::Generate(args)) => zamba_train::generate::run(args),

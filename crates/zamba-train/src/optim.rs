@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use zamba_kernels::{AdamWHyper, adamw_update};
 use zamba_model::param_table::{DecayGroup, decay_group};
 
+use crate::config::OptimizerSection;
+
 /// AdamW hyper-parameters (PyTorch's formulation: decoupled decay `θ ← θ·(1 − lr·wd)`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWParams {
@@ -24,6 +26,33 @@ pub struct AdamWParams {
     pub weight_decay: f64,
     /// Whether the (tied) embedding is decayed.
     pub decay_embeddings: bool,
+}
+
+impl From<&OptimizerSection> for AdamWParams {
+    fn from(o: &OptimizerSection) -> Self {
+        Self {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            decay_embeddings: o.decay_embeddings,
+        }
+    }
+}
+
+impl AdamWParams {
+    /// The kernel's hyper-parameters of update number `step` of one tensor.
+    fn hyper(&self, lr: f64, weight_decay: f64, step: u64, grad_scale: f64) -> AdamWHyper {
+        AdamWHyper {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay,
+            step,
+            grad_scale,
+        }
+    }
 }
 
 /// Whether a parameter is decayed: its group in the model's parameter table
@@ -115,15 +144,7 @@ impl AdamW {
                     0.0
                 };
                 // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps), one fused pass per tensor.
-                let hyper = AdamWHyper {
-                    lr,
-                    beta1: p.beta1,
-                    beta2: p.beta2,
-                    eps: p.eps,
-                    weight_decay: decay,
-                    step: self.step,
-                    grad_scale,
-                };
+                let hyper = p.hyper(lr, decay, self.step, grad_scale);
                 let (updated, m, v) = adamw_update(s.value, s.grad, state.m, state.v, &hyper);
                 self.moments.insert(
                     s.path.to_owned(),

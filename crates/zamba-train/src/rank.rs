@@ -2,9 +2,14 @@
 //! communicator. The same training loop runs with one of these per process (one per GPU) or per
 //! thread (CPU tests and proxy runs).
 
-use anyhow::{Result, bail};
-use burn::tensor::{Device, Tensor};
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{Device, Tensor, TensorData};
 use zamba_dist::{Communicator, ReduceOp};
+
+use crate::checkpoint::manifest::Entry;
+
+/// A present flag, a u64 size and a 32-byte hash.
+const DIGEST_BYTES: usize = 1 + 8 + 32;
 
 pub struct RankContext {
     pub rank: usize,
@@ -41,5 +46,43 @@ impl RankContext {
             Ok(_) if any > 0.0 => bail!("{what} failed on another rank (see its log)"),
             Ok(value) => Ok(value),
         }
+    }
+
+    /// Every rank's file digest (size and blake3), in rank order: one all-gather of the bytes
+    /// (each an exact small float). Ranks without a file pass `None`.
+    pub fn gather_digests(&self, mine: Option<&Entry>) -> Result<Vec<Option<Entry>>> {
+        let mut bytes = [0u8; DIGEST_BYTES];
+        if let Some(entry) = mine {
+            bytes[0] = 1;
+            bytes[1..9].copy_from_slice(&entry.bytes.to_le_bytes());
+            let hash = blake3::Hash::from_hex(&entry.blake3)
+                .map_err(|e| anyhow!("a blake3 digest that is not one ({e})"))?;
+            bytes[9..].copy_from_slice(hash.as_bytes());
+        }
+        let floats: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+        let local = Tensor::<1>::from_data(
+            TensorData::new(floats, [DIGEST_BYTES]),
+            &self.compute_device(),
+        );
+        let all = self
+            .comm
+            .all_gather(local)?
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow!("gathered digests: {e:?}"))?;
+        Ok(all
+            .chunks_exact(DIGEST_BYTES)
+            .map(|rank| {
+                let bytes: Vec<u8> = rank.iter().map(|&x| x as u8).collect();
+                (bytes[0] == 1).then(|| {
+                    let size = u64::from_le_bytes(bytes[1..9].try_into().expect("8 bytes"));
+                    let hash: [u8; 32] = bytes[9..].try_into().expect("32 bytes");
+                    Entry {
+                        bytes: size,
+                        blake3: blake3::Hash::from_bytes(hash).to_hex().to_string(),
+                    }
+                })
+            })
+            .collect())
     }
 }

@@ -11,7 +11,7 @@
 //!   (`min_lr` / `final_lr`).
 //! - Steps past the end keep the last step's LR.
 
-use crate::config::check_ranges;
+use crate::schema::{MAX_LR, MAX_STEPS, check_ranges};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
@@ -45,10 +45,11 @@ pub enum ScheduleConfig {
 #[serde(deny_unknown_fields)]
 pub struct ConstantSchedule {
     /// The learning rate after the warmup.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_LR))]
     pub lr: f64,
     /// Steps of linear warmup from `lr / warmup_steps` to `lr`; 0 or 1 = none. At most `train.steps`.
     #[serde(default)]
+    #[schemars(range(max = MAX_STEPS))]
     pub warmup_steps: usize,
 }
 
@@ -67,14 +68,15 @@ pub struct ConstantSchedule {
 #[serde(deny_unknown_fields)]
 pub struct CosineSchedule {
     /// The largest LR, reached at step `warmup_steps − 1`.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_LR))]
     pub peak_lr: f64,
     /// The LR of the last step; at most `peak_lr`.
     #[serde(default)]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = MAX_LR))]
     pub min_lr: f64,
     /// Steps of linear warmup from `peak_lr / warmup_steps`; 0 or 1 = none. Less than `train.steps`.
     #[serde(default)]
+    #[schemars(range(max = MAX_STEPS))]
     pub warmup_steps: usize,
 }
 
@@ -96,18 +98,19 @@ pub struct CosineSchedule {
 #[serde(deny_unknown_fields)]
 pub struct WsdSchedule {
     /// The LR of the stable phase.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_LR))]
     pub peak_lr: f64,
     /// The LR of the last step; at most `peak_lr`, and > 0 for `decay_shape = "exponential"`.
     #[serde(default)]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = MAX_LR))]
     pub min_lr: f64,
     /// Steps of linear warmup from `peak_lr / warmup_steps`; 0 or 1 = none.
     #[serde(default)]
+    #[schemars(range(max = MAX_STEPS))]
     pub warmup_steps: usize,
     /// Length of the decay in steps; `warmup_steps` + `decay_steps` ≤ `train.steps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_STEPS))]
     pub decay_steps: Option<usize>,
     /// Length of the decay as a fraction of `train.steps` (rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,16 +158,17 @@ pub enum DecayShape {
 #[serde(deny_unknown_fields)]
 pub struct AnnealSchedule {
     /// The LR of step 0 (usually phase 1's final LR); at most `peak_lr`.
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = MAX_LR))]
     pub start_lr: f64,
     /// The LR at the end of the re-warm.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_LR))]
     pub peak_lr: f64,
     /// Steps of the re-warm; at least 2 unless `start_lr` = `peak_lr`, and less than `train.steps`.
+    #[schemars(range(max = MAX_STEPS))]
     pub warmup_steps: usize,
     /// The LR of the last step; at most `peak_lr`.
     #[serde(default)]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = MAX_LR))]
     pub final_lr: f64,
     /// Shape of the decay after the peak.
     #[serde(default)]
@@ -172,7 +176,7 @@ pub struct AnnealSchedule {
     /// For `decay = "exponential"`: steps over which the distance to `final_lr` halves (or give
     /// `decay_rate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_STEPS as f64))]
     pub half_life_steps: Option<f64>,
     /// For `decay = "exponential"`: per-step factor `r` (same as a half-life of ln 2 / −ln r).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -468,7 +472,11 @@ impl ScheduleConfig {
     /// the ranges declared on the keys, the warmup that every kind shares, then the kind's own rules.
     pub fn validate(&self, total_steps: usize) -> Result<(), ScheduleError> {
         check_ranges(self, "").map_err(|e| ScheduleError {
-            field: e.key.unwrap_or_else(|| "kind".into()),
+            field: if e.key.is_empty() {
+                "kind".into()
+            } else {
+                e.key
+            },
             message: e.message,
         })?;
         if total_steps == 0 {
@@ -528,7 +536,11 @@ impl ScheduleConfig {
                 self.lr(step, total)
             );
         }
-        let (peak_at, peak) = (0..total)
+        // Every kind rises during its warmup and never rises after it (`validate` holds the end
+        // LRs to at most the peak), so the largest LR is at one of these steps: no need to
+        // evaluate all of a long run's steps.
+        let (peak_at, peak) = [0, self.peak_step().min(last), last]
+            .into_iter()
             .map(|s| (s, self.lr(s, total)))
             .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
         let _ = writeln!(out, "  {:<14} step {peak_at:>9}  lr {peak:.6e}", "peak");

@@ -9,26 +9,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use zamba_data::{Batch, MixtureLoader};
+use zamba_data::{Batch, DataConfig, MixtureLoader};
 use zamba_dist::ReduceOp;
 use zamba_model::params::FlopsPerToken;
-use zamba_model::{Execution, RandomInit, ZambaConfig, ZambaModel, cross_entropy};
+use zamba_model::{Execution, ZambaModel, cross_entropy};
 use zamba_trace::{Category, span, span_with};
 
 use crate::batch::micro_batch;
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, Snapshot, TrainerState};
 use crate::config::Device as DeviceChoice;
-use crate::config::{RunConfig, TrainSection};
-use crate::data_parallel::{DataParallel, Sharding};
+use crate::config::{MAX_THREADS, RunConfig, TrainSection};
+use crate::data_parallel::DataParallel;
 use crate::device::device_for;
 use crate::eval;
 use crate::launch::Ranks;
@@ -37,7 +35,10 @@ use crate::optim::{AdamW, AdamWParams, clip_factor};
 use crate::peak::TRAINER_PEAK_SHAPES;
 use crate::profile::{self, StepProfiler};
 use crate::rank::RankContext;
+use crate::resume::{self, Start};
 use crate::run_lock::RunLock;
+use crate::shared_dir;
+use crate::signals::StopSignal;
 
 pub struct TrainOptions {
     pub config: PathBuf,
@@ -56,14 +57,10 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
     config
         .validate()
         .with_context(|| format!("with {} ranks", ranks.world_size()))?;
-    if let Some(threads) = config.runtime.threads {
-        // The first run of a process sets the pool; later runs (tests) keep it.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global();
-    }
-    let stop = stop_flag()?;
-    ranks.run(&config, |comm, local_rank| {
+    set_up_threads(&config)?;
+    let stop = StopSignal::installed()?;
+    stop.begin_run(Duration::from_secs_f64(config.dist.signal_grace_s));
+    let trained = ranks.run(&config, stop, |comm, local_rank| {
         let device =
             device_for(config.runtime.device, local_rank, config.runtime.precision)?.autodiff();
         let ctx = RankContext {
@@ -74,16 +71,51 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
             comm,
         };
         run_rank(&ctx, &config, opts, stop)
+    });
+    trained.map_err(|e| explain_interruption(e, &config.run.dir))
+}
+
+/// The compute pool: `runtime.threads`, else rayon's own choice, which `RAYON_NUM_THREADS`
+/// sets — checked here, as rayon would panic on a value it cannot honour.
+fn set_up_threads(config: &RunConfig) -> Result<()> {
+    if let Ok(value) = std::env::var("RAYON_NUM_THREADS") {
+        match value.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_THREADS => {}
+            _ => bail!(
+                "RAYON_NUM_THREADS={value:?} is not a thread count from 0 (all cores) to {MAX_THREADS}; \
+                 set runtime.threads in the config, or fix the variable"
+            ),
+        }
+    }
+    if let Some(threads) = config.runtime.threads {
+        // The first run of a process sets the pool; later runs (tests) keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+    }
+    Ok(())
+}
+
+/// Whether a signal ended a wait somewhere in `e`'s causes.
+fn interrupted(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<zamba_dist::DistError>(),
+            Some(zamba_dist::DistError::Interrupted { .. })
+        ) || cause.to_string().starts_with("interrupted (")
     })
 }
 
-/// What the run starts from (the optimizer state is loaded once the parameter layout is known).
-struct Start {
-    model: ZambaModel,
-    state: Option<TrainerState>,
-    /// A checkpoint whose AdamW moments to restore, and its optimizer step.
-    moments_from: Option<(PathBuf, u64)>,
-    description: String,
+/// A run a signal stopped before it could checkpoint says so, and how to go on.
+fn explain_interruption(e: anyhow::Error, run_dir: &Path) -> anyhow::Error {
+    if !interrupted(&e) {
+        return e;
+    }
+    e.context(format!(
+        "stopped by a signal before a checkpoint could be written; rerun the same command to resume from the \
+         newest checkpoint in {} (if there is one: they are intact)",
+        checkpoint::checkpoints_dir(run_dir).display()
+    ))
 }
 
 /// Everything one rank carries from step to step.
@@ -113,9 +145,12 @@ fn run_rank(
     ctx: &RankContext,
     config: &RunConfig,
     opts: &TrainOptions,
-    stop: &AtomicBool,
+    stop: &StopSignal,
 ) -> Result<()> {
-    let mut run = start_rank(ctx, config, opts)?;
+    let Some(mut run) = start_rank(ctx, config, opts)? else {
+        return Ok(());
+    };
+    stop.training_started();
     let run_dir = &config.run.dir;
     let compute = ctx.compute_device();
     let steps = config.train.steps as u64;
@@ -205,7 +240,8 @@ fn run_rank(
         ));
 
         let every = config.eval.every as u64;
-        if every > 0 && (run.state.step % every == 0 || run.state.step == steps) {
+        let eval_due = every > 0 && (run.state.step % every == 0 || run.state.step == steps);
+        if eval_due && !agreed.interrupted {
             let losses = evaluate(ctx, &run.model, &run.loader, config)?;
             if let Some(metrics) = &mut run.metrics
                 && !losses.is_empty()
@@ -225,6 +261,7 @@ fn run_rank(
             || run.state.step == steps
             || (every > 0 && run.state.step % every == 0)
         {
+            let _shield = stop.shield();
             save_checkpoint(ctx, config, &run, &progress)?;
         }
         drop(step_span);
@@ -262,31 +299,32 @@ fn run_rank(
     Ok(())
 }
 
-/// Set-up of a rank: the run directory and data (rank 0 first), where the run starts from, the
-/// parameter layout, the optimizer state for this rank's share, the loader and the metrics.
-fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Result<RankRun> {
+/// Set-up of a rank: the run directory (rank 0 locks it, every rank proves it sees it), where
+/// the run starts from, the data (rank 0 first), the parameter layout, the optimizer state for
+/// this rank's share, the loader and the metrics. `None`: the run has nothing left to train.
+fn start_rank(
+    ctx: &RankContext,
+    config: &RunConfig,
+    opts: &TrainOptions,
+) -> Result<Option<RankRun>> {
     let run_dir = &config.run.dir;
-    // Rank 0 locks the run directory before anything in it is touched, then generates synthetic
-    // data (if any) first; the others then find it in the cache.
-    let prepared = if ctx.is_main() {
-        RunLock::acquire(run_dir).and_then(|lock| {
-            let resolved = config.to_toml_string()?;
-            std::fs::write(run_dir.join("config.toml"), resolved)
-                .with_context(|| format!("writing {}/config.toml", run_dir.display()))?;
-            let data = config.resolve_data()?;
-            Ok((Some(lock), Some(data), mfu_peak(config)))
-        })
-    } else {
-        Ok((None, None, None))
+    let lock = match ctx.is_main() {
+        true => RunLock::acquire(run_dir).map(Some),
+        false => Ok(None),
     };
-    let (lock, data, mfu_peak) = ctx.agree(prepared, "preparing the run directory and data")?;
-    let data = match data {
-        Some(data) => data,
-        None => config.resolve_data()?,
-    };
-
-    let resume = agreed_resume_dir(ctx, config, opts)?;
-    let start = starting_point(config, resume, config.model_config(), &ctx.device)?;
+    let lock = ctx.agree(lock, "locking the run directory")?;
+    shared_dir::prove_shared(ctx, run_dir)?;
+    let resume = resume::agreed_resume_dir(ctx, config, opts.resume.as_deref())?;
+    if let Some(dir) = &resume
+        && finished(ctx, config, dir)?
+    {
+        return Ok(None);
+    }
+    let start = resume::starting_point(config, resume, &ctx.device);
+    let start = ctx.agree(start, "loading the starting point")?;
+    // Only now, with the start settled, is the run's config.toml (re)written: a run refused
+    // above leaves the directory as it was.
+    let (data, mfu_peak) = prepare_data(ctx, config)?;
     let execution = Execution {
         precision: config.runtime.precision,
         checkpointing: config.train.activation_checkpointing,
@@ -298,32 +336,7 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
     if ctx.is_main() {
         eprintln!("{}", start.description);
     }
-    let sharding = match config.optimizer.zero {
-        0 => Sharding::Replicated,
-        _ => Sharding::Zero1,
-    };
-    let bucket_bytes = (config.dist.bucket_mb * (1 << 20) as f64) as usize;
-    let dp = DataParallel::new(
-        &start.model,
-        bucket_bytes,
-        sharding,
-        ctx.rank,
-        ctx.world_size,
-    );
-    let compute = ctx.compute_device();
-    let adamw = AdamWParams {
-        beta1: config.optimizer.beta1,
-        beta2: config.optimizer.beta2,
-        eps: config.optimizer.eps,
-        weight_decay: config.optimizer.weight_decay,
-        decay_embeddings: config.optimizer.decay_embeddings,
-    };
-    let optimizer = match &start.moments_from {
-        Some((dir, step)) => checkpoint::load_optimizer(dir, adamw, *step, &dp, &compute)?,
-        None => AdamW::new(adamw),
-    };
-    let model = dp.broadcast_parameters(start.model, ctx.comm.as_ref(), &compute)?;
-
+    let (dp, optimizer, model) = distribute(ctx, config, start.model, &start.moments_from)?;
     let loader = MixtureLoader::new(
         &data,
         ctx.rank,
@@ -352,7 +365,7 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
         }
         false => None,
     };
-    Ok(RankRun {
+    Ok(Some(RankRun {
         dp,
         model,
         optimizer,
@@ -361,7 +374,84 @@ fn start_rank(ctx: &RankContext, config: &RunConfig, opts: &TrainOptions) -> Res
         metrics,
         mfu_peak,
         _lock: lock,
-    })
+    }))
+}
+
+/// The parameters' layout over the ranks, this rank's share of the optimizer state (from
+/// `moments_from`, a checkpoint and its optimizer step, if given), and the model with rank 0's
+/// parameters on every rank.
+fn distribute(
+    ctx: &RankContext,
+    config: &RunConfig,
+    model: ZambaModel,
+    moments_from: &Option<(PathBuf, u64)>,
+) -> Result<(DataParallel, AdamW, ZambaModel)> {
+    let bucket_bytes = (config.dist.bucket_mb * (1 << 20) as f64) as usize;
+    let dp = DataParallel::new(
+        &model,
+        bucket_bytes,
+        config.optimizer.zero,
+        ctx.rank,
+        ctx.world_size,
+    );
+    let compute = ctx.compute_device();
+    let adamw = AdamWParams::from(&config.optimizer);
+    let optimizer = match moments_from {
+        Some((dir, step)) => checkpoint::load_optimizer(dir, adamw, *step, &dp, &compute),
+        None => Ok(AdamW::new(adamw)),
+    };
+    let optimizer = ctx.agree(optimizer, "loading the optimizer state")?;
+    let model = dp.broadcast_parameters(model, ctx.comm.as_ref(), &compute)?;
+    Ok((dp, optimizer, model))
+}
+
+/// Whether the checkpoint to resume from already has every step of the run (rank 0 says so).
+fn finished(ctx: &RankContext, config: &RunConfig, dir: &Path) -> Result<bool> {
+    let state = ctx.agree(checkpoint::read_state(dir), "reading the trainer state")?;
+    let steps = config.train.steps as u64;
+    if state.step < steps {
+        return Ok(false);
+    }
+    if ctx.is_main() {
+        let position = match state.step == steps {
+            true => format!("step {steps} of {steps}"),
+            false => format!(
+                "step {}, beyond this config's train.steps = {steps}",
+                state.step
+            ),
+        };
+        eprintln!(
+            "{} is already finished: its newest checkpoint {} is at {position}; nothing to train. To train \
+             further, raise train.steps (the LR schedule then spans the new length)",
+            config.run.dir.display(),
+            dir.display()
+        );
+    }
+    Ok(true)
+}
+
+/// Rank 0 writes the resolved config into the run directory and makes the data (synthetic sets
+/// are generated on first use) before the other ranks look for it in the cache; and it measures
+/// the peak that `mfu` is relative to.
+fn prepare_data(ctx: &RankContext, config: &RunConfig) -> Result<(DataConfig, Option<f64>)> {
+    let run_dir = &config.run.dir;
+    let prepared = match ctx.is_main() {
+        true => config
+            .to_toml_string()
+            .map_err(anyhow::Error::from)
+            .and_then(|resolved| {
+                std::fs::write(run_dir.join("config.toml"), resolved)
+                    .with_context(|| format!("writing {}/config.toml", run_dir.display()))?;
+                Ok((Some(config.resolve_data()?), mfu_peak(config)))
+            }),
+        false => Ok((None, None)),
+    };
+    let (data, mfu_peak) = ctx.agree(prepared, "preparing the run directory and data")?;
+    let data = match data {
+        Some(data) => data,
+        None => config.resolve_data()?,
+    };
+    Ok((data, mfu_peak))
 }
 
 /// The GFLOP/s the `mfu` column is relative to: `runtime.peak_gflops`, else on CPU the machine's
@@ -419,14 +509,14 @@ fn agree_on_step(
     ctx: &RankContext,
     loss_sum: Tensor<1>,
     sum_squares: Tensor<1>,
-    stop: &AtomicBool,
+    stop: &StopSignal,
 ) -> Result<StepOutcome> {
     let _span = span(
         Category::Communication,
         "agree on loss, gradient norm, stop",
     );
     let device = ctx.compute_device();
-    let stop_requested = f32::from(stop.swap(false, Ordering::SeqCst));
+    let stop_requested = f32::from(stop.requested());
     let control = Tensor::cat(
         vec![
             loss_sum,
@@ -472,24 +562,16 @@ fn save_checkpoint(
     progress: &ProgressBar,
 ) -> Result<()> {
     let _span = span(Category::Checkpoint, "checkpoint");
-    let dir = checkpoint::save(
-        ctx,
-        &config.run.dir,
-        &run.model,
-        config.model_config(),
-        &run.optimizer,
-        run.dp.sharding(),
-        &run.state,
-        &config.to_toml_string()?,
-    )
-    .with_context(|| {
-        format!(
-            "the checkpoint after step {} failed, so the run stops here; the earlier checkpoints in {} are intact \
-             (free disk space if it is full, then rerun the same command to resume from the newest)",
-            run.state.step - 1,
-            checkpoint::checkpoints_dir(&config.run.dir).display()
-        )
-    })?;
+    let snapshot = Snapshot {
+        model: &run.model,
+        model_config: config.model_config(),
+        optimizer: &run.optimizer,
+        sharding: run.dp.sharding(),
+        state: &run.state,
+        resolved_config: &config.to_toml_string()?,
+    };
+    let dir = checkpoint::save(ctx, &config.run.dir, &snapshot)
+        .map_err(|e| explain_failed_checkpoint(e, run.state.step - 1, &config.run.dir))?;
     if ctx.is_main() {
         checkpoint::prune(
             &config.run.dir,
@@ -505,199 +587,44 @@ fn save_checkpoint(
     Ok(())
 }
 
+/// The run stops after a failed checkpoint; what to do next depends on why it failed.
+fn explain_failed_checkpoint(e: anyhow::Error, step: u64, run_dir: &Path) -> anyhow::Error {
+    let storage_full = e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
+                    | std::io::ErrorKind::FileTooLarge
+            )
+        })
+    });
+    let between_ranks = e
+        .chain()
+        .any(|cause| cause.downcast_ref::<zamba_dist::DistError>().is_some())
+        || e.to_string().contains("on another rank");
+    let next = if interrupted(&e) {
+        "a second signal interrupted it; rerun the same command to resume from the newest"
+    } else if storage_full {
+        "free disk space (or raise the quota), then rerun the same command to resume from the newest"
+    } else if between_ranks {
+        "the ranks could not complete it together (see the error); fix that, then rerun the same command to resume \
+         from the newest"
+    } else {
+        "rerun the same command to resume from the newest once the cause is fixed"
+    };
+    e.context(format!(
+        "the checkpoint after step {step} failed, so the run stops here; the earlier checkpoints in {} are intact: {next}",
+        checkpoint::checkpoints_dir(run_dir).display()
+    ))
+}
+
 fn describe_losses(losses: &BTreeMap<String, Option<f64>>) -> String {
     let text: Vec<String> = losses
         .iter()
         .map(|(s, l)| format!("{s} {}", l.map_or("nan".into(), |l| format!("{l:.4}"))))
         .collect();
     text.join(", ")
-}
-
-/// Set by SIGINT/SIGTERM; the loop reads it after each step and the ranks agree on it. The handler
-/// is process-wide and can be installed once, so it is shared by every run of the process.
-fn stop_flag() -> Result<&'static AtomicBool> {
-    static STOP: OnceLock<Result<&'static AtomicBool, String>> = OnceLock::new();
-    let installed = STOP.get_or_init(|| {
-        let flag: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-            .map(|()| flag)
-            .map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))
-    });
-    installed.clone().map_err(anyhow::Error::msg)
-}
-
-/// The checkpoint to resume from, decided by rank 0 and the same on every rank: `--resume` (which
-/// must verify), else the newest checkpoint in the run directory that verifies.
-fn agreed_resume_dir(
-    ctx: &RankContext,
-    config: &RunConfig,
-    opts: &TrainOptions,
-) -> Result<Option<PathBuf>> {
-    let choice = match ctx.is_main() {
-        true => resume_dir(&config.run.dir, opts.resume.as_deref()).map(|dir| {
-            let text = dir.map(|d| d.to_string_lossy().into_owned());
-            Some(text.unwrap_or_default().into_bytes())
-        }),
-        false => Ok(None),
-    };
-    let choice = ctx.agree(choice, "choosing the checkpoint to resume from")?;
-    let bytes = ctx.comm.broadcast_bytes(choice, 0)?;
-    let text = String::from_utf8(bytes).context("the resume path from rank 0 is not UTF-8")?;
-    Ok((!text.is_empty()).then(|| PathBuf::from(text)))
-}
-
-fn resume_dir(run_dir: &Path, requested: Option<&Path>) -> Result<Option<PathBuf>> {
-    if let Some(dir) = requested {
-        checkpoint::verify(dir).context("refusing to resume from it (--resume)")?;
-        return Ok(Some(dir.to_path_buf()));
-    }
-    let mut failures = Vec::new();
-    for (_, dir) in checkpoint::list(run_dir)?.into_iter().rev() {
-        match checkpoint::verify(&dir) {
-            Ok(()) => {
-                if !failures.is_empty() {
-                    eprintln!(
-                        "warning: skipped {} newer checkpoint(s) that do not verify; resuming from {}",
-                        failures.len(),
-                        dir.display()
-                    );
-                }
-                return Ok(Some(dir));
-            }
-            Err(e) => {
-                eprintln!("warning: {e:#}; falling back to an earlier checkpoint");
-                failures.push(e);
-            }
-        }
-    }
-    if !failures.is_empty() {
-        bail!(
-            "no checkpoint in {} verifies (see the warnings above); restore one, or move the checkpoints away to start afresh",
-            checkpoint::checkpoints_dir(run_dir).display()
-        );
-    }
-    Ok(None)
-}
-
-/// Resume (from `resume`), `[init] from` (a new phase from earlier weights), or a fresh
-/// initialisation — in that order of precedence.
-fn starting_point(
-    config: &RunConfig,
-    resume: Option<PathBuf>,
-    model_config: &ZambaConfig,
-    device: &Device,
-) -> Result<Start> {
-    if let Some(dir) = resume {
-        let loaded = checkpoint::load(&dir, device)?;
-        ensure_same_model(&loaded.model_config, model_config, &dir)?;
-        let description = format!(
-            "resuming from {} (step {}, {} tokens, written by {} rank(s)): weights, AdamW moments, data position and counters restored",
-            dir.display(),
-            loaded.state.step,
-            loaded.state.tokens,
-            loaded.state.world_size
-        );
-        let optimizer_step = loaded.state.optimizer_step;
-        return Ok(Start {
-            model: loaded.model,
-            state: Some(loaded.state),
-            moments_from: Some((dir, optimizer_step)),
-            description,
-        });
-    }
-    if let Some(init) = &config.init {
-        let from = &init.from;
-        if checkpoint::is_checkpoint(from) {
-            checkpoint::verify(from).context("refusing to initialise from it ([init] from)")?;
-            let loaded = checkpoint::load(from, device)?;
-            ensure_same_model(&loaded.model_config, model_config, from)?;
-            let (moments_from, moments) = if init.load_optimizer {
-                (
-                    Some((from.clone(), loaded.state.optimizer_step)),
-                    "and AdamW moments",
-                )
-            } else {
-                (None, "(AdamW moments NOT loaded: fresh optimizer state)")
-            };
-            let description = format!(
-                "initialised from {} (its step {}): model weights {moments}; step counter 0, LR from this config's \
-                 schedule, data from this config's mixture — nothing else taken from the old run",
-                from.display(),
-                loaded.state.step
-            );
-            return Ok(Start {
-                model: loaded.model,
-                state: None,
-                moments_from,
-                description,
-            });
-        }
-        if init.load_optimizer {
-            bail!(
-                "init.load_optimizer = true, but {} is a transformers checkpoint, which has no optimizer state; \
-                 set init.load_optimizer = false or point init.from at a zamba-train checkpoint",
-                from.display()
-            );
-        }
-        let (hf_config, model) = zamba_model::load_hf(from, device)?;
-        ensure_same_model(&hf_config, model_config, from)?;
-        let description = format!(
-            "initialised from transformers checkpoint {}: model weights only; fresh optimizer, step 0, this config's schedule and data",
-            from.display()
-        );
-        return Ok(Start {
-            model,
-            state: None,
-            moments_from: None,
-            description,
-        });
-    }
-    let model =
-        ZambaModel::from_source(model_config, &mut RandomInit::new(config.run.seed), device)?;
-    Ok(Start {
-        description: format!(
-            "fresh model: {} parameters, initialised with seed {}",
-            model.num_params(),
-            config.run.seed
-        ),
-        model,
-        state: None,
-        moments_from: None,
-    })
-}
-
-/// The architecture of loaded weights must be the one the config describes.
-fn ensure_same_model(loaded: &ZambaConfig, configured: &ZambaConfig, source: &Path) -> Result<()> {
-    let shape = |c: &ZambaConfig| {
-        (
-            c.vocab_size,
-            c.hidden_size,
-            c.num_hidden_layers,
-            c.layer_kinds(),
-            c.n_mamba_heads,
-            c.mamba_d_state,
-            c.mamba_expand,
-            c.dt_rank(),
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.intermediate_size,
-        )
-    };
-    if shape(loaded) != shape(configured) {
-        bail!(
-            "the weights in {} are of a different architecture than [model] describes \
-             (loaded: hidden {}, {} layers, vocab {}; configured: hidden {}, {} layers, vocab {}); \
-             make [model] match the checkpoint",
-            source.display(),
-            loaded.hidden_size,
-            loaded.num_hidden_layers,
-            loaded.vocab_size,
-            configured.hidden_size,
-            configured.num_hidden_layers,
-            configured.vocab_size
-        );
-    }
-    Ok(())
 }
 
 /// The values of a small tensor on the host (one device sync).
@@ -828,6 +755,27 @@ mod tests {
                 .contains("non-finite")
         );
         assert_eq!(skip_reason(2.0, 1.0, &[], &t), None);
+    }
+
+    #[test]
+    fn a_failed_checkpoint_suggests_what_fits_its_cause() {
+        let run_dir = Path::new("/runs/r");
+        let explain = |e: anyhow::Error| format!("{:#}", explain_failed_checkpoint(e, 5, run_dir));
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let text = explain(anyhow::Error::new(full).context("writing model.safetensors"));
+        assert!(text.contains("free disk space"), "{text}");
+        let mismatch = zamba_dist::DistError::Invalid(
+            "all_reduce #7: rank 0 called all_reduce(Max, 1 f32), rank 1 called all_reduce(Sum, 9 f32)".into(),
+        );
+        let text = explain(anyhow::Error::new(mismatch));
+        assert!(
+            text.contains("the ranks could not complete it together") && !text.contains("disk"),
+            "{text}"
+        );
+        assert!(
+            text.contains("after step 5") && text.contains("/runs/r/checkpoints"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use zamba_data::{LoaderState, SourceCursor};
 use zamba_dist::SingleRank;
 use zamba_model::{RandomInit, SaveDtype, ZambaConfig, ZambaModel, next_token_loss};
-use zamba_train::checkpoint::{self, TrainerState, moments};
+use zamba_train::checkpoint::{self, Snapshot, TrainerState, moments};
 use zamba_train::data_parallel::{DataParallel, Sharding, param_slots};
 use zamba_train::optim::{AdamW, AdamWParams, Moments};
 use zamba_train::rank::RankContext;
@@ -107,17 +107,15 @@ fn save_then_load_gives_back_everything() {
     let run = tempfile::tempdir().unwrap();
     let ctx = single_rank(&device);
     let saved = state(5);
-    let dir = checkpoint::save(
-        &ctx,
-        run.path(),
-        &model,
-        &config,
-        &opt,
-        Sharding::Replicated,
-        &saved,
-        "# config\n",
-    )
-    .unwrap();
+    let snapshot = Snapshot {
+        model: &model,
+        model_config: &config,
+        optimizer: &opt,
+        sharding: Sharding::Replicated,
+        state: &saved,
+        resolved_config: "# config\n",
+    };
+    let dir = checkpoint::save(&ctx, run.path(), &snapshot).unwrap();
     assert!(checkpoint::is_checkpoint(&dir));
     let loaded = checkpoint::load(&dir, &device).unwrap();
     assert_eq!(values(&loaded.model), values(&model));
@@ -147,17 +145,16 @@ fn incomplete_checkpoints_are_refused_and_pruning_keeps_last_and_every_nth() {
     let run = tempfile::tempdir().unwrap();
     let ctx = single_rank(&device);
     let save = |step| {
-        checkpoint::save(
-            &ctx,
-            run.path(),
-            &model,
-            &config,
-            &opt,
-            Sharding::Replicated,
-            &state(step),
-            "",
-        )
-        .unwrap()
+        let state = state(step);
+        let snapshot = Snapshot {
+            model: &model,
+            model_config: &config,
+            optimizer: &opt,
+            sharding: Sharding::Replicated,
+            state: &state,
+            resolved_config: "",
+        };
+        checkpoint::save(&ctx, run.path(), &snapshot).unwrap()
     };
     for step in 1..=6 {
         save(step);

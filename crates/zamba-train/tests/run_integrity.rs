@@ -209,3 +209,149 @@ fn a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier_ones(
     checkpoint::verify(&checkpoints.join("step-00000006")).unwrap();
     assert!(!run_dir.join(DONE_FILE).exists());
 }
+
+/// A finished run of 6 steps (checkpoints at 3 and 6) in `tmp/name`; its config.
+fn finished_run(tmp: &Path, name: &str) -> std::path::PathBuf {
+    let config = write_config(tmp, name, &format!("{SCHEDULE}\n[train]\nsteps = 6\n"));
+    train(&options(config.clone())).unwrap();
+    config
+}
+
+/// `zamba-train --config CONFIG --set …`: (success, stderr).
+fn run_binary(config: &Path, sets: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(config);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Rewrites one entry of a checkpoint's manifest (`None`: removes it; a new name: adds it).
+fn edit_manifest(checkpoint: &Path, name: &str, entry: Option<serde_json::Value>) {
+    let path = checkpoint.join("MANIFEST.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let files = manifest["files"].as_object_mut().unwrap();
+    match entry {
+        Some(entry) => files.insert(name.to_string(), entry),
+        None => files.remove(name),
+    };
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn manifests_cannot_reach_outside_their_checkpoint_and_unlisted_parts_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = finished_run(tmp.path(), "contained");
+    let run_dir = tmp.path().join("contained");
+    let newest = run_dir.join("checkpoints/step-00000006");
+    let failure = |dir: &Path| format!("{:#}", checkpoint::verify(dir).unwrap_err());
+
+    // A path that does not exist is named as missing, not as an interrupted write.
+    let e = failure(&run_dir.join("checkpoints/step-00000042"));
+    assert!(e.contains("no such checkpoint directory"), "{e}");
+
+    // Paths outside the checkpoint, and links, are refused without being read.
+    let passwd = serde_json::json!({"bytes": 1, "blake3": "00"});
+    for outside in ["../../../../../../etc/passwd", "/etc/passwd"] {
+        let probe = tmp.path().join("probe");
+        common::copy_dir(&newest, &probe);
+        edit_manifest(&probe, outside, Some(passwd.clone()));
+        let e = failure(&probe);
+        assert!(
+            e.contains(&format!("{outside}: not a path inside the checkpoint")),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&probe).unwrap();
+    }
+    let probe = tmp.path().join("probe");
+    common::copy_dir(&newest, &probe);
+    std::os::unix::fs::symlink("/dev/zero", probe.join("model/zeros")).unwrap();
+    edit_manifest(
+        &probe,
+        "model/zeros",
+        Some(serde_json::json!({"bytes": 0, "blake3": "00"})),
+    );
+    let e = failure(&probe);
+    assert!(
+        e.contains("model/zeros: ") && e.contains("is not a regular file"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&probe).unwrap();
+
+    // An optimizer part that the manifest does not list fails `verify`, so the trainer falls
+    // back to the previous checkpoint and says why.
+    let extra = newest.join("optimizer/part-00001-of-00002.safetensors");
+    std::fs::copy(
+        newest.join("optimizer/part-00000-of-00001.safetensors"),
+        &extra,
+    )
+    .unwrap();
+    let e = failure(&newest);
+    assert!(
+        e.contains("optimizer/part-00001-of-00002.safetensors: not in the manifest"),
+        "{e}"
+    );
+    std::fs::remove_file(run_dir.join(DONE_FILE)).unwrap();
+    let (ok, text) = run_binary(&config, &["train.steps=7"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("skipping")
+            && text.contains("step-00000006")
+            && text.contains("not in the manifest"),
+        "{text}"
+    );
+    assert!(
+        text.contains("resuming from") && text.contains("step-00000003"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_finished_run_says_so_and_a_refused_run_leaves_the_run_directory_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = finished_run(tmp.path(), "finished");
+    let run_dir = tmp.path().join("finished");
+    let metrics = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
+
+    let (ok, text) = run_binary(&config, &[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("is already finished") && text.contains("step 6 of 6"),
+        "{text}"
+    );
+    assert!(!text.contains("NaN"), "{text}");
+    assert_eq!(
+        std::fs::read(run_dir.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+
+    // An interrupted write is skipped, saying so.
+    let partial = run_dir.join("checkpoints/step-00000009");
+    common::copy_dir(&run_dir.join("checkpoints/step-00000006"), &partial);
+    std::fs::remove_file(partial.join("COMPLETE")).unwrap();
+
+    // Another architecture: every checkpoint is refused, naming the key and both values, and
+    // the run's config.toml is not replaced by the refused one.
+    let saved_config = std::fs::read(run_dir.join("config.toml")).unwrap();
+    let (ok, text) = run_binary(&config, &["train.steps=9", "model.num_attention_heads=4"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("step-00000009: no completion marker"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model.num_attention_heads is 2 there but 4 in the config"),
+        "{text}"
+    );
+    assert!(text.contains("no checkpoint in"), "{text}");
+    assert_eq!(
+        std::fs::read(run_dir.join("config.toml")).unwrap(),
+        saved_config
+    );
+}

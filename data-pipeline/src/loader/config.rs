@@ -26,22 +26,23 @@ pub struct DataConfig {
     #[schemars(extend("minProperties" = 1))]
     pub sources: BTreeMap<String, SourceConfig>,
     /// Tokens per training sequence; windows of seq_len + 1 tokens give inputs and shifted targets.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1 << 20))]
     pub seq_len: usize,
     /// Seed of the data order (shuffles and source draws); independent of `run.seed`.
     #[serde(default)]
     pub seed: u64,
     /// Row groups shuffled together as one unit (more: better mixing, more memory).
     #[serde(default = "default_shuffle_blocks")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1 << 16))]
     pub shuffle_blocks: usize,
     /// Batches prepared ahead on the background thread.
     #[serde(default = "default_prefetch")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub prefetch: usize,
     /// The model's vocabulary size; when set, data whose tokenizer has more ids is rejected.
     /// A run config leaves it out: the trainer sets it from `model.vocab_size`.
     #[serde(default)]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub model_vocab_size: Option<u32>,
 }
 
@@ -55,7 +56,7 @@ pub struct SourceConfig {
     #[schemars(length(min = 1))]
     pub paths: Vec<String>,
     /// Share of training tokens; weights are normalised over all sources (0: held-out loss only).
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1e9))]
     pub weight: f64,
     /// Held-out tokenized shards for this source's validation loss (see `[eval]`).
     #[serde(default)]

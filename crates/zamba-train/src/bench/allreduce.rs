@@ -64,6 +64,7 @@ fn parse_size(text: &str) -> Result<usize> {
 fn allreduce_group(a: &AllreduceArgs) -> Result<Vec<(Box<dyn zamba_dist::Communicator>, Device)>> {
     let opts = zamba_dist::DistOptions {
         timeout: Duration::from_secs(120),
+        ..Default::default()
     };
     match a.backend {
         AllreduceBackend::Threads => Ok(zamba_dist::thread_group(a.world, &opts)

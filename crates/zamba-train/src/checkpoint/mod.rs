@@ -70,108 +70,197 @@ fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(format!("{PREFIX}{step:08}"))
 }
 
-/// Writes a checkpoint of step `state.step` (collective: every rank calls it). Returns the
-/// checkpoint's directory. On an error (a full disk, say) the partial `.tmp` directory is removed,
-/// earlier checkpoints are untouched, and every rank returns an error.
-#[allow(clippy::too_many_arguments)]
-pub fn save(
-    ctx: &RankContext,
-    run_dir: &Path,
-    model: &ZambaModel,
-    model_config: &ZambaConfig,
-    optimizer: &AdamW,
-    sharding: Sharding,
-    state: &TrainerState,
-    resolved_config: &str,
-) -> Result<PathBuf> {
-    let final_dir = step_dir(run_dir, state.step);
+/// What a checkpoint holds, as one rank has it.
+pub struct Snapshot<'a> {
+    pub model: &'a ZambaModel,
+    pub model_config: &'a ZambaConfig,
+    /// This rank's AdamW state (all of it, or under ZeRO-1 the ranges it owns).
+    pub optimizer: &'a AdamW,
+    pub sharding: Sharding,
+    pub state: &'a TrainerState,
+    /// The resolved run config, as TOML.
+    pub resolved_config: &'a str,
+}
+
+/// Writes a checkpoint of step `snapshot.state.step` under `run_dir` (collective: every rank
+/// calls it). Returns the checkpoint's directory. On an error (a full disk, say) the partial
+/// `.tmp` directory is removed, earlier checkpoints are untouched, and every rank returns an
+/// error.
+pub fn save(ctx: &RankContext, run_dir: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
+    let final_dir = step_dir(run_dir, snapshot.state.step);
     let tmp = final_dir.with_extension("tmp");
-    let result = write_parts(
-        ctx,
-        &tmp,
-        model,
-        model_config,
-        optimizer,
-        sharding,
-        state,
-        resolved_config,
-    )
-    .and_then(|()| {
+    let result = write_parts(ctx, &tmp, snapshot).and_then(|parts| {
         let sealed = if ctx.is_main() {
-            seal(&tmp, &final_dir, run_dir)
+            seal(&tmp, &final_dir, run_dir, &parts)
         } else {
             Ok(())
         };
         ctx.agree(sealed, "sealing the checkpoint")
     });
-    if result.is_err() && ctx.is_main() && tmp.exists() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    if result.is_err() {
+        remove_partial(ctx, &tmp, snapshot.sharding);
     }
     result
         .map(|()| final_dir)
         .with_context(|| format!("writing checkpoint {}", tmp.display()))
 }
 
-/// Every file of the checkpoint, each fsynced, written into `tmp`.
-#[allow(clippy::too_many_arguments)]
-fn write_parts(
-    ctx: &RankContext,
-    tmp: &Path,
-    model: &ZambaModel,
-    model_config: &ZambaConfig,
-    optimizer: &AdamW,
-    sharding: Sharding,
-    state: &TrainerState,
-    resolved_config: &str,
-) -> Result<()> {
+/// After a failed write: rank 0 removes the partial directory; another rank removes what it
+/// wrote where rank 0 may not see it.
+fn remove_partial(ctx: &RankContext, tmp: &Path, sharding: Sharding) {
+    if ctx.is_main() {
+        if tmp.exists() {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+        return;
+    }
+    if let Some((part, parts)) = written_part(ctx, sharding) {
+        let path = moments::part_path(tmp, part, parts);
+        let _ = std::fs::remove_file(&path);
+        // Only if empty: on a shared directory rank 0 removes the rest.
+        let _ = std::fs::remove_dir(path.parent().unwrap_or(tmp));
+        let _ = std::fs::remove_dir(tmp);
+    }
+}
+
+/// The optimizer part this rank writes, `(part, parts)`, if it writes one.
+fn written_part(ctx: &RankContext, sharding: Sharding) -> Option<(usize, usize)> {
+    let parts = part_count(sharding, ctx.world_size);
+    match sharding {
+        Sharding::Zero1 => Some((ctx.rank, parts)),
+        Sharding::Replicated => ctx.is_main().then_some((0, parts)),
+    }
+}
+
+/// An optimizer part as its writer hashed it.
+pub struct WrittenPart {
+    pub rank: usize,
+    /// Path relative to the checkpoint.
+    pub relative: String,
+    pub entry: manifest::Entry,
+}
+
+/// Every file of the checkpoint, each fsynced, written into `tmp`; returns the optimizer parts
+/// as their writers hashed them (rank 0 checks them before sealing).
+fn write_parts(ctx: &RankContext, tmp: &Path, snapshot: &Snapshot) -> Result<Vec<WrittenPart>> {
     let main_files = if ctx.is_main() {
-        write_main_files(tmp, model, model_config, state, resolved_config)
+        write_main_files(tmp, snapshot)
     } else {
         Ok(())
     };
     ctx.agree(main_files, "writing the model and trainer state")?;
-    let (part, parts) = match sharding {
-        Sharding::Zero1 => (ctx.rank, ctx.world_size),
-        Sharding::Replicated => (0, 1),
+    let part = written_part(ctx, snapshot.sharding);
+    let written = match part {
+        Some((part, parts)) => {
+            let slots = crate::data_parallel::param_slots(snapshot.model);
+            let numel: HashMap<&str, usize> =
+                slots.iter().map(|s| (s.path.as_str(), s.numel)).collect();
+            let path = moments::part_path(tmp, part, parts);
+            moments::write(&path, &snapshot.optimizer.moments, &numel)
+                .and_then(|()| sync_file(&path))
+                .and_then(|()| {
+                    let bytes = manifest::regular_file(&path)?.len();
+                    manifest::entry(&path, bytes)
+                })
+                .map(Some)
+        }
+        None => Ok(None),
     };
-    let moments = if part == ctx.rank {
-        let slots = crate::data_parallel::param_slots(model);
-        let numel: HashMap<&str, usize> =
-            slots.iter().map(|s| (s.path.as_str(), s.numel)).collect();
-        let path = moments::part_path(tmp, part, parts);
-        moments::write(&path, &optimizer.moments, &numel).and_then(|()| sync_file(&path))
-    } else {
-        Ok(())
-    };
-    ctx.agree(moments, "writing the optimizer state")
+    let written = ctx.agree(written, "writing the optimizer state")?;
+    let digests = ctx.gather_digests(written.as_ref())?;
+    let parts = part_count(snapshot.sharding, ctx.world_size);
+    Ok(digests
+        .into_iter()
+        .enumerate()
+        .filter_map(|(rank, entry)| {
+            let part = match snapshot.sharding {
+                Sharding::Zero1 => rank,
+                Sharding::Replicated if rank == 0 => 0,
+                Sharding::Replicated => return None,
+            };
+            let relative = format!(
+                "{}/{}",
+                moments::OPTIMIZER_DIR,
+                moments::part_name(part, parts)
+            );
+            Some(WrittenPart {
+                rank,
+                relative,
+                entry: entry?,
+            })
+        })
+        .collect())
 }
 
-fn write_main_files(
-    tmp: &Path,
-    model: &ZambaModel,
-    model_config: &ZambaConfig,
-    state: &TrainerState,
-    resolved_config: &str,
-) -> Result<()> {
+/// How many optimizer parts a checkpoint written by `world` ranks has.
+fn part_count(sharding: Sharding, world: usize) -> usize {
+    match sharding {
+        Sharding::Zero1 => world,
+        Sharding::Replicated => 1,
+    }
+}
+
+fn write_main_files(tmp: &Path, snapshot: &Snapshot) -> Result<()> {
     if tmp.exists() {
         std::fs::remove_dir_all(tmp)
             .with_context(|| format!("removing the stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    save_hf(model, model_config, &tmp.join("model"), SaveDtype::F32)?;
+    save_hf(
+        snapshot.model,
+        snapshot.model_config,
+        &tmp.join("model"),
+        SaveDtype::F32,
+    )?;
     write_synced(
         &tmp.join("trainer.json"),
-        serde_json::to_string_pretty(state)?.as_bytes(),
+        serde_json::to_string_pretty(snapshot.state)?.as_bytes(),
     )?;
-    write_synced(&tmp.join("config.toml"), resolved_config.as_bytes())?;
+    write_synced(
+        &tmp.join("config.toml"),
+        snapshot.resolved_config.as_bytes(),
+    )?;
     sync_tree(&tmp.join("model"))
 }
 
-/// The manifest and the marker, written once every file is durably on disk, and the rename into
-/// place.
-fn seal(tmp: &Path, final_dir: &Path, run_dir: &Path) -> Result<()> {
+/// Rank 0, once every rank's files are durably on disk: the manifest — after checking that
+/// every optimizer part is in it, as its writer hashed it — then the marker and the rename
+/// into place.
+fn seal(tmp: &Path, final_dir: &Path, run_dir: &Path, parts: &[WrittenPart]) -> Result<()> {
     sync_tree(tmp)?;
-    manifest::write(tmp, &[COMPLETE])?;
+    let entries = manifest::write(tmp, &[COMPLETE])?;
+    for part in parts {
+        match entries.get(&part.relative) {
+            None => bail!(
+                "{}, written by rank {}, is not in {} as rank 0 sees it: the ranks do not share run.dir \
+                 (a data-parallel run needs one run directory that every rank sees)",
+                part.relative,
+                part.rank,
+                tmp.display()
+            ),
+            Some(seen) if *seen != part.entry => bail!(
+                "{}, written by rank {}, is not what rank {} wrote ({} bytes, blake3 {}; rank 0 reads {} bytes, blake3 {})",
+                part.relative,
+                part.rank,
+                part.rank,
+                part.entry.bytes,
+                part.entry.blake3,
+                seen.bytes,
+                seen.blake3
+            ),
+            Some(_) => {}
+        }
+    }
+    let expected: Vec<&str> = parts.iter().map(|p| p.relative.as_str()).collect();
+    if let Some(extra) = entries
+        .keys()
+        .find(|k| k.starts_with(moments::OPTIMIZER_DIR) && !expected.contains(&k.as_str()))
+    {
+        bail!(
+            "{extra} in {} was written by no rank of this run",
+            tmp.display()
+        );
+    }
     write_synced(&tmp.join(COMPLETE), b"")?;
     sync_dir(tmp)?;
     if final_dir.exists() {
@@ -215,6 +304,25 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Complete checkpoints of a run, oldest first.
 pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    Ok(step_dirs(run_dir)?
+        .into_iter()
+        .filter(|(_, path, complete)| *complete && path.extension().is_none())
+        .map(|(step, path, _)| (step, path))
+        .collect())
+}
+
+/// Checkpoint directories of a run that are not complete — interrupted writes, with no
+/// completion marker — oldest first.
+pub fn incomplete(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(step_dirs(run_dir)?
+        .into_iter()
+        .filter(|(_, path, complete)| !complete || path.extension().is_some())
+        .map(|(_, path, _)| path)
+        .collect())
+}
+
+/// Every `step-N` (and `step-N.tmp`) directory: (step, path, whether it has its marker).
+fn step_dirs(run_dir: &Path) -> Result<Vec<(u64, PathBuf, bool)>> {
     let dir = checkpoints_dir(run_dir);
     if !dir.exists() {
         return Ok(Vec::new());
@@ -227,13 +335,13 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         };
         let Some(step) = name
             .strip_prefix(PREFIX)
+            .map(|s| s.strip_suffix(".tmp").unwrap_or(s))
             .and_then(|s| s.parse::<u64>().ok())
         else {
             continue;
         };
-        if path.join(COMPLETE).exists() {
-            found.push((step, path));
-        }
+        let complete = path.join(COMPLETE).exists();
+        found.push((step, path, complete));
     }
     found.sort();
     Ok(found)
@@ -267,9 +375,25 @@ pub fn is_checkpoint(dir: &Path) -> bool {
 }
 
 /// Checks that `dir` is a complete checkpoint whose files are exactly as written; the error
-/// names every file that changed.
+/// says what is wrong: no such directory, not a checkpoint, an interrupted write, or every file
+/// that changed.
 pub fn verify(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{}: no such checkpoint directory", dir.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        Ok(meta) if !meta.is_dir() => bail!("{} is not a checkpoint directory", dir.display()),
+        Ok(_) => {}
+    }
     if !dir.join(COMPLETE).exists() {
+        if !is_checkpoint(dir) && !dir.join(manifest::MANIFEST).exists() {
+            bail!(
+                "{} is not a zamba-train checkpoint (no trainer.json, {}, or {COMPLETE})",
+                dir.display(),
+                manifest::MANIFEST
+            );
+        }
         bail!(
             "{} is not a complete checkpoint (no {COMPLETE} marker: it was interrupted while being written); \
              use an earlier checkpoint",
@@ -289,16 +413,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         );
     }
     let (model_config, model) = zamba_model::load_hf(&dir.join("model"), device)?;
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer.json"))
-            .with_context(|| format!("reading {}/trainer.json", dir.display()))?,
-    )
-    .with_context(|| {
-        format!(
-            "{}/trainer.json is not a valid trainer state",
-            dir.display()
-        )
-    })?;
+    let state = read_state(dir)?;
     let resolved_config = std::fs::read_to_string(dir.join("config.toml")).unwrap_or_default();
     Ok(Loaded {
         model_config,
@@ -306,6 +421,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
         state,
         resolved_config,
     })
+}
+
+/// The trainer state of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("trainer.json");
+    manifest::regular_file(&path)?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid trainer state", path.display()))
 }
 
 /// The AdamW state of a checkpoint for the parameter ranges this rank owns under `dp`. Every

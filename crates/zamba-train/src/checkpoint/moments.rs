@@ -21,11 +21,14 @@ use crate::optim::Moments;
 pub const OPTIMIZER_DIR: &str = "optimizer";
 const RANGES_KEY: &str = "ranges";
 
+/// The file name of part `part` of `parts`.
+pub fn part_name(part: usize, parts: usize) -> String {
+    format!("part-{part:05}-of-{parts:05}.safetensors")
+}
+
 /// The file rank `part` of `parts` writes.
 pub fn part_path(checkpoint: &Path, part: usize, parts: usize) -> PathBuf {
-    checkpoint
-        .join(OPTIMIZER_DIR)
-        .join(format!("part-{part:05}-of-{parts:05}.safetensors"))
+    checkpoint.join(OPTIMIZER_DIR).join(part_name(part, parts))
 }
 
 /// Writes `moments` (this rank's) to `path`; `numel` gives each parameter's element count.
@@ -69,18 +72,7 @@ struct Piece {
     range: Range<usize>,
 }
 
-/// Reads the moments of `wanted` (parameter path → element range) from every part in
-/// `checkpoint`; `numel` lists every parameter of the model with its element count. Errors name
-/// the file and parameter: a part that is not valid, a parameter the model does not have, one
-/// whose pieces overlap or leave a gap, and — when `expect_all` (the optimizer has taken a step)
-/// — a parameter without moments.
-pub fn read(
-    checkpoint: &Path,
-    numel: &HashMap<&str, usize>,
-    wanted: &[(String, Range<usize>)],
-    expect_all: bool,
-    device: &Device,
-) -> Result<BTreeMap<String, Moments>> {
+fn collect(checkpoint: &Path, numel: &HashMap<&str, usize>, expect_all: bool) -> Result<Parts> {
     let dir = checkpoint.join(OPTIMIZER_DIR);
     let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
         Ok(entries) => entries
@@ -95,6 +87,7 @@ pub fn read(
     let maps = files
         .iter()
         .map(|p| {
+            super::manifest::regular_file(p)?;
             let file =
                 std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
             // SAFETY: checkpoint files are not modified while a run reads them.
@@ -155,6 +148,43 @@ pub fn read(
             dir.display()
         );
     }
+    Ok(Parts {
+        files,
+        maps,
+        pieces,
+    })
+}
+
+/// The optimizer parts of a checkpoint, mapped, and where each parameter's moments are.
+struct Parts {
+    files: Vec<PathBuf>,
+    maps: Vec<memmap2::Mmap>,
+    pieces: BTreeMap<String, Vec<Piece>>,
+}
+
+/// Checks that the optimizer parts in `checkpoint` fit the model whose parameters (path →
+/// element count) `numel` lists — see [`read`] — without reading the moments.
+pub fn check(checkpoint: &Path, numel: &HashMap<&str, usize>, expect_all: bool) -> Result<()> {
+    collect(checkpoint, numel, expect_all).map(drop)
+}
+
+/// Reads the moments of `wanted` (parameter path → element range) from every part in
+/// `checkpoint`; `numel` lists every parameter of the model with its element count. Errors name
+/// the file and parameter: a part that is not valid, a parameter the model does not have, one
+/// whose pieces overlap or leave a gap, and — when `expect_all` (the optimizer has taken a step)
+/// — a parameter without moments.
+pub fn read(
+    checkpoint: &Path,
+    numel: &HashMap<&str, usize>,
+    wanted: &[(String, Range<usize>)],
+    expect_all: bool,
+    device: &Device,
+) -> Result<BTreeMap<String, Moments>> {
+    let Parts {
+        files,
+        maps,
+        pieces,
+    } = collect(checkpoint, numel, expect_all)?;
     let mut moments = BTreeMap::new();
     for (param, range) in wanted {
         let Some(parts) = pieces.get(param) else {

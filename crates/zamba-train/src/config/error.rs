@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::schema::{RangeError, join_key};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConfigErrorKind {
     /// The file could not be read.
@@ -109,12 +111,9 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .map(|(_, _, c)| c)
 }
 
-/// Joins a parent key path and a child key.
-pub(crate) fn join_key(parent: &str, child: &str) -> String {
-    if parent.is_empty() {
-        child.to_owned()
-    } else {
-        format!("{parent}.{child}")
+impl From<RangeError> for ConfigError {
+    fn from(e: RangeError) -> Self {
+        ConfigError::invalid(e.key, e.message)
     }
 }
 

@@ -27,12 +27,13 @@ mod starter;
 mod summary;
 mod synthetic;
 
+pub use crate::schema::{check_ranges, schema_of};
 pub use cli::{ConfigCommand, run_command};
 pub use error::{ConfigError, ConfigErrorKind, closest};
 pub use model::ModelSection;
 pub use overrides::{Override, parse_value};
 pub use reference::{REGENERATE, reference_markdown};
-pub use rules::{Section, check_ranges, schema_of};
+pub use rules::Section;
 pub use sections::*;
 pub use starter::{StarterError, StarterStyle, render_starter, starter_config};
 pub use summary::human_count;

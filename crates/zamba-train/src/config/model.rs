@@ -6,6 +6,7 @@
 use super::error::{ConfigError, ConfigErrorKind, closest};
 use super::schema_text::{KEY_ORDER, field_names};
 use super::summary::human_count;
+use crate::schema::check_value;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -66,6 +67,7 @@ impl ModelSection {
             }
         };
         let known: Vec<String> = merged.keys().cloned().collect();
+        let schema = crate::schema::schema_of::<ModelSection>();
         for (key, value) in table.iter().filter(|(k, _)| k.as_str() != "preset") {
             if !merged.contains_key(key) {
                 let mut e = ConfigError::new(
@@ -85,6 +87,13 @@ impl ModelSection {
                     Some(format!("model.{key}")),
                     friendly_type_error(&e.to_string()),
                 ));
+            }
+            // Ranges first: sizes the model's own checks would overflow on are refused here.
+            if let (Some(property), Ok(as_toml)) = (
+                schema.pointer(&format!("/properties/{key}")),
+                toml::Value::try_from(value),
+            ) {
+                check_value(property, &as_toml, &format!("model.{key}"))?;
             }
             merged.insert(key.clone(), value.clone());
         }
@@ -174,6 +183,11 @@ impl JsonSchema for ModelSection {
         if let Some(Value::Object(fields)) = schema.remove("properties") {
             properties.extend(fields);
         }
+        for (key, max) in MODEL_LIMITS {
+            if let Some(property) = properties.get_mut(*key) {
+                set_maximum(property, *max);
+            }
+        }
         schema.insert("properties".into(), Value::Object(properties));
         // The preset first, then the fields in transformers' order.
         let order: Vec<&str> = std::iter::once("preset")
@@ -183,6 +197,56 @@ impl JsonSchema for ModelSection {
         schema.insert("description".into(), Value::String(description()));
         schema.remove("title");
         schema
+    }
+}
+
+/// The largest value of each numeric `[model]` key: far above any model this trainer can hold,
+/// and small enough that every size and count derived from them fits in 64 bits.
+const MODEL_LIMITS: &[(&str, f64)] = &[
+    ("vocab_size", 16_777_216.0),
+    ("hidden_size", 65_536.0),
+    ("attention_hidden_size", 131_072.0),
+    ("intermediate_size", 262_144.0),
+    ("num_hidden_layers", 4_096.0),
+    ("num_attention_heads", 4_096.0),
+    ("attention_head_dim", 65_536.0),
+    ("num_key_value_heads", 4_096.0),
+    ("n_mamba_heads", 65_536.0),
+    ("initializer_range", 1e3),
+    ("rms_norm_eps", 1.0),
+    ("pad_token_id", 16_777_216.0),
+    ("bos_token_id", 16_777_216.0),
+    ("eos_token_id", 16_777_216.0),
+    ("max_position_embeddings", 16_777_216.0),
+    ("attn_layer_period", 4_096.0),
+    ("attn_layer_offset", 4_096.0),
+    ("mamba_d_state", 4_096.0),
+    ("mamba_d_conv", 1_024.0),
+    ("mamba_expand", 64.0),
+    ("mamba_dt_rank", 65_536.0),
+    ("time_step_min", 1e3),
+    ("time_step_max", 1e3),
+    ("time_step_floor", 1e3),
+];
+
+/// Sets `maximum` on a numeric schema, or on the numeric alternatives of a union (and
+/// `minimum` 0 where none is set: no model key is negative).
+fn set_maximum(schema: &mut Value, max: f64) {
+    for key in ["anyOf", "oneOf"] {
+        if let Some(Value::Array(alternatives)) = schema.get_mut(key) {
+            alternatives.iter_mut().for_each(|a| set_maximum(a, max));
+            return;
+        }
+    }
+    let numeric = |t: &Value| t == "integer" || t == "number";
+    let is_numeric = match schema.get("type") {
+        Some(Value::Array(types)) => types.iter().any(numeric),
+        Some(t) => numeric(t),
+        None => false,
+    };
+    if let (true, Some(object)) = (is_numeric, schema.as_object_mut()) {
+        object.insert("maximum".into(), serde_json::json!(max));
+        object.entry("minimum").or_insert(serde_json::json!(0));
     }
 }
 

@@ -2,7 +2,7 @@
 //! as TOML. Shared by the reference (docs/configuration.md) and the starter config.
 
 use super::RunConfig;
-use super::rules::{range_text, schema_of};
+use crate::schema::{range_text, schema_of};
 use serde::Deserialize;
 use serde_json::Value as Json;
 

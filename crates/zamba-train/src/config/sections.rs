@@ -4,7 +4,9 @@
 use super::RunConfig;
 use super::error::{ConfigError, ConfigErrorKind};
 use super::rules::Section;
+use crate::data_parallel::Sharding;
 use crate::schedule::ScheduleConfig;
+use crate::schema::{MAX_SECONDS, MAX_STEPS};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -55,6 +57,9 @@ pub struct InitSection {
 
 impl Section for InitSection {}
 
+/// The most sequences in a global batch.
+const MAX_SEQUENCES: usize = 1 << 24;
+
 /// The global batch, in `tokens` or in `sequences` (exactly one), and the micro-batch that one
 /// rank processes per forward/backward. Gradient accumulation is derived:
 /// `sequences` = `micro_batch` × accumulation steps × `runtime.world_size`, and
@@ -65,16 +70,16 @@ pub struct BatchSection {
     /// Global batch in tokens per optimizer step; a multiple of `data.seq_len` (alternative to
     /// `sequences`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SEQUENCES * (1 << 20)))]
     pub tokens: Option<usize>,
     /// Global batch in sequences per optimizer step, over all ranks; a multiple of
     /// `micro_batch` × `runtime.world_size` (alternative to `tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SEQUENCES))]
     pub sequences: Option<usize>,
     /// Sequences per forward/backward pass on one rank (bounded by memory; the result does not
     /// depend on it).
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1 << 16))]
     pub micro_batch: usize,
 }
 
@@ -135,21 +140,21 @@ pub struct OptimizerSection {
     #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1.0))]
     pub beta2: f64,
     /// Added to the square root of the second moment before dividing.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 1.0))]
     pub eps: f64,
     /// Decoupled weight decay (multiplied by the LR of each step); 0 turns it off.
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1e3))]
     pub weight_decay: f64,
     /// Also decay the (tied) embedding matrix.
     pub decay_embeddings: bool,
     /// Global gradient-norm clip; 0 turns clipping off.
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1e12))]
     pub clip_grad_norm: f64,
     /// ZeRO stage: 0 = every rank keeps AdamW moments for all parameters; 1 = each rank keeps
     /// them for ~1/`runtime.world_size` of the parameters (gradients reduce-scattered, updated
     /// parameters all-gathered; the same weights as 0). Checkpoints are the same either way.
-    #[schemars(range(max = 1))]
-    pub zero: u8,
+    #[schemars(with = "u8", range(max = 1))]
+    pub zero: Sharding,
 }
 
 impl Default for OptimizerSection {
@@ -161,7 +166,7 @@ impl Default for OptimizerSection {
             weight_decay: 0.1,
             decay_embeddings: false,
             clip_grad_norm: 1.0,
-            zero: 0,
+            zero: Sharding::Replicated,
         }
     }
 }
@@ -181,20 +186,21 @@ fn default_spike_window() -> usize {
 pub struct TrainSection {
     /// Optimizer steps of this run; the schedule spans exactly these steps, and the run's tokens
     /// are `steps` × `batch.sequences` × `data.seq_len`.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_STEPS))]
     pub steps: usize,
     /// Stop after this many skipped updates (non-finite loss/gradient or loss spike) in a row.
     #[serde(default = "default_max_skips")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_consecutive_skips: usize,
     /// Skip the update when the loss is more than this many standard deviations above the mean
     /// of the last `spike_window` losses; absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 1e6))]
     pub spike_zscore: Option<f64>,
-    /// Recent losses the spike test compares against; the test starts once the window is full.
+    /// Recent losses the spike test compares against; the test starts once the window is full
+    /// (the window is saved with every checkpoint).
     #[serde(default = "default_spike_window")]
-    #[schemars(range(min = 2))]
+    #[schemars(range(min = 2, max = 100_000))]
     pub spike_window: usize,
     /// What the backward keeps: `"none"` (every activation) or `"layers"` (each Mamba layer and
     /// each use of the shared block keeps only its input and is recomputed in the backward:
@@ -215,7 +221,18 @@ pub struct TrainSection {
 }
 
 impl Section for TrainSection {
-    fn validate(&self, _run: &RunConfig) -> Result<(), ConfigError> {
+    fn validate(&self, run: &RunConfig) -> Result<(), ConfigError> {
+        let total = self.steps as u128 * run.tokens_per_step() as u128;
+        if total > u64::MAX as u128 {
+            return Err(ConfigError::invalid(
+                "train.steps",
+                format!(
+                    "{} steps of {} tokens are {total} tokens, more than a 64-bit count holds",
+                    self.steps,
+                    run.tokens_per_step()
+                ),
+            ));
+        }
         let Some([first, last]) = self.profile_steps else {
             return Ok(());
         };
@@ -247,11 +264,13 @@ impl Section for TrainSection {
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
     /// Also checkpoint every this many optimizer steps; 0 = only at the end (and on a signal).
+    #[schemars(range(max = MAX_STEPS))]
     pub every: usize,
     /// Keep the newest this many checkpoints (plus those `keep_every` keeps); older ones are deleted.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_STEPS))]
     pub keep_last: usize,
     /// Also keep, however old, every checkpoint whose step is a multiple of this (0 = none).
+    #[schemars(range(max = MAX_STEPS))]
     pub keep_every: usize,
 }
 
@@ -273,9 +292,10 @@ impl Section for CheckpointSection {}
 pub struct EvalSection {
     /// Evaluate every this many optimizer steps and after the last; 0 = never. Needs
     /// `validation` shards on at least one data source.
+    #[schemars(range(max = MAX_STEPS))]
     pub every: usize,
     /// Micro-batches (of `batch.micro_batch` sequences) per source and evaluation.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1 << 20))]
     pub batches: usize,
 }
 
@@ -305,7 +325,7 @@ impl Section for EvalSection {
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingSection {
     /// Write a metrics.jsonl line every this many optimizer steps.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_STEPS))]
     pub every: usize,
     /// Show a progress bar (step, loss, LR, tokens/s, ETA) on stderr.
     pub progress: bool,
@@ -332,12 +352,20 @@ impl Section for LoggingSection {}
 pub struct DistSection {
     /// Gradients are averaged over the ranks in flat buckets of up to this many MiB (f32): a few
     /// large collectives per optimizer step instead of one per parameter.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 65_536.0))]
     pub bucket_mb: f64,
     /// Seconds a collective (or the rendezvous) waits for the slowest rank; past it every rank
     /// fails with a message naming the rank(s) that died or hang, and the run exits non-zero.
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    /// It must exceed the longest time one rank works while the others wait (a checkpoint, an
+    /// evaluation).
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_SECONDS))]
     pub timeout_s: f64,
+    /// After SIGINT/SIGTERM, seconds a rank keeps waiting in a collective of the step for the
+    /// other ranks (which got the signal too and come to checkpoint); past it the rank gives up
+    /// on them (a hung rank) and exits without a checkpoint of this step. Checkpoint writes are
+    /// not cut short by a first signal; a second signal stops every wait at once.
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_SECONDS))]
+    pub signal_grace_s: f64,
 }
 
 impl Default for DistSection {
@@ -345,6 +373,7 @@ impl Default for DistSection {
         Self {
             bucket_mb: 25.0,
             timeout_s: 300.0,
+            signal_grace_s: 10.0,
         }
     }
 }
@@ -406,6 +435,9 @@ impl<'de> Deserialize<'de> for Device {
     }
 }
 
+/// Most compute threads a process may ask for (`runtime.threads`, `RAYON_NUM_THREADS`).
+pub const MAX_THREADS: usize = 4096;
+
 /// The machine: device, CPU threads, data-parallel ranks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -422,20 +454,20 @@ pub struct RuntimeSection {
     pub precision: Precision,
     /// CPU threads for the compute pool; absent = all cores.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_THREADS))]
     pub threads: Option<usize>,
     /// Data-parallel ranks sharing the global batch (see `[batch]`). Under `zamba-train launch`,
     /// torchrun or SLURM the launcher's world size is used (this key must then be 1 or equal to
     /// it); on the CPU without a launcher, a world size above 1 runs the ranks as threads of one
     /// process.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1 << 20))]
     pub world_size: usize,
     /// Peak GFLOP/s of one device, for the MFU column of metrics.jsonl (e.g. 989000 for an H100's
     /// dense bf16). Absent: on CPU the f32 GEMM peak of the fastest library on the machine is
     /// measured at start (as `zamba-train bench peak` does, at the step's shapes: under a
     /// second); on GPUs MFU is not logged.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 1e9))]
     pub peak_gflops: Option<f64>,
 }
 

@@ -51,9 +51,9 @@ fn memory_lines(c: &RunConfig, num_params: u64) -> String {
         activations(ActivationCheckpointing::Layers),
         c.train.activation_checkpointing,
     );
-    for (name, sharding, zero) in [
-        ("no sharding", Sharding::Replicated, 0),
-        ("ZeRO-1", Sharding::Zero1, 1),
+    for (name, sharding) in [
+        ("no sharding", Sharding::Replicated),
+        ("ZeRO-1", Sharding::Zero1),
     ] {
         let m = StateMemory::per_rank(num_params, world, sharding);
         let _ = writeln!(
@@ -63,7 +63,7 @@ fn memory_lines(c: &RunConfig, num_params: u64) -> String {
             gb(m.grads),
             gb(m.moments),
             gb(m.total()),
-            if c.optimizer.zero == zero {
+            if c.optimizer.zero == sharding {
                 "  ← optimizer.zero"
             } else {
                 ""
@@ -191,7 +191,7 @@ pub(super) fn summary(c: &RunConfig) -> String {
             "off".into()
         }
     );
-    out.push_str(&memory_lines(c, params.total() as u64));
+    out.push_str(&memory_lines(c, params.total()));
     let _ = writeln!(
         out,
         "checkpoints  every {} steps, keep last {}{}; eval every {} steps",

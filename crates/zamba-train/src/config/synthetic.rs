@@ -16,6 +16,10 @@ pub const SYNTHETIC_PREFIX: &str = "synthetic:";
 /// The synthetic sets the data pipeline generates.
 pub const SYNTHETIC_SETS: &[&str] = &["web", "instruct"];
 
+/// The most documents or examples a synthetic set may have (a billion: far more than a proxy
+/// run needs, and few enough to generate).
+const MAX_SYNTHETIC_ITEMS: u64 = 1_000_000_000;
+
 /// How the `"synthetic:web"` / `"synthetic:instruct"` data sources are generated; present
 /// (with these defaults) whenever a source uses them. The sets are generated and tokenized into
 /// `cache_dir` on first use; different values give a different cache subdirectory.
@@ -28,10 +32,10 @@ pub struct SyntheticSection {
     /// Seed of the generated text (independent of `run.seed` and `data.seed`).
     pub seed: u64,
     /// Documents of the web-like set.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SYNTHETIC_ITEMS))]
     pub web_docs: u64,
     /// Examples of the instruction set.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SYNTHETIC_ITEMS))]
     pub instruct_examples: u64,
     /// Share of each set held out for validation (the sources' `validation` split).
     #[schemars(extend("exclusiveMinimum" = 0.0, "exclusiveMaximum" = 1.0))]
@@ -40,7 +44,7 @@ pub struct SyntheticSection {
     /// (relative to the config file).
     pub tokenizer: String,
     /// Tokens per parquet row group (the unit the loader shuffles); small sets need small groups.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1u64 << 32))]
     pub row_group_tokens: u64,
 }
 

@@ -109,3 +109,36 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The smallest valid run config (nothing is generated or opened when it is loaded): the base
+/// that config tests change one key of.
+pub const MINIMAL_RUN: &str = r#"
+[run]
+dir = "runs/rules"
+[model]
+preset = "zamba-tiny"
+[data]
+seq_len = 32
+[data.sources.web]
+paths = ["synthetic:web"]
+validation = ["synthetic:web"]
+weight = 1.0
+[batch]
+sequences = 8
+micro_batch = 2
+[schedule]
+kind = "cosine"
+peak_lr = 1e-3
+min_lr = 1e-4
+warmup_steps = 10
+[train]
+steps = 100
+"#;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,24 +1,28 @@
 //! `zamba-train launch`: a torchrun-style launcher. It starts this node's ranks as copies of a
-//! program with the rendezvous environment, prefixes their output with `[rank N]`, forwards
-//! SIGINT/SIGTERM to them, and fails fast: when one rank fails, the others get SIGTERM, then
-//! SIGKILL after a grace period, and the launcher exits non-zero naming the rank.
+//! program with the rendezvous environment (no more than the node has GPUs or cores, unless
+//! forced), prefixes their output with `[rank N]`, forwards SIGINT/SIGTERM to them, and fails
+//! fast: when one rank fails, no more are started, the others get SIGTERM, then SIGKILL after a
+//! grace period, and the launcher exits non-zero naming the rank at fault.
+
+mod supervise;
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::DistError;
+use crate::fault::FAULT_LINES_ENV;
 use crate::rendezvous::{TOKEN_ENV, TOKEN_FILE_ENV};
 use crate::token::{check_token, generate_token, read_token_file};
+use supervise::{Faults, Output, Rank, Supervisor, forward_lines};
 
 /// `zamba-train launch` arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -38,65 +42,145 @@ pub struct LaunchArgs {
     /// Port of the rendezvous store on node 0 [default on one node: a free port].
     #[arg(long)]
     pub master_port: Option<u16>,
-    /// Seconds the remaining ranks get to exit after SIGTERM, once one has failed, before SIGKILL.
+    /// Seconds the ranks get to exit after SIGTERM (sent when one rank failed, or forwarded from
+    /// the launcher's own SIGINT/SIGTERM) before SIGKILL; must cover writing a checkpoint.
     #[arg(long, default_value_t = 30.0)]
     pub grace_s: f64,
+    /// Start --nproc-per-node ranks even where that is more than this node's GPUs (or, for CPU
+    /// ranks, its cores).
+    #[arg(long)]
+    pub force: bool,
     /// Each rank's command-line arguments (after `--`), e.g. `-- --config run.toml`.
     #[arg(last = true, required = true)]
     pub args: Vec<OsString>,
 }
 
+impl LaunchArgs {
+    /// Refuses more ranks on this node than it has GPUs or cores, unless `--force`.
+    pub fn check_capacity(&self, capacity: &NodeCapacity) -> Result<(), DistError> {
+        if self.nproc_per_node <= capacity.ranks || self.force {
+            return Ok(());
+        }
+        Err(DistError::Invalid(format!(
+            "launch: --nproc-per-node {} is more than this node has: {} (one rank each); start at most {} \
+             rank(s) here, or pass --force to start them anyway",
+            self.nproc_per_node, capacity.what, capacity.ranks
+        )))
+    }
+}
+
+/// How many ranks this node can run: one per GPU, or one per CPU core for CPU ranks.
+#[derive(Clone, Debug)]
+pub struct NodeCapacity {
+    pub ranks: usize,
+    /// What limits it, for messages: "8 GPUs", "2 CPU cores".
+    pub what: String,
+}
+
+impl NodeCapacity {
+    /// One CPU rank per core.
+    pub fn cpu_cores() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            ranks: cores,
+            what: format!("{cores} CPU core(s)"),
+        }
+    }
+
+    /// One rank per visible NVIDIA GPU from index `first` on (`CUDA_VISIBLE_DEVICES` if set,
+    /// else the `/dev/nvidiaN` devices).
+    pub fn gpus(first: usize) -> Self {
+        let visible = visible_gpus();
+        Self {
+            ranks: visible.saturating_sub(first),
+            what: match first {
+                0 => format!("{visible} visible GPU(s)"),
+                _ => format!("{visible} visible GPU(s), from cuda:{first} on"),
+            },
+        }
+    }
+}
+
+fn visible_gpus() -> usize {
+    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+        // CUDA stops at the first invalid entry ("-1", "NoDevFiles").
+        return entries
+            .iter()
+            .take_while(|e| !e.is_empty() && !e.starts_with('-') && *e != &"NoDevFiles")
+            .count();
+    }
+    std::fs::read_dir("/dev").map_or(0, |dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.strip_prefix("nvidia")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count()
+    })
+}
+
+/// Most ranks in a job (ranks travel as 32-bit numbers; this is far below).
+const MAX_WORLD: usize = 1 << 20;
+/// Longest `--grace-s`: a day.
+const MAX_GRACE_S: f64 = 86_400.0;
+
 /// Launches `args.nproc_per_node` copies of the running executable.
-pub fn run(args: &LaunchArgs) -> Result<(), DistError> {
+pub fn run(args: &LaunchArgs, capacity: &NodeCapacity) -> Result<(), DistError> {
     let program = std::env::current_exe()
         .map_err(|e| DistError::io("launch: finding the zamba-train executable", e))?;
-    launch(args, &program)
+    launch(args, &program, capacity)
 }
 
 /// Launches `args.nproc_per_node` copies of `program` with `args.args`, waits for all, and
-/// fails naming the first rank that failed.
-pub fn launch(args: &LaunchArgs, program: &Path) -> Result<(), DistError> {
-    let plan = Plan::new(args)?;
+/// fails naming the rank at fault. Spawning stops as soon as a rank has failed or a signal
+/// came.
+pub fn launch(args: &LaunchArgs, program: &Path, capacity: &NodeCapacity) -> Result<(), DistError> {
+    let plan = Plan::new(args, capacity)?;
     // Registered before any child exists, so no signal is missed or kills the launcher.
-    let mut signals = Signals::new([SIGINT, SIGTERM])
+    let signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| DistError::io("launch: installing the SIGINT/SIGTERM handler", e))?;
+    let grace = Duration::from_secs_f64(args.grace_s);
+    let mut supervisor = Supervisor::new(signals, grace);
     let (done_tx, done_rx) = mpsc::channel();
-    let mut ranks = Vec::new();
     for local in 0..args.nproc_per_node {
-        match plan.spawn(program, &args.args, local, &done_tx) {
-            Ok(rank) => ranks.push(rank),
+        if supervisor.poll() {
+            break;
+        }
+        match plan.spawn(program, &args.args, local, &done_tx, &supervisor.faults) {
+            Ok(rank) => supervisor.ranks.push(rank),
             Err(e) => {
-                terminate(&mut ranks, Signal::SIGKILL);
-                wait_all(&mut ranks);
-                return Err(e);
+                supervisor.abandon(e);
+                break;
             }
         }
     }
     drop(done_tx);
-    eprintln!(
-        "[launch] started ranks {}..{} of {} (node {} of {}), rendezvous at {}:{}",
-        plan.first_rank,
-        plan.first_rank + args.nproc_per_node - 1,
-        plan.world,
-        args.node_rank,
-        args.nnodes,
-        plan.master_addr,
-        plan.master_port
-    );
-    let outcome = supervise(
-        &mut ranks,
-        &mut signals,
-        Duration::from_secs_f64(args.grace_s.max(0.0)),
-    );
-    // Output threads end when the ranks' pipes close; wait a moment for their last lines.
+    if supervisor.ranks.len() == args.nproc_per_node && !supervisor.stopping() {
+        eprintln!(
+            "[launch] started ranks {}..{} of {} (node {} of {}), rendezvous at {}:{}",
+            plan.first_rank,
+            plan.first_rank + args.nproc_per_node - 1,
+            plan.world,
+            args.node_rank,
+            args.nnodes,
+            plan.master_addr,
+            plan.master_port
+        );
+    }
+    supervisor.wait_all();
+    // Output threads end when the ranks' pipes close; wait a moment for their last lines (a
+    // rank's fault report among them).
     let flush_deadline = Instant::now() + Duration::from_secs(2);
-    for _ in 0..2 * ranks.len() {
+    for _ in 0..2 * supervisor.ranks.len() {
         let left = flush_deadline.saturating_duration_since(Instant::now());
         if done_rx.recv_timeout(left).is_err() {
             break;
         }
     }
-    outcome
+    supervisor.outcome()
 }
 
 /// What every rank of this node gets.
@@ -111,10 +195,26 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(args: &LaunchArgs) -> Result<Self, DistError> {
+    fn new(args: &LaunchArgs, capacity: &NodeCapacity) -> Result<Self, DistError> {
         let invalid = |msg: String| Err(DistError::Invalid(format!("launch: {msg}")));
         if args.nproc_per_node == 0 || args.nnodes == 0 {
             return invalid("--nproc-per-node and --nnodes must be at least 1".into());
+        }
+        args.check_capacity(capacity)?;
+        let world = match args.nnodes.checked_mul(args.nproc_per_node) {
+            Some(world) if world <= MAX_WORLD => world,
+            _ => {
+                return invalid(format!(
+                    "--nnodes {} × --nproc-per-node {} is more than {MAX_WORLD} ranks",
+                    args.nnodes, args.nproc_per_node
+                ));
+            }
+        };
+        if !(0.0..=MAX_GRACE_S).contains(&args.grace_s) {
+            return invalid(format!(
+                "--grace-s {} must be between 0 and {MAX_GRACE_S} seconds",
+                args.grace_s
+            ));
         }
         if args.node_rank >= args.nnodes {
             return invalid(format!(
@@ -147,7 +247,7 @@ impl Plan {
             .is_none()
             .then(|| (cores / args.nproc_per_node).max(1));
         Ok(Self {
-            world: args.nnodes * args.nproc_per_node,
+            world,
             first_rank: args.node_rank * args.nproc_per_node,
             local_world: args.nproc_per_node,
             master_addr,
@@ -163,6 +263,7 @@ impl Plan {
         args: &[OsString],
         local: usize,
         done: &mpsc::Sender<()>,
+        faults: &Faults,
     ) -> Result<Rank, DistError> {
         let rank = self.first_rank + local;
         let mut command = Command::new(program);
@@ -176,6 +277,7 @@ impl Plan {
             .env("MASTER_PORT", self.master_port.to_string())
             .env(TOKEN_ENV, &self.token)
             .env_remove(TOKEN_FILE_ENV)
+            .env(FAULT_LINES_ENV, "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -203,9 +305,30 @@ impl Plan {
                 e,
             )
         })?;
-        let prefix = format!("[rank {rank}] ");
-        forward_lines(child.stdout.take(), prefix.clone(), false, done.clone());
-        forward_lines(child.stderr.take(), prefix, true, done.clone());
+        for (pipe, to_stderr) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+                false,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+                true,
+            ),
+        ] {
+            let out = Output {
+                rank,
+                to_stderr,
+                faults: faults.clone(),
+                done: done.clone(),
+            };
+            forward_lines(pipe, out);
+        }
         Ok(Rank {
             rank,
             child,
@@ -251,133 +374,4 @@ fn job_token(multi_node: bool) -> Result<String, DistError> {
         )));
     }
     generate_token()
-}
-
-/// Copies a rank's output to ours, line by line, each line prefixed.
-fn forward_lines(
-    pipe: Option<impl Read + Send + 'static>,
-    prefix: String,
-    to_stderr: bool,
-    done: mpsc::Sender<()>,
-) {
-    let Some(pipe) = pipe else { return };
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            if line.last() != Some(&b'\n') {
-                line.push(b'\n');
-            }
-            let mut out: Box<dyn Write> = if to_stderr {
-                Box::new(std::io::stderr().lock())
-            } else {
-                Box::new(std::io::stdout().lock())
-            };
-            let _ = out.write_all(prefix.as_bytes());
-            let _ = out.write_all(&line);
-            let _ = out.flush();
-        }
-        let _ = done.send(());
-    });
-}
-
-struct Rank {
-    rank: usize,
-    child: Child,
-    /// Set once the process has exited and been reaped.
-    status: Option<ExitStatus>,
-}
-
-impl Rank {
-    fn signal(&self, signal: Signal) {
-        // Only processes not yet reaped: their pid cannot have been reused.
-        if self.status.is_none() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
-        }
-    }
-}
-
-fn terminate(ranks: &mut [Rank], signal: Signal) {
-    for rank in ranks.iter() {
-        rank.signal(signal);
-    }
-}
-
-fn wait_all(ranks: &mut [Rank]) {
-    for rank in ranks.iter_mut() {
-        if rank.status.is_none() {
-            rank.status = rank.child.wait().ok();
-        }
-    }
-}
-
-fn describe(status: &ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(sig)) => {
-            let name = Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?");
-            format!("was killed by signal {sig} ({name})")
-        }
-        _ => format!("ended with {status}"),
-    }
-}
-
-/// Waits for every rank; forwards signals; on the first failure stops the rest.
-fn supervise(ranks: &mut [Rank], signals: &mut Signals, grace: Duration) -> Result<(), DistError> {
-    let mut failure: Option<(usize, String)> = None;
-    let mut kill_at: Option<Instant> = None;
-    let mut stop_others = false;
-    loop {
-        for signal in signals.pending() {
-            let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
-            eprintln!(
-                "[launch] received {}, forwarding it to the ranks",
-                signal.as_str()
-            );
-            terminate(ranks, signal);
-        }
-        for rank in ranks.iter_mut().filter(|r| r.status.is_none()) {
-            let Ok(Some(status)) = rank.child.try_wait() else {
-                continue;
-            };
-            rank.status = Some(status);
-            if !status.success() && failure.is_none() {
-                let what = describe(&status);
-                eprintln!(
-                    "[launch] rank {} (pid {}) {what}; stopping the other ranks",
-                    rank.rank,
-                    rank.child.id()
-                );
-                failure = Some((rank.rank, what));
-                kill_at = Some(Instant::now() + grace);
-                stop_others = true;
-            }
-        }
-        if stop_others {
-            terminate(ranks, Signal::SIGTERM);
-            stop_others = false;
-        }
-        if kill_at.is_some_and(|t| Instant::now() >= t) {
-            eprintln!("[launch] ranks still running {grace:?} after SIGTERM: SIGKILL");
-            terminate(ranks, Signal::SIGKILL);
-            kill_at = None;
-        }
-        if ranks.iter().all(|r| r.status.is_some()) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    match failure {
-        None => Ok(()),
-        Some((rank, what)) => Err(DistError::PeerLost {
-            op: "launch".into(),
-            rank,
-            detail: format!("it {what}; the other ranks were stopped"),
-        }),
-    }
 }
