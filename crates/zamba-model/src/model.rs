@@ -173,10 +173,10 @@ impl MambaMixer {
         ));
 
         // Per head: [dt; B; C] = W_x[h] · x_h   ([H, R+2N, P] · [B, H, P, L]) as one product per
-        // (batch, head), written time-major, [B, H, L, R+2N]: x_h is read once (three products of
-        // R or N rows each spent more time packing x_h than multiplying, and their three
-        // gradients of x_h had to be summed). dt is a transposed view, [B, H, R, L]; B and C are
-        // column slices, [B, H, L, N], the time-major layout the scan reads.
+        // (batch, head), written time-major, [B, H, L, R+2N]: x_h is packed once for all three
+        // outputs, whose rows are few, and its gradient is one product. dt is a transposed view,
+        // [B, H, R, L]; B and C are column slices, [B, H, L, N], the time-major layout the scan
+        // reads.
         let x_heads = x.clone().reshape([batch, h, p, len]);
         let w_x = compute.cast(self.x_proj_weight.val());
         let proj = zamba_kernels::per_head_matmul_transposed(w_x, x_heads);

@@ -75,6 +75,22 @@ pub fn device_for(choice: DeviceChoice, local_rank: usize, precision: Precision)
     Ok(device)
 }
 
+/// Training tokens above which a run on `cube-cpu` is more than a smoke test.
+const CUBE_CPU_SMOKE_TOKENS: u64 = 1 << 16;
+
+/// `cube-cpu` runs the GPU kernels through LLVM on the CPU to verify them: every kernel launch
+/// costs a fraction of a millisecond there, so a run of real length is almost surely a config
+/// mistake (`"cpu"` was meant) — worth a warning, not an error.
+pub fn cube_cpu_warning(choice: DeviceChoice, total_tokens: u64) -> Option<String> {
+    (choice == DeviceChoice::CubeCpu && total_tokens > CUBE_CPU_SMOKE_TOKENS).then(|| {
+        format!(
+            "warning: runtime.device = \"cube-cpu\" trains {total_tokens} tokens; cube-cpu verifies the GPU \
+             kernels on the CPU and runs many times slower than runtime.device = \"cpu\" (docs/performance.md); \
+             use \"cpu\" to train on this machine"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +140,14 @@ mod tests {
             make_device(DeviceChoice::CubeCpu, 0).unwrap(),
             Device::cpu()
         );
+    }
+
+    #[test]
+    fn a_long_cube_cpu_run_is_warned_about_and_a_smoke_test_is_not() {
+        assert!(cube_cpu_warning(DeviceChoice::CubeCpu, CUBE_CPU_SMOKE_TOKENS).is_none());
+        let w = cube_cpu_warning(DeviceChoice::CubeCpu, 614_400).unwrap();
+        assert!(w.contains("614400") && w.contains("\"cpu\""), "{w}");
+        assert!(cube_cpu_warning(DeviceChoice::Cpu, 614_400).is_none());
+        assert!(cube_cpu_warning(DeviceChoice::Cuda(0), 614_400).is_none());
     }
 }

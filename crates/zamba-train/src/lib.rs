@@ -28,6 +28,7 @@ pub mod schema;
 pub mod selftest;
 pub mod shared_dir;
 pub mod signals;
+pub mod step;
 pub mod sweep;
 pub mod tensorboard;
 pub mod train;

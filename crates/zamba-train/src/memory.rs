@@ -79,7 +79,7 @@ pub fn reset_peak_rss() -> bool {
 /// A training step frees and re-allocates the same large activation buffers every step. glibc
 /// serves blocks above its mmap threshold (128 KB, adapting up to 32 MB) with fresh `mmap`s and
 /// unmaps them on free, so every step page-faults its activations in again and the kernel zeroes
-/// each page: a sixth of the step's CPU time in a profile. With mmap off and trimming off, freed
+/// each page (docs/performance.md measures what that costs). With mmap off and trimming off, freed
 /// blocks go back to malloc's free lists and the next step reuses them; the resident size stays
 /// at the step's peak. No effect outside glibc, or when `ZAMBA_RETAIN_FREED_MEMORY=0` (for
 /// measuring what it buys). Call once, before allocating much.

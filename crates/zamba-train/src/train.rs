@@ -4,8 +4,9 @@
 //! [`train`] sets up what is global to the process (threads, the signal handler), finds out which
 //! ranks this process runs (one; one of a launched group; or all of them as threads) and runs
 //! [`run_rank`] for each. `run_rank` reads top to bottom: where the run starts from, then per step
-//! micro-batches → local gradient sum → one bucketed all-reduce → global norm → skip decision →
-//! clip + AdamW → metrics → evaluation if due → checkpoint if due.
+//! the step itself ([`crate::step::train_step`]: micro-batches → local gradient sum → one bucketed
+//! all-reduce → global norm → skip decision → clip + AdamW) → its metrics → evaluation if due →
+//! checkpoint if due.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,13 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
-use zamba_data::{Batch, DataConfig, MixtureLoader};
+use zamba_data::{DataConfig, MixtureLoader};
 use zamba_dist::ReduceOp;
 use zamba_model::params::FlopsPerToken;
-use zamba_model::{Execution, ZambaModel, cross_entropy};
+use zamba_model::{Execution, ZambaModel};
 use zamba_trace::{Category, span, span_with};
 
 use crate::batch::micro_batch;
@@ -27,11 +27,11 @@ use crate::checkpoint::{self, Snapshot, TrainerState};
 use crate::config::Device as DeviceChoice;
 use crate::config::{MAX_THREADS, RunConfig, TrainSection};
 use crate::data_parallel::DataParallel;
-use crate::device::device_for;
+use crate::device::{cube_cpu_warning, device_for};
 use crate::eval;
 use crate::launch::Ranks;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
-use crate::optim::{AdamW, AdamWParams, clip_factor};
+use crate::optim::{AdamW, AdamWParams};
 use crate::peak::TRAINER_PEAK_SHAPES;
 use crate::profile::{self, StepProfiler};
 use crate::rank::RankContext;
@@ -39,6 +39,7 @@ use crate::resume::{self, Start};
 use crate::run_lock::RunLock;
 use crate::shared_dir;
 use crate::signals::StopSignal;
+use crate::step::{StepContext, StepOutcome, StepSettings, train_step};
 
 pub struct TrainOptions {
     pub config: PathBuf,
@@ -58,6 +59,9 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
         .validate()
         .with_context(|| format!("with {} ranks", ranks.world_size()))?;
     set_up_threads(&config)?;
+    if let Some(warning) = cube_cpu_warning(config.runtime.device, config.total_tokens()) {
+        eprintln!("{warning}");
+    }
     let stop = StopSignal::installed()?;
     stop.begin_run(Duration::from_secs_f64(config.dist.signal_grace_s));
     let trained = ranks.run(&config, stop, |comm, local_rank| {
@@ -133,14 +137,8 @@ struct RankRun {
     _lock: Option<RunLock>,
 }
 
-/// What every rank agreed on after a step's gradients were reduced.
-struct StepOutcome {
-    loss: f64,
-    grad_norm: f64,
-    interrupted: bool,
-}
-
-/// The whole run, as one rank.
+/// The whole run, as one rank: per step, the step itself → its record → evaluation if due →
+/// checkpoint if due.
 fn run_rank(
     ctx: &RankContext,
     config: &RunConfig,
@@ -151,127 +149,48 @@ fn run_rank(
         return Ok(());
     };
     stop.training_started();
-    let run_dir = &config.run.dir;
-    let compute = ctx.compute_device();
     let steps = config.train.steps as u64;
-    let tokens_per_step = config.tokens_per_step() as u64;
-    let train_flops = FlopsPerToken::of(config.model_config(), config.data.seq_len).train();
     let progress = progress_bar(
         ctx.is_main() && config.logging.progress,
         steps,
         run.state.step,
     );
-    let run_start = Instant::now();
-    let tokens_at_start = run.state.tokens;
+    let session = Session {
+        start: Instant::now(),
+        tokens_at_start: run.state.tokens,
+    };
     let mut last_loss = f64::NAN;
     let mut profiler = StepProfiler::new(config.train.profile_steps, ctx.rank, run.state.step);
 
     while run.state.step < steps {
         let step = run.state.step;
-        let lr = config.lr(step as usize);
-        profiler.before_step(step, &compute);
+        profiler.before_step(step, &ctx.compute_device());
         let step_span = span_with(Category::Step, || format!("step {step}"));
-        let t0 = Instant::now();
+        let started = Instant::now();
 
-        // Micro-batches → this rank's gradient sum → one bucketed all-reduce (ZeRO-1:
-        // reduce-scatter) → one more of [loss, partial sum of squares, stop request], so that
-        // every rank takes the same decisions from here on.
-        let batch = span(Category::Data, "next batch").run(|| run.loader.next_batch())?;
-        let (grads, loss_sum) = local_gradients(&run.model, &batch, config, &ctx.device);
-        let (grads, sum_squares) = run
-            .dp
-            .reduce_gradients(grads, ctx.comm.as_ref(), &compute)?;
-        let agreed = agree_on_step(ctx, loss_sum, sum_squares, stop)?;
-
-        let skip = skip_reason(
-            agreed.loss,
-            agreed.grad_norm,
-            &run.state.loss_window,
-            &config.train,
-        );
-        if let Some(reason) = &skip {
-            count_skip(&mut run.state, reason, config, &progress)?;
-        } else {
-            let scale = clip_factor(agreed.grad_norm, config.optimizer.clip_grad_norm);
-            run.model = run.dp.update(
-                run.model,
-                &mut run.optimizer,
-                grads,
-                lr,
-                scale,
-                ctx.comm.as_ref(),
-                &compute,
-            )?;
-            run.state.consecutive_skips = 0;
-            push_window(
-                &mut run.state.loss_window,
-                agreed.loss,
-                config.train.spike_window,
-            );
-            last_loss = agreed.loss;
+        let outcome;
+        (run, outcome) = run.step(ctx, config, stop, &progress)?;
+        if outcome.skipped.is_none() {
+            last_loss = outcome.loss;
         }
-        run.state.step += 1;
-        run.state.tokens += tokens_per_step;
-        run.state.optimizer_step = run.optimizer.step;
-        run.state.loader = run.loader.state();
-        run.state.world_size = ctx.world_size;
-
-        let tok_s = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
-        let gflops_per_rank = train_flops * tok_s / 1e9 / ctx.world_size as f64;
-        if let Some(metrics) = &mut run.metrics {
-            let record = StepRecord {
-                step,
-                tokens: run.state.tokens,
-                loss: finite(agreed.loss),
-                lr,
-                grad_norm: finite(agreed.grad_norm),
-                tokens_per_sec: Some(tok_s),
-                gflops: Some(gflops_per_rank),
-                mfu: run.mfu_peak.map(|peak| gflops_per_rank / peak),
-                skipped: skip.is_some(),
-                world_size: ctx.world_size,
-            };
-            metrics.step(&record, run.state.step == steps)?;
+        record_step(ctx, config, &mut run, &outcome, started, &progress)?;
+        if eval_due(config, run.state.step) && !outcome.interrupted {
+            evaluate_and_record(ctx, config, &mut run, &progress)?;
         }
-        progress.set_position(run.state.step);
-        progress.set_message(format!(
-            "loss {:.4} lr {lr:.2e} {tok_s:.0} tok/s",
-            agreed.loss
-        ));
-
-        let every = config.eval.every as u64;
-        let eval_due = every > 0 && (run.state.step % every == 0 || run.state.step == steps);
-        if eval_due && !agreed.interrupted {
-            let losses = evaluate(ctx, &run.model, &run.loader, config)?;
-            if let Some(metrics) = &mut run.metrics
-                && !losses.is_empty()
-            {
-                progress.println(format!("step {step}: eval {}", describe_losses(&losses)));
-                let tokens = run.state.tokens;
-                metrics.eval(&EvalRecord {
-                    step,
-                    tokens,
-                    loss: losses,
-                })?;
-            }
-        }
-
-        let every = config.checkpoint.every as u64;
-        if agreed.interrupted
-            || run.state.step == steps
-            || (every > 0 && run.state.step % every == 0)
-        {
+        if outcome.interrupted || checkpoint_due(config, run.state.step) {
             let _shield = stop.shield();
             save_checkpoint(ctx, config, &run, &progress)?;
         }
+
         drop(step_span);
-        if let Some((path, trace)) = profiler.after_step(step, agreed.interrupted, run_dir)?
+        if let Some((path, trace)) =
+            profiler.after_step(step, outcome.interrupted, &config.run.dir)?
             && ctx.is_main()
         {
             // Printed even without a progress bar: it says where the trace is.
             progress.suspend(|| eprintln!("{}", profile::describe(&path, &trace)));
         }
-        if agreed.interrupted {
+        if outcome.interrupted {
             progress.abandon_with_message("interrupted");
             if ctx.is_main() {
                 eprintln!(
@@ -283,19 +202,167 @@ fn run_rank(
     }
     progress.finish();
     if ctx.is_main() {
-        metrics::mark_done(run_dir, run.state.step)?;
-        let elapsed = run_start.elapsed().as_secs_f64();
-        eprintln!(
-            "done: {} steps, {} tokens, final train loss {last_loss:.4}, {} skipped updates, {:.0} tokens/s this session \
-             ({} rank(s)); metrics in {}",
-            run.state.step,
-            run.state.tokens,
-            run.state.total_skips,
-            (run.state.tokens - tokens_at_start) as f64 / elapsed.max(1e-9),
-            ctx.world_size,
-            run_dir.join(metrics::METRICS_FILE).display()
-        );
+        report_done(ctx, config, &run.state, last_loss, &session)?;
     }
+    Ok(())
+}
+
+impl RankRun {
+    /// One optimizer step on the loader's next global batch (this rank's rows), then the
+    /// trainer state's bookkeeping. The model moves through the step (no second reference to
+    /// its parameters), so the update can reuse their buffers.
+    fn step(
+        mut self,
+        ctx: &RankContext,
+        config: &RunConfig,
+        stop: &StopSignal,
+        progress: &ProgressBar,
+    ) -> Result<(Self, StepOutcome)> {
+        let batch = span(Category::Data, "next batch").run(|| self.loader.next_batch())?;
+        let micro = config.batch.micro_batch;
+        let micro_batches = (0..config.grad_accum_steps())
+            .map(|m| micro_batch(&batch, m * micro, micro, &ctx.device));
+        let compute = ctx.compute_device();
+        let step_ctx = StepContext {
+            comm: ctx.comm.as_ref(),
+            device: &ctx.device,
+            compute: &compute,
+            dp: &self.dp,
+        };
+        let loss_window = &self.state.loss_window;
+        let settings = StepSettings {
+            lr: config.lr(self.state.step as usize),
+            clip_grad_norm: config.optimizer.clip_grad_norm,
+            skip: &|loss, grad_norm| skip_reason(loss, grad_norm, loss_window, &config.train),
+            stop: Some(stop),
+        };
+        let (model, outcome) = train_step(
+            self.model,
+            &mut self.optimizer,
+            micro_batches,
+            &step_ctx,
+            &settings,
+            &mut (),
+        )?;
+        self.model = model;
+        match &outcome.skipped {
+            Some(reason) => count_skip(&mut self.state, reason, config, progress)?,
+            None => {
+                self.state.consecutive_skips = 0;
+                push_window(
+                    &mut self.state.loss_window,
+                    outcome.loss,
+                    config.train.spike_window,
+                );
+            }
+        }
+        self.state.step += 1;
+        self.state.tokens += config.tokens_per_step() as u64;
+        self.state.optimizer_step = self.optimizer.step;
+        self.state.loader = self.loader.state();
+        self.state.world_size = ctx.world_size;
+        Ok((self, outcome))
+    }
+}
+
+/// When this process's part of the run started, for its tokens/s.
+struct Session {
+    start: Instant,
+    tokens_at_start: u64,
+}
+
+/// The step's metrics record (rank 0) and progress line; `run.state.step` is already the next.
+fn record_step(
+    ctx: &RankContext,
+    config: &RunConfig,
+    run: &mut RankRun,
+    outcome: &StepOutcome,
+    started: Instant,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let step = run.state.step - 1;
+    let lr = config.lr(step as usize);
+    let tok_s = config.tokens_per_step() as f64 / started.elapsed().as_secs_f64();
+    let train_flops = FlopsPerToken::of(config.model_config(), config.data.seq_len).train();
+    let gflops_per_rank = train_flops * tok_s / 1e9 / ctx.world_size as f64;
+    if let Some(metrics) = &mut run.metrics {
+        let record = StepRecord {
+            step,
+            tokens: run.state.tokens,
+            loss: finite(outcome.loss),
+            lr,
+            grad_norm: finite(outcome.grad_norm),
+            tokens_per_sec: Some(tok_s),
+            gflops: Some(gflops_per_rank),
+            mfu: run.mfu_peak.map(|peak| gflops_per_rank / peak),
+            skipped: outcome.skipped.is_some(),
+            world_size: ctx.world_size,
+        };
+        metrics.step(&record, run.state.step == config.train.steps as u64)?;
+    }
+    progress.set_position(run.state.step);
+    progress.set_message(format!(
+        "loss {:.4} lr {lr:.2e} {tok_s:.0} tok/s",
+        outcome.loss
+    ));
+    Ok(())
+}
+
+/// Whether evaluation runs after the step that made `done` steps: every `eval.every`, and last.
+fn eval_due(config: &RunConfig, done: u64) -> bool {
+    let every = config.eval.every as u64;
+    every > 0 && (done.is_multiple_of(every) || done == config.train.steps as u64)
+}
+
+/// Whether a checkpoint is written after the step that made `done` steps.
+fn checkpoint_due(config: &RunConfig, done: u64) -> bool {
+    let every = config.checkpoint.every as u64;
+    done == config.train.steps as u64 || (every > 0 && done.is_multiple_of(every))
+}
+
+/// Held-out losses (every rank takes part), recorded by rank 0.
+fn evaluate_and_record(
+    ctx: &RankContext,
+    config: &RunConfig,
+    run: &mut RankRun,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let losses = evaluate(ctx, &run.model, &run.loader, config)?;
+    if let Some(metrics) = &mut run.metrics
+        && !losses.is_empty()
+    {
+        let step = run.state.step - 1;
+        progress.println(format!("step {step}: eval {}", describe_losses(&losses)));
+        metrics.eval(&EvalRecord {
+            step,
+            tokens: run.state.tokens,
+            loss: losses,
+        })?;
+    }
+    Ok(())
+}
+
+/// Rank 0's end of a finished run: the completion marker and one summary line.
+fn report_done(
+    ctx: &RankContext,
+    config: &RunConfig,
+    state: &TrainerState,
+    last_loss: f64,
+    session: &Session,
+) -> Result<()> {
+    let run_dir = &config.run.dir;
+    metrics::mark_done(run_dir, state.step)?;
+    let elapsed = session.start.elapsed().as_secs_f64();
+    eprintln!(
+        "done: {} steps, {} tokens, final train loss {last_loss:.4}, {} skipped updates, {:.0} tokens/s this session \
+         ({} rank(s)); metrics in {}",
+        state.step,
+        state.tokens,
+        state.total_skips,
+        (state.tokens - session.tokens_at_start) as f64 / elapsed.max(1e-9),
+        ctx.world_size,
+        run_dir.join(metrics::METRICS_FILE).display()
+    );
     Ok(())
 }
 
@@ -474,65 +541,6 @@ fn mfu_peak(config: &RunConfig) -> Option<f64> {
     }
 }
 
-/// This rank's micro-batches, forward and backward: the summed gradients and the summed loss
-/// (on the device: no host sync per micro-batch). Each loss is the micro-batch mean divided by
-/// the rank's number of micro-batches, so the sum is the gradient of this rank's rows' mean
-/// loss; averaged over ranks it is the gradient of the global batch's mean loss.
-fn local_gradients(
-    model: &ZambaModel,
-    batch: &Batch,
-    config: &RunConfig,
-    device: &Device,
-) -> (GradientsParams, Tensor<1>) {
-    let micro = config.batch.micro_batch;
-    let accum = config.grad_accum_steps();
-    let mut accumulator = GradientsAccumulator::new();
-    let mut loss_sum = Tensor::<1>::zeros([1], &device.clone().without_autodiff());
-    for m in 0..accum {
-        let (inputs, targets) = micro_batch(batch, m * micro, micro, device);
-        let logits =
-            span_with(Category::Forward, || format!("forward {m}")).run(|| model.forward(inputs));
-        let loss = cross_entropy(logits, targets) / accum as f64;
-        loss_sum = loss_sum + loss.clone().inner().reshape([1]);
-        let grads =
-            span_with(Category::Backward, || format!("backward {m}")).run(|| loss.backward());
-        let _accumulate = span(Category::Gradients, "accumulate gradients");
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
-    }
-    (accumulator.grads(), loss_sum)
-}
-
-/// One all-reduce of [this rank's loss, its partial sum of squared gradients, its stop request]
-/// and one host read: the global batch's loss, the global gradient norm, and whether any rank
-/// was asked to stop (SIGINT/SIGTERM).
-fn agree_on_step(
-    ctx: &RankContext,
-    loss_sum: Tensor<1>,
-    sum_squares: Tensor<1>,
-    stop: &StopSignal,
-) -> Result<StepOutcome> {
-    let _span = span(
-        Category::Communication,
-        "agree on loss, gradient norm, stop",
-    );
-    let device = ctx.compute_device();
-    let stop_requested = f32::from(stop.requested());
-    let control = Tensor::cat(
-        vec![
-            loss_sum,
-            sum_squares,
-            Tensor::from_floats([stop_requested], &device),
-        ],
-        0,
-    );
-    let [loss, sum_squares, stops] = host_values(ctx.comm.all_reduce(control, ReduceOp::Sum)?);
-    Ok(StepOutcome {
-        loss: loss / ctx.world_size as f64,
-        grad_norm: sum_squares.sqrt(),
-        interrupted: stops > 0.0,
-    })
-}
-
 /// Counts a skipped update; too many in a row end the run.
 fn count_skip(
     state: &mut TrainerState,
@@ -628,11 +636,6 @@ fn describe_losses(losses: &BTreeMap<String, Option<f64>>) -> String {
 }
 
 /// The values of a small tensor on the host (one device sync).
-fn host_values<const N: usize>(t: Tensor<1>) -> [f64; N] {
-    let values = t.into_data().try_into_vec_as::<f32>().expect("f32 values");
-    std::array::from_fn(|i| values[i] as f64)
-}
-
 /// Why the update of a step must be skipped, if it must.
 /// The spike test needs a full window of `spike_window` recent losses.
 fn skip_reason(loss: f64, grad_norm: f64, window: &[f64], train: &TrainSection) -> Option<String> {

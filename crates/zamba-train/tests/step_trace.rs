@@ -262,10 +262,10 @@ fn bench_model_traces_one_step_layer_by_layer() {
         .map(|e| e.name.as_str())
         .collect();
     assert_eq!(roots, ["step"]);
-    let forward = index_of(&events, "forward");
+    let forward = index_of(&events, "forward 0");
     let order: Vec<String> = LAYERS.iter().map(|l| l.to_string()).collect();
     assert_layers(&events, forward, &order, "scan forward");
-    let backward = index_of(&events, "backward");
+    let backward = index_of(&events, "backward 0");
     let reversed: Vec<String> = LAYERS
         .iter()
         .rev()

@@ -18,6 +18,7 @@ use zamba_model::Precision;
 use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::optim::AdamWParams;
 use zamba_train::peak::{PEAK_SHAPES, PeakReport, measure_f32_peak};
+use zamba_train::step::StepSettings;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -212,6 +213,14 @@ fn random_batch(
         tokens.slice([0..rows, 1..seq_len + 1]),
     )
 }
+
+/// The benchmark's step: a fixed LR, no clipping, no skipping, no stop requests.
+pub(super) const BENCH_STEP: StepSettings<'static> = StepSettings {
+    lr: 1e-4,
+    clip_grad_norm: 0.0,
+    skip: &|_, _| None,
+    stop: None,
+};
 
 /// The AdamW hyper-parameters of the benchmarked steps (the quickstart's).
 fn bench_adamw() -> AdamWParams {

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor};
 use clap::Args;
 use zamba_dist::DistOptions;
@@ -15,16 +14,16 @@ use zamba_model::memory::ActivationMemory;
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
-    cross_entropy,
 };
 use zamba_trace::{Capture, Category, span};
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::memory;
 use zamba_train::optim::AdamW;
+use zamba_train::step::{StepContext, StepEvent, StepObserver, train_step};
 
 use super::scan::{ScanShape, scan_times};
-use super::{Machine, bench_adamw, load_average, random_batch, sync, time};
+use super::{BENCH_STEP, Machine, bench_adamw, load_average, random_batch, sync, time};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -159,6 +158,13 @@ fn train_steps(
         .expect("a group of one");
     let dp = DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1);
     let mut optimizer = AdamW::new(bench_adamw());
+    let device = inputs.device();
+    let ctx = StepContext {
+        comm: comm.as_ref(),
+        device: &device,
+        compute,
+        dp: &dp,
+    };
     let (mut grads_time, mut update_time) = (Duration::ZERO, Duration::ZERO);
     let mut heap = HeapUse::default();
     let mut split = None;
@@ -169,24 +175,15 @@ fn train_steps(
         });
         let step_span = span(Category::Step, "step");
         memory::reset_peak();
-        let (live_before, _) = memory::heap();
-        let t = Instant::now();
-        let logits = span(Category::Forward, "forward").run(|| model.forward(inputs.clone()));
-        let loss = cross_entropy(logits, targets.clone());
-        let activations = memory::heap().0.saturating_sub(live_before);
-        let grads = span(Category::Backward, "backward").run(|| loss.backward());
-        let grads = GradientsParams::from_grads(grads, &model);
-        sync(compute);
-        let backward_done = Instant::now();
-        let (grads, _) = dp.reduce_gradients(grads, comm.as_ref(), compute)?;
-        model = dp.update(
+        let mut probe = StepProbe::new(compute);
+        let micro_batches = std::iter::once((inputs.clone(), targets.clone()));
+        (model, _) = train_step(
             model,
             &mut optimizer,
-            grads,
-            1e-4,
-            1.0,
-            comm.as_ref(),
-            compute,
+            micro_batches,
+            &ctx,
+            &BENCH_STEP,
+            &mut probe,
         )?;
         sync(compute);
         let done = Instant::now();
@@ -194,12 +191,12 @@ fn train_steps(
         if let (Some(capture), Some(path)) = (capture, trace) {
             split = Some(write_trace(capture, path)?);
         } else if step > 0 {
-            grads_time += backward_done - t;
-            update_time += done - backward_done;
+            grads_time += probe.backward_done - probe.start;
+            update_time += done - probe.backward_done;
             heap = heap.max(HeapUse {
-                activations,
-                peak_over_start: memory::heap().1.saturating_sub(live_before),
-                start: live_before,
+                activations: probe.activations,
+                peak_over_start: memory::heap().1.saturating_sub(probe.live_before),
+                start: probe.live_before,
             });
         }
     }
@@ -211,6 +208,45 @@ fn train_steps(
         heap,
     };
     Ok((model, measured))
+}
+
+/// The clock and heap probe of one benchmark step: the heap the forward leaves for the backward
+/// (the activations), and when the gradients are done (the device synchronised).
+struct StepProbe<'a> {
+    compute: &'a Device,
+    live_before: usize,
+    start: Instant,
+    activations: usize,
+    backward_done: Instant,
+}
+
+impl<'a> StepProbe<'a> {
+    fn new(compute: &'a Device) -> Self {
+        let now = Instant::now();
+        Self {
+            compute,
+            live_before: memory::heap().0,
+            start: now,
+            activations: 0,
+            backward_done: now,
+        }
+    }
+}
+
+impl StepObserver for StepProbe<'_> {
+    fn observe(&mut self, event: StepEvent) -> Result<()> {
+        match event {
+            StepEvent::Forward { .. } => {
+                self.activations = memory::heap().0.saturating_sub(self.live_before);
+            }
+            StepEvent::Gradients => {
+                sync(self.compute);
+                self.backward_done = Instant::now();
+            }
+            StepEvent::Reduced | StepEvent::Updated => {}
+        }
+        Ok(())
+    }
 }
 
 /// Writes the traced step to `path`, prints its time split and returns it as JSON: the seconds

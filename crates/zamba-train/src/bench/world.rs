@@ -6,15 +6,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
-use zamba_dist::{Communicator, DistOptions, ReduceOp};
+use burn::tensor::Device;
+use zamba_dist::{Communicator, DistOptions};
 use zamba_model::params::FlopsPerToken;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
+use zamba_model::{RandomInit, ZambaConfig, ZambaModel};
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::optim::AdamW;
+use zamba_train::step::{StepContext, StepEvent, StepObserver, train_step};
 
-use super::{bench_adamw, random_batch};
+use super::{BENCH_STEP, bench_adamw, random_batch};
 
 /// Time per step on rank 0, split into its parts.
 #[derive(Default, Clone, Copy)]
@@ -121,28 +121,29 @@ fn rank_steps(
     let mut optimizer = AdamW::new(bench_adamw());
     device.seed(comm.rank() as u64);
     let (inputs, targets) = random_batch(rows, seq_len, config.vocab_size, &device);
+    let ctx = StepContext {
+        comm,
+        device: &device,
+        compute: &compute,
+        dp: &dp,
+    };
     let mut total = StepTimes::default();
     for step in 0..=steps {
         comm.barrier()?;
-        let t0 = Instant::now();
-        let loss = cross_entropy(model.forward(inputs.clone()), targets.clone());
-        let loss_value = loss.clone().inner().reshape([1]);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let _ = loss_value.clone().into_data();
-        let t1 = Instant::now();
-        let (grads, sum_squares) = dp.reduce_gradients(grads, comm, &compute)?;
-        let control =
-            comm.all_reduce(Tensor::cat(vec![loss_value, sum_squares], 0), ReduceOp::Sum)?;
-        let _ = control.into_data();
-        let t2 = Instant::now();
-        model = dp.update(model, &mut optimizer, grads, 1e-4, 1.0, comm, &compute)?;
-        // Finish the update's work before stopping the clock (Burn's CPU ops run eagerly).
-        comm.barrier()?;
-        let t3 = Instant::now();
+        let mut clock = RankClock::new(comm);
+        let micro_batches = std::iter::once((inputs.clone(), targets.clone()));
+        (model, _) = train_step(
+            model,
+            &mut optimizer,
+            micro_batches,
+            &ctx,
+            &BENCH_STEP,
+            &mut clock,
+        )?;
         if step > 0 {
-            total.compute += t1 - t0;
-            total.sync += t2 - t1;
-            total.update += t3 - t2;
+            total.compute += clock.gradients - clock.start;
+            total.sync += clock.reduced - clock.gradients;
+            total.update += clock.updated - clock.reduced;
         }
     }
     let n = steps.max(1) as u32;
@@ -151,4 +152,42 @@ fn rank_steps(
         sync: total.sync / n,
         update: total.update / n,
     })
+}
+
+/// When a rank's step passed its points; the update ends at a barrier, so that its time
+/// includes the slowest rank's (Burn's CPU ops run eagerly: no device to synchronise).
+struct RankClock<'a> {
+    comm: &'a dyn Communicator,
+    start: Instant,
+    gradients: Instant,
+    reduced: Instant,
+    updated: Instant,
+}
+
+impl<'a> RankClock<'a> {
+    fn new(comm: &'a dyn Communicator) -> Self {
+        let now = Instant::now();
+        Self {
+            comm,
+            start: now,
+            gradients: now,
+            reduced: now,
+            updated: now,
+        }
+    }
+}
+
+impl StepObserver for RankClock<'_> {
+    fn observe(&mut self, event: StepEvent) -> Result<()> {
+        match event {
+            StepEvent::Forward { .. } => {}
+            StepEvent::Gradients => self.gradients = Instant::now(),
+            StepEvent::Reduced => self.reduced = Instant::now(),
+            StepEvent::Updated => {
+                self.comm.barrier()?;
+                self.updated = Instant::now();
+            }
+        }
+        Ok(())
+    }
 }
