@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
+use zamba_train::memory_plan::Fit;
 use zamba_train::train::{TrainOptions, train};
 
 /// Counts heap bytes for the memory figures of `bench model` (and anything else that asks).
@@ -127,6 +128,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
     if args.dry_run {
         let resolved = RunConfig::load(&config, &args.overrides)?;
         println!("{}", resolved.summary());
+        // Refused here as the trainer would refuse it, before anything is written.
+        Fit::of(&resolved, resolved.runtime.world_size).check(&resolved)?;
         std::fs::create_dir_all(&resolved.run.dir)?;
         let plot = resolved.run.dir.join("lr_schedule.svg");
         zamba_train::plot::plot_schedule(&resolved.schedule, resolved.train.steps, &plot)?;
@@ -172,6 +175,7 @@ fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
             config
                 .validate()
                 .with_context(|| format!("{} with {world} ranks", path.display()))?;
+            Fit::of(&config, args.nproc_per_node).check(&config)?;
             capacity
         }
         // Not a training run: whatever the node has most of.
