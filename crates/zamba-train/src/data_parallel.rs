@@ -592,10 +592,9 @@ impl DataParallel {
         }
         if optimizer.master.is_empty() {
             for (segment, value) in self.segments.iter().zip(self.segment_values(&model)) {
-                // A copy: a segment is a view that would keep its whole f32 parameter alive.
                 let master = Master {
                     range: segment.range.clone(),
-                    value: Tensor::from_data(value.into_data(), device),
+                    value: own_buffer(value),
                 };
                 optimizer
                     .master
@@ -652,10 +651,12 @@ impl DataParallel {
         Tensor::cat(parts, 0)
     }
 
+    /// Each parameter of `bucket` out of its flat buffer `full`, in a buffer of its own.
     fn split_into(&self, bucket: &Bucket, full: Tensor<1>, out: &mut HashMap<ParamId, Tensor<1>>) {
         for (s, &offset) in bucket.slots.clone().zip(&bucket.offsets) {
             let slot = &self.slots[s];
-            out.insert(slot.id, full.clone().slice(offset..offset + slot.numel));
+            let value = full.clone().slice(offset..offset + slot.numel);
+            out.insert(slot.id, own_buffer(value));
         }
     }
 }
@@ -723,6 +724,14 @@ fn set_values<M: Module>(model: M, values: HashMap<ParamId, Tensor<1>>) -> M {
         }
     }
     model.map(&mut Setter(values))
+}
+
+/// The values of `t` (a slice of a larger tensor) in a buffer of their own. A slice shares its
+/// base's buffer: kept as a parameter or as master weights it would keep all of the base alive,
+/// and an in-place update of it (the fused AdamW on the CPU) would first copy all of the base.
+fn own_buffer(t: Tensor<1>) -> Tensor<1> {
+    // An operation's output is a new buffer of the slice's size; multiplying by 1 is exact.
+    t.mul_scalar(1.0)
 }
 
 /// `t` in `dtype` (unchanged if it already is).

@@ -1,7 +1,8 @@
 //! Memory per rank that the dry run can be trusted on: the estimate's arithmetic against a hand
-//! computation, the shipped 7B configs fitting an 80 GB GPU with headroom, and a run that
-//! cannot fit refused — by `--dry-run` and by the trainer — with what to change, before anything
-//! is written.
+//! computation, the shipped 7B configs (and every starter) fitting an 80 GB GPU with headroom, a
+//! run that cannot fit refused — by `--dry-run` and by the trainer — with what to change, before
+//! anything is written, and `bench model --world` measuring each rank's state on the heap
+//! within the estimate.
 
 mod common;
 
@@ -214,4 +215,45 @@ fn every_presets_starter_fits_an_80_gb_device() {
         fit.check(&c)
             .unwrap_or_else(|e| panic!("the {preset} starter: {e:#}"));
     }
+}
+
+#[test]
+fn bench_model_world_measures_each_ranks_state_within_the_estimate() {
+    let out = Command::new(BIN)
+        .args(["bench", "model", "--preset", "zamba-tiny", "--world", "2"])
+        .args(["--batch", "2", "--seq-len", "32", "--steps", "1"])
+        .args(["--zero", "--precision", "bf16"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("training state per rank"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    // World 2 under ZeRO-1 in bf16: master weights and moments halved, parameters and gradients
+    // not; each line's measured and estimated MB agree within the stated tolerance.
+    assert!(
+        lines[1].contains("world 2") && lines[1].contains("tolerance ±5%"),
+        "{stdout}"
+    );
+    for line in &lines {
+        let (measured, estimate) = (mb_of(line, "per rank "), mb_of(line, "estimate "));
+        assert!((measured / estimate - 1.0).abs() <= 0.05, "{line}");
+    }
+    let master = |line| mb_of(line, "master weights ");
+    assert!(
+        (master(lines[0]) - 2.0 * master(lines[1])).abs() <= 0.1,
+        "{stdout}"
+    );
+}
+
+fn mb_of(line: &str, after: &str) -> f64 {
+    let rest = &line[line.find(after).unwrap() + after.len()..];
+    rest.split_whitespace().next().unwrap().parse().unwrap()
 }
