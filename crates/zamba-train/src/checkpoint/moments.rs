@@ -224,7 +224,7 @@ pub fn check(checkpoint: &Path, numel: &HashMap<&str, usize>, expect_all: bool) 
 
 /// The optimizer state of `wanted` (parameter path → element range) read from every part in
 /// `checkpoint`: AdamW moments, and master weights where the parts hold them.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct OptimizerState {
     pub moments: BTreeMap<String, Moments>,
     pub master: BTreeMap<String, Master>,
