@@ -72,7 +72,7 @@ impl<'de> serde::Deserialize<'de> for Sharding {
             0 => Ok(Sharding::Replicated),
             1 => Ok(Sharding::Zero1),
             other => Err(serde::de::Error::custom(format!(
-                "ZeRO stage {other} is not supported; expected 0 (every rank keeps all AdamW moments) or 1 (ZeRO-1)"
+                "ZeRO stage {other} is not supported; expected 0 (every rank keeps all optimizer state) or 1 (ZeRO-1: the optimizer state divided over the ranks)"
             ))),
         }
     }

@@ -462,3 +462,18 @@ fn bf16_gradient_transport_trains_within_bf16_tolerance_of_f32_transport() {
         "dist.grad_reduce_dtype = \"bf16\" changed nothing"
     );
 }
+
+#[test]
+fn an_unknown_gradient_transport_is_refused_naming_the_choices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run.toml");
+    std::fs::write(&path, common::MINIMAL_RUN).unwrap();
+    let set = vec!["dist.grad_reduce_dtype=f16".to_string()];
+    let e = zamba_train::config::RunConfig::load(&path, &set).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("dist.grad_reduce_dtype"), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("f16") && text.contains("bf16") && text.contains("f32"),
+        "{text}"
+    );
+}
