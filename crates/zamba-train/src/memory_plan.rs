@@ -311,7 +311,7 @@ fn smaller_micro_batch(c: &RunConfig, usable: f64) -> Option<usize> {
     let per_rank = c.global_sequences() / c.runtime.world_size.max(1);
     let valid: Vec<usize> = (1..c.batch.micro_batch)
         .rev()
-        .filter(|m| per_rank % m == 0)
+        .filter(|m| per_rank.is_multiple_of(*m))
         .collect();
     let fits = |m: usize| {
         let choices = MemoryChoices {

@@ -309,9 +309,12 @@ impl Parts {
     }
 }
 
+/// Each parameter path's `[start, end, numel]` in a part.
+type Ranges = BTreeMap<String, [usize; 3]>;
+
 /// Every parameter's range in a part (metadata `ranges`), and which tensors it holds per range
 /// (metadata `contents`).
-fn metadata_of(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, [usize; 3]>, Vec<String>)> {
+fn metadata_of(path: &Path, bytes: &[u8]) -> Result<(Ranges, Vec<String>)> {
     let (_, metadata) = SafeTensors::read_metadata(bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let metadata = metadata.metadata().as_ref();
@@ -329,7 +332,7 @@ fn metadata_of(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, [usize; 3]
     Ok((ranges, contents))
 }
 
-fn ranges_of(path: &Path, text: Option<&String>) -> Result<BTreeMap<String, [usize; 3]>> {
+fn ranges_of(path: &Path, text: Option<&String>) -> Result<Ranges> {
     let text = text.with_context(|| {
         format!(
             "{}: no `{RANGES_KEY}` metadata; not an optimizer part",
