@@ -12,6 +12,15 @@ use zamba_model::param_table::param_table;
 use zamba_model::params::{ParamCounts, conv_flops_per_token, scan_flops_per_token};
 use zamba_model::{ActivationCheckpointing, Precision};
 
+mod gemm;
+mod unfused;
+
+use gemm::{GEMMS, gemm, weight_casts};
+use unfused::{
+    UNFUSED_ADAMW, UNFUSED_ATTENTION, UNFUSED_CROSS_ENTROPY, UNFUSED_GELU_GATE, UNFUSED_RMS_NORM,
+    unfused_conv,
+};
+
 use super::{Kernels, OpClass, Workload};
 use crate::config::DistSection;
 
@@ -134,149 +143,6 @@ impl Shape {
             cast: if bf16 { 6.0 } else { 0.0 },
             config: c.clone(),
         }
-    }
-}
-
-/// A family of products `[t, k] · [k, n]`, `groups` of them per use (per-head weights), `uses`
-/// per step.
-struct Gemm {
-    class: OpClass,
-    groups: fn(&Shape) -> f64,
-    k: fn(&Shape) -> f64,
-    n: fn(&Shape) -> f64,
-    uses: fn(&Shape) -> f64,
-    /// Inside a layer block (recomputed with `"layers"`); the LM head is not.
-    in_block: bool,
-    /// Kernels per forward (in_proj: two halves; q, k, v: three).
-    launches: f64,
-}
-
-const fn one(_: &Shape) -> f64 {
-    1.0
-}
-
-/// The model's products (`zamba_model::model`); their FLOPs sum to `FlopsPerToken::matmul`.
-const GEMMS: [Gemm; 10] = [
-    gemm_family(
-        OpClass::GemmInProj,
-        one,
-        |s| s.d,
-        |s| 2.0 * s.di,
-        |s| s.layers,
-        2.0,
-    ),
-    gemm_family(
-        OpClass::GemmXProj,
-        |s| s.h,
-        |s| s.p,
-        |s| s.r + 2.0 * s.n,
-        |s| s.layers,
-        1.0,
-    ),
-    gemm_family(
-        OpClass::GemmDtProj,
-        |s| s.h,
-        |s| s.r,
-        |s| s.p,
-        |s| s.layers,
-        1.0,
-    ),
-    gemm_family(
-        OpClass::GemmOutProj,
-        one,
-        |s| s.di,
-        |s| s.d,
-        |s| s.layers,
-        1.0,
-    ),
-    gemm_family(
-        OpClass::GemmQkv,
-        one,
-        |s| s.a,
-        |s| s.a + 2.0 * s.kv,
-        |s| s.uses,
-        3.0,
-    ),
-    gemm_family(OpClass::GemmOProj, one, |s| s.a, |s| s.d, |s| s.uses, 1.0),
-    gemm_family(
-        OpClass::GemmGateUp,
-        one,
-        |s| s.d,
-        |s| 2.0 * s.i,
-        |s| s.uses,
-        2.0,
-    ),
-    gemm_family(OpClass::GemmDown, one, |s| s.i, |s| s.d, |s| s.uses, 1.0),
-    gemm_family(
-        OpClass::GemmHybridLinear,
-        one,
-        |s| s.d,
-        |s| s.d,
-        |s| s.uses,
-        1.0,
-    ),
-    Gemm {
-        class: OpClass::GemmHead,
-        groups: one,
-        k: |s| s.d,
-        n: |s| s.v,
-        uses: one,
-        in_block: false,
-        launches: 1.0,
-    },
-];
-
-const fn gemm_family(
-    class: OpClass,
-    groups: fn(&Shape) -> f64,
-    k: fn(&Shape) -> f64,
-    n: fn(&Shape) -> f64,
-    uses: fn(&Shape) -> f64,
-    launches: f64,
-) -> Gemm {
-    Gemm {
-        class,
-        groups,
-        k,
-        n,
-        uses,
-        in_block: true,
-        launches,
-    }
-}
-
-impl Gemm {
-    fn forwards(&self, s: &Shape) -> f64 {
-        if self.in_block { s.forwards } else { 1.0 }
-    }
-
-    /// Weight elements per use.
-    fn weights(&self, s: &Shape) -> f64 {
-        (self.groups)(s) * (self.k)(s) * (self.n)(s)
-    }
-}
-
-/// Forward `Y = X·W`; backward `dX = dY·Wᵀ` and `dW = Xᵀ·dY`, each reading its operands once and
-/// writing its result once. Planned: the weight's bf16 copy is read (made by the optimizer),
-/// `dW` written in f32. Current: the weight is cast per call (see [`weight_casts`]) and `dW`
-/// comes out in the compute type.
-fn gemm(g: &Gemm, s: &Shape, kernels: Kernels) -> OpCost {
-    let (groups, k, n, uses) = ((g.groups)(s), (g.k)(s), (g.n)(s), (g.uses)(s));
-    let forward_flops = 2.0 * s.t * k * n * groups * uses;
-    let forwards = g.forwards(s);
-    let (x, y, weights) = (s.t * k * groups, s.t * n * groups, g.weights(s));
-    let weight_grad = match kernels {
-        Kernels::Planned => 4.0,
-        Kernels::Current => s.e,
-    };
-    let forward_bytes = (x + y) * s.e + weights * s.e;
-    let backward_bytes = (y + x) * s.e + weights * s.e + (x + y) * s.e + weights * weight_grad;
-    OpCost {
-        model_flops: 3.0 * forward_flops,
-        flops: (forwards + 2.0) * forward_flops,
-        bytes: uses * (forwards * forward_bytes + backward_bytes),
-        launches: uses * (forwards * g.launches + 2.0 * g.launches),
-        ..OpCost::new(g.class)
     }
 }
 
@@ -509,21 +375,6 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     }
 }
 
-/// Current kernels in bf16: every product casts its f32 weight to bf16 at each call (each
-/// forward, and each use of the shared block), and the weight gradient back to f32.
-fn weight_casts(s: &Shape, kernels: Kernels) -> OpCost {
-    let mut cost = OpCost::new(OpClass::WeightCasts);
-    if kernels == Kernels::Planned || s.cast == 0.0 {
-        return cost;
-    }
-    for g in &GEMMS {
-        let (uses, forwards) = ((g.uses)(s), g.forwards(s));
-        cost.bytes += uses * (forwards + 1.0) * g.weights(s) * s.cast;
-        cost.launches += uses * (forwards + 1.0);
-    }
-    cost
-}
-
 /// The loss over `[T, V]` logits. Planned: a chunked kernel reading the bf16 logits in the
 /// forward, reading them again and writing their gradient in the backward. Current: Burn's
 /// `log_softmax` on the f32 copy of the logits.
@@ -583,109 +434,3 @@ fn optimizer(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
         ..OpCost::new(OpClass::Optimizer)
     }
 }
-
-/// One direction of an op written as Burn tensor ops: each op one kernel reading its operands
-/// and writing its result. `volumes`: tensors of the op's main shape read + written.
-struct Passes {
-    volumes: f64,
-    kernels: f64,
-}
-
-/// An op of today's Cube path, forward and backward (autodiff of the same ops).
-struct Unfused {
-    forward: Passes,
-    backward: Passes,
-}
-
-impl Unfused {
-    /// `(volumes, kernels)` of `forwards` forwards and one backward.
-    fn per_step(&self, forwards: f64) -> (f64, f64) {
-        (
-            forwards * self.forward.volumes + self.backward.volumes,
-            forwards * self.forward.kernels + self.backward.kernels,
-        )
-    }
-}
-
-/// `x / sqrt(mean(x²) + eps) · γ`: square (2 volumes), mean (1), div (2), mul (2), and two ops on
-/// per-row scalars. Backward: the gradients of the mul (into x̂ and γ: 6), the div (into x and
-/// the rms: 10), the mean's broadcast (1), the square (5), the sum of x's two paths (3).
-const UNFUSED_RMS_NORM: Unfused = Unfused {
-    forward: Passes {
-        volumes: 7.0,
-        kernels: 6.0,
-    },
-    backward: Passes {
-        volumes: 25.0,
-        kernels: 14.0,
-    },
-};
-
-/// Zero padding and `cat` (2), per tap a shifted multiply and an add (5), SiLU as a sigmoid and a
-/// multiply (5). Backward: SiLU (16), per tap the product's two gradients, the slice's scatter
-/// into the padded gradient and its sum (12), the `cat`'s slice and the bias sum (3).
-fn unfused_conv(taps: f64) -> Unfused {
-    Unfused {
-        forward: Passes {
-            volumes: 7.0 + 5.0 * taps,
-            kernels: 4.0 + 2.0 * taps,
-        },
-        backward: Passes {
-            volumes: 19.0 + 12.0 * taps,
-            kernels: 8.0 + 5.0 * taps,
-        },
-    }
-}
-
-/// `gelu(g) · u` with GELU as `x · (1 + erf(x / √2)) / 2` (5 ops, 11 volumes) and the product
-/// (3); backward: GELU's derivative (~10 ops, 25) and the product's two gradients (6).
-const UNFUSED_GELU_GATE: Unfused = Unfused {
-    forward: Passes {
-        volumes: 14.0,
-        kernels: 6.0,
-    },
-    backward: Passes {
-        volumes: 31.0,
-        kernels: 12.0,
-    },
-};
-
-/// `log_softmax` (max, subtract, exp, sum, log, subtract: 8 volumes) and the target pick; backward:
-/// the pick's scatter into zeros (2), the sums' broadcasts and the exp's gradient (8).
-const UNFUSED_CROSS_ENTROPY: Unfused = Unfused {
-    forward: Passes {
-        volumes: 8.0,
-        kernels: 6.0,
-    },
-    backward: Passes {
-        volumes: 10.0,
-        kernels: 7.0,
-    },
-};
-
-/// Burn's attention on materialised scores, in volumes of `[B, heads, L, L]`: the scores written
-/// by `QKᵀ`, scaled (2), masked (2 and the mask), softmax (max, subtract, exp, sum, divide: 8),
-/// read by `·V`. Backward: `dP` written, read by `dV`'s product, the softmax's gradient (6), the
-/// mask's and the scale's (4), read by `dQ`'s and `dK`'s products.
-const UNFUSED_ATTENTION: Unfused = Unfused {
-    forward: Passes {
-        volumes: 14.0,
-        kernels: 8.0,
-    },
-    backward: Passes {
-        volumes: 14.0,
-        kernels: 14.0,
-    },
-};
-
-/// AdamW per tensor as 16 Burn ops on f32 (36 volumes of the tensor), no backward.
-const UNFUSED_ADAMW: Unfused = Unfused {
-    forward: Passes {
-        volumes: 36.0,
-        kernels: 16.0,
-    },
-    backward: Passes {
-        volumes: 0.0,
-        kernels: 0.0,
-    },
-};
