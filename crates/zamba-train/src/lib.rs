@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod cost_model;
 pub mod data_parallel;
 pub mod device;
 pub mod eval;
