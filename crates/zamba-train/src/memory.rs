@@ -79,10 +79,10 @@ pub fn reset_peak_rss() -> bool {
 /// A training step frees and re-allocates the same large activation buffers every step. glibc
 /// serves blocks above its mmap threshold (128 KB, adapting up to 32 MB) with fresh `mmap`s and
 /// unmaps them on free, so every step page-faults its activations in again and the kernel zeroes
-/// each page: a sixth of the step's CPU time in a profile. With mmap off and trimming off, freed
-/// blocks go back to malloc's free lists and the next step reuses them; the resident size stays
-/// at the step's peak. No effect outside glibc, or when `ZAMBA_RETAIN_FREED_MEMORY=0` (for
-/// measuring what it buys). Call once, before allocating much.
+/// each page: work that grows with the activations and buys nothing. With mmap off and trimming
+/// off, freed blocks go back to malloc's free lists and the next step reuses them; the resident
+/// size stays at the step's peak. No effect outside glibc, or when `ZAMBA_RETAIN_FREED_MEMORY=0`
+/// (for measuring what it buys). Call once, before allocating much.
 pub fn retain_freed_memory() {
     if std::env::var("ZAMBA_RETAIN_FREED_MEMORY").is_ok_and(|v| v == "0") {
         return;
