@@ -7,32 +7,24 @@ use burn::tensor::Shape;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// What a kernel's output buffer holds before the kernel writes it ([`output`], [`unwritten`]):
-/// NaN in debug builds, so that a test comparing a result with a reference sees every element
-/// a kernel failed to write (or read before writing); release builds do not fill at all, or
-/// fill with zeros where the buffer must be initialised.
-pub(crate) const UNWRITTEN: f32 = f32::NAN;
+/// Whether kernel output buffers start as NaN (feature `poison-outputs`, on in this crate's
+/// tests): a test comparing a result with a reference then fails on every element a kernel
+/// failed to write, or read before writing it.
+const POISON: bool = cfg!(feature = "poison-outputs");
 
 /// `len` zeros, written by all threads of the pool. A large `vec![0.0; len]` is one
 /// single-threaded memset on the calling thread (freed memory is reused, so the allocator cannot
 /// hand out pages the kernel zeroed), while the kernels' own passes over the buffer run in
 /// parallel. For buffers whose zeros are read (sums accumulated in place); a buffer the kernel
-/// writes in full before reading is an [`output`].
+/// writes in full before reading it is an [`output`].
 pub(crate) fn zeros(len: usize) -> Vec<f32> {
     filled(len, 0.0)
 }
 
-/// `len` floats for a kernel to write in full before it reads or returns them: [`UNWRITTEN`] in
-/// debug builds, zeros in release builds (a `&mut [f32]` must not see uninitialised memory).
+/// `len` floats for a kernel to write in full before it reads or returns them: zeros (a
+/// `&mut [f32]` must not see uninitialised memory), NaN with [`POISON`].
 pub(crate) fn output(len: usize) -> Vec<f32> {
-    filled(
-        len,
-        if cfg!(debug_assertions) {
-            UNWRITTEN
-        } else {
-            0.0
-        },
-    )
+    filled(len, if POISON { f32::NAN } else { 0.0 })
 }
 
 fn filled(len: usize, value: f32) -> Vec<f32> {
@@ -45,15 +37,15 @@ fn filled(len: usize, value: f32) -> Vec<f32> {
     v
 }
 
-/// Room for `len` floats that a kernel writes through raw pointers (GEMM destinations):
-/// uninitialised in release builds, [`UNWRITTEN`] in debug builds. Only what was written may be
-/// read, e.g. by `assume_init` once every element was.
+/// Room for `len` floats that a kernel writes through raw pointers (GEMM destinations), never
+/// zero-filled: uninitialised, NaN with [`POISON`]. Only what was written may be read (e.g. by
+/// `assume_init` once every element was).
 pub(crate) fn unwritten(len: usize) -> Box<[MaybeUninit<f32>]> {
     let mut buffer = Box::new_uninit_slice(len);
-    if cfg!(debug_assertions) {
+    if POISON {
         buffer
             .par_chunks_mut(1 << 14)
-            .for_each(|chunk| chunk.fill(MaybeUninit::new(UNWRITTEN)));
+            .for_each(|chunk| chunk.fill(MaybeUninit::new(f32::NAN)));
     }
     buffer
 }
@@ -148,14 +140,17 @@ pub(crate) fn cast_back(t: FlexTensor, shape: Shape, dtype: DType) -> FlexTensor
 mod tests {
     use super::*;
 
-    /// The kernel tests run debug builds, where an element a kernel does not write stays NaN
-    /// and fails their comparisons; zeros stay zeros for the sums that start from them.
+    /// The tests run with `poison-outputs`: an element a kernel does not write stays NaN and
+    /// fails their comparisons; zeros stay zeros for the sums that start from them.
     #[test]
-    #[cfg(debug_assertions)]
-    fn output_buffers_hold_nan_until_written_in_debug_builds() {
+    fn output_buffers_hold_nan_until_written_in_the_tests() {
+        assert!(
+            POISON,
+            "this crate's tests run with the feature poison-outputs"
+        );
         let n = 3 << 14; // several pieces of the parallel fill
         assert!(output(n).iter().all(|x| x.is_nan()));
-        // SAFETY: `unwritten` fills the buffer in debug builds.
+        // SAFETY: `unwritten` fills the buffer with `POISON`.
         let poisoned = unsafe { unwritten(n).assume_init() };
         assert!(poisoned.iter().all(|x| x.is_nan()));
         assert!(zeros(n).iter().all(|&x| x == 0.0));

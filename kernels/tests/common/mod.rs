@@ -2,9 +2,9 @@
 //! differences, and the rerun of a test binary at the narrower SIMD levels.
 //!
 //! Relative error everywhere: [`rel_err`], `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)` with `y`
-//! the oracle, NaN when the result holds a NaN. Debug builds (the tests) fill every kernel output
-//! buffer with NaN before the kernel writes it, so an element a kernel fails to write fails the
-//! comparison.
+//! the oracle, NaN when the result holds a NaN. The tests run with the feature `poison-outputs`,
+//! which fills every kernel output buffer with NaN before the kernel writes it: an element a
+//! kernel fails to write fails the comparison.
 
 // Each test binary uses a part of these helpers.
 #![allow(dead_code)]
