@@ -144,10 +144,12 @@ mod tests {
     /// fails their comparisons; zeros stay zeros for the sums that start from them.
     #[test]
     fn output_buffers_hold_nan_until_written_in_the_tests() {
-        assert!(
-            POISON,
-            "this crate's tests run with the feature poison-outputs"
-        );
+        const {
+            assert!(
+                POISON,
+                "this crate's tests run with the feature poison-outputs"
+            )
+        };
         let n = 3 << 14; // several pieces of the parallel fill
         assert!(output(n).iter().all(|x| x.is_nan()));
         // SAFETY: `unwritten` fills the buffer with `POISON`.
