@@ -242,6 +242,8 @@ fn grad_w(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
                     .into_par_iter()
                     .for_each(|block| {
                         let (c0, c1) = (block * GRAD_W_COLS, ((block + 1) * GRAD_W_COLS).min(cols));
+                        // SAFETY: columns c0..c1 of dW belong to this task; batch 0 writes
+                        // them, the others add.
                         (0..batches).for_each(|i| unsafe {
                             let dy = batch(dy, i).cols(c0, c1);
                             gemm_into(

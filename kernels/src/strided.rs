@@ -152,7 +152,9 @@ pub(crate) unsafe fn gemm_into(
         true => gemm::Parallelism::Rayon(0),
         false => gemm::Parallelism::None,
     };
-    // gemm computes `dst = a·dst + b·lhs·rhs`, reading `dst` only when asked to.
+    // gemm computes `dst = a·dst + b·lhs·rhs`, reading `dst` only when asked to (and writing
+    // every element of it).
+    // SAFETY: the caller's promise: the pointers are valid for what their strides address.
     unsafe {
         gemm::gemm(
             m,

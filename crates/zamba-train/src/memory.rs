@@ -13,7 +13,9 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 /// The system allocator, counting bytes.
 pub struct CountingAlloc;
 
-// SAFETY: every call forwards to `System` unchanged; the counters only observe.
+// SAFETY (the impl and every `unsafe` block in it): each method passes its arguments, with the
+// caller's promises about them, to the same method of `System` and returns its result; the
+// counters only observe.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
