@@ -191,8 +191,8 @@ fn contiguous(shape: Shape) -> Vec<isize> {
 
 /// The probabilities `P` the forward keeps for the backward, `[B, H, L, L]`: in each `L × L` slab,
 /// row `i` of the block `r0..r1` holds columns `0..r1` (the softmax up to the diagonal, zeros
-/// after it). The columns after `r1` are never computed: they stay uninitialised and nothing
-/// reads them.
+/// after it). The columns after `r1` are never computed: they are never written (uninitialised
+/// memory), and never read.
 struct Probs {
     data: Box<[MaybeUninit<f32>]>,
     len: usize,
