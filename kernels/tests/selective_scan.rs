@@ -6,6 +6,8 @@
 //!
 //! Relative error everywhere: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
 
+mod common;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use zamba_kernels::check::rel_err;
 use zamba_kernels::device_checks::{INPUT_NAMES, ScanCase, ScanSize, scan_checks};
@@ -434,34 +436,8 @@ fn cost_model() {
     assert_eq!(with_ck, 4 * (4 * len as u64 + 2 * len as u64 + 3 + 2));
 }
 
-/// Every test of this file again with the kernels capped at AVX2 and at scalar code (each in a
-/// child process, as the level is fixed per process): the narrower paths, which machines
-/// without AVX-512 run, stay tested on machines that have it.
+/// Every other test of this binary again at the narrower SIMD levels this CPU has.
 #[test]
 fn narrower_simd_levels_pass_too() {
-    if std::env::var_os(zamba_kernels::SIMD_ENV).is_some() {
-        return; // the child run itself
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    for level in [
-        zamba_kernels::SimdLevel::Avx2,
-        zamba_kernels::SimdLevel::Scalar,
-    ] {
-        if level >= zamba_kernels::detected_simd_level() {
-            continue; // the default run already covers it
-        }
-        let name = format!("{level:?}").to_lowercase();
-        let out = std::process::Command::new(&exe)
-            .env(zamba_kernels::SIMD_ENV, &name)
-            .args(["--quiet", "--skip", "narrower_simd_levels_pass_too"])
-            .output()
-            .expect("run the test binary");
-        assert!(
-            out.status.success(),
-            "tests failed with {}={name}:\n{}{}",
-            zamba_kernels::SIMD_ENV,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::assert_narrower_simd_levels_pass("narrower_simd_levels_pass_too");
 }

@@ -288,13 +288,15 @@ impl Plan {
             command.env("RAYON_NUM_THREADS", threads.to_string());
         }
         let launcher = nix::unistd::getpid();
-        // SAFETY: the closure only makes async-signal-safe system calls (prctl, getppid).
+        // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
+        // (prctl, getppid) and allocates nothing: its errors are plain errno values.
         unsafe {
             command.pre_exec(move || {
                 // Die with the launcher, even if it is SIGKILLed.
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
                 if nix::unistd::getppid() != launcher {
-                    return Err(std::io::Error::other("the launcher exited"));
+                    // The launcher exited before this child armed its death signal.
+                    return Err(nix::errno::Errno::ESRCH.into());
                 }
                 Ok(())
             });
