@@ -85,21 +85,18 @@ mod attention;
 mod backward_span;
 pub mod check;
 mod conv;
-mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cube")]
 mod cube;
 pub mod device_checks;
 mod dtype;
-mod flex;
 mod gelu;
 mod heads;
 mod host;
 mod linear;
-mod op;
 mod recompute;
-mod reference;
 mod rms_norm;
+mod scan;
 mod simd;
 mod strided;
 
@@ -107,13 +104,13 @@ pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
 pub use attention::{causal_attention, causal_attention_reference};
 pub use backward_span::{BlockEdge, mark_backward_span};
 pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
-pub use cpu::scan_lane_ops;
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
 pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
 pub use linear::{linear, linear_channels_first, linear_reference};
 pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use scan::cpu::scan_lane_ops;
 pub use simd::{SIMD_ENV, SimdLevel, detected_simd_level, simd_level};
 
 pub use recompute::{MAX_SEGMENT_INPUTS, Segment, recompute};
@@ -126,9 +123,9 @@ use burn::tensor::{Device, Tensor};
 /// at a time), or `None` where [`selective_scan`] has no fused kernel.
 pub fn scan_chunk(device: &Device, state: usize) -> Option<usize> {
     match device.clone().inner().as_dispatch() {
-        DispatchDevice::Flex(_) => Some(cpu::CHUNK),
+        DispatchDevice::Flex(_) => Some(scan::cpu::CHUNK),
         #[cfg(feature = "cube")]
-        DispatchDevice::Cube(_) => Some(cube::chunk(state)),
+        DispatchDevice::Cube(_) => Some(scan::cube::chunk(state)),
         #[allow(unreachable_patterns)]
         _ => {
             let _ = state;
@@ -159,7 +156,7 @@ fn check_shapes(
         z.shape(),
         delta_bias.shape(),
     ];
-    cpu::Dims::new(shapes.each_ref().map(|s| s.as_slice()));
+    scan::cpu::Dims::new(shapes.each_ref().map(|s| s.as_slice()));
 }
 
 /// Every device of this build that has a fused kernel and is present on this machine, in this
@@ -226,9 +223,9 @@ pub fn selective_scan(
     check_shapes(&u, &delta, &a, &b, &c, &d, &z, &delta_bias);
     let _span = zamba_trace::span(zamba_trace::Category::Scan, "scan forward");
     if fused_kernel_available(&u.device()) {
-        op::fused(u, delta, a, b, c, d, z, delta_bias)
+        scan::op::fused(u, delta, a, b, c, d, z, delta_bias)
     } else {
-        reference::scan(u, delta, a, b, c, d, z, delta_bias)
+        scan::reference::scan(u, delta, a, b, c, d, z, delta_bias)
     }
 }
 
@@ -250,7 +247,7 @@ pub fn selective_scan_reference(
     delta_bias: Tensor<1>,
 ) -> Tensor<3> {
     check_shapes(&u, &delta, &a, &b, &c, &d, &z, &delta_bias);
-    reference::scan(u, delta, a, b, c, d, z, delta_bias)
+    scan::reference::scan(u, delta, a, b, c, d, z, delta_bias)
 }
 
 /// Floating-point operations of the fused kernels, `(forward, backward)`, as implemented.

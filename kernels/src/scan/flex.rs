@@ -1,4 +1,4 @@
-//! The CPU kernel ([`crate::cpu`]) behind the scan's kernel interface on Flex: tensors in and out
+//! The CPU kernel ([`super::cpu`]) behind the scan's kernel interface on Flex: tensors in and out
 //! of the plain `f32` buffers it works on.
 
 use std::sync::Arc;
@@ -6,9 +6,9 @@ use std::sync::Arc;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{DType, Flex};
 
-use crate::cpu::{self, Dims, Inputs};
+use super::cpu::{self, Dims, Inputs};
+use super::op::ScanKernel;
 use crate::host::{as_f32, contiguous_f32, from_f32};
-use crate::op::ScanKernel;
 
 /// The eight inputs as contiguous `f32` Flex tensors (converted only when they are not already),
 /// with the dtype each arrived in so outputs and gradients can be given back in it.
