@@ -1,11 +1,11 @@
 //! The scan as one Burn backend extension: the kernel interface every backend implements
 //! ([`ScanKernel`]), and the one autodiff node over it.
 //!
-//! Routing: [`crate::selective_scan`] calls `Dispatch::selective_scan`, which Burn routes by the
+//! Routing: [`super::selective_scan`] calls `Dispatch::selective_scan`, which Burn routes by the
 //! device to `Flex`, `Cube` (the CubeCL runtimes, with the `cuda` or `cube-cpu` feature) or
-//! `Autodiff<_, _>` over either. The autodiff implementation is written once, for any
-//! `B: ScanKernel`: its forward keeps the chunk-boundary states, its backward node hands them to
-//! the backend's backward.
+//! `Autodiff<_, _>` over either. Both are written once, for any `B: ScanKernel`: without autodiff
+//! a forward that keeps nothing; with autodiff a forward that keeps the chunk-boundary states and
+//! a backward node that hands them to the backend's backward.
 
 use std::fmt::Debug;
 
@@ -13,12 +13,57 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, ExtensionType, backend_extension};
 use burn::tensor::Tensor;
 
-/// What a backend implements to run the fused scan. The eight inputs are, in order,
-/// `u, delta, a, b, c, d, z, delta_bias` (shapes as in [`crate::selective_scan`], already
-/// validated).
+use super::ScanInputs;
+
+/// The eight inputs of [`ScanInputs`] as primitives of backend `B` (shapes already checked), or
+/// their eight gradients.
+#[derive(ExtensionType)]
+pub(crate) struct ScanTensors<B: Backend> {
+    pub u: FloatTensor<B>,
+    pub delta: FloatTensor<B>,
+    pub a: FloatTensor<B>,
+    pub b: FloatTensor<B>,
+    pub c: FloatTensor<B>,
+    pub d: FloatTensor<B>,
+    pub z: FloatTensor<B>,
+    pub delta_bias: FloatTensor<B>,
+}
+
+impl<B: Backend> ScanTensors<B> {
+    /// The tensors in the order of the fields.
+    pub(crate) fn into_array(self) -> [FloatTensor<B>; 8] {
+        [
+            self.u,
+            self.delta,
+            self.a,
+            self.b,
+            self.c,
+            self.d,
+            self.z,
+            self.delta_bias,
+        ]
+    }
+
+    /// The inverse of [`Self::into_array`].
+    pub(crate) fn from_array(tensors: [FloatTensor<B>; 8]) -> Self {
+        let [u, delta, a, b, c, d, z, delta_bias] = tensors;
+        Self {
+            u,
+            delta,
+            a,
+            b,
+            c,
+            d,
+            z,
+            delta_bias,
+        }
+    }
+}
+
+/// What a backend implements to run the fused scan.
 pub(crate) trait ScanKernel: Backend {
     /// The inputs as the kernels read them (converted once, e.g. to `f32` or to a contiguous
     /// layout), kept by the autodiff node for the backward.
@@ -26,7 +71,7 @@ pub(crate) trait ScanKernel: Backend {
     /// The states entering every chunk but the first, saved by a forward for the backward.
     type Checkpoints: Clone + Send + Debug + 'static;
 
-    fn prepare(inputs: [FloatTensor<Self>; 8]) -> Self::Inputs;
+    fn prepare(inputs: ScanTensors<Self>) -> Self::Inputs;
 
     /// `y · silu(z)`, in the dtype `u` came in; with `keep_checkpoints`, also the chunk-boundary
     /// states.
@@ -41,83 +86,35 @@ pub(crate) trait ScanKernel: Backend {
         x: &Self::Inputs,
         checkpoints: &Self::Checkpoints,
         dout: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 8];
+    ) -> ScanTensors<Self>;
 }
 
 /// The fused scan as a Burn backend extension. Only the backends listed here can be reached;
-/// [`crate::fused_kernel_available`] says which devices those are.
+/// [`super::fused_kernel_available`] says which devices those are.
 #[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub(crate) trait SelectiveScanBackend: Backend {
-    #[allow(clippy::too_many_arguments)]
-    fn selective_scan(
-        u: FloatTensor<Self>,
-        delta: FloatTensor<Self>,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        c: FloatTensor<Self>,
-        d: FloatTensor<Self>,
-        z: FloatTensor<Self>,
-        delta_bias: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
+    fn selective_scan(#[extension_type] inputs: ScanTensors<Self>) -> FloatTensor<Self>;
 }
 
-/// Entry point used by [`crate::selective_scan`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn fused(
-    u: Tensor<3>,
-    delta: Tensor<3>,
-    a: Tensor<2>,
-    b: Tensor<4>,
-    c: Tensor<4>,
-    d: Tensor<1>,
-    z: Tensor<3>,
-    delta_bias: Tensor<1>,
-) -> Tensor<3> {
-    Tensor::from_dispatch(<Dispatch as SelectiveScanBackend>::selective_scan(
-        u.into_dispatch(),
-        delta.into_dispatch(),
-        a.into_dispatch(),
-        b.into_dispatch(),
-        c.into_dispatch(),
-        d.into_dispatch(),
-        z.into_dispatch(),
-        delta_bias.into_dispatch(),
-    ))
+/// Entry point used by [`super::selective_scan`].
+pub(crate) fn fused(x: ScanInputs) -> Tensor<3> {
+    let inputs = ScanTensors::<Dispatch> {
+        u: x.u.into_dispatch(),
+        delta: x.delta.into_dispatch(),
+        a: x.a.into_dispatch(),
+        b: x.b.into_dispatch(),
+        c: x.c.into_dispatch(),
+        d: x.d.into_dispatch(),
+        z: x.z.into_dispatch(),
+        delta_bias: x.delta_bias.into_dispatch(),
+    };
+    Tensor::from_dispatch(<Dispatch as SelectiveScanBackend>::selective_scan(inputs))
 }
 
-/// The forward without autodiff: no checkpoints.
-fn untracked<B: ScanKernel>(inputs: [FloatTensor<B>; 8]) -> FloatTensor<B> {
-    B::forward(&B::prepare(inputs), false).0
-}
-
-impl SelectiveScanBackend for Flex {
-    fn selective_scan(
-        u: FloatTensor<Self>,
-        delta: FloatTensor<Self>,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        c: FloatTensor<Self>,
-        d: FloatTensor<Self>,
-        z: FloatTensor<Self>,
-        delta_bias: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        untracked::<Self>([u, delta, a, b, c, d, z, delta_bias])
-    }
-}
-
-#[cfg(feature = "cube")]
-impl SelectiveScanBackend for burn::backend::Cube {
-    fn selective_scan(
-        u: FloatTensor<Self>,
-        delta: FloatTensor<Self>,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        c: FloatTensor<Self>,
-        d: FloatTensor<Self>,
-        z: FloatTensor<Self>,
-        delta_bias: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        untracked::<Self>([u, delta, a, b, c, d, z, delta_bias])
+/// Flex and Cube without autodiff: the forward, without checkpoints.
+impl<B: ScanKernel> SelectiveScanBackend for B {
+    fn selective_scan(inputs: ScanTensors<Self>) -> FloatTensor<Self> {
+        B::forward(&B::prepare(inputs), false).0
     }
 }
 
@@ -146,7 +143,7 @@ impl<B: ScanKernel> Backward<B, 8> for ScanBackward {
             inputs,
             checkpoints,
         } = ops.state;
-        let computed = B::backward(&inputs, &checkpoints, dout);
+        let computed = B::backward(&inputs, &checkpoints, dout).into_array();
         for (parent, grad) in ops.parents.into_iter().zip(computed) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
@@ -156,23 +153,9 @@ impl<B: ScanKernel> Backward<B, 8> for ScanBackward {
 }
 
 impl<B: ScanKernel, C: CheckpointStrategy> SelectiveScanBackend for Autodiff<B, C> {
-    fn selective_scan(
-        u: FloatTensor<Self>,
-        delta: FloatTensor<Self>,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        c: FloatTensor<Self>,
-        d: FloatTensor<Self>,
-        z: FloatTensor<Self>,
-        delta_bias: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        let [p0, p1, p2, p3, p4, p5, p6, p7] =
-            [u, delta, a, b, c, d, z, delta_bias].map(|t| t.into_parts());
-        let (tensors, guards) = (
-            [p0.0, p1.0, p2.0, p3.0, p4.0, p5.0, p6.0, p7.0],
-            [p0.1, p1.1, p2.1, p3.1, p4.1, p5.1, p6.1, p7.1],
-        );
-        let inputs = B::prepare(tensors);
+    fn selective_scan(inputs: ScanTensors<Self>) -> FloatTensor<Self> {
+        let (tensors, guards) = unzip(inputs.into_array().map(|t| t.into_parts()));
+        let inputs = B::prepare(ScanTensors::from_array(tensors));
         // Compute bound: the backward must never rerun the forward through Burn's checkpointer;
         // it recomputes from its own chunk checkpoints instead.
         match ScanBackward.prepare::<C>(guards).compute_bound().stateful() {
@@ -190,4 +173,16 @@ impl<B: ScanKernel, C: CheckpointStrategy> SelectiveScanBackend for Autodiff<B, 
             OpsKind::UnTracked(prep) => prep.finish(B::forward(&inputs, false).0),
         }
     }
+}
+
+fn unzip<X, Y, const N: usize>(pairs: [(X, Y); N]) -> ([X; N], [Y; N]) {
+    let (xs, ys): (Vec<X>, Vec<Y>) = pairs.into_iter().unzip();
+    (exactly(xs), exactly(ys))
+}
+
+fn exactly<T, const N: usize>(items: Vec<T>) -> [T; N] {
+    let len = items.len();
+    items
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("{len} items, not {N}"))
 }

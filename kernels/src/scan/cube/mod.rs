@@ -15,8 +15,8 @@ use cubecl::ir::AddressType;
 use cubecl::prelude::ElemType;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
-use crate::scan::cpu::Dims;
-use crate::scan::op::ScanKernel;
+use crate::scan::ScanShape;
+use crate::scan::op::{ScanKernel, ScanTensors};
 
 /// Floats of unit-local memory the backward may spend on one chunk of recomputed states.
 const LOCAL_STATE_FLOATS: usize = 256;
@@ -47,13 +47,13 @@ pub(crate) struct CubeInputs {
     /// The activations' compute type: theirs when they share f32, f16 or bf16, else f32.
     act: DType,
     dtypes: [DType; 8],
-    dims: Dims,
+    dims: ScanShape,
 }
 
 impl CubeInputs {
     fn new(tensors: [CubeTensor; 8]) -> Self {
         let shapes = tensors.each_ref().map(|t| t.shape());
-        let dims = Dims::new(shapes.each_ref().map(|s| s.as_slice()));
+        let dims = ScanShape::of_inputs(shapes.each_ref().map(|s| s.as_slice()));
         let dtypes = tensors.each_ref().map(|t| t.dtype);
         let [u, delta, a, b, c, d, z, delta_bias] = tensors;
         let act = match dtypes[0] {
@@ -95,7 +95,7 @@ impl CubeInputs {
     /// (`[batch, len, channels]` in memory) so that the units of a cube, consecutive channels,
     /// write consecutive addresses at every step.
     fn empty_rows(&self) -> CubeTensor {
-        let Dims {
+        let ScanShape {
             batch,
             channels,
             len,
@@ -129,7 +129,7 @@ fn elem(dtype: DType) -> ElemType {
 
 /// Units per cube of the backward: consecutive channels of one group, as many as the client and
 /// the shared memory (two `[2 · state, units]` f32 buffers) allow.
-fn backward_units(client: &Client, dims: &Dims) -> usize {
+fn backward_units(client: &Client, dims: &ScanShape) -> usize {
     let hardware = &client.properties().hardware;
     let by_shared = hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>());
     [
@@ -149,12 +149,12 @@ impl ScanKernel for Cube {
     type Inputs = CubeInputs;
     type Checkpoints = CubeTensor;
 
-    fn prepare(inputs: [CubeTensor; 8]) -> CubeInputs {
-        CubeInputs::new(inputs)
+    fn prepare(inputs: ScanTensors<Cube>) -> CubeInputs {
+        CubeInputs::new(inputs.into_array())
     }
 
     fn forward(x: &CubeInputs, keep_checkpoints: bool) -> (CubeTensor, Option<CubeTensor>) {
-        let Dims {
+        let ScanShape {
             batch,
             channels,
             len,
@@ -200,8 +200,8 @@ impl ScanKernel for Cube {
         (out, keep_checkpoints.then_some(checkpoints))
     }
 
-    fn backward(x: &CubeInputs, checkpoints: &CubeTensor, dout: CubeTensor) -> [CubeTensor; 8] {
-        let Dims {
+    fn backward(x: &CubeInputs, checkpoints: &CubeTensor, dout: CubeTensor) -> ScanTensors<Cube> {
+        let ScanShape {
             batch,
             channels,
             groups,
@@ -258,7 +258,7 @@ impl ScanKernel for Cube {
         let dc = reshape(dc, Shape::new(bc_shape));
         let computed = [du, ddelta, da, db, dc, dd, dz, dbias];
         let mut dtypes = x.dtypes.into_iter();
-        computed.map(|g| to_dtype(g, dtypes.next().expect("eight dtypes")))
+        ScanTensors::from_array(computed.map(|g| to_dtype(g, dtypes.next().expect("eight dtypes"))))
     }
 }
 
