@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::ScanShape;
 use crate::host::{output, zeros};
 use crate::simd::{
     Isa, Lanes, SCALAR, exp2_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad,
@@ -25,85 +26,12 @@ const STACK_STATE: usize = 64;
 /// on every machine.
 const TARGET_TASKS: usize = 128;
 
-/// Problem sizes, validated by [`Dims::new`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Dims {
-    pub batch: usize,
-    pub channels: usize,
-    pub groups: usize,
-    pub len: usize,
-    pub state: usize,
+/// Floats of checkpointed state per lane: the state entering chunks `1..chunks`.
+fn checkpoint_len(dims: &ScanShape) -> usize {
+    (dims.len.div_ceil(CHUNK) - 1) * dims.state
 }
 
-impl Dims {
-    /// Checks the shapes of the eight inputs (in argument order) and returns the sizes.
-    ///
-    /// # Panics
-    /// With a message naming the offending input when the shapes are inconsistent.
-    pub(crate) fn new(shapes: [&[usize]; 8]) -> Self {
-        let [u, delta, a, b, c, d, z, bias] = shapes;
-        let [batch, channels, len] = rank::<3>("u", u);
-        let [b_batch, groups, b_len, state] = rank::<4>("b", b);
-        let expect = |name: &str, got: &[usize], want: &[usize], what: &str| {
-            assert!(
-                got == want,
-                "selective_scan: `{name}` must have shape {what} = {want:?}, got {got:?}"
-            );
-        };
-        expect("delta", delta, u, "[batch, channels, len]");
-        expect("z", z, u, "[batch, channels, len]");
-        expect("a", a, &[channels, state], "[channels, state]");
-        expect(
-            "b",
-            b,
-            &[batch, groups, len, state],
-            "[batch, groups, len, state]",
-        );
-        expect("c", c, b, "[batch, groups, len, state]");
-        expect("d", d, &[channels], "[channels]");
-        expect("delta_bias", bias, &[channels], "[channels]");
-        assert!(
-            b_batch == batch && b_len == len,
-            "selective_scan: `b` must be [batch, groups, len, state] with batch {batch} and len {len}, got {b:?}"
-        );
-        assert!(
-            batch > 0 && channels > 0 && len > 0 && state > 0 && groups > 0,
-            "selective_scan: every dimension must be non-zero (u {u:?}, b {b:?})"
-        );
-        assert!(
-            channels % groups == 0,
-            "selective_scan: channels ({channels}) must be a multiple of groups ({groups})"
-        );
-        Self {
-            batch,
-            channels,
-            groups,
-            len,
-            state,
-        }
-    }
-
-    fn per_group(&self) -> usize {
-        self.channels / self.groups
-    }
-
-    fn lanes(&self) -> usize {
-        self.batch * self.channels
-    }
-
-    /// Floats of checkpointed state per lane: the state entering chunks `1..chunks`.
-    pub(crate) fn checkpoint_len(&self) -> usize {
-        (self.len.div_ceil(CHUNK) - 1) * self.state
-    }
-}
-
-fn rank<const R: usize>(name: &str, shape: &[usize]) -> [usize; R] {
-    shape.try_into().unwrap_or_else(|_| {
-        panic!("selective_scan: `{name}` must have rank {R}, got shape {shape:?}")
-    })
-}
-
-/// The eight inputs as contiguous row-major `f32` buffers, shapes as in [`crate::selective_scan`].
+/// The eight inputs as contiguous row-major `f32` buffers, shapes as in [`super::ScanInputs`].
 #[derive(Clone, Copy)]
 pub(crate) struct Inputs<'a> {
     pub u: &'a [f32],
@@ -129,7 +57,7 @@ struct Lane<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    fn lane(&self, dims: &Dims, lane: usize) -> Lane<'a> {
+    fn lane(&self, dims: &ScanShape, lane: usize) -> Lane<'a> {
         let (batch, channel) = (lane / dims.channels, lane % dims.channels);
         let group = channel / dims.per_group();
         let row = lane * dims.len..(lane + 1) * dims.len;
@@ -334,10 +262,10 @@ fn step_sums<V: Lanes>(isa: Isa<V>, parts: &[f32], j: usize) -> V {
 /// The forward over all lanes. Returns the output `[batch, channels, len]` and, when
 /// `save_checkpoints`, the chunk-boundary states `[batch, channels, chunks - 1, state]` (empty
 /// otherwise).
-pub(crate) fn forward(x: &Inputs, dims: Dims, save_checkpoints: bool) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn forward(x: &Inputs, dims: ScanShape, save_checkpoints: bool) -> (Vec<f32>, Vec<f32>) {
     let mut out = output(dims.lanes() * dims.len);
     let per_lane = if save_checkpoints {
-        dims.checkpoint_len()
+        checkpoint_len(&dims)
     } else {
         0
     };
@@ -726,7 +654,7 @@ fn step_grads<V: Lanes>(
 /// summed over blocks afterwards in a fixed order (deterministic). Blocks hold at least
 /// `2 * state` channels, so the accumulators never outweigh the `[len]` rows of their lanes:
 /// their memory stays `O(batch · channels · len)`.
-fn channel_blocks(dims: &Dims) -> usize {
+fn channel_blocks(dims: &ScanShape) -> usize {
     let wanted = TARGET_TASKS.div_ceil(dims.batch * dims.groups);
     let most = (dims.per_group() / (2 * dims.state)).max(1);
     wanted.clamp(1, most)
@@ -779,8 +707,8 @@ fn reduce_blocks(
 
 /// The backward over all lanes, given the checkpoints saved by [`forward`] and the output
 /// gradient `dout` (`[batch, channels, len]`).
-pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]) -> Grads {
-    let Dims {
+pub(crate) fn backward(x: &Inputs, dims: ScanShape, checkpoints: &[f32], dout: &[f32]) -> Grads {
+    let ScanShape {
         batch,
         channels,
         groups,
@@ -790,7 +718,7 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
     let per_group = dims.per_group();
     let blocks = channel_blocks(&dims);
     let rows = len * state;
-    let per_lane_checkpoints = dims.checkpoint_len();
+    let per_lane_checkpoints = checkpoint_len(&dims);
     let params_len = state + 2;
 
     let mut du = output(dims.lanes() * len);
@@ -879,7 +807,7 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 }
 
 /// Vector-lane arithmetic operations of the fused kernels as written, `(forward, backward)`: the
-/// compute side of the scan's roofline (`bench scan`). Unlike [`crate::scan_flops`], which counts
+/// compute side of the scan's roofline (`bench scan`). Unlike [`super::scan_flops`], which counts
 /// an `exp` as one FLOP, every instruction of the polynomials `exp` (19) and `exp2` (13; AVX-512
 /// fuses three of each into one: counted in full at every level), `ln` and the softplus/sigmoid
 /// built on them counts, as do compares and blends: that is what an exp-bound kernel spends its
@@ -889,10 +817,10 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 /// `C·s` accumulation); backward 28 (the recompute, 16, and the adjoint walk, 12). Per (batch,
 /// channel, step): 77 for the step terms (softplus and its derivative, 55; sigmoid, 22), plus the
 /// horizontal sums and scalar tail: forward `N + 4`, backward `3N + 12`.
-pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) -> (u64, u64) {
+pub fn scan_lane_ops(shape: ScanShape) -> (u64, u64) {
     const STEP_TERMS: u64 = 77;
-    let steps = (batch * channels * len) as u64;
-    let n = state as u64;
+    let steps = (shape.lanes() * shape.len) as u64;
+    let n = shape.state as u64;
     (
         steps * (17 * n + STEP_TERMS + n + 4),
         steps * (28 * n + STEP_TERMS + 3 * n + 12),
