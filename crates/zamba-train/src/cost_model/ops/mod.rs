@@ -7,7 +7,7 @@
 //! HBM). Activations are in the compute type (`e` bytes: 2 in bf16, 4 in f32); the residual
 //! stream, norm inputs, weight gradients, master weights and AdamW moments are f32.
 
-use zamba_kernels::{scan_bytes, scan_flops};
+use zamba_kernels::{ScanShape, scan_bytes, scan_flops};
 use zamba_model::param_table::param_table;
 use zamba_model::params::{ParamCounts, conv_flops_per_token, scan_flops_per_token};
 use zamba_model::{ActivationCheckpointing, Precision};
@@ -194,9 +194,16 @@ fn attention(s: &Shape, kernels: Kernels) -> OpCost {
 fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
     let c = &s.config;
     let (b, di, n) = (s.batch, c.d_inner(), c.mamba_d_state);
-    let (flops_f, flops_b) = scan_flops(b, di, s.len, n);
+    let shape = ScanShape {
+        batch: b,
+        channels: di,
+        groups: c.n_mamba_heads,
+        len: s.len,
+        state: n,
+    };
+    let (flops_f, flops_b) = scan_flops(shape);
     let chunk = scan_chunk(kernels, n);
-    let (bytes_f, bytes_b) = scan_bytes(b, di, s.len, n, c.n_mamba_heads, chunk, s.e as usize);
+    let (bytes_f, bytes_b) = scan_bytes(shape, chunk, s.e as usize);
     let model = s.layers * scan_flops_per_token(c) * s.t;
     // Today's kernels run one thread per (batch, channel), in blocks of 256.
     let blocks = match kernels {
