@@ -251,8 +251,9 @@ fn forward(
             unsafe { attend_head(d, scale, heads, p, dst) };
         };
         match probs.as_mut() {
+            // (`L = 0`: no slabs, and nothing to attend.)
             Some(probs) => probs
-                .par_chunks_mut(square)
+                .par_chunks_mut(square.max(1))
                 .enumerate()
                 .for_each(|(task, p)| attend(task, p)),
             None => (0..d.batch * d.heads)

@@ -118,6 +118,19 @@ fn causal_attention_rejects_zero_query_heads() {
     let _ = causal_attention(t(0), t(1), t(1), 1.0);
 }
 
+#[test]
+fn causal_attention_of_an_empty_sequence_is_empty() {
+    let device = Device::flex().autodiff();
+    let t = |heads: usize| Tensor::<4>::zeros([2, 0, heads, 4], &device).require_grad();
+    let (q, k, v) = (t(4), t(2), t(2));
+    let out = causal_attention(q.clone(), k.clone(), v.clone(), 0.5);
+    assert_eq!(out.dims(), [2, 0, 4, 4]);
+    let grads = out.sum().backward();
+    for (name, x) in [("q", q), ("k", k), ("v", v)] {
+        assert!(values(x.grad(&grads).unwrap()).is_empty(), "d{name}");
+    }
+}
+
 /// Every other test of this binary again at the narrower SIMD levels this CPU has.
 #[test]
 fn narrower_simd_levels_pass_too() {
