@@ -178,7 +178,7 @@ fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
         _ => NodeCapacity::cpu_cores(),
     };
     args.check_capacity(&capacity)?;
-    let job = TrainJob::new(config, args.args.clone(), resume)?;
+    let job = TrainJob::new(config, args.args.clone(), resume, args.is_elastic())?;
     let world = args.nnodes.max.saturating_mul(args.nproc_per_node);
     job.batch_on(world)
         .map_err(|e| anyhow::anyhow!("{e}"))

@@ -28,12 +28,19 @@ pub struct TrainJob {
     args: Vec<OsString>,
     /// The checkpoints of `run.dir` when the launch began, if the ranks were given `--resume`.
     before: Option<BTreeSet<Identity>>,
+    /// An elastic launch, which may run on fewer ranks than the config names.
+    elastic: bool,
 }
 
 impl TrainJob {
     /// The job of ranks started with `args`, whose run config is `config`; `resume`: whether
-    /// `args` hold `--resume`.
-    pub fn new(config: RunConfig, args: Vec<OsString>, resume: bool) -> Result<Self> {
+    /// `args` hold `--resume`; `elastic`: whether the launch may run on fewer ranks.
+    pub fn new(
+        config: RunConfig,
+        args: Vec<OsString>,
+        resume: bool,
+        elastic: bool,
+    ) -> Result<Self> {
         let before = match resume {
             true => Some(identities(&config.run.dir)?.into_iter().collect()),
             false => None,
@@ -42,6 +49,7 @@ impl TrainJob {
             config,
             args,
             before,
+            elastic,
         })
     }
 
@@ -106,10 +114,10 @@ impl Job for TrainJob {
         {
             replace_resume(&mut args, newest.into_os_string());
         }
-        // The config may name the full world (the dry run's memory figures use it); a smaller
-        // world after a lost node overrides it.
+        // The config may name the full world (the dry run's memory figures use it); an elastic
+        // job's smaller world overrides it. Otherwise the ranks hold the launch to it.
         let configured = self.config.runtime.world_size;
-        if configured != 1 && configured != world {
+        if self.elastic && configured != 1 && configured != world {
             args.push("--set".into());
             args.push(format!("runtime.world_size={world}").into());
         }
@@ -151,7 +159,7 @@ fn replace_resume(args: &mut [OsString], dir: OsString) {
 mod tests {
     use super::*;
 
-    fn train_job(run_dir: &Path, world_size: usize, args: &[&str]) -> TrainJob {
+    fn train_job(run_dir: &Path, world_size: usize, args: &[&str], elastic: bool) -> TrainJob {
         let text = format!(
             "[run]\ndir = {:?}\n[model]\npreset = \"zamba-tiny\"\n[data]\nseq_len = 32\n\
              [data.sources.web]\npaths = [\"synthetic:web\"]\nvalidation = [\"synthetic:web\"]\nweight = 1.0\n\
@@ -161,7 +169,13 @@ mod tests {
         );
         let config = RunConfig::from_toml_str(&text, run_dir, &[]).unwrap();
         let resume = args.contains(&"--resume");
-        TrainJob::new(config, args.iter().map(OsString::from).collect(), resume).unwrap()
+        TrainJob::new(
+            config,
+            args.iter().map(OsString::from).collect(),
+            resume,
+            elastic,
+        )
+        .unwrap()
     }
 
     fn write_checkpoint(run_dir: &Path, step: u64) -> PathBuf {
@@ -184,7 +198,7 @@ mod tests {
             "--resume",
             "elsewhere/step-00000004",
         ];
-        let job = train_job(run_dir, 1, &args);
+        let job = train_job(run_dir, 1, &args, false);
         let given: Vec<OsString> = args.iter().map(OsString::from).collect();
         assert_eq!(job.rank_args(1, 1), given, "nothing written yet: DIR again");
         let ours = write_checkpoint(run_dir, 6);
@@ -200,14 +214,14 @@ mod tests {
         assert_eq!(job.rank_args(1, 2)[3], rewritten.into_os_string());
         // Without --resume the ranks find the newest checkpoint themselves.
         let plain = ["--config", "run.toml"];
-        let plain_job = train_job(run_dir, 1, &plain);
+        let plain_job = train_job(run_dir, 1, &plain, false);
         assert_eq!(plain_job.rank_args(1, 1), plain.map(OsString::from));
     }
 
     #[test]
     fn a_smaller_world_keeps_the_global_batch_or_says_why_not() {
         let tmp = tempfile::tempdir().unwrap();
-        let job = train_job(tmp.path(), 4, &["--config", "run.toml"]);
+        let job = train_job(tmp.path(), 4, &["--config", "run.toml"], true);
         assert_eq!(
             job.batch_on(2).unwrap(),
             "the global batch of 8 sequences as 2 micro-batch(es) of 2 per rank"
@@ -217,13 +231,16 @@ mod tests {
             why.contains("not divisible by batch.micro_batch (2) × runtime.world_size (3)"),
             "{why}"
         );
-        // The config names 4 ranks: a smaller world is passed on to the ranks.
+        // The config names 4 ranks: an elastic job's smaller world is passed on to the ranks; a
+        // launch of fixed size is held to the config by the ranks.
         let args = job.rank_args(2, 1);
         assert_eq!(
             args[2..],
             ["--set", "runtime.world_size=2"].map(OsString::from)
         );
         assert_eq!(job.rank_args(4, 1).len(), 2);
+        let fixed = train_job(tmp.path(), 4, &["--config", "run.toml"], false);
+        assert_eq!(fixed.rank_args(2, 0).len(), 2);
         let counts = job.node_counts(NodeRange { min: 2, max: 4 }, 1);
         assert!(
             counts.contains("divides over 2, 4 node(s) of 1 rank(s), not over 3"),
