@@ -21,7 +21,8 @@
 #            transformers' logits
 #   peak     measured bf16 GEMM peak through our GEMM path, and through PyTorch when present
 #   step     zamba-1b training steps (bf16, layer recomputation, seq 4096): tokens/s, MFU, peak
-#            memory, and the step's time split by op class (spans with device synchronisation)
+#            memory, and the step's time split by op class (spans with device synchronisation);
+#            first the cost model's prediction of the same run on this card (predict*.json)
 #   scan     the scan op's achieved bandwidth against a measured device-to-device copy
 #   dist     NCCL (world 1): collectives' values, all-reduce bandwidth
 # then `zamba-train bench report`: one table, also OUT/summary.json.
@@ -166,13 +167,35 @@ section_peak() {
 
 section_step() {
     if [[ ${SMOKE} -eq 1 ]]; then
-        set -- --preset zamba-tiny --batch 1 --seq-len 64 --steps 2
+        set -- --preset zamba-tiny --batch 1 --seq-len 64
     else
-        set -- --preset zamba-1b --batch 1 --seq-len 4096 --steps 3
+        set -- --preset zamba-1b --batch 1 --seq-len 4096
     fi
-    with_memory_peak "${BIN}" bench model --device "${DEVICE}" --precision bf16 \
-        --activation-checkpointing layers --no-torch "$@" --trace "${OUT}/step-trace.json" \
-        --json-file "${OUT}/step.json"
+    set -- "$@" --precision bf16 --activation-checkpointing layers
+    predict_step "$@"
+    local steps=3
+    [[ ${SMOKE} -eq 1 ]] && steps=2
+    with_memory_peak "${BIN}" bench model --device "${DEVICE}" "$@" --steps "${steps}" \
+        --no-torch --trace "${OUT}/step-trace.json" --json-file "${OUT}/step.json"
+}
+
+# The cost model's prediction of the step section's run on this card (the datasheet's H100 SXM
+# where no GPU is seen): OUT/predict.json for the kernels this binary runs, OUT/predict-planned.json
+# for the planned ones. A card the model does not know is reported, not fatal.
+predict_step() {
+    local card="h100-sxm" name
+    if command -v nvidia-smi >/dev/null 2>&1 \
+        && name=$(nvidia-smi -i 0 --query-gpu=name --format=csv,noheader 2>/dev/null); then
+        card="$(echo "${name}" | xargs)"
+    fi
+    local kernels file
+    for kernels in current planned; do
+        file="${OUT}/predict.json"
+        [[ ${kernels} == planned ]] && file="${OUT}/predict-planned.json"
+        "${BIN}" bench model --device cuda --predict --card "${card}" --kernels "${kernels}" "$@" \
+            --json-file "${file}" \
+            || echo "gpu-check: no ${kernels}-kernel prediction for card '${card}' (see above)"
+    done
 }
 
 section_scan() {
@@ -247,7 +270,7 @@ this check needs an NVIDIA GPU with its driver (nvidia-smi), and a binary built 
     echo "binary: ${BIN}"
     locate_libraries
     export BIN OUT DEVICE SMOKE FIXTURES
-    export -f json_string with_memory_peak "${SECTIONS[@]/#/section_}"
+    export -f json_string with_memory_peak predict_step "${SECTIONS[@]/#/section_}"
     CHECK_START=${SECONDS}
     for s in "${SECTIONS[@]}"; do
         run_section "${s}"

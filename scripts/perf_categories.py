@@ -11,7 +11,7 @@ import sys
 CATEGORIES = [
     ("GEMM (gemm crate kernels and packing)", r"gemm|nano_gemm|pack_|microkernel"),
     ("causal conv + SiLU", r"zamba_kernels::conv|causal_conv"),
-    ("selective scan", r"zamba_kernels::cpu|selective_scan|step_terms"),
+    ("selective scan", r"zamba_kernels::scan|selective_scan|step_terms"),
     ("RMSNorm", r"zamba_kernels::rms_norm|rms_norm"),
     ("cross-entropy", r"zamba_kernels::cross_entropy|log_sum_exp|softmax_times|log_softmax"),
     ("AdamW", r"zamba_kernels::adamw|adamw"),

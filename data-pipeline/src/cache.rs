@@ -3,6 +3,7 @@
 
 use crate::fsutil::{hash_file, write_json_atomic};
 use crate::loader::{DataConfig, SourceConfig};
+use crate::synth::instruct::TaskMix;
 use crate::synth::{SynthKind, SynthOptions, synth};
 use crate::tokenize::{TokenizeOptions, tokenize};
 use crate::tokenizer::{TokenizerInfo, TokenizerSpec};
@@ -20,6 +21,7 @@ pub struct SyntheticCacheOptions {
     pub seed: u64,
     pub web_docs: u64,
     pub instruct_examples: u64,
+    pub tasks: TaskMix,
     pub validation_fraction: f64,
     pub tokenizer: TokenizerSpec,
     /// Small row groups give small synthetic sets enough blocks to shuffle.
@@ -32,6 +34,7 @@ impl Default for SyntheticCacheOptions {
             seed: 0,
             web_docs: 20_000,
             instruct_examples: 20_000,
+            tasks: TaskMix::Standard,
             validation_fraction: 0.05,
             tokenizer: TokenizerSpec::Byte,
             row_group_tokens: 1 << 16,
@@ -109,7 +112,7 @@ pub fn ensure_synthetic_cache(
         TokenizerSpec::Byte => "byte-v1".to_owned(),
         TokenizerSpec::File(path) => hash_file(path)?,
     };
-    let key_text = format!(
+    let mut key_text = format!(
         "v{CACHE_VERSION}/{}/{}/{}/{}/{tokenizer_hash}/{}",
         opts.seed,
         opts.web_docs,
@@ -117,6 +120,10 @@ pub fn ensure_synthetic_cache(
         opts.validation_fraction,
         opts.row_group_tokens
     );
+    // Only a non-standard mix is part of the key, so caches of the standard mix keep their names.
+    if let Some(mix) = opts.tasks.key() {
+        key_text.push_str(&format!("/tasks:{mix}"));
+    }
     let key = &blake3::hash(key_text.as_bytes()).to_hex()[..16];
     let dir = cache_dir.join(format!("synth-{key}"));
     if dir.join(CACHE_FILE).exists() {
@@ -155,6 +162,7 @@ fn build(dir: &Path, opts: &SyntheticCacheOptions) -> Result<()> {
     synth_opts.seed = opts.seed;
     synth_opts.web_docs = opts.web_docs;
     synth_opts.instruct_examples = opts.instruct_examples;
+    synth_opts.tasks = opts.tasks.clone();
     synth_opts.validation_fraction = opts.validation_fraction;
     synth(&synth_opts)?;
     let mut manifests = BTreeMap::new();

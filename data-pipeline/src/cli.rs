@@ -2,6 +2,7 @@
 
 use crate::input::Columns;
 use crate::manifest::LossOn;
+use crate::synth::instruct::TaskMix;
 use crate::synth::{SynthKind, SynthOptions, synth};
 use crate::tokenize::{ChatOptions, TokenizeOptions, tokenize};
 use crate::tokenizer::{SpecialTokens, TokenizerSpec};
@@ -135,6 +136,10 @@ pub struct SynthArgs {
     pub web_docs: u64,
     #[arg(long, default_value_t = 20_000)]
     pub instruct_examples: u64,
+    /// Instruct tasks and their relative weights, e.g. `add=1,fact=2` (tasks: arithmetic, sort,
+    /// copy, reverse, count, fact, add); `standard` is the default mix of docs/data.md.
+    #[arg(long, default_value = "standard")]
+    pub tasks: TaskMix,
     #[arg(long, default_value_t = 0.05)]
     pub validation_fraction: f64,
 }
@@ -190,6 +195,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             opts.seed = a.seed;
             opts.web_docs = a.web_docs;
             opts.instruct_examples = a.instruct_examples;
+            opts.tasks = a.tasks;
             opts.validation_fraction = a.validation_fraction;
             for split in synth(&opts)? {
                 println!(

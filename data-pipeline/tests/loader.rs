@@ -191,6 +191,60 @@ fn global_batch_does_not_depend_on_world_size() {
 }
 
 #[test]
+fn every_row_names_its_window_and_a_run_uses_each_window_once() {
+    let f = fixture();
+    let cfg = config(&f, &[("alpha", 0.6), ("beta", 0.4)], 32, 9);
+    let (single, state) = batches(&cfg, 0, 1, 8, None, 30);
+    // (source, window) → the row's inputs and targets, over the whole run.
+    let mut rows: BTreeMap<(u16, u64), (Vec<u32>, Vec<u32>)> = BTreeMap::new();
+    for batch in &single {
+        for r in 0..batch.rows {
+            let span = r * 32..(r + 1) * 32;
+            let id = (batch.row_sources[r], batch.row_windows[r]);
+            let row = (
+                batch.inputs[span.clone()].to_vec(),
+                batch.targets[span].to_vec(),
+            );
+            assert!(rows.insert(id, row).is_none(), "{id:?} used twice");
+        }
+    }
+    for (index, name) in ["alpha", "beta"].iter().enumerate() {
+        let windows: Vec<u64> = rows
+            .keys()
+            .filter(|(s, _)| *s == index as u16)
+            .map(|&(_, w)| w)
+            .collect();
+        // None skipped: the source's first windows, up to its cursor.
+        assert_eq!(
+            windows,
+            (0..state.sources[*name].windows).collect::<Vec<_>>()
+        );
+        // The ids are the rows' places in the stream: window w's last target is window w+1's
+        // first input.
+        for w in 1..windows.len() as u64 {
+            let (before, after) = (&rows[&(index as u16, w - 1)], &rows[&(index as u16, w)]);
+            assert_eq!(before.1[31], after.0[0], "{name} windows {} and {w}", w - 1);
+        }
+    }
+    // The same ids on two ranks, in the global batch's row order.
+    let halves: Vec<Vec<Batch>> = (0..2).map(|r| batches(&cfg, r, 2, 8, None, 30).0).collect();
+    for (step, whole) in single.iter().enumerate() {
+        let ids = |b: &Batch| -> Vec<(u16, u64)> {
+            b.row_sources
+                .iter()
+                .copied()
+                .zip(b.row_windows.iter().copied())
+                .collect()
+        };
+        assert_eq!(
+            [ids(&halves[0][step]), ids(&halves[1][step])].concat(),
+            ids(whole),
+            "step {step}"
+        );
+    }
+}
+
+#[test]
 fn resume_reproduces_following_batches_exactly_even_on_another_world_size() {
     let f = fixture();
     let cfg = config(&f, &[("alpha", 0.7), ("gamma", 0.3)], 48, 5);

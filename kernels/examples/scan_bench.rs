@@ -6,63 +6,31 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use zamba_kernels::{scan_bytes, scan_chunk, scan_flops, selective_scan};
+use zamba_kernels::{ScanInputs, ScanShape, scan_bytes, scan_chunk, scan_flops, selective_scan};
 
-struct Inputs {
-    u: Tensor<3>,
-    delta: Tensor<3>,
-    a: Tensor<2>,
-    b: Tensor<4>,
-    c: Tensor<4>,
-    d: Tensor<1>,
-    z: Tensor<3>,
-    delta_bias: Tensor<1>,
-}
-
-impl Inputs {
-    fn new(dims: [usize; 5], device: &Device) -> Self {
-        let [batch, channels, len, state, groups] = dims;
-        let normal = Distribution::Normal(0.0, 1.0);
-        Self {
-            u: Tensor::random([batch, channels, len], normal, device),
-            delta: Tensor::random(
-                [batch, channels, len],
-                Distribution::Uniform(-4.0, 1.0),
-                device,
-            ),
-            a: -Tensor::random([channels, state], Distribution::Uniform(0.0, 2.7), device).exp(),
-            b: Tensor::random([batch, groups, len, state], normal, device),
-            c: Tensor::random([batch, groups, len, state], normal, device),
-            d: Tensor::random([channels], normal, device),
-            z: Tensor::random([batch, channels, len], normal, device),
-            delta_bias: Tensor::random([channels], Distribution::Uniform(-1.0, 0.5), device),
-        }
-    }
-
-    fn tracked(self) -> Self {
-        Self {
-            u: self.u.require_grad(),
-            delta: self.delta.require_grad(),
-            a: self.a.require_grad(),
-            b: self.b.require_grad(),
-            c: self.c.require_grad(),
-            d: self.d.require_grad(),
-            z: self.z.require_grad(),
-            delta_bias: self.delta_bias.require_grad(),
-        }
-    }
-
-    fn scan(&self) -> Tensor<3> {
-        selective_scan(
-            self.u.clone(),
-            self.delta.clone(),
-            self.a.clone(),
-            self.b.clone(),
-            self.c.clone(),
-            self.d.clone(),
-            self.z.clone(),
-            self.delta_bias.clone(),
-        )
+/// Random inputs in the ranges the model produces.
+fn random_inputs(shape: ScanShape, device: &Device) -> ScanInputs {
+    let ScanShape {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    } = shape;
+    let normal = Distribution::Normal(0.0, 1.0);
+    ScanInputs {
+        u: Tensor::random([batch, channels, len], normal, device),
+        delta: Tensor::random(
+            [batch, channels, len],
+            Distribution::Uniform(-4.0, 1.0),
+            device,
+        ),
+        a: -Tensor::random([channels, state], Distribution::Uniform(0.0, 2.7), device).exp(),
+        b: Tensor::random([batch, groups, len, state], normal, device),
+        c: Tensor::random([batch, groups, len, state], normal, device),
+        d: Tensor::random([channels], normal, device),
+        z: Tensor::random([batch, channels, len], normal, device),
+        delta_bias: Tensor::random([channels], Distribution::Uniform(-1.0, 0.5), device),
     }
 }
 
@@ -95,26 +63,33 @@ fn main() {
             .expect("arguments: batch channels len state groups"),
     };
     let [batch, channels, len, state, groups] = dims;
-    let (fwd_flops, bwd_flops) = scan_flops(batch, channels, len, state);
+    let shape = ScanShape {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    };
+    let (fwd_flops, bwd_flops) = scan_flops(shape);
     let chunk = scan_chunk(&Device::flex(), state).expect("Flex has the fused kernel");
-    let (fwd_bytes, bwd_bytes) = scan_bytes(batch, channels, len, state, groups, chunk, 4);
+    let (fwd_bytes, bwd_bytes) = scan_bytes(shape, chunk, 4);
     let reps = 7;
     println!(
         "Bt={batch} Dc={channels} L={len} N={state} G={groups}, {} rayon threads, median of {reps}",
         rayon::current_num_threads()
     );
 
-    let plain = Inputs::new(dims, &Device::flex());
+    let plain = random_inputs(shape, &Device::flex());
     let forward = time(reps, || {
-        plain.scan().into_data();
+        selective_scan(plain.clone()).into_data();
     });
 
-    let x = Inputs::new(dims, &Device::flex().autodiff()).tracked();
+    let x = random_inputs(shape, &Device::flex().autodiff()).require_grad();
     let forward_ckpt = time(reps, || {
-        x.scan().into_data();
+        selective_scan(x.clone()).into_data();
     });
     let train = time(reps, || {
-        let grads = x.scan().sum().backward();
+        let grads = selective_scan(x.clone()).sum().backward();
         let du = x.u.grad(&grads).map(|g| g.into_data());
         std::hint::black_box(du);
     });

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, as_f32_mut, contiguous_f32};
-use crate::simd::{Lanes, simd_dispatch, simd_level};
+use crate::simd::{Isa, Lanes, SCALAR, simd_dispatch, simd_level};
 
 /// Hyper-parameters of one AdamW update of one tensor (PyTorch's formulation, decoupled decay).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -203,6 +203,7 @@ simd_dispatch!(fn update_piece(
 /// the result does not depend on the vector width.
 #[inline(always)]
 fn update_generic<V: Lanes>(
+    isa: Isa<V>,
     c: &Coefficients,
     theta: &mut [f32],
     grad: &[f32],
@@ -210,12 +211,13 @@ fn update_generic<V: Lanes>(
     v: &mut [f32],
 ) {
     let split = theta.len() - theta.len() % V::WIDTH;
-    update_range::<V>(c, 0..split, theta, grad, m, v);
-    update_range::<f32>(c, split..theta.len(), theta, grad, m, v);
+    update_range(isa, c, 0..split, theta, grad, m, v);
+    update_range(SCALAR, c, split..theta.len(), theta, grad, m, v);
 }
 
 #[inline(always)]
 fn update_range<V: Lanes>(
+    isa: Isa<V>,
     c: &Coefficients,
     range: std::ops::Range<usize>,
     theta: &mut [f32],
@@ -223,14 +225,14 @@ fn update_range<V: Lanes>(
     m: &mut [f32],
     v: &mut [f32],
 ) {
-    let s = V::splat;
+    let s = |x| isa.splat(x);
     for i in range.step_by(V::WIDTH) {
-        let g = V::load(&grad[i..]) * s(c.grad_scale);
-        let m_new = V::load(&m[i..]) * s(c.beta1) + g * s(c.one_minus_beta1);
-        let v_new = V::load(&v[i..]) * s(c.beta2) + (g * g) * s(c.one_minus_beta2);
+        let g = isa.load(&grad[i..]) * s(c.grad_scale);
+        let m_new = isa.load(&m[i..]) * s(c.beta1) + g * s(c.one_minus_beta1);
+        let v_new = isa.load(&v[i..]) * s(c.beta2) + (g * g) * s(c.one_minus_beta2);
         let denom = (v_new / s(c.bias2)).sqrt() + s(c.eps);
         let step = (m_new / s(c.bias1)) / denom * s(c.lr);
-        (V::load(&theta[i..]) * s(c.keep) - step).store(&mut theta[i..]);
+        (isa.load(&theta[i..]) * s(c.keep) - step).store(&mut theta[i..]);
         m_new.store(&mut m[i..]);
         v_new.store(&mut v[i..]);
     }

@@ -21,8 +21,8 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dtype::expect_same_dtype;
-use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
-use crate::simd::{Lanes, sigmoid, simd_dispatch, simd_level};
+use crate::host::{as_f32, contiguous_f32, from_f32, output};
+use crate::simd::{Isa, Lanes, SCALAR, sigmoid, simd_dispatch, simd_level};
 
 /// The fused `silu(causal_depthwise_conv(x) + bias)`; `x`: `[batch, channels, len]`, `weight`:
 /// `[channels, K]` (tap `K-1` multiplies the current step), `bias`: `[channels]`. Returns
@@ -121,7 +121,7 @@ fn forward(x: &[f32], weight: &[f32], bias: &[f32], dims: ConvDims) -> Vec<f32> 
         len,
         taps,
     } = dims;
-    let mut out = zeros(x.len());
+    let mut out = output(x.len());
     out.par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
@@ -141,23 +141,30 @@ simd_dispatch!(fn forward_lane(padded: &[f32], w: &[f32], bias: f32, out: &mut [
 
 /// `out[t] = silu(bias + Σ_k w[k] padded[t+k])`, `padded` = `K-1` zeros then the lane's input.
 #[inline(always)]
-fn forward_lane_generic<V: Lanes>(padded: &[f32], w: &[f32], bias: f32, out: &mut [f32]) {
+fn forward_lane_generic<V: Lanes>(
+    isa: Isa<V>,
+    padded: &[f32],
+    w: &[f32],
+    bias: f32,
+    out: &mut [f32],
+) {
     let split = out.len() - out.len() % V::WIDTH;
-    forward_range::<V>(padded, w, bias, 0..split, out);
-    forward_range::<f32>(padded, w, bias, split..out.len(), out);
+    forward_range(isa, padded, w, bias, 0..split, out);
+    forward_range(SCALAR, padded, w, bias, split..out.len(), out);
 }
 
 #[inline(always)]
-fn pre_activation<V: Lanes>(padded: &[f32], w: &[f32], bias: f32, t: usize) -> V {
-    let mut a = V::splat(bias);
+fn pre_activation<V: Lanes>(isa: Isa<V>, padded: &[f32], w: &[f32], bias: f32, t: usize) -> V {
+    let mut a = isa.splat(bias);
     for (k, &wk) in w.iter().enumerate() {
-        a = V::splat(wk).mul_add(V::load(&padded[t + k..]), a);
+        a = isa.splat(wk).mul_add(isa.load(&padded[t + k..]), a);
     }
     a
 }
 
 #[inline(always)]
 fn forward_range<V: Lanes>(
+    isa: Isa<V>,
     padded: &[f32],
     w: &[f32],
     bias: f32,
@@ -165,7 +172,7 @@ fn forward_range<V: Lanes>(
     out: &mut [f32],
 ) {
     for t in ts.step_by(V::WIDTH) {
-        let a = pre_activation::<V>(padded, w, bias, t);
+        let a = pre_activation(isa, padded, w, bias, t);
         (a * sigmoid(a)).store(&mut out[t..]);
     }
 }
@@ -183,9 +190,9 @@ fn backward(
         len,
         taps,
     } = dims;
-    let mut dx = zeros(x.len());
+    let mut dx = output(x.len());
     // Per lane: [dw[0..K], dbias], summed over the batch afterwards in batch order.
-    let mut lane_params = zeros(x.len() / len * (taps + 1));
+    let mut lane_params = output(x.len() / len * (taps + 1));
     dx.par_chunks_mut(len)
         .zip(lane_params.par_chunks_mut(taps + 1))
         .zip(x.par_chunks(len).zip(dout.par_chunks(len)))
@@ -219,7 +226,9 @@ simd_dispatch!(fn backward_lane(
 /// One lane: `da = dout · silu'(a)` (into `da[..len]`, `K-1` zeros after it), then
 /// `dx[t] = Σ_k w[k] da[t + K-1-k]`, `dw[k] = Σ_t da[t] padded[t+k]`, `dbias = Σ_t da[t]`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn backward_lane_generic<V: Lanes>(
+    isa: Isa<V>,
     padded: &[f32],
     w: &[f32],
     bias: f32,
@@ -230,19 +239,21 @@ fn backward_lane_generic<V: Lanes>(
 ) {
     let (len, taps) = (dout.len(), w.len());
     let split = len - len % V::WIDTH;
-    da_range::<V>(padded, w, bias, dout, 0..split, da);
-    da_range::<f32>(padded, w, bias, dout, split..len, da);
+    da_range(isa, padded, w, bias, dout, 0..split, da);
+    da_range(SCALAR, padded, w, bias, dout, split..len, da);
     da[len..].fill(0.0);
-    let mut sums = vec![V::splat(0.0); taps + 1];
+    let mut sums = vec![isa.splat(0.0); taps + 1];
     for t in (0..split).step_by(V::WIDTH) {
-        let g = V::load(&da[t..]);
+        let g = isa.load(&da[t..]);
         for (k, sum) in sums[..taps].iter_mut().enumerate() {
-            *sum = g.mul_add(V::load(&padded[t + k..]), *sum);
+            *sum = g.mul_add(isa.load(&padded[t + k..]), *sum);
         }
         sums[taps] = sums[taps] + g;
-        let mut acc = V::splat(0.0);
+        let mut acc = isa.splat(0.0);
         for (k, &wk) in w.iter().enumerate() {
-            acc = V::splat(wk).mul_add(V::load(&da[t + taps - 1 - k..]), acc);
+            acc = isa
+                .splat(wk)
+                .mul_add(isa.load(&da[t + taps - 1 - k..]), acc);
         }
         acc.store(&mut dx[t..]);
     }
@@ -257,6 +268,7 @@ fn backward_lane_generic<V: Lanes>(
 
 #[inline(always)]
 fn da_range<V: Lanes>(
+    isa: Isa<V>,
     padded: &[f32],
     w: &[f32],
     bias: f32,
@@ -264,12 +276,12 @@ fn da_range<V: Lanes>(
     ts: std::ops::Range<usize>,
     da: &mut [f32],
 ) {
-    let one = V::splat(1.0);
+    let one = isa.splat(1.0);
     for t in ts.step_by(V::WIDTH) {
-        let a = pre_activation::<V>(padded, w, bias, t);
+        let a = pre_activation(isa, padded, w, bias, t);
         let s = sigmoid(a);
         let silu_grad = s * (one + a * (one - s));
-        (V::load(&dout[t..]) * silu_grad).store(&mut da[t..]);
+        (isa.load(&dout[t..]) * silu_grad).store(&mut da[t..]);
     }
 }
 

@@ -20,8 +20,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host::{as_f32, as_f32_mut, contiguous_f32, from_f32, int_ids};
-use crate::simd::{Lanes, exp_approx, simd_dispatch, simd_level};
+use crate::host::{as_f32, as_f32_mut, contiguous_f32, from_f32, int_ids, output};
+use crate::simd::{Isa, Lanes, exp_approx, simd_dispatch, simd_level};
 
 /// Targets equal to this id are padding/masked and do not count (PyTorch's default `-100`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -99,7 +99,7 @@ impl Forward {
                  (and is not the ignore index {IGNORE_INDEX})"
             );
         }
-        let mut lse = vec![0f32; targets.len()];
+        let mut lse = output(targets.len());
         lse.par_iter_mut()
             .zip(logits.par_chunks(vocab))
             .for_each(|(lse, row)| *lse = log_sum_exp(row));
@@ -146,17 +146,17 @@ simd_dispatch!(pub(crate) fn softmax_times(row: &mut [f32], lse: f32, scale: f32
 
 /// `max + ln Σ exp(x - max)`: whole vectors with `V`, the tail with scalars.
 #[inline(always)]
-fn log_sum_exp_generic<V: Lanes>(row: &[f32]) -> f32 {
+fn log_sum_exp_generic<V: Lanes>(isa: Isa<V>, row: &[f32]) -> f32 {
     let split = row.len() - row.len() % V::WIDTH;
     let (body, tail) = row.split_at(split);
-    let mut max = V::splat(f32::NEG_INFINITY);
+    let mut max = isa.splat(f32::NEG_INFINITY);
     for i in (0..split).step_by(V::WIDTH) {
-        max = V::load(&body[i..]).max(max);
+        max = isa.load(&body[i..]).max(max);
     }
     let max = tail.iter().fold(max.max_lane(), |m, &x| x.max(m));
-    let (max_v, mut sum) = (V::splat(max), V::splat(0.0));
+    let (max_v, mut sum) = (isa.splat(max), isa.splat(0.0));
     for i in (0..split).step_by(V::WIDTH) {
-        sum = sum + exp_approx(V::load(&body[i..]) - max_v);
+        sum = sum + exp_approx(isa.load(&body[i..]) - max_v);
     }
     let sum = tail.iter().fold(sum.sum(), |s, &x| s + exp_approx(x - max));
     max + sum.ln()
@@ -164,12 +164,12 @@ fn log_sum_exp_generic<V: Lanes>(row: &[f32]) -> f32 {
 
 /// `row ← exp(row - lse) · scale`.
 #[inline(always)]
-fn softmax_times_generic<V: Lanes>(row: &mut [f32], lse: f32, scale: f32) {
+fn softmax_times_generic<V: Lanes>(isa: Isa<V>, row: &mut [f32], lse: f32, scale: f32) {
     let split = row.len() - row.len() % V::WIDTH;
     let (body, tail) = row.split_at_mut(split);
-    let (lse_v, scale_v) = (V::splat(lse), V::splat(scale));
+    let (lse_v, scale_v) = (isa.splat(lse), isa.splat(scale));
     for i in (0..split).step_by(V::WIDTH) {
-        (exp_approx(V::load(&body[i..]) - lse_v) * scale_v).store(&mut body[i..]);
+        (exp_approx(isa.load(&body[i..]) - lse_v) * scale_v).store(&mut body[i..]);
     }
     for x in tail {
         *x = exp_approx(*x - lse) * scale;

@@ -8,22 +8,12 @@
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::check::{Check, Comparisons, Rng};
-use crate::{scan_chunk, selective_scan};
-
-/// Sizes of one scan: batch, channels, groups (heads), sequence length, state.
-#[derive(Clone, Copy, Debug)]
-pub struct ScanSize {
-    pub batch: usize,
-    pub channels: usize,
-    pub groups: usize,
-    pub len: usize,
-    pub state: usize,
-}
+use crate::{ScanInputs, ScanShape, scan_chunk, selective_scan};
 
 /// Odd sizes: lengths that are no multiple of either kernel's chunk, N = 1 and 16, several heads,
 /// groups whose channels do not fill the last cube of the CubeCL backward, a single step.
-pub fn odd_sizes() -> Vec<ScanSize> {
-    let s = |batch, channels, groups, len, state| ScanSize {
+pub fn odd_sizes() -> Vec<ScanShape> {
+    let s = |batch, channels, groups, len, state| ScanShape {
         batch,
         channels,
         groups,
@@ -39,14 +29,14 @@ pub fn odd_sizes() -> Vec<ScanSize> {
     ]
 }
 
-/// Names of the scan's inputs, in argument order.
+/// Names of the scan's inputs, in the order of [`ScanInputs`]' fields.
 pub const INPUT_NAMES: [&str; 8] = ["u", "delta", "a", "b", "c", "d", "z", "delta_bias"];
 
 /// Random inputs of one scan in the order of [`INPUT_NAMES`], and the weights `w` of the loss
 /// `Σ w · out` whose gradients are compared.
 #[derive(Clone, Debug)]
 pub struct ScanCase {
-    pub size: ScanSize,
+    pub size: ScanShape,
     pub inputs: [Vec<f32>; 8],
     pub w: Vec<f32>,
 }
@@ -54,8 +44,8 @@ pub struct ScanCase {
 impl ScanCase {
     /// Inputs in the ranges the model produces: Δ pre-activations mostly below softplus's linear
     /// threshold, `A = -exp(·)` in `[-8, -0.5]`.
-    pub fn new(size: ScanSize, seed: u64) -> Self {
-        let ScanSize {
+    pub fn new(size: ScanShape, seed: u64) -> Self {
+        let ScanShape {
             batch,
             channels,
             groups,
@@ -106,7 +96,7 @@ impl ScanCase {
     }
 
     pub fn shapes(&self) -> [Vec<usize>; 8] {
-        let ScanSize {
+        let ScanShape {
             batch,
             channels,
             groups,
@@ -146,16 +136,16 @@ impl ScanCase {
         };
         let leaves: [Tensor<1>; 8] = std::array::from_fn(input);
         let dims = |i: usize| shapes[i].clone();
-        let out = selective_scan(
-            leaves[0].clone().reshape(to3(&dims(0))),
-            leaves[1].clone().reshape(to3(&dims(1))),
-            leaves[2].clone().reshape([dims(2)[0], dims(2)[1]]),
-            leaves[3].clone().reshape(to4(&dims(3))),
-            leaves[4].clone().reshape(to4(&dims(4))),
-            leaves[5].clone(),
-            leaves[6].clone().reshape(to3(&dims(6))),
-            leaves[7].clone(),
-        );
+        let out = selective_scan(ScanInputs {
+            u: leaves[0].clone().reshape(to3(&dims(0))),
+            delta: leaves[1].clone().reshape(to3(&dims(1))),
+            a: leaves[2].clone().reshape([dims(2)[0], dims(2)[1]]),
+            b: leaves[3].clone().reshape(to4(&dims(3))),
+            c: leaves[4].clone().reshape(to4(&dims(4))),
+            d: leaves[5].clone(),
+            z: leaves[6].clone().reshape(to3(&dims(6))),
+            delta_bias: leaves[7].clone(),
+        });
         if out.dtype() != activations {
             return Err(format!(
                 "output in {:?}, expected the activations' {activations:?}",
@@ -290,7 +280,7 @@ fn vs_cpu_kernel(device: &Device) -> Check {
 /// several blocks (the CPU kernel's partial sums) and several cubes (the CubeCL backward).
 fn deterministic(device: &Device) -> Check {
     Check::run("scan deterministic bit for bit", || {
-        let size = ScanSize {
+        let size = ScanShape {
             batch: 2,
             channels: 64,
             groups: 2,

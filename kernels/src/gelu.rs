@@ -16,8 +16,8 @@ use burn::tensor::activation::gelu;
 use rayon::prelude::*;
 
 use crate::dtype::expect_same_dtype;
-use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
-use crate::simd::{Lanes, exp_approx, simd_dispatch, simd_level};
+use crate::host::{as_f32, contiguous_f32, from_f32, output};
+use crate::simd::{Isa, Lanes, exp_approx, simd_dispatch, simd_level};
 
 /// `gelu(gate) · up`, `gelu(x) = x/2 · (1 + erf(x/√2))`. Fused on Flex devices;
 /// [`gelu_mul_reference`] elsewhere.
@@ -64,25 +64,27 @@ const PIECE: usize = 1 << 14;
 /// `exp` from [`exp_approx`]; odd in `x`.
 #[inline(always)]
 fn erf<V: Lanes>(x: V) -> V {
-    let zero = V::splat(0.0);
+    let isa = x.isa();
+    let zero = isa.splat(0.0);
     let a = x.max(zero - x);
-    let t = V::splat(1.0) / a.mul_add(V::splat(0.327_591_1), V::splat(1.0));
-    let mut p = V::splat(1.061_405_4);
-    p = p.mul_add(t, V::splat(-1.453_152));
-    p = p.mul_add(t, V::splat(1.421_413_8));
-    p = p.mul_add(t, V::splat(-0.284_496_74));
-    p = p.mul_add(t, V::splat(0.254_829_6));
-    let e = V::splat(1.0) - p * t * exp_approx(zero - a * a);
+    let t = isa.splat(1.0) / a.mul_add(isa.splat(0.327_591_1), isa.splat(1.0));
+    let mut p = isa.splat(1.061_405_4);
+    p = p.mul_add(t, isa.splat(-1.453_152));
+    p = p.mul_add(t, isa.splat(1.421_413_8));
+    p = p.mul_add(t, isa.splat(-0.284_496_74));
+    p = p.mul_add(t, isa.splat(0.254_829_6));
+    let e = isa.splat(1.0) - p * t * exp_approx(zero - a * a);
     V::select_lt(x, zero, zero - e, e)
 }
 
 /// `(gelu(g), gelu'(g))`.
 #[inline(always)]
 fn gelu_and_grad<V: Lanes>(g: V) -> (V, V) {
-    let half = V::splat(0.5);
-    let cdf = half * (V::splat(1.0) + erf(g * V::splat(std::f32::consts::FRAC_1_SQRT_2)));
+    let isa = g.isa();
+    let half = isa.splat(0.5);
+    let cdf = half * (isa.splat(1.0) + erf(g * isa.splat(std::f32::consts::FRAC_1_SQRT_2)));
     // φ(g) = exp(-g²/2) / √(2π)
-    let pdf = exp_approx(V::splat(0.0) - half * g * g) * V::splat(0.398_942_3);
+    let pdf = exp_approx(isa.splat(0.0) - half * g * g) * isa.splat(0.398_942_3);
     (g * cdf, g.mul_add(pdf, cdf))
 }
 
@@ -90,10 +92,10 @@ simd_dispatch!(fn forward_piece(gate: &[f32], up: &[f32], out: &mut [f32])
     = forward_piece_generic, level = simd_level());
 
 #[inline(always)]
-fn forward_piece_generic<V: Lanes>(gate: &[f32], up: &[f32], out: &mut [f32]) {
+fn forward_piece_generic<V: Lanes>(isa: Isa<V>, gate: &[f32], up: &[f32], out: &mut [f32]) {
     let split = gate.len() - gate.len() % V::WIDTH;
     for i in (0..split).step_by(V::WIDTH) {
-        (gelu_and_grad(V::load(&gate[i..])).0 * V::load(&up[i..])).store(&mut out[i..]);
+        (gelu_and_grad(isa.load(&gate[i..])).0 * isa.load(&up[i..])).store(&mut out[i..]);
     }
     for i in split..gate.len() {
         out[i] = gelu_and_grad(gate[i]).0 * up[i];
@@ -105,6 +107,7 @@ simd_dispatch!(fn backward_piece(gate: &[f32], up: &[f32], dout: &[f32], dgate: 
 
 #[inline(always)]
 fn backward_piece_generic<V: Lanes>(
+    isa: Isa<V>,
     gate: &[f32],
     up: &[f32],
     dout: &[f32],
@@ -113,9 +116,9 @@ fn backward_piece_generic<V: Lanes>(
 ) {
     let split = gate.len() - gate.len() % V::WIDTH;
     for i in (0..split).step_by(V::WIDTH) {
-        let (value, slope) = gelu_and_grad(V::load(&gate[i..]));
-        let d = V::load(&dout[i..]);
-        (d * V::load(&up[i..]) * slope).store(&mut dgate[i..]);
+        let (value, slope) = gelu_and_grad(isa.load(&gate[i..]));
+        let d = isa.load(&dout[i..]);
+        (d * isa.load(&up[i..]) * slope).store(&mut dgate[i..]);
         (d * value).store(&mut dup[i..]);
     }
     for i in split..gate.len() {
@@ -126,7 +129,7 @@ fn backward_piece_generic<V: Lanes>(
 }
 
 fn forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = zeros(gate.len());
+    let mut out = output(gate.len());
     out.par_chunks_mut(PIECE)
         .zip(gate.par_chunks(PIECE).zip(up.par_chunks(PIECE)))
         .for_each(|(out, (gate, up))| forward_piece(gate, up, out));
@@ -134,7 +137,7 @@ fn forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
 }
 
 fn backward(gate: &[f32], up: &[f32], dout: &[f32]) -> [Vec<f32>; 2] {
-    let (mut dgate, mut dup) = (zeros(gate.len()), zeros(gate.len()));
+    let (mut dgate, mut dup) = (output(gate.len()), output(gate.len()));
     dgate
         .par_chunks_mut(PIECE)
         .zip(dup.par_chunks_mut(PIECE))

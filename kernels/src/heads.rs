@@ -14,6 +14,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dtype::expect_same_dtype;
+use crate::host::{from_f32, zeros};
 use crate::strided::{
     Dst, Mat, SharedMut, Threads, dense_strides_like, gemm_into, product_with_grads, written,
 };
@@ -132,7 +133,7 @@ fn forward(w: &FlexTensor, x: &FlexTensor, transposed: bool) -> FlexTensor {
         true => vec![(h * m * n) as isize, (m * n) as isize, 1, m as isize],
         false => Layout::contiguous(shape.clone()).strides().to_vec(),
     };
-    written(shape, strides.clone(), |out| {
+    let fill = |out| {
         let out = SharedMut(out);
         // SAFETY: each task writes its own (batch, head) matrix of the output.
         for_each_part(b, h, |bi, hi| unsafe {
@@ -146,14 +147,16 @@ fn forward(w: &FlexTensor, x: &FlexTensor, transposed: bool) -> FlexTensor {
                 Threads::Caller,
             )
         })
-    })
+    };
+    // SAFETY: the (batch, head) matrices cover the output.
+    unsafe { written(shape, strides.clone(), fill) }
 }
 
 /// `dx[b, h] = w[h]ᵀ · dy[b, h]`, in the memory order of `x` where that is dense.
 fn grad_x(w: &FlexTensor, x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let [b, h, _, _] = x.layout().shape().dims::<4>();
     let strides = dense_strides_like(x.layout());
-    written(x.layout().shape().clone(), strides.clone(), |dx| {
+    let fill = |dx| {
         let dx = SharedMut(dx);
         // SAFETY: each task writes its own (batch, head) matrix of dx.
         for_each_part(b, h, |bi, hi| unsafe {
@@ -167,16 +170,22 @@ fn grad_x(w: &FlexTensor, x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
                 Threads::Caller,
             )
         })
-    })
+    };
+    // SAFETY: the (batch, head) matrices cover dx (its strides are dense).
+    unsafe { written(x.layout().shape().clone(), strides.clone(), fill) }
 }
 
 /// `dw[h] = Σ_b dy[b, h] · x[b, h]ᵀ`, in the memory order of `w` where that is dense.
 fn grad_w(w: &FlexTensor, x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let [b, h, _, _] = x.layout().shape().dims::<4>();
+    if b == 0 {
+        // A sum of no products.
+        let shape = w.layout().shape().clone();
+        return from_f32(zeros(shape.num_elements()), shape, DType::F32);
+    }
     let strides = dense_strides_like(w.layout());
-    written(w.layout().shape().clone(), strides.clone(), |dw| {
+    let fill = |dw| {
         let dw = SharedMut(dw);
-        // SAFETY: each task owns head h of dw; its first GEMM writes all of it, the rest add.
         (0..h).into_par_iter().for_each(|hi| {
             let dst = Dst {
                 ptr: dw.ptr().wrapping_offset(hi as isize * strides[0]),
@@ -185,10 +194,14 @@ fn grad_w(w: &FlexTensor, x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
             };
             for bi in 0..b {
                 let (dyp, xp) = (part(dy, bi, hi), part(x, bi, hi).t());
+                // SAFETY: each task owns head hi of dw; its first GEMM writes all of it, the
+                // rest add.
                 unsafe { gemm_into(dst, dyp, xp, 1.0, bi > 0, Threads::Caller) }
             }
         })
-    })
+    };
+    // SAFETY: every head's first GEMM writes all of that head (dw's strides are dense).
+    unsafe { written(w.layout().shape().clone(), strides.clone(), fill) }
 }
 
 impl HeadsBackend for Flex {

@@ -7,18 +7,47 @@ use burn::tensor::Shape;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// Whether kernel output buffers start as NaN (feature `poison-outputs`, on in this crate's
+/// tests): a test comparing a result with a reference then fails on every element a kernel
+/// failed to write, or read before writing it.
+const POISON: bool = cfg!(feature = "poison-outputs");
+
 /// `len` zeros, written by all threads of the pool. A large `vec![0.0; len]` is one
 /// single-threaded memset on the calling thread (freed memory is reused, so the allocator cannot
 /// hand out pages the kernel zeroed), while the kernels' own passes over the buffer run in
-/// parallel.
+/// parallel. For buffers whose zeros are read (sums accumulated in place); a buffer the kernel
+/// writes in full before reading it is an [`output`].
 pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    filled(len, 0.0)
+}
+
+/// `len` floats for a kernel to write in full before it reads or returns them: zeros (a
+/// `&mut [f32]` must not see uninitialised memory), NaN with [`POISON`].
+pub(crate) fn output(len: usize) -> Vec<f32> {
+    filled(len, if POISON { f32::NAN } else { 0.0 })
+}
+
+fn filled(len: usize, value: f32) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     v.spare_capacity_mut()
         .par_chunks_mut(1 << 14)
-        .for_each(|chunk| chunk.fill(MaybeUninit::new(0.0)));
+        .for_each(|chunk| chunk.fill(MaybeUninit::new(value)));
     // SAFETY: every element of the capacity was just written.
     unsafe { v.set_len(len) };
     v
+}
+
+/// Room for `len` floats that a kernel writes through raw pointers (GEMM destinations), never
+/// zero-filled: uninitialised, NaN with [`POISON`]. Only what was written may be read (e.g. by
+/// `assume_init` once every element was).
+pub(crate) fn unwritten(len: usize) -> Box<[MaybeUninit<f32>]> {
+    let mut buffer = Box::new_uninit_slice(len);
+    if POISON {
+        buffer
+            .par_chunks_mut(1 << 14)
+            .for_each(|chunk| chunk.fill(MaybeUninit::new(f32::NAN)));
+    }
+    buffer
 }
 
 /// A contiguous `f32` tensor with the same values; no copy when `t` already is one.
@@ -104,5 +133,28 @@ pub(crate) fn cast_back(t: FlexTensor, shape: Shape, dtype: DType) -> FlexTensor
     match dtype {
         DType::F32 => t,
         other => Flex::float_cast(t, FloatDType::from(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tests run with `poison-outputs`: an element a kernel does not write stays NaN and
+    /// fails their comparisons; zeros stay zeros for the sums that start from them.
+    #[test]
+    fn output_buffers_hold_nan_until_written_in_the_tests() {
+        const {
+            assert!(
+                POISON,
+                "this crate's tests run with the feature poison-outputs"
+            )
+        };
+        let n = 3 << 14; // several pieces of the parallel fill
+        assert!(output(n).iter().all(|x| x.is_nan()));
+        // SAFETY: `unwritten` fills the buffer with `POISON`.
+        let poisoned = unsafe { unwritten(n).assume_init() };
+        assert!(poisoned.iter().all(|x| x.is_nan()));
+        assert!(zeros(n).iter().all(|&x| x == 0.0));
     }
 }

@@ -17,6 +17,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dtype::expect_same_dtype;
+use crate::host::{from_f32, zeros};
 use crate::strided::{
     Dst, Mat, Threads, dense_strides_like, gemm_into, product_with_grads, written,
 };
@@ -158,29 +159,35 @@ fn forward(x: &FlexTensor, w: &FlexTensor, channels_first: bool) -> FlexTensor {
     let shape = Shape::from(vec![b, m, n]);
     if channels_first {
         let strides = vec![(m * n) as isize, 1, m as isize];
-        return written(shape, strides, |out| {
+        let fill = |out| {
             let out = Dst {
                 ptr: out,
                 rs: 1,
                 cs: m as isize,
             };
-            // SAFETY: batch i is the m × n matrix at offset i·m·n, column-major.
+            // SAFETY: batch i is the m × n matrix at offset i·m·n, column-major; the batches
+            // are disjoint; the operands are the tensors' own views.
             for_each_batch(b, |i| unsafe {
                 gemm_into(out.at(0, i * n), batch(x, i), w, 1.0, false, Threads::Pool)
             })
-        });
+        };
+        // SAFETY: the b column-major m × n products cover the output.
+        return unsafe { written(shape, strides, fill) };
     }
     let strides = Layout::contiguous(shape.clone()).strides().to_vec();
-    written(shape, strides, |out| {
+    let fill = |out| {
         let out = Dst::rows_of(out, n);
-        // SAFETY: the output is b·m × n, row-major; the operands are the tensors' own views.
+        // SAFETY: the output is b·m × n, row-major (batch i: rows i·m..(i+1)·m, disjoint); the
+        // operands are the tensors' own views.
         match merged(x) {
             Some(x) => unsafe { gemm_into(out, x, w, 1.0, false, Threads::Pool) },
             None => for_each_batch(b, |i| unsafe {
                 gemm_into(out.at(i * m, 0), batch(x, i), w, 1.0, false, Threads::Pool)
             }),
         }
-    })
+    };
+    // SAFETY: the product (or one per batch) writes all b·m rows of the output.
+    unsafe { written(shape, strides, fill) }
 }
 
 /// `dx = dy · Wᵀ`, in the memory order of `x` where that is dense.
@@ -188,18 +195,21 @@ fn grad_x(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let shape = x.layout().shape().clone();
     let strides = dense_strides_like(x.layout());
     let wt = weight(w).t();
-    written(shape.clone(), strides.clone(), |dx| {
+    let fill = |dx| {
         let dx = Dst {
             ptr: dx,
             rs: strides[1],
             cs: strides[2],
         };
-        // SAFETY: batch i of dx is an m × k matrix at these strides inside the buffer.
+        // SAFETY: batch i of dx is an m × k matrix at these (dense) strides inside the buffer,
+        // disjoint from the other batches'.
         for_each_batch(shape[0], |i| unsafe {
             let dst = dx.offset(i as isize * strides[0]);
             gemm_into(dst, batch(dy, i), wt, 1.0, false, Threads::Pool)
         })
-    })
+    };
+    // SAFETY: the batches' products cover dx.
+    unsafe { written(shape.clone(), strides.clone(), fill) }
 }
 
 /// Columns of dW per task when it is a sum of per-batch products.
@@ -208,24 +218,32 @@ const GRAD_W_COLS: usize = 64;
 /// `dW = Σ_batches xᵀ · dy`, in the memory order of `w` where that is dense.
 fn grad_w(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let shape = w.layout().shape().clone();
+    if x.layout().shape()[0] == 0 {
+        // A sum of no products.
+        return from_f32(zeros(shape.num_elements()), shape, DType::F32);
+    }
     let strides = dense_strides_like(w.layout());
     let (rs, cs, cols) = (strides[0], strides[1], shape[1]);
-    written(shape, strides, |dw| {
+    let fill = |dw| {
         let dst = Dst { ptr: dw, rs, cs };
-        // SAFETY: dW is a k × n matrix at these strides; the first GEMM writes all of it.
+        // SAFETY: dW is a k × n matrix at these (dense) strides; the first product into each
+        // part of it writes that part, the others add to it.
         match (merged(x), merged(dy)) {
             (Some(x), Some(dy)) => unsafe { gemm_into(dst, x.t(), dy, 1.0, false, Threads::Pool) },
             // One sum of per-batch products: blocks of dW's columns in parallel, each summing
             // the batches in order (the same sums as one product after another). Whole-dW
             // products would have gemm pack each batch's xᵀ, when row-major, on the calling
-            // thread; blocks of rows would each pack all of the batch's dy (in_proj's
-            // channel-major dy: 34% slower), blocks of columns pack only theirs.
+            // thread; blocks of rows would each pack all of the batch's dy (a strided copy of
+            // the whole of it when dy is channel-major, as in_proj's is, repeated per block);
+            // blocks of columns pack only theirs.
             _ => {
                 let batches = x.layout().shape()[0];
                 (0..cols.div_ceil(GRAD_W_COLS))
                     .into_par_iter()
                     .for_each(|block| {
                         let (c0, c1) = (block * GRAD_W_COLS, ((block + 1) * GRAD_W_COLS).min(cols));
+                        // SAFETY: columns c0..c1 of dW belong to this task; batch 0 writes
+                        // them, the others add.
                         (0..batches).for_each(|i| unsafe {
                             let dy = batch(dy, i).cols(c0, c1);
                             gemm_into(
@@ -240,7 +258,9 @@ fn grad_w(x: &FlexTensor, w: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
                     });
             }
         }
-    })
+    };
+    // SAFETY: the product, or each block's first product, writes every element of dW.
+    unsafe { written(shape, strides, fill) }
 }
 
 impl LinearBackend for Flex {

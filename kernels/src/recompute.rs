@@ -20,10 +20,11 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, BackendTensor, Dispatch, DispatchAutodiffContext,
-    DispatchTensor, DispatchTensorKind, Flex, backend_extension,
+    DispatchTensor, DispatchTensorKind, ExtensionType, Flex, backend_extension,
 };
 
-/// Most tensors (activations and parameters together) one segment may take.
+/// Most tensors (activations and parameters together) one segment may take: the autodiff node has
+/// a fixed number of parents.
 pub const MAX_SEGMENT_INPUTS: usize = 12;
 
 /// A block of the forward pass, over rank-erased tensors (the segment knows their ranks).
@@ -63,50 +64,64 @@ pub fn recompute(inputs: Vec<DispatchTensor>, segment: Arc<dyn Segment>) -> Disp
         "recompute: a segment takes 1 to {MAX_SEGMENT_INPUTS} tensors, got {}",
         inputs.len()
     );
-    let count = inputs.len();
-    // The op takes a fixed number of tensors: pad with the first (ignored past `count`).
-    let padded: Vec<DispatchTensor> = (0..MAX_SEGMENT_INPUTS)
-        .map(|i| inputs.get(i).unwrap_or(&inputs[0]).clone())
-        .collect();
-    let [t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11] =
-        padded.try_into().expect("MAX_SEGMENT_INPUTS tensors");
-    <Dispatch as RecomputeBackend>::recompute(
-        t0,
-        t1,
-        t2,
-        t3,
-        t4,
-        t5,
-        t6,
-        t7,
-        t8,
-        t9,
-        t10,
-        t11,
-        count,
-        SegmentArg(segment),
-    )
+    <Dispatch as RecomputeBackend>::recompute(SegmentInputs(inputs), SegmentArg(segment))
 }
 
-/// The op over `count` tensors, `t0..t11` (a backend extension takes a fixed number of tensor
-/// arguments; those past `count` are padding).
+/// The segment's inputs at the backend-extension boundary: float primitives of backend `B`, as
+/// many as the segment takes (`#[derive(ExtensionType)]` maps fixed fields only, hence the
+/// implementation below, which does for a list what the derive does for each field).
+pub(crate) struct SegmentInputs<B: Backend>(Vec<FloatTensor<B>>);
+
+impl<B: Backend> ExtensionType<B> for SegmentInputs<B> {
+    type Target = SegmentInputs<Dispatch>;
+
+    fn map_to_dispatch<F>(self, map_kind: F, autodiff: DispatchAutodiffContext) -> Self::Target
+    where
+        F: Fn(BackendTensor<B>) -> DispatchTensorKind,
+    {
+        let wrap = |t| DispatchTensor {
+            kind: map_kind(BackendTensor::Float(t)),
+            autodiff,
+        };
+        SegmentInputs(self.0.into_iter().map(wrap).collect())
+    }
+
+    fn map_from_dispatch<F>(target: Self::Target, unwrap_kind: F) -> Self
+    where
+        F: Fn(DispatchTensor) -> BackendTensor<B>,
+    {
+        SegmentInputs(
+            target
+                .0
+                .into_iter()
+                .map(|t| unwrap_kind(t).float())
+                .collect(),
+        )
+    }
+
+    fn routing_tensor(target: &Self::Target) -> Option<&DispatchTensor> {
+        target.0.first()
+    }
+
+    fn routing_float_tensor(target: &Self::Target) -> Option<&DispatchTensor> {
+        target.0.first()
+    }
+
+    fn autodiff_context(target: &Self::Target) -> DispatchAutodiffContext {
+        target
+            .0
+            .iter()
+            .fold(DispatchAutodiffContext::Disabled, |context, t| {
+                context.merge(t.autodiff)
+            })
+    }
+}
+
+/// The op over the segment's inputs.
 #[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub(crate) trait RecomputeBackend: Backend {
-    #[allow(clippy::too_many_arguments)]
     fn recompute(
-        t0: FloatTensor<Self>,
-        t1: FloatTensor<Self>,
-        t2: FloatTensor<Self>,
-        t3: FloatTensor<Self>,
-        t4: FloatTensor<Self>,
-        t5: FloatTensor<Self>,
-        t6: FloatTensor<Self>,
-        t7: FloatTensor<Self>,
-        t8: FloatTensor<Self>,
-        t9: FloatTensor<Self>,
-        t10: FloatTensor<Self>,
-        t11: FloatTensor<Self>,
-        count: usize,
+        #[extension_type] inputs: SegmentInputs<Self>,
         segment: SegmentArg,
     ) -> FloatTensor<Self>;
 }
@@ -154,57 +169,10 @@ fn run_plain<B: Wrap>(inputs: Vec<FloatTensor<B>>, segment: &SegmentArg) -> Floa
     B::unwrap(segment.0.forward(inputs.into_iter().map(B::wrap).collect()))
 }
 
-/// The first `count` of the op's tensor arguments.
-fn real<T>(padded: [T; MAX_SEGMENT_INPUTS], count: usize) -> Vec<T> {
-    padded.into_iter().take(count).collect()
-}
-
-impl RecomputeBackend for Flex {
-    fn recompute(
-        t0: FloatTensor<Self>,
-        t1: FloatTensor<Self>,
-        t2: FloatTensor<Self>,
-        t3: FloatTensor<Self>,
-        t4: FloatTensor<Self>,
-        t5: FloatTensor<Self>,
-        t6: FloatTensor<Self>,
-        t7: FloatTensor<Self>,
-        t8: FloatTensor<Self>,
-        t9: FloatTensor<Self>,
-        t10: FloatTensor<Self>,
-        t11: FloatTensor<Self>,
-        count: usize,
-        segment: SegmentArg,
-    ) -> FloatTensor<Self> {
-        run_plain::<Self>(
-            real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count),
-            &segment,
-        )
-    }
-}
-
-#[cfg(feature = "cube")]
-impl RecomputeBackend for burn::backend::Cube {
-    fn recompute(
-        t0: FloatTensor<Self>,
-        t1: FloatTensor<Self>,
-        t2: FloatTensor<Self>,
-        t3: FloatTensor<Self>,
-        t4: FloatTensor<Self>,
-        t5: FloatTensor<Self>,
-        t6: FloatTensor<Self>,
-        t7: FloatTensor<Self>,
-        t8: FloatTensor<Self>,
-        t9: FloatTensor<Self>,
-        t10: FloatTensor<Self>,
-        t11: FloatTensor<Self>,
-        count: usize,
-        segment: SegmentArg,
-    ) -> FloatTensor<Self> {
-        run_plain::<Self>(
-            real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count),
-            &segment,
-        )
+/// Flex and Cube without autodiff: the segment's forward.
+impl<B: Wrap> RecomputeBackend for B {
+    fn recompute(inputs: SegmentInputs<Self>, segment: SegmentArg) -> FloatTensor<Self> {
+        run_plain::<B>(inputs.0, &segment)
     }
 }
 
@@ -246,27 +214,9 @@ impl<B: Wrap> Backward<B, MAX_SEGMENT_INPUTS> for RecomputeBackward {
 }
 
 impl<B: Wrap, C: CheckpointStrategy> RecomputeBackend for Autodiff<B, C> {
-    fn recompute(
-        t0: FloatTensor<Self>,
-        t1: FloatTensor<Self>,
-        t2: FloatTensor<Self>,
-        t3: FloatTensor<Self>,
-        t4: FloatTensor<Self>,
-        t5: FloatTensor<Self>,
-        t6: FloatTensor<Self>,
-        t7: FloatTensor<Self>,
-        t8: FloatTensor<Self>,
-        t9: FloatTensor<Self>,
-        t10: FloatTensor<Self>,
-        t11: FloatTensor<Self>,
-        count: usize,
-        segment: SegmentArg,
-    ) -> FloatTensor<Self> {
+    fn recompute(inputs: SegmentInputs<Self>, segment: SegmentArg) -> FloatTensor<Self> {
         let (tensors, mut guards): (Vec<_>, Vec<_>) =
-            real([t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11], count)
-                .into_iter()
-                .map(|t| t.into_parts())
-                .unzip();
+            inputs.0.into_iter().map(|t| t.into_parts()).unzip();
         // The node has a fixed number of parents: pad with untracked placeholders.
         while guards.len() < MAX_SEGMENT_INPUTS {
             guards.push(<Self as AutodiffBackend>::from_inner(tensors[0].clone()).node());

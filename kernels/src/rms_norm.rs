@@ -17,8 +17,8 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dtype::expect_same_dtype;
-use crate::host::{as_f32, contiguous_f32, from_f32, zeros};
-use crate::simd::{Lanes, simd_dispatch, simd_level};
+use crate::host::{as_f32, contiguous_f32, from_f32, output};
+use crate::simd::{Isa, Lanes, simd_dispatch, simd_level};
 
 /// `x / sqrt(mean(x²) + eps) · gamma` over the last dimension of `x` (`gamma`: `[width]`).
 /// Fused on Flex devices; [`rms_norm_reference`] (Burn's formulation) elsewhere.
@@ -72,8 +72,8 @@ pub(crate) trait RmsNormBackend: Backend {
 /// `y` and the per-row `rms`.
 fn forward(x: &[f32], gamma: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len();
-    let mut y = zeros(x.len());
-    let mut rms = vec![0f32; x.len() / width];
+    let mut y = output(x.len());
+    let mut rms = output(x.len() / width);
     y.par_chunks_mut(width)
         .zip(rms.par_iter_mut())
         .zip(x.par_chunks(width))
@@ -85,18 +85,24 @@ simd_dispatch!(fn forward_row(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32])
     = forward_row_generic, level = simd_level());
 
 #[inline(always)]
-fn forward_row_generic<V: Lanes>(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+fn forward_row_generic<V: Lanes>(
+    isa: Isa<V>,
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) -> f32 {
     let split = x.len() - x.len() % V::WIDTH;
-    let mut squares = V::splat(0.0);
+    let mut squares = isa.splat(0.0);
     for i in (0..split).step_by(V::WIDTH) {
-        let v = V::load(&x[i..]);
+        let v = isa.load(&x[i..]);
         squares = v.mul_add(v, squares);
     }
     let squares = x[split..].iter().fold(squares.sum(), |s, v| s + v * v);
     let rms = (squares / x.len() as f32 + eps).sqrt();
-    let rms_v = V::splat(rms);
+    let rms_v = isa.splat(rms);
     for i in (0..split).step_by(V::WIDTH) {
-        (V::load(&x[i..]) / rms_v * V::load(&gamma[i..])).store(&mut y[i..]);
+        (isa.load(&x[i..]) / rms_v * isa.load(&gamma[i..])).store(&mut y[i..]);
     }
     for i in split..x.len() {
         y[i] = x[i] / rms * gamma[i];
@@ -112,7 +118,7 @@ const ROWS_PER_TASK: usize = 64;
 fn backward(x: &[f32], gamma: &[f32], rms: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len();
     let piece = ROWS_PER_TASK * width;
-    let mut dx = zeros(x.len());
+    let mut dx = output(x.len());
     let tasks = rms.len().div_ceil(ROWS_PER_TASK);
     let mut dgamma_parts = vec![0f32; tasks * width];
     dx.par_chunks_mut(piece)
@@ -144,6 +150,7 @@ simd_dispatch!(fn backward_row(
 
 #[inline(always)]
 fn backward_row_generic<V: Lanes>(
+    isa: Isa<V>,
     x: &[f32],
     gamma: &[f32],
     rms: f32,
@@ -154,13 +161,14 @@ fn backward_row_generic<V: Lanes>(
     let width = x.len();
     let split = width - width % V::WIDTH;
     let inv = 1.0 / rms;
-    let inv_v = V::splat(inv);
+    let inv_v = isa.splat(inv);
     // dot = Σ dy·γ·x̂, and dγ += dy·x̂.
-    let mut dot = V::splat(0.0);
+    let mut dot = isa.splat(0.0);
     for i in (0..split).step_by(V::WIDTH) {
-        let (xh, g) = (V::load(&x[i..]) * inv_v, V::load(&dy[i..]));
-        dot = (g * V::load(&gamma[i..])).mul_add(xh, dot);
-        g.mul_add(xh, V::load(&dgamma[i..])).store(&mut dgamma[i..]);
+        let (xh, g) = (isa.load(&x[i..]) * inv_v, isa.load(&dy[i..]));
+        dot = (g * isa.load(&gamma[i..])).mul_add(xh, dot);
+        g.mul_add(xh, isa.load(&dgamma[i..]))
+            .store(&mut dgamma[i..]);
     }
     let mut dot = dot.sum();
     for i in split..width {
@@ -169,10 +177,10 @@ fn backward_row_generic<V: Lanes>(
         dgamma[i] += dy[i] * xh;
     }
     let mean = dot / width as f32;
-    let mean_v = V::splat(mean);
+    let mean_v = isa.splat(mean);
     for i in (0..split).step_by(V::WIDTH) {
-        let xh = V::load(&x[i..]) * inv_v;
-        let g = V::load(&dy[i..]) * V::load(&gamma[i..]);
+        let xh = isa.load(&x[i..]) * inv_v;
+        let g = isa.load(&dy[i..]) * isa.load(&gamma[i..]);
         ((g - xh * mean_v) * inv_v).store(&mut dx[i..]);
     }
     for i in split..width {

@@ -7,12 +7,17 @@
 //! not reliably auto-vectorized by LLVM: the loads and stores through the state buffer and the
 //! exp's bit tricks defeat its SLP vectorizer.)
 //!
+//! "This CPU has the instructions" is a type: a vector is only built from floats with an
+//! [`Isa<V>`], a zero-sized token that only the run-time detection ([`Isa::detect`], called by
+//! [`simd_dispatch!`]) makes, so the intrinsics behind a vector run only on a CPU that has them.
+//!
 //! `ZAMBA_KERNELS_SIMD=scalar|avx2|avx512` caps the level (never above what the CPU has): tests
 //! use it to run the narrower paths on a machine with AVX-512, and it shows what the wide
 //! vectors buy. The levels round differently (FMA vs separate multiply and add, vector widths
 //! change the order of horizontal sums), so results can differ in the last bits between them;
 //! at a fixed level every kernel is deterministic.
 
+use std::marker::PhantomData;
 use std::ops::{Add, Div, Mul, Sub};
 use std::sync::OnceLock;
 
@@ -50,21 +55,24 @@ impl SimdLevel {
 /// Environment variable that caps [`simd_level`].
 pub const SIMD_ENV: &str = "ZAMBA_KERNELS_SIMD";
 
-/// The widest level this CPU supports, detected at run time.
+/// The widest level this CPU supports, detected at run time (once per process).
 pub fn detected_simd_level() -> SimdLevel {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
+    static DETECTED: OnceLock<SimdLevel> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
         {
-            return SimdLevel::Avx512;
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+            {
+                return SimdLevel::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return SimdLevel::Avx2;
-        }
-    }
-    SimdLevel::Scalar
+        SimdLevel::Scalar
+    })
 }
 
 /// The level the kernels use: [`detected_simd_level`], capped by `ZAMBA_KERNELS_SIMD` when set.
@@ -97,8 +105,64 @@ pub(crate) fn level_dividing(n: usize) -> SimdLevel {
         .unwrap_or(SimdLevel::Scalar)
 }
 
-/// Declares `fn $name($args) -> $ret` that runs `$generic::<V>($args)` with the vector type of
-/// the level `$level` evaluates to (a [`SimdLevel`] no wider than [`simd_level`]).
+/// Proof that this CPU runs the instructions of the vector type `V`: a zero-sized token that only
+/// [`Isa::detect`] makes, after asking the CPU. Building a vector from floats takes one
+/// ([`Isa::splat`], [`Isa::load`]), and a vector hands out its own ([`Lanes::isa`]: that it exists
+/// proves a token was made), so the intrinsics behind [`Lanes`] run only where they exist.
+pub(crate) struct Isa<V>(PhantomData<fn() -> V>);
+
+impl<V> Clone for Isa<V> {
+    #[inline(always)]
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for Isa<V> {}
+
+impl<V: Lanes> Isa<V> {
+    /// The token of `V`, if this CPU has `V::LEVEL`'s instructions.
+    pub(crate) fn detect() -> Option<Self> {
+        (V::LEVEL <= detected_simd_level()).then_some(Self(PhantomData))
+    }
+
+    /// `x` in every lane.
+    #[inline(always)]
+    pub(crate) fn splat(self, x: f32) -> V {
+        V::splat(self, x)
+    }
+
+    /// The first `WIDTH` floats of `src`.
+    ///
+    /// # Panics
+    /// If `src` has fewer than `WIDTH` floats.
+    #[inline(always)]
+    pub(crate) fn load(self, src: &[f32]) -> V {
+        let src = &src[..V::WIDTH];
+        // SAFETY: `src` has exactly `WIDTH` floats.
+        unsafe { V::load_at(self, src, 0) }
+    }
+
+    /// `load(&src[i..])` without the bounds check, for hot loops whose bounds are checked once
+    /// before the loop (debug builds check every call).
+    ///
+    /// # Safety
+    /// `i + WIDTH <= src.len()`.
+    #[inline(always)]
+    pub(crate) unsafe fn load_at(self, src: &[f32], i: usize) -> V {
+        // SAFETY: the caller's promise.
+        unsafe { V::load_at(self, src, i) }
+    }
+}
+
+/// The token of the scalar instance, which needs nothing beyond the baseline target.
+pub(crate) const SCALAR: Isa<f32> = Isa(PhantomData);
+
+/// Declares `fn $name($args) -> $ret` that runs `$generic(isa, $args)` with the token `isa` of
+/// the vector type of the level `$level` evaluates to (the generic function's first parameter
+/// is an [`Isa<V>`]).
+///
+/// # Panics
+/// If `$level` is above what this CPU has ([`simd_level`] and [`level_dividing`] never are).
 macro_rules! simd_dispatch {
     ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
         = $generic:ident, level = $level:expr) => {
@@ -106,53 +170,99 @@ macro_rules! simd_dispatch {
             let level: $crate::simd::SimdLevel = $level;
             #[cfg(target_arch = "x86_64")]
             {
+                use $crate::simd::{Isa, avx2::F32x8, avx512::F32x16};
+                #[allow(clippy::too_many_arguments)] // the kernel's, and the token
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $generic::<$crate::simd::avx512::F32x16>($($arg),*)
+                fn avx512(isa: Isa<F32x16>, $($arg: $ty),*) $(-> $ret)? {
+                    $generic(isa, $($arg),*)
                 }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $generic::<$crate::simd::avx2::F32x8>($($arg),*)
+                fn avx2(isa: Isa<F32x8>, $($arg: $ty),*) $(-> $ret)? {
+                    $generic(isa, $($arg),*)
                 }
                 match level {
-                    // SAFETY: `level` never exceeds `simd_level()`, which the CPU supports.
-                    $crate::simd::SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
-                    $crate::simd::SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::SimdLevel::Avx512 => {
+                        let isa = $crate::simd::token::<F32x16>(level);
+                        // SAFETY: `isa` exists, so this CPU has AVX-512F, AVX2 and FMA.
+                        return unsafe { avx512(isa, $($arg),*) };
+                    }
+                    $crate::simd::SimdLevel::Avx2 => {
+                        let isa = $crate::simd::token::<F32x8>(level);
+                        // SAFETY: `isa` exists, so this CPU has AVX2 and FMA.
+                        return unsafe { avx2(isa, $($arg),*) };
+                    }
                     $crate::simd::SimdLevel::Scalar => {}
                 }
             }
             let _ = level;
-            $generic::<f32>($($arg),*)
+            $generic($crate::simd::SCALAR, $($arg),*)
         }
     };
 }
 pub(crate) use simd_dispatch;
 
-/// A vector of `WIDTH` f32. `max`/`min` return `self` when it is NaN, so NaN propagates.
+/// The token of `V` for a dispatch at `level`.
+///
+/// # Panics
+/// If this CPU does not have `V`'s instructions (a level above [`detected_simd_level`]).
+#[inline]
+pub(crate) fn token<V: Lanes>(level: SimdLevel) -> Isa<V> {
+    Isa::detect().unwrap_or_else(|| {
+        panic!(
+            "SIMD dispatch at {level:?} on a CPU that has only {:?}",
+            detected_simd_level()
+        )
+    })
+}
+
+mod sealed {
+    /// Only this module's vector types implement [`super::Lanes`]: their tokens are what the
+    /// `unsafe` blocks of the instances rely on.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    #[cfg(target_arch = "x86_64")]
+    impl Sealed for super::avx2::F32x8 {}
+    #[cfg(target_arch = "x86_64")]
+    impl Sealed for super::avx512::F32x16 {}
+}
+
+/// A vector of `WIDTH` f32, built from floats only with an [`Isa`] token of its type.
+/// `max`/`min` return `self` when it is NaN, so NaN propagates.
 pub(crate) trait Lanes:
-    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self>
+    sealed::Sealed
+    + Copy
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
 {
     const WIDTH: usize;
-    fn splat(x: f32) -> Self;
-    /// The first `WIDTH` floats of `src`.
+    /// The instructions the vector's operations use.
+    const LEVEL: SimdLevel;
+    /// The token of this vector's type: a vector is only made where a token was.
     #[inline(always)]
-    fn load(src: &[f32]) -> Self {
-        // SAFETY: the slice has exactly `WIDTH` floats.
-        unsafe { Self::load_at(&src[..Self::WIDTH], 0) }
+    fn isa(self) -> Isa<Self> {
+        Isa(PhantomData)
     }
+    /// `x` in every lane (callers: [`Isa::splat`]).
+    fn splat(isa: Isa<Self>, x: f32) -> Self;
     /// Into the first `WIDTH` floats of `dst`.
+    ///
+    /// # Panics
+    /// If `dst` has fewer than `WIDTH` floats.
     #[inline(always)]
     fn store(self, dst: &mut [f32]) {
-        // SAFETY: the slice has exactly `WIDTH` floats.
-        unsafe { self.store_at(&mut dst[..Self::WIDTH], 0) }
+        let dst = &mut dst[..Self::WIDTH];
+        // SAFETY: `dst` has exactly `WIDTH` floats.
+        unsafe { self.store_at(dst, 0) }
     }
-    /// `load(&src[i..])` without the bounds check, for hot loops whose bounds are checked once
-    /// before the loop.
+    /// `src[i..i + WIDTH]` without the bounds check (callers: [`Isa::load`], [`Isa::load_at`]).
     ///
     /// # Safety
     /// `i + WIDTH <= src.len()`.
-    unsafe fn load_at(src: &[f32], i: usize) -> Self;
-    /// `store(&mut dst[i..])` without the bounds check.
+    unsafe fn load_at(isa: Isa<Self>, src: &[f32], i: usize) -> Self;
+    /// `store(&mut dst[i..])` without the bounds check (debug builds check it).
     ///
     /// # Safety
     /// `i + WIDTH <= dst.len()`.
@@ -183,18 +293,21 @@ pub(crate) trait Lanes:
 
 impl Lanes for f32 {
     const WIDTH: usize = 1;
+    const LEVEL: SimdLevel = SimdLevel::Scalar;
     #[inline(always)]
-    fn splat(x: f32) -> Self {
+    fn splat(_isa: Isa<Self>, x: f32) -> Self {
         x
     }
     #[inline(always)]
-    unsafe fn load_at(src: &[f32], i: usize) -> Self {
+    unsafe fn load_at(_isa: Isa<Self>, src: &[f32], i: usize) -> Self {
         debug_assert!(i < src.len());
+        // SAFETY: `i < src.len()`, the caller's promise.
         unsafe { *src.get_unchecked(i) }
     }
     #[inline(always)]
     unsafe fn store_at(self, dst: &mut [f32], i: usize) {
         debug_assert!(i < dst.len());
+        // SAFETY: `i < dst.len()`, the caller's promise.
         unsafe { *dst.get_unchecked_mut(i) = self }
     }
     #[inline(always)]
@@ -245,19 +358,22 @@ impl Lanes for f32 {
     }
 }
 
-/// AVX2+FMA vectors. Invariant: values of [`F32x8`] are only created inside functions compiled
-/// with `#[target_feature(enable = "avx2,fma")]` that run after the features were detected, so
-/// the intrinsics below are always executed on a CPU that has them.
+/// AVX2+FMA vectors. Invariant: an [`F32x8`] exists only on a CPU with AVX2 and FMA. It is made
+/// from floats by `splat` and `load_at`, which take an `Isa<F32x8>` (made only where the CPU has
+/// both), from other `F32x8`s by the operations below, and by [`super::avx512::F32x16`]'s
+/// reductions, whose own token required AVX2 and FMA as well.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::{Add, Div, Mul, Sub};
 
+    use super::{Isa, SimdLevel};
+
     #[derive(Clone, Copy)]
     pub(crate) struct F32x8(pub(super) __m256);
 
-    // SAFETY (every `unsafe` block in this module): see the module invariant; loads and stores
-    // check the slice length first.
+    // SAFETY (every `unsafe` block in this module but `load_at` and `store_at`, which say their
+    // own): the intrinsics need AVX2 and FMA, which the module invariant guarantees.
     impl Add for F32x8 {
         type Output = Self;
         #[inline(always)]
@@ -289,18 +405,22 @@ pub(crate) mod avx2 {
 
     impl super::Lanes for F32x8 {
         const WIDTH: usize = 8;
+        const LEVEL: SimdLevel = SimdLevel::Avx2;
         #[inline(always)]
-        fn splat(x: f32) -> Self {
+        fn splat(_isa: Isa<Self>, x: f32) -> Self {
             unsafe { Self(_mm256_set1_ps(x)) }
         }
         #[inline(always)]
-        unsafe fn load_at(src: &[f32], i: usize) -> Self {
+        unsafe fn load_at(_isa: Isa<Self>, src: &[f32], i: usize) -> Self {
             debug_assert!(i + 8 <= src.len());
+            // SAFETY: the token proves AVX2; `i + 8 <= src.len()`, the caller's promise.
             unsafe { Self(_mm256_loadu_ps(src.as_ptr().add(i))) }
         }
         #[inline(always)]
         unsafe fn store_at(self, dst: &mut [f32], i: usize) {
             debug_assert!(i + 8 <= dst.len());
+            // SAFETY: `self` exists, so the CPU has AVX2; `i + 8 <= dst.len()`, the caller's
+            // promise.
             unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), self.0) }
         }
         #[inline(always)]
@@ -390,18 +510,23 @@ pub(crate) mod avx2 {
     }
 }
 
-/// AVX-512F vectors. Invariant: values of [`F32x16`] are only created inside functions compiled
-/// with `#[target_feature(enable = "avx512f")]` that run after the feature was detected.
+/// AVX-512F vectors. Invariant: an [`F32x16`] exists only on a CPU with AVX-512F, AVX2 and FMA
+/// (the three that [`super::detected_simd_level`] requires of [`SimdLevel::Avx512`]). It is made
+/// from floats by `splat` and `load_at`, which take an `Isa<F32x16>`, and from other `F32x16`s by
+/// the operations below.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::{Add, Div, Mul, Sub};
 
+    use super::{Isa, SimdLevel};
+
     #[derive(Clone, Copy)]
     pub(crate) struct F32x16(__m512);
 
-    // SAFETY (every `unsafe` block in this module): see the module invariant; loads and stores
-    // check the slice length first.
+    // SAFETY (every `unsafe` block in this module but `load_at` and `store_at`, which say their
+    // own): the intrinsics need AVX-512F (the reductions also AVX2, through `F32x8`), which the
+    // module invariant guarantees.
     impl Add for F32x16 {
         type Output = Self;
         #[inline(always)]
@@ -433,18 +558,22 @@ pub(crate) mod avx512 {
 
     impl super::Lanes for F32x16 {
         const WIDTH: usize = 16;
+        const LEVEL: SimdLevel = SimdLevel::Avx512;
         #[inline(always)]
-        fn splat(x: f32) -> Self {
+        fn splat(_isa: Isa<Self>, x: f32) -> Self {
             unsafe { Self(_mm512_set1_ps(x)) }
         }
         #[inline(always)]
-        unsafe fn load_at(src: &[f32], i: usize) -> Self {
+        unsafe fn load_at(_isa: Isa<Self>, src: &[f32], i: usize) -> Self {
             debug_assert!(i + 16 <= src.len());
+            // SAFETY: the token proves AVX-512F; `i + 16 <= src.len()`, the caller's promise.
             unsafe { Self(_mm512_loadu_ps(src.as_ptr().add(i))) }
         }
         #[inline(always)]
         unsafe fn store_at(self, dst: &mut [f32], i: usize) {
             debug_assert!(i + 16 <= dst.len());
+            // SAFETY: `self` exists, so the CPU has AVX-512F; `i + 16 <= dst.len()`, the
+            // caller's promise.
             unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i), self.0) }
         }
         #[inline(always)]
@@ -555,26 +684,27 @@ const ROUND_TO_INTEGER: f32 = 12_582_912.0;
 /// and `1 / (1 + e^88)` is already 0 in the sigmoid); NaN gives NaN.
 #[inline(always)]
 pub(crate) fn exp_approx<V: Lanes>(x: V) -> V {
+    let isa = x.isa();
     const LO: f32 = -87.336_54;
     const HI: f32 = 88.0;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.max(V::splat(LO)).min(V::splat(HI));
+    let xc = x.max(isa.splat(LO)).min(isa.splat(HI));
     let t = xc.mul_add(
-        V::splat(std::f32::consts::LOG2_E),
-        V::splat(ROUND_TO_INTEGER),
+        isa.splat(std::f32::consts::LOG2_E),
+        isa.splat(ROUND_TO_INTEGER),
     );
-    let k = t - V::splat(ROUND_TO_INTEGER);
-    let r = k.mul_add(V::splat(-LN2_HI), xc);
-    let r = k.mul_add(V::splat(-LN2_LO), r);
-    let mut p = V::splat(1.987_569_1e-4);
-    p = p.mul_add(r, V::splat(1.398_2e-3));
-    p = p.mul_add(r, V::splat(8.333_452e-3));
-    p = p.mul_add(r, V::splat(4.166_579_6e-2));
-    p = p.mul_add(r, V::splat(0.166_666_65));
-    p = p.mul_add(r, V::splat(0.5));
-    let er = p.mul_add(r * r, r) + V::splat(1.0);
-    V::select_lt(x, V::splat(LO), V::splat(0.0), er.scale_pow2(k, t))
+    let k = t - isa.splat(ROUND_TO_INTEGER);
+    let r = k.mul_add(isa.splat(-LN2_HI), xc);
+    let r = k.mul_add(isa.splat(-LN2_LO), r);
+    let mut p = isa.splat(1.987_569_1e-4);
+    p = p.mul_add(r, isa.splat(1.398_2e-3));
+    p = p.mul_add(r, isa.splat(8.333_452e-3));
+    p = p.mul_add(r, isa.splat(4.166_579_6e-2));
+    p = p.mul_add(r, isa.splat(0.166_666_65));
+    p = p.mul_add(r, isa.splat(0.5));
+    let er = p.mul_add(r * r, r) + isa.splat(1.0);
+    V::select_lt(x, isa.splat(LO), isa.splat(0.0), er.scale_pow2(k, t))
 }
 
 /// `2^x` for `x` in `[-125, 127]`, with fewer operations than [`exp_approx`] for arguments whose
@@ -586,36 +716,38 @@ pub(crate) fn exp_approx<V: Lanes>(x: V) -> V {
 /// lane); NaN gives NaN.
 #[inline(always)]
 pub(crate) fn exp2_approx<V: Lanes>(x: V) -> V {
-    let x = x.max(V::splat(-125.0));
-    let t = x + V::splat(ROUND_TO_INTEGER);
-    let k = t - V::splat(ROUND_TO_INTEGER);
+    let isa = x.isa();
+    let x = x.max(isa.splat(-125.0));
+    let t = x + isa.splat(ROUND_TO_INTEGER);
+    let k = t - isa.splat(ROUND_TO_INTEGER);
     let f = x - k;
-    let mut p = V::splat(1.535_336_2e-4);
-    p = p.mul_add(f, V::splat(1.339_887_5e-3));
-    p = p.mul_add(f, V::splat(9.618_437e-3));
-    p = p.mul_add(f, V::splat(5.550_332_4e-2));
-    p = p.mul_add(f, V::splat(0.240_226_48));
-    p = p.mul_add(f, V::splat(std::f32::consts::LN_2));
-    p.mul_add(f, V::splat(1.0)).scale_pow2(k, t)
+    let mut p = isa.splat(1.535_336_2e-4);
+    p = p.mul_add(f, isa.splat(1.339_887_5e-3));
+    p = p.mul_add(f, isa.splat(9.618_437e-3));
+    p = p.mul_add(f, isa.splat(5.550_332_4e-2));
+    p = p.mul_add(f, isa.splat(0.240_226_48));
+    p = p.mul_add(f, isa.splat(std::f32::consts::LN_2));
+    p.mul_add(f, isa.splat(1.0)).scale_pow2(k, t)
 }
 
 /// `ln(x)` for finite `x >= 1`, Cephes `logf`: `x = m·2^e` with `m` in `[√½, √2)`, then a
 /// polynomial in `m - 1`. Relative error ~1e-7 (tested).
 #[inline(always)]
 pub(crate) fn ln_ge1<V: Lanes>(x: V) -> V {
-    let one = V::splat(1.0);
+    let isa = x.isa();
+    let one = isa.splat(1.0);
     let (m, e) = x.frexp();
     let small = V::select_lt(
         m,
-        V::splat(std::f32::consts::FRAC_1_SQRT_2),
+        isa.splat(std::f32::consts::FRAC_1_SQRT_2),
         one,
-        V::splat(0.0),
+        isa.splat(0.0),
     );
     let e = e - small;
     // m - 1, or 2m - 1 when m < √½ (exact).
-    let x = m.mul_add(one + small, V::splat(-1.0));
+    let x = m.mul_add(one + small, isa.splat(-1.0));
     let z = x * x;
-    let mut p = V::splat(7.037_683_6e-2);
+    let mut p = isa.splat(7.037_683_6e-2);
     for coefficient in [
         -1.151_461e-1,
         1.167_699_9e-1,
@@ -626,19 +758,20 @@ pub(crate) fn ln_ge1<V: Lanes>(x: V) -> V {
         -2.499_999_4e-1,
         3.333_333e-1,
     ] {
-        p = p.mul_add(x, V::splat(coefficient));
+        p = p.mul_add(x, isa.splat(coefficient));
     }
-    let y = e.mul_add(V::splat(-2.121_944_4e-4), p * x * z);
-    let y = z.mul_add(V::splat(-0.5), y);
-    e.mul_add(V::splat(0.693_359_4), x + y)
+    let y = e.mul_add(isa.splat(-2.121_944_4e-4), p * x * z);
+    let y = z.mul_add(isa.splat(-0.5), y);
+    e.mul_add(isa.splat(0.693_359_4), x + y)
 }
 
 /// mamba-ssm's softplus `log1p(exp(x))` (`x` itself above 20) and its derivative
 /// `exp(x) / (1 + exp(x))` (1 above 20).
 #[inline(always)]
 pub(crate) fn softplus_and_grad<V: Lanes>(x: V) -> (V, V) {
-    let one = V::splat(1.0);
-    let threshold = V::splat(20.0);
+    let isa = x.isa();
+    let one = isa.splat(1.0);
+    let threshold = isa.splat(20.0);
     let e = exp_approx(x.min(threshold));
     let u = one + e;
     // log1p(e) = ln(1 + e) + (e - ((1 + e) - 1)) / (1 + e): the correction restores what the
@@ -652,8 +785,9 @@ pub(crate) fn softplus_and_grad<V: Lanes>(x: V) -> (V, V) {
 
 #[inline(always)]
 pub(crate) fn sigmoid<V: Lanes>(x: V) -> V {
-    let one = V::splat(1.0);
-    one / (one + exp_approx(V::splat(0.0) - x))
+    let isa = x.isa();
+    let one = isa.splat(1.0);
+    one / (one + exp_approx(isa.splat(0.0) - x))
 }
 #[cfg(test)]
 mod tests {
@@ -669,20 +803,26 @@ mod tests {
 
     /// The vector functions under test, by index, over `xs` (a multiple of 16 long).
     #[inline(always)]
-    fn apply_generic<V: Lanes>(_level: SimdLevel, function: usize, xs: &[f32], out: &mut [f32]) {
+    fn apply_generic<V: Lanes>(
+        isa: Isa<V>,
+        _level: SimdLevel,
+        function: usize,
+        xs: &[f32],
+        out: &mut [f32],
+    ) {
         for (x, out) in xs
             .chunks_exact(V::WIDTH)
             .zip(out.chunks_exact_mut(V::WIDTH))
         {
-            let x = V::load(x);
+            let x = isa.load(x);
             let y = match function {
                 0 => exp_approx(x),
                 1 => ln_ge1(x),
                 2 => softplus_and_grad(x).0,
                 3 => softplus_and_grad(x).1,
                 4 => sigmoid(x),
-                5 => V::splat(x.sum()),
-                6 => V::splat(x.max_lane()),
+                5 => isa.splat(x.sum()),
+                6 => isa.splat(x.max_lane()),
                 7 => x.sqrt(),
                 _ => exp2_approx(x),
             };
@@ -769,8 +909,8 @@ mod tests {
     }
 
     #[inline(always)]
-    fn sums_generic<V: Lanes>(_level: SimdLevel, rows: &[f32], out: &mut [f32]) {
-        let vectors: Vec<V> = rows.chunks_exact(V::WIDTH).map(V::load).collect();
+    fn sums_generic<V: Lanes>(isa: Isa<V>, _level: SimdLevel, rows: &[f32], out: &mut [f32]) {
+        let vectors: Vec<V> = rows.chunks_exact(V::WIDTH).map(|r| isa.load(r)).collect();
         V::sums(&vectors).store(out);
     }
 
@@ -825,6 +965,31 @@ mod tests {
     }
 
     #[test]
+    fn tokens_exist_only_for_the_instructions_this_cpu_has() {
+        assert_eq!(std::mem::size_of::<Isa<f32>>(), 0);
+        assert!(Isa::<f32>::detect().is_some());
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |level| detected_simd_level() >= level;
+            assert_eq!(std::mem::size_of::<Isa<avx512::F32x16>>(), 0);
+            assert_eq!(Isa::<avx2::F32x8>::detect().is_some(), has(SimdLevel::Avx2));
+            assert_eq!(
+                Isa::<avx512::F32x16>::detect().is_some(),
+                has(SimdLevel::Avx512)
+            );
+            // A dispatch above the CPU's level stops before any of its instructions run.
+            for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+                if !has(level) {
+                    let mut out = [0f32; 16];
+                    let run =
+                        std::panic::catch_unwind(move || apply(level, 0, &[0.0; 16], &mut out));
+                    assert!(run.is_err(), "{level:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_level_is_capped_by_the_cpu_and_parsed_from_names() {
         assert!(simd_level() <= detected_simd_level());
         assert_eq!(SimdLevel::parse(" AVX2 "), Some(SimdLevel::Avx2));
@@ -837,6 +1002,7 @@ mod tests {
     /// The build must not assume AVX2 or AVX-512: every wide path is chosen at run time, so the
     /// same binary runs on any x86-64 CPU (a `-C target-cpu=native` build would break that).
     #[test]
+    #[allow(clippy::assertions_on_constants)] // the constants are what the test checks
     fn the_build_targets_baseline_x86_64() {
         assert!(
             !cfg!(target_feature = "avx2"),

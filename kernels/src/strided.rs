@@ -11,6 +11,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Bytes, DType, Flex};
 use burn::tensor::Shape;
 
+use crate::host::unwritten;
+
 /// A read-only strided matrix: element `(i, j)` at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat {
@@ -150,7 +152,9 @@ pub(crate) unsafe fn gemm_into(
         true => gemm::Parallelism::Rayon(0),
         false => gemm::Parallelism::None,
     };
-    // gemm computes `dst = a·dst + b·lhs·rhs`, reading `dst` only when asked to.
+    // gemm computes `dst = a·dst + b·lhs·rhs`, reading `dst` only when asked to (and writing
+    // every element of it).
+    // SAFETY: the caller's promise: the pointers are valid for what their strides address.
     unsafe {
         gemm::gemm(
             m,
@@ -178,17 +182,20 @@ pub(crate) unsafe fn gemm_into(
 
 /// A new `f32` tensor of `shape` with `strides` (a permutation of a dense layout, see
 /// [`dense_strides_like`]) whose every element `fill` writes, given the buffer's start. The
-/// buffer is never zero-filled: `fill` must write every element.
-pub(crate) fn written(
+/// buffer is never zero-filled (it is [`unwritten`]).
+///
+/// # Safety
+/// `fill` writes every element of the buffer (`shape.num_elements()` floats) and reads only
+/// elements it wrote.
+pub(crate) unsafe fn written(
     shape: Shape,
     strides: Vec<isize>,
     fill: impl FnOnce(*mut f32),
 ) -> FlexTensor {
-    let len = shape.num_elements();
-    let mut data: Vec<f32> = Vec::with_capacity(len);
-    fill(data.as_mut_ptr());
-    // SAFETY: `fill` wrote all `len` elements (f32 has no invalid bit patterns).
-    unsafe { data.set_len(len) };
+    let mut data = unwritten(shape.num_elements());
+    fill(data.as_mut_ptr().cast());
+    // SAFETY: `fill` wrote every element, the caller's promise.
+    let data = unsafe { data.assume_init() }.into_vec();
     FlexTensor::new(
         Bytes::from_elems(data),
         Layout::new(shape, strides, 0),

@@ -6,12 +6,14 @@
 //!
 //! Relative error everywhere: `max_i |x_i - y_i| / max(max_i |y_i|, 1e-30)`, `y` the oracle.
 
+mod common;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use zamba_kernels::check::rel_err;
-use zamba_kernels::device_checks::{INPUT_NAMES, ScanCase, ScanSize, scan_checks};
+use zamba_kernels::device_checks::{INPUT_NAMES, ScanCase, scan_checks};
 use zamba_kernels::{
-    fused_kernel_available, kernel_devices, scan_bytes, scan_chunk, scan_flops, selective_scan,
-    selective_scan_reference,
+    ScanInputs, ScanShape, fused_kernel_available, kernel_devices, scan_bytes, scan_chunk,
+    scan_flops, selective_scan, selective_scan_reference,
 };
 
 /// The CPU kernel's chunk.
@@ -19,66 +21,31 @@ fn flex_chunk() -> usize {
     scan_chunk(&Device::flex(), 16).expect("Flex has the fused kernel")
 }
 
-type Size = ScanSize;
+type Size = ScanShape;
 type Case = ScanCase;
 const NAMES: [&str; 8] = INPUT_NAMES;
 
-/// The eight inputs as Burn tensors.
-struct Tensors {
-    u: Tensor<3>,
-    delta: Tensor<3>,
-    a: Tensor<2>,
-    b: Tensor<4>,
-    c: Tensor<4>,
-    d: Tensor<1>,
-    z: Tensor<3>,
-    delta_bias: Tensor<1>,
-}
-
-impl Tensors {
-    /// `devices[i]` holds input `i`; `tracked[i]` says whether it requires grad.
-    fn new(case: &Case, devices: &[Device; 8], tracked: [bool; 8]) -> Self {
-        let shapes = case.shapes();
-        let data = |i: usize| TensorData::new(case.inputs[i].clone(), shapes[i].clone());
-        fn grad<const D: usize>(t: Tensor<D>, track: bool) -> Tensor<D> {
-            if track { t.require_grad() } else { t }
-        }
-        Self {
-            u: grad(Tensor::from_data(data(0), &devices[0]), tracked[0]),
-            delta: grad(Tensor::from_data(data(1), &devices[1]), tracked[1]),
-            a: grad(Tensor::from_data(data(2), &devices[2]), tracked[2]),
-            b: grad(Tensor::from_data(data(3), &devices[3]), tracked[3]),
-            c: grad(Tensor::from_data(data(4), &devices[4]), tracked[4]),
-            d: grad(Tensor::from_data(data(5), &devices[5]), tracked[5]),
-            z: grad(Tensor::from_data(data(6), &devices[6]), tracked[6]),
-            delta_bias: grad(Tensor::from_data(data(7), &devices[7]), tracked[7]),
-        }
+/// The inputs of `case` as Burn tensors: `devices[i]` holds input `i`; `tracked[i]` says whether
+/// it requires grad.
+fn inputs(case: &Case, devices: &[Device; 8], tracked: [bool; 8]) -> ScanInputs {
+    let shapes = case.shapes();
+    let data = |i: usize| TensorData::new(case.inputs[i].clone(), shapes[i].clone());
+    fn grad<const D: usize>(t: Tensor<D>, track: bool) -> Tensor<D> {
+        if track { t.require_grad() } else { t }
     }
-
-    fn run(&self, scan: ScanFn) -> Tensor<3> {
-        scan(
-            self.u.clone(),
-            self.delta.clone(),
-            self.a.clone(),
-            self.b.clone(),
-            self.c.clone(),
-            self.d.clone(),
-            self.z.clone(),
-            self.delta_bias.clone(),
-        )
+    ScanInputs {
+        u: grad(Tensor::from_data(data(0), &devices[0]), tracked[0]),
+        delta: grad(Tensor::from_data(data(1), &devices[1]), tracked[1]),
+        a: grad(Tensor::from_data(data(2), &devices[2]), tracked[2]),
+        b: grad(Tensor::from_data(data(3), &devices[3]), tracked[3]),
+        c: grad(Tensor::from_data(data(4), &devices[4]), tracked[4]),
+        d: grad(Tensor::from_data(data(5), &devices[5]), tracked[5]),
+        z: grad(Tensor::from_data(data(6), &devices[6]), tracked[6]),
+        delta_bias: grad(Tensor::from_data(data(7), &devices[7]), tracked[7]),
     }
 }
 
-type ScanFn = fn(
-    Tensor<3>,
-    Tensor<3>,
-    Tensor<2>,
-    Tensor<4>,
-    Tensor<4>,
-    Tensor<1>,
-    Tensor<3>,
-    Tensor<1>,
-) -> Tensor<3>;
+type ScanFn = fn(ScanInputs) -> Tensor<3>;
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -91,8 +58,8 @@ struct Run {
 }
 
 fn run_autodiff(case: &Case, scan: ScanFn, devices: &[Device; 8], tracked: [bool; 8]) -> Run {
-    let x = Tensors::new(case, devices, tracked);
-    let out = x.run(scan);
+    let x = inputs(case, devices, tracked);
+    let out = scan(x.clone());
     let shape = case.shapes()[0].clone();
     let w = Tensor::<3>::from_data(TensorData::new(case.w.clone(), shape), &devices[0]);
     let grads = (out.clone() * w).sum().backward();
@@ -177,11 +144,11 @@ fn fused_matches_reference_forward_and_all_gradients() {
 fn fused_forward_without_autodiff_matches_reference() {
     let case = Case::new(sizes()[1], 7);
     let devices: [Device; 8] = std::array::from_fn(|_| Device::flex());
-    let x = Tensors::new(&case, &devices, [false; 8]);
+    let x = inputs(&case, &devices, [false; 8]);
     assert_close(
         "out",
-        &values(x.run(selective_scan)),
-        &values(x.run(selective_scan_reference)),
+        &values(selective_scan(x.clone())),
+        &values(selective_scan_reference(x)),
         1e-5,
     );
 }
@@ -323,11 +290,11 @@ fn untracked_and_non_autodiff_inputs_on(device: &Device) {
     }
 
     // Nothing tracked on the autodiff device, and no autodiff at all: the same output.
-    let x = Tensors::new(&case, &autodiff_on(device), [false; 8]);
-    assert_eq!(values(x.run(selective_scan)), all.out, "{device:?}");
+    let x = inputs(&case, &autodiff_on(device), [false; 8]);
+    assert_eq!(values(selective_scan(x)), all.out, "{device:?}");
     let devices: [Device; 8] = std::array::from_fn(|_| device.clone());
-    let x = Tensors::new(&case, &devices, [false; 8]);
-    assert_eq!(values(x.run(selective_scan)), all.out, "{device:?}");
+    let x = inputs(&case, &devices, [false; 8]);
+    assert_eq!(values(selective_scan(x)), all.out, "{device:?}");
 }
 
 /// Non-f32 inputs are computed in f32 and the output and gradients come back in the input dtype:
@@ -346,8 +313,8 @@ fn f64_inputs_match_the_f32_run_on(device: &Device) {
     let want = run_autodiff(&case, selective_scan, &autodiff_on(device), ALL);
 
     let f64 = |t: Tensor<3>| t.cast(DType::F64).require_grad();
-    let x = Tensors::new(&case, &autodiff_on(device), [false; 8]);
-    let x = Tensors {
+    let x = inputs(&case, &autodiff_on(device), [false; 8]);
+    let x = ScanInputs {
         u: f64(x.u),
         delta: f64(x.delta),
         a: x.a.cast(DType::F64).require_grad(),
@@ -357,7 +324,7 @@ fn f64_inputs_match_the_f32_run_on(device: &Device) {
         z: f64(x.z),
         delta_bias: x.delta_bias.cast(DType::F64).require_grad(),
     };
-    let out = x.run(selective_scan);
+    let out = selective_scan(x.clone());
     assert_eq!(out.dtype(), DType::F64);
     let w = Tensor::<3>::from_data(
         TensorData::new(case.w.clone(), case.shapes()[0].clone()),
@@ -388,9 +355,9 @@ fn f64_inputs_match_the_f32_run_on(device: &Device) {
 #[should_panic(expected = "`b` must have shape [batch, groups, len, state]")]
 fn shape_mismatch_names_the_input() {
     let case = Case::new(sizes()[0], 1);
-    let x = Tensors::new(&case, &autodiff_devices(), ALL);
+    let x = inputs(&case, &autodiff_devices(), ALL);
     let b = x.b.clone().narrow(2, 0, 5);
-    let _ = selective_scan(x.u, x.delta, x.a, b, x.c, x.d, x.z, x.delta_bias);
+    let _ = selective_scan(ScanInputs { b, ..x });
 }
 
 #[test]
@@ -408,9 +375,16 @@ fn every_kernel_device_takes_the_fused_path() {
 
 #[test]
 fn cost_model() {
-    assert_eq!(scan_flops(2, 3, 5, 4), (30 * 39, 30 * 121));
+    let shape = |batch, channels, len, state, groups| ScanShape {
+        batch,
+        channels,
+        groups,
+        len,
+        state,
+    };
+    assert_eq!(scan_flops(shape(2, 3, 5, 4, 1)), (30 * 39, 30 * 121));
     // One chunk: no checkpoints. f32 = 4 bytes.
-    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1, 64, 4);
+    let (fwd, bwd) = scan_bytes(shape(1, 2, 4, 3, 1), 64, 4);
     let (rows, bc, params) = (8, 12, 10);
     assert_eq!(
         (fwd, bwd),
@@ -420,7 +394,7 @@ fn cost_model() {
         )
     );
     // bf16 activations: half the bytes of everything but the parameters.
-    let (fwd, bwd) = scan_bytes(1, 2, 4, 3, 1, 64, 2);
+    let (fwd, bwd) = scan_bytes(shape(1, 2, 4, 3, 1), 64, 2);
     assert_eq!(
         (fwd, bwd),
         (
@@ -430,38 +404,12 @@ fn cost_model() {
     );
     // Three chunks: two checkpointed states per lane.
     let len = 2 * 16 + 1;
-    let (with_ck, _) = scan_bytes(1, 1, len, 1, 1, 16, 4);
+    let (with_ck, _) = scan_bytes(shape(1, 1, len, 1, 1), 16, 4);
     assert_eq!(with_ck, 4 * (4 * len as u64 + 2 * len as u64 + 3 + 2));
 }
 
-/// Every test of this file again with the kernels capped at AVX2 and at scalar code (each in a
-/// child process, as the level is fixed per process): the narrower paths, which machines
-/// without AVX-512 run, stay tested on machines that have it.
+/// Every other test of this binary again at the narrower SIMD levels this CPU has.
 #[test]
 fn narrower_simd_levels_pass_too() {
-    if std::env::var_os(zamba_kernels::SIMD_ENV).is_some() {
-        return; // the child run itself
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    for level in [
-        zamba_kernels::SimdLevel::Avx2,
-        zamba_kernels::SimdLevel::Scalar,
-    ] {
-        if level >= zamba_kernels::detected_simd_level() {
-            continue; // the default run already covers it
-        }
-        let name = format!("{level:?}").to_lowercase();
-        let out = std::process::Command::new(&exe)
-            .env(zamba_kernels::SIMD_ENV, &name)
-            .args(["--quiet", "--skip", "narrower_simd_levels_pass_too"])
-            .output()
-            .expect("run the test binary");
-        assert!(
-            out.status.success(),
-            "tests failed with {}={name}:\n{}{}",
-            zamba_kernels::SIMD_ENV,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::assert_narrower_simd_levels_pass("narrower_simd_levels_pass_too");
 }

@@ -51,8 +51,10 @@ pub struct NcclCommunicator {
     fault: RefCell<Option<DistError>>,
 }
 
-/// `ncclComm_t` is a raw pointer; the communicator is only ever used by its owner's thread.
+/// The NCCL communicator handle (a raw pointer).
 struct RawComm(sys::ncclComm_t);
+// SAFETY: NCCL lets a communicator be used from any thread, one call at a time. Its owner,
+// `NcclCommunicator`, is not `Sync` (it holds `RefCell`s), so one thread at a time makes calls.
 unsafe impl Send for RawComm {}
 
 fn nccl_error(what: &str, e: nccl::NcclError) -> DistError {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::FloatDType;
 use common::*;
-use zamba_dist::launch::{LaunchArgs, NodeCapacity, launch};
+use zamba_dist::launch::{LaunchArgs, NodeCapacity, NodeRange, OpaqueJob, launch};
 use zamba_dist::{Backend, DistError, DistOptions, Interrupt, ReduceOp, RendezvousInfo, init};
 
 /// What a child process does (`ZAMBA_DIST_TEST_ROLE`).
@@ -65,11 +65,14 @@ fn run_launcher() -> i32 {
     };
     let args = LaunchArgs {
         nproc_per_node: std::env::var(NPROC).unwrap().parse().unwrap(),
-        nnodes: 1,
+        nnodes: NodeRange::fixed(1),
         node_rank: 0,
         master_addr: None,
         master_port: None,
         grace_s: 2.0,
+        max_restarts: 0,
+        rdzv_last_call_s: None,
+        rdzv_timeout_s: 60.0,
         force: std::env::var_os(FORCE).is_some(),
         args: rank_args.into_iter().map(Into::into).collect(),
     };
@@ -78,7 +81,8 @@ fn run_launcher() -> i32 {
         ranks: 8,
         what: "8 test slots".into(),
     };
-    match launch(&args, &program, &capacity) {
+    let job = OpaqueJob(args.args.clone());
+    match launch(&args, &program, &capacity, &job) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");

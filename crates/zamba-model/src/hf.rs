@@ -94,8 +94,10 @@ impl HfCheckpoint {
         for path in shard_names {
             let file = File::open(&path)
                 .map_err(|e| ModelError::io(&path, "could not open the shard", e))?;
-            // SAFETY: the file is opened read-only; a concurrent writer would be a user error we
-            // cannot guard against, as with any mmapped checkpoint.
+            // SAFETY: the mapping is read-only and nothing in this program writes into an
+            // existing file (exports go to a fresh directory renamed into place; a replaced one
+            // is only unlinked, which a mapping outlives). Another program rewriting the shard
+            // meanwhile is the caveat of any mapped file, which we cannot guard against.
             let mmap = unsafe { Mmap::map(&file) }
                 .map_err(|e| ModelError::io(&path, "could not mmap the shard", e))?;
             let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {

@@ -197,7 +197,17 @@ impl MambaMixer {
         } else {
             zamba_kernels::selective_scan
         };
-        let y = scan(x, delta, a, b_t, c_t, d_skip, z, dt_bias); // [B, D, L], gated by silu(z)
+        // [B, D, L], gated by silu(z)
+        let y = scan(zamba_kernels::ScanInputs {
+            u: x,
+            delta,
+            a,
+            b: b_t,
+            c: c_t,
+            d: d_skip,
+            z,
+            delta_bias: dt_bias,
+        });
         compute.linear(&self.out_proj, y.swap_dims(1, 2))
     }
 }

@@ -65,12 +65,11 @@ pub struct FlopsPerToken {
 
 impl FlopsPerToken {
     pub fn of(c: &ZambaConfig, seq_len: usize) -> Self {
-        let (d, di, n, r, k) = (
+        let (d, di, n, r) = (
             c.hidden_size as f64,
             c.d_inner() as f64,
             c.mamba_d_state as f64,
             c.dt_rank() as f64,
-            c.mamba_d_conv as f64,
         );
         let layers = c.num_hidden_layers as f64;
         let hybrid = c.hybrid_layers().len() as f64;
@@ -82,9 +81,7 @@ impl FlopsPerToken {
         let matmul =
             layers * mamba + hybrid * (shared + 2.0 * d * d) + 2.0 * d * c.vocab_size as f64;
         let attention = hybrid * 2.0 * 2.0 * seq_len as f64 * a;
-        // Per channel and state: exp, two multiply-adds for the state, one for the output ≈ 9 flops
-        // (the count the training-anchors note uses); plus the K-tap conv.
-        let scan = layers * (9.0 * di * n + 2.0 * di * k);
+        let scan = layers * (scan_flops_per_token(c) + conv_flops_per_token(c));
         Self {
             matmul,
             attention,
@@ -99,6 +96,18 @@ impl FlopsPerToken {
     pub fn train(&self) -> f64 {
         3.0 * self.forward()
     }
+}
+
+/// Forward FLOPs per token of one layer's selective scan: per channel and state, `exp`, two
+/// multiply-adds for the state and one for the output ≈ 9 (the count the training-anchors note
+/// uses; `zamba_kernels::scan_flops` counts the kernels as written instead).
+pub fn scan_flops_per_token(c: &ZambaConfig) -> f64 {
+    9.0 * c.d_inner() as f64 * c.mamba_d_state as f64
+}
+
+/// Forward FLOPs per token of one layer's depthwise causal conv: a multiply-add per channel and tap.
+pub fn conv_flops_per_token(c: &ZambaConfig) -> f64 {
+    2.0 * c.d_inner() as f64 * c.mamba_d_conv as f64
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ mod tests {
             targets: vec![2, 5, 4, 6],
             loss_mask: Some(vec![true, false, false, true]),
             row_sources: vec![0, 0],
+            row_windows: vec![0, 1],
             source_tokens: BTreeMap::new(),
         };
         assert_eq!(

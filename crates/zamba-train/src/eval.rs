@@ -2,7 +2,7 @@
 //! of greedy answers on the synthetic instruct set. The functions here are the core of
 //! `zamba-train eval` and can serve any loop that has a model and a loader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Result;
 use burn::tensor::Tensor;
@@ -99,20 +99,25 @@ pub struct QaExample {
     pub answer: String,
 }
 
-/// The first `limit` held-out examples of the synthetic instruct set `section` generates.
+/// The first `limit` distinct held-out problems of the synthetic instruct set `section`
+/// generates (a problem drawn twice counts once, so the examples are independent).
 pub fn synthetic_instruct_examples(section: &SyntheticSection, limit: usize) -> Vec<QaExample> {
     let world = World::new(section.seed);
+    let mix = section.options().tasks;
+    let mut seen = HashSet::new();
     (0..section.instruct_examples)
         .map(|i| {
             instruct::example(
                 &world,
                 section.seed,
                 i,
+                &mix,
                 section.web_docs,
                 section.validation_fraction,
             )
         })
         .filter(|ex| instruct::is_validation(section.seed, &ex.key, section.validation_fraction))
+        .filter(|ex| seen.insert(ex.key.clone()))
         .take(limit)
         .map(|ex| QaExample {
             task: ex.task.to_owned(),
@@ -122,11 +127,14 @@ pub fn synthetic_instruct_examples(section: &SyntheticSection, limit: usize) -> 
         .collect()
 }
 
+/// Correct answers out of some examples.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Tally {
     pub examples: usize,
     pub correct: usize,
     pub accuracy: f64,
+    /// 95% confidence interval of the accuracy (Wilson score interval).
+    pub ci95: Interval,
 }
 
 impl Tally {
@@ -134,6 +142,40 @@ impl Tally {
         self.examples += 1;
         self.correct += usize::from(correct);
         self.accuracy = self.correct as f64 / self.examples as f64;
+        self.ci95 = wilson_interval(self.correct, self.examples, Z_95);
+    }
+}
+
+/// A closed interval `[low, high]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Interval {
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The standard normal's 0.975 quantile: a two-sided 95% interval.
+pub const Z_95: f64 = 1.959_963_984_540_054;
+
+/// Wilson score interval of a binomial proportion, `successes` of `trials`, at `z` standard
+/// errors. Unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse to a
+/// point at 0 or `trials` successes, which is where exact-match scores of small models sit.
+/// Zero trials give the uninformative [0, 1].
+pub fn wilson_interval(successes: usize, trials: usize, z: f64) -> Interval {
+    if trials == 0 {
+        return Interval {
+            low: 0.0,
+            high: 1.0,
+        };
+    }
+    let n = trials as f64;
+    let p = successes as f64 / n;
+    let z2 = z * z;
+    let denominator = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denominator;
+    let half_width = z / denominator * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    Interval {
+        low: (centre - half_width).max(0.0),
+        high: (centre + half_width).min(1.0),
     }
 }
 
@@ -204,4 +246,55 @@ pub fn exact_match(
         progress.inc(chunk.len() as u64);
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(got: Interval, low: f64, high: f64, tolerance: f64) {
+        assert!(
+            (got.low - low).abs() <= tolerance && (got.high - high).abs() <= tolerance,
+            "{got:?}, expected [{low}, {high}]"
+        );
+    }
+
+    #[test]
+    fn wilson_interval_matches_hand_computed_values() {
+        // Newcombe (1998)'s worked example 81/263 → [0.2553, 0.3662]; 0/10 and 5/10 by hand.
+        close(wilson_interval(81, 263, Z_95), 0.2553, 0.3662, 1e-4);
+        close(wilson_interval(0, 10, Z_95), 0.0, 0.2775, 1e-4);
+        close(wilson_interval(5, 10, Z_95), 0.2366, 0.7634, 1e-4);
+        // Closed forms: at 0 successes the upper end is (z²/n) / (1 + z²/n), at n successes the
+        // interval mirrors it.
+        let r = Z_95 * Z_95 / 256.0;
+        close(wilson_interval(0, 256, Z_95), 0.0, r / (1.0 + r), 1e-12);
+        close(wilson_interval(256, 256, Z_95), 1.0 / (1.0 + r), 1.0, 1e-12);
+        // 57/128 worked by hand: centre (p + z²/2n)/(1 + z²/n), half-width
+        // z/(1 + z²/n)·√(p(1−p)/n + z²/4n²).
+        close(
+            wilson_interval(57, 128, Z_95),
+            0.362_055_25,
+            0.531_756_61,
+            1e-8,
+        );
+        close(wilson_interval(0, 0, Z_95), 0.0, 1.0, 0.0);
+    }
+
+    #[test]
+    fn tally_keeps_accuracy_and_interval_current() {
+        let mut tally = Tally::default();
+        for correct in [
+            true, false, false, false, true, false, false, false, false, false,
+        ] {
+            tally.add(correct);
+        }
+        assert_eq!((tally.correct, tally.examples), (2, 10));
+        assert!((tally.accuracy - 0.2).abs() < 1e-12);
+        assert_eq!(tally.ci95, wilson_interval(2, 10, Z_95));
+        assert!(tally.ci95.low < 0.2 && 0.2 < tally.ci95.high);
+        let json = serde_json::to_value(&tally).unwrap();
+        assert_eq!(json["ci95"]["low"], tally.ci95.low);
+        assert_eq!(json["ci95"]["high"], tally.ci95.high);
+    }
 }

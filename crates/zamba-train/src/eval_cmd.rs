@@ -15,7 +15,7 @@ use crate::artifacts::{ModelSource, tokenizer_for};
 use crate::config::{RunConfig, synthetic_set};
 use crate::device::{DeviceChoice, device_for};
 use crate::eval::{
-    ExactMatch, SourceLoss, exact_match, held_out_loss, synthetic_instruct_examples,
+    ExactMatch, SourceLoss, Tally, exact_match, held_out_loss, synthetic_instruct_examples,
 };
 use crate::export::with_tokenizer_ids;
 
@@ -218,18 +218,24 @@ fn print_report(report: &EvalReport, model: &ZambaModel) {
     }
     if let Some(em) = &report.exact_match {
         println!(
-            "exact match (greedy): {}/{} = {:.1}%",
-            em.overall.correct,
-            em.overall.examples,
-            100.0 * em.overall.accuracy
+            "exact match (greedy) {:>11} {:>9}  95% CI (Wilson)",
+            "correct", "accuracy"
         );
-        for (task, t) in &em.by_task {
-            println!(
-                "  {task:<12} {:>4}/{:<4} {:>6.1}%",
-                t.correct,
-                t.examples,
-                100.0 * t.accuracy
-            );
+        let rows = std::iter::once(("all", &em.overall))
+            .chain(em.by_task.iter().map(|(task, t)| (task.as_str(), t)));
+        for (task, t) in rows {
+            println!("  {task:<18} {}", tally_row(t));
         }
     }
+}
+
+/// `correct/examples  accuracy  [low, high]`, in percent.
+fn tally_row(t: &Tally) -> String {
+    format!(
+        "{:>11} {:>8.1}%  [{:.1}%, {:.1}%]",
+        format!("{}/{}", t.correct, t.examples),
+        100.0 * t.accuracy,
+        100.0 * t.ci95.low,
+        100.0 * t.ci95.high
+    )
 }

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
 use zamba_train::memory_plan::Fit;
+use zamba_train::restart::TrainJob;
 use zamba_train::train::{TrainOptions, train};
 
 /// Counts heap bytes for the memory figures of `bench model` (and anything else that asks).
@@ -146,9 +147,10 @@ fn run_train(args: TrainArgs) -> Result<()> {
 
 /// `launch`: the ranks' run config is loaded and checked at the job's world size first (one
 /// error here rather than one per rank), and its device decides how many ranks this node can
-/// run: one per GPU, or one per core for CPU ranks.
+/// run: one per GPU, or one per core for CPU ranks. The launcher restarts a training job on
+/// fewer nodes only where the config keeps its global batch.
 fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
-    use zamba_dist::launch::NodeCapacity;
+    use zamba_dist::launch::{NodeCapacity, OpaqueJob};
     let rank_cli =
         Cli::try_parse_from(std::iter::once("zamba-train".into()).chain(args.args.clone()));
     let train_args = match rank_cli {
@@ -162,29 +164,36 @@ fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
         }) => Some(train),
         _ => None,
     };
-    let capacity = match train_args.and_then(|t| t.config.map(|c| (c, t.overrides))) {
-        Some((path, overrides)) => {
-            let mut config = RunConfig::load(&path, &overrides)?;
-            let capacity = match config.runtime.device {
-                zamba_train::config::Device::Cuda(first) => NodeCapacity::gpus(first),
-                _ => NodeCapacity::cpu_cores(),
-            };
-            args.check_capacity(&capacity)?;
-            let world = args.nnodes.saturating_mul(args.nproc_per_node);
-            config.runtime.world_size = world;
-            config
-                .validate()
-                .with_context(|| format!("{} with {world} ranks", path.display()))?;
-            Fit::of(&config, args.nproc_per_node).check(&config)?;
-            capacity
-        }
+    let Some((path, overrides, resume)) =
+        train_args.and_then(|t| t.config.map(|c| (c, t.overrides, t.resume.is_some())))
+    else {
         // Not a training run: whatever the node has most of.
-        None => [NodeCapacity::gpus(0), NodeCapacity::cpu_cores()]
+        let capacity = [NodeCapacity::gpus(0), NodeCapacity::cpu_cores()]
             .into_iter()
             .max_by_key(|c| c.ranks)
-            .expect("two capacities"),
+            .expect("two capacities");
+        zamba_dist::launch::run(&args, &capacity, &OpaqueJob(args.args.clone()))?;
+        return Ok(());
     };
-    zamba_dist::launch::run(&args, &capacity)?;
+    let config = RunConfig::load(&path, &overrides)?;
+    let capacity = match config.runtime.device {
+        zamba_train::config::Device::Cuda(first) => NodeCapacity::gpus(first),
+        _ => NodeCapacity::cpu_cores(),
+    };
+    args.check_capacity(&capacity)?;
+    let world = args.nnodes.max.saturating_mul(args.nproc_per_node);
+    let mut sized = config.clone();
+    sized.runtime.world_size = world;
+    let job = TrainJob::new(config, args.args.clone(), resume, args.is_elastic())?;
+    job.batch_on(world)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("{} with {world} ranks", path.display()))?;
+    // Each rank checks again when it starts (a restart on fewer ranks holds more state each).
+    Fit::of(&sized, args.nproc_per_node).check(&sized)?;
+    if args.is_elastic() {
+        eprintln!("{}", job.node_counts(args.nnodes, args.nproc_per_node));
+    }
+    zamba_dist::launch::run(&args, &capacity, &job)?;
     Ok(())
 }
 

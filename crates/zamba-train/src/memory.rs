@@ -13,7 +13,9 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 /// The system allocator, counting bytes.
 pub struct CountingAlloc;
 
-// SAFETY: every call forwards to `System` unchanged; the counters only observe.
+// SAFETY (the impl and every `unsafe` block in it): each method passes its arguments, with the
+// caller's promises about them, to the same method of `System` and returns its result; the
+// counters only observe.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
@@ -79,10 +81,10 @@ pub fn reset_peak_rss() -> bool {
 /// A training step frees and re-allocates the same large activation buffers every step. glibc
 /// serves blocks above its mmap threshold (128 KB, adapting up to 32 MB) with fresh `mmap`s and
 /// unmaps them on free, so every step page-faults its activations in again and the kernel zeroes
-/// each page (docs/performance.md measures what that costs). With mmap off and trimming off, freed
-/// blocks go back to malloc's free lists and the next step reuses them; the resident size stays
-/// at the step's peak. No effect outside glibc, or when `ZAMBA_RETAIN_FREED_MEMORY=0` (for
-/// measuring what it buys). Call once, before allocating much.
+/// each page: work that grows with the activations and buys nothing. With mmap off and trimming
+/// off, freed blocks go back to malloc's free lists and the next step reuses them; the resident
+/// size stays at the step's peak. No effect outside glibc, or when `ZAMBA_RETAIN_FREED_MEMORY=0`
+/// (for measuring what it buys). Call once, before allocating much.
 pub fn retain_freed_memory() {
     if std::env::var("ZAMBA_RETAIN_FREED_MEMORY").is_ok_and(|v| v == "0") {
         return;

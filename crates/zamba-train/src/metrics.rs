@@ -207,29 +207,7 @@ impl MetricsWriter {
     /// dropped first. Step lines are then written every `every` steps (see [`Self::step`]).
     pub fn open(run_dir: &Path, resume_step: u64, every: usize) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
-        if path.exists() {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s < resume_step)
-                })
-                .collect();
-            let mut body = kept.join("\n");
-            if !body.is_empty() {
-                body.push('\n');
-            }
-            std::fs::write(&path, body).with_context(|| format!("rewriting {}", path.display()))?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let file = open_from_step(&path, resume_step)?;
         Ok(Self {
             file,
             path,
@@ -280,6 +258,35 @@ impl MetricsWriter {
     fn write(&mut self, line: &str) -> Result<()> {
         writeln!(self.file, "{line}").with_context(|| format!("writing {}", self.path.display()))
     }
+}
+
+/// Opens the JSON-lines file `path` for appending by a run that starts at optimizer step
+/// `resume_step`, after dropping its lines of steps at or after it (written after the checkpoint
+/// by an interrupted run).
+pub(crate) fn open_from_step(path: &Path, resume_step: u64) -> Result<std::fs::File> {
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s < resume_step)
+            })
+            .collect();
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        std::fs::write(path, body).with_context(|| format!("rewriting {}", path.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
 }
 
 /// The numbers of a step line as TensorBoard scalars, `train/<field>` (absent values left out).

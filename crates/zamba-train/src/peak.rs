@@ -238,11 +238,22 @@ pub fn measure_torch(
     dtype: &str,
 ) -> Result<GemmMeasurement, String> {
     let python = std::env::var(TORCH_PYTHON_ENV).unwrap_or_else(|_| "python3".into());
+    measure_torch_in(&python, threads, shapes, device, dtype)
+}
+
+/// [`measure_torch`] in the Python interpreter `python`.
+fn measure_torch_in(
+    python: &str,
+    threads: usize,
+    shapes: &[GemmShape],
+    device: &str,
+    dtype: &str,
+) -> Result<GemmMeasurement, String> {
     let shape_args: Vec<String> = shapes
         .iter()
         .map(|(m, k, n)| format!("{m}x{k}x{n}"))
         .collect();
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .arg("-c")
         .arg(TORCH_SCRIPT)
         .arg("--threads")
@@ -305,9 +316,9 @@ mod tests {
 
     #[test]
     fn a_missing_python_is_reported_not_fatal() {
-        // SAFETY: no other thread of this test binary reads this variable.
-        unsafe { std::env::set_var(TORCH_PYTHON_ENV, "/nonexistent/python") };
-        let err = measure_torch(1, &PEAK_SHAPES, "cpu", "f32").unwrap_err();
+        let err = measure_torch_in("/nonexistent/python", 1, &PEAK_SHAPES, "cpu", "f32");
+        let err = err.unwrap_err();
         assert!(err.contains("/nonexistent/python"), "{err}");
+        assert!(err.contains(TORCH_PYTHON_ENV), "{err}");
     }
 }

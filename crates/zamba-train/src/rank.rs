@@ -48,8 +48,28 @@ impl RankContext {
         }
     }
 
-    /// Every rank's file digest (size and blake3), in rank order: one all-gather of the bytes
-    /// (each an exact small float). Ranks without a file pass `None`.
+    /// Every rank's `bytes` (the same length on every rank), in rank order: one all-gather,
+    /// each byte an exact small float.
+    pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let floats: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+        let local = Tensor::<1>::from_data(
+            TensorData::new(floats, [bytes.len()]),
+            &self.compute_device(),
+        );
+        let all = self
+            .comm
+            .all_gather(local)?
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow!("gathered bytes: {e:?}"))?;
+        Ok(all
+            .chunks_exact(bytes.len().max(1))
+            .map(|rank| rank.iter().map(|&x| x as u8).collect())
+            .collect())
+    }
+
+    /// Every rank's file digest (size and blake3), in rank order. Ranks without a file pass
+    /// `None`.
     pub fn gather_digests(&self, mine: Option<&Entry>) -> Result<Vec<Option<Entry>>> {
         let mut bytes = [0u8; DIGEST_BYTES];
         if let Some(entry) = mine {
@@ -59,21 +79,10 @@ impl RankContext {
                 .map_err(|e| anyhow!("a blake3 digest that is not one ({e})"))?;
             bytes[9..].copy_from_slice(hash.as_bytes());
         }
-        let floats: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
-        let local = Tensor::<1>::from_data(
-            TensorData::new(floats, [DIGEST_BYTES]),
-            &self.compute_device(),
-        );
-        let all = self
-            .comm
-            .all_gather(local)?
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .map_err(|e| anyhow!("gathered digests: {e:?}"))?;
-        Ok(all
-            .chunks_exact(DIGEST_BYTES)
-            .map(|rank| {
-                let bytes: Vec<u8> = rank.iter().map(|&x| x as u8).collect();
+        Ok(self
+            .all_gather_bytes(&bytes)?
+            .into_iter()
+            .map(|bytes| {
                 (bytes[0] == 1).then(|| {
                     let size = u64::from_le_bytes(bytes[1..9].try_into().expect("8 bytes"));
                     let hash: [u8; 32] = bytes[9..].try_into().expect("32 bytes");

@@ -29,6 +29,7 @@ use crate::config::{MAX_THREADS, RunConfig, TrainSection};
 use crate::data_parallel::DataParallel;
 use crate::device::{cube_cpu_warning, device_for};
 use crate::eval;
+use crate::fault_injection::InjectedFault;
 use crate::launch::Ranks;
 use crate::memory_plan::Fit;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
@@ -38,6 +39,7 @@ use crate::profile::{self, StepProfiler};
 use crate::rank::RankContext;
 use crate::resume::{self, Start};
 use crate::run_lock::RunLock;
+use crate::samples::{self, SampleLog, SampleRecord};
 use crate::shared_dir;
 use crate::signals::StopSignal;
 use crate::step::{StepContext, StepOutcome, StepSettings, train_step};
@@ -64,6 +66,7 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
     if let Some(warning) = cube_cpu_warning(config.runtime.device, config.total_tokens()) {
         eprintln!("{warning}");
     }
+    let fault = InjectedFault::from_env()?;
     let stop = StopSignal::installed()?;
     stop.begin_run(Duration::from_secs_f64(config.dist.signal_grace_s));
     let trained = ranks.run(&config, stop, |comm, local_rank| {
@@ -76,7 +79,7 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
             device,
             comm,
         };
-        run_rank(&ctx, &config, opts, stop)
+        run_rank(&ctx, &config, opts, stop, fault.as_ref())
     });
     trained.map_err(|e| explain_interruption(e, &config.run.dir))
 }
@@ -133,6 +136,8 @@ struct RankRun {
     state: TrainerState,
     /// Rank 0 only.
     metrics: Option<MetricsWriter>,
+    /// Rank 0 only, with `logging.sample_ids`.
+    samples: Option<SampleLog>,
     /// GFLOP/s of one device that `mfu` is relative to (rank 0 only).
     mfu_peak: Option<f64>,
     /// Rank 0's hold on the run directory, for the whole run.
@@ -140,12 +145,13 @@ struct RankRun {
 }
 
 /// The whole run, as one rank: per step, the step itself → its record → evaluation if due →
-/// checkpoint if due.
+/// checkpoint if due. `fault`: a failure to inject (`ZAMBA_INJECT_FAULT`).
 fn run_rank(
     ctx: &RankContext,
     config: &RunConfig,
     opts: &TrainOptions,
     stop: &StopSignal,
+    fault: Option<&InjectedFault>,
 ) -> Result<()> {
     let Some(mut run) = start_rank(ctx, config, opts)? else {
         return Ok(());
@@ -166,6 +172,9 @@ fn run_rank(
 
     while run.state.step < steps {
         let step = run.state.step;
+        if let Some(fault) = fault {
+            fault.check(ctx.rank, step);
+        }
         profiler.before_step(step, &ctx.compute_device());
         let step_span = span_with(Category::Step, || format!("step {step}"));
         let started = Instant::now();
@@ -221,6 +230,15 @@ impl RankRun {
         progress: &ProgressBar,
     ) -> Result<(Self, StepOutcome)> {
         let batch = span(Category::Data, "next batch").run(|| self.loader.next_batch())?;
+        if config.logging.sample_ids {
+            let ids = samples::gather(ctx, &batch, &self.loader.source_names())?;
+            if let Some(log) = &mut self.samples {
+                log.write(&SampleRecord {
+                    step: self.state.step,
+                    samples: ids,
+                })?;
+            }
+        }
         let micro = config.batch.micro_batch;
         let micro_batches = (0..config.grad_accum_steps())
             .map(|m| micro_batch(&batch, m * micro, micro, &ctx.device));
@@ -424,6 +442,10 @@ fn start_rank(
         loader: loader.state(),
         world_size: ctx.world_size,
     });
+    let samples = match ctx.is_main() && config.logging.sample_ids {
+        true => Some(SampleLog::open(run_dir, state.step)?),
+        false => None,
+    };
     let metrics = match ctx.is_main() {
         true => {
             let writer = MetricsWriter::open(run_dir, state.step, config.logging.every)?;
@@ -441,6 +463,7 @@ fn start_rank(
         loader,
         state,
         metrics,
+        samples,
         mfu_peak,
         _lock: lock,
     }))

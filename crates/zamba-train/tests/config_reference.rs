@@ -160,6 +160,67 @@ fn every_config_in_configs_passes_dry_run() {
     assert!(checked >= 5, "only {checked} configs found");
 }
 
+/// The recipe demonstration of docs/recipe.md: each config passes the binary's `--dry-run`, and
+/// the three hold together as the comparison needs. Their outcome is measured in docs/recipe.md,
+/// not here.
+#[test]
+fn recipe_demo_configs_pass_dry_run_and_hold_together() {
+    let names = [
+        "recipe-demo-phase1.toml",
+        "recipe-demo-anneal.toml",
+        "recipe-demo-continue.toml",
+    ];
+    let path = |name: &str| repo_root().join("configs").join(name);
+    let [phase1, anneal, control] = names.map(|name| RunConfig::load(&path(name), &[]).unwrap());
+    let last_phase1_lr = phase1.lr(phase1.train.steps - 1);
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
+    let phase1_checkpoint = phase1
+        .run
+        .dir
+        .join(format!("checkpoints/step-{:08}", phase1.train.steps));
+    for run in [&anneal, &control] {
+        // Same model, data and batch shape, starting from phase 1's last checkpoint.
+        assert_eq!(run.model_config(), phase1.model_config());
+        assert_eq!(run.synthetic, phase1.synthetic);
+        assert_eq!(run.data.seq_len, phase1.data.seq_len);
+        assert_eq!(run.tokens_per_step(), phase1.tokens_per_step());
+        assert_eq!(run.init.as_ref().unwrap().from, phase1_checkpoint);
+        assert!(same(run.lr(0), last_phase1_lr), "{}", run.run.name);
+    }
+    // The control trains on as many tokens as the anneal.
+    assert_eq!(anneal.total_tokens(), control.total_tokens());
+    // Every run measures held-out loss on both sources, so all three can be compared.
+    let instruct_share = |run: &RunConfig| {
+        let sources = &run.data.sources;
+        assert!(sources.values().all(|s| !s.validation.is_empty()));
+        sources["instruct"].weight / sources.values().map(|s| s.weight).sum::<f64>()
+    };
+    assert_eq!(instruct_share(&phase1), 0.0);
+    assert_eq!(instruct_share(&control), 0.0);
+    let replay = 1.0 - instruct_share(&anneal);
+    assert!((0.5..=0.7).contains(&replay), "replay {replay}");
+    // The anneal re-warms to 0.75 × phase 1's peak and decays; the control holds phase 1's final LR.
+    let peak = |run: &RunConfig| (0..run.train.steps).map(|s| run.lr(s)).fold(0.0, f64::max);
+    assert!(same(peak(&anneal), 0.75 * peak(&phase1)));
+    assert!(anneal.lr(anneal.train.steps - 1) < last_phase1_lr);
+    assert!((0..control.train.steps).all(|s| same(control.lr(s), last_phase1_lr)));
+
+    let dir = tempfile::tempdir().unwrap();
+    for name in names {
+        let dry = Command::new(env!("CARGO_BIN_EXE_zamba-train"))
+            .args(["--config", path(name).to_str().unwrap(), "--dry-run"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&dry.stdout);
+        assert!(
+            dry.status.success() && stdout.contains("LR schedule"),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&dry.stderr)
+        );
+    }
+}
+
 /// Uncomments every `# [section]` header and `# key = value` line that shows a default, except
 /// in `[init]` and `[synthetic]` (absent = not used, rather than defaults).
 fn uncomment_defaults(text: &str) -> String {

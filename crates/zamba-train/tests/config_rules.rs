@@ -126,7 +126,29 @@ fn synthetic_rules() {
             "synthetic.row_group_tokens",
             "expected in [1, 4294967296]",
         ),
+        (
+            &["synthetic.tasks={ copy = 1, cpy = 1 }"],
+            "synthetic.tasks",
+            "unknown instruct task \"cpy\"; the tasks are arithmetic, sort, copy",
+        ),
+        (
+            &["synthetic.tasks={ copy = -1, fact = 1 }"],
+            "synthetic.tasks",
+            "expected a finite number ≥ 0",
+        ),
+        (
+            &["synthetic.tasks={ copy = 0 }"],
+            "synthetic.tasks",
+            "no instruct task has a positive weight",
+        ),
     ]);
+    // A valid mix is kept through the saved config.
+    let config = load(BASE, &["synthetic.tasks={ copy = 1, fact = 2 }"]).unwrap();
+    let saved = config.to_toml_string().unwrap();
+    let reloaded = RunConfig::from_toml_str(&saved, std::path::Path::new("/"), &[]).unwrap();
+    assert_eq!(reloaded.synthetic, config.synthetic);
+    let mix = reloaded.synthetic.unwrap().task_mix().unwrap();
+    assert_eq!(mix, "copy=1,fact=2".parse().unwrap());
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use zamba_model::{ZambaModel, load_hf};
 use zamba_train::device::DeviceChoice;
+use zamba_train::eval::{Z_95, wilson_interval};
 use zamba_train::eval_cmd::{EvalArgs, run as eval};
 use zamba_train::export::{ExportArgs, ExportDtype, run as export};
 use zamba_train::generate::{GenerateArgs, run as generate};
@@ -228,7 +229,21 @@ fn a_trained_checkpoint_exports_evaluates_and_generates() {
         assert!((s["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
         assert_eq!(s["tokens"], 2 * 4 * 64);
     }
-    assert_eq!(json["exact_match"]["overall"]["examples"], 6);
+    // Exact match overall and per task type, each with its Wilson interval.
+    let em = &json["exact_match"];
+    let count = |tally: &serde_json::Value, key: &str| tally[key].as_u64().unwrap() as usize;
+    assert_eq!(count(&em["overall"], "examples"), 6);
+    let by_task = em["by_task"].as_object().unwrap();
+    assert!(!by_task.is_empty());
+    for key in ["examples", "correct"] {
+        let per_task: usize = by_task.values().map(|t| count(t, key)).sum();
+        assert_eq!(per_task, count(&em["overall"], key), "{key}");
+    }
+    for tally in std::iter::once(&em["overall"]).chain(by_task.values()) {
+        let interval = wilson_interval(count(tally, "correct"), count(tally, "examples"), Z_95);
+        assert_eq!(tally["ci95"]["low"].as_f64().unwrap(), interval.low);
+        assert_eq!(tally["ci95"]["high"].as_f64().unwrap(), interval.high);
+    }
 
     // generate from the checkpoint and from the export.
     for source in [run.clone(), f32_dir.clone()] {

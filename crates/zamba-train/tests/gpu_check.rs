@@ -93,10 +93,196 @@ fn smoke_mode_runs_every_section_and_reports() {
         "kernels.json",
         "model.json",
         "step.json",
+        "predict.json",
+        "predict-planned.json",
         "sections.txt",
     ] {
         assert!(out.path().join(file).is_file(), "{file}");
     }
+    // No GPU here: the prediction is for the datasheet's H100 SXM.
+    let prediction = &summary["prediction"];
+    for set in ["current", "planned"] {
+        assert_eq!(prediction[set]["card"], "h100-sxm", "{prediction}");
+        assert!(prediction[set]["step_seconds"].as_f64().unwrap() > 0.0);
+    }
+    assert!(
+        stdout.contains("predicted      current kernels on h100-sxm"),
+        "{stdout}"
+    );
+}
+
+fn zamba_train(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_zamba-train"))
+        .args(args)
+        .output()
+        .expect("run zamba-train")
+}
+
+/// `bench model --predict`, as the step section runs it, for `kernels`, written to `file`.
+fn predict(kernels: &str, file: &Path) -> std::process::Output {
+    let file = file.to_str().expect("a UTF-8 path");
+    zamba_train(&[
+        "bench",
+        "model",
+        "--device",
+        "cuda",
+        "--predict",
+        "--card",
+        "NVIDIA H100 80GB HBM3",
+        "--kernels",
+        kernels,
+        "--preset",
+        "zamba-1b",
+        "--batch",
+        "1",
+        "--seq-len",
+        "4096",
+        "--precision",
+        "bf16",
+        "--activation-checkpointing",
+        "layers",
+        "--json-file",
+        file,
+    ])
+}
+
+/// `bench report` on a fixture folder (tests/fixtures/gpu-check-out: a traced step's split) with
+/// the cost model's predictions for the same run: per op-class group, the measured time beside
+/// both predictions; the trace's structural categories count as "other".
+#[test]
+fn report_puts_the_prediction_beside_the_traced_step() {
+    let out = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpu-check-out");
+    for file in ["sections.txt", "env.json", "step.json"] {
+        std::fs::copy(fixture.join(file), out.path().join(file)).unwrap();
+    }
+    for (kernels, file) in [
+        ("current", "predict.json"),
+        ("planned", "predict-planned.json"),
+    ] {
+        let run = predict(kernels, &out.path().join(file));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let run = zamba_train(&["bench", "report", "--dir", out.path().to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let summary = json(&out.path().join("summary.json"));
+    let (current, planned) = (
+        json(&out.path().join("predict.json")),
+        json(&out.path().join("predict-planned.json")),
+    );
+    let p = &summary["prediction"];
+    assert_eq!(p["current"]["card"], "h100-sxm");
+    assert_eq!(p["current"]["mfu"], current["mfu"]);
+    assert_eq!(p["planned"]["step_seconds"], planned["step_seconds"]);
+    assert!(planned["mfu"].as_f64().unwrap() > current["mfu"].as_f64().unwrap());
+    assert_eq!(p["traced_step_seconds"], 1.0);
+    assert_eq!(p["measured_step_seconds"], 0.8);
+    let group = |name: &str| {
+        p["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["group"] == name)
+            .unwrap_or_else(|| panic!("group {name} in {p}"))
+            .clone()
+    };
+    let gemm = group("gemm");
+    assert_eq!(
+        (
+            gemm["measured_seconds"].as_f64(),
+            gemm["measured_share"].as_f64()
+        ),
+        (Some(0.4), Some(0.4))
+    );
+    assert_eq!(gemm["current_seconds"], current["group_seconds"]["gemm"]);
+    assert_eq!(gemm["planned_seconds"], planned["group_seconds"]["gemm"]);
+    // layer 0.06 + recompute 0.04 + backward 0.02: what no op span covers.
+    let other = group("other")["measured_seconds"].as_f64().unwrap();
+    assert!((other - 0.12).abs() < 1e-12, "{other}");
+    let measured: f64 = p["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["measured_seconds"].as_f64())
+        .sum();
+    assert!((measured - 1.0).abs() < 1e-12, "{measured}");
+    let predicted: f64 = p["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["current_seconds"].as_f64())
+        .sum();
+    let step = current["step_seconds"].as_f64().unwrap();
+    assert!(
+        (predicted / step - 1.0).abs() < 1e-12,
+        "{predicted} vs {step}"
+    );
+    assert!(
+        stdout.contains("predicted      planned kernels on h100-sxm"),
+        "{stdout}"
+    );
+    let gemm_row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("gemm "))
+        .expect("a gemm row");
+    assert!(
+        gemm_row.contains("400.0") && gemm_row.contains("40.0%"),
+        "{gemm_row}"
+    );
+}
+
+#[test]
+fn predict_refuses_bad_input_with_the_fix() {
+    let run = zamba_train(&["bench", "model", "--device", "cpu", "--predict"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("pass --device cuda"),
+        "{stderr}"
+    );
+    let run = zamba_train(&[
+        "bench",
+        "model",
+        "--device",
+        "cuda",
+        "--predict",
+        "--card",
+        "rtx-4090",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("h100-sxm"),
+        "{stderr}"
+    );
+    let run = zamba_train(&[
+        "bench",
+        "model",
+        "--device",
+        "cuda",
+        "--predict",
+        "--fractions",
+        "gemm=2",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("out of range"),
+        "{stderr}"
+    );
+    let run = zamba_train(&["bench", "model", "--card", "h200"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("--predict"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub struct Batch {
     pub loss_mask: Option<Vec<bool>>,
     /// Index (into [`MixtureLoader::source_names`]) of the source of each row.
     pub row_sources: Vec<u16>,
+    /// The window of its source's stream each row holds: with `row_sources`, the row's sample
+    /// id (window `w` is stream tokens `[w·seq_len, (w+1)·seq_len + 1)`).
+    pub row_windows: Vec<u64>,
     /// Target tokens per source in this rank's rows.
     pub source_tokens: BTreeMap<String, u64>,
 }
@@ -125,12 +128,14 @@ impl Producer {
         let l = self.seq_len;
         let mut rows = RowsBuilder::new(local, l, self.sources.iter().any(|s| s.stream.masked()));
         let mut row_sources = vec![0u16; local];
+        let mut local_windows = vec![0u64; local];
         let mut per_source = vec![0u64; n];
         for &(r, s, w) in &mine {
             let source = &mut self.sources[s as usize];
             rows.read(r, &mut source.stream, w)
                 .with_context(|| format!("reading source {:?}", source.name))?;
             row_sources[r] = s;
+            local_windows[r] = w;
             per_source[s as usize] += l as u64;
         }
         let (inputs, targets, loss_mask) = rows.finish();
@@ -143,6 +148,7 @@ impl Producer {
             targets,
             loss_mask,
             row_sources,
+            row_windows: local_windows,
             source_tokens: self
                 .sources
                 .iter()

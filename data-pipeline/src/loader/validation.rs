@@ -66,9 +66,11 @@ impl ValidationBatches {
         let rows = (self.per_rank - self.next).min(self.rows as u64) as usize;
         let l = self.seq_len;
         let mut builder = RowsBuilder::new(rows, l, self.stream.masked());
-        for r in 0..rows {
-            let global_window = self.rank + self.world * (self.next + r as u64);
-            builder.read(r, &mut self.stream, global_window)?;
+        let row_windows: Vec<u64> = (0..rows as u64)
+            .map(|r| self.rank + self.world * (self.next + r))
+            .collect();
+        for (r, &window) in row_windows.iter().enumerate() {
+            builder.read(r, &mut self.stream, window)?;
         }
         let (inputs, targets, loss_mask) = builder.finish();
         self.next += rows as u64;
@@ -80,6 +82,7 @@ impl ValidationBatches {
             targets,
             loss_mask,
             row_sources: vec![self.source_index; rows],
+            row_windows,
             source_tokens: BTreeMap::from([(self.name.clone(), (rows * l) as u64)]),
         };
         self.batch_index += 1;

@@ -50,124 +50,297 @@ fn random_word(rng: &mut ChaCha8Rng, min: u64, max: u64) -> String {
     (0..len).map(|_| *pick(rng, LETTERS) as char).collect()
 }
 
-/// Example `index`. Fact questions only ask about facts that some training web document states,
-/// which depends on how many web documents there are and the web split.
+/// An instruct task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Task {
+    /// `What is a op b?`: a, b < 1000 for + and −, < 100 for ×.
+    Arithmetic,
+    /// Sort 3–8 numbers or words.
+    Sort,
+    /// Repeat a 4–16 letter string.
+    Copy,
+    /// Reverse a 4–16 letter string.
+    Reverse,
+    /// Count a letter in a 6–14 letter string.
+    Count,
+    /// A question about a fact stated in a training web document.
+    Fact,
+    /// Short arithmetic: `What is a + b?` with a < 100 and b < 10 (1000 distinct problems).
+    /// Not in the standard mix.
+    Add,
+}
+
+impl Task {
+    pub const ALL: [Task; 7] = [
+        Task::Arithmetic,
+        Task::Sort,
+        Task::Copy,
+        Task::Reverse,
+        Task::Count,
+        Task::Fact,
+        Task::Add,
+    ];
+
+    /// The name in the `task` column (and in a [`TaskMix`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Arithmetic => "arithmetic",
+            Task::Sort => "sort",
+            Task::Copy => "copy",
+            Task::Reverse => "reverse",
+            Task::Count => "count",
+            Task::Fact => "fact",
+            Task::Add => "add",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Task> {
+        Task::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// Which task each instruct example poses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum TaskMix {
+    /// Arithmetic 2/7, each other task 1/7: the set of docs/data.md.
+    #[default]
+    Standard,
+    /// Tasks drawn with probabilities proportional to these weights (all finite, ≥ 0, some > 0).
+    Weighted(Vec<(Task, f64)>),
+}
+
+impl TaskMix {
+    /// A weighted mix from task names; errors name the bad entry and list the tasks.
+    pub fn weighted<'a>(weights: impl IntoIterator<Item = (&'a str, f64)>) -> Result<Self, String> {
+        let mut mix = Vec::new();
+        for (name, weight) in weights {
+            let task = Task::from_name(name).ok_or_else(|| {
+                let known: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
+                format!(
+                    "unknown instruct task {name:?}; the tasks are {}",
+                    known.join(", ")
+                )
+            })?;
+            if !(weight.is_finite() && weight >= 0.0) {
+                return Err(format!(
+                    "the weight of task {name:?} is {weight}; expected a finite number ≥ 0"
+                ));
+            }
+            mix.push((task, weight));
+        }
+        if !mix.iter().any(|&(_, w)| w > 0.0) {
+            return Err("no instruct task has a positive weight".into());
+        }
+        mix.sort_by_key(|&(task, _)| task);
+        Ok(TaskMix::Weighted(mix))
+    }
+
+    fn draw(&self, rng: &mut ChaCha8Rng) -> Task {
+        match self {
+            TaskMix::Standard => match below(rng, 7) {
+                0 | 1 => Task::Arithmetic,
+                2 => Task::Sort,
+                3 => Task::Copy,
+                4 => Task::Reverse,
+                5 => Task::Count,
+                _ => Task::Fact,
+            },
+            TaskMix::Weighted(weights) => {
+                let total: f64 = weights.iter().map(|&(_, w)| w).sum();
+                let mut u = unit(rng) * total;
+                for &(task, w) in weights {
+                    if u < w {
+                        return task;
+                    }
+                    u -= w;
+                }
+                // Rounding left u at the total: the last task with weight.
+                weights
+                    .iter()
+                    .rev()
+                    .find(|&&(_, w)| w > 0.0)
+                    .expect("a weighted mix has a positive weight")
+                    .0
+            }
+        }
+    }
+
+    /// Text that identifies a non-standard mix (for cache keys); None for the standard one.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            TaskMix::Standard => None,
+            TaskMix::Weighted(weights) => Some(
+                weights
+                    .iter()
+                    .map(|(task, w)| format!("{}={w}", task.name()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
+    }
+}
+
+/// `standard`, or `task=weight,…` (e.g. `copy=1,fact=2`), as `data synth --tasks` takes it.
+impl std::str::FromStr for TaskMix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "standard" {
+            return Ok(TaskMix::Standard);
+        }
+        let weights = text
+            .split(',')
+            .map(|entry| {
+                let (name, weight) = entry
+                    .split_once('=')
+                    .ok_or_else(|| format!("{entry:?} is not task=weight (e.g. copy=1,fact=2)"))?;
+                let weight: f64 = weight
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("the weight in {entry:?} is not a number"))?;
+                Ok((name.trim(), weight))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        TaskMix::weighted(weights)
+    }
+}
+
+/// Example `index`, its task drawn from `mix`. Fact questions only ask about facts that some
+/// training web document states, which depends on how many web documents there are and the
+/// web split.
 pub fn example(
     world: &World,
     seed: u64,
     index: u64,
+    mix: &TaskMix,
     web_docs: u64,
     web_validation_fraction: f64,
 ) -> Example {
     let mut rng = rng_for(seed, &[STREAM, index]);
-    let kind = below(&mut rng, 7);
-    match kind {
-        0 | 1 => {
-            let (a, b) = (below(&mut rng, 1000) as i64, below(&mut rng, 1000) as i64);
-            let (op, result, a, b) = match below(&mut rng, 3) {
-                0 => ('+', a + b, a, b),
-                1 => ('-', a - b, a, b),
-                _ => ('*', (a % 100) * (b % 100), a % 100, b % 100),
-            };
-            Example {
-                task: "arithmetic",
-                prompt: format!("What is {a} {op} {b}?"),
-                answer: result.to_string(),
-                key: format!("arith:{a}{op}{b}"),
-            }
+    let rng = &mut rng;
+    match mix.draw(rng) {
+        Task::Arithmetic => arithmetic(rng),
+        Task::Sort => sort(rng),
+        Task::Copy => copy(rng),
+        Task::Reverse => reverse(rng),
+        Task::Count => count(rng),
+        Task::Fact => {
+            fact(world, seed, rng, web_docs, web_validation_fraction).unwrap_or_else(|| copy(rng))
         }
-        2 => {
-            let n = 3 + below(&mut rng, 6);
-            let (prompt, mut items): (&str, Vec<String>) = if below(&mut rng, 2) == 0 {
-                (
-                    "Sort these numbers in ascending order",
-                    (0..n).map(|_| below(&mut rng, 100).to_string()).collect(),
-                )
-            } else {
-                (
-                    "Sort these words alphabetically",
-                    (0..n).map(|_| pick(&mut rng, WORDS).to_string()).collect(),
-                )
-            };
-            let shown = items.join(", ");
-            if prompt.contains("numbers") {
-                items.sort_by_key(|s| s.parse::<u64>().expect("generated numbers parse"));
-            } else {
-                items.sort();
-            }
-            Example {
-                task: "sort",
-                prompt: format!("{prompt}: {shown}"),
-                answer: items.join(", "),
-                key: format!("sort:{shown}"),
-            }
-        }
-        3 => {
-            let s = random_word(&mut rng, 4, 16);
-            Example {
-                task: "copy",
-                prompt: format!("Repeat exactly: {s}"),
-                answer: s.clone(),
-                key: format!("copy:{s}"),
-            }
-        }
-        4 => {
-            let s = random_word(&mut rng, 4, 16);
-            Example {
-                task: "reverse",
-                prompt: format!("Reverse the letters of: {s}"),
-                answer: s.chars().rev().collect(),
-                key: format!("rev:{s}"),
-            }
-        }
-        5 => {
-            let w = random_word(&mut rng, 6, 14);
-            let c = w.as_bytes()[below(&mut rng, w.len() as u64) as usize] as char;
-            let count = w.chars().filter(|&x| x == c).count();
-            Example {
-                task: "count",
-                prompt: format!("How many times does the letter '{c}' appear in \"{w}\"?"),
-                answer: count.to_string(),
-                key: format!("count:{c}:{w}"),
-            }
-        }
-        _ => {
-            // Draw training web documents until one is found; each states its primary fact.
-            let fact = (0..64)
-                .map(|_| below(&mut rng, web_docs.max(1)))
-                .find(|&doc| {
-                    web_docs > 0 && !web::is_validation(seed, doc, web_validation_fraction)
-                })
-                .map(|doc| web::primary_fact(world, doc));
-            match fact {
-                Some(fact) => {
-                    let (prompt, answer) = world.question(fact);
-                    Example {
-                        task: "fact",
-                        key: format!("fact:{prompt}"),
-                        prompt,
-                        answer,
-                    }
-                }
-                None => {
-                    let s = random_word(&mut rng, 4, 16);
-                    Example {
-                        task: "copy",
-                        prompt: format!("Repeat exactly: {s}"),
-                        answer: s.clone(),
-                        key: format!("copy:{s}"),
-                    }
-                }
-            }
-        }
+        Task::Add => add(rng),
     }
+}
+
+fn arithmetic(rng: &mut ChaCha8Rng) -> Example {
+    let (a, b) = (below(rng, 1000) as i64, below(rng, 1000) as i64);
+    let (op, result, a, b) = match below(rng, 3) {
+        0 => ('+', a + b, a, b),
+        1 => ('-', a - b, a, b),
+        _ => ('*', (a % 100) * (b % 100), a % 100, b % 100),
+    };
+    Example {
+        task: Task::Arithmetic.name(),
+        prompt: format!("What is {a} {op} {b}?"),
+        answer: result.to_string(),
+        key: format!("arith:{a}{op}{b}"),
+    }
+}
+
+fn add(rng: &mut ChaCha8Rng) -> Example {
+    let (a, b) = (below(rng, 100), below(rng, 10));
+    Example {
+        task: Task::Add.name(),
+        prompt: format!("What is {a} + {b}?"),
+        answer: (a + b).to_string(),
+        key: format!("arith:{a}+{b}"),
+    }
+}
+
+fn sort(rng: &mut ChaCha8Rng) -> Example {
+    let n = 3 + below(rng, 6);
+    let (prompt, mut items): (&str, Vec<String>) = if below(rng, 2) == 0 {
+        (
+            "Sort these numbers in ascending order",
+            (0..n).map(|_| below(rng, 100).to_string()).collect(),
+        )
+    } else {
+        (
+            "Sort these words alphabetically",
+            (0..n).map(|_| pick(rng, WORDS).to_string()).collect(),
+        )
+    };
+    let shown = items.join(", ");
+    if prompt.contains("numbers") {
+        items.sort_by_key(|s| s.parse::<u64>().expect("generated numbers parse"));
+    } else {
+        items.sort();
+    }
+    Example {
+        task: Task::Sort.name(),
+        prompt: format!("{prompt}: {shown}"),
+        answer: items.join(", "),
+        key: format!("sort:{shown}"),
+    }
+}
+
+fn copy(rng: &mut ChaCha8Rng) -> Example {
+    let s = random_word(rng, 4, 16);
+    Example {
+        task: Task::Copy.name(),
+        prompt: format!("Repeat exactly: {s}"),
+        answer: s.clone(),
+        key: format!("copy:{s}"),
+    }
+}
+
+fn reverse(rng: &mut ChaCha8Rng) -> Example {
+    let s = random_word(rng, 4, 16);
+    Example {
+        task: Task::Reverse.name(),
+        prompt: format!("Reverse the letters of: {s}"),
+        answer: s.chars().rev().collect(),
+        key: format!("rev:{s}"),
+    }
+}
+
+fn count(rng: &mut ChaCha8Rng) -> Example {
+    let w = random_word(rng, 6, 14);
+    let c = w.as_bytes()[below(rng, w.len() as u64) as usize] as char;
+    let count = w.chars().filter(|&x| x == c).count();
+    Example {
+        task: Task::Count.name(),
+        prompt: format!("How many times does the letter '{c}' appear in \"{w}\"?"),
+        answer: count.to_string(),
+        key: format!("count:{c}:{w}"),
+    }
+}
+
+/// A question about the primary fact of a training web document, drawn until one is found
+/// (None when 64 draws find none: a tiny or all-held-out web set).
+fn fact(
+    world: &World,
+    seed: u64,
+    rng: &mut ChaCha8Rng,
+    web_docs: u64,
+    web_validation_fraction: f64,
+) -> Option<Example> {
+    let doc = (0..64)
+        .map(|_| below(rng, web_docs.max(1)))
+        .find(|&doc| web_docs > 0 && !web::is_validation(seed, doc, web_validation_fraction))?;
+    let (prompt, answer) = world.question(web::primary_fact(world, doc));
+    Some(Example {
+        task: Task::Fact.name(),
+        key: format!("fact:{prompt}"),
+        prompt,
+        answer,
+    })
 }
 
 /// Recomputes the answer of a self-contained task from its prompt; None for fact questions
 /// (check those against the web set) or prompts this generator does not write.
 pub fn expected_answer(task: &str, prompt: &str) -> Option<String> {
     match task {
-        "arithmetic" => {
+        "arithmetic" | "add" => {
             let body = prompt.strip_prefix("What is ")?.strip_suffix('?')?;
             let mut parts = body.split(' ');
             let a: i64 = parts.next()?.parse().ok()?;

@@ -9,6 +9,7 @@ use crate::fsutil::tmp_path;
 use anyhow::{Context, Result, bail};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
+use instruct::TaskMix;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -33,6 +34,8 @@ pub struct SynthOptions {
     pub web_docs: u64,
     /// Instruct examples in both splits together.
     pub instruct_examples: u64,
+    /// The tasks the instruct examples pose.
+    pub tasks: TaskMix,
     /// Expected share of documents/examples held out for validation.
     pub validation_fraction: f64,
     pub rows_per_file: u64,
@@ -46,6 +49,7 @@ impl SynthOptions {
             seed: 0,
             web_docs: 20_000,
             instruct_examples: 20_000,
+            tasks: TaskMix::Standard,
             validation_fraction: 0.05,
             rows_per_file: 50_000,
         }
@@ -111,6 +115,7 @@ pub fn synth(opts: &SynthOptions) -> Result<Vec<SplitReport>> {
                     &world,
                     opts.seed,
                     i,
+                    &opts.tasks,
                     opts.web_docs,
                     opts.validation_fraction,
                 );

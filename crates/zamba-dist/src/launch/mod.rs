@@ -1,28 +1,31 @@
 //! `zamba-train launch`: a torchrun-style launcher. It starts this node's ranks as copies of a
 //! program with the rendezvous environment (no more than the node has GPUs or cores, unless
 //! forced), prefixes their output with `[rank N]`, forwards SIGINT/SIGTERM to them, and fails
-//! fast: when one rank fails, no more are started, the others get SIGTERM, then SIGKILL after a
-//! grace period, and the launcher exits non-zero naming the rank at fault.
+//! fast: when one rank fails, no more are started and the others get SIGTERM, then SIGKILL after
+//! a grace period. Then, without restarts, the launcher exits non-zero naming the rank at fault;
+//! with `--max-restarts N` it starts every rank again (they resume from the newest checkpoint),
+//! up to N times. A multi-node job with restarts or with a range of nodes (`--nnodes MIN:MAX`)
+//! is coordinated by the launchers themselves through a store on node 0 ([`elastic`]): all nodes
+//! restart together, with the nodes that are left.
 
+mod attempt;
+mod elastic;
+mod ranks;
 mod supervise;
 
 use std::ffi::OsString;
-use std::io::Read;
-use std::os::unix::process::CommandExt;
+use std::fmt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-use nix::sys::signal::Signal;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use std::time::Duration;
 
 use crate::DistError;
-use crate::fault::FAULT_LINES_ENV;
 use crate::rendezvous::{TOKEN_ENV, TOKEN_FILE_ENV};
 use crate::token::{check_token, generate_token, read_token_file};
-use supervise::{Faults, Output, Rank, Supervisor, forward_lines};
+use supervise::SignalWatch;
+
+/// Set in every rank's environment: how many times the launcher has restarted the job's ranks
+/// (0 on the first start).
+pub const RESTART_COUNT_ENV: &str = "ZAMBA_RESTART_COUNT";
 
 /// `zamba-train launch` arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -30,9 +33,10 @@ pub struct LaunchArgs {
     /// Ranks to start on this node (one per GPU, or CPU ranks).
     #[arg(long)]
     pub nproc_per_node: usize,
-    /// Nodes in the job; start one launcher per node.
-    #[arg(long, default_value_t = 1)]
-    pub nnodes: usize,
+    /// Nodes in the job: N, or MIN:MAX for an elastic job that runs (and restarts) on as many of
+    /// up to MAX nodes as have come, at least MIN; start one launcher per node.
+    #[arg(long, default_value = "1", value_parser = NodeRange::parse)]
+    pub nnodes: NodeRange,
     /// This node's index, 0 .. nnodes-1 (node 0 hosts rank 0 and the rendezvous store).
     #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
@@ -46,6 +50,19 @@ pub struct LaunchArgs {
     /// the launcher's own SIGINT/SIGTERM) before SIGKILL; must cover writing a checkpoint.
     #[arg(long, default_value_t = 30.0)]
     pub grace_s: f64,
+    /// Start every rank again, up to this many times, when one dies, fails or hangs; the ranks
+    /// resume from the newest checkpoint (0: the job ends at the first lost rank).
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Multi-node jobs with restarts or a range of nodes: once MIN nodes have come to a (re)start,
+    /// how many seconds to wait for more [default: --grace-s + 10, so that the nodes still
+    /// stopping their ranks after a failure are not left out].
+    #[arg(long)]
+    pub rdzv_last_call_s: Option<f64>,
+    /// Multi-node jobs with restarts or a range of nodes: how many seconds a (re)start waits for
+    /// MIN nodes before the job fails.
+    #[arg(long, default_value_t = 600.0)]
+    pub rdzv_timeout_s: f64,
     /// Start --nproc-per-node ranks even where that is more than this node's GPUs (or, for CPU
     /// ranks, its cores).
     #[arg(long)]
@@ -66,6 +83,84 @@ impl LaunchArgs {
              rank(s) here, or pass --force to start them anyway",
             self.nproc_per_node, capacity.what, capacity.ranks
         )))
+    }
+
+    /// Whether the launchers of the nodes coordinate (re)starts through node 0's store: a
+    /// multi-node job with restarts or with a range of nodes.
+    pub fn is_elastic(&self) -> bool {
+        self.nnodes.max > 1 && (self.max_restarts > 0 || self.nnodes.min < self.nnodes.max)
+    }
+}
+
+/// `--nnodes`: a number of nodes, or the range MIN:MAX of an elastic job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl NodeRange {
+    pub fn fixed(nodes: usize) -> Self {
+        Self {
+            min: nodes,
+            max: nodes,
+        }
+    }
+
+    /// `N` or `MIN:MAX`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let number = |s: &str| {
+            s.trim().parse::<usize>().map_err(|_| {
+                format!("{text:?} is not a number of nodes: give N or MIN:MAX, e.g. 16 or 12:16")
+            })
+        };
+        let range = match text.split_once(':') {
+            Some((min, max)) => Self {
+                min: number(min)?,
+                max: number(max)?,
+            },
+            None => Self::fixed(number(text)?),
+        };
+        if range.min == 0 {
+            return Err(format!("{text:?}: a job needs at least 1 node"));
+        }
+        if range.min > range.max {
+            return Err(format!(
+                "{text:?}: MIN ({}) is above MAX ({})",
+                range.min, range.max
+            ));
+        }
+        Ok(range)
+    }
+}
+
+impl fmt::Display for NodeRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.min == self.max {
+            true => write!(f, "{}", self.max),
+            false => write!(f, "{}:{}", self.min, self.max),
+        }
+    }
+}
+
+/// What the launcher knows of the job its ranks run.
+pub trait Job {
+    /// Whether the job can run on `world` ranks: how it runs there (for the log), or why not.
+    fn on_world(&self, world: usize) -> Result<String, String>;
+    /// The ranks' arguments for a start on `world` ranks after `restarts` restarts.
+    fn rank_args(&self, world: usize, restarts: u32) -> Vec<OsString>;
+}
+
+/// A job the launcher knows nothing of: the same arguments on any number of ranks.
+pub struct OpaqueJob(pub Vec<OsString>);
+
+impl Job for OpaqueJob {
+    fn on_world(&self, _world: usize) -> Result<String, String> {
+        Ok(String::new())
+    }
+
+    fn rank_args(&self, _world: usize, _restarts: u32) -> Vec<OsString> {
+        self.0.clone()
     }
 }
 
@@ -124,105 +219,91 @@ fn visible_gpus() -> usize {
 
 /// Most ranks in a job (ranks travel as 32-bit numbers; this is far below).
 const MAX_WORLD: usize = 1 << 20;
-/// Longest `--grace-s`: a day.
-const MAX_GRACE_S: f64 = 86_400.0;
+/// Longest `--grace-s` and rendezvous wait: a day.
+const MAX_WAIT_S: f64 = 86_400.0;
 
 /// Launches `args.nproc_per_node` copies of the running executable.
-pub fn run(args: &LaunchArgs, capacity: &NodeCapacity) -> Result<(), DistError> {
+pub fn run(args: &LaunchArgs, capacity: &NodeCapacity, job: &dyn Job) -> Result<(), DistError> {
     let program = std::env::current_exe()
         .map_err(|e| DistError::io("launch: finding the zamba-train executable", e))?;
-    launch(args, &program, capacity)
+    launch(args, &program, capacity, job)
 }
 
-/// Launches `args.nproc_per_node` copies of `program` with `args.args`, waits for all, and
-/// fails naming the rank at fault. Spawning stops as soon as a rank has failed or a signal
-/// came.
-pub fn launch(args: &LaunchArgs, program: &Path, capacity: &NodeCapacity) -> Result<(), DistError> {
-    let plan = Plan::new(args, capacity)?;
+/// Launches `args.nproc_per_node` copies of `program` with `job`'s arguments, waits for all,
+/// restarts them all up to `--max-restarts` times when one fails, and fails naming the rank at
+/// fault. Spawning stops as soon as a rank has failed or a signal came.
+pub fn launch(
+    args: &LaunchArgs,
+    program: &Path,
+    capacity: &NodeCapacity,
+    job: &dyn Job,
+) -> Result<(), DistError> {
+    let settings = Settings::new(args, capacity)?;
     // Registered before any child exists, so no signal is missed or kills the launcher.
-    let signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| DistError::io("launch: installing the SIGINT/SIGTERM handler", e))?;
-    let grace = Duration::from_secs_f64(args.grace_s);
-    let mut supervisor = Supervisor::new(signals, grace);
-    let (done_tx, done_rx) = mpsc::channel();
-    for local in 0..args.nproc_per_node {
-        if supervisor.poll() {
-            break;
-        }
-        match plan.spawn(program, &args.args, local, &done_tx, &supervisor.faults) {
-            Ok(rank) => supervisor.ranks.push(rank),
-            Err(e) => {
-                supervisor.abandon(e);
-                break;
-            }
-        }
-    }
-    drop(done_tx);
-    if supervisor.ranks.len() == args.nproc_per_node && !supervisor.stopping() {
-        eprintln!(
-            "[launch] started ranks {}..{} of {} (node {} of {}), rendezvous at {}:{}",
-            plan.first_rank,
-            plan.first_rank + args.nproc_per_node - 1,
-            plan.world,
-            args.node_rank,
-            args.nnodes,
-            plan.master_addr,
-            plan.master_port
-        );
-    }
-    supervisor.wait_all();
-    // Output threads end when the ranks' pipes close; wait a moment for their last lines (a
-    // rank's fault report among them).
-    let flush_deadline = Instant::now() + Duration::from_secs(2);
-    for _ in 0..2 * supervisor.ranks.len() {
-        let left = flush_deadline.saturating_duration_since(Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
-            break;
-        }
-    }
-    supervisor.outcome()
+    let mut signals = SignalWatch::install()?;
+    attempt::run(&settings, program, job, &mut signals)
 }
 
-/// What every rank of this node gets.
-struct Plan {
-    world: usize,
-    first_rank: usize,
-    local_world: usize,
+/// The launch's arguments, checked, and what every attempt shares.
+struct Settings {
+    nproc: usize,
+    nodes: NodeRange,
+    node_rank: usize,
     master_addr: String,
-    master_port: u16,
+    /// `None`: a free port of 127.0.0.1, chosen afresh for every attempt (one node).
+    master_port: Option<u16>,
     token: String,
     rayon_threads: Option<usize>,
+    grace: Duration,
+    max_restarts: u32,
+    /// How the launchers of an elastic job meet; `None` for a job of fixed size without restarts
+    /// across nodes.
+    elastic: Option<ElasticSettings>,
 }
 
-impl Plan {
+/// The launchers' rendezvous of an elastic job.
+struct ElasticSettings {
+    last_call: Duration,
+    timeout: Duration,
+}
+
+impl Settings {
     fn new(args: &LaunchArgs, capacity: &NodeCapacity) -> Result<Self, DistError> {
         let invalid = |msg: String| Err(DistError::Invalid(format!("launch: {msg}")));
-        if args.nproc_per_node == 0 || args.nnodes == 0 {
-            return invalid("--nproc-per-node and --nnodes must be at least 1".into());
+        if args.nproc_per_node == 0 {
+            return invalid("--nproc-per-node must be at least 1".into());
         }
         args.check_capacity(capacity)?;
-        let world = match args.nnodes.checked_mul(args.nproc_per_node) {
-            Some(world) if world <= MAX_WORLD => world,
-            _ => {
+        if args
+            .nnodes
+            .max
+            .checked_mul(args.nproc_per_node)
+            .is_none_or(|world| world > MAX_WORLD)
+        {
+            return invalid(format!(
+                "--nnodes {} × --nproc-per-node {} is more than {MAX_WORLD} ranks",
+                args.nnodes.max, args.nproc_per_node
+            ));
+        }
+        let last_call = args.rdzv_last_call_s.unwrap_or(args.grace_s + 10.0);
+        for (flag, value) in [
+            ("--grace-s", args.grace_s),
+            ("--rdzv-last-call-s", last_call),
+            ("--rdzv-timeout-s", args.rdzv_timeout_s),
+        ] {
+            if !(0.0..=MAX_WAIT_S).contains(&value) {
                 return invalid(format!(
-                    "--nnodes {} × --nproc-per-node {} is more than {MAX_WORLD} ranks",
-                    args.nnodes, args.nproc_per_node
+                    "{flag} {value} must be between 0 and {MAX_WAIT_S} seconds"
                 ));
             }
-        };
-        if !(0.0..=MAX_GRACE_S).contains(&args.grace_s) {
-            return invalid(format!(
-                "--grace-s {} must be between 0 and {MAX_GRACE_S} seconds",
-                args.grace_s
-            ));
         }
-        if args.node_rank >= args.nnodes {
+        if args.node_rank >= args.nnodes.max {
             return invalid(format!(
                 "--node-rank {} must be below --nnodes {}",
-                args.node_rank, args.nnodes
+                args.node_rank, args.nnodes.max
             ));
         }
-        let multi_node = args.nnodes > 1;
+        let multi_node = args.nnodes.max > 1;
         let master_addr = match (&args.master_addr, multi_node) {
             (Some(addr), _) => addr.clone(),
             (None, false) => "127.0.0.1".into(),
@@ -232,112 +313,36 @@ impl Plan {
                 );
             }
         };
-        let master_port = match (args.master_port.filter(|&p| p != 0), multi_node) {
-            (Some(port), _) => port,
-            (None, false) => free_port(&master_addr)?,
-            (None, true) => {
-                return invalid(
-                    "--master-port is required with --nnodes > 1 (the same on every node)".into(),
-                );
-            }
-        };
+        let master_port = args.master_port.filter(|&p| p != 0);
+        if multi_node && master_port.is_none() {
+            return invalid(
+                "--master-port is required with --nnodes > 1 (the same on every node)".into(),
+            );
+        }
         let token = job_token(multi_node)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let rayon_threads = std::env::var_os("RAYON_NUM_THREADS")
             .is_none()
             .then(|| (cores / args.nproc_per_node).max(1));
         Ok(Self {
-            world,
-            first_rank: args.node_rank * args.nproc_per_node,
-            local_world: args.nproc_per_node,
+            nproc: args.nproc_per_node,
+            nodes: args.nnodes,
+            node_rank: args.node_rank,
             master_addr,
             master_port,
             token,
             rayon_threads,
-        })
-    }
-
-    fn spawn(
-        &self,
-        program: &Path,
-        args: &[OsString],
-        local: usize,
-        done: &mpsc::Sender<()>,
-        faults: &Faults,
-    ) -> Result<Rank, DistError> {
-        let rank = self.first_rank + local;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", self.world.to_string())
-            .env("LOCAL_RANK", local.to_string())
-            .env("LOCAL_WORLD_SIZE", self.local_world.to_string())
-            .env("MASTER_ADDR", &self.master_addr)
-            .env("MASTER_PORT", self.master_port.to_string())
-            .env(TOKEN_ENV, &self.token)
-            .env_remove(TOKEN_FILE_ENV)
-            .env(FAULT_LINES_ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group: a terminal's Ctrl-C reaches the launcher only, which
-            // forwards it once.
-            .process_group(0);
-        if let Some(threads) = self.rayon_threads {
-            command.env("RAYON_NUM_THREADS", threads.to_string());
-        }
-        let launcher = nix::unistd::getpid();
-        // SAFETY: the closure only makes async-signal-safe system calls (prctl, getppid).
-        unsafe {
-            command.pre_exec(move || {
-                // Die with the launcher, even if it is SIGKILLed.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                if nix::unistd::getppid() != launcher {
-                    return Err(std::io::Error::other("the launcher exited"));
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(|e| {
-            DistError::io(
-                format!("launch: starting rank {rank} ({})", program.display()),
-                e,
-            )
-        })?;
-        for (pipe, to_stderr) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                false,
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                true,
-            ),
-        ] {
-            let out = Output {
-                rank,
-                to_stderr,
-                faults: faults.clone(),
-                done: done.clone(),
-            };
-            forward_lines(pipe, out);
-        }
-        Ok(Rank {
-            rank,
-            child,
-            status: None,
+            grace: Duration::from_secs_f64(args.grace_s),
+            max_restarts: args.max_restarts,
+            elastic: args.is_elastic().then(|| ElasticSettings {
+                last_call: Duration::from_secs_f64(last_call),
+                timeout: Duration::from_secs_f64(args.rdzv_timeout_s),
+            }),
         })
     }
 }
 
-/// A free TCP port on `addr`, for the rendezvous store (single node).
+/// A free TCP port on `addr`, for a rendezvous store.
 fn free_port(addr: &str) -> Result<u16, DistError> {
     let listener = std::net::TcpListener::bind((addr, 0))
         .map_err(|e| DistError::io(format!("launch: finding a free port on {addr}"), e))?;

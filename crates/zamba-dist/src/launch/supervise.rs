@@ -1,6 +1,7 @@
 //! Watching the ranks of this node: their output copied with a `[rank N]` prefix, signals to
-//! the launcher forwarded to them, and on the first failure (or signal) the others stopped —
-//! SIGTERM, then SIGKILL after the grace period — and a summary that names the rank at fault.
+//! the launcher forwarded to them, and on the first failure (or signal, or another node's
+//! failure) the others stopped — SIGTERM, then SIGKILL after the grace period — and the
+//! attempt's [`Outcome`], which names the rank at fault.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::DistError;
@@ -18,6 +20,55 @@ use crate::fault::FaultReport;
 
 /// The fault reports the ranks wrote, by rank.
 pub(super) type Faults = Arc<Mutex<HashMap<usize, FaultReport>>>;
+
+/// SIGINT and SIGTERM to the launcher, received for the whole launch.
+pub(super) struct SignalWatch {
+    signals: Signals,
+    first: Option<Signal>,
+}
+
+impl SignalWatch {
+    pub fn install() -> Result<Self, DistError> {
+        let signals = Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| DistError::io("launch: installing the SIGINT/SIGTERM handler", e))?;
+        Ok(Self {
+            signals,
+            first: None,
+        })
+    }
+
+    /// The signals received since the last call.
+    pub fn pending(&mut self) -> Vec<Signal> {
+        let new: Vec<Signal> = self
+            .signals
+            .pending()
+            .map(|s| Signal::try_from(s).unwrap_or(Signal::SIGTERM))
+            .collect();
+        if let Some(&signal) = new.first() {
+            self.first.get_or_insert(signal);
+        }
+        new
+    }
+
+    /// The first signal the launch received, if any: between attempts, no ranks run to forward
+    /// it to, and it ends the launch.
+    pub fn received(&mut self) -> Option<Signal> {
+        self.pending();
+        self.first
+    }
+}
+
+/// How this node's part of an attempt ended.
+pub(super) enum Outcome {
+    /// Every rank exited 0 (also after a forwarded signal: they checkpointed).
+    Done,
+    /// A rank of this node died, failed or hung; the error names the rank at fault.
+    Failed(DistError),
+    /// The ranks were stopped because of another node's failure.
+    StoppedForOtherNode,
+    /// A signal, or a rank that could not be started, ended the launch: its result (no restart).
+    Final(Result<(), DistError>),
+}
 
 pub(super) struct Rank {
     pub rank: usize,
@@ -35,24 +86,26 @@ impl Rank {
     }
 }
 
-pub(super) struct Supervisor {
+pub(super) struct Supervisor<'a> {
     pub ranks: Vec<Rank>,
     pub faults: Faults,
-    signals: Signals,
+    signals: &'a mut SignalWatch,
     grace: Duration,
-    /// The first rank that failed before any signal came, and how.
-    failure: Option<(usize, String)>,
+    /// The first rank that failed before any signal came, how, and when that was seen.
+    failure: Option<(usize, String, Instant)>,
     /// A rank that could not be started.
     spawn_error: Option<DistError>,
     /// The first signal forwarded to the ranks.
     signalled: Option<Signal>,
+    /// Another node's failure, for which the ranks were stopped.
+    other_node: Option<String>,
     /// Ranks that did not exit cleanly after the signal, and how.
     unclean: Vec<(usize, String)>,
     kill_at: Option<Instant>,
 }
 
-impl Supervisor {
-    pub fn new(signals: Signals, grace: Duration) -> Self {
+impl<'a> Supervisor<'a> {
+    pub fn new(signals: &'a mut SignalWatch, grace: Duration) -> Self {
         Self {
             ranks: Vec::new(),
             faults: Faults::default(),
@@ -61,21 +114,51 @@ impl Supervisor {
             failure: None,
             spawn_error: None,
             signalled: None,
+            other_node: None,
             unclean: Vec::new(),
             kill_at: None,
         }
     }
 
-    /// Whether the ranks are being stopped (a failure, a signal, a rank that did not start).
+    /// Whether the ranks are being stopped (a failure, a signal, a rank that did not start,
+    /// another node's failure).
     pub fn stopping(&self) -> bool {
-        self.failure.is_some() || self.signalled.is_some() || self.spawn_error.is_some()
+        self.failure.is_some()
+            || self.signalled.is_some()
+            || self.spawn_error.is_some()
+            || self.other_node.is_some()
+    }
+
+    /// Whether every rank started has exited.
+    pub fn all_exited(&self) -> bool {
+        self.ranks.iter().all(|r| r.status.is_some())
+    }
+
+    /// This node's failure, once there is one: the error naming the rank at fault.
+    pub fn failure(&self) -> Option<DistError> {
+        let (rank, what, _) = self.failure.as_ref()?;
+        Some(self.blame(*rank, what.clone()))
+    }
+
+    /// The rank of this node that failed first, and when that was seen.
+    pub fn failed_rank(&self) -> Option<(usize, Instant)> {
+        self.failure.as_ref().map(|&(rank, _, seen)| (rank, seen))
+    }
+
+    /// Another node failed: the ranks are stopped, and their exits are not failures of ours.
+    pub fn stop_for_other_node(&mut self, cause: String) {
+        if self.stopping() {
+            return;
+        }
+        eprintln!("[launch] {cause}; stopping this node's ranks");
+        self.other_node = Some(cause);
+        self.stop_ranks(Signal::SIGTERM);
     }
 
     /// Forwards signals, reaps exited ranks, stops the others after a failure and escalates to
     /// SIGKILL once the grace period is over. Returns [`stopping`](Self::stopping).
     pub fn poll(&mut self) -> bool {
         for signal in self.signals.pending() {
-            let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
             eprintln!(
                 "[launch] received {}, forwarding it to the ranks",
                 signal.as_str()
@@ -93,7 +176,7 @@ impl Supervisor {
                 continue;
             }
             let what = describe(&status);
-            if self.signalled.is_some() {
+            if self.signalled.is_some() || self.other_node.is_some() {
                 self.unclean.push((rank.rank, what));
             } else if self.failure.is_none() {
                 eprintln!(
@@ -101,7 +184,7 @@ impl Supervisor {
                     rank.rank,
                     rank.child.id()
                 );
-                self.failure = Some((rank.rank, what));
+                self.failure = Some((rank.rank, what, Instant::now()));
                 newly_failed = true;
             }
         }
@@ -127,17 +210,6 @@ impl Supervisor {
         self.stop_ranks(Signal::SIGTERM);
     }
 
-    /// Polls until every rank has exited.
-    pub fn wait_all(&mut self) {
-        loop {
-            self.poll();
-            if self.ranks.iter().all(|r| r.status.is_some()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Sends `signal` to the running ranks and arms SIGKILL after the grace period.
     fn stop_ranks(&mut self, signal: Signal) {
         self.terminate(signal);
@@ -150,13 +222,16 @@ impl Supervisor {
         }
     }
 
-    /// The launch's result once every rank has exited.
-    pub fn outcome(mut self) -> Result<(), DistError> {
+    /// How the attempt ended on this node, once every rank has exited.
+    pub fn outcome(mut self) -> Outcome {
         if let Some(error) = self.spawn_error.take() {
-            return Err(error);
+            return Outcome::Final(Err(error));
         }
-        if let Some((rank, what)) = self.failure.take() {
-            return Err(self.blame(rank, what));
+        if let Some(error) = self.failure() {
+            return Outcome::Failed(error);
+        }
+        if self.other_node.is_some() {
+            return Outcome::StoppedForOtherNode;
         }
         match (self.signalled, self.unclean.as_slice()) {
             (Some(signal), [_, ..]) => {
@@ -165,13 +240,14 @@ impl Supervisor {
                     .iter()
                     .map(|(rank, what)| format!("rank {rank} {what}"))
                     .collect();
-                Err(DistError::Invalid(format!(
+                Outcome::Final(Err(DistError::Invalid(format!(
                     "launch: stopped by {}; not every rank exited cleanly: {}",
                     signal.as_str(),
                     how.join(", ")
-                )))
+                ))))
             }
-            _ => Ok(()),
+            (Some(_), []) => Outcome::Final(Ok(())),
+            (None, _) => Outcome::Done,
         }
     }
 
@@ -213,7 +289,8 @@ pub(super) struct Output {
     pub to_stderr: bool,
     /// Fault reports found in the output are kept here instead of being copied.
     pub faults: Faults,
-    pub done: mpsc::Sender<()>,
+    /// Told the rank when the pipe has closed (its last line copied).
+    pub done: mpsc::Sender<usize>,
 }
 
 /// Copies a rank's output to ours, line by line, each line prefixed; keeps its fault report.
@@ -247,6 +324,6 @@ pub(super) fn forward_lines(pipe: Option<impl Read + Send + 'static>, out: Outpu
             let _ = sink.write_all(&line);
             let _ = sink.flush();
         }
-        let _ = out.done.send(());
+        let _ = out.done.send(out.rank);
     });
 }

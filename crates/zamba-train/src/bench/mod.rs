@@ -5,6 +5,7 @@
 mod allreduce;
 mod decode;
 mod model;
+mod predict;
 mod report;
 mod scan;
 mod world;

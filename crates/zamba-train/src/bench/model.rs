@@ -16,6 +16,7 @@ use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
 };
 use zamba_trace::{Capture, Category, span};
+use zamba_train::cost_model::{Card, Kernels};
 use zamba_train::data_parallel::{DataParallel, Sharding, StateBytes};
 use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::memory;
@@ -28,50 +29,71 @@ use super::{BENCH_STEP, Machine, bench_adamw, load_average, random_batch, sync, 
 #[derive(Args)]
 pub struct ModelArgs {
     #[arg(long, default_value = "zamba-bench")]
-    preset: String,
+    pub(super) preset: String,
     #[arg(long, default_value_t = 4)]
-    batch: usize,
+    pub(super) batch: usize,
     #[arg(long, default_value_t = 512)]
-    seq_len: usize,
+    pub(super) seq_len: usize,
     /// Measured steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
-    steps: usize,
+    pub(super) steps: usize,
     /// Data-parallel ranks (threads): time the whole training step — gradient averaging and the
     /// AdamW update included — with this many ranks against one, on the same global batch, and
     /// check each rank's heap of parameters, gradients and optimizer state against the estimate.
     #[arg(long, default_value_t = 1)]
-    world: usize,
+    pub(super) world: usize,
     /// With --world: ZeRO-1 (optimizer state sharded, gradients reduce-scattered) instead of
     /// replicated.
     #[arg(long)]
-    zero: bool,
+    pub(super) zero: bool,
     /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
     #[arg(long, default_value = "cpu")]
-    device: DeviceChoice,
+    pub(super) device: DeviceChoice,
     /// fp32 or bf16 (see runtime.precision).
     #[arg(long, default_value = "fp32")]
-    precision: Precision,
+    pub(super) precision: Precision,
     /// none or layers (see train.activation_checkpointing).
     #[arg(long, default_value = "none")]
-    activation_checkpointing: ActivationCheckpointing,
+    pub(super) activation_checkpointing: ActivationCheckpointing,
     /// The device's peak GFLOP/s for the MFU figure (e.g. 989000 for an H100/H200's dense bf16).
     /// Default on the `cpu` device: the measured f32 GEMM peak (see `bench peak`).
     #[arg(long)]
-    peak_gflops: Option<f64>,
+    pub(super) peak_gflops: Option<f64>,
     /// Skip torch.matmul in the peak (see `bench peak`).
     #[arg(long)]
-    no_torch: bool,
+    pub(super) no_torch: bool,
     /// Also print the figures as one JSON object on the last line (for scripts).
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
-    json_file: Option<std::path::PathBuf>,
+    pub(super) json_file: Option<std::path::PathBuf>,
     /// After the measured steps, run one more with every span recorded (the device synchronised
     /// at each span boundary) and write it to FILE as Chrome-trace JSON (open it in
     /// ui.perfetto.dev or chrome://tracing); prints its time split by op class.
     #[arg(long, value_name = "FILE")]
-    trace: Option<PathBuf>,
+    pub(super) trace: Option<PathBuf>,
+    /// Predict the step on a GPU with the cost model instead of running it (no GPU needed, no
+    /// model built; pass --device cuda): per op class the FLOPs, HBM bytes and time, then the
+    /// step's time, tokens/s and MFU (docs/performance.md).
+    #[arg(long, conflicts_with_all = ["trace", "zero", "peak_gflops"])]
+    pub(super) predict: bool,
+    /// With --predict: the GPU, by id (h100-sxm, h200, a100-80gb-sxm, …: an unknown value lists
+    /// them all) or by the name nvidia-smi prints (e.g. "NVIDIA H100 80GB HBM3").
+    #[arg(long, default_value = "h100-sxm", requires = "predict")]
+    pub(super) card: Card,
+    /// With --predict: "planned" (cuBLASLt GEMMs, flash attention, fused element-wise kernels, a
+    /// mamba-ssm-class scan, multi-tensor AdamW) or "current" (the Cube path as it is).
+    #[arg(long, default_value = "planned", requires = "predict")]
+    pub(super) kernels: Kernels,
+    /// With --predict: micro-batches of --batch × --seq-len per optimizer step (gradients
+    /// accumulated, one AdamW update for all of them).
+    #[arg(long, default_value_t = 1, requires = "predict")]
+    pub(super) micro_batches: usize,
+    /// With --predict: replace fractions of the kernel set's defaults, e.g. "gemm=0.7,launch_us=3"
+    /// (names: gemm, attention, vector, memory, scan_memory, launch_us).
+    #[arg(long, requires = "predict")]
+    pub(super) fractions: Option<String>,
 }
 
 /// Mean times of the measured steps and the largest heap use among them.
@@ -91,6 +113,9 @@ struct MfuPeak {
 
 pub(super) fn run(a: &ModelArgs) -> Result<()> {
     let config = ZambaConfig::preset(&a.preset)?;
+    if a.predict {
+        return super::predict::run(a, &config);
+    }
     if a.world > 1 {
         if a.trace.is_some() {
             bail!(

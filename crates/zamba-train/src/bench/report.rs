@@ -6,33 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
+use zamba_trace::Category;
+use zamba_train::cost_model::{Card, Group};
 
 #[derive(Args)]
 pub struct ReportArgs {
     /// The GPU check's output folder.
     #[arg(long)]
     dir: PathBuf,
-}
-
-/// Dense bf16 TFLOP/s from NVIDIA's datasheets, by a part of the name `nvidia-smi` prints
-/// (first match wins, so the more specific names come first).
-const DATASHEET_BF16_TFLOPS: [(&str, f64); 8] = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H200 NVL", 835.0),
-    ("GH200", 989.4),
-    ("H100", 989.4), // SXM: "NVIDIA H100 80GB HBM3"
-    ("H200", 989.4), // SXM
-    ("A100", 312.0),
-    ("L40S", 362.0),
-];
-
-/// The card's dense bf16 peak from its name, in GFLOP/s, and the entry it matched.
-pub fn datasheet_peak(gpu: &str) -> Option<(&'static str, f64)> {
-    DATASHEET_BF16_TFLOPS
-        .iter()
-        .find(|(part, _)| gpu.contains(part))
-        .map(|&(part, tflops)| (part, tflops * 1e3))
 }
 
 /// One section's line of OUT/sections.txt: name, seconds, outcome.
@@ -78,7 +59,7 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
     let step = read_json(&a.dir, "step");
     let scan = read_json(&a.dir, "scan");
     let gpu = env["gpu"].as_str().unwrap_or("none").to_string();
-    let datasheet = datasheet_peak(&gpu);
+    let card = Card::from_smi_name(&gpu);
     let measured_peak = [num(&peak["ours_gflops"]), num(&peak["torch_gflops"])]
         .into_iter()
         .flatten()
@@ -108,15 +89,15 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
             "ours": peak["ours_gflops"],
             "torch": peak["torch_gflops"],
             "measured": measured_peak,
-            "datasheet": datasheet.map(|(_, g)| g),
-            "datasheet_part": datasheet.map(|(p, _)| p),
+            "datasheet": card.map(|c| c.bf16_flops() / 1e9),
+            "datasheet_card": card.map(|c| c.id),
         },
         "step": {
             "preset": step["preset"],
             "tokens_per_sec": step["tokens_per_sec"],
             "model_gflops": achieved,
             "mfu_vs_measured_peak": mfu(measured_peak),
-            "mfu_vs_datasheet_peak": mfu(datasheet.map(|(_, g)| g)),
+            "mfu_vs_datasheet_peak": mfu(card.map(|c| c.bf16_flops() / 1e9)),
             "device_memory_peak_mib": memory_peak_mib,
             "device_pool_peak_mb": step["device_pool_peak_mb"],
             "split": step["traced_step"]["split"],
@@ -130,6 +111,11 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
             "fraction_of_copy": scan["fraction_of_copy"],
         },
         "dist": read_json(&a.dir, "dist"),
+        "prediction": prediction(
+            &read_json(&a.dir, "predict"),
+            &read_json(&a.dir, "predict-planned"),
+            &step,
+        ),
     });
     print!("{}", render(&summary));
     let path = a.dir.join("summary.json");
@@ -204,7 +190,7 @@ fn render(s: &Value) -> String {
         fmt(&g["ours"], 1e-3, 3),
         fmt(&g["torch"], 1e-3, 3),
         fmt(&g["datasheet"], 1e-3, 1),
-        g["datasheet_part"]
+        g["datasheet_card"]
             .as_str()
             .unwrap_or("card not recognised")
     );
@@ -241,6 +227,7 @@ fn render(s: &Value) -> String {
             fmt(&st["scan_backward_seconds"], 1.0, 3)
         );
     }
+    out += &render_prediction(&s["prediction"]);
     let sc = &s["scan"];
     out += &format!(
         "scan           {} GB/s vs device copy {} GB/s ({}%)\n",
@@ -267,29 +254,98 @@ fn render(s: &Value) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn datasheet_peaks_follow_the_name_nvidia_smi_prints() {
-        assert_eq!(
-            datasheet_peak("NVIDIA H100 80GB HBM3"),
-            Some(("H100", 989_400.0))
-        );
-        assert_eq!(
-            datasheet_peak("NVIDIA H100 PCIe"),
-            Some(("H100 PCIe", 756_000.0))
-        );
-        assert_eq!(datasheet_peak("NVIDIA H200"), Some(("H200", 989_400.0)));
-        assert_eq!(
-            datasheet_peak("NVIDIA H200 NVL"),
-            Some(("H200 NVL", 835_000.0))
-        );
-        assert_eq!(
-            datasheet_peak("NVIDIA GH200 480GB"),
-            Some(("GH200", 989_400.0))
-        );
-        assert_eq!(datasheet_peak("none"), None);
+/// The cost model's prediction (OUT/predict.json: the kernels this binary runs;
+/// OUT/predict-planned.json: the planned ones) beside the traced step's time, per op-class group
+/// (the trace's categories mapped to the model's groups by `Group::of_category`).
+fn prediction(current: &Value, planned: &Value, step: &Value) -> Value {
+    if current.is_null() && planned.is_null() {
+        return Value::Null;
     }
+    let mut measured = [0.0; Group::ALL.len()];
+    let split = step["traced_step"]["split"].as_array();
+    for entry in split.into_iter().flatten() {
+        let category = entry["category"]
+            .as_str()
+            .and_then(|c| c.parse::<Category>().ok());
+        if let (Some(category), Some(seconds)) = (category, entry["seconds"].as_f64()) {
+            let group = Group::of_category(category);
+            measured[Group::ALL
+                .iter()
+                .position(|g| *g == group)
+                .expect("a group")] += seconds;
+        }
+    }
+    let traced = step["traced_step"]["wall_seconds"].as_f64();
+    let groups: Vec<Value> = Group::ALL
+        .iter()
+        .zip(measured)
+        .map(|(group, seconds)| {
+            json!({
+                "group": group.name(),
+                "measured_seconds": split.map(|_| seconds),
+                "measured_share": traced.filter(|_| split.is_some()).map(|t| seconds / t),
+                "current_seconds": current["group_seconds"][group.name()],
+                "planned_seconds": planned["group_seconds"][group.name()],
+            })
+        })
+        .collect();
+    let totals = |p: &Value| {
+        json!({
+            "kernels": p["kernels"],
+            "card": p["card"]["id"],
+            "step_seconds": p["step_seconds"],
+            "tokens_per_sec": p["tokens_per_sec"],
+            "mfu": p["mfu"],
+        })
+    };
+    json!({
+        "current": totals(current),
+        "planned": totals(planned),
+        "traced_step_seconds": traced,
+        "measured_step_seconds": step["step_seconds"],
+        "groups": groups,
+    })
+}
+
+fn render_prediction(p: &Value) -> String {
+    if p.is_null() {
+        return "prediction     n/a (no predict.json)\n".into();
+    }
+    let ms = |v: &Value| fmt(v, 1e3, 1);
+    let mut out = String::new();
+    for set in ["current", "planned"] {
+        let t = &p[set];
+        out += &format!(
+            "predicted      {} kernels on {}: step {} ms, {} tokens/s, MFU {}%\n",
+            set,
+            t["card"].as_str().unwrap_or("?"),
+            ms(&t["step_seconds"]),
+            fmt(&t["tokens_per_sec"], 1.0, 0),
+            fmt(&t["mfu"], 100.0, 1),
+        );
+    }
+    out += &format!(
+        "  {:<12} {:>14} {:>7} {:>15} {:>15}\n",
+        "ms per step", "traced", "share", "pred. current", "pred. planned"
+    );
+    for g in p["groups"].as_array().into_iter().flatten() {
+        out += &format!(
+            "  {:<12} {:>14} {:>6}% {:>15} {:>15}\n",
+            g["group"].as_str().unwrap_or("?"),
+            ms(&g["measured_seconds"]),
+            fmt(&g["measured_share"], 100.0, 1),
+            ms(&g["current_seconds"]),
+            ms(&g["planned_seconds"]),
+        );
+    }
+    out += &format!(
+        "  {:<12} {:>14} {:>7} {:>15} {:>15}   (untraced step: {} ms)\n",
+        "step",
+        ms(&p["traced_step_seconds"]),
+        "",
+        ms(&p["current"]["step_seconds"]),
+        ms(&p["planned"]["step_seconds"]),
+        ms(&p["measured_step_seconds"]),
+    );
+    out
 }

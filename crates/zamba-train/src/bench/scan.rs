@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Distribution, Tensor};
 use clap::Args;
+use zamba_kernels::ScanInputs;
+pub(super) use zamba_kernels::ScanShape;
 use zamba_model::Precision;
 use zamba_train::device::{DeviceChoice, device_for};
 
@@ -37,18 +39,8 @@ pub struct ScanArgs {
     json: Option<std::path::PathBuf>,
 }
 
-/// The scan's problem size.
-#[derive(Clone, Copy)]
-pub(super) struct ScanShape {
-    pub batch: usize,
-    pub channels: usize,
-    pub len: usize,
-    pub state: usize,
-    pub groups: usize,
-}
-
 pub(super) fn run(a: &ScanArgs, peak: &Machine) -> Result<()> {
-    if a.channels % a.groups != 0 {
+    if !a.channels.is_multiple_of(a.groups) {
         bail!(
             "--channels {} must be divisible by --groups {}",
             a.channels,
@@ -108,15 +100,7 @@ pub(super) fn run(a: &ScanArgs, peak: &Machine) -> Result<()> {
         let copy_gbps = device_copy_gbps(&device, 256 << 20);
         println!("  device-to-device copy (read + write): {copy_gbps:.1} GB/s");
         let chunk = zamba_kernels::scan_chunk(&device, shape.state).unwrap_or(1);
-        let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(
-            shape.batch,
-            shape.channels,
-            shape.len,
-            shape.state,
-            shape.groups,
-            chunk,
-            act_bytes,
-        );
+        let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(shape, chunk, act_bytes);
         let (fwd, bwd) = (times.0.as_secs_f64(), times.1.as_secs_f64());
         let achieved = (bytes_f + bytes_b) as f64 / (fwd + bwd) / 1e9;
         let json = serde_json::json!({
@@ -167,17 +151,9 @@ fn print_rows(
     activation_bytes: usize,
 ) {
     let chunk = zamba_kernels::scan_chunk(device, s.state).unwrap_or(1);
-    let (flops_f, flops_b) = zamba_kernels::scan_flops(s.batch, s.channels, s.len, s.state);
-    let (ops_f, ops_b) = zamba_kernels::scan_lane_ops(s.batch, s.channels, s.len, s.state);
-    let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(
-        s.batch,
-        s.channels,
-        s.len,
-        s.state,
-        s.groups,
-        chunk,
-        activation_bytes,
-    );
+    let (flops_f, flops_b) = zamba_kernels::scan_flops(s);
+    let (ops_f, ops_b) = zamba_kernels::scan_lane_ops(s);
+    let (bytes_f, bytes_b) = zamba_kernels::scan_bytes(s, chunk, activation_bytes);
     let [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b] =
         [flops_f, flops_b, ops_f, ops_b, bytes_f, bytes_b].map(|v| v as f64);
     let lane_ops_per_s = peak.peak_gflops() * 1e9 / 2.0;
@@ -263,17 +239,19 @@ pub(super) fn scan_times(
     } else {
         zamba_kernels::selective_scan
     };
+    // Fresh leaves on every call, as a training step has.
     let forward = || {
-        scan(
-            u.clone().autodiff().require_grad(),
-            delta.clone().autodiff().require_grad(),
-            a.clone().autodiff().require_grad(),
-            b.clone().autodiff().require_grad(),
-            c.clone().autodiff().require_grad(),
-            d.clone().autodiff().require_grad(),
-            z.clone().autodiff().require_grad(),
-            bias.clone().autodiff().require_grad(),
-        )
+        let inputs = ScanInputs {
+            u: u.clone().autodiff(),
+            delta: delta.clone().autodiff(),
+            a: a.clone().autodiff(),
+            b: b.clone().autodiff(),
+            c: c.clone().autodiff(),
+            d: d.clone().autodiff(),
+            z: z.clone().autodiff(),
+            delta_bias: bias.clone().autodiff(),
+        };
+        scan(inputs.require_grad())
     };
     let fwd = time(repeats, || {
         let _ = forward().inner().into_data();

@@ -118,7 +118,10 @@ fn collect(checkpoint: &Path, numel: &HashMap<&str, usize>, expect_all: bool) ->
             super::manifest::regular_file(p)?;
             let file =
                 std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-            // SAFETY: checkpoint files are not modified while a run reads them.
+            // SAFETY: nothing in this program writes a sealed checkpoint's files (checkpoints
+            // are written under a temporary name and renamed into place; pruning only unlinks,
+            // which a mapping outlives), and the maps live only while `check` or `read` runs.
+            // Another program rewriting the files meanwhile is the caveat of any mapped file.
             unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", p.display()))
         })
         .collect::<Result<Vec<_>>>()?;

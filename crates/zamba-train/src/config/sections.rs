@@ -336,6 +336,10 @@ pub struct LoggingSection {
     /// Also write every metrics.jsonl record, and the resolved config as text, to TensorBoard
     /// event files in `run.dir/tensorboard/` (watch runs with `tensorboard --logdir runs/`).
     pub tensorboard: bool,
+    /// Write the ids of the samples every step trained on (source and window of each row of the
+    /// global batch) to `run.dir/samples.jsonl`, to check that resumed and restarted runs neither
+    /// repeat nor skip data. Costs one small all-gather per step.
+    pub sample_ids: bool,
 }
 
 impl Default for LoggingSection {
@@ -344,6 +348,7 @@ impl Default for LoggingSection {
             every: 1,
             progress: true,
             tensorboard: true,
+            sample_ids: false,
         }
     }
 }

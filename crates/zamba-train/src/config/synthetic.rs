@@ -8,7 +8,9 @@ use super::rules::Section;
 use anyhow::Result;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use zamba_data::synth::instruct::TaskMix;
 use zamba_data::{DataConfig, SyntheticCache, SyntheticCacheOptions, TokenizerSpec};
 
 /// Prefix of a data path that names a synthetic set.
@@ -37,6 +39,11 @@ pub struct SyntheticSection {
     /// Examples of the instruction set.
     #[schemars(range(min = 1, max = MAX_SYNTHETIC_ITEMS))]
     pub instruct_examples: u64,
+    /// The instruct tasks and their relative weights, e.g. `{ add = 1, fact = 2 }` (tasks:
+    /// `arithmetic`, `sort`, `copy`, `reverse`, `count`, `fact`, `add`; see docs/data.md).
+    /// Absent: the standard mix (arithmetic 2/7, each other task but `add` 1/7).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<BTreeMap<String, f64>>,
     /// Share of each set held out for validation (the sources' `validation` split).
     #[schemars(extend("exclusiveMinimum" = 0.0, "exclusiveMaximum" = 1.0))]
     pub validation_fraction: f64,
@@ -56,6 +63,7 @@ impl Default for SyntheticSection {
             seed: d.seed,
             web_docs: d.web_docs,
             instruct_examples: d.instruct_examples,
+            tasks: None,
             validation_fraction: d.validation_fraction,
             tokenizer: "byte".into(),
             row_group_tokens: d.row_group_tokens,
@@ -69,6 +77,8 @@ impl SyntheticSection {
             seed: self.seed,
             web_docs: self.web_docs,
             instruct_examples: self.instruct_examples,
+            // A loaded config has a valid mix (checked by `validate`).
+            tasks: self.task_mix().unwrap_or_default(),
             validation_fraction: self.validation_fraction,
             tokenizer: self
                 .tokenizer
@@ -77,9 +87,23 @@ impl SyntheticSection {
             row_group_tokens: self.row_group_tokens,
         }
     }
+
+    /// The instruct task mix `tasks` describes (validation reports a bad one with its key).
+    pub fn task_mix(&self) -> Result<TaskMix, String> {
+        match &self.tasks {
+            None => Ok(TaskMix::Standard),
+            Some(weights) => TaskMix::weighted(weights.iter().map(|(t, &w)| (t.as_str(), w))),
+        }
+    }
 }
 
-impl Section for SyntheticSection {}
+impl Section for SyntheticSection {
+    fn validate(&self, _run: &super::RunConfig) -> Result<(), ConfigError> {
+        self.task_mix()
+            .map(|_| ())
+            .map_err(|message| ConfigError::invalid("synthetic.tasks", message))
+    }
+}
 
 /// The set a data path names, if it is a synthetic reference.
 pub fn synthetic_set(path: &str) -> Option<&str> {

@@ -5,6 +5,8 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::{silu, softplus};
 
+use super::ScanInputs;
+
 /// Expands per-group rows `[batch, groups, 1, state]` to per-channel rows `[batch, channels, state]`.
 fn per_channel(rows: Tensor<4>, channels: usize) -> Tensor<3> {
     let [batch, groups, _, state] = rows.dims();
@@ -12,17 +14,18 @@ fn per_channel(rows: Tensor<4>, channels: usize) -> Tensor<3> {
         .reshape([batch, channels, state])
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn scan(
-    u: Tensor<3>,
-    delta: Tensor<3>,
-    a: Tensor<2>,
-    b: Tensor<4>,
-    c: Tensor<4>,
-    d: Tensor<1>,
-    z: Tensor<3>,
-    delta_bias: Tensor<1>,
-) -> Tensor<3> {
+/// The scan of [`super::selective_scan_reference`] (shapes already checked).
+pub(crate) fn scan(x: ScanInputs) -> Tensor<3> {
+    let ScanInputs {
+        u,
+        delta,
+        a,
+        b,
+        c,
+        d,
+        z,
+        delta_bias,
+    } = x;
     let [batch, channels, len] = u.dims();
     let state = a.dims()[1];
     // Burn's softplus: log1p(exp(x)), and x above 20, like mamba-ssm.

@@ -8,8 +8,11 @@
 
 use rayon::prelude::*;
 
-use crate::host::zeros;
-use crate::simd::{Lanes, exp2_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad};
+use super::ScanShape;
+use crate::host::{output, zeros};
+use crate::simd::{
+    Isa, Lanes, SCALAR, exp2_approx, level_dividing, sigmoid, simd_dispatch, softplus_and_grad,
+};
 
 /// Time steps per checkpoint chunk. The forward stores the state entering every chunk but the
 /// first; the backward recomputes one chunk of states at a time from it.
@@ -23,85 +26,12 @@ const STACK_STATE: usize = 64;
 /// on every machine.
 const TARGET_TASKS: usize = 128;
 
-/// Problem sizes, validated by [`Dims::new`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Dims {
-    pub batch: usize,
-    pub channels: usize,
-    pub groups: usize,
-    pub len: usize,
-    pub state: usize,
+/// Floats of checkpointed state per lane: the state entering chunks `1..chunks`.
+fn checkpoint_len(dims: &ScanShape) -> usize {
+    (dims.len.div_ceil(CHUNK) - 1) * dims.state
 }
 
-impl Dims {
-    /// Checks the shapes of the eight inputs (in argument order) and returns the sizes.
-    ///
-    /// # Panics
-    /// With a message naming the offending input when the shapes are inconsistent.
-    pub(crate) fn new(shapes: [&[usize]; 8]) -> Self {
-        let [u, delta, a, b, c, d, z, bias] = shapes;
-        let [batch, channels, len] = rank::<3>("u", u);
-        let [b_batch, groups, b_len, state] = rank::<4>("b", b);
-        let expect = |name: &str, got: &[usize], want: &[usize], what: &str| {
-            assert!(
-                got == want,
-                "selective_scan: `{name}` must have shape {what} = {want:?}, got {got:?}"
-            );
-        };
-        expect("delta", delta, u, "[batch, channels, len]");
-        expect("z", z, u, "[batch, channels, len]");
-        expect("a", a, &[channels, state], "[channels, state]");
-        expect(
-            "b",
-            b,
-            &[batch, groups, len, state],
-            "[batch, groups, len, state]",
-        );
-        expect("c", c, b, "[batch, groups, len, state]");
-        expect("d", d, &[channels], "[channels]");
-        expect("delta_bias", bias, &[channels], "[channels]");
-        assert!(
-            b_batch == batch && b_len == len,
-            "selective_scan: `b` must be [batch, groups, len, state] with batch {batch} and len {len}, got {b:?}"
-        );
-        assert!(
-            batch > 0 && channels > 0 && len > 0 && state > 0 && groups > 0,
-            "selective_scan: every dimension must be non-zero (u {u:?}, b {b:?})"
-        );
-        assert!(
-            channels % groups == 0,
-            "selective_scan: channels ({channels}) must be a multiple of groups ({groups})"
-        );
-        Self {
-            batch,
-            channels,
-            groups,
-            len,
-            state,
-        }
-    }
-
-    fn per_group(&self) -> usize {
-        self.channels / self.groups
-    }
-
-    fn lanes(&self) -> usize {
-        self.batch * self.channels
-    }
-
-    /// Floats of checkpointed state per lane: the state entering chunks `1..chunks`.
-    pub(crate) fn checkpoint_len(&self) -> usize {
-        (self.len.div_ceil(CHUNK) - 1) * self.state
-    }
-}
-
-fn rank<const R: usize>(name: &str, shape: &[usize]) -> [usize; R] {
-    shape.try_into().unwrap_or_else(|_| {
-        panic!("selective_scan: `{name}` must have rank {R}, got shape {shape:?}")
-    })
-}
-
-/// The eight inputs as contiguous row-major `f32` buffers, shapes as in [`crate::selective_scan`].
+/// The eight inputs as contiguous row-major `f32` buffers, shapes as in [`super::ScanInputs`].
 #[derive(Clone, Copy)]
 pub(crate) struct Inputs<'a> {
     pub u: &'a [f32],
@@ -127,7 +57,7 @@ struct Lane<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    fn lane(&self, dims: &Dims, lane: usize) -> Lane<'a> {
+    fn lane(&self, dims: &ScanShape, lane: usize) -> Lane<'a> {
         let (batch, channel) = (lane / dims.channels, lane % dims.channels);
         let group = channel / dims.per_group();
         let row = lane * dims.len..(lane + 1) * dims.len;
@@ -164,15 +94,23 @@ pub(crate) struct Grads {
 /// vectors and `f32` over the rest; the forward and the backward split a chunk identically, so
 /// they get identical values.
 #[inline(always)]
-fn step_terms<V: Lanes>(lane: &Lane, t0: usize, dt: &mut [f32], dsp: &mut [f32], sz: &mut [f32]) {
+fn step_terms<V: Lanes>(
+    isa: Isa<V>,
+    lane: &Lane,
+    t0: usize,
+    dt: &mut [f32],
+    dsp: &mut [f32],
+    sz: &mut [f32],
+) {
     let steps = dt.len();
     let split = steps - steps % V::WIDTH;
-    step_terms_range::<V>(lane, t0, 0..split, dt, dsp, sz);
-    step_terms_range::<f32>(lane, t0, split..steps, dt, dsp, sz);
+    step_terms_range(isa, lane, t0, 0..split, dt, dsp, sz);
+    step_terms_range(SCALAR, lane, t0, split..steps, dt, dsp, sz);
 }
 
 #[inline(always)]
 fn step_terms_range<V: Lanes>(
+    isa: Isa<V>,
     lane: &Lane,
     t0: usize,
     js: std::ops::Range<usize>,
@@ -181,11 +119,11 @@ fn step_terms_range<V: Lanes>(
     sz: &mut [f32],
 ) {
     for j in js.step_by(V::WIDTH) {
-        let x = V::load(&lane.delta[t0 + j..]) + V::splat(lane.bias);
+        let x = isa.load(&lane.delta[t0 + j..]) + isa.splat(lane.bias);
         let (softplus, grad) = softplus_and_grad(x);
         softplus.store(&mut dt[j..]);
         grad.store(&mut dsp[j..]);
-        sigmoid(V::load(&lane.z[t0 + j..])).store(&mut sz[j..]);
+        sigmoid(isa.load(&lane.z[t0 + j..])).store(&mut sz[j..]);
     }
 }
 
@@ -203,7 +141,7 @@ simd_dispatch!(fn backward_task(task: TaskWork, state: usize)
 /// Runs the scan for one lane, writing `y * silu(z)` to `out` and, when `checkpoints` is not empty,
 /// the state entering chunk `k` to `checkpoints[(k-1)*N..k*N]` for `k >= 1`.
 #[inline(always)]
-fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [f32]) {
+fn forward_lane_impl<V: Lanes>(isa: Isa<V>, lane: &Lane, out: &mut [f32], checkpoints: &mut [f32]) {
     let n = lane.a.len();
     let mut stack = [0f32; STACK_STATE];
     let mut heap = Vec::new();
@@ -222,7 +160,8 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
             dst.copy_from_slice(s);
         }
         let steps = CHUNK.min(out.len() - t0);
-        step_terms::<V>(
+        step_terms(
+            isa,
             lane,
             t0,
             &mut dt[..steps],
@@ -232,20 +171,20 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
         for q in (0..n).step_by(V::WIDTH) {
             let (dt, state) = (&dt[..steps], &mut s[q..q + V::WIDTH]);
             match q {
-                0 => forward_steps::<V, true>(lane, t0, dt, q, state, &mut y_parts),
-                _ => forward_steps::<V, false>(lane, t0, dt, q, state, &mut y_parts),
+                0 => forward_steps::<V, true>(isa, lane, t0, dt, q, state, &mut y_parts),
+                _ => forward_steps::<V, false>(isa, lane, t0, dt, q, state, &mut y_parts),
             }
         }
         // The per-step sums over the state, V::WIDTH steps at a time, and the gated output.
-        let (split, d) = (steps - steps % V::WIDTH, V::splat(lane.d));
+        let (split, d) = (steps - steps % V::WIDTH, isa.splat(lane.d));
         for j in (0..split).step_by(V::WIDTH) {
             let t = t0 + j;
-            let y = d.mul_add(V::load(&lane.u[t..]), step_sums::<V>(&y_parts, j));
-            (y * V::load(&lane.z[t..]) * V::load(&sz[j..])).store(&mut out[t..]);
+            let y = d.mul_add(isa.load(&lane.u[t..]), step_sums(isa, &y_parts, j));
+            (y * isa.load(&lane.z[t..]) * isa.load(&sz[j..])).store(&mut out[t..]);
         }
         for j in split..steps {
             let t = t0 + j;
-            let y = lane.d * lane.u[t] + V::load(&y_parts[j * V::WIDTH..]).sum();
+            let y = lane.d * lane.u[t] + isa.load(&y_parts[j * V::WIDTH..]).sum();
             out[t] = y * lane.z[t] * sz[j];
         }
     }
@@ -254,8 +193,8 @@ fn forward_lane_impl<V: Lanes>(lane: &Lane, out: &mut [f32], checkpoints: &mut [
 /// `A·log2 e` of one state vector, the rate [`advance`] takes: scaled once per chunk so that each
 /// step's decay `exp(Δ A) = 2^(Δ·A·log2 e)` is one multiply and an [`exp2_approx`].
 #[inline(always)]
-fn log2_rate<V: Lanes>(lane: &Lane, q: usize) -> V {
-    V::load(&lane.a[q..]) * V::splat(std::f32::consts::LOG2_E)
+fn log2_rate<V: Lanes>(isa: Isa<V>, lane: &Lane, q: usize) -> V {
+    isa.load(&lane.a[q..]) * isa.splat(std::f32::consts::LOG2_E)
 }
 
 /// One step of the recurrence for one state vector: `(exp(Δ A), exp(Δ A) ⊙ s + Δ u B)`, given
@@ -263,8 +202,9 @@ fn log2_rate<V: Lanes>(lane: &Lane, q: usize) -> V {
 /// they agree bit for bit.
 #[inline(always)]
 fn advance<V: Lanes>(s: V, dt: f32, u: f32, rate: V, b: V) -> (V, V) {
-    let decay = exp2_approx(V::splat(dt) * rate);
-    (decay, decay.mul_add(s, V::splat(dt * u) * b))
+    let isa = s.isa();
+    let decay = exp2_approx(isa.splat(dt) * rate);
+    (decay, decay.mul_add(s, isa.splat(dt * u) * b))
 }
 
 /// The chunk's steps `t0..t0 + dt.len()` of state vector `q..q + WIDTH`, continuing `state`, which
@@ -272,6 +212,7 @@ fn advance<V: Lanes>(s: V, dt: f32, u: f32, rate: V, b: V) -> (V, V) {
 /// step's vector in `y_parts` (`FIRST`, for `q == 0`, starts them).
 #[inline(always)]
 fn forward_steps<V: Lanes, const FIRST: bool>(
+    isa: Isa<V>,
     lane: &Lane,
     t0: usize,
     dt: &[f32],
@@ -283,20 +224,20 @@ fn forward_steps<V: Lanes, const FIRST: bool>(
     // The bounds of every access below, checked once so that the step loop runs without checks.
     assert!(q + V::WIDTH <= n && t0 + steps <= lane.u.len() && steps * V::WIDTH <= y_parts.len());
     assert!((t0 + steps) * n <= lane.b.len() && (t0 + steps) * n <= lane.c.len());
-    let rate = log2_rate::<V>(lane, q);
-    let mut s = V::load(state);
+    let rate = log2_rate(isa, lane, q);
+    let mut s = isa.load(state);
     for (j, &dt) in dt.iter().enumerate() {
         let (t, w) = (t0 + j, j * V::WIDTH);
         // SAFETY: `t < t0 + steps`, so `t * n + q + WIDTH <= (t0 + steps) * n`; `j < steps`, so
         // `w + WIDTH <= steps * WIDTH`.
         unsafe {
-            let b = V::load_at(lane.b, t * n + q);
+            let b = isa.load_at(lane.b, t * n + q);
             s = advance(s, dt, *lane.u.get_unchecked(t), rate, b).1;
             let sum = match FIRST {
-                true => V::splat(0.0),
-                false => V::load_at(y_parts, w),
+                true => isa.splat(0.0),
+                false => isa.load_at(y_parts, w),
             };
-            V::load_at(lane.c, t * n + q)
+            isa.load_at(lane.c, t * n + q)
                 .mul_add(s, sum)
                 .store_at(y_parts, w);
         }
@@ -310,10 +251,10 @@ const MAX_WIDTH: usize = 16;
 /// Lane `k` = the horizontal sum of the vector of step `j + k`, for the `V::WIDTH` steps from
 /// `j`: `parts` holds one vector of per-state partial products per step.
 #[inline(always)]
-fn step_sums<V: Lanes>(parts: &[f32], j: usize) -> V {
-    let mut rows = [V::splat(0.0); MAX_WIDTH];
+fn step_sums<V: Lanes>(isa: Isa<V>, parts: &[f32], j: usize) -> V {
+    let mut rows = [isa.splat(0.0); MAX_WIDTH];
     for (k, row) in rows[..V::WIDTH].iter_mut().enumerate() {
-        *row = V::load(&parts[(j + k) * V::WIDTH..]);
+        *row = isa.load(&parts[(j + k) * V::WIDTH..]);
     }
     V::sums(&rows[..V::WIDTH])
 }
@@ -321,14 +262,14 @@ fn step_sums<V: Lanes>(parts: &[f32], j: usize) -> V {
 /// The forward over all lanes. Returns the output `[batch, channels, len]` and, when
 /// `save_checkpoints`, the chunk-boundary states `[batch, channels, chunks - 1, state]` (empty
 /// otherwise).
-pub(crate) fn forward(x: &Inputs, dims: Dims, save_checkpoints: bool) -> (Vec<f32>, Vec<f32>) {
-    let mut out = zeros(dims.lanes() * dims.len);
+pub(crate) fn forward(x: &Inputs, dims: ScanShape, save_checkpoints: bool) -> (Vec<f32>, Vec<f32>) {
+    let mut out = output(dims.lanes() * dims.len);
     let per_lane = if save_checkpoints {
-        dims.checkpoint_len()
+        checkpoint_len(&dims)
     } else {
         0
     };
-    let mut checkpoints = zeros(dims.lanes() * per_lane);
+    let mut checkpoints = output(dims.lanes() * per_lane);
     let run = |lane: usize, out: &mut [f32], checkpoints: &mut [f32]| {
         forward_lane(&x.lane(&dims, lane), out, checkpoints);
     };
@@ -430,13 +371,13 @@ impl Scratch {
 /// inside): its state, carry and dA stay in registers instead of making a store-to-load round
 /// trip per step, which would otherwise be the critical path.
 #[inline(always)]
-fn backward_task_impl<V: Lanes>(task: TaskWork, state: usize) {
+fn backward_task_impl<V: Lanes>(isa: Isa<V>, task: TaskWork, state: usize) {
     let TaskWork { mut lanes, dbc } = task;
     let len = lanes[0].dout.len();
     let mut scratch = Scratch::new(state);
     // Per lane: `exp(Δ_{t+1} A) ⊙ ∂L/∂s_{t+1}`, the part of `∂L/∂s_t` from later steps.
     let mut carry = vec![0f32; lanes.len() * state];
-    let mut sums: Vec<ParamSums<V>> = lanes.iter().map(|_| ParamSums::default()).collect();
+    let mut sums: Vec<ParamSums<V>> = lanes.iter().map(|_| ParamSums::new(isa)).collect();
     for chunk in (0..len.div_ceil(CHUNK)).rev() {
         let t0 = chunk * CHUNK;
         let steps = CHUNK.min(len - t0);
@@ -445,18 +386,18 @@ fn backward_task_impl<V: Lanes>(task: TaskWork, state: usize) {
                 prefetch_chunk(next, chunk, steps);
             }
             let w = &mut lanes[i];
-            start_chunk::<V>(w, chunk, steps, &mut scratch);
+            start_chunk(isa, w, chunk, steps, &mut scratch);
             for q in (0..state).step_by(V::WIDTH) {
-                recompute_states::<V>(&w.lane, t0, steps, q, &mut scratch);
+                recompute_states(isa, &w.lane, t0, steps, q, &mut scratch);
                 let carry = &mut carry[q..];
                 match q {
-                    0 => walk_back::<V, true>(w, t0, steps, q, carry, dbc, &mut scratch),
-                    _ => walk_back::<V, false>(w, t0, steps, q, carry, dbc, &mut scratch),
+                    0 => walk_back::<V, true>(isa, w, t0, steps, q, carry, dbc, &mut scratch),
+                    _ => walk_back::<V, false>(isa, w, t0, steps, q, carry, dbc, &mut scratch),
                 }
             }
             let g = &mut w.grads;
             let outputs = [&mut *g.dz, &mut *g.du, &mut *g.ddelta];
-            step_grads::<V>(&w.lane, t0, w.dout, &scratch, outputs, sums);
+            step_grads(isa, &w.lane, t0, w.dout, &scratch, outputs, sums);
         }
     }
     for (w, sums) in lanes.iter_mut().zip(sums) {
@@ -510,14 +451,15 @@ fn prefetch(data: &[f32]) {
 /// Restores the state entering chunk `chunk` (zero for the first) and computes the chunk's step
 /// terms and `dy`.
 #[inline(always)]
-fn start_chunk<V: Lanes>(w: &LaneWork, chunk: usize, steps: usize, s: &mut Scratch) {
+fn start_chunk<V: Lanes>(isa: Isa<V>, w: &LaneWork, chunk: usize, steps: usize, s: &mut Scratch) {
     let (lane, n, t0) = (&w.lane, w.lane.a.len(), chunk * CHUNK);
     let entry = &mut s.states[..n];
     match chunk {
         0 => entry.fill(0.0),
         _ => entry.copy_from_slice(&w.checkpoints[(chunk - 1) * n..chunk * n]),
     }
-    step_terms::<V>(
+    step_terms(
+        isa,
         lane,
         t0,
         &mut s.dt[..steps],
@@ -534,20 +476,27 @@ fn start_chunk<V: Lanes>(w: &LaneWork, chunk: usize, steps: usize, s: &mut Scrat
 /// them: `states` row `j + 1` is the state after step `t0 + j`, `decay` row `j` is its
 /// `exp(Δ A)`.
 #[inline(always)]
-fn recompute_states<V: Lanes>(lane: &Lane, t0: usize, steps: usize, q: usize, s: &mut Scratch) {
+fn recompute_states<V: Lanes>(
+    isa: Isa<V>,
+    lane: &Lane,
+    t0: usize,
+    steps: usize,
+    q: usize,
+    s: &mut Scratch,
+) {
     let n = lane.a.len();
     // The bounds of every access below, checked once so that the step loop runs without checks.
     assert!(q + V::WIDTH <= n && steps <= CHUNK && t0 + steps <= lane.u.len());
     assert!((t0 + steps) * n <= lane.b.len() && steps * n <= s.decay.len());
     assert!((steps + 1) * n <= s.states.len());
-    let rate = log2_rate::<V>(lane, q);
-    let mut state = V::load(&s.states[q..]);
+    let rate = log2_rate(isa, lane, q);
+    let mut state = isa.load(&s.states[q..]);
     for j in 0..steps {
         let t = t0 + j;
         // SAFETY: `j < steps <= CHUNK` (the length of `dt`), `t < t0 + steps`, and the vectors
         // end at `(t0 + steps) * n` in `b`, `steps * n` in `decay`, `(steps + 1) * n` in `states`.
         unsafe {
-            let b = V::load_at(lane.b, t * n + q);
+            let b = isa.load_at(lane.b, t * n + q);
             let decay;
             (decay, state) = advance(
                 state,
@@ -567,7 +516,9 @@ fn recompute_states<V: Lanes>(lane: &Lane, t0: usize, steps: usize, q: usize, s:
 /// steps and the lane's dA, and adds this vector's partial products of `Σ C s`, `Σ h B`,
 /// `Σ h e s_prev A` to the per-step parts (`FIRST`, for `q == 0`, starts them).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn walk_back<V: Lanes, const FIRST: bool>(
+    isa: Isa<V>,
     w: &mut LaneWork,
     t0: usize,
     steps: usize,
@@ -585,9 +536,9 @@ fn walk_back<V: Lanes, const FIRST: bool>(
     assert!((steps + 1) * n <= s.states.len() && steps * n <= s.decay.len());
     assert!(steps * V::WIDTH <= s.y_parts.len());
     assert!(steps * V::WIDTH <= s.hb_parts.len() && steps * V::WIDTH <= s.r_parts.len());
-    let a = V::load(&lane.a[q..]);
-    let mut carried = V::load(carry);
-    let mut da = V::load(&w.grads.params[q..]);
+    let a = isa.load(&lane.a[q..]);
+    let mut carried = isa.load(carry);
+    let mut da = isa.load(&w.grads.params[q..]);
     for j in (0..steps).rev() {
         let (t, w) = (t0 + j, j * V::WIDTH);
         let row = t * n + q;
@@ -595,26 +546,26 @@ fn walk_back<V: Lanes, const FIRST: bool>(
         // `row + WIDTH <= rows`, and the asserts above cover the scratch rows.
         unsafe {
             let part = |parts: &[f32]| match FIRST {
-                true => V::splat(0.0),
-                false => V::load_at(parts, w),
+                true => isa.splat(0.0),
+                false => isa.load_at(parts, w),
             };
             let (dt, dy) = (*s.dt.get_unchecked(j), *s.dy.get_unchecked(j));
-            let du = V::splat(dt * lane.u.get_unchecked(t));
-            let (dt, dy) = (V::splat(dt), V::splat(dy));
-            let c = V::load_at(lane.c, row);
-            let cur = V::load_at(&s.states, (j + 1) * n + q);
-            let e = V::load_at(&s.decay, j * n + q);
+            let du = isa.splat(dt * lane.u.get_unchecked(t));
+            let (dt, dy) = (isa.splat(dt), isa.splat(dy));
+            let c = isa.load_at(lane.c, row);
+            let cur = isa.load_at(&s.states, (j + 1) * n + q);
+            let e = isa.load_at(&s.decay, j * n + q);
             let from_output = dy * c;
             let h = from_output + carried;
             // e ⊙ h with the carry entering by one FMA: the step-to-step dependency is one FMA.
             carried = e.mul_add(carried, e * from_output);
             let (db, dc) = (row + t * n, row + (t + 1) * n);
-            h.mul_add(du, V::load_at(dbc, db)).store_at(dbc, db);
-            dy.mul_add(cur, V::load_at(dbc, dc)).store_at(dbc, dc);
-            let has = h * e * V::load_at(&s.states, j * n + q);
+            h.mul_add(du, isa.load_at(dbc, db)).store_at(dbc, db);
+            dy.mul_add(cur, isa.load_at(dbc, dc)).store_at(dbc, dc);
+            let has = h * e * isa.load_at(&s.states, j * n + q);
             da = has.mul_add(dt, da);
             c.mul_add(cur, part(&s.y_parts)).store_at(&mut s.y_parts, w);
-            h.mul_add(V::load_at(lane.b, row), part(&s.hb_parts))
+            h.mul_add(isa.load_at(lane.b, row), part(&s.hb_parts))
                 .store_at(&mut s.hb_parts, w);
             has.mul_add(a, part(&s.r_parts)).store_at(&mut s.r_parts, w);
         }
@@ -631,11 +582,11 @@ struct ParamSums<V> {
     d_bias_tail: f32,
 }
 
-impl<V: Lanes> Default for ParamSums<V> {
-    fn default() -> Self {
+impl<V: Lanes> ParamSums<V> {
+    fn new(isa: Isa<V>) -> Self {
         Self {
-            d_skip: V::splat(0.0),
-            d_bias: V::splat(0.0),
+            d_skip: isa.splat(0.0),
+            d_bias: isa.splat(0.0),
             d_skip_tail: 0.0,
             d_bias_tail: 0.0,
         }
@@ -647,6 +598,7 @@ impl<V: Lanes> Default for ParamSums<V> {
 /// `dz = dout·y·silu'(z)`, `du = Δ·Σ hB + D·dy`, `ddelta = (u·Σ hB + Σ h e s A)·softplus'`.
 #[inline(always)]
 fn step_grads<V: Lanes>(
+    isa: Isa<V>,
     lane: &Lane,
     t0: usize,
     dout: &[f32],
@@ -656,23 +608,23 @@ fn step_grads<V: Lanes>(
 ) {
     let steps = scratch.dt.len().min(dout.len() - t0);
     let split = steps - steps % V::WIDTH;
-    let (d, one) = (V::splat(lane.d), V::splat(1.0));
+    let (d, one) = (isa.splat(lane.d), isa.splat(1.0));
     for j in (0..split).step_by(V::WIDTH) {
         let t = t0 + j;
         let (u, z, g) = (
-            V::load(&lane.u[t..]),
-            V::load(&lane.z[t..]),
-            V::load(&dout[t..]),
+            isa.load(&lane.u[t..]),
+            isa.load(&lane.z[t..]),
+            isa.load(&dout[t..]),
         );
         let (dt, dsp, sz) = (
-            V::load(&scratch.dt[j..]),
-            V::load(&scratch.dsp[j..]),
-            V::load(&scratch.sz[j..]),
+            isa.load(&scratch.dt[j..]),
+            isa.load(&scratch.dsp[j..]),
+            isa.load(&scratch.sz[j..]),
         );
-        let dy = V::load(&scratch.dy[j..]);
-        let y = d.mul_add(u, step_sums::<V>(&scratch.y_parts, j));
-        let hb = step_sums::<V>(&scratch.hb_parts, j);
-        let r = step_sums::<V>(&scratch.r_parts, j);
+        let dy = isa.load(&scratch.dy[j..]);
+        let y = d.mul_add(u, step_sums(isa, &scratch.y_parts, j));
+        let hb = step_sums(isa, &scratch.hb_parts, j);
+        let r = step_sums(isa, &scratch.r_parts, j);
         (g * y * sz * z.mul_add(one - sz, one)).store(&mut dz[t..]);
         dt.mul_add(hb, d * dy).store(&mut du[t..]);
         let ddelta = u.mul_add(hb, r) * dsp;
@@ -685,9 +637,9 @@ fn step_grads<V: Lanes>(
         let (ut, zt, g, sz) = (lane.u[t], lane.z[t], dout[t], scratch.sz[j]);
         let w = j * V::WIDTH;
         let dy = scratch.dy[j];
-        let y = lane.d * ut + V::load(&scratch.y_parts[w..]).sum();
-        let hb = V::load(&scratch.hb_parts[w..]).sum();
-        let r = V::load(&scratch.r_parts[w..]).sum();
+        let y = lane.d * ut + isa.load(&scratch.y_parts[w..]).sum();
+        let hb = isa.load(&scratch.hb_parts[w..]).sum();
+        let r = isa.load(&scratch.r_parts[w..]).sum();
         dz[t] = g * y * sz * (1.0 + zt * (1.0 - sz));
         du[t] = scratch.dt[j] * hb + lane.d * dy;
         let ddelta = (ut * hb + r) * scratch.dsp[j];
@@ -702,7 +654,7 @@ fn step_grads<V: Lanes>(
 /// summed over blocks afterwards in a fixed order (deterministic). Blocks hold at least
 /// `2 * state` channels, so the accumulators never outweigh the `[len]` rows of their lanes:
 /// their memory stays `O(batch · channels · len)`.
-fn channel_blocks(dims: &Dims) -> usize {
+fn channel_blocks(dims: &ScanShape) -> usize {
     let wanted = TARGET_TASKS.div_ceil(dims.batch * dims.groups);
     let most = (dims.per_group() / (2 * dims.state)).max(1);
     wanted.clamp(1, most)
@@ -755,8 +707,8 @@ fn reduce_blocks(
 
 /// The backward over all lanes, given the checkpoints saved by [`forward`] and the output
 /// gradient `dout` (`[batch, channels, len]`).
-pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]) -> Grads {
-    let Dims {
+pub(crate) fn backward(x: &Inputs, dims: ScanShape, checkpoints: &[f32], dout: &[f32]) -> Grads {
+    let ScanShape {
         batch,
         channels,
         groups,
@@ -766,12 +718,13 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
     let per_group = dims.per_group();
     let blocks = channel_blocks(&dims);
     let rows = len * state;
-    let per_lane_checkpoints = dims.checkpoint_len();
+    let per_lane_checkpoints = checkpoint_len(&dims);
     let params_len = state + 2;
 
-    let mut du = zeros(dims.lanes() * len);
-    let mut ddelta = zeros(dims.lanes() * len);
-    let mut dz = zeros(dims.lanes() * len);
+    let mut du = output(dims.lanes() * len);
+    let mut ddelta = output(dims.lanes() * len);
+    let mut dz = output(dims.lanes() * len);
+    // dA accumulates over the chunks, from zero.
     let mut params = zeros(dims.lanes() * params_len);
     let mut dbc_parts = zeros(batch * groups * blocks * 2 * rows);
 
@@ -854,7 +807,7 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 }
 
 /// Vector-lane arithmetic operations of the fused kernels as written, `(forward, backward)`: the
-/// compute side of the scan's roofline (`bench scan`). Unlike [`crate::scan_flops`], which counts
+/// compute side of the scan's roofline (`bench scan`). Unlike [`super::scan_flops`], which counts
 /// an `exp` as one FLOP, every instruction of the polynomials `exp` (19) and `exp2` (13; AVX-512
 /// fuses three of each into one: counted in full at every level), `ln` and the softplus/sigmoid
 /// built on them counts, as do compares and blends: that is what an exp-bound kernel spends its
@@ -864,10 +817,10 @@ pub(crate) fn backward(x: &Inputs, dims: Dims, checkpoints: &[f32], dout: &[f32]
 /// `C·s` accumulation); backward 28 (the recompute, 16, and the adjoint walk, 12). Per (batch,
 /// channel, step): 77 for the step terms (softplus and its derivative, 55; sigmoid, 22), plus the
 /// horizontal sums and scalar tail: forward `N + 4`, backward `3N + 12`.
-pub fn scan_lane_ops(batch: usize, channels: usize, len: usize, state: usize) -> (u64, u64) {
+pub fn scan_lane_ops(shape: ScanShape) -> (u64, u64) {
     const STEP_TERMS: u64 = 77;
-    let steps = (batch * channels * len) as u64;
-    let n = state as u64;
+    let steps = (shape.lanes() * shape.len) as u64;
+    let n = shape.state as u64;
     (
         steps * (17 * n + STEP_TERMS + n + 4),
         steps * (28 * n + STEP_TERMS + 3 * n + 12),

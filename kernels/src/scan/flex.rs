@@ -1,4 +1,4 @@
-//! The CPU kernel ([`crate::cpu`]) behind the scan's kernel interface on Flex: tensors in and out
+//! The CPU kernel ([`super::cpu`]) behind the scan's kernel interface on Flex: tensors in and out
 //! of the plain `f32` buffers it works on.
 
 use std::sync::Arc;
@@ -6,9 +6,10 @@ use std::sync::Arc;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{DType, Flex};
 
-use crate::cpu::{self, Dims, Inputs};
+use super::ScanShape;
+use super::cpu::{self, Inputs};
+use super::op::{ScanKernel, ScanTensors};
 use crate::host::{as_f32, contiguous_f32, from_f32};
-use crate::op::ScanKernel;
 
 /// The eight inputs as contiguous `f32` Flex tensors (converted only when they are not already),
 /// with the dtype each arrived in so outputs and gradients can be given back in it.
@@ -16,7 +17,7 @@ use crate::op::ScanKernel;
 pub(crate) struct FlexInputs {
     tensors: [FlexTensor; 8],
     dtypes: [DType; 8],
-    dims: Dims,
+    dims: ScanShape,
 }
 
 impl FlexInputs {
@@ -24,7 +25,7 @@ impl FlexInputs {
         let dtypes = tensors.each_ref().map(|t| t.dtype());
         let tensors = tensors.map(contiguous_f32);
         let shapes = tensors.each_ref().map(|t| t.layout().shape());
-        let dims = Dims::new(shapes.map(|s| s.as_slice()));
+        let dims = ScanShape::of_inputs(shapes.map(|s| s.as_slice()));
         Self {
             tensors,
             dtypes,
@@ -60,8 +61,8 @@ impl ScanKernel for Flex {
     type Inputs = FlexInputs;
     type Checkpoints = Arc<Vec<f32>>;
 
-    fn prepare(inputs: [FlexTensor; 8]) -> FlexInputs {
-        FlexInputs::new(inputs)
+    fn prepare(inputs: ScanTensors<Flex>) -> FlexInputs {
+        FlexInputs::new(inputs.into_array())
     }
 
     fn forward(x: &FlexInputs, keep_checkpoints: bool) -> (FlexTensor, Option<Arc<Vec<f32>>>) {
@@ -72,7 +73,11 @@ impl ScanKernel for Flex {
         )
     }
 
-    fn backward(x: &FlexInputs, checkpoints: &Arc<Vec<f32>>, dout: FlexTensor) -> [FlexTensor; 8] {
+    fn backward(
+        x: &FlexInputs,
+        checkpoints: &Arc<Vec<f32>>,
+        dout: FlexTensor,
+    ) -> ScanTensors<Flex> {
         let dout = contiguous_f32(dout);
         let g = cpu::backward(&x.slices(), x.dims, checkpoints, as_f32(&dout));
         let computed = [g.u, g.delta, g.a, g.b, g.c, g.d, g.z, g.delta_bias];
@@ -81,6 +86,6 @@ impl ScanKernel for Flex {
             .zip(x.tensors.iter().zip(x.dtypes))
             .map(|(grad, (input, dtype))| from_f32(grad, input.layout().shape().clone(), dtype))
             .collect();
-        grads.try_into().expect("eight gradients")
+        ScanTensors::from_array(grads.try_into().expect("eight gradients"))
     }
 }

@@ -1,0 +1,443 @@
+//! What each op class of one training step computes and moves through HBM, counted from the
+//! config as `zamba_model::model` runs it: forward, the recomputed forward of every layer block
+//! (with `"layers"` checkpointing), backward, and the AdamW update.
+//!
+//! Conventions. A tensor of `n` elements of type `T` read or written once moves `n · size(T)`
+//! bytes; operands that stay in cache between kernels are not counted (every kernel starts from
+//! HBM). Activations are in the compute type (`e` bytes: 2 in bf16, 4 in f32); the residual
+//! stream, norm inputs, weight gradients, master weights and AdamW moments are f32.
+
+use zamba_kernels::{ScanShape, scan_bytes, scan_flops};
+use zamba_model::param_table::param_table;
+use zamba_model::params::{ParamCounts, conv_flops_per_token, scan_flops_per_token};
+use zamba_model::{ActivationCheckpointing, Precision};
+
+mod gemm;
+mod unfused;
+
+use gemm::{GEMMS, gemm, weight_casts};
+use unfused::{
+    UNFUSED_ADAMW, UNFUSED_ATTENTION, UNFUSED_CROSS_ENTROPY, UNFUSED_GELU_GATE, UNFUSED_RMS_NORM,
+    unfused_conv,
+};
+
+use super::{Kernels, OpClass, Workload};
+use crate::config::DistSection;
+
+/// One op class's work in one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OpCost {
+    pub class: OpClass,
+    /// Its share of the model FLOPs (`FlopsPerToken::train` × tokens): forward + 2 × forward
+    /// for the backward, no recomputation, attention without a causal discount.
+    pub model_flops: f64,
+    /// FLOPs the kernels execute: recomputed forwards included, attention's masked half skipped
+    /// where the kernel skips it, the scan as `zamba_kernels::scan_flops` counts it. Memory-bound
+    /// classes count none.
+    pub flops: f64,
+    /// Bytes read and written in HBM.
+    pub bytes: f64,
+    /// Kernel launches.
+    pub launches: f64,
+    /// Thread blocks of the op's kernels where they are too few to fill the card (`None`: enough).
+    pub blocks: Option<f64>,
+}
+
+impl OpCost {
+    fn new(class: OpClass) -> Self {
+        Self {
+            class,
+            model_flops: 0.0,
+            flops: 0.0,
+            bytes: 0.0,
+            launches: 0.0,
+            blocks: None,
+        }
+    }
+}
+
+/// Every op class's cost, in the order of the printed table; classes with no work are left out.
+pub(super) fn count(w: &Workload, kernels: Kernels) -> Vec<OpCost> {
+    let s = Shape::of(w);
+    let mut ops: Vec<OpCost> = GEMMS.iter().map(|g| gemm(g, &s, kernels)).collect();
+    ops.push(attention(&s, kernels));
+    ops.extend(scan(&s, kernels));
+    ops.push(conv(&s, kernels));
+    ops.push(gelu_gate(&s, kernels));
+    ops.push(norms(&s, kernels));
+    ops.push(other_elementwise(&s, w, kernels));
+    ops.push(weight_casts(&s, kernels));
+    ops.push(cross_entropy(&s, kernels));
+    let micro_batches = w.micro_batches as f64;
+    for op in &mut ops {
+        op.model_flops *= micro_batches;
+        op.flops *= micro_batches;
+        op.bytes *= micro_batches;
+        op.launches *= micro_batches;
+    }
+    ops.push(gradient_accumulation(w, kernels));
+    ops.push(optimizer(&s, w, kernels));
+    ops.retain(|o| o.bytes > 0.0 || o.flops > 0.0 || o.model_flops > 0.0);
+    ops
+}
+
+/// The dimensions every count uses, as `f64`.
+struct Shape {
+    /// Tokens of one micro-batch (`batch × seq_len`), batch and sequence length.
+    t: f64,
+    batch: usize,
+    len: usize,
+    d: f64,
+    /// Mamba: `d_inner`, heads, head width, state, dt rank, conv taps.
+    di: f64,
+    h: f64,
+    p: f64,
+    n: f64,
+    r: f64,
+    k: f64,
+    /// Attention width (q), key/value width, heads; MLP width; vocabulary.
+    a: f64,
+    kv: f64,
+    heads: f64,
+    i: f64,
+    v: f64,
+    layers: f64,
+    /// Uses of the shared block (hybrid layers).
+    uses: f64,
+    /// Bytes of an activation element (the compute type).
+    e: f64,
+    /// Forwards of each layer block: 2 with recomputation.
+    forwards: f64,
+    /// Bytes of one bf16 cast of an f32 element (read 4, write 2); 0 in fp32, which casts nothing.
+    cast: f64,
+    config: zamba_model::ZambaConfig,
+}
+
+impl Shape {
+    fn of(w: &Workload) -> Self {
+        let c = w.config;
+        let bf16 = w.precision == Precision::Bf16;
+        Self {
+            t: (w.batch * w.seq_len) as f64,
+            batch: w.batch,
+            len: w.seq_len,
+            d: c.hidden_size as f64,
+            di: c.d_inner() as f64,
+            h: c.n_mamba_heads as f64,
+            p: c.mamba_head_dim() as f64,
+            n: c.mamba_d_state as f64,
+            r: c.dt_rank() as f64,
+            k: c.mamba_d_conv as f64,
+            a: c.attention_hidden_size() as f64,
+            kv: (c.num_key_value_heads * c.attention_head_dim()) as f64,
+            heads: c.num_attention_heads as f64,
+            i: c.intermediate_size as f64,
+            v: c.vocab_size as f64,
+            layers: c.num_hidden_layers as f64,
+            uses: c.hybrid_layers().len() as f64,
+            e: if bf16 { 2.0 } else { 4.0 },
+            forwards: match w.checkpointing {
+                ActivationCheckpointing::None => 1.0,
+                ActivationCheckpointing::Layers => 2.0,
+            },
+            cast: if bf16 { 6.0 } else { 0.0 },
+            config: c.clone(),
+        }
+    }
+}
+
+/// Causal attention over each use of the shared block. Planned: flash attention (inputs read and
+/// the output written once, f32 log-sum-exp per row and head; masked blocks skipped; the backward
+/// recomputes the scores: 5 products against the forward's 2). Current: Burn's attention with
+/// the `[B, heads, L, L]` scores in HBM, all `L²` products computed.
+fn attention(s: &Shape, kernels: Kernels) -> OpCost {
+    let full_forward = 4.0 * s.t * s.len as f64 * s.a * s.uses;
+    let (q, kv, lse) = (s.t * s.a * s.e, s.t * s.kv * s.e, s.t * s.heads * 4.0);
+    // Forward: read q, k, v, write o. Backward: read q, k, v, o, dO; write dq, dk, dv.
+    let forward_io = 2.0 * q + 2.0 * kv;
+    let backward_io = 3.0 * q + 2.0 * kv + q + 2.0 * kv;
+    let cost = match kernels {
+        Kernels::Planned => {
+            let causal = (s.len as f64 + 1.0) / (2.0 * s.len as f64);
+            let per_use = s.forwards * (forward_io + lse) + backward_io + lse;
+            (
+                (s.forwards + 2.5) * full_forward * causal,
+                s.uses * per_use,
+                s.uses * (s.forwards + 3.0),
+            )
+        }
+        Kernels::Current => {
+            let scores = (s.batch as f64) * s.heads * (s.len as f64).powi(2) * s.e;
+            let (fwd, bwd) = (&UNFUSED_ATTENTION.forward, &UNFUSED_ATTENTION.backward);
+            let per_use = s.forwards * (forward_io + fwd.volumes * scores)
+                + backward_io
+                + bwd.volumes * scores;
+            (
+                (s.forwards + 2.0) * full_forward,
+                s.uses * per_use,
+                s.uses * (s.forwards * fwd.kernels + bwd.kernels),
+            )
+        }
+    };
+    OpCost {
+        model_flops: 3.0 * full_forward,
+        flops: cost.0,
+        bytes: cost.1,
+        launches: cost.2,
+        ..OpCost::new(OpClass::Attention)
+    }
+}
+
+/// The selective scan of every layer: FLOPs and bytes from the kernels' own accounting
+/// (`zamba_kernels::scan_flops`, `scan_bytes`), in chunks of `scan_chunk` steps; the model FLOPs
+/// split 1 : 2 between forward and backward as `FlopsPerToken` counts them.
+fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
+    let c = &s.config;
+    let (b, di, n) = (s.batch, c.d_inner(), c.mamba_d_state);
+    let shape = ScanShape {
+        batch: b,
+        channels: di,
+        groups: c.n_mamba_heads,
+        len: s.len,
+        state: n,
+    };
+    let (flops_f, flops_b) = scan_flops(shape);
+    let chunk = scan_chunk(kernels, n);
+    let (bytes_f, bytes_b) = scan_bytes(shape, chunk, s.e as usize);
+    let model = s.layers * scan_flops_per_token(c) * s.t;
+    // Today's kernels run one thread per (batch, channel), in blocks of 256.
+    let blocks = match kernels {
+        Kernels::Planned => None,
+        Kernels::Current => Some((b * di).div_ceil(256) as f64),
+    };
+    let backward_kernels = match kernels {
+        Kernels::Planned => 1.0,
+        Kernels::Current => 4.0, // the scan, then three reductions of dB, dC and the parameters
+    };
+    let layer = |class, model_flops, flops: u64, bytes: u64, forwards, kernels| OpCost {
+        model_flops,
+        flops: s.layers * forwards * flops as f64,
+        bytes: s.layers * forwards * bytes as f64,
+        launches: s.layers * forwards * kernels,
+        blocks,
+        ..OpCost::new(class)
+    };
+    [
+        layer(
+            OpClass::ScanForward,
+            model,
+            flops_f,
+            bytes_f,
+            s.forwards,
+            1.0,
+        ),
+        layer(
+            OpClass::ScanBackward,
+            2.0 * model,
+            flops_b,
+            bytes_b,
+            1.0,
+            backward_kernels,
+        ),
+    ]
+}
+
+/// Steps per checkpointed state: mamba-ssm's 2048-step chunks (planned); the Cube kernel's
+/// `256 / N` (a power of two in 4..=64), the states of one chunk kept per thread (current).
+fn scan_chunk(kernels: Kernels, state: usize) -> usize {
+    match kernels {
+        Kernels::Planned => 2048,
+        Kernels::Current => {
+            let fit = (256 / state.max(1)).clamp(4, 64);
+            1 << fit.ilog2()
+        }
+    }
+}
+
+/// The depthwise causal conv + SiLU of every layer on `[B, D, L]`. Planned: one pass forward
+/// (read x, write the output), one backward (read x and the output gradient, write dx).
+fn conv(s: &Shape, kernels: Kernels) -> OpCost {
+    let c = &s.config;
+    let forward_flops = s.layers * conv_flops_per_token(c) * s.t;
+    let volume = s.t * s.di * s.e;
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => (s.forwards * 2.0 + 3.0, s.forwards + 2.0),
+        Kernels::Current => {
+            let u = unfused_conv(s.k);
+            (
+                s.forwards * u.forward.volumes + u.backward.volumes,
+                s.forwards * u.forward.kernels + u.backward.kernels,
+            )
+        }
+    };
+    OpCost {
+        model_flops: 3.0 * forward_flops,
+        flops: (s.forwards + 2.0) * forward_flops,
+        bytes: s.layers * bytes * volume,
+        launches: s.layers * launches,
+        ..OpCost::new(OpClass::CausalConv)
+    }
+}
+
+/// `gelu(gate) · up` of each use of the shared MLP on `[T, I]`. Planned: forward reads gate and
+/// up and writes the product; backward reads both and the output gradient, writes two gradients.
+fn gelu_gate(s: &Shape, kernels: Kernels) -> OpCost {
+    let volume = s.t * s.i * s.e;
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => (s.forwards * 3.0 + 5.0, s.forwards + 1.0),
+        Kernels::Current => UNFUSED_GELU_GATE.per_step(s.forwards),
+    };
+    OpCost {
+        bytes: s.uses * bytes * volume,
+        launches: s.uses * launches,
+        ..OpCost::new(OpClass::GeluGate)
+    }
+}
+
+/// Every RMSNorm: one per layer and the final one (width d), two per use of the shared block
+/// (widths 2d and d). Planned: a layer's norm fused with the residual add before it (forward: read
+/// the residual and the branch, write the new residual and the normalised output; backward: read
+/// the input, the output gradient and the residual gradient, write the residual's and the
+/// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current: Burn's
+/// formulation on f32 input and output.
+fn norms(s: &Shape, kernels: Kernels) -> OpCost {
+    let (e, td) = (s.e, s.t * s.d);
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => {
+            let layer = |forwards: f64| forwards * (8.0 + 2.0 * e) + 12.0 + 2.0 * e;
+            // [x, x0] (f32) in, u out, at width 2d; then the attention block's output.
+            let shared_input = 2.0 * (s.forwards * (4.0 + e) + 8.0 + e);
+            let pre_ff = s.forwards * 2.0 * e + 3.0 * e;
+            let per_use = shared_input + pre_ff;
+            let bytes = td * (s.layers * layer(s.forwards) + layer(1.0) + s.uses * per_use);
+            let instances = s.layers + 2.0 * s.uses;
+            (bytes, instances * (s.forwards + 2.0) + 3.0)
+        }
+        Kernels::Current => {
+            let (bytes, launches) = UNFUSED_RMS_NORM.per_step(s.forwards);
+            // Widths in units of d: layers d, shared input 2d, pre-ff d; the final norm runs once.
+            let final_norm = UNFUSED_RMS_NORM.per_step(1.0);
+            let widths = s.layers + 3.0 * s.uses;
+            (
+                4.0 * td * (widths * bytes + final_norm.0),
+                (s.layers + 2.0 * s.uses) * launches + final_norm.1,
+            )
+        }
+    };
+    OpCost {
+        bytes,
+        launches,
+        ..OpCost::new(OpClass::RmsNorm)
+    }
+}
+
+/// What no other class covers. Planned: the embedding lookup and its gradient (a dense f32
+/// gradient of the table, zeroed, rows added), and the gradient sums where the residual stream
+/// and the embeddings feed the shared block. Current: also every cast between f32 and bf16 of
+/// activations, the residual adds, `[x, x0]`'s concatenation, the padding mask and the f32 copy
+/// of the logits.
+fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
+    let (td, c) = (s.t * s.d, s.cast);
+    let embedding = td * 8.0 + s.v * s.d * 4.0 + td * 12.0;
+    let shared_grad_sums = s.uses * 2.0 * 12.0 * td;
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => (embedding + shared_grad_sums, 3.0 + 2.0 * s.uses),
+        Kernels::Current => {
+            let casts = if c > 0.0 { 1.0 } else { 0.0 };
+            let pad = if w.config.pad_token_id.is_some() {
+                1.0
+            } else {
+                0.0
+            };
+            // Forward: the norm's output to bf16, the block's output to f32, the residual add;
+            // backward: the same casts, the sum of the residual's two gradients.
+            let layer = s.forwards * (2.0 * c + 12.0) + 2.0 * c + 12.0;
+            let layer_kernels = (s.forwards + 1.0) * (1.0 + 2.0 * casts);
+            // Hybrid layers: x + t; x's third gradient (from [x, x0]).
+            let hybrid = s.forwards * 12.0 + 12.0;
+            // Per use, forward: [x, x0] (16), u cast by each of q, k, v (width 2d: 6c), the
+            // attention block's output to f32, h cast by gate and up, t to f32 (4c). Backward: the
+            // same casts, u's gradient summed over q, k, v (2 sums at width 2d: 48), h's over gate
+            // and up (12), the slices of [x, x0]'s gradient (16), x0's gradient sum (12).
+            let shared = s.forwards * (16.0 + 10.0 * c) + 10.0 * c + 48.0 + 12.0 + 16.0 + 12.0;
+            let shared_kernels = s.forwards * (1.0 + 7.0 * casts) + 7.0 * casts + 6.0;
+            // The final norm's output to bf16 and the logits to f32, and their gradients back.
+            let head = 2.0 * c * (td + s.t * s.v);
+            let bytes = embedding
+                + pad * 2.0 * 12.0 * td
+                + td * (s.layers * layer + s.uses * (hybrid + shared))
+                + head;
+            let launches = 3.0
+                + 3.0 * pad
+                + s.layers * layer_kernels
+                + s.uses * (s.forwards + 1.0 + shared_kernels)
+                + 4.0 * casts;
+            (bytes, launches)
+        }
+    };
+    OpCost {
+        bytes,
+        launches,
+        ..OpCost::new(OpClass::OtherElementwise)
+    }
+}
+
+/// The loss over `[T, V]` logits. Planned: a chunked kernel reading the bf16 logits in the
+/// forward, reading them again and writing their gradient in the backward. Current: Burn's
+/// `log_softmax` on the f32 copy of the logits.
+fn cross_entropy(s: &Shape, kernels: Kernels) -> OpCost {
+    let logits = s.t * s.v;
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => (3.0 * logits * s.e, 2.0),
+        Kernels::Current => {
+            let (volumes, launches) = UNFUSED_CROSS_ENTROPY.per_step(1.0);
+            (volumes * logits * 4.0, launches)
+        }
+    };
+    OpCost {
+        bytes,
+        launches,
+        ..OpCost::new(OpClass::CrossEntropy)
+    }
+}
+
+/// Micro-batches after the first add their weight gradients to the f32 sums. Planned: each GEMM
+/// accumulates in place (one more f32 read of the gradient); current: an add per parameter tensor
+/// (two f32 reads, one write).
+fn gradient_accumulation(w: &Workload, kernels: Kernels) -> OpCost {
+    let params = ParamCounts::of(w.config).total() as f64;
+    let extra = w.micro_batches.saturating_sub(1) as f64;
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => (4.0 * params, 0.0),
+        Kernels::Current => (12.0 * params, param_table(w.config).len() as f64),
+    };
+    OpCost {
+        bytes: extra * bytes,
+        launches: extra * launches,
+        ..OpCost::new(OpClass::GradientAccumulation)
+    }
+}
+
+/// AdamW over every parameter. Planned: one pass per gradient bucket reading the f32 master,
+/// gradient and moments, writing master and moments (and the bf16 working copy in bf16). Current:
+/// Burn's formulation, per parameter tensor.
+fn optimizer(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
+    let params = ParamCounts::of(w.config).total() as f64;
+    let (bytes, launches) = match kernels {
+        Kernels::Planned => {
+            let bucket = DistSection::default().bucket_mb * (1 << 20) as f64;
+            let bf16_copy = if s.cast > 0.0 { 2.0 } else { 0.0 };
+            ((28.0 + bf16_copy) * params, (4.0 * params / bucket).ceil())
+        }
+        Kernels::Current => {
+            let tensors = param_table(w.config).len() as f64;
+            let (volumes, kernels) = UNFUSED_ADAMW.per_step(1.0);
+            (volumes * 4.0 * params, kernels * tensors)
+        }
+    };
+    OpCost {
+        bytes,
+        launches,
+        ..OpCost::new(OpClass::Optimizer)
+    }
+}

@@ -1,0 +1,108 @@
+//! Today's unfused ops on the Cube path, as the chains of Burn tensor ops they are written as
+//! (`zamba_kernels`' `*_reference` compositions, differentiated by Burn's autodiff).
+
+/// One direction of an op written as Burn tensor ops: each op one kernel reading its operands
+/// and writing its result. `volumes`: tensors of the op's main shape read + written.
+pub(super) struct Passes {
+    pub(super) volumes: f64,
+    pub(super) kernels: f64,
+}
+
+/// An op of today's Cube path, forward and backward (autodiff of the same ops).
+pub(super) struct Unfused {
+    pub(super) forward: Passes,
+    pub(super) backward: Passes,
+}
+
+impl Unfused {
+    /// `(volumes, kernels)` of `forwards` forwards and one backward.
+    pub(super) fn per_step(&self, forwards: f64) -> (f64, f64) {
+        (
+            forwards * self.forward.volumes + self.backward.volumes,
+            forwards * self.forward.kernels + self.backward.kernels,
+        )
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · γ`: square (2 volumes), mean (1), div (2), mul (2), and two ops on
+/// per-row scalars. Backward: the gradients of the mul (into x̂ and γ: 6), the div (into x and
+/// the rms: 10), the mean's broadcast (1), the square (5), the sum of x's two paths (3).
+pub(super) const UNFUSED_RMS_NORM: Unfused = Unfused {
+    forward: Passes {
+        volumes: 7.0,
+        kernels: 6.0,
+    },
+    backward: Passes {
+        volumes: 25.0,
+        kernels: 14.0,
+    },
+};
+
+/// Zero padding and `cat` (2), per tap a shifted multiply and an add (5), SiLU as a sigmoid and a
+/// multiply (5). Backward: SiLU (16), per tap the product's two gradients, the slice's scatter
+/// into the padded gradient and its sum (12), the `cat`'s slice and the bias sum (3).
+pub(super) fn unfused_conv(taps: f64) -> Unfused {
+    Unfused {
+        forward: Passes {
+            volumes: 7.0 + 5.0 * taps,
+            kernels: 4.0 + 2.0 * taps,
+        },
+        backward: Passes {
+            volumes: 19.0 + 12.0 * taps,
+            kernels: 8.0 + 5.0 * taps,
+        },
+    }
+}
+
+/// `gelu(g) · u` with GELU as `x · (1 + erf(x / √2)) / 2` (5 ops, 11 volumes) and the product
+/// (3); backward: GELU's derivative (~10 ops, 25) and the product's two gradients (6).
+pub(super) const UNFUSED_GELU_GATE: Unfused = Unfused {
+    forward: Passes {
+        volumes: 14.0,
+        kernels: 6.0,
+    },
+    backward: Passes {
+        volumes: 31.0,
+        kernels: 12.0,
+    },
+};
+
+/// `log_softmax` (max, subtract, exp, sum, log, subtract: 8 volumes) and the target pick; backward:
+/// the pick's scatter into zeros (2), the sums' broadcasts and the exp's gradient (8).
+pub(super) const UNFUSED_CROSS_ENTROPY: Unfused = Unfused {
+    forward: Passes {
+        volumes: 8.0,
+        kernels: 6.0,
+    },
+    backward: Passes {
+        volumes: 10.0,
+        kernels: 7.0,
+    },
+};
+
+/// Burn's attention on materialised scores, in volumes of `[B, heads, L, L]`: the scores written
+/// by `QKᵀ`, scaled (2), masked (2 and the mask), softmax (max, subtract, exp, sum, divide: 8),
+/// read by `·V`. Backward: `dP` written, read by `dV`'s product, the softmax's gradient (6), the
+/// mask's and the scale's (4), read by `dQ`'s and `dK`'s products.
+pub(super) const UNFUSED_ATTENTION: Unfused = Unfused {
+    forward: Passes {
+        volumes: 14.0,
+        kernels: 8.0,
+    },
+    backward: Passes {
+        volumes: 14.0,
+        kernels: 14.0,
+    },
+};
+
+/// AdamW per tensor as 16 Burn ops on f32 (36 volumes of the tensor), no backward.
+pub(super) const UNFUSED_ADAMW: Unfused = Unfused {
+    forward: Passes {
+        volumes: 36.0,
+        kernels: 16.0,
+    },
+    backward: Passes {
+        volumes: 0.0,
+        kernels: 0.0,
+    },
+};

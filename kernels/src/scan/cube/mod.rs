@@ -1,0 +1,288 @@
+//! The CubeCL kernels ([`kernels`]) behind the scan's kernel interface on Burn's `Cube` backend:
+//! CUDA with the `cuda` feature, the LLVM-compiled CPU runtime with `cube-cpu`. Everything that
+//! depends on the device (units per cube, the chunk) is taken from the client's limits.
+
+mod kernels;
+
+use burn::backend::{Cube, DType, TensorMetadata};
+use burn::tensor::Shape;
+use burn_cubecl::kernel::{cast, into_contiguous, slice, untile};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::ops::{permute, reshape};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::client::Client;
+use cubecl::ir::AddressType;
+use cubecl::prelude::ElemType;
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+
+use crate::scan::ScanShape;
+use crate::scan::op::{ScanKernel, ScanTensors};
+
+/// Floats of unit-local memory the backward may spend on one chunk of recomputed states.
+const LOCAL_STATE_FLOATS: usize = 256;
+
+/// Units per cube of the backward, at most: one 32-wide warp on a GPU (a cheap barrier per step),
+/// fewer where the client allows fewer (the CPU runtime: one unit per core).
+const MAX_BACKWARD_UNITS: usize = 32;
+
+/// Time steps per checkpoint chunk: as many as fit `LOCAL_STATE_FLOATS` recomputed states, a
+/// power of two in `4..=64`.
+pub(crate) fn chunk(state: usize) -> usize {
+    let fit = (LOCAL_STATE_FLOATS / state.max(1)).clamp(4, 64);
+    1 << fit.ilog2()
+}
+
+/// The eight inputs as the kernels read them: activations (`u, delta, z, b, c`) in one float
+/// type, parameters (`a, d, delta_bias`) contiguous `f32`; and the dtype each input came in.
+#[derive(Clone, Debug)]
+pub(crate) struct CubeInputs {
+    u: CubeTensor,
+    delta: CubeTensor,
+    a: CubeTensor,
+    b: CubeTensor,
+    c: CubeTensor,
+    d: CubeTensor,
+    z: CubeTensor,
+    delta_bias: CubeTensor,
+    /// The activations' compute type: theirs when they share f32, f16 or bf16, else f32.
+    act: DType,
+    dtypes: [DType; 8],
+    dims: ScanShape,
+}
+
+impl CubeInputs {
+    fn new(tensors: [CubeTensor; 8]) -> Self {
+        let shapes = tensors.each_ref().map(|t| t.shape());
+        let dims = ScanShape::of_inputs(shapes.each_ref().map(|s| s.as_slice()));
+        let dtypes = tensors.each_ref().map(|t| t.dtype);
+        let [u, delta, a, b, c, d, z, delta_bias] = tensors;
+        let act = match dtypes[0] {
+            DType::F32 | DType::F16 | DType::BF16
+                if [1, 3, 4, 6].iter().all(|&i| dtypes[i] == dtypes[0]) =>
+            {
+                dtypes[0]
+            }
+            _ => DType::F32,
+        };
+        // Activations are read at any strides; parameters are tiny and read contiguous.
+        let activation = |t: CubeTensor| untile(to_dtype(t, act));
+        let parameter = |t: CubeTensor| into_contiguous(to_dtype(t, DType::F32));
+        Self {
+            u: activation(u),
+            delta: activation(delta),
+            a: parameter(a),
+            b: activation(b),
+            c: activation(c),
+            d: parameter(d),
+            z: activation(z),
+            delta_bias: parameter(delta_bias),
+            act,
+            dtypes,
+            dims,
+        }
+    }
+
+    fn address_type(&self, more: &[&CubeTensor]) -> AddressType {
+        [&self.u, &self.delta, &self.b, &self.c, &self.z]
+            .into_iter()
+            .chain(more.iter().copied())
+            .map(|t| t.required_address_type())
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// A new `[batch, channels, len]` tensor of the activation type, laid out channel-fastest
+    /// (`[batch, len, channels]` in memory) so that the units of a cube, consecutive channels,
+    /// write consecutive addresses at every step.
+    fn empty_rows(&self) -> CubeTensor {
+        let ScanShape {
+            batch,
+            channels,
+            len,
+            ..
+        } = self.dims;
+        let t = empty(&self.u, [batch, len, channels], self.act);
+        permute(t, &[0, 2, 1])
+    }
+}
+
+fn to_dtype(t: CubeTensor, dtype: DType) -> CubeTensor {
+    match t.dtype == dtype {
+        true => t,
+        false => cast(t, dtype),
+    }
+}
+
+/// An uninitialised contiguous tensor on the device of `like`.
+fn empty<const R: usize>(like: &CubeTensor, shape: [usize; R], dtype: DType) -> CubeTensor {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new(shape),
+        dtype,
+    )
+}
+
+fn elem(dtype: DType) -> ElemType {
+    burn::backend::cubecl::dtype_to_storage_type(dtype)
+}
+
+/// Units per cube of the backward: consecutive channels of one group, as many as the client and
+/// the shared memory (two `[2 · state, units]` f32 buffers) allow.
+fn backward_units(client: &Client, dims: &ScanShape) -> usize {
+    let hardware = &client.properties().hardware;
+    let by_shared = hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>());
+    [
+        MAX_BACKWARD_UNITS,
+        hardware.max_units_per_cube as usize,
+        hardware.max_cube_dim.0 as usize,
+        by_shared,
+        dims.channels / dims.groups,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1)
+    .max(1)
+}
+
+impl ScanKernel for Cube {
+    type Inputs = CubeInputs;
+    type Checkpoints = CubeTensor;
+
+    fn prepare(inputs: ScanTensors<Cube>) -> CubeInputs {
+        CubeInputs::new(inputs.into_array())
+    }
+
+    fn forward(x: &CubeInputs, keep_checkpoints: bool) -> (CubeTensor, Option<CubeTensor>) {
+        let ScanShape {
+            batch,
+            channels,
+            len,
+            state,
+            ..
+        } = x.dims;
+        let chunk = chunk(state);
+        let client = x.u.client.clone();
+        let out = x.empty_rows();
+        // Without checkpoints the kernel still takes a (never written) one-element tensor.
+        let saved = match keep_checkpoints {
+            true => len.div_ceil(chunk).saturating_sub(1).max(1),
+            false => 0,
+        };
+        let checkpoints = match saved {
+            0 => empty(&x.u, [1, 1, 1, 1], DType::F32),
+            _ => empty(&x.u, [batch, channels, saved, state], DType::F32),
+        };
+        let lanes = batch * channels;
+        let cube_dim = CubeDim::new(&client, lanes);
+        let cube_count = calculate_cube_count_elemwise(&client, lanes, cube_dim);
+        kernels::scan_forward::launch(
+            &client,
+            cube_count,
+            cube_dim,
+            x.address_type(&[&out, &checkpoints]),
+            x.u.clone().into_tensor_arg(),
+            x.delta.clone().into_tensor_arg(),
+            x.z.clone().into_tensor_arg(),
+            x.b.clone().into_tensor_arg(),
+            x.c.clone().into_tensor_arg(),
+            x.a.clone().into_tensor_arg(),
+            x.d.clone().into_tensor_arg(),
+            x.delta_bias.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            checkpoints.clone().into_tensor_arg(),
+            state,
+            chunk,
+            keep_checkpoints,
+            elem(x.act),
+        );
+        let out = to_dtype(out, x.dtypes[0]);
+        (out, keep_checkpoints.then_some(checkpoints))
+    }
+
+    fn backward(x: &CubeInputs, checkpoints: &CubeTensor, dout: CubeTensor) -> ScanTensors<Cube> {
+        let ScanShape {
+            batch,
+            channels,
+            groups,
+            len,
+            state,
+        } = x.dims;
+        let client = x.u.client.clone();
+        let dout = untile(to_dtype(dout, x.act));
+        let units = backward_units(&client, &x.dims);
+        let blocks = (channels / groups).div_ceil(units);
+        let (du, ddelta, dz) = (x.empty_rows(), x.empty_rows(), x.empty_rows());
+        let db_parts = empty(&x.u, [batch * groups, blocks, len, state], DType::F32);
+        let dc_parts = empty(&x.u, [batch * groups, blocks, len, state], DType::F32);
+        let lane_parts = empty(&x.u, [batch, channels, state + 2], DType::F32);
+        kernels::scan_backward::launch(
+            &client,
+            CubeCount::Static(blocks as u32, (batch * groups) as u32, 1),
+            CubeDim::new_1d(units as u32),
+            x.address_type(&[&dout, &du, &ddelta, &dz, &db_parts, &dc_parts]),
+            x.u.clone().into_tensor_arg(),
+            x.delta.clone().into_tensor_arg(),
+            x.z.clone().into_tensor_arg(),
+            x.b.clone().into_tensor_arg(),
+            x.c.clone().into_tensor_arg(),
+            x.a.clone().into_tensor_arg(),
+            x.d.clone().into_tensor_arg(),
+            x.delta_bias.clone().into_tensor_arg(),
+            checkpoints.clone().into_tensor_arg(),
+            dout.into_tensor_arg(),
+            du.clone().into_tensor_arg(),
+            ddelta.clone().into_tensor_arg(),
+            dz.clone().into_tensor_arg(),
+            db_parts.clone().into_tensor_arg(),
+            dc_parts.clone().into_tensor_arg(),
+            lane_parts.clone().into_tensor_arg(),
+            state,
+            chunk(state),
+            units,
+            elem(x.act),
+        );
+        let bc_shape = [batch, groups, len, state];
+        let db = sum_parts(&db_parts, [batch * groups, blocks, len * state], x.act);
+        let dc = sum_parts(&dc_parts, [batch * groups, blocks, len * state], x.act);
+        // Per-lane [dA, dD, d delta_bias] summed over batch, then split by column.
+        let params = sum_parts(&lane_parts, [1, batch, channels * (state + 2)], DType::F32);
+        let params = reshape(params, Shape::new([channels, state + 2]));
+        let column = |columns: std::ops::Range<usize>| {
+            into_contiguous(slice(params.clone(), &[0..channels, columns]))
+        };
+        let da = column(0..state);
+        let dd = reshape(column(state..state + 1), Shape::new([channels]));
+        let dbias = reshape(column(state + 1..state + 2), Shape::new([channels]));
+        let db = reshape(db, Shape::new(bc_shape));
+        let dc = reshape(dc, Shape::new(bc_shape));
+        let computed = [du, ddelta, da, db, dc, dd, dz, dbias];
+        let mut dtypes = x.dtypes.into_iter();
+        ScanTensors::from_array(computed.map(|g| to_dtype(g, dtypes.next().expect("eight dtypes"))))
+    }
+}
+
+/// `Σ_k parts[o, k, r]` as a contiguous `[o, r]` tensor of type `dtype` (see
+/// [`kernels::sum_parts`]).
+fn sum_parts(parts: &CubeTensor, [outer, count, rows]: [usize; 3], dtype: DType) -> CubeTensor {
+    let client = parts.client.clone();
+    let out = empty(parts, [outer, rows], dtype);
+    let cube_dim = CubeDim::new(&client, outer * rows);
+    let cube_count = calculate_cube_count_elemwise(&client, outer * rows, cube_dim);
+    kernels::sum_parts::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        [parts, &out]
+            .map(|t| t.required_address_type())
+            .into_iter()
+            .max()
+            .unwrap_or_default(),
+        parts.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        count,
+        rows,
+        elem(dtype),
+    );
+    out
+}
