@@ -36,7 +36,7 @@ pub use fingerprint::{Difference, Fingerprint};
 pub use init::{Backend, init};
 pub use interrupt::Interrupt;
 #[cfg(feature = "cuda")]
-pub use nccl::{NcclCommunicator, connect_nccl};
+pub use nccl::{NcclCommunicator, connect_nccl, cuda_device_memory};
 pub use nodelist::expand_nodelist;
 pub use options::DistOptions;
 pub use rendezvous::{
@@ -46,3 +46,9 @@ pub use single::SingleRank;
 pub use tcp::TcpCommunicator;
 pub use thread::{ThreadCommunicator, thread_group};
 pub use token::{check_token, create_token_file, generate_token, read_token_file};
+
+/// Total memory of CUDA device `index` in bytes: `None` in a build without `cuda`.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_memory(_index: usize) -> Option<u64> {
+    None
+}

@@ -572,3 +572,14 @@ pub fn connect_nccl(
     let rendezvous = Rendezvous::join(info, opts)?;
     NcclCommunicator::new(rendezvous, device_index, opts.timeout)
 }
+
+/// Total memory of CUDA device `index` in bytes; `None` where the driver or the device is
+/// missing.
+pub fn cuda_device_memory(index: usize) -> Option<u64> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cu::is_culib_present() } {
+        return None;
+    }
+    let context = CudaContext::new(index).ok()?;
+    context.total_mem().ok().map(|bytes| bytes as u64)
+}

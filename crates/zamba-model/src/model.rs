@@ -186,10 +186,11 @@ impl MambaMixer {
         let (b_t, c_t) = (columns(r..r + n), columns(r + n..r + 2 * n));
         let delta = zamba_kernels::per_head_matmul(compute.cast(self.dt_proj_weight.val()), dt)
             .reshape([batch, di, len]);
-        // The scan's parameters stay f32 (its state and sums are f32 on every backend).
-        let a = self.a_log.val().exp().neg().reshape([di, n]);
-        let d_skip = self.d_skip.val().reshape([di]);
-        let dt_bias = self.dt_proj_bias.val().reshape([di]);
+        // The scan's parameters in f32 (its state and sums are f32 on every backend), whatever
+        // the parameters' own type (bf16 working copies in a bf16 data-parallel run).
+        let a = f32(self.a_log.val()).exp().neg().reshape([di, n]);
+        let d_skip = f32(self.d_skip.val()).reshape([di]);
+        let dt_bias = f32(self.dt_proj_bias.val()).reshape([di]);
 
         let scan = if self.reference_scan {
             zamba_kernels::selective_scan_reference
@@ -214,7 +215,7 @@ impl MambaMixer {
 /// `norm` applied with the fused RMSNorm kernel (same formula as `RmsNorm::forward`), its
 /// statistics in f32 whatever the compute type.
 fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
-    zamba_kernels::rms_norm(f32(x), norm.gamma.val(), norm.epsilon)
+    zamba_kernels::rms_norm(f32(x), f32(norm.gamma.val()), norm.epsilon)
 }
 
 /// The ONE shared attention + MLP block. Its input is `[x, x0]` (width 2d); no residual inside.
@@ -377,7 +378,8 @@ impl ZambaModel {
     pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let compute = Compute::new(self.execution.precision);
         let recompute = self.execution.checkpointing == ActivationCheckpointing::Layers;
-        let x0 = span(Category::Layer, "embedding").run(|| self.embed(tokens));
+        // The residual stream is f32, whatever the embedding's type.
+        let x0 = span(Category::Layer, "embedding").run(|| f32(self.embed(tokens)));
         let mut x = x0.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             // One span per layer in the forward, and one for its backward (trace only).

@@ -1,5 +1,6 @@
 //! Data parallelism: the model's parameters laid out flat in buckets, gradients averaged over the
-//! ranks one bucket at a time, and ZeRO-1 ownership of the optimizer state.
+//! ranks one bucket at a time, and ZeRO-1 ownership of the optimizer state — a Megatron-style
+//! distributed optimizer.
 //!
 //! Every float parameter gets a place in a *bucket*, in the model's visiting order: consecutive
 //! parameters fill a bucket up to `dist.bucket_mb` (a larger parameter has a bucket of its own).
@@ -15,26 +16,37 @@
 //! In both modes each rank also sums the squares of the gradient in its own chunks, so the global
 //! norm is one all-reduce of per-rank partial sums — and it is bit-identical between the two
 //! modes, as are the updates (AdamW is elementwise), so ZeRO-1 reproduces replicated training.
+//!
+//! What each rank stores per parameter is decided here ([`StateBytes`]): the *working*
+//! parameters the forward and backward use are bf16 under `runtime.precision = "bf16"` and f32
+//! otherwise; gradients are summed over micro-batches in f32; with bf16 working parameters the
+//! optimizer updates f32 *master weights* — optimizer state like the moments, so held only for the
+//! rank's segments under ZeRO-1 — and the updated values are cast to bf16 before they are
+//! all-gathered. Gradients travel in `dist.grad_reduce_dtype` ([`ReduceDtype`]) and are read
+//! back into f32 on their owner. With f32 working parameters there are no master weights: the
+//! parameters are the master, and every step is the same arithmetic as without this layer.
 
 use std::collections::HashMap;
 use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use zamba_dist::{Communicator, DistError, ReduceOp};
+use zamba_model::Precision;
 use zamba_trace::{Category, span, span_with};
 
-use crate::optim::{AdamW, SegmentUpdate};
+use crate::optim::{AdamW, Master, SegmentUpdate};
 
 /// How optimizer state is spread over the ranks: `optimizer.zero`, the ZeRO stage, written as
 /// its number (0 or 1) in a run config.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Sharding {
-    /// Stage 0: every rank keeps the moments of every parameter.
+    /// Stage 0: every rank keeps the optimizer state (moments, master weights) of every
+    /// parameter.
     #[default]
     Replicated,
-    /// Stage 1: each rank keeps the moments of the chunks it owns.
+    /// Stage 1: each rank keeps the optimizer state of the chunks it owns.
     Zero1,
 }
 
@@ -60,10 +72,149 @@ impl<'de> serde::Deserialize<'de> for Sharding {
             0 => Ok(Sharding::Replicated),
             1 => Ok(Sharding::Zero1),
             other => Err(serde::de::Error::custom(format!(
-                "ZeRO stage {other} is not supported; expected 0 (every rank keeps all AdamW moments) or 1 (ZeRO-1)"
+                "ZeRO stage {other} is not supported; expected 0 (every rank keeps all optimizer state) or 1 (ZeRO-1: the optimizer state divided over the ranks)"
             ))),
         }
     }
+}
+
+/// The float type gradients travel in between ranks: `dist.grad_reduce_dtype`. Either way
+/// they are summed over micro-batches in f32 before, and read back into f32 on their owner
+/// after; `Bf16` halves the bytes on the wire at the cost of one bf16 rounding of each rank's
+/// contribution and of the reduced value (the CPU communicators add in f32; NCCL adds in bf16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReduceDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ReduceDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            ReduceDtype::F32 => DType::F32,
+            ReduceDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for ReduceDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReduceDtype::F32 => "f32",
+            ReduceDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+/// The float type of the working parameters (those the forward and backward read) in
+/// `precision`.
+pub fn working_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// Gradients are summed over micro-batches, reduced and applied in this type.
+const GRAD_DTYPE: DType = DType::F32;
+
+/// Whether the optimizer keeps f32 master weights apart from the working parameters: exactly
+/// when those are not f32 (the updates of bf16 weights would round away).
+fn keeps_master(working: DType) -> bool {
+    working != DType::F32
+}
+
+/// The training state one rank holds per parameter, in bytes, as [`DataParallel`] and
+/// [`AdamW`] lay it out; `--dry-run`'s estimate and `bench model --world`'s check multiply it out
+/// ([`StateBytes::times`]). Activations and communication buffers come on top.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StateBytes {
+    /// The working parameters: bf16 under `precision = "bf16"`, else f32; on every rank.
+    pub params: f64,
+    /// The gradients summed over micro-batches (f32), on every rank.
+    pub grads: f64,
+    /// f32 master weights (with bf16 working parameters only); divided over the ranks under
+    /// ZeRO-1.
+    pub master: f64,
+    /// AdamW's two f32 moments; divided over the ranks under ZeRO-1.
+    pub moments: f64,
+}
+
+impl StateBytes {
+    /// Bytes per parameter on one rank of `world`.
+    pub fn per_param(precision: Precision, sharding: Sharding, world: usize) -> Self {
+        let shards = match sharding {
+            Sharding::Replicated => 1.0,
+            Sharding::Zero1 => world as f64,
+        };
+        let working = working_dtype(precision);
+        let f32_bytes = DType::F32.size() as f64;
+        Self {
+            params: working.size() as f64,
+            grads: GRAD_DTYPE.size() as f64,
+            master: match keeps_master(working) {
+                true => f32_bytes / shards,
+                false => 0.0,
+            },
+            moments: 2.0 * f32_bytes / shards,
+        }
+    }
+
+    /// The bytes of `num_params` parameters.
+    pub fn times(self, num_params: u64) -> Self {
+        let n = num_params as f64;
+        Self {
+            params: self.params * n,
+            grads: self.grads * n,
+            master: self.master * n,
+            moments: self.moments * n,
+        }
+    }
+
+    /// Master weights and moments: what `optimizer.zero = 1` divides over the ranks.
+    pub fn optimizer_state(&self) -> f64 {
+        self.master + self.moments
+    }
+
+    pub fn total(&self) -> f64 {
+        self.params + self.grads + self.optimizer_state()
+    }
+}
+
+/// The parameters of each bucket when parameters of `numels` elements (in visiting order) fill
+/// buckets of up to `capacity` elements; a larger parameter has a bucket of its own.
+pub fn bucket_slots(numels: &[usize], capacity: usize) -> Vec<Range<usize>> {
+    let mut buckets = Vec::new();
+    let mut start = 0;
+    while start < numels.len() {
+        let (mut end, mut len) = (start, 0);
+        while end < numels.len() && (end == start || len + numels[end] <= capacity) {
+            len += numels[end];
+            end += 1;
+        }
+        buckets.push(start..end);
+        start = end;
+    }
+    buckets
+}
+
+/// Elements per bucket of `dist.bucket_mb` MiB: the bucket size is counted in f32 gradients.
+pub fn bucket_capacity(bucket_bytes: usize) -> usize {
+    (bucket_bytes / GRAD_DTYPE.size()).max(1)
+}
+
+/// Bytes the reduction of one bucket of `elements` holds at once beyond the state, on a rank of
+/// `world`: its f32 gradients gathered into one flat buffer, and with other ranks that buffer in
+/// the transport type and the collective's result (at most a bucket in the transport type). The
+/// largest bucket sets the figure; the all-gather of updated parameters needs less.
+pub fn communication_bytes(elements: usize, transport: ReduceDtype, world: usize) -> f64 {
+    let transported = match world {
+        1 => 0,
+        _ => 2 * transport.dtype().size(),
+    };
+    elements as f64 * (GRAD_DTYPE.size() + transported) as f64
 }
 
 /// One float parameter of the model.
@@ -94,19 +245,23 @@ pub struct Segment {
     bucket: usize,
 }
 
-/// The bucket layout and this rank's share of it.
+/// The bucket layout, this rank's share of it, and the types the state is kept and moved in.
 pub struct DataParallel {
     slots: Vec<ParamSlot>,
     buckets: Vec<Bucket>,
     segments: Vec<Segment>,
     sharding: Sharding,
+    /// The working parameters' type (see [`working_dtype`]).
+    working: DType,
+    transport: ReduceDtype,
     rank: usize,
     world: usize,
 }
 
 impl DataParallel {
     /// Lays out `model`'s parameters for rank `rank` of `world` in buckets of up to
-    /// `bucket_bytes` of f32.
+    /// `bucket_bytes` of f32, for f32 working parameters and f32 transport (see
+    /// [`with_precision`](Self::with_precision), [`with_transport`](Self::with_transport)).
     pub fn new<M: Module>(
         model: &M,
         bucket_bytes: usize,
@@ -115,33 +270,50 @@ impl DataParallel {
         world: usize,
     ) -> Self {
         let slots = param_slots(model);
-        let capacity = (bucket_bytes / 4).max(1);
-        let mut buckets = Vec::new();
-        let mut start = 0;
-        while start < slots.len() {
-            let (mut end, mut len, mut offsets) = (start, 0, Vec::new());
-            while end < slots.len() && (end == start || len + slots[end].numel <= capacity) {
-                offsets.push(len);
-                len += slots[end].numel;
-                end += 1;
-            }
-            buckets.push(Bucket {
-                slots: start..end,
-                offsets,
-                chunk: len.div_ceil(world),
-            });
-            start = end;
-        }
+        let numels: Vec<usize> = slots.iter().map(|s| s.numel).collect();
+        let buckets = bucket_slots(&numels, bucket_capacity(bucket_bytes))
+            .into_iter()
+            .map(|range| {
+                let offsets = numels[range.clone()]
+                    .iter()
+                    .scan(0, |len, &n| {
+                        *len += n;
+                        Some(*len - n)
+                    })
+                    .collect();
+                let len: usize = numels[range.clone()].iter().sum();
+                Bucket {
+                    slots: range,
+                    offsets,
+                    chunk: len.div_ceil(world),
+                }
+            })
+            .collect();
         let mut dp = Self {
             slots,
             buckets,
             segments: Vec::new(),
             sharding,
+            working: DType::F32,
+            transport: ReduceDtype::F32,
             rank,
             world,
         };
         dp.segments = dp.optimizer_segments();
         dp
+    }
+
+    /// Working parameters in `precision`'s type: bf16 ones with f32 master weights under
+    /// `"bf16"` (see [`prepare`](Self::prepare)).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.working = working_dtype(precision);
+        self
+    }
+
+    /// Gradients travel between ranks in `transport`.
+    pub fn with_transport(mut self, transport: ReduceDtype) -> Self {
+        self.transport = transport;
+        self
     }
 
     /// The parameter ranges whose optimizer state this rank holds, in bucket order.
@@ -184,6 +356,23 @@ impl DataParallel {
         self.sharding
     }
 
+    /// Whether the optimizer updates f32 master weights (bf16 working parameters).
+    pub fn keeps_master(&self) -> bool {
+        keeps_master(self.working)
+    }
+
+    /// A micro-batch's gradients (in the working parameters' type) in the type they are summed
+    /// in over micro-batches, f32; unchanged when they already are.
+    pub fn accumulation_type(&self, mut grads: GradientsParams) -> GradientsParams {
+        if self.working == GRAD_DTYPE {
+            return grads;
+        }
+        for slot in &self.slots {
+            cast_grad(&mut grads, slot, GRAD_DTYPE);
+        }
+        grads
+    }
+
     /// Module path of a segment's parameter.
     pub fn path(&self, segment: &Segment) -> &str {
         &self.slots[segment.slot].path
@@ -219,12 +408,15 @@ impl DataParallel {
                 _ if self.world == 1 => (flat.clone(), Some(flat)),
                 Sharding::Replicated => {
                     let full = span(Category::Communication, "all-reduce")
-                        .run(|| comm.all_reduce(flat, ReduceOp::Avg))?;
+                        .run(|| comm.all_reduce(to(flat, self.transport.dtype()), ReduceOp::Avg))?;
+                    let full = to(full, GRAD_DTYPE);
                     (full.clone().slice(self.owned(bucket)), Some(full))
                 }
                 Sharding::Zero1 => {
                     let _comm = span(Category::Communication, "reduce-scatter");
-                    (comm.reduce_scatter(flat, ReduceOp::Avg)?, None)
+                    let chunk =
+                        comm.reduce_scatter(to(flat, self.transport.dtype()), ReduceOp::Avg)?;
+                    (to(chunk, GRAD_DTYPE), None)
                 }
             };
             sum_squares = sum_squares + chunk.clone().square().sum();
@@ -261,8 +453,9 @@ impl DataParallel {
             .collect()
     }
 
-    /// Writes the updated values of this rank's segments into the model: directly when every
-    /// rank holds every parameter, by all-gathering each bucket's chunks under ZeRO-1.
+    /// Writes the updated values of this rank's segments (in the working type) into the model:
+    /// directly when every rank holds every parameter, by all-gathering each bucket's chunks
+    /// under ZeRO-1.
     fn apply<M: Module>(
         &self,
         model: M,
@@ -287,7 +480,8 @@ impl DataParallel {
                     }
                     let filled: usize = parts.iter().map(|p| p.dims()[0]).sum();
                     if filled < bucket.chunk {
-                        parts.push(Tensor::zeros([bucket.chunk - filled], device));
+                        let padding = bucket.chunk - filled;
+                        parts.push(Tensor::zeros([padding], (device, self.working)));
                     }
                     let _bucket = span_with(Category::Communication, || {
                         format!("all-gather of {}", self.bucket_name(b))
@@ -302,7 +496,8 @@ impl DataParallel {
 
     /// One optimizer step: AdamW on this rank's segments with their averaged `grads` (from
     /// [`reduce_gradients`](Self::reduce_gradients)) scaled by `grad_scale` (the clipping
-    /// factor), then the new values into every rank's parameters.
+    /// factor), then the new values into every rank's parameters. With master weights AdamW
+    /// updates those, and the working parameters become their bf16 rounding.
     #[allow(clippy::too_many_arguments)]
     pub fn update<M: Module>(
         &self,
@@ -314,10 +509,14 @@ impl DataParallel {
         comm: &dyn Communicator,
         device: &Device,
     ) -> Result<M, DistError> {
+        let values = match self.keeps_master() {
+            true => self.take_master(optimizer),
+            false => self.segment_values(&model),
+        };
         let segments = self
             .segments
             .iter()
-            .zip(self.segment_values(&model))
+            .zip(values)
             .zip(grads)
             .map(|((segment, value), grad)| SegmentUpdate {
                 path: self.path(segment),
@@ -329,7 +528,82 @@ impl DataParallel {
         let updated =
             span(Category::Optimizer, "adamw").run(|| optimizer.update(segments, lr, grad_scale));
         let _apply = span(Category::Optimizer, "apply updated parameters");
+        let updated = match self.keeps_master() {
+            true => self.keep_master(optimizer, updated),
+            false => updated,
+        };
         self.apply(model, updated, comm, device)
+    }
+
+    /// This rank's master weights, in segment order, taken out of `optimizer`.
+    fn take_master(&self, optimizer: &mut AdamW) -> Vec<Tensor<1>> {
+        self.segments
+            .iter()
+            .map(|s| {
+                let path = self.path(s);
+                let master = optimizer.master.remove(path);
+                let master = master
+                    .unwrap_or_else(|| panic!("no master weights for {path}: prepare() sets them"));
+                assert_eq!(
+                    master.range, s.range,
+                    "master weights of {path} cover other elements"
+                );
+                master.value
+            })
+            .collect()
+    }
+
+    /// Stores updated master weights in `optimizer`; returns their working-type rounding.
+    fn keep_master(&self, optimizer: &mut AdamW, master: Vec<Tensor<1>>) -> Vec<Tensor<1>> {
+        self.segments
+            .iter()
+            .zip(master)
+            .map(|(s, value)| {
+                let working = to(value.clone(), self.working);
+                let master = Master {
+                    range: s.range.clone(),
+                    value,
+                };
+                optimizer.master.insert(self.path(s).to_owned(), master);
+                working
+            })
+            .collect()
+    }
+
+    /// Readies a rank for its first step: rank 0's parameters on every rank, then the working
+    /// parameters in their type. With master weights: this rank's segments of them come from
+    /// `optimizer` where a checkpoint brought them, else from the (f32) parameters, and the
+    /// working parameters are their rounding. Without: master weights a checkpoint of a bf16
+    /// run brought become the parameters (they are more precise than its working weights).
+    pub fn prepare<M: Module>(
+        &self,
+        model: M,
+        optimizer: &mut AdamW,
+        comm: &dyn Communicator,
+        device: &Device,
+    ) -> Result<M, DistError> {
+        let model = self.broadcast_parameters(model, comm, device)?;
+        if !self.keeps_master() {
+            if optimizer.master.is_empty() {
+                return Ok(model);
+            }
+            let master = self.take_master(optimizer);
+            return self.apply(model, master, comm, device);
+        }
+        if optimizer.master.is_empty() {
+            for (segment, value) in self.segments.iter().zip(self.segment_values(&model)) {
+                let master = Master {
+                    range: segment.range.clone(),
+                    value: own_buffer(value),
+                };
+                optimizer
+                    .master
+                    .insert(self.path(segment).to_owned(), master);
+            }
+        }
+        let master = self.take_master(optimizer);
+        let working = self.keep_master(optimizer, master);
+        self.apply(model, working, comm, device)
     }
 
     /// Makes every rank's parameters equal to rank 0's, one broadcast per bucket.
@@ -371,44 +645,19 @@ impl DataParallel {
         let len: usize = parts.iter().map(|p| p.dims()[0]).sum();
         let padded = bucket.chunk * self.world;
         if padded > len {
-            parts.push(Tensor::zeros([padded - len], device));
+            let dtype = parts[0].dtype();
+            parts.push(Tensor::zeros([padded - len], (device, dtype)));
         }
         Tensor::cat(parts, 0)
     }
 
+    /// Each parameter of `bucket` out of its flat buffer `full`, in a buffer of its own.
     fn split_into(&self, bucket: &Bucket, full: Tensor<1>, out: &mut HashMap<ParamId, Tensor<1>>) {
         for (s, &offset) in bucket.slots.clone().zip(&bucket.offsets) {
             let slot = &self.slots[s];
-            out.insert(slot.id, full.clone().slice(offset..offset + slot.numel));
+            let value = full.clone().slice(offset..offset + slot.numel);
+            out.insert(slot.id, own_buffer(value));
         }
-    }
-}
-
-/// Bytes of training state each rank holds, all f32: parameters, the accumulated gradients and
-/// AdamW's two moments (divided over the ranks under ZeRO-1). Activations come on top.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StateMemory {
-    pub params: f64,
-    pub grads: f64,
-    pub moments: f64,
-}
-
-impl StateMemory {
-    pub fn per_rank(num_params: u64, world: usize, sharding: Sharding) -> Self {
-        let n = num_params as f64;
-        let shards = match sharding {
-            Sharding::Replicated => 1.0,
-            Sharding::Zero1 => world as f64,
-        };
-        Self {
-            params: 4.0 * n,
-            grads: 4.0 * n,
-            moments: 8.0 * n / shards,
-        }
-    }
-
-    pub fn total(&self) -> f64 {
-        self.params + self.grads + self.moments
     }
 }
 
@@ -475,6 +724,41 @@ fn set_values<M: Module>(model: M, values: HashMap<ParamId, Tensor<1>>) -> M {
         }
     }
     model.map(&mut Setter(values))
+}
+
+/// The values of `t` (a slice of a larger tensor) in a buffer of their own. A slice shares its
+/// base's buffer: kept as a parameter or as master weights it would keep all of the base alive,
+/// and an in-place update of it (the fused AdamW on the CPU) would first copy all of the base.
+fn own_buffer(t: Tensor<1>) -> Tensor<1> {
+    // An operation's output is a new buffer of the slice's size; multiplying by 1 is exact.
+    t.mul_scalar(1.0)
+}
+
+/// `t` in `dtype` (unchanged if it already is).
+fn to(t: Tensor<1>, dtype: DType) -> Tensor<1> {
+    match t.dtype() == dtype {
+        true => t,
+        false => t.cast(dtype),
+    }
+}
+
+/// Casts a parameter's gradient in `grads` to `dtype`, in place (nothing if it has none).
+fn cast_grad(grads: &mut GradientsParams, slot: &ParamSlot, dtype: DType) {
+    fn cast<const D: usize>(grads: &mut GradientsParams, id: ParamId, dtype: DType) {
+        if let Some(g) = grads.remove::<D>(id) {
+            grads.register::<D>(id, g.cast(dtype));
+        }
+    }
+    match slot.shape.len() {
+        1 => cast::<1>(grads, slot.id, dtype),
+        2 => cast::<2>(grads, slot.id, dtype),
+        3 => cast::<3>(grads, slot.id, dtype),
+        4 => cast::<4>(grads, slot.id, dtype),
+        rank => panic!(
+            "parameters of rank {rank} are not supported ({})",
+            slot.path
+        ),
+    }
 }
 
 /// Removes a parameter's gradient from `grads`, flattened (`None` if it has none).

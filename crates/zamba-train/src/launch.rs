@@ -47,6 +47,15 @@ impl Ranks {
         }
     }
 
+    /// Ranks on this host, which share its memory when they run on the CPU.
+    pub fn on_this_host(&self) -> usize {
+        match self {
+            Ranks::Single => 1,
+            Ranks::Threads(world) => *world,
+            Ranks::Launched(info) => info.local_world_size,
+        }
+    }
+
     pub fn world_size(&self) -> usize {
         match self {
             Ranks::Single => 1,

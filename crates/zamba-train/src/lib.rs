@@ -17,6 +17,7 @@ pub mod fingerprint;
 pub mod generate;
 pub mod launch;
 pub mod memory;
+pub mod memory_plan;
 pub mod metrics;
 pub mod optim;
 pub mod peak;

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zamba_train::config::RunConfig;
+use zamba_train::memory_plan::Fit;
 use zamba_train::restart::TrainJob;
 use zamba_train::train::{TrainOptions, train};
 
@@ -128,6 +129,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
     if args.dry_run {
         let resolved = RunConfig::load(&config, &args.overrides)?;
         println!("{}", resolved.summary());
+        // Refused here as the trainer would refuse it, before anything is written.
+        Fit::of(&resolved, resolved.runtime.world_size).check(&resolved)?;
         std::fs::create_dir_all(&resolved.run.dir)?;
         let plot = resolved.run.dir.join("lr_schedule.svg");
         zamba_train::plot::plot_schedule(&resolved.schedule, resolved.train.steps, &plot)?;
@@ -178,11 +181,15 @@ fn run_launch(args: zamba_dist::launch::LaunchArgs) -> Result<()> {
         _ => NodeCapacity::cpu_cores(),
     };
     args.check_capacity(&capacity)?;
-    let job = TrainJob::new(config, args.args.clone(), resume, args.is_elastic())?;
     let world = args.nnodes.max.saturating_mul(args.nproc_per_node);
+    let mut sized = config.clone();
+    sized.runtime.world_size = world;
+    let job = TrainJob::new(config, args.args.clone(), resume, args.is_elastic())?;
     job.batch_on(world)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("{} with {world} ranks", path.display()))?;
+    // Each rank checks again when it starts (a restart on fewer ranks holds more state each).
+    Fit::of(&sized, args.nproc_per_node).check(&sized)?;
     if args.is_elastic() {
         eprintln!("{}", job.node_counts(args.nnodes, args.nproc_per_node));
     }

@@ -4,8 +4,8 @@
 //! checkpoint) and its `Norm` clipping is per tensor; pretraining needs the global norm and state
 //! that survives a reload and a change of world size. Moments are kept per module path (e.g.
 //! `layers.3.mamba.in_proj.weight`) and element range (a ZeRO-1 rank holds parts of parameters,
-//! see [`crate::data_parallel`]) and saved with checkpoints, so resuming continues the exact same
-//! arithmetic. The global norm is computed by the data-parallel layer from per-rank partial sums.
+//! see [`crate::data_parallel`]) and saved with checkpoints, as are the f32 master weights of a
+//! bf16 run, so resuming continues the exact same arithmetic. The global norm is computed by the data-parallel layer from per-rank partial sums.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -77,6 +77,14 @@ pub struct Moments {
     pub v: Tensor<1>,
 }
 
+/// f32 master weights of one parameter's elements `range` (of its flattened elements), flat:
+/// what AdamW updates when the working parameters are bf16.
+#[derive(Debug, Clone)]
+pub struct Master {
+    pub range: Range<usize>,
+    pub value: Tensor<1>,
+}
+
 /// A part of one parameter to update: its current value and (averaged) gradient, flat.
 pub struct SegmentUpdate<'a> {
     /// Module path of the parameter.
@@ -92,6 +100,9 @@ pub struct AdamW {
     pub step: u64,
     /// Keyed by module path (e.g. `layers.3.mamba.in_proj.weight`).
     pub moments: BTreeMap<String, Moments>,
+    /// f32 master weights of the same ranges as the moments, by module path, where the working
+    /// parameters are bf16 (see [`crate::data_parallel`]); empty otherwise.
+    pub master: BTreeMap<String, Master>,
 }
 
 impl AdamW {
@@ -100,6 +111,7 @@ impl AdamW {
             params,
             step: 0,
             moments: BTreeMap::new(),
+            master: BTreeMap::new(),
         }
     }
 

@@ -87,7 +87,7 @@ pub fn train_step<I>(
 where
     I: ExactSizeIterator<Item = (Tensor<2, Int>, Tensor<2, Int>)>,
 {
-    let (grads, loss_sum) = local_gradients(&model, micro_batches, ctx.device, observer)?;
+    let (grads, loss_sum) = local_gradients(&model, micro_batches, ctx, observer)?;
     observer.observe(StepEvent::Gradients)?;
     let (grads, sum_squares) = ctx.dp.reduce_gradients(grads, ctx.comm, ctx.compute)?;
     let stop_requested = settings.stop.is_some_and(StopSignal::requested);
@@ -113,14 +113,14 @@ where
     Ok((model, outcome))
 }
 
-/// This rank's micro-batches, forward and backward: the summed gradients and the summed loss
-/// (on the device: no host sync per micro-batch). Each loss is the micro-batch mean divided by
+/// This rank's micro-batches, forward and backward: the gradients summed in f32 and the summed
+/// loss (on the device: no host sync per micro-batch). Each loss is the micro-batch mean divided by
 /// the rank's number of micro-batches, so the sum is the gradient of this rank's rows' mean
 /// loss; averaged over ranks it is the gradient of the global batch's mean loss.
 fn local_gradients<I>(
     model: &ZambaModel,
     micro_batches: I,
-    device: &Device,
+    ctx: &StepContext,
     observer: &mut dyn StepObserver,
 ) -> Result<(GradientsParams, Tensor<1>)>
 where
@@ -128,7 +128,7 @@ where
 {
     let accum = micro_batches.len();
     let mut accumulator = GradientsAccumulator::new();
-    let mut loss_sum = Tensor::<1>::zeros([1], &device.clone().without_autodiff());
+    let mut loss_sum = Tensor::<1>::zeros([1], &ctx.device.clone().without_autodiff());
     for (m, (inputs, targets)) in micro_batches.enumerate() {
         let logits =
             span_with(Category::Forward, || format!("forward {m}")).run(|| model.forward(inputs));
@@ -138,7 +138,10 @@ where
         let grads =
             span_with(Category::Backward, || format!("backward {m}")).run(|| loss.backward());
         let _accumulate = span(Category::Gradients, "accumulate gradients");
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        let grads = ctx
+            .dp
+            .accumulation_type(GradientsParams::from_grads(grads, model));
+        accumulator.accumulate(model, grads);
     }
     Ok((accumulator.grads(), loss_sum))
 }

@@ -31,6 +31,7 @@ use crate::device::{cube_cpu_warning, device_for};
 use crate::eval;
 use crate::fault_injection::InjectedFault;
 use crate::launch::Ranks;
+use crate::memory_plan::Fit;
 use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{AdamW, AdamWParams};
 use crate::peak::TRAINER_PEAK_SHAPES;
@@ -60,6 +61,7 @@ pub fn train(opts: &TrainOptions) -> Result<()> {
     config
         .validate()
         .with_context(|| format!("with {} ranks", ranks.world_size()))?;
+    Fit::of(&config, ranks.on_this_host()).check(&config)?;
     set_up_threads(&config)?;
     if let Some(warning) = cube_cpu_warning(config.runtime.device, config.total_tokens()) {
         eprintln!("{warning}");
@@ -469,7 +471,7 @@ fn start_rank(
 
 /// The parameters' layout over the ranks, this rank's share of the optimizer state (from
 /// `moments_from`, a checkpoint and its optimizer step, if given), and the model with rank 0's
-/// parameters on every rank.
+/// parameters on every rank, in the working type (see [`DataParallel::prepare`]).
 fn distribute(
     ctx: &RankContext,
     config: &RunConfig,
@@ -483,15 +485,17 @@ fn distribute(
         config.optimizer.zero,
         ctx.rank,
         ctx.world_size,
-    );
+    )
+    .with_precision(config.runtime.precision)
+    .with_transport(config.dist.grad_reduce_dtype);
     let compute = ctx.compute_device();
     let adamw = AdamWParams::from(&config.optimizer);
     let optimizer = match moments_from {
         Some((dir, step)) => checkpoint::load_optimizer(dir, adamw, *step, &dp, &compute),
         None => Ok(AdamW::new(adamw)),
     };
-    let optimizer = ctx.agree(optimizer, "loading the optimizer state")?;
-    let model = dp.broadcast_parameters(model, ctx.comm.as_ref(), &compute)?;
+    let mut optimizer = ctx.agree(optimizer, "loading the optimizer state")?;
+    let model = dp.prepare(model, &mut optimizer, ctx.comm.as_ref(), &compute)?;
     Ok((dp, optimizer, model))
 }
 

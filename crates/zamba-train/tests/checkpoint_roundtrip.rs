@@ -13,7 +13,7 @@ use zamba_dist::SingleRank;
 use zamba_model::{RandomInit, SaveDtype, ZambaConfig, ZambaModel, next_token_loss};
 use zamba_train::checkpoint::{self, Snapshot, TrainerState, moments};
 use zamba_train::data_parallel::{DataParallel, Sharding, param_slots};
-use zamba_train::optim::{AdamW, AdamWParams, Moments};
+use zamba_train::optim::{AdamW, AdamWParams, Master, Moments};
 use zamba_train::rank::RankContext;
 
 const PARAMS: AdamWParams = AdamWParams {
@@ -253,6 +253,7 @@ fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
         moments::write(
             &moments::part_path(ckpt.path(), rank, 2),
             &moments,
+            &BTreeMap::new(),
             &numel_ref,
         )
         .unwrap();
@@ -262,6 +263,8 @@ fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
             let (dp, expected) = owned(&model, &full, sharding, rank, world);
             let got = moments::read(ckpt.path(), &numel_ref, &wanted(&dp), true, &Device::flex())
                 .unwrap();
+            assert!(got.master.is_empty(), "no master weights were written");
+            let got = got.moments;
             assert_eq!(got.len(), expected.len());
             for (path, e) in &expected {
                 let g = &got[path];
@@ -296,6 +299,7 @@ fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
     moments::write(
         &moments::part_path(dir.path(), 0, 1),
         &with_stranger,
+        &BTreeMap::new(),
         &numel_extra,
     )
     .unwrap();
@@ -307,7 +311,14 @@ fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
         err.contains("layers.99.gamma") && err.contains("does not have"),
         "{err}"
     );
-    moments::write(&moments::part_path(dir.path(), 0, 1), &all, &numel_ref).unwrap();
+    let no_master = BTreeMap::new();
+    moments::write(
+        &moments::part_path(dir.path(), 0, 1),
+        &all,
+        &no_master,
+        &numel_ref,
+    )
+    .unwrap();
     let err = format!(
         "{:#}",
         moments::read(dir.path(), &numel_ref, &wanted(&dp), true, &Device::flex()).unwrap_err()
@@ -319,5 +330,82 @@ fn zero_moments_written_by_two_ranks_load_on_one_and_on_three() {
     assert!(
         moments::read(dir.path(), &numel_ref, &wanted(&dp), false, &Device::flex()).is_ok(),
         "before the first step none are required"
+    );
+}
+
+#[test]
+fn master_weights_written_by_two_ranks_load_on_one_and_on_three() {
+    let config = ZambaConfig::preset("zamba-tiny").unwrap();
+    let model = ZambaModel::from_source(&config, &mut RandomInit::new(1), &Device::flex()).unwrap();
+    let full = full_moments(&model);
+    let numel: HashMap<String, usize> = param_slots(&model)
+        .into_iter()
+        .map(|s| (s.path, s.numel))
+        .collect();
+    let numel_ref: HashMap<&str, usize> = numel.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    // Master weights stand in as the first moments' values, for every range a rank owns.
+    let as_master = |moments: &BTreeMap<String, Moments>| -> BTreeMap<String, Master> {
+        let master = |m: &Moments| Master {
+            range: m.range.clone(),
+            value: m.m.clone(),
+        };
+        moments
+            .iter()
+            .map(|(p, m)| (p.clone(), master(m)))
+            .collect()
+    };
+    let read = |t: &Tensor<1>| t.clone().into_data().try_to_vec::<f32>().unwrap();
+    // A bf16 run checkpointed before its first update: master weights, no moments yet.
+    let ckpt = tempfile::tempdir().unwrap();
+    let none = BTreeMap::new();
+    for rank in 0..2 {
+        let (_, moments) = owned(&model, &full, Sharding::Zero1, rank, 2);
+        let part = moments::part_path(ckpt.path(), rank, 2);
+        moments::write(&part, &none, &as_master(&moments), &numel_ref).unwrap();
+    }
+    for (sharding, world) in [(Sharding::Replicated, 1), (Sharding::Zero1, 3)] {
+        for rank in 0..world {
+            let (dp, expected) = owned(&model, &full, sharding, rank, world);
+            let got = moments::read(
+                ckpt.path(),
+                &numel_ref,
+                &wanted(&dp),
+                false,
+                &Device::flex(),
+            )
+            .unwrap();
+            assert!(got.moments.is_empty());
+            assert_eq!(got.master.len(), expected.len());
+            for (path, e) in &expected {
+                let g = &got.master[path];
+                assert_eq!(g.range, e.range, "{path}");
+                assert_eq!(
+                    read(&g.value),
+                    read(&e.m),
+                    "{path} on rank {rank} of {world}"
+                );
+            }
+        }
+    }
+    let (dp, _) = owned(&model, &full, Sharding::Replicated, 0, 1);
+    let err = moments::read(ckpt.path(), &numel_ref, &wanted(&dp), true, &Device::flex());
+    let err = format!("{:#}", err.unwrap_err());
+    assert!(err.contains("no AdamW moments"), "after a step: {err}");
+
+    // A part with master weights next to one without is not one checkpoint's.
+    let (_, rank1) = owned(&model, &full, Sharding::Zero1, 1, 2);
+    let part = moments::part_path(ckpt.path(), 1, 2);
+    moments::write(&part, &rank1, &BTreeMap::new(), &numel_ref).unwrap();
+    let err = moments::read(
+        ckpt.path(),
+        &numel_ref,
+        &wanted(&dp),
+        false,
+        &Device::flex(),
+    );
+    let err = format!("{:#}", err.unwrap_err());
+    assert!(
+        err.contains("part-00001-of-00002") && err.contains("not of one checkpoint"),
+        "{err}"
     );
 }

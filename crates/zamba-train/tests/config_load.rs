@@ -503,7 +503,12 @@ fn paper_scale_configs_load_and_validate() {
             ),
             (0.9, 0.95, 0.1, 1.0)
         );
-        assert_eq!(c.grad_accum_steps(), 2);
+        // Micro-batches of 1 on 128 ranks: what fits an 80 GB GPU (tests/memory_fit.rs).
+        assert_eq!(c.grad_accum_steps(), 4);
+        assert_eq!(
+            c.optimizer.zero,
+            zamba_train::data_parallel::Sharding::Zero1
+        );
     }
     assert!(matches!(p1.schedule, ScheduleConfig::Cosine(_)));
     let ScheduleConfig::Anneal(a) = &an.schedule else {
@@ -533,8 +538,9 @@ fn paper_scale_configs_load_and_validate() {
     for needle in [
         "7.23 B",
         "2097152 tokens per step",
-        "gradient accumulation 2",
+        "gradient accumulation 4",
         "FLOPs/token",
+        "memory/rank  total",
         "end of warmup",
         "last step",
         "init",

@@ -17,7 +17,7 @@ use zamba_model::{
 };
 use zamba_trace::{Capture, Category, span};
 use zamba_train::cost_model::{Card, Kernels};
-use zamba_train::data_parallel::{DataParallel, Sharding};
+use zamba_train::data_parallel::{DataParallel, Sharding, StateBytes};
 use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::memory;
 use zamba_train::optim::AdamW;
@@ -38,10 +38,12 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 3)]
     pub(super) steps: usize,
     /// Data-parallel ranks (threads): time the whole training step — gradient averaging and the
-    /// AdamW update included — with this many ranks against one, on the same global batch.
+    /// AdamW update included — with this many ranks against one, on the same global batch, and
+    /// check each rank's heap of parameters, gradients and optimizer state against the estimate.
     #[arg(long, default_value_t = 1)]
     pub(super) world: usize,
-    /// With --world: ZeRO-1 (moments sharded, gradients reduce-scattered) instead of replicated.
+    /// With --world: ZeRO-1 (optimizer state sharded, gradients reduce-scattered) instead of
+    /// replicated.
     #[arg(long)]
     pub(super) zero: bool,
     /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
@@ -120,11 +122,22 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
                 "--trace traces the one-rank step; leave out --world (a run with train.profile_steps traces every rank)"
             );
         }
-        let sharding = match a.zero {
-            true => Sharding::Zero1,
-            false => Sharding::Replicated,
-        };
-        return super::world::run(&config, a.batch, a.seq_len, a.steps, a.world, sharding);
+        if a.device != DeviceChoice::Cpu {
+            bail!("--world runs the ranks as threads on the CPU; leave out --device (or use cpu)");
+        }
+        return super::world::run(&super::world::WorldBench {
+            config: &config,
+            batch: a.batch,
+            seq_len: a.seq_len,
+            steps: a.steps,
+            world: a.world,
+            sharding: match a.zero {
+                true => Sharding::Zero1,
+                false => Sharding::Replicated,
+            },
+            precision: a.precision,
+            checkpointing: a.activation_checkpointing,
+        });
     }
     let device = device_for(a.device, 0, a.precision)?;
     let peak = match (a.peak_gflops, a.device) {
@@ -153,7 +166,14 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &autodiff)?
         .with_execution(execution);
     let batch = random_batch(a.batch, a.seq_len, config.vocab_size, &autodiff);
-    let (model, measured) = train_steps(model, &batch, a.steps, &device, a.trace.as_deref())?;
+    let (model, measured) = train_steps(
+        model,
+        &batch,
+        a.steps,
+        &device,
+        a.precision,
+        a.trace.as_deref(),
+    )?;
     let forward_time = time(a.steps, || {
         let _ = model.valid().forward(batch.0.clone().inner()).into_data();
     })
@@ -172,17 +192,20 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
 /// One warm-up step (allocator, first-touch page faults, optimizer moments) and `steps` measured
 /// ones of the trainer's step on a world of one; then, with `trace`, one traced step written there.
 fn train_steps(
-    mut model: ZambaModel,
+    model: ZambaModel,
     (inputs, targets): &(Tensor<2, Int>, Tensor<2, Int>),
     steps: usize,
     compute: &Device,
+    precision: Precision,
     trace: Option<&Path>,
 ) -> Result<(ZambaModel, StepMeasurement)> {
     let comm = zamba_dist::thread_group(1, &DistOptions::default())
         .pop()
         .expect("a group of one");
-    let dp = DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1);
+    let dp =
+        DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1).with_precision(precision);
     let mut optimizer = AdamW::new(bench_adamw());
+    let mut model = dp.prepare(model, &mut optimizer, comm.as_ref(), compute)?;
     let device = inputs.device();
     let ctx = StepContext {
         comm: comm.as_ref(),
@@ -404,9 +427,9 @@ fn report(
     Ok(())
 }
 
-/// The step's memory next to its estimate: model states (16 B/param) plus the activations
-/// `--dry-run` estimates for this model, precision and checkpointing. Returns the device memory
-/// pool's peak in bytes, where the device has pools.
+/// The step's memory next to its estimate: the training state (as one rank lays it out) plus
+/// the activations `--dry-run` estimates for this model, precision and checkpointing. Returns
+/// the device memory pool's peak in bytes, where the device has pools.
 fn print_memory(
     a: &ModelArgs,
     config: &ZambaConfig,
@@ -415,7 +438,9 @@ fn print_memory(
     params: f64,
     rss_reset: bool,
 ) -> Option<u64> {
-    let state = 16.0 * params;
+    let state = StateBytes::per_param(a.precision, Sharding::Replicated, 1)
+        .times(params as u64)
+        .total();
     let estimate = ActivationMemory::of(
         config,
         a.batch,
@@ -424,7 +449,7 @@ fn print_memory(
         a.activation_checkpointing,
     );
     println!(
-        "  memory: parameters+gradients+AdamW moments (16 B/param) {:.1} MB; activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (states + estimated activations {:.1} MB)",
+        "  memory: parameters, gradients and optimizer state {:.1} MB (estimate); activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (states + estimated activations {:.1} MB)",
         state / 1e6,
         heap.activations as f64 / 1e6,
         estimate.kept / 1e6,

@@ -1,6 +1,8 @@
 //! `bench model --world N`: the whole data-parallel training step — forward/backward of each rank's
 //! rows, bucketed gradient averaging, the agreement on loss and norm, AdamW and the parameter
-//! update — with N ranks as threads against one rank, on the same global batch and the same cores.
+//! update — with N ranks as threads against one rank, on the same global batch and the same cores;
+//! and the heap each rank's training state takes (parameters, gradients, master weights, moments)
+//! against the estimate `--dry-run` makes of it.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -8,20 +10,43 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
 use zamba_dist::{Communicator, DistOptions};
-use zamba_model::params::FlopsPerToken;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel};
-use zamba_train::data_parallel::{DataParallel, Sharding};
+use zamba_model::params::{FlopsPerToken, ParamCounts};
+use zamba_model::{
+    ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
+};
+use zamba_train::data_parallel::{DataParallel, Sharding, StateBytes};
+use zamba_train::memory;
 use zamba_train::optim::AdamW;
 use zamba_train::step::{StepContext, StepEvent, StepObserver, train_step};
 
 use super::{BENCH_STEP, bench_adamw, random_batch};
 
-/// Time per step on rank 0, split into its parts.
+/// The measured state may differ from the estimate by this share of it: the bookkeeping of each
+/// tensor and of the gradient and moment maps, the step's small tensors (inputs, the loss) —
+/// about 0.2% of zamba-bench's state and 3% of zamba-tiny's.
+const STATE_TOLERANCE: f64 = 0.05;
+
+/// What `bench model --world` runs.
+pub struct WorldBench<'a> {
+    pub config: &'a ZambaConfig,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub world: usize,
+    pub sharding: Sharding,
+    pub precision: Precision,
+    pub checkpointing: ActivationCheckpointing,
+}
+
+/// Time per step on rank 0, split into its parts, and the heap of the ranks' training state.
 #[derive(Default, Clone, Copy)]
 struct StepTimes {
     compute: Duration,
     sync: Duration,
     update: Duration,
+    /// Live heap of all ranks' state once the gradients are summed, less the heap once the
+    /// ranks have dropped their models and optimizers, divided by the ranks.
+    state_per_rank: f64,
 }
 
 impl StepTimes {
@@ -31,26 +56,24 @@ impl StepTimes {
 }
 
 /// Runs `steps` measured steps (after one warm-up) with 1 and with `world` thread ranks.
-pub fn run(
-    config: &ZambaConfig,
-    batch: usize,
-    seq_len: usize,
-    steps: usize,
-    world: usize,
-    sharding: Sharding,
-) -> Result<()> {
+pub fn run(b: &WorldBench) -> Result<()> {
+    let (batch, world) = (b.batch, b.world);
     if batch % world != 0 {
         bail!("--batch {batch} must be divisible by --world {world}");
     }
-    let flops = FlopsPerToken::of(config, seq_len).train();
-    let tokens = (batch * seq_len) as f64;
+    let flops = FlopsPerToken::of(b.config, b.seq_len).train();
+    let tokens = (batch * b.seq_len) as f64;
     println!(
-        "data-parallel step, {batch} × {seq_len} tokens per step, {sharding:?}, ranks as threads sharing {} cores",
+        "data-parallel step, {batch} × {} tokens per step, {:?}, precision {}, ranks as threads sharing {} cores",
+        b.seq_len,
+        b.sharding,
+        b.precision,
         rayon::current_num_threads()
     );
     let mut baseline = None;
+    let mut mismatches = Vec::new();
     for w in [1, world] {
-        let t = measure(config, batch / w, seq_len, steps, w, sharding)?;
+        let t = measure(b, batch / w, w)?;
         let step = t.total().as_secs_f64();
         println!(
             "  world {w}: {step:.3} s/step → {:.0} tokens/s, {:.2} GFLOP/s; forward+backward {:.3} s, \
@@ -63,6 +86,9 @@ pub fn run(
             t.update.as_secs_f64(),
             100.0 * t.update.as_secs_f64() / step,
         );
+        if let Some(mismatch) = check_state(b, w, t.state_per_rank) {
+            mismatches.push(mismatch);
+        }
         match baseline {
             None => baseline = Some(step),
             Some(one) => println!(
@@ -71,17 +97,48 @@ pub fn run(
             ),
         }
     }
-    Ok(())
+    match mismatches.is_empty() {
+        true => Ok(()),
+        false => bail!("{}", mismatches.join("; ")),
+    }
 }
 
-fn measure(
-    config: &ZambaConfig,
-    rows: usize,
-    seq_len: usize,
-    steps: usize,
-    world: usize,
-    sharding: Sharding,
-) -> Result<StepTimes> {
+/// Prints a world's measured state per rank next to its estimate; the mismatch, if beyond
+/// [`STATE_TOLERANCE`].
+fn check_state(b: &WorldBench, world: usize, measured: f64) -> Option<String> {
+    let params = ParamCounts::of(b.config).total();
+    let sharding = match world {
+        1 => Sharding::Replicated,
+        _ => b.sharding,
+    };
+    let e = StateBytes::per_param(b.precision, sharding, world).times(params);
+    let gap = (measured - e.total()) / e.total();
+    let mb = |bytes: f64| bytes / 1e6;
+    println!(
+        "  world {world}: training state per rank {:.1} MB on the heap; estimate {:.1} MB (parameters {:.1} + \
+         gradients {:.1} + master weights {:.1} + AdamW moments {:.1}): {:+.1}% (tolerance ±{:.0}%)",
+        mb(measured),
+        mb(e.total()),
+        mb(e.params),
+        mb(e.grads),
+        mb(e.master),
+        mb(e.moments),
+        100.0 * gap,
+        100.0 * STATE_TOLERANCE
+    );
+    (gap.abs() > STATE_TOLERANCE).then(|| {
+        format!(
+            "world {world}: the training state takes {:.1} MB per rank on the heap, {:+.1}% off the estimate of \
+             {:.1} MB (tolerance ±{:.0}%)",
+            mb(measured),
+            100.0 * gap,
+            mb(e.total()),
+            100.0 * STATE_TOLERANCE
+        )
+    })
+}
+
+fn measure(b: &WorldBench, rows: usize, world: usize) -> Result<StepTimes> {
     let comms = zamba_dist::thread_group(world, &DistOptions::default());
     let rank0 = Mutex::new(StepTimes::default());
     std::thread::scope(|scope| {
@@ -90,7 +147,7 @@ fn measure(
             .map(|comm| {
                 let rank0 = &rank0;
                 scope.spawn(move || -> Result<()> {
-                    let times = rank_steps(config, rows, seq_len, steps, comm.as_ref(), sharding)?;
+                    let times = rank_steps(b, rows, comm.as_ref())?;
                     if comm.rank() == 0 {
                         *rank0.lock().expect("not poisoned") = times;
                     }
@@ -105,22 +162,27 @@ fn measure(
     Ok(rank0.into_inner().expect("not poisoned"))
 }
 
-/// One rank's steps; returns the mean time of the measured ones.
-fn rank_steps(
-    config: &ZambaConfig,
-    rows: usize,
-    seq_len: usize,
-    steps: usize,
-    comm: &dyn Communicator,
-    sharding: Sharding,
-) -> Result<StepTimes> {
+/// One rank's steps; returns the mean time of the measured ones and, from one more step, the
+/// heap of the ranks' state.
+fn rank_steps(b: &WorldBench, rows: usize, comm: &dyn Communicator) -> Result<StepTimes> {
     let device = Device::flex().autodiff();
     let compute = Device::flex();
-    let mut model = ZambaModel::from_source(config, &mut RandomInit::new(0), &device)?;
-    let dp = DataParallel::new(&model, 25 << 20, sharding, comm.rank(), comm.world_size());
+    let execution = Execution {
+        precision: b.precision,
+        checkpointing: b.checkpointing,
+    };
+    let model = ZambaModel::from_source(b.config, &mut RandomInit::new(0), &device)?
+        .with_execution(execution);
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let sharding = match world {
+        1 => Sharding::Replicated,
+        _ => b.sharding,
+    };
+    let dp = DataParallel::new(&model, 25 << 20, sharding, rank, world).with_precision(b.precision);
     let mut optimizer = AdamW::new(bench_adamw());
-    device.seed(comm.rank() as u64);
-    let (inputs, targets) = random_batch(rows, seq_len, config.vocab_size, &device);
+    let mut model = dp.prepare(model, &mut optimizer, comm, &compute)?;
+    device.seed(rank as u64);
+    let (inputs, targets) = random_batch(rows, b.seq_len, b.config.vocab_size, &device);
     let ctx = StepContext {
         comm,
         device: &device,
@@ -128,9 +190,10 @@ fn rank_steps(
         dp: &dp,
     };
     let mut total = StepTimes::default();
-    for step in 0..=steps {
+    for step in 0..=b.steps + 1 {
         comm.barrier()?;
-        let mut clock = RankClock::new(comm);
+        let probe = step > b.steps;
+        let mut clock = RankClock::new(comm, probe);
         let micro_batches = std::iter::once((inputs.clone(), targets.clone()));
         (model, _) = train_step(
             model,
@@ -140,39 +203,64 @@ fn rank_steps(
             &BENCH_STEP,
             &mut clock,
         )?;
-        if step > 0 {
+        if probe {
+            total.state_per_rank = clock.state_heap as f64;
+        } else if step > 0 {
             total.compute += clock.gradients - clock.start;
             total.sync += clock.reduced - clock.gradients;
             total.update += clock.updated - clock.reduced;
         }
     }
-    let n = steps.max(1) as u32;
+    // What the state held is what dropping it frees: buffers the compute library keeps per
+    // thread once it has run are in both readings.
+    drop((model, optimizer, inputs, targets));
+    let without_state = rank0_heap(comm)? as f64;
+    let n = b.steps.max(1) as u32;
     Ok(StepTimes {
         compute: total.compute / n,
         sync: total.sync / n,
         update: total.update / n,
+        state_per_rank: (total.state_per_rank - without_state) / world as f64,
     })
 }
 
+/// The process's live heap as rank 0 reads it while every rank waits at the same point (ranks
+/// are threads sharing one heap); 0 on the other ranks.
+fn rank0_heap(comm: &dyn Communicator) -> Result<usize> {
+    comm.barrier()?;
+    let live = match comm.rank() {
+        0 => memory::heap().0,
+        _ => 0,
+    };
+    comm.barrier()?;
+    Ok(live)
+}
+
 /// When a rank's step passed its points; the update ends at a barrier, so that its time
-/// includes the slowest rank's (Burn's CPU ops run eagerly: no device to synchronise).
+/// includes the slowest rank's (Burn's CPU ops run eagerly: no device to synchronise). A probing
+/// clock also reads the heap of every rank's state once the gradients are summed (the
+/// activations are freed then, and the reduction has not begun).
 struct RankClock<'a> {
     comm: &'a dyn Communicator,
+    probe: bool,
     start: Instant,
     gradients: Instant,
     reduced: Instant,
     updated: Instant,
+    state_heap: usize,
 }
 
 impl<'a> RankClock<'a> {
-    fn new(comm: &'a dyn Communicator) -> Self {
+    fn new(comm: &'a dyn Communicator, probe: bool) -> Self {
         let now = Instant::now();
         Self {
             comm,
+            probe,
             start: now,
             gradients: now,
             reduced: now,
             updated: now,
+            state_heap: 0,
         }
     }
 }
@@ -181,7 +269,12 @@ impl StepObserver for RankClock<'_> {
     fn observe(&mut self, event: StepEvent) -> Result<()> {
         match event {
             StepEvent::Forward { .. } => {}
-            StepEvent::Gradients => self.gradients = Instant::now(),
+            StepEvent::Gradients => {
+                self.gradients = Instant::now();
+                if self.probe {
+                    self.state_heap = rank0_heap(self.comm)?;
+                }
+            }
             StepEvent::Reduced => self.reduced = Instant::now(),
             StepEvent::Updated => {
                 self.comm.barrier()?;

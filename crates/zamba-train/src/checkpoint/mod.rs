@@ -4,15 +4,18 @@
 //! ```text
 //! <run.dir>/checkpoints/step-00000100/
 //!     model/config.json, model/model.safetensors   a transformers ZambaForCausalLM checkpoint (f32)
-//!     optimizer/part-00000-of-00004.safetensors …  AdamW moments by parameter path (see [`moments`])
+//!     optimizer/part-00000-of-00004.safetensors …  AdamW moments (and a bf16 run's f32 master
+//!                                                   weights) by parameter path (see [`moments`])
 //!     trainer.json                                  counters, loader state, optimizer step
 //!     config.toml                                   the resolved run config
 //!     MANIFEST.json                                 size and blake3 of every file above
 //!     COMPLETE                                      written last
 //! ```
 //! The model is stored in transformers' format so that any checkpoint can be loaded by
-//! transformers or used as `[init] from` of a new phase without conversion. Nothing in a
-//! checkpoint depends on the world size that wrote it.
+//! transformers or used as `[init] from` of a new phase without conversion: the working weights
+//! (in a bf16 run, their bf16 values, stored as f32; the f32 master weights a resume continues
+//! from are in the optimizer parts). Nothing in a checkpoint depends on the world size that
+//! wrote it.
 //!
 //! With several ranks, rank 0 writes the model, trainer state and config; the optimizer parts are
 //! written by rank 0 alone, or under ZeRO-1 by every rank for the moments it owns. Every file is
@@ -74,7 +77,8 @@ fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
 pub struct Snapshot<'a> {
     pub model: &'a ZambaModel,
     pub model_config: &'a ZambaConfig,
-    /// This rank's AdamW state (all of it, or under ZeRO-1 the ranges it owns).
+    /// This rank's AdamW state — moments, and master weights in a bf16 run — (all of it, or
+    /// under ZeRO-1 the ranges it owns).
     pub optimizer: &'a AdamW,
     pub sharding: Sharding,
     pub state: &'a TrainerState,
@@ -156,7 +160,8 @@ fn write_parts(ctx: &RankContext, tmp: &Path, snapshot: &Snapshot) -> Result<Vec
             let numel: HashMap<&str, usize> =
                 slots.iter().map(|s| (s.path.as_str(), s.numel)).collect();
             let path = moments::part_path(tmp, part, parts);
-            moments::write(&path, &snapshot.optimizer.moments, &numel)
+            let optimizer = snapshot.optimizer;
+            moments::write(&path, &optimizer.moments, &optimizer.master, &numel)
                 .and_then(|()| sync_file(&path))
                 .and_then(|()| {
                     let bytes = manifest::regular_file(&path)?.len();
@@ -433,9 +438,10 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
         .with_context(|| format!("{} is not a valid trainer state", path.display()))
 }
 
-/// The AdamW state of a checkpoint for the parameter ranges this rank owns under `dp`. Every
+/// The AdamW state of a checkpoint for the parameter ranges this rank owns under `dp`: moments,
+/// and the master weights of a bf16 run (which [`DataParallel::prepare`] puts to use). Every
 /// parameter must have moments once the optimizer has taken a step (`optimizer_step > 0`), and
-/// the checkpoint must hold no moments for parameters the model does not have.
+/// the checkpoint must hold no state for parameters the model does not have.
 pub fn load_optimizer(
     dir: &Path,
     params: AdamWParams,
@@ -453,8 +459,10 @@ pub fn load_optimizer(
         .iter()
         .map(|s| (dp.path(s).to_string(), s.range.clone()))
         .collect();
+    let state = moments::read(dir, &numel, &wanted, optimizer_step > 0, device)?;
     let mut optimizer = AdamW::new(params);
     optimizer.step = optimizer_step;
-    optimizer.moments = moments::read(dir, &numel, &wanted, optimizer_step > 0, device)?;
+    optimizer.moments = state.moments;
+    optimizer.master = state.master;
     Ok(optimizer)
 }

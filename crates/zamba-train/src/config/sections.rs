@@ -4,7 +4,7 @@
 use super::RunConfig;
 use super::error::{ConfigError, ConfigErrorKind};
 use super::rules::Section;
-use crate::data_parallel::Sharding;
+use crate::data_parallel::{ReduceDtype, Sharding};
 use crate::schedule::ScheduleConfig;
 use crate::schema::{MAX_SECONDS, MAX_STEPS};
 use schemars::JsonSchema;
@@ -150,9 +150,13 @@ pub struct OptimizerSection {
     /// Global gradient-norm clip; 0 turns clipping off.
     #[schemars(range(min = 0.0, max = 1e12))]
     pub clip_grad_norm: f64,
-    /// ZeRO stage: 0 = every rank keeps AdamW moments for all parameters; 1 = each rank keeps
-    /// them for ~1/`runtime.world_size` of the parameters (gradients reduce-scattered, updated
-    /// parameters all-gathered; the same weights as 0). Checkpoints are the same either way.
+    /// ZeRO stage — what is divided over the ranks. 0: nothing; every rank keeps the optimizer
+    /// state of every parameter (AdamW's two f32 moments, and with `runtime.precision = "bf16"`
+    /// the f32 master weights) and gradients are all-reduced. 1: the optimizer state; each rank
+    /// keeps it for ~1/`runtime.world_size` of the parameters, gradients are reduce-scattered to
+    /// the rank that owns them and the updated parameters all-gathered (in bf16 under
+    /// `"bf16"`); the same weights as 0. At both levels every rank holds all working parameters
+    /// and their f32 gradients. Checkpoints are the same either way.
     #[schemars(with = "u8", range(max = 1))]
     pub zero: Sharding,
 }
@@ -371,6 +375,12 @@ pub struct DistSection {
     /// not cut short by a first signal; a second signal stops every wait at once.
     #[schemars(extend("exclusiveMinimum" = 0.0), range(max = MAX_SECONDS))]
     pub signal_grace_s: f64,
+    /// Float type gradients travel in between ranks: `"f32"`, or `"bf16"` (half the bytes on the
+    /// wire; each rank's contribution and the reduced value are rounded to bf16 once). Either
+    /// way gradients are summed over micro-batches in f32 before and read back into f32 on the
+    /// rank that applies them.
+    #[schemars(with = "String", extend("enum" = ["f32", "bf16"]))]
+    pub grad_reduce_dtype: ReduceDtype,
 }
 
 impl Default for DistSection {
@@ -379,6 +389,7 @@ impl Default for DistSection {
             bucket_mb: 25.0,
             timeout_s: 300.0,
             signal_grace_s: 10.0,
+            grad_reduce_dtype: ReduceDtype::F32,
         }
     }
 }
@@ -452,9 +463,11 @@ pub struct RuntimeSection {
     /// the CPU; a build with `--features cube-cpu`).
     #[schemars(with = "String")]
     pub device: Device,
-    /// Float type of matmuls and activations: `"fp32"`, or `"bf16"` mixed precision (f32 master
-    /// weights and AdamW state; f32 norm statistics, residual stream, scan state, softmax and
-    /// loss; see `zamba_model::Precision`). Emulated on CPU devices (bf16 numerics, f32 speed).
+    /// Float type of matmuls and activations: `"fp32"`, or `"bf16"` mixed precision: bf16
+    /// working parameters on every rank, f32 master weights and AdamW state (sharded with
+    /// `optimizer.zero = 1`), gradients summed in f32; f32 norm statistics, residual stream,
+    /// scan state, softmax and loss (see `zamba_model::Precision`). Emulated on CPU devices
+    /// (bf16 numerics, f32 speed).
     #[schemars(with = "String", extend("enum" = ["fp32", "bf16"]))]
     pub precision: Precision,
     /// CPU threads for the compute pool; absent = all cores.
@@ -474,6 +487,13 @@ pub struct RuntimeSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 1e9))]
     pub peak_gflops: Option<f64>,
+    /// Memory of one rank's device in GB (10⁹ bytes). A run whose estimated memory per rank
+    /// (`--dry-run`'s `memory/rank total` line) exceeds 90% of it is refused before anything is
+    /// allocated. Absent: a CUDA device's own memory (80 where it cannot be read, e.g. a dry run
+    /// on a machine without the GPU); on the CPU the host's memory divided by the ranks on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0.0), range(max = 1e6))]
+    pub device_memory_gb: Option<f64>,
 }
 
 impl Default for RuntimeSection {
@@ -484,6 +504,7 @@ impl Default for RuntimeSection {
             threads: None,
             world_size: 1,
             peak_gflops: None,
+            device_memory_gb: None,
         }
     }
 }

@@ -34,7 +34,7 @@ pub fn starter_config(preset: &str) -> Result<String, StarterError> {
 /// The run each preset's starter describes: sizes that suit the model, on the synthetic sets
 /// (generated on first use, so the config trains as it is) for the CPU-sized presets, and on
 /// tokenized shards to be made with `zamba-train data tokenize` for the GPU presets (zamba-1b in
-/// bf16, Zamba-7B).
+/// bf16 on one GPU, Zamba-7B on 128); every starter fits an 80 GB GPU.
 fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
     // The synthetic sets use the byte tokenizer; its vocabulary padded to a multiple of 8.
     let synthetic_model = format!(
@@ -48,7 +48,8 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
         [data.sources.web]\npaths = [\"synthetic:web\"]\nvalidation = [\"synthetic:web\"]\nweight = 0.8\n\
         [data.sources.instruct]\npaths = [\"synthetic:instruct\"]\nvalidation = [\"synthetic:instruct\"]\nweight = 0.2\n";
     // The LR decays to a tenth of its peak.
-    let (model, sources, seq_len, sequences, micro_batch, steps, lr, warmup, every, runtime) =
+    // `train` adds keys to [train]; `tail` is the last sections ([optimizer], [runtime]).
+    let (model, sources, seq_len, sequences, micro_batch, steps, lr, warmup, every, train, tail) =
         match preset {
             "zamba-tiny" => (
                 &synthetic_model,
@@ -60,6 +61,7 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
                 ("3e-3", "3e-4"),
                 30,
                 100,
+                "",
                 "",
             ),
             "zamba-bench" => (
@@ -73,18 +75,23 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
                 100,
                 250,
                 "",
+                "",
             ),
             "zamba-7b" => (
                 &String::new(),
                 "[data.sources.web]\npaths = [\"data/web\"]\nvalidation = [\"data/web-validation\"]\nweight = 1.0\n",
                 4096,
                 512,
-                2,
+                1,
                 476_837,
                 ("2e-4", "2e-5"),
                 2000,
                 2000,
-                "[runtime]\ndevice = \"cuda:0\"\n",
+                // The paper's setting: 128 GPUs, the optimizer state sharded, bf16, each layer
+                // recomputed — what fits an 80 GB GPU (see --dry-run's memory/rank line).
+                "activation_checkpointing = \"layers\"\n",
+                "[optimizer]\nzero = 1\n\
+                 [runtime]\ndevice = \"cuda:0\"\nprecision = \"bf16\"\nworld_size = 128\n",
             ),
             "zamba-1b" => (
                 &String::new(),
@@ -96,6 +103,7 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
                 ("3e-4", "3e-5"),
                 1000,
                 1000,
+                "activation_checkpointing = \"layers\"\n",
                 "[runtime]\ndevice = \"cuda:0\"\nprecision = \"bf16\"\n",
             ),
             other => {
@@ -111,10 +119,10 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
          [data]\nseq_len = {seq_len}\n{sources}\
          [batch]\nsequences = {sequences}\nmicro_batch = {micro_batch}\n\
          [schedule]\nkind = \"cosine\"\npeak_lr = {}\nmin_lr = {}\nwarmup_steps = {warmup}\n\
-         [train]\nsteps = {steps}\n\
+         [train]\nsteps = {steps}\n{train}\
          [checkpoint]\nevery = {every}\n\
          [eval]\nevery = {every}\nbatches = 4\n\
-         {runtime}",
+         {tail}",
         lr.0, lr.1
     );
     toml::from_str(&text)

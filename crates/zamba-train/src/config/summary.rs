@@ -1,7 +1,7 @@
 //! The `--dry-run` report of a run config.
 
 use super::RunConfig;
-use crate::data_parallel::{Sharding, StateMemory};
+use crate::memory_plan::Fit;
 use std::fmt::Write as _;
 use zamba_model::ActivationCheckpointing;
 use zamba_model::memory::ActivationMemory;
@@ -24,15 +24,16 @@ pub fn human_count(n: f64) -> String {
     }
 }
 
-/// Per-rank memory: one micro-batch's activations with and without recomputation, and the
-/// parameters, gradients and AdamW moments at the configured world size, with and without ZeRO-1.
-fn memory_lines(c: &RunConfig, num_params: u64) -> String {
-    let world = c.runtime.world_size;
+/// Per-rank memory: the total against the device (see [`crate::memory_plan`]), and one
+/// micro-batch's activations with and without recomputation.
+fn memory_lines(c: &RunConfig) -> String {
     let gb = |b: f64| match b >= 1e9 {
         true => format!("{:.2} GB", b / 1e9),
         false => format!("{:.1} MB", b / 1e6),
     };
     let mut out = String::new();
+    // Without a launcher, CPU ranks are threads of one process on this host.
+    let _ = writeln!(out, "{}", Fit::of(c, c.runtime.world_size).line(c));
     let activations = |k| {
         let m = ActivationMemory::of(
             c.model_config(),
@@ -51,25 +52,6 @@ fn memory_lines(c: &RunConfig, num_params: u64) -> String {
         activations(ActivationCheckpointing::Layers),
         c.train.activation_checkpointing,
     );
-    for (name, sharding) in [
-        ("no sharding", Sharding::Replicated),
-        ("ZeRO-1", Sharding::Zero1),
-    ] {
-        let m = StateMemory::per_rank(num_params, world, sharding);
-        let _ = writeln!(
-            out,
-            "memory/rank  {name:<11} (world {world}): parameters {} + gradients {} + AdamW moments {} = {}{}",
-            gb(m.params),
-            gb(m.grads),
-            gb(m.moments),
-            gb(m.total()),
-            if c.optimizer.zero == sharding {
-                "  ← optimizer.zero"
-            } else {
-                ""
-            }
-        );
-    }
     out
 }
 
@@ -191,7 +173,7 @@ pub(super) fn summary(c: &RunConfig) -> String {
             "off".into()
         }
     );
-    out.push_str(&memory_lines(c, params.total()));
+    out.push_str(&memory_lines(c));
     let _ = writeln!(
         out,
         "checkpoints  every {} steps, keep last {}{}; eval every {} steps",
