@@ -133,8 +133,8 @@ fn synthetic_rules() {
         ),
         (
             &["synthetic.tasks={ copy = -1, fact = 1 }"],
-            "synthetic.tasks",
-            "expected a finite number ≥ 0",
+            "synthetic.tasks.copy",
+            "is -1; expected in [0, 1000000000]",
         ),
         (
             &["synthetic.tasks={ copy = 0 }"],

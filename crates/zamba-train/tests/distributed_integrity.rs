@@ -5,10 +5,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SCHEDULE, free_port, write_config};
+use common::{SCHEDULE, finish, free_port, stderr, write_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zamba-train");
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
@@ -31,27 +31,6 @@ fn rank(config: &Path, rank: usize, port: u16, sets: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// The output of `child`, which must exit within `limit` (a hang fails the test).
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn signal(child: &Child, signal: nix::sys::signal::Signal) {

@@ -8,10 +8,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SCHEDULE, free_port, step_losses, write_config};
+use common::{SCHEDULE, finish, free_port, stderr, step_losses, write_config};
 use zamba_train::checkpoint::{self, TrainerState};
 use zamba_train::metrics::read_metrics;
 use zamba_train::samples::{self, SampleRecord};
@@ -53,27 +53,6 @@ fn launch(config: &Path, launch_args: &[&str]) -> Command {
     }
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
-}
-
-/// The output of `child`, which must exit within `limit`.
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn trainer_state(run_dir: &Path) -> TrainerState {

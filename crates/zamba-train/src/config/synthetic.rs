@@ -43,6 +43,7 @@ pub struct SyntheticSection {
     /// `arithmetic`, `sort`, `copy`, `reverse`, `count`, `fact`, `add`; see docs/data.md).
     /// Absent: the standard mix (arithmetic 2/7, each other task but `add` 1/7).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("additionalProperties" = {"type": "number", "minimum": 0.0, "maximum": 1e9}))]
     pub tasks: Option<BTreeMap<String, f64>>,
     /// Share of each set held out for validation (the sources' `validation` split).
     #[schemars(extend("exclusiveMinimum" = 0.0, "exclusiveMaximum" = 1.0))]
