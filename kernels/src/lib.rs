@@ -49,8 +49,8 @@ pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_tran
 pub use linear::{linear, linear_channels_first, linear_reference};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use scan::{
-    ScanInputs, ScanShape, fused_kernel_available, scan_bytes, scan_chunk, scan_flops,
-    scan_lane_ops, selective_scan, selective_scan_reference,
+    ScanInputs, ScanShape, cube_scan_chunk, fused_kernel_available, scan_bytes, scan_chunk,
+    scan_flops, scan_lane_ops, selective_scan, selective_scan_reference,
 };
 pub use simd::{SIMD_ENV, SimdLevel, detected_simd_level, simd_level};
 

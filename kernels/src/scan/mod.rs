@@ -224,6 +224,17 @@ fn rank<const R: usize>(name: &str, shape: &[usize]) -> [usize; R] {
     })
 }
 
+/// Floats of unit-local memory the Cube backward may spend on one chunk of recomputed states.
+const CUBE_LOCAL_STATE_FLOATS: usize = 256;
+
+/// Time steps per checkpoint chunk of the Cube kernel for state size `state`: as many as fit
+/// `CUBE_LOCAL_STATE_FLOATS` recomputed states, a power of two in `4..=64`. Defined without the
+/// `cube` feature so that the GPU cost model can use it on any build.
+pub fn cube_scan_chunk(state: usize) -> usize {
+    let fit = (CUBE_LOCAL_STATE_FLOATS / state.max(1)).clamp(4, 64);
+    1 << fit.ilog2()
+}
+
 /// Time steps per checkpoint chunk of the fused kernel on `device` for state size `state` (the
 /// forward saves the state entering every chunk but the first; the backward recomputes one chunk
 /// at a time), or `None` where [`selective_scan`] has no fused kernel.
@@ -231,7 +242,7 @@ pub fn scan_chunk(device: &Device, state: usize) -> Option<usize> {
     match device.clone().inner().as_dispatch() {
         DispatchDevice::Flex(_) => Some(cpu::CHUNK),
         #[cfg(feature = "cube")]
-        DispatchDevice::Cube(_) => Some(cube::chunk(state)),
+        DispatchDevice::Cube(_) => Some(cube_scan_chunk(state)),
         #[allow(unreachable_patterns)]
         _ => {
             let _ = state;

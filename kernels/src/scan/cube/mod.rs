@@ -15,22 +15,12 @@ use cubecl::ir::AddressType;
 use cubecl::prelude::ElemType;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
-use crate::scan::ScanShape;
 use crate::scan::op::{ScanKernel, ScanTensors};
-
-/// Floats of unit-local memory the backward may spend on one chunk of recomputed states.
-const LOCAL_STATE_FLOATS: usize = 256;
+use crate::scan::{ScanShape, cube_scan_chunk};
 
 /// Units per cube of the backward, at most: one 32-wide warp on a GPU (a cheap barrier per step),
 /// fewer where the client allows fewer (the CPU runtime: one unit per core).
 const MAX_BACKWARD_UNITS: usize = 32;
-
-/// Time steps per checkpoint chunk: as many as fit `LOCAL_STATE_FLOATS` recomputed states, a
-/// power of two in `4..=64`.
-pub(crate) fn chunk(state: usize) -> usize {
-    let fit = (LOCAL_STATE_FLOATS / state.max(1)).clamp(4, 64);
-    1 << fit.ilog2()
-}
 
 /// The eight inputs as the kernels read them: activations (`u, delta, z, b, c`) in one float
 /// type, parameters (`a, d, delta_bias`) contiguous `f32`; and the dtype each input came in.
@@ -161,7 +151,7 @@ impl ScanKernel for Cube {
             state,
             ..
         } = x.dims;
-        let chunk = chunk(state);
+        let chunk = cube_scan_chunk(state);
         let client = x.u.client.clone();
         let out = x.empty_rows();
         // Without checkpoints the kernel still takes a (never written) one-element tensor.
@@ -238,7 +228,7 @@ impl ScanKernel for Cube {
             dc_parts.clone().into_tensor_arg(),
             lane_parts.clone().into_tensor_arg(),
             state,
-            chunk(state),
+            cube_scan_chunk(state),
             units,
             elem(x.act),
         );

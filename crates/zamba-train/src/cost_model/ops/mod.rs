@@ -243,14 +243,11 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
 }
 
 /// Steps per checkpointed state: mamba-ssm's 2048-step chunks (planned); the Cube kernel's
-/// `256 / N` (a power of two in 4..=64), the states of one chunk kept per thread (current).
+/// (current).
 fn scan_chunk(kernels: Kernels, state: usize) -> usize {
     match kernels {
         Kernels::Planned => 2048,
-        Kernels::Current => {
-            let fit = (256 / state.max(1)).clamp(4, 64);
-            1 << fit.ilog2()
-        }
+        Kernels::Current => zamba_kernels::cube_scan_chunk(state),
     }
 }
 
