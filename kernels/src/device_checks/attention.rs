@@ -178,6 +178,7 @@ pub fn attention_checks(device: &Device) -> Vec<Check> {
         }));
     }
     checks.push(partly_tracked_and_deterministic(device));
+    checks.push(empty_sequence(device));
     checks
 }
 
@@ -215,4 +216,29 @@ fn partly_tracked_and_deterministic(device: &Device) -> Check {
             }
         },
     )
+}
+
+/// `L = 0`: an empty output, and empty gradients of the inputs' shapes.
+fn empty_sequence(device: &Device) -> Check {
+    Check::run("attention of an empty sequence", || {
+        let device = device.clone().autodiff();
+        let input = |heads| Tensor::<4>::zeros([2, 0, heads, 4], &device).require_grad();
+        let (q, k, v) = (input(4), input(2), input(2));
+        let out = causal_attention(q.clone(), k.clone(), v.clone(), 0.5);
+        if out.dims() != [2, 0, 4, 4] {
+            return Err(format!("output {:?}, expected [2, 0, 4, 4]", out.dims()));
+        }
+        let grads = out.sum().backward();
+        for (x, name) in [(q, "q"), (k, "k"), (v, "v")] {
+            let grad = x.grad(&grads).ok_or(format!("no gradient of {name}"))?;
+            if grad.dims() != x.dims() {
+                return Err(format!(
+                    "d{name} {:?}, expected {:?}",
+                    grad.dims(),
+                    x.dims()
+                ));
+            }
+        }
+        Ok("empty output and gradients".into())
+    })
 }
