@@ -123,9 +123,19 @@ impl Inputs {
     }
 
     /// One cube per `units` rows of each (batch, head) of `heads` heads.
+    ///
+    /// # Panics
+    /// If the device cannot launch that many cubes (batch × heads beyond 65,535 on CUDA).
     fn cubes(&self, geometry: Geometry, heads: usize) -> CubeCount {
         let [batch, len, ..] = self.dims();
         let blocks = len.div_ceil(geometry.units);
+        let (max_x, max_y, _) = self.q.client.properties().hardware.max_cube_count;
+        assert!(
+            blocks <= max_x as usize && batch * heads <= max_y as usize,
+            "causal_attention: {blocks} blocks of {} rows × {batch} batch × {heads} heads exceed \
+             the device's grid ({max_x} × {max_y} cubes); use a smaller micro-batch",
+            geometry.units
+        );
         CubeCount::Static(blocks as u32, (batch * heads) as u32, 1)
     }
 }
