@@ -16,7 +16,8 @@
 # Sections (each runs on its own: a failing or timed-out section is reported and the next one
 # runs; each writes OUT/<section>.json and OUT/<section>.log):
 #   env      GPU name, driver, memory (nvidia-smi); the CUDA libraries found and used
-#   kernels  `zamba-train selftest --only kernels`: the scan kernels vs the CPU kernel (f32, bf16)
+#   kernels  `zamba-train selftest --only kernels`: the scan kernels vs the CPU kernel, the attention
+#            kernels vs Burn's attention on the CPU (f32, bf16)
 #   model    `zamba-train selftest --only model`: whole model vs CPU, recomputation, bf16,
 #            transformers' logits
 #   peak     measured bf16 GEMM peak through our GEMM path, and through PyTorch when present

@@ -1,4 +1,5 @@
-//! Causal softmax attention as one fused op on Flex, forward and backward.
+//! Causal softmax attention as one fused op on Flex, forward and backward (on CubeCL devices,
+//! the flash-style op of `cube::attention`).
 //!
 //! Burn's attention on Flex is its generic fallback: a batched `Q·Kᵀ` over the whole `T × T`
 //! square, a mask, a softmax of several single-threaded element-wise passes, then `P·V`, with
@@ -44,7 +45,10 @@ const BLOCK: usize = 64;
 /// `q`: `[B, L, H, hd]`; `k`, `v`: `[B, L, H_kv, hd]` with `H` a multiple of `H_kv` (query head
 /// `h` reads key/value head `h / (H / H_kv)`). Returns `[B, L, H, hd]`. This is the layout of the
 /// projections' outputs reshaped, so neither the inputs nor the output need a transposed copy.
-/// Fused on Flex devices for `f32` inputs; [`causal_attention_reference`] elsewhere.
+/// Fused on Flex devices for `f32` inputs (keeping the probabilities for the backward); on
+/// CubeCL devices (features `cuda`, `cube-cpu`) fused flash-style for any float dtype (keeping
+/// one f32 statistic per query row: memory linear in `L`); [`causal_attention_reference`]
+/// elsewhere.
 ///
 /// # Panics
 /// If the shapes disagree (the message names them).

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 /// cast to bf16 where a matmul or an elementwise op uses them (both matmul operands are cast:
 /// Burn does not promote dtypes), so their gradients arrive in f32. RMSNorm statistics, the
 /// residual stream (as mamba-ssm's `residual_in_fp32`), the scan's state, the logits' softmax and
-/// the loss stay f32; attention runs on bf16 inputs with f32 softmax accumulation (Burn's flash
-/// attention on CUDA). On CPU backends bf16 is emulated (computed in f32, rounded to bf16): it
-/// gives bf16's numerics, not its speed.
+/// the loss stay f32; attention runs on bf16 inputs with f32 softmax statistics and sums (on
+/// CubeCL devices, the flash-style op of `zamba_kernels::causal_attention`). On CPU backends bf16
+/// is emulated (computed in f32, rounded to bf16): it gives bf16's numerics, not its speed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

@@ -5,6 +5,7 @@
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device};
 use zamba_model::Precision;
+use zamba_model::memory::AttentionKernel;
 
 pub use crate::config::Device as DeviceChoice;
 
@@ -15,6 +16,16 @@ pub fn make_device(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
         DeviceChoice::Cpu => Ok(Device::flex()),
         DeviceChoice::CubeCpu => cube_cpu(),
         DeviceChoice::Cuda(first) => cuda(first, local_rank),
+    }
+}
+
+/// The attention kernel `choice` runs, whose memory the estimates count (decided by the device
+/// alone, so a dry run away from the device estimates it too): the flash-style op on CubeCL
+/// devices, the op that keeps the probabilities on the CPU (see `zamba_kernels::causal_attention`).
+pub fn attention_kernel(choice: DeviceChoice) -> AttentionKernel {
+    match choice {
+        DeviceChoice::Cpu => AttentionKernel::Scores,
+        DeviceChoice::CubeCpu | DeviceChoice::Cuda(_) => AttentionKernel::Flash,
     }
 }
 

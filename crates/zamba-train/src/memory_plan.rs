@@ -13,6 +13,7 @@ use crate::config::{Device, RunConfig};
 use crate::data_parallel::{
     ReduceDtype, Sharding, StateBytes, bucket_capacity, bucket_slots, communication_bytes,
 };
+use crate::device::attention_kernel;
 
 /// The share of a device's memory the estimate may use. The rest is for what it does not
 /// count: the CUDA context and NCCL's buffers (about 1 GB), the allocator's fragmentation, the
@@ -75,6 +76,7 @@ impl RankMemory {
             c.data.seq_len,
             choices.precision,
             choices.checkpointing,
+            attention_kernel(c.runtime.device),
         );
         Self {
             state: StateBytes::per_param(choices.precision, choices.sharding, world)

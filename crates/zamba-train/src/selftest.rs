@@ -38,7 +38,8 @@ pub struct SelftestArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Group {
-    /// The fused selective scan against the CPU kernel: f32 on odd sizes, bf16, determinism.
+    /// The fused selective scan against the CPU kernel and the fused causal attention against
+    /// Burn's attention on the CPU: f32 on odd sizes, bf16, determinism.
     Kernels,
     /// The whole model: vs Flex, layer recomputation, transformers' logits, bf16 vs fp32.
     Model,
@@ -84,7 +85,11 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     let mut records = Vec::new();
     for group in groups {
         let checks = match group {
-            Group::Kernels => zamba_kernels::device_checks::scan_checks(&device),
+            Group::Kernels => {
+                let mut checks = zamba_kernels::device_checks::scan_checks(&device);
+                checks.extend(zamba_kernels::device_checks::attention_checks(&device));
+                checks
+            }
             Group::Model => zamba_model::device_checks::model_checks(&device, &fixtures),
         };
         for check in checks {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::MINIMAL_RUN;
-use zamba_model::memory::ActivationMemory;
+use zamba_model::memory::{ActivationMemory, AttentionKernel};
 use zamba_model::{ActivationCheckpointing, Precision};
 use zamba_train::config::RunConfig;
 use zamba_train::data_parallel::{Sharding, StateBytes};
@@ -84,6 +84,7 @@ fn the_estimate_of_zamba_7b_on_128_ranks_matches_a_hand_computation() {
         4096,
         Precision::Bf16,
         ActivationCheckpointing::Layers,
+        AttentionKernel::Flash,
     );
     assert_eq!(m.activations, activations.peak());
     let total = 2.0 * n + 4.0 * n + 12.0 * n / 128.0 + 1_425_408_000.0 + activations.peak();

@@ -18,7 +18,7 @@ use zamba_model::{
 use zamba_trace::{Capture, Category, span};
 use zamba_train::cost_model::{Card, Kernels};
 use zamba_train::data_parallel::{DataParallel, Sharding, StateBytes};
-use zamba_train::device::{DeviceChoice, device_for};
+use zamba_train::device::{DeviceChoice, attention_kernel, device_for};
 use zamba_train::memory;
 use zamba_train::optim::AdamW;
 use zamba_train::step::{StepContext, StepEvent, StepObserver, train_step};
@@ -447,6 +447,7 @@ fn print_memory(
         a.seq_len,
         a.precision,
         a.activation_checkpointing,
+        attention_kernel(a.device),
     );
     println!(
         "  memory: parameters, gradients and optimizer state {:.1} MB (estimate); activations kept for backward {:.1} MB on the host heap (estimate {:.1} MB); step peak heap {:.1} MB (states + estimated activations {:.1} MB)",

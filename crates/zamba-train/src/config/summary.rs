@@ -1,6 +1,7 @@
 //! The `--dry-run` report of a run config.
 
 use super::RunConfig;
+use crate::device::attention_kernel;
 use crate::memory_plan::Fit;
 use std::fmt::Write as _;
 use zamba_model::ActivationCheckpointing;
@@ -41,6 +42,7 @@ fn memory_lines(c: &RunConfig) -> String {
             c.data.seq_len,
             c.runtime.precision,
             k,
+            attention_kernel(c.runtime.device),
         );
         gb(m.peak())
     };

@@ -1,9 +1,7 @@
-//! The fused scan on a device against the CPU kernel (Flex): what the kernel tests run on every
-//! device of a build, and what `zamba-train selftest` runs on a new machine.
+//! The fused scan on a device against the CPU kernel (Flex).
 //!
-//! Each check is named and carries the tolerance its comparison is entitled to, with the reason
-//! (see [`crate::check::Arithmetic`]): the scan itself has no matrix products, so its arithmetic
-//! is f32 on every device and only its bf16 inputs and outputs are rounded.
+//! The scan itself has no matrix products, so its arithmetic is f32 on every device and only its
+//! bf16 inputs and outputs are rounded.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 

@@ -1,0 +1,244 @@
+//! Causal attention on a device against Burn's attention on the CPU in f32
+//! ([`causal_attention_reference`] on Flex, the plain-tensor definition): the output and the
+//! gradients of `q`, `k` and `v`.
+//!
+//! The fused kernels have no matrix-unit products: every product and sum is f32 on every device,
+//! so f32 inputs get an f32 tolerance everywhere; bf16 inputs are rounded on the way in, the
+//! output and the gradients on the way out.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::check::{Check, Comparisons, Rng};
+use crate::{causal_attention, causal_attention_reference};
+
+/// Odd sizes `[batch, len, heads, kv_heads, head_dim]`, each with whether the inputs reach the op
+/// as transposed views: lengths that are no multiple of the rows per cube or per tile (and cross
+/// a 64-row tile), odd head dimensions, grouped queries (`H_kv < H`, groups of 2 and 3), one step.
+pub fn odd_sizes() -> Vec<([usize; 5], bool)> {
+    vec![
+        ([2, 37, 4, 2, 8], false),
+        ([1, 70, 3, 1, 5], false),
+        ([3, 33, 6, 3, 7], true),
+        ([1, 130, 2, 2, 8], true),
+        ([2, 1, 2, 1, 5], false),
+    ]
+}
+
+/// Random inputs of one call, and the weights `w` of the loss `Σ w · out` whose gradients are
+/// compared.
+#[derive(Clone, Debug)]
+pub struct AttentionCase {
+    /// `[batch, len, heads, kv_heads, head_dim]`.
+    pub dims: [usize; 5],
+    /// The inputs are `[B, heads, L, hd]` tensors with dims 1 and 2 swapped (not contiguous).
+    pub strided: bool,
+    /// `q`, `k`, `v` and `w`, each in the layout of its tensor.
+    pub values: [Vec<f32>; 4],
+}
+
+impl AttentionCase {
+    /// Scores of a few units (`q`, `k` in `[-2, 2)`): softmax rows from flat to peaked.
+    pub fn new(dims: [usize; 5], strided: bool, seed: u64) -> Self {
+        let [b, l, h, kv, hd] = dims;
+        let mut rng = Rng::new(seed);
+        let values = [
+            rng.vec(b * l * h * hd, -2.0, 2.0),
+            rng.vec(b * l * kv * hd, -2.0, 2.0),
+            rng.vec(b * l * kv * hd, -1.0, 1.0),
+            rng.vec(b * l * h * hd, -1.0, 1.0),
+        ];
+        Self {
+            dims,
+            strided,
+            values,
+        }
+    }
+
+    /// Rounds `q`, `k`, `v` and `w` to bf16-representable values.
+    pub fn rounded_to_bf16(mut self) -> Self {
+        for v in &mut self.values {
+            for x in v.iter_mut() {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+        self
+    }
+
+    /// Output and input gradients of `Σ w · op(q, k, v)` with `op` [`causal_attention`] on the
+    /// autodiff version of `device` in `dtype`, or with `op` the reference. The gradients are
+    /// checked to come back in `dtype` and returned in f32; with `tracked`, only those inputs
+    /// require a gradient.
+    pub fn run(
+        &self,
+        device: &Device,
+        dtype: DType,
+        reference: bool,
+        tracked: [bool; 3],
+    ) -> Result<AttentionRun, String> {
+        let device = device.clone().autodiff();
+        let [b, l, h, kv, hd] = self.dims;
+        let layout = |heads: usize| match self.strided {
+            true => [b, heads, l, hd],
+            false => [b, l, heads, hd],
+        };
+        let leaf = |i: usize, heads: usize| {
+            let data = TensorData::new(self.values[i].clone(), layout(heads));
+            let t = Tensor::<4>::from_data(data, &device).cast(dtype);
+            match tracked.get(i) {
+                Some(true) => t.require_grad(),
+                _ => t,
+            }
+        };
+        let leaves = [leaf(0, h), leaf(1, kv), leaf(2, kv)];
+        let view = |t: &Tensor<4>| match self.strided {
+            true => t.clone().swap_dims(1, 2),
+            false => t.clone(),
+        };
+        let [q, k, v] = leaves.each_ref().map(view);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let out = match reference {
+            true => causal_attention_reference(q, k, v, scale),
+            false => causal_attention(q, k, v, scale),
+        };
+        if out.dtype() != dtype {
+            return Err(format!("output in {:?}, expected {dtype:?}", out.dtype()));
+        }
+        let w = view(&leaf(3, h)).cast(DType::F32);
+        let grads = (out.clone().cast(DType::F32) * w).sum().backward();
+        let mut grad_values = Vec::new();
+        for (leaf, name) in leaves.iter().zip(["q", "k", "v"]) {
+            let Some(grad) = leaf.grad(&grads) else {
+                grad_values.push(None);
+                continue;
+            };
+            if grad.dtype() != dtype {
+                return Err(format!("d{name} in {:?}, expected {dtype:?}", grad.dtype()));
+            }
+            grad_values.push(Some(f32_values(grad)));
+        }
+        Ok(AttentionRun {
+            out: f32_values(out),
+            grads: grad_values.try_into().expect("three gradients"),
+        })
+    }
+}
+
+fn f32_values(t: Tensor<4>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 values")
+}
+
+/// The output and the gradients of `q`, `k`, `v` (where tracked) of one [`AttentionCase::run`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionRun {
+    pub out: Vec<f32>,
+    pub grads: [Option<Vec<f32>>; 3],
+}
+
+impl AttentionRun {
+    fn compare(&self, what: &str, want: &Self, [out_tol, grad_tol]: [f64; 2], c: &mut Comparisons) {
+        c.close(format!("{what} out"), &self.out, &want.out, out_tol);
+        for (name, (got, want)) in ["q", "k", "v"]
+            .iter()
+            .zip(self.grads.iter().zip(&want.grads))
+        {
+            match (got, want) {
+                (Some(got), Some(want)) => c.close(format!("{what} d{name}"), got, want, grad_tol),
+                _ => c.require(false, || format!("{what}: no gradient of {name}")),
+            }
+        }
+    }
+}
+
+/// f32 against the reference: both sides f32 throughout; they differ in the order of the sums and
+/// in `exp` (the device's own, on a GPU an approximation to about 2^-22).
+const F32_TOLERANCE: f64 = 1e-4;
+
+/// bf16 inputs against the reference in f32 on the same bf16-representable values: the output is
+/// rounded to bf16 (2^-9 of the largest value, and a few roundings allowed); the gradients see
+/// the rounded output (in `D = dO · O`) and come back rounded.
+const BF16_TOLERANCE: [f64; 2] = [8e-3, 2e-2];
+
+const ALL: [bool; 3] = [true; 3];
+
+/// Every attention check on `device`.
+pub fn attention_checks(device: &Device) -> Vec<Check> {
+    let mut checks = vec![vs_reference(device)];
+    // Flex has no bf16 kernel: its bf16 attention is the reference itself.
+    if *device != Device::flex() && device.supports_dtype(DType::BF16) {
+        checks.push(Check::run("attention bf16 vs the reference in f32", || {
+            let case = AttentionCase::new([2, 45, 4, 2, 8], false, 21).rounded_to_bf16();
+            let want = case.run(&Device::flex(), DType::F32, true, ALL)?;
+            let got = case.run(device, DType::BF16, false, ALL)?;
+            let mut c = Comparisons::new();
+            got.compare("bf16", &want, BF16_TOLERANCE, &mut c);
+            c.outcome()
+        }));
+    }
+    checks.push(partly_tracked_and_deterministic(device));
+    checks.push(empty_sequence(device));
+    checks
+}
+
+fn vs_reference(device: &Device) -> Check {
+    Check::run("attention f32 vs the reference, odd sizes", || {
+        let mut c = Comparisons::new();
+        for (k, (dims, strided)) in odd_sizes().into_iter().enumerate() {
+            let case = AttentionCase::new(dims, strided, 100 + k as u64);
+            let want = case.run(&Device::flex(), DType::F32, true, ALL)?;
+            let got = case.run(device, DType::F32, false, ALL)?;
+            let what = format!("{dims:?}{}", if strided { " strided" } else { "" });
+            got.compare(&what, &want, [F32_TOLERANCE; 2], &mut c);
+        }
+        c.outcome()
+    })
+}
+
+/// Two runs agree bit for bit; a run with only `k` tracked gives the same output and the same
+/// `dk`, and no other gradient.
+fn partly_tracked_and_deterministic(device: &Device) -> Check {
+    Check::run(
+        "attention deterministic bit for bit, partly tracked",
+        || {
+            let case = AttentionCase::new([2, 70, 4, 2, 8], false, 11);
+            let first = case.run(device, DType::F32, false, ALL)?;
+            let second = case.run(device, DType::F32, false, ALL)?;
+            if first != second {
+                return Err("two runs on the same inputs differ".into());
+            }
+            let only_k = case.run(device, DType::F32, false, [false, true, false])?;
+            let want = [None, first.grads[1].clone(), None];
+            match only_k.out == first.out && only_k.grads == want {
+                true => Ok("two runs identical; only dk when only k is tracked".into()),
+                false => Err("with only k tracked: a different output or gradients".into()),
+            }
+        },
+    )
+}
+
+/// `L = 0`: an empty output, and empty gradients of the inputs' shapes.
+fn empty_sequence(device: &Device) -> Check {
+    Check::run("attention of an empty sequence", || {
+        let device = device.clone().autodiff();
+        let input = |heads| Tensor::<4>::zeros([2, 0, heads, 4], &device).require_grad();
+        let (q, k, v) = (input(4), input(2), input(2));
+        let out = causal_attention(q.clone(), k.clone(), v.clone(), 0.5);
+        if out.dims() != [2, 0, 4, 4] {
+            return Err(format!("output {:?}, expected [2, 0, 4, 4]", out.dims()));
+        }
+        let grads = out.sum().backward();
+        for (x, name) in [(q, "q"), (k, "k"), (v, "v")] {
+            let grad = x.grad(&grads).ok_or(format!("no gradient of {name}"))?;
+            if grad.dims() != x.dims() {
+                return Err(format!(
+                    "d{name} {:?}, expected {:?}",
+                    grad.dims(),
+                    x.dims()
+                ));
+            }
+        }
+        Ok("empty output and gradients".into())
+    })
+}

@@ -1,0 +1,14 @@
+//! The fused kernels on a device against their oracles on the CPU: what the kernel tests run on
+//! every device of a build, and what `zamba-train selftest` runs on a new machine. Each check is
+//! named and carries the tolerance its comparison is entitled to, with the reason (see
+//! [`crate::check::Arithmetic`]).
+//!
+//! - [`scan_checks`]: the selective scan against the CPU kernel;
+//! - [`attention_checks`]: causal attention against Burn's attention (the plain-tensor
+//!   definition, [`crate::causal_attention_reference`]) on the CPU.
+
+mod attention;
+mod scan;
+
+pub use attention::{AttentionCase, AttentionRun, attention_checks};
+pub use scan::{INPUT_NAMES, ScanCase, ScanRun, odd_sizes, scan_checks};
