@@ -8,7 +8,7 @@
 //! Two kernel sets are modelled: [`Kernels::Planned`] (the kernels issue 21 plans: cuBLASLt
 //! GEMMs, a mamba-ssm-class scan, flash attention, fused element-wise kernels, a multi-tensor
 //! AdamW) and [`Kernels::Current`] (the Cube path as it is: every element-wise op its own kernel,
-//! weights cast per call, attention with materialised scores).
+//! weights cast per call, the fused attention kernel on the CUDA cores).
 
 pub mod card;
 mod ops;
@@ -188,7 +188,7 @@ pub enum OpClass {
 
 /// Which ceilings bound an op class's work (see [`Fractions`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rate {
+pub enum Rate {
     Gemm,
     Attention,
     Scan,
@@ -378,7 +378,7 @@ fn time(cost: OpCost, card: &Card, f: &Fractions, precision: Precision) -> OpTim
     let share = cost
         .blocks
         .map_or(1.0, |blocks| (blocks / card.sms as f64).min(1.0));
-    let (peak, compute_fraction, memory_fraction) = match cost.class.rate() {
+    let (peak, compute_fraction, memory_fraction) = match cost.rate {
         Rate::Gemm => (card.tensor_flops(precision), f.gemm, f.memory),
         Rate::Attention => (card.tensor_flops(precision), f.attention, f.memory),
         Rate::Scan => (card.vector_flops(), f.vector, f.scan_memory),

@@ -226,9 +226,17 @@ fn current_kernels_cast_weights_in_bf16_only_and_move_more_bytes() {
         );
     }
     assert!(planned.mfu() > current.mfu() && planned.mfu() < 1.0);
-    // The materialised scores: at least one bf16 write of [1, 16, 4096, 4096] per use and pass.
+    // The Cube kernel keeps no scores (traffic within 2× of the planned flash kernel's, not one
+    // bf16 [1, 16, 4096, 4096] volume per use and pass), and its products, more of them than
+    // flash attention's for the second recomputation in the backward, run on the CUDA cores.
     let attention = cost(&bf16, Kernels::Current, OpClass::Attention);
-    assert!(attention.bytes > 5.0 * 3.0 * 16.0 * 4096.0 * 4096.0 * 2.0);
+    let flash = cost(&bf16, Kernels::Planned, OpClass::Attention);
+    assert!(attention.bytes < 2.0 * flash.bytes);
+    assert!(attention.flops > flash.flops);
+    assert_eq!(
+        (attention.rate, flash.rate),
+        (Rate::Vector, Rate::Attention)
+    );
 }
 
 #[test]

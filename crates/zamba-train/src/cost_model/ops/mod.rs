@@ -17,11 +17,10 @@ mod unfused;
 
 use gemm::{GEMMS, gemm, weight_casts};
 use unfused::{
-    UNFUSED_ADAMW, UNFUSED_ATTENTION, UNFUSED_CROSS_ENTROPY, UNFUSED_GELU_GATE, UNFUSED_RMS_NORM,
-    unfused_conv,
+    UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY, UNFUSED_GELU_GATE, UNFUSED_RMS_NORM, unfused_conv,
 };
 
-use super::{Kernels, OpClass, Workload};
+use super::{Kernels, OpClass, Rate, Workload};
 use crate::config::DistSection;
 
 /// One op class's work in one step.
@@ -41,6 +40,8 @@ pub struct OpCost {
     pub launches: f64,
     /// Thread blocks of the op's kernels where they are too few to fill the card (`None`: enough).
     pub blocks: Option<f64>,
+    /// The units its arithmetic runs on: its class's, unless its kernels use others.
+    pub rate: Rate,
 }
 
 impl OpCost {
@@ -52,6 +53,7 @@ impl OpCost {
             bytes: 0.0,
             launches: 0.0,
             blocks: None,
+            rate: class.rate(),
         }
     }
 }
@@ -146,44 +148,30 @@ impl Shape {
     }
 }
 
-/// Causal attention over each use of the shared block. Planned: flash attention (inputs read and
-/// the output written once, f32 log-sum-exp per row and head; masked blocks skipped; the backward
-/// recomputes the scores: 5 products against the forward's 2). Current: Burn's attention with
-/// the `[B, heads, L, L]` scores in HBM, all `L²` products computed.
+/// Causal attention over each use of the shared block: flash-style kernels (inputs read and the
+/// output written once, an f32 log-sum-exp per row and head, masked blocks skipped). Planned: on
+/// tensor cores, the backward recomputing the scores once (5 products against the forward's 2).
+/// Current (kernels/src/cube/attention): scalar f32 products on the CUDA cores, one launch
+/// forward and two backward, each of which recomputes the scores (7 products; the key-side pass
+/// reads `q`, `dO` and the row statistics again).
 fn attention(s: &Shape, kernels: Kernels) -> OpCost {
     let full_forward = 4.0 * s.t * s.len as f64 * s.a * s.uses;
+    let causal = (s.len as f64 + 1.0) / (2.0 * s.len as f64);
     let (q, kv, lse) = (s.t * s.a * s.e, s.t * s.kv * s.e, s.t * s.heads * 4.0);
     // Forward: read q, k, v, write o. Backward: read q, k, v, o, dO; write dq, dk, dv.
     let forward_io = 2.0 * q + 2.0 * kv;
     let backward_io = 3.0 * q + 2.0 * kv + q + 2.0 * kv;
-    let cost = match kernels {
-        Kernels::Planned => {
-            let causal = (s.len as f64 + 1.0) / (2.0 * s.len as f64);
-            let per_use = s.forwards * (forward_io + lse) + backward_io + lse;
-            (
-                (s.forwards + 2.5) * full_forward * causal,
-                s.uses * per_use,
-                s.uses * (s.forwards + 3.0),
-            )
-        }
-        Kernels::Current => {
-            let scores = (s.batch as f64) * s.heads * (s.len as f64).powi(2) * s.e;
-            let (fwd, bwd) = (&UNFUSED_ATTENTION.forward, &UNFUSED_ATTENTION.backward);
-            let per_use = s.forwards * (forward_io + fwd.volumes * scores)
-                + backward_io
-                + bwd.volumes * scores;
-            (
-                (s.forwards + 2.0) * full_forward,
-                s.uses * per_use,
-                s.uses * (s.forwards * fwd.kernels + bwd.kernels),
-            )
-        }
+    let forwards = s.forwards * (forward_io + lse);
+    let (backward_products, backward_bytes, backward_launches, rate) = match kernels {
+        Kernels::Planned => (2.5, backward_io + lse, 3.0, Rate::Attention),
+        Kernels::Current => (3.5, backward_io + 2.0 * q + 3.0 * lse, 2.0, Rate::Vector),
     };
     OpCost {
         model_flops: 3.0 * full_forward,
-        flops: cost.0,
-        bytes: cost.1,
-        launches: cost.2,
+        flops: (s.forwards + backward_products) * full_forward * causal,
+        bytes: s.uses * (forwards + backward_bytes),
+        launches: s.uses * (s.forwards + backward_launches),
+        rate,
         ..OpCost::new(OpClass::Attention)
     }
 }

@@ -80,21 +80,6 @@ pub(super) const UNFUSED_CROSS_ENTROPY: Unfused = Unfused {
     },
 };
 
-/// Burn's attention on materialised scores, in volumes of `[B, heads, L, L]`: the scores written
-/// by `QKᵀ`, scaled (2), masked (2 and the mask), softmax (max, subtract, exp, sum, divide: 8),
-/// read by `·V`. Backward: `dP` written, read by `dV`'s product, the softmax's gradient (6), the
-/// mask's and the scale's (4), read by `dQ`'s and `dK`'s products.
-pub(super) const UNFUSED_ATTENTION: Unfused = Unfused {
-    forward: Passes {
-        volumes: 14.0,
-        kernels: 8.0,
-    },
-    backward: Passes {
-        volumes: 14.0,
-        kernels: 14.0,
-    },
-};
-
 /// AdamW per tensor as 16 Burn ops on f32 (36 volumes of the tensor), no backward.
 pub(super) const UNFUSED_ADAMW: Unfused = Unfused {
     forward: Passes {
