@@ -17,12 +17,14 @@
 //!   - `step` / `tokens`: as the step line of the last optimizer step before the evaluation;
 //!   - `loss`: held-out mean loss per data source (`null` if non-finite).
 //! - **checkpoint line** ([`CheckpointRecord`]), one per checkpoint, once it is sealed:
-//!   `{"checkpoint": true, "step": 99, "async": true, "stall_s": 0.41, "write_s": 12.3}`
+//!   `{"checkpoint": true, "step": 99, "async": true, "stall_s": 0.41, "wait_s": 0.0, "write_s": 12.3}`
 //!   - `step`: as the step line of the last optimizer step the checkpoint holds;
 //!   - `async`: whether it was written in the background (`checkpoint.async`);
 //!   - `stall_s`: seconds the step loop spent on it — the whole write when not in the
 //!     background; else copying the state to host memory, agreeing at step boundaries, and any
 //!     wait for the writer (before the next checkpoint or at the end of the run);
+//!   - `wait_s`: the part of `stall_s` spent waiting for the write to end (all of it when not
+//!     in the background; else zero when the write ended while training went on);
 //!   - `write_s`: seconds from its start to its seal.
 //!
 //! A line whose `step` is not above the previous line's means the run resumed from an earlier
@@ -91,6 +93,8 @@ pub struct CheckpointRecord {
     #[serde(rename = "async")]
     pub asynchronous: bool,
     pub stall_s: f64,
+    #[serde(default)]
+    pub wait_s: f64,
     pub write_s: f64,
 }
 
@@ -309,6 +313,7 @@ impl MetricsWriter {
                 record.step,
                 &[
                     ("checkpoint/stall_s".to_string(), record.stall_s),
+                    ("checkpoint/wait_s".to_string(), record.wait_s),
                     ("checkpoint/write_s".to_string(), record.write_s),
                 ],
             ),

@@ -219,6 +219,8 @@ fn run_rank(
             return Ok(());
         }
     }
+    // The last step's checkpoint was waited for; nothing may be left pending at the end.
+    checkpoints.finish(ctx, config, &mut run, &progress)?;
     progress.finish();
     if ctx.is_main() {
         report_done(ctx, config, &run.state, last_loss, &session)?;
@@ -619,6 +621,7 @@ impl Checkpoints {
         let Some(pending) = &mut self.pending else {
             return Ok(());
         };
+        let _span = span(Category::Checkpoint, "pending checkpoint");
         let step = pending.step;
         match pending.poll(ctx) {
             Ok(None) => Ok(()),
@@ -683,6 +686,7 @@ impl Checkpoints {
                 dir,
                 step,
                 stall: elapsed,
+                waited: elapsed,
                 write: elapsed,
             };
             return report_checkpoint(ctx, config, run, &sealed, false, progress);
@@ -726,10 +730,11 @@ fn report_checkpoint(
         step: sealed.step - 1,
         asynchronous,
         stall_s: sealed.stall.as_secs_f64(),
+        wait_s: sealed.waited.as_secs_f64(),
         write_s: sealed.write.as_secs_f64(),
     };
     progress.println(format!(
-        "step {}: checkpoint {} (training waited {:.2} s; written in {:.2} s{})",
+        "step {}: checkpoint {} (training stalled {:.2} s; written in {:.2} s{})",
         record.step,
         sealed.dir.display(),
         record.stall_s,

@@ -108,9 +108,44 @@ fn a_kill_during_a_background_write_keeps_the_previous_checkpoint_and_resume_is_
     assert_eq!(summary(&run_dir), vec![(2, true), (5, true), (8, true)]);
     for c in cost(&reference_dir).iter().chain(&cost(&run_dir)) {
         assert!(c.stall_s > 0.0 && c.stall_s <= c.write_s, "{c:?}");
+        assert!(c.wait_s <= c.stall_s, "{c:?}");
         if !c.asynchronous {
-            assert_eq!(c.stall_s, c.write_s, "{c:?}");
+            assert_eq!((c.stall_s, c.wait_s), (c.write_s, c.write_s), "{c:?}");
         }
+    }
+}
+
+#[test]
+fn two_ranks_with_sharded_optimizer_state_write_in_the_background_what_they_write_waiting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{SCHEDULE}\n[train]\nsteps = 4\n[runtime]\nworld_size = 2\n[optimizer]\nzero = 1\n"
+    );
+    let mut runs = Vec::new();
+    for (name, asynchronous) in [("waiting", false), ("background", true)] {
+        let mut opts = options(write_config(tmp.path(), name, &extra));
+        opts.overrides = vec![format!("checkpoint.async={asynchronous}")];
+        train(&opts).unwrap();
+        runs.push(tmp.path().join(name));
+    }
+    assert_eq!(step_losses(&runs[0]), step_losses(&runs[1]));
+    for run in &runs {
+        assert_eq!(checkpoint_steps(run), vec![3, 4]);
+        assert!(checkpoint::incomplete(run).unwrap().is_empty());
+    }
+    // The same files, byte for byte: the model (rank 0) and each rank's optimizer part.
+    for step in [3, 4] {
+        let files = |run: &Path| {
+            let dir = run.join(format!("checkpoints/step-{step:08}"));
+            checkpoint::verify(&dir).unwrap();
+            ["model/model.safetensors", "trainer.json"]
+                .into_iter()
+                .map(String::from)
+                .chain((0..2).map(|r| format!("optimizer/part-0000{r}-of-00002.safetensors")))
+                .map(|f| std::fs::read(dir.join(&f)).unwrap_or_else(|e| panic!("{f}: {e}")))
+                .collect::<Vec<_>>()
+        };
+        assert!(files(&runs[0]) == files(&runs[1]), "step {step}");
     }
 }
 

@@ -61,8 +61,10 @@ pub struct PendingCheckpoint {
     written: Option<Result<Option<Entry>>>,
     sealed: Option<Result<()>>,
     started: Instant,
-    /// Time the step loop has spent on this checkpoint so far.
+    /// Time the step loop has spent on this checkpoint so far, and the part of it spent waiting
+    /// for the writers.
     stall: Duration,
+    waited: Duration,
     events: Receiver<Event>,
     /// Rank 0: hands the gathered part digests to the writer, which seals with them.
     parts: Option<Sender<Vec<WrittenPart>>>,
@@ -78,6 +80,9 @@ pub struct Sealed {
     /// Time the step loop spent on it: the host copy, the agreements at step boundaries, and
     /// any wait for the writer.
     pub stall: Duration,
+    /// The part of `stall` spent waiting for the writers to finish (before the next checkpoint,
+    /// at the end of the run); zero when the write ended while training went on.
+    pub waited: Duration,
     /// From the start of the checkpoint to its seal.
     pub write: Duration,
 }
@@ -131,6 +136,7 @@ impl PendingCheckpoint {
             written: None,
             sealed: None,
             stall: started.elapsed(),
+            waited: Duration::ZERO,
             started,
             events,
             parts: is_main.then_some(parts),
@@ -157,6 +163,9 @@ impl PendingCheckpoint {
         let began = Instant::now();
         let result = self.advance_stages(ctx, wait);
         self.stall += began.elapsed();
+        if wait {
+            self.waited += began.elapsed();
+        }
         let failure = match result {
             Ok(false) => return Ok(None),
             Ok(true) => {
@@ -165,6 +174,7 @@ impl PendingCheckpoint {
                     dir: self.target.final_dir.clone(),
                     step: self.step,
                     stall: self.stall,
+                    waited: self.waited,
                     write: self.started.elapsed(),
                 }));
             }
