@@ -5,9 +5,12 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use safetensors::SafeTensors;
 
 use common::{SCHEDULE, options, step_losses, write_config};
 use zamba_train::checkpoint;
@@ -133,20 +136,48 @@ fn two_ranks_with_sharded_optimizer_state_write_in_the_background_what_they_writ
         assert_eq!(checkpoint_steps(run), vec![3, 4]);
         assert!(checkpoint::incomplete(run).unwrap().is_empty());
     }
-    // The same files, byte for byte: the model (rank 0) and each rank's optimizer part.
+    // The same contents: the model and trainer state (rank 0) byte for byte, each rank's
+    // optimizer part tensor for tensor (the order of a safetensors header's metadata entries is
+    // not fixed).
     for step in [3, 4] {
-        let files = |run: &Path| {
+        let dir = |run: &Path| {
             let dir = run.join(format!("checkpoints/step-{step:08}"));
             checkpoint::verify(&dir).unwrap();
-            ["model/model.safetensors", "trainer.json"]
-                .into_iter()
-                .map(String::from)
-                .chain((0..2).map(|r| format!("optimizer/part-0000{r}-of-00002.safetensors")))
-                .map(|f| std::fs::read(dir.join(&f)).unwrap_or_else(|e| panic!("{f}: {e}")))
-                .collect::<Vec<_>>()
+            dir
         };
-        assert!(files(&runs[0]) == files(&runs[1]), "step {step}");
+        let (waiting, background) = (dir(&runs[0]), dir(&runs[1]));
+        for file in ["model/model.safetensors", "trainer.json"] {
+            let read = |dir: &Path| std::fs::read(dir.join(file)).unwrap();
+            assert!(read(&waiting) == read(&background), "step {step}: {file}");
+        }
+        for rank in 0..2 {
+            let file = format!("optimizer/part-0000{rank}-of-00002.safetensors");
+            assert_eq!(
+                part_contents(&waiting.join(&file)),
+                part_contents(&background.join(&file)),
+                "step {step}: {file}"
+            );
+        }
     }
+}
+
+/// An optimizer part's metadata and tensors (name → bytes).
+fn part_contents(path: &Path) -> (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = metadata
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let tensors = SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect();
+    (metadata, tensors)
 }
 
 #[test]

@@ -87,11 +87,13 @@ pub struct Sealed {
     pub write: Duration,
 }
 
-/// Why a pending checkpoint failed: an error the ranks agreed on (the communicator works), or
-/// one on the way (a collective may have failed).
+/// Why a pending checkpoint failed: an error the ranks agreed on (the communicator works), one
+/// on the way (a collective may have failed), or a second signal (which ends the wait at once,
+/// leaving the writer and its `.tmp` directory to the end of the process).
 enum Failure {
     Agreed(anyhow::Error),
     Other(anyhow::Error),
+    Interrupted(anyhow::Error),
 }
 
 impl PendingCheckpoint {
@@ -183,13 +185,16 @@ impl PendingCheckpoint {
         // The writer must be done before its files are removed; an agreed failure leaves
         // every rank able to meet once more, so that rank 0 removes the directory last.
         self.parts = None;
+        if let Failure::Interrupted(e) = failure {
+            return Err(e);
+        }
         self.join();
         let e = match failure {
             Failure::Agreed(e) => {
                 let _ = ctx.count([false]);
                 e
             }
-            Failure::Other(e) => e,
+            Failure::Other(e) | Failure::Interrupted(e) => e,
         };
         remove_partial(ctx, &self.target.tmp, self.sharding);
         Err(e).with_context(|| format!("writing checkpoint {}", self.target.tmp.display()))
@@ -199,15 +204,10 @@ impl PendingCheckpoint {
     fn advance_stages(&mut self, ctx: &RankContext, wait: bool) -> Result<bool, Failure> {
         if let Stage::Writing = self.stage {
             if self.written.is_none() {
-                self.written =
-                    self.receive(wait)
-                        .map_err(Failure::Other)?
-                        .map(|event| match event {
-                            Event::Written(result) => result,
-                            Event::Sealed(_) => {
-                                Err(anyhow!("the checkpoint writer sealed before writing"))
-                            }
-                        });
+                self.written = self.receive(wait)?.map(|event| match event {
+                    Event::Written(result) => result,
+                    Event::Sealed(_) => Err(anyhow!("the checkpoint writer sealed before writing")),
+                });
             }
             let Some(written) = agreed(ctx, &mut self.written, "writing the checkpoint's files")?
             else {
@@ -223,13 +223,10 @@ impl PendingCheckpoint {
         }
         if self.sealed.is_none() {
             self.sealed = match ctx.is_main() {
-                true => self
-                    .receive(wait)
-                    .map_err(Failure::Other)?
-                    .map(|event| match event {
-                        Event::Sealed(result) => result,
-                        Event::Written(_) => Err(anyhow!("the checkpoint writer reported twice")),
-                    }),
+                true => self.receive(wait)?.map(|event| match event {
+                    Event::Sealed(result) => result,
+                    Event::Written(_) => Err(anyhow!("the checkpoint writer reported twice")),
+                }),
                 false => Some(Ok(())),
             };
         }
@@ -238,8 +235,12 @@ impl PendingCheckpoint {
 
     /// The writer's next event: waited for (honouring a second signal), or `None` if it has not
     /// come yet and `wait` is false.
-    fn receive(&mut self, wait: bool) -> Result<Option<Event>> {
-        let gone = || anyhow!("the checkpoint writer thread stopped without a result");
+    fn receive(&mut self, wait: bool) -> Result<Option<Event>, Failure> {
+        let gone = || {
+            Failure::Other(anyhow!(
+                "the checkpoint writer thread stopped without a result"
+            ))
+        };
         if !wait {
             return match self.events.try_recv() {
                 Ok(event) => Ok(Some(event)),
@@ -251,7 +252,8 @@ impl PendingCheckpoint {
             match self.events.recv_timeout(SIGNAL_POLL) {
                 Ok(event) => return Ok(Some(event)),
                 Err(RecvTimeoutError::Timeout) => {
-                    check_interrupt("waiting for the checkpoint to be written")?
+                    check_interrupt("waiting for the checkpoint to be written")
+                        .map_err(Failure::Interrupted)?
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(gone()),
             }
