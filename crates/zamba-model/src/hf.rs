@@ -25,8 +25,8 @@ use crate::model::ZambaModel;
 use crate::weights::{HostTensor, Init, WeightSource};
 
 pub use crate::hf_export::{
-    ExportOptions, SaveDtype, export_hf_tensors, hf_config_json, parameters_by_path, save_hf,
-    write_hf_model, write_safetensors,
+    ExportOptions, SaveDtype, export_hf_tensors, hf_config_json, hf_tensors_from,
+    parameters_by_path, save_hf, save_hf_parameters, write_hf_model, write_safetensors,
 };
 
 struct Entry {

@@ -53,7 +53,15 @@ pub struct ExportOptions {
 /// The model's parameters under current transformers names and layouts, the shared block once
 /// (under its first hybrid layer), `lm_head` omitted (tied) — what `save_pretrained` writes.
 pub fn export_hf_tensors(model: &ZambaModel, config: &ZambaConfig) -> BTreeMap<String, HostTensor> {
-    let mut values = parameters_by_path(model);
+    hf_tensors_from(parameters_by_path(model), config)
+}
+
+/// [`export_hf_tensors`] of parameters already on the host (by module path, as
+/// [`parameters_by_path`] gives them): the layout conversion alone, which needs no device.
+pub fn hf_tensors_from(
+    mut values: HashMap<String, HostTensor>,
+    config: &ZambaConfig,
+) -> BTreeMap<String, HostTensor> {
     param_table(config)
         .into_iter()
         .map(|spec| {
@@ -210,11 +218,22 @@ pub fn save_hf(
     dir: &Path,
     dtype: SaveDtype,
 ) -> Result<(), ModelError> {
+    save_hf_parameters(parameters_by_path(model), config, dir, dtype)
+}
+
+/// [`save_hf`] of parameters already on the host (as [`parameters_by_path`] gives them), so that
+/// a thread without the model's device can write them.
+pub fn save_hf_parameters(
+    parameters: HashMap<String, HostTensor>,
+    config: &ZambaConfig,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ModelError::io(dir, "could not create the output directory", e))?;
     write_safetensors(
         &dir.join("model.safetensors"),
-        &export_hf_tensors(model, config),
+        &hf_tensors_from(parameters, config),
         dtype,
     )?;
     write_json(&dir.join("config.json"), &hf_config_json(config, dtype))

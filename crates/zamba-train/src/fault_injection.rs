@@ -7,7 +7,10 @@
 //! - `kill`: the rank SIGKILLs itself, as a crash or the out-of-memory killer would;
 //! - `exit`: it exits with status 1 after an error message;
 //! - `hang`: it stops making progress and ignores SIGTERM, as a process stuck in a driver call:
-//!   the other ranks' time-out (`dist.timeout_s`) and the launcher's SIGKILL end it.
+//!   the other ranks' time-out (`dist.timeout_s`) and the launcher's SIGKILL end it;
+//! - `kill-writing`: the rank SIGKILLs itself while the checkpoint of step S (after S steps) is
+//!   being written, once its files are on disk and before the checkpoint is sealed — with
+//!   `checkpoint.async`, while the step loop trains on.
 
 use std::time::Duration;
 
@@ -21,6 +24,7 @@ pub enum FaultKind {
     Kill,
     Exit,
     Hang,
+    KillWriting,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,12 +49,13 @@ impl InjectedFault {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let usage = "expected KIND:rank=R:step=S[:restarts=any] with KIND kill, exit or hang, e.g. kill:rank=1:step=5";
+        let usage = "expected KIND:rank=R:step=S[:restarts=any] with KIND kill, exit, hang or kill-writing, e.g. kill:rank=1:step=5";
         let mut parts = text.split(':');
         let kind = match parts.next().map(str::trim) {
             Some("kill") => FaultKind::Kill,
             Some("exit") => FaultKind::Exit,
             Some("hang") => FaultKind::Hang,
+            Some("kill-writing") => FaultKind::KillWriting,
             _ => bail!("{FAULT_ENV}={text:?}: {usage}"),
         };
         let (mut rank, mut step, mut every_start) = (None, None, false);
@@ -75,25 +80,38 @@ impl InjectedFault {
 
     /// Fails the way it says if `rank` is about to take step `step`.
     pub fn check(&self, rank: usize, step: u64) {
-        if rank != self.rank || step != self.step {
+        if rank != self.rank || step != self.step || self.kind == FaultKind::KillWriting {
             return;
         }
         let how = match self.kind {
-            FaultKind::Kill => "kills itself",
+            FaultKind::Kill | FaultKind::KillWriting => "kills itself",
             FaultKind::Exit => "exits with status 1",
             FaultKind::Hang => "hangs",
         };
         eprintln!("{FAULT_ENV}: rank {rank} fails before step {step}: it {how}");
         match self.kind {
-            FaultKind::Kill => {
-                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            }
+            FaultKind::Kill | FaultKind::KillWriting => kill_self(),
             FaultKind::Exit => std::process::exit(1),
             FaultKind::Hang => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
         }
     }
+
+    /// A `kill-writing` fault kills the process if `rank` has just written its files of the
+    /// checkpoint of step `step`.
+    pub fn check_writing(&self, rank: usize, step: u64) {
+        if self.kind == FaultKind::KillWriting && rank == self.rank && step == self.step {
+            eprintln!(
+                "{FAULT_ENV}: rank {rank} kills itself while the checkpoint of step {step} is being written"
+            );
+            kill_self();
+        }
+    }
+}
+
+fn kill_self() {
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
 }
 
 #[cfg(test)]
@@ -111,6 +129,8 @@ mod tests {
                 every_start: false
             }
         );
+        let writing = InjectedFault::parse("kill-writing:rank=0:step=3").unwrap();
+        assert!(writing.kind == FaultKind::KillWriting && writing.step == 3);
         let hang = InjectedFault::parse("hang:step=2:rank=0:restarts=any").unwrap();
         assert!(hang.every_start && hang.kind == FaultKind::Hang && hang.step == 2);
         for bad in [

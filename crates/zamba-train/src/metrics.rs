@@ -16,6 +16,16 @@
 //!   `{"eval": true, "step": 99, "tokens": 409600, "loss": {"web": 3.10, "instruct": 2.25}}`
 //!   - `step` / `tokens`: as the step line of the last optimizer step before the evaluation;
 //!   - `loss`: held-out mean loss per data source (`null` if non-finite).
+//! - **checkpoint line** ([`CheckpointRecord`]), one per checkpoint, once it is sealed:
+//!   `{"checkpoint": true, "step": 99, "async": true, "stall_s": 0.41, "wait_s": 0.0, "write_s": 12.3}`
+//!   - `step`: as the step line of the last optimizer step the checkpoint holds;
+//!   - `async`: whether it was written in the background (`checkpoint.async`);
+//!   - `stall_s`: seconds the step loop spent on it — the whole write when not in the
+//!     background; else copying the state to host memory, agreeing at step boundaries, and any
+//!     wait for the writer (before the next checkpoint or at the end of the run);
+//!   - `wait_s`: the part of `stall_s` spent waiting for the write to end (all of it when not
+//!     in the background; else zero when the write ended while training went on);
+//!   - `write_s`: seconds from its start to its seal.
 //!
 //! A line whose `step` is not above the previous line's means the run resumed from an earlier
 //! checkpoint: the later lines replace the earlier ones from that step on. The writer also drops
@@ -76,6 +86,26 @@ pub struct EvalRecord {
     pub loss: BTreeMap<String, Option<f64>>,
 }
 
+/// The step-time cost of one checkpoint (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    #[serde(rename = "async")]
+    pub asynchronous: bool,
+    pub stall_s: f64,
+    #[serde(default)]
+    pub wait_s: f64,
+    pub write_s: f64,
+}
+
+/// The line format of a checkpoint record: the record with `"checkpoint": true` first.
+#[derive(Serialize)]
+struct CheckpointLine<'a> {
+    checkpoint: bool,
+    #[serde(flatten)]
+    record: &'a CheckpointRecord,
+}
+
 /// The line format of an eval record: the record with `"eval": true` first.
 #[derive(Serialize)]
 struct EvalLine<'a> {
@@ -89,6 +119,7 @@ struct EvalLine<'a> {
 pub struct RunMetrics {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
+    pub checkpoints: Vec<CheckpointRecord>,
 }
 
 impl RunMetrics {
@@ -163,6 +194,10 @@ pub fn parse_metrics(text: &str) -> Result<RunMetrics, (usize, String)> {
                 metrics.evals.retain(|e| e.step < record.step);
                 metrics.evals.push(record);
             }
+            Line::Checkpoint(record) => {
+                metrics.checkpoints.retain(|c| c.step < record.step);
+                metrics.checkpoints.push(record);
+            }
         }
     }
     Ok(metrics)
@@ -171,10 +206,22 @@ pub fn parse_metrics(text: &str) -> Result<RunMetrics, (usize, String)> {
 enum Line {
     Step(StepRecord),
     Eval(EvalRecord),
+    Checkpoint(CheckpointRecord),
 }
 
 fn parse_line(mut value: serde_json::Value) -> Result<Line, String> {
     let obj = value.as_object_mut().ok_or("not a JSON object")?;
+    match obj.remove("checkpoint") {
+        None | Some(serde_json::Value::Bool(false)) => {}
+        Some(serde_json::Value::Bool(true)) => {
+            return serde_json::from_value(value).map(Line::Checkpoint).map_err(|e| {
+                format!(
+                    "checkpoint line: {e}; expected {{\"checkpoint\": true, \"step\": N, \"async\": bool, \"stall_s\": number, \"write_s\": number}}"
+                )
+            });
+        }
+        Some(other) => return Err(format!("`checkpoint` must be true or false, not {other}")),
+    }
     match obj.remove("eval") {
         None | Some(serde_json::Value::Bool(false)) => serde_json::from_value(value)
             .map(Line::Step)
@@ -251,6 +298,25 @@ impl MetricsWriter {
         self.write(&line)?;
         match &mut self.tensorboard {
             Some(events) => events.scalars(record.step, &eval_scalars(record)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn checkpoint(&mut self, record: &CheckpointRecord) -> Result<()> {
+        let line = serde_json::to_string(&CheckpointLine {
+            checkpoint: true,
+            record,
+        })?;
+        self.write(&line)?;
+        match &mut self.tensorboard {
+            Some(events) => events.scalars(
+                record.step,
+                &[
+                    ("checkpoint/stall_s".to_string(), record.stall_s),
+                    ("checkpoint/wait_s".to_string(), record.wait_s),
+                    ("checkpoint/write_s".to_string(), record.write_s),
+                ],
+            ),
             None => Ok(()),
         }
     }

@@ -48,6 +48,21 @@ impl RankContext {
         }
     }
 
+    /// How many ranks raise each of `flags` (one all-reduce).
+    pub fn count<const N: usize>(&self, flags: [bool; N]) -> Result<[usize; N]> {
+        let local = flags.map(f32::from);
+        let sums = self
+            .comm
+            .all_reduce(
+                Tensor::<1>::from_floats(local, &self.compute_device()),
+                ReduceOp::Sum,
+            )?
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow!("counted flags: {e:?}"))?;
+        Ok(std::array::from_fn(|i| sums[i].round() as usize))
+    }
+
     /// Every rank's `bytes` (the same length on every rank), in rank order: one all-gather,
     /// each byte an exact small float.
     pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {

@@ -23,7 +23,8 @@ use zamba_model::{Execution, ZambaModel};
 use zamba_trace::{Category, span, span_with};
 
 use crate::batch::micro_batch;
-use crate::checkpoint::{self, Snapshot, TrainerState};
+use crate::checkpoint::background::{PendingCheckpoint, Sealed};
+use crate::checkpoint::{self, Snapshot, Target, TrainerState};
 use crate::config::Device as DeviceChoice;
 use crate::config::{MAX_THREADS, RunConfig, TrainSection};
 use crate::data_parallel::DataParallel;
@@ -32,7 +33,7 @@ use crate::eval;
 use crate::fault_injection::InjectedFault;
 use crate::launch::Ranks;
 use crate::memory_plan::Fit;
-use crate::metrics::{self, EvalRecord, MetricsWriter, StepRecord};
+use crate::metrics::{self, CheckpointRecord, EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::{AdamW, AdamWParams};
 use crate::peak::TRAINER_PEAK_SHAPES;
 use crate::profile::{self, StepProfiler};
@@ -168,6 +169,11 @@ fn run_rank(
         tokens_at_start: run.state.tokens,
     };
     let mut last_loss = f64::NAN;
+    let mut checkpoints = Checkpoints {
+        asynchronous: config.checkpoint_async(),
+        pending: None,
+        fault: fault.cloned(),
+    };
     let mut profiler = StepProfiler::new(config.train.profile_steps, ctx.rank, run.state.step);
 
     while run.state.step < steps {
@@ -188,9 +194,11 @@ fn run_rank(
         if eval_due(config, run.state.step) && !outcome.interrupted {
             evaluate_and_record(ctx, config, &mut run, &progress)?;
         }
+        checkpoints.poll(ctx, config, &mut run, &progress)?;
         if outcome.interrupted || checkpoint_due(config, run.state.step) {
             let _shield = stop.shield();
-            save_checkpoint(ctx, config, &run, &progress)?;
+            let last = outcome.interrupted || run.state.step == steps;
+            checkpoints.save(ctx, config, &mut run, last, &progress)?;
         }
 
         drop(step_span);
@@ -211,6 +219,8 @@ fn run_rank(
             return Ok(());
         }
     }
+    // The last step's checkpoint was waited for; nothing may be left pending at the end.
+    checkpoints.finish(ctx, config, &mut run, &progress)?;
     progress.finish();
     if ctx.is_main() {
         report_done(ctx, config, &run.state, last_loss, &session)?;
@@ -589,37 +599,156 @@ fn count_skip(
     Ok(())
 }
 
-/// Writes a checkpoint (every rank takes part) and prunes old ones (rank 0).
-fn save_checkpoint(
+/// The run's checkpoints: written while the step loop waits, or in the background
+/// (`checkpoint.async`) with at most one write pending — see [`checkpoint::background`].
+struct Checkpoints {
+    asynchronous: bool,
+    pending: Option<PendingCheckpoint>,
+    /// A `kill-writing` fault to inject while writing.
+    fault: Option<InjectedFault>,
+}
+
+impl Checkpoints {
+    /// At a step boundary (every rank): reports the pending checkpoint if it has been sealed,
+    /// and stops the run if its write failed.
+    fn poll(
+        &mut self,
+        ctx: &RankContext,
+        config: &RunConfig,
+        run: &mut RankRun,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        let Some(pending) = &mut self.pending else {
+            return Ok(());
+        };
+        let _span = span(Category::Checkpoint, "pending checkpoint");
+        let step = pending.step;
+        match pending.poll(ctx) {
+            Ok(None) => Ok(()),
+            Ok(Some(sealed)) => {
+                self.pending = None;
+                report_checkpoint(ctx, config, run, &sealed, true, progress)
+            }
+            Err(e) => {
+                self.pending = None;
+                Err(explain_failed_checkpoint(e, step - 1, &config.run.dir))
+            }
+        }
+    }
+
+    /// Waits for the pending checkpoint, if any, and reports it.
+    fn finish(
+        &mut self,
+        ctx: &RankContext,
+        config: &RunConfig,
+        run: &mut RankRun,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let step = pending.step;
+        let sealed = pending
+            .wait(ctx)
+            .map_err(|e| explain_failed_checkpoint(e, step - 1, &config.run.dir))?;
+        report_checkpoint(ctx, config, run, &sealed, true, progress)
+    }
+
+    /// Checkpoints the state after the last step (every rank takes part), once a pending write
+    /// is done. In the background unless `checkpoint.async` is off; waited for if `last` (the
+    /// end of the run, or a signal).
+    fn save(
+        &mut self,
+        ctx: &RankContext,
+        config: &RunConfig,
+        run: &mut RankRun,
+        last: bool,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        let _span = span(Category::Checkpoint, "checkpoint");
+        self.finish(ctx, config, run, progress)?;
+        let started = Instant::now();
+        let step = run.state.step;
+        let explain = |e| explain_failed_checkpoint(e, step - 1, &config.run.dir);
+        let resolved_config = config.to_toml_string()?;
+        let snapshot = Snapshot {
+            model: &run.model,
+            model_config: config.model_config(),
+            optimizer: &run.optimizer,
+            sharding: run.dp.sharding(),
+            state: &run.state,
+            resolved_config: &resolved_config,
+        };
+        if !self.asynchronous {
+            let dir = checkpoint::save(ctx, &config.run.dir, &snapshot).map_err(explain)?;
+            let elapsed = started.elapsed();
+            let sealed = Sealed {
+                dir,
+                step,
+                stall: elapsed,
+                waited: elapsed,
+                write: elapsed,
+            };
+            return report_checkpoint(ctx, config, run, &sealed, false, progress);
+        }
+        let target = Target::of(&config.run.dir, step);
+        let sharding = snapshot.sharding;
+        let pending = checkpoint::begin(ctx, &target, &snapshot).and_then(|share| {
+            let fault = self.fault.clone();
+            PendingCheckpoint::start(ctx, target.clone(), step, share, sharding, fault, started)
+        });
+        let pending = pending.map_err(|e| {
+            checkpoint::remove_partial(ctx, &target.tmp, sharding);
+            explain(e.context(format!("writing checkpoint {}", target.tmp.display())))
+        })?;
+        self.pending = Some(pending);
+        match last {
+            true => self.finish(ctx, config, run, progress),
+            false => Ok(()),
+        }
+    }
+}
+
+/// A sealed checkpoint: rank 0 prunes older ones, says where it is and records its cost.
+fn report_checkpoint(
     ctx: &RankContext,
     config: &RunConfig,
-    run: &RankRun,
+    run: &mut RankRun,
+    sealed: &Sealed,
+    asynchronous: bool,
     progress: &ProgressBar,
 ) -> Result<()> {
-    let _span = span(Category::Checkpoint, "checkpoint");
-    let snapshot = Snapshot {
-        model: &run.model,
-        model_config: config.model_config(),
-        optimizer: &run.optimizer,
-        sharding: run.dp.sharding(),
-        state: &run.state,
-        resolved_config: &config.to_toml_string()?,
-    };
-    let dir = checkpoint::save(ctx, &config.run.dir, &snapshot)
-        .map_err(|e| explain_failed_checkpoint(e, run.state.step - 1, &config.run.dir))?;
-    if ctx.is_main() {
-        checkpoint::prune(
-            &config.run.dir,
-            config.checkpoint.keep_last,
-            config.checkpoint.keep_every as u64,
-        )?;
-        progress.println(format!(
-            "step {}: checkpoint {}",
-            run.state.step - 1,
-            dir.display()
-        ));
+    if !ctx.is_main() {
+        return Ok(());
     }
-    Ok(())
+    checkpoint::prune(
+        &config.run.dir,
+        config.checkpoint.keep_last,
+        config.checkpoint.keep_every as u64,
+    )?;
+    let record = CheckpointRecord {
+        step: sealed.step - 1,
+        asynchronous,
+        stall_s: sealed.stall.as_secs_f64(),
+        wait_s: sealed.waited.as_secs_f64(),
+        write_s: sealed.write.as_secs_f64(),
+    };
+    progress.println(format!(
+        "step {}: checkpoint {} (training stalled {:.2} s; written in {:.2} s{})",
+        record.step,
+        sealed.dir.display(),
+        record.stall_s,
+        record.write_s,
+        if asynchronous {
+            ", in the background"
+        } else {
+            ""
+        }
+    ));
+    match &mut run.metrics {
+        Some(metrics) => metrics.checkpoint(&record),
+        None => Ok(()),
+    }
 }
 
 /// The run stops after a failed checkpoint; what to do next depends on why it failed.

@@ -429,3 +429,26 @@ fn schedule_rules_per_kind() {
         load(&with_schedule(valid), &[]).unwrap_or_else(|e| panic!("{valid}: {e}"));
     }
 }
+
+#[test]
+fn checkpoints_are_written_in_the_background_by_default_on_gpus_only() {
+    let resolved = |sets: &[&str]| load(BASE, sets).unwrap().checkpoint_async();
+    assert!(!resolved(&[]), "the CPU default");
+    assert!(resolved(&["runtime.device=cuda"]));
+    assert!(resolved(&["runtime.device=cuda:1"]));
+    assert!(!resolved(&[
+        "runtime.device=cuda",
+        "checkpoint.async=false"
+    ]));
+    assert!(resolved(&["checkpoint.async=true"]));
+    // The resolved config keeps the choice as given: absent stays absent.
+    let text = load(BASE, &[]).unwrap().to_toml_string().unwrap();
+    assert!(!text.contains("async"), "{text}");
+    let text = load(BASE, &["checkpoint.async=true"])
+        .unwrap()
+        .to_toml_string()
+        .unwrap();
+    assert!(text.contains("async = true"), "{text}");
+    let e = load(BASE, &["checkpoint.async=3"]).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("checkpoint.async"), "{e}");
+}

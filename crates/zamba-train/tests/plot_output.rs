@@ -47,6 +47,31 @@ fn parses_step_and_eval_lines() {
 }
 
 #[test]
+fn checkpoint_lines_are_their_own_records() {
+    // An asynchronous checkpoint's line comes once it is sealed, after later steps' lines.
+    let text = r#"{"step":0,"tokens":512,"loss":5.0,"lr":0.0001}
+{"checkpoint":true,"step":0,"async":false,"stall_s":2.5,"wait_s":2.5,"write_s":2.5}
+{"step":1,"tokens":1024,"loss":4.0,"lr":0.0002}
+{"step":2,"tokens":1536,"loss":3.0,"lr":0.0003}
+{"checkpoint":true,"step":1,"async":true,"stall_s":0.25,"wait_s":0.0,"write_s":3.0}
+"#;
+    let m = parse_metrics(text).unwrap();
+    assert_eq!(m.last_step(), Some(2));
+    assert_eq!(m.final_train_loss(), Some(3.0));
+    let costs: Vec<_> = m
+        .checkpoints
+        .iter()
+        .map(|c| (c.step, c.asynchronous, c.stall_s, c.wait_s, c.write_s))
+        .collect();
+    assert_eq!(
+        costs,
+        vec![(0, false, 2.5, 2.5, 2.5), (1, true, 0.25, 0.0, 3.0)]
+    );
+    let e = parse_metrics("{\"checkpoint\":true,\"step\":1,\"async\":true}\n").unwrap_err();
+    assert!(e.0 == 1 && e.1.contains("stall_s"), "{e:?}");
+}
+
+#[test]
 fn a_resumed_run_replaces_the_lines_after_its_checkpoint() {
     let text = "{\"step\":0,\"tokens\":1,\"loss\":3.0,\"lr\":0.1}\n{\"step\":1,\"tokens\":2,\"loss\":2.9,\"lr\":0.1}\n{\"step\":2,\"tokens\":3,\"loss\":2.8,\"lr\":0.1}\n\
                 {\"step\":1,\"tokens\":2,\"loss\":2.5,\"lr\":0.1}\n{\"step\":2,\"tokens\":3,\"loss\":2.4,\"lr\":0.1}\n";

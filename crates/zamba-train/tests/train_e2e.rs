@@ -43,12 +43,13 @@ fn loss_drops_and_resume_is_bit_identical() {
     let crashed_dir = tmp.path().join("crashed");
     let ckpt = full_dir.join("checkpoints/step-00000006");
     copy_dir(&ckpt, &crashed_dir.join("checkpoints/step-00000006"));
-    let partial: Vec<String> = std::fs::read_to_string(full_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .take(9)
-        .map(String::from)
-        .collect();
+    let text = std::fs::read_to_string(full_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let step_6 = lines
+        .iter()
+        .position(|l| l.starts_with("{\"step\":6,"))
+        .expect("a step-6 line");
+    let partial: Vec<String> = lines[..=step_6].iter().map(|l| l.to_string()).collect();
     std::fs::write(crashed_dir.join("metrics.jsonl"), partial.join("\n") + "\n").unwrap();
 
     train(&options(crashed)).unwrap();

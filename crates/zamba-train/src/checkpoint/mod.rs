@@ -18,11 +18,14 @@
 //! wrote it.
 //!
 //! With several ranks, rank 0 writes the model, trainer state and config; the optimizer parts are
-//! written by rank 0 alone, or under ZeRO-1 by every rank for the moments it owns. Every file is
+//! written by rank 0 alone, or under ZeRO-1 by every rank for the moments it owns, all ranks at
+//! once. Each rank first copies what it writes to host memory ([`HostShare`]), so that the
+//! writing can happen on another thread ([`background`], `checkpoint.async`). Every file is
 //! fsynced, then all ranks agree that their parts are on disk, and only then does rank 0 write the
 //! manifest and the marker and rename the directory into place. Loading verifies the manifest
 //! ([`verify`]): a checkpoint whose bytes changed is never trained from.
 
+pub mod background;
 pub mod manifest;
 pub mod moments;
 
@@ -33,7 +36,8 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use zamba_data::LoaderState;
-use zamba_model::{SaveDtype, ZambaConfig, ZambaModel, save_hf};
+use zamba_model::hf::{parameters_by_path, save_hf_parameters};
+use zamba_model::{HostTensor, SaveDtype, ZambaConfig, ZambaModel};
 
 use crate::data_parallel::{DataParallel, Sharding};
 use crate::optim::{AdamW, AdamWParams};
@@ -86,32 +90,71 @@ pub struct Snapshot<'a> {
     pub resolved_config: &'a str,
 }
 
+/// Where a checkpoint is written and where it ends up.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub run_dir: PathBuf,
+    /// `step-N.tmp`, renamed to `final_dir` when sealed.
+    pub tmp: PathBuf,
+    pub final_dir: PathBuf,
+}
+
+impl Target {
+    pub fn of(run_dir: &Path, step: u64) -> Self {
+        let final_dir = step_dir(run_dir, step);
+        Self {
+            run_dir: run_dir.to_path_buf(),
+            tmp: final_dir.with_extension("tmp"),
+            final_dir,
+        }
+    }
+}
+
 /// Writes a checkpoint of step `snapshot.state.step` under `run_dir` (collective: every rank
-/// calls it). Returns the checkpoint's directory. On an error (a full disk, say) the partial
-/// `.tmp` directory is removed, earlier checkpoints are untouched, and every rank returns an
-/// error.
+/// calls it) while the caller waits. Returns the checkpoint's directory. On an error (a full
+/// disk, say) the partial `.tmp` directory is removed, earlier checkpoints are untouched, and
+/// every rank returns an error. [`background`] writes one while training goes on.
 pub fn save(ctx: &RankContext, run_dir: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
-    let final_dir = step_dir(run_dir, snapshot.state.step);
-    let tmp = final_dir.with_extension("tmp");
-    let result = write_parts(ctx, &tmp, snapshot).and_then(|parts| {
-        let sealed = if ctx.is_main() {
-            seal(&tmp, &final_dir, run_dir, &parts)
-        } else {
-            Ok(())
+    let target = Target::of(run_dir, snapshot.state.step);
+    let result = begin(ctx, &target, snapshot).and_then(|share| {
+        let written = share.write(&target.tmp);
+        let parts = collect_parts(ctx, written, snapshot.sharding)?;
+        let sealed = match ctx.is_main() {
+            true => seal(&target, &parts),
+            false => Ok(()),
         };
         ctx.agree(sealed, "sealing the checkpoint")
     });
     if result.is_err() {
-        remove_partial(ctx, &tmp, snapshot.sharding);
+        remove_partial(ctx, &target.tmp, snapshot.sharding);
     }
     result
-        .map(|()| final_dir)
-        .with_context(|| format!("writing checkpoint {}", tmp.display()))
+        .map(|()| target.final_dir)
+        .with_context(|| format!("writing checkpoint {}", target.tmp.display()))
+}
+
+/// The start of a checkpoint (collective): rank 0 makes the empty `.tmp` directory, and every
+/// rank copies what it writes to host memory.
+pub fn begin(ctx: &RankContext, target: &Target, snapshot: &Snapshot) -> Result<HostShare> {
+    let prepared = match ctx.is_main() {
+        true => fresh_dir(&target.tmp),
+        false => Ok(()),
+    };
+    let share = prepared.and_then(|()| HostShare::copy(ctx, snapshot));
+    ctx.agree(share, "copying the checkpoint's state to host memory")
+}
+
+fn fresh_dir(tmp: &Path) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp)
+            .with_context(|| format!("removing the stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))
 }
 
 /// After a failed write: rank 0 removes the partial directory; another rank removes what it
 /// wrote where rank 0 may not see it.
-fn remove_partial(ctx: &RankContext, tmp: &Path, sharding: Sharding) {
+pub fn remove_partial(ctx: &RankContext, tmp: &Path, sharding: Sharding) {
     if ctx.is_main() {
         if tmp.exists() {
             let _ = std::fs::remove_dir_all(tmp);
@@ -144,41 +187,94 @@ pub struct WrittenPart {
     pub entry: manifest::Entry,
 }
 
-/// Every file of the checkpoint, each fsynced, written into `tmp`; returns the optimizer parts
-/// as their writers hashed them (rank 0 checks them before sealing).
-fn write_parts(ctx: &RankContext, tmp: &Path, snapshot: &Snapshot) -> Result<Vec<WrittenPart>> {
-    let main_files = if ctx.is_main() {
-        write_main_files(tmp, snapshot)
-    } else {
-        Ok(())
-    };
-    ctx.agree(main_files, "writing the model and trainer state")?;
-    let part = written_part(ctx, snapshot.sharding);
-    let written = match part {
-        Some((part, parts)) => {
-            let slots = crate::data_parallel::param_slots(snapshot.model);
-            let numel: HashMap<&str, usize> =
-                slots.iter().map(|s| (s.path.as_str(), s.numel)).collect();
-            let path = moments::part_path(tmp, part, parts);
-            let optimizer = snapshot.optimizer;
-            moments::write(&path, &optimizer.moments, &optimizer.master, &numel)
-                .and_then(|()| sync_file(&path))
-                .and_then(|()| {
-                    let bytes = manifest::regular_file(&path)?.len();
-                    manifest::entry(&path, bytes)
-                })
-                .map(Some)
+/// What rank 0 needs of the model: the parameters on the host, and the files beside them.
+struct MainFiles {
+    parameters: HashMap<String, HostTensor>,
+    model_config: ZambaConfig,
+    state: String,
+    resolved_config: String,
+}
+
+/// One rank's share of a checkpoint, copied to host memory: the model, trainer state and
+/// config (rank 0) and this rank's optimizer part (if it writes one). It holds no tensor of a
+/// device, so any thread can write it.
+pub struct HostShare {
+    main: Option<MainFiles>,
+    /// `(part, parts, contents)`.
+    part: Option<(usize, usize, moments::EncodedPart)>,
+}
+
+impl HostShare {
+    pub fn copy(ctx: &RankContext, snapshot: &Snapshot) -> Result<Self> {
+        let main = match ctx.is_main() {
+            true => Some(MainFiles {
+                parameters: parameters_by_path(snapshot.model),
+                model_config: snapshot.model_config.clone(),
+                state: serde_json::to_string_pretty(snapshot.state)?,
+                resolved_config: snapshot.resolved_config.to_string(),
+            }),
+            false => None,
+        };
+        let part = match written_part(ctx, snapshot.sharding) {
+            Some((part, parts)) => {
+                let slots = crate::data_parallel::param_slots(snapshot.model);
+                let numel: HashMap<&str, usize> =
+                    slots.iter().map(|s| (s.path.as_str(), s.numel)).collect();
+                let optimizer = snapshot.optimizer;
+                let encoded = moments::encode(&optimizer.moments, &optimizer.master, &numel)?;
+                Some((part, parts, encoded))
+            }
+            None => None,
+        };
+        Ok(Self { main, part })
+    }
+
+    /// Writes this rank's files into `tmp` (which rank 0 made), each fsynced; returns the
+    /// digest of its optimizer part, which rank 0 checks before sealing.
+    pub fn write(self, tmp: &Path) -> Result<Option<manifest::Entry>> {
+        if let Some(main) = self.main {
+            main.write(tmp)?;
         }
-        None => Ok(None),
-    };
-    let written = ctx.agree(written, "writing the optimizer state")?;
+        let Some((part, parts, encoded)) = self.part else {
+            return Ok(None);
+        };
+        let path = moments::part_path(tmp, part, parts);
+        encoded.write(&path)?;
+        sync_file(&path)?;
+        let bytes = manifest::regular_file(&path)?.len();
+        manifest::entry(&path, bytes).map(Some)
+    }
+}
+
+impl MainFiles {
+    fn write(self, tmp: &Path) -> Result<()> {
+        save_hf_parameters(
+            self.parameters,
+            &self.model_config,
+            &tmp.join("model"),
+            SaveDtype::F32,
+        )?;
+        write_synced(&tmp.join("trainer.json"), self.state.as_bytes())?;
+        write_synced(&tmp.join("config.toml"), self.resolved_config.as_bytes())?;
+        sync_tree(&tmp.join("model"))
+    }
+}
+
+/// Once every rank has written its files (collective): fails on every rank if one failed, else
+/// gathers the optimizer parts' digests, as their writers hashed them.
+pub fn collect_parts(
+    ctx: &RankContext,
+    written: Result<Option<manifest::Entry>>,
+    sharding: Sharding,
+) -> Result<Vec<WrittenPart>> {
+    let written = ctx.agree(written, "writing the checkpoint's files")?;
     let digests = ctx.gather_digests(written.as_ref())?;
-    let parts = part_count(snapshot.sharding, ctx.world_size);
+    let parts = part_count(sharding, ctx.world_size);
     Ok(digests
         .into_iter()
         .enumerate()
         .filter_map(|(rank, entry)| {
-            let part = match snapshot.sharding {
+            let part = match sharding {
                 Sharding::Zero1 => rank,
                 Sharding::Replicated if rank == 0 => 0,
                 Sharding::Replicated => return None,
@@ -205,33 +301,11 @@ fn part_count(sharding: Sharding, world: usize) -> usize {
     }
 }
 
-fn write_main_files(tmp: &Path, snapshot: &Snapshot) -> Result<()> {
-    if tmp.exists() {
-        std::fs::remove_dir_all(tmp)
-            .with_context(|| format!("removing the stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    save_hf(
-        snapshot.model,
-        snapshot.model_config,
-        &tmp.join("model"),
-        SaveDtype::F32,
-    )?;
-    write_synced(
-        &tmp.join("trainer.json"),
-        serde_json::to_string_pretty(snapshot.state)?.as_bytes(),
-    )?;
-    write_synced(
-        &tmp.join("config.toml"),
-        snapshot.resolved_config.as_bytes(),
-    )?;
-    sync_tree(&tmp.join("model"))
-}
-
 /// Rank 0, once every rank's files are durably on disk: the manifest — after checking that
 /// every optimizer part is in it, as its writer hashed it — then the marker and the rename
 /// into place.
-fn seal(tmp: &Path, final_dir: &Path, run_dir: &Path, parts: &[WrittenPart]) -> Result<()> {
+pub fn seal(target: &Target, parts: &[WrittenPart]) -> Result<()> {
+    let (tmp, final_dir) = (target.tmp.as_path(), target.final_dir.as_path());
     sync_tree(tmp)?;
     let entries = manifest::write(tmp, &[COMPLETE])?;
     for part in parts {
@@ -274,7 +348,7 @@ fn seal(tmp: &Path, final_dir: &Path, run_dir: &Path, parts: &[WrittenPart]) -> 
     }
     std::fs::rename(tmp, final_dir)
         .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    sync_dir(&checkpoints_dir(run_dir))
+    sync_dir(&checkpoints_dir(&target.run_dir))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -45,8 +45,26 @@ pub fn write(
     master: &BTreeMap<String, Master>,
     numel: &HashMap<&str, usize>,
 ) -> Result<()> {
+    encode(moments, master, numel)?.write(path)
+}
+
+/// A rank's optimizer part, copied to host memory: what [`write`] stores, ready to be written
+/// by a thread that has no access to the device.
+pub struct EncodedPart {
+    /// (tensor name, elements, little-endian f32 bytes), in name order.
+    tensors: Vec<(String, usize, Vec<u8>)>,
+    metadata: HashMap<String, String>,
+}
+
+/// Copies this rank's `moments` and `master` weights to the host; `numel` gives each
+/// parameter's element count.
+pub fn encode(
+    moments: &BTreeMap<String, Moments>,
+    master: &BTreeMap<String, Master>,
+    numel: &HashMap<&str, usize>,
+) -> Result<EncodedPart> {
     let mut ranges = BTreeMap::new();
-    let mut encoded = Vec::new();
+    let mut tensors = Vec::new();
     let mut store =
         |param: &String, range: &Range<usize>, suffix: &str, t: &Tensor<1>| -> Result<()> {
             let total = *numel.get(param.as_str()).with_context(|| {
@@ -62,7 +80,7 @@ pub fn write(
                 .try_into_vec_as::<f32>()
                 .expect("f32 optimizer state");
             let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-            encoded.push((format!("{param}.{suffix}"), values.len(), bytes));
+            tensors.push((format!("{param}.{suffix}"), values.len(), bytes));
             Ok(())
         };
     for (param, Master { range, value }) in master {
@@ -79,19 +97,26 @@ pub fn write(
     if !moments.is_empty() || master.is_empty() {
         contents.extend(MOMENTS_ONLY);
     }
-    let views = encoded.iter().map(|(name, len, bytes)| {
-        let view = TensorView::new(Dtype::F32, vec![*len], bytes).expect("a consistent view");
-        (name.clone(), view)
-    });
     let metadata = HashMap::from([
         (RANGES_KEY.to_string(), serde_json::to_string(&ranges)?),
         (CONTENTS_KEY.to_string(), serde_json::to_string(&contents)?),
     ]);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(EncodedPart { tensors, metadata })
+}
+
+impl EncodedPart {
+    /// Writes the part as one safetensors file at `path` (creating its folder).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let views = self.tensors.iter().map(|(name, len, bytes)| {
+            let view = TensorView::new(Dtype::F32, vec![*len], bytes).expect("a consistent view");
+            (name.clone(), view)
+        });
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        safetensors::serialize_to_file(views, Some(self.metadata.clone()), path)
+            .with_context(|| format!("writing {}", path.display()))
     }
-    safetensors::serialize_to_file(views, Some(metadata), path)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// One stored piece of a parameter's moments.

@@ -254,6 +254,14 @@ impl RunConfig {
         self.global_sequences() / (self.batch.micro_batch * self.runtime.world_size).max(1)
     }
 
+    /// Whether checkpoints are written in the background (`checkpoint.async`, by default on
+    /// GPU runs).
+    pub fn checkpoint_async(&self) -> bool {
+        self.checkpoint
+            .asynchronous
+            .unwrap_or(matches!(self.runtime.device, Device::Cuda(_)))
+    }
+
     /// Training tokens of the whole run.
     pub fn total_tokens(&self) -> u64 {
         self.tokens_per_step() as u64 * self.train.steps as u64

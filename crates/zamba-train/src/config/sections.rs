@@ -276,6 +276,16 @@ pub struct CheckpointSection {
     /// Also keep, however old, every checkpoint whose step is a multiple of this (0 = none).
     #[schemars(range(max = MAX_STEPS))]
     pub keep_every: usize,
+    /// Write checkpoints in the background: the step loop copies the state to host memory and
+    /// trains on while a thread per rank writes and hashes that rank's files; rank 0 seals the
+    /// checkpoint (manifest, `COMPLETE`, rename) once every rank's files are on disk, and the
+    /// step boundary after that reports it. One write at a time (the next checkpoint waits for
+    /// the previous one); the last checkpoint and the one on a signal are waited for before the
+    /// run ends. Costs host memory for one copy of the state each rank writes. `false`: the step
+    /// loop waits for the whole write. Absent: `true` when `runtime.device` is `"cuda"`, `false`
+    /// on the CPU, where the writer would compete with training for the same cores and memory.
+    #[serde(rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<bool>,
 }
 
 impl Default for CheckpointSection {
@@ -284,6 +294,7 @@ impl Default for CheckpointSection {
             every: 1000,
             keep_last: 2,
             keep_every: 0,
+            asynchronous: None,
         }
     }
 }

@@ -178,8 +178,13 @@ pub(super) fn summary(c: &RunConfig) -> String {
     out.push_str(&memory_lines(c));
     let _ = writeln!(
         out,
-        "checkpoints  every {} steps, keep last {}{}; eval every {} steps",
+        "checkpoints  every {} steps ({}), keep last {}{}; eval every {} steps",
         c.checkpoint.every,
+        if c.checkpoint_async() {
+            "written in the background"
+        } else {
+            "the step loop waits for each"
+        },
         c.checkpoint.keep_last,
         if c.checkpoint.keep_every > 0 {
             format!(" + every {}", c.checkpoint.keep_every)

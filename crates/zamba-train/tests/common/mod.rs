@@ -81,7 +81,7 @@ pub fn step_losses(run_dir: &Path) -> Vec<(u64, Option<u64>)> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("eval").is_none())
+        .filter(|v| v.get("eval").is_none() && v.get("checkpoint").is_none())
         .map(|v| {
             (
                 v["step"].as_u64().unwrap(),
