@@ -248,6 +248,7 @@ impl RankRun {
             device: &ctx.device,
             compute: &compute,
             dp: &self.dp,
+            overlap: config.dist.overlap_grad_reduce,
         };
         let loss_window = &self.state.loss_window;
         let settings = StepSettings {
@@ -486,6 +487,7 @@ fn distribute(
         ctx.rank,
         ctx.world_size,
     )
+    .with_reduction_order(&model.layer_params_in_backward_order())
     .with_precision(config.runtime.precision)
     .with_transport(config.dist.grad_reduce_dtype);
     let compute = ctx.compute_device();

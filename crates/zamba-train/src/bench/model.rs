@@ -46,6 +46,14 @@ pub struct ModelArgs {
     /// replicated.
     #[arg(long)]
     pub(super) zero: bool,
+    /// With --world: throttle every rank's communicator to a link of this many Gbit/s (a
+    /// simulation: each collective sleeps for its bytes on the wire) and print the step's
+    /// data-parallel efficiency.
+    #[arg(long, value_name = "G")]
+    pub(super) link_gbps: Option<f64>,
+    /// With --world: reduce gradients after the backward instead of during it.
+    #[arg(long)]
+    pub(super) no_overlap: bool,
     /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
     #[arg(long, default_value = "cpu")]
     pub(super) device: DeviceChoice,
@@ -137,6 +145,8 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
             },
             precision: a.precision,
             checkpointing: a.activation_checkpointing,
+            overlap: !a.no_overlap,
+            link_gbps: a.link_gbps,
         });
     }
     let device = device_for(a.device, 0, a.precision)?;
@@ -202,8 +212,9 @@ fn train_steps(
     let comm = zamba_dist::thread_group(1, &DistOptions::default())
         .pop()
         .expect("a group of one");
-    let dp =
-        DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1).with_precision(precision);
+    let dp = DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1)
+        .with_reduction_order(&model.layer_params_in_backward_order())
+        .with_precision(precision);
     let mut optimizer = AdamW::new(bench_adamw());
     let mut model = dp.prepare(model, &mut optimizer, comm.as_ref(), compute)?;
     let device = inputs.device();
@@ -212,6 +223,7 @@ fn train_steps(
         device: &device,
         compute,
         dp: &dp,
+        overlap: true,
     };
     let (mut grads_time, mut update_time) = (Duration::ZERO, Duration::ZERO);
     let mut heap = HeapUse::default();
