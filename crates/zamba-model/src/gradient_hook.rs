@@ -6,10 +6,11 @@
 //! the gradients of the block's parameters at once. While a [`GradientSink`] is installed on the
 //! thread that runs the backward, each such backward hands the sink every parameter gradient it
 //! computed (flattened; `None` for a parameter that got none). For a parameter that only this
-//! block uses, that is the parameter's whole gradient for this backward: every parameter of
-//! [`ZambaModel::gradients_final_in_backward`]. The shared block's parameters are used by several
-//! blocks, the embedding by the lookup and the tied head: their gradients are final only when the
-//! backward ends.
+//! block uses, that is the parameter's whole gradient for this backward; the shared block's
+//! parameters get one part from each hybrid layer, and their gradient is the sum of the parts
+//! (see [`ZambaModel::gradients_final_in_backward`]). The embedding (the lookup and the tied head)
+//! and the final norm are outside every block: their gradients are final only when the backward
+//! ends.
 
 use std::cell::RefCell;
 
@@ -79,28 +80,44 @@ fn param_ids(module: &impl Module) -> Vec<ParamId> {
 }
 
 impl ZambaModel {
-    /// Every layer's own parameters in the order the backward finishes their gradients: the last
-    /// layer first; in each layer the Mamba block's (its norm and mixer), then `hybrid_linear`
-    /// (the shared block's use, which comes before the Mamba block in the forward). The
-    /// embedding, the shared block and the final norm are not in it.
-    pub fn layer_params_in_backward_order(&self) -> Vec<ParamId> {
+    /// Parameters in the order the backward finishes their gradients, as far as the model
+    /// knows it: layer by layer from the last, in each layer the Mamba block's (its norm and
+    /// mixer), then `hybrid_linear` (the shared block's use, which comes before the Mamba block
+    /// in the forward), and after the first hybrid layer's the shared block's (its last use in
+    /// the backward). The embedding and the final norm are not in it.
+    pub fn gradient_order(&self) -> Vec<ParamId> {
+        let first_hybrid = self.layers.iter().position(|l| l.hybrid_linear.is_some());
         let mut order = Vec::new();
-        for layer in self.layers.iter().rev() {
+        for (i, layer) in self.layers.iter().enumerate().rev() {
             order.extend(param_ids(&layer.input_layernorm));
             order.extend(param_ids(&layer.mamba));
             if let Some(linear) = &layer.hybrid_linear {
                 order.extend(param_ids(linear));
             }
+            if Some(i) == first_hybrid {
+                order.extend(param_ids(&self.shared));
+            }
         }
         order
     }
 
-    /// The parameters whose whole gradient one block's backward hands to a [`GradientSink`]:
-    /// every layer's own parameters when layers are recomputed, none otherwise.
-    pub fn gradients_final_in_backward(&self) -> Vec<ParamId> {
-        match self.execution.checkpointing {
-            ActivationCheckpointing::Layers => self.layer_params_in_backward_order(),
-            ActivationCheckpointing::None => Vec::new(),
+    /// The parameters whose gradient the blocks' backwards hand to a [`GradientSink`] in full,
+    /// each with the number of blocks that hand out a part of it (the gradient is their sum,
+    /// added in the order they come, as autodiff adds them): with layer recomputation, every
+    /// layer's own parameters (1) and the shared block's (one per hybrid layer); none otherwise.
+    pub fn gradients_final_in_backward(&self) -> Vec<(ParamId, usize)> {
+        if self.execution.checkpointing != ActivationCheckpointing::Layers {
+            return Vec::new();
         }
+        let uses = self
+            .layers
+            .iter()
+            .filter(|l| l.hybrid_linear.is_some())
+            .count();
+        let shared = param_ids(&self.shared);
+        self.gradient_order()
+            .into_iter()
+            .map(|id| (id, if shared.contains(&id) { uses } else { 1 }))
+            .collect()
     }
 }

@@ -1,14 +1,14 @@
 //! Gradient reduction overlapped with the backward of a step's last micro-batch.
 //!
-//! A communication thread, started for the step, owns the reduction: it receives each layer's
-//! final gradient as soon as the layer's recomputed backward has computed it (through a
-//! [`zamba_model::gradient_hook`] sink installed on the thread that runs the backward), adds it
-//! to the sum of the earlier micro-batches' gradients, and reduces each bucket
+//! A communication thread, started for the step, owns the reduction: it receives the parameter
+//! gradients each recomputed block's backward computes (through a [`zamba_model::gradient_hook`]
+//! sink installed on the thread that runs the backward), sums the parts of a parameter used by
+//! several blocks (the shared block's) as autodiff does, adds each final gradient to the sum of
+//! the earlier micro-batches' gradients, and reduces each bucket
 //! ([`DataParallel::reduce_bucket`]) as soon as all its parameters are final — in bucket order,
 //! which [`DataParallel::with_reduction_order`] makes the backward's order — while the backward
-//! goes on. When the backward ends, the remaining gradients (the shared block's, the embedding's,
-//! the final norm's; every one without layer recomputation) follow and the remaining buckets are
-//! reduced. The step thread takes each bucket's result as it comes.
+//! goes on. When the backward ends, the remaining gradients (the embedding's, the final norm's;
+//! every one without layer recomputation) follow and the remaining buckets are reduced. The step thread takes each bucket's result as it comes.
 //!
 //! Every value is computed by the same operations in the same order as without overlap (the sum
 //! over micro-batches, the flat buffer, the collective, the sum of squares in bucket order), so
@@ -29,8 +29,9 @@ use crate::data_parallel::{DataParallel, take_flat};
 
 /// What the step thread hands the communication thread.
 enum Delivery {
-    /// A parameter's whole gradient of the last micro-batch, flattened, in the working type.
-    Final(ParamId, Option<Tensor<1>>),
+    /// A block's part of a parameter's gradient of the last micro-batch, flattened, in the
+    /// working type.
+    Part(ParamId, Option<Tensor<1>>),
     /// The rest of the last micro-batch's gradients once its backward is over (in f32).
     Rest(GradientsParams),
 }
@@ -38,28 +39,21 @@ enum Delivery {
 /// Runs `backward` — the last micro-batch's, returning its gradients in f32 — while a
 /// communication thread reduces every bucket as soon as its gradients are final. `previous` is
 /// the f32 sum of the earlier micro-batches' gradients; `final_in_backward` the parameters whose
-/// gradients the backward hands out whole as it goes
+/// gradients the backward hands out as it goes, with the number of parts of each
 /// ([`zamba_model::ZambaModel::gradients_final_in_backward`]). `after_backward` runs once the
 /// backward is over, before the remaining gradients are handed over. Returns each bucket's
 /// [`DataParallel::reduce_bucket`] result, in bucket order, and how long the step thread waited
 /// for them once the backward was over.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn reduce_during_backward(
     dp: &DataParallel,
     comm: &dyn Communicator,
     device: &Device,
-    final_in_backward: &[ParamId],
+    final_in_backward: &[(ParamId, usize)],
     previous: GradientsParams,
     backward: impl FnOnce() -> GradientsParams,
     after_backward: impl FnOnce() -> Result<()>,
 ) -> Result<(Vec<Tensor<1>>, Duration)> {
-    let early: HashMap<ParamId, usize> = dp
-        .slots()
-        .iter()
-        .enumerate()
-        .filter(|(_, slot)| final_in_backward.contains(&slot.id))
-        .map(|(i, slot)| (slot.id, i))
-        .collect();
+    let (slots, early) = initial_slots(dp, final_in_backward);
     let (deliveries, inbox) = mpsc::channel();
     let (results, reduced) = mpsc::channel();
     let reducer = Reducer {
@@ -68,18 +62,24 @@ pub(crate) fn reduce_during_backward(
         device,
         early,
         previous,
-        slots: (0..dp.slots().len()).map(|_| SlotState::Waiting).collect(),
+        slots,
         next: 0,
         results,
     };
+    // A traced step shows the reduction on a track of its own next to the step's.
+    let capture = zamba_trace::current_capture();
     std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
             .name("gradient reduction".into())
-            .spawn_scoped(scope, move || reducer.run(inbox))?;
+            .spawn_scoped(scope, move || {
+                let _traced =
+                    capture.map(|(handle, track)| handle.attach(format!("{track} communication")));
+                reducer.run(inbox)
+            })?;
         let sink = deliveries.clone();
         let guard = install_gradient_sink(Box::new(move |id, grad| {
             // A closed inbox means the reduction failed; the step thread reports why.
-            let _ = sink.send(Delivery::Final(id, grad));
+            let _ = sink.send(Delivery::Part(id, grad));
         }));
         let rest = backward();
         drop(guard);
@@ -97,6 +97,30 @@ pub(crate) fn reduce_during_backward(
         after?;
         Ok((collected?, waited))
     })
+}
+
+/// Every slot's state before the backward, and the slot of each parameter handed out in parts.
+fn initial_slots(
+    dp: &DataParallel,
+    final_in_backward: &[(ParamId, usize)],
+) -> (Vec<SlotState>, HashMap<ParamId, usize>) {
+    let slot_of: HashMap<ParamId, usize> = dp
+        .slots()
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| (slot.id, i))
+        .collect();
+    let mut slots: Vec<SlotState> = (0..dp.slots().len()).map(|_| SlotState::Waiting).collect();
+    let mut early = HashMap::new();
+    for &(id, parts) in final_in_backward.iter().filter(|(_, parts)| *parts > 0) {
+        let slot = slot_of[&id];
+        early.insert(id, slot);
+        slots[slot] = SlotState::Parts {
+            sum: None,
+            left: parts,
+        };
+    }
+    (slots, early)
 }
 
 /// The reduced buckets, in order, as the communication thread sends them.
@@ -121,7 +145,11 @@ fn collect(
 
 /// Where a parameter's gradient stands on the communication thread.
 enum SlotState {
+    /// Final when the backward is over.
     Waiting,
+    /// Handed out in parts during the backward: their sum so far (working type), and how many
+    /// are still to come.
+    Parts { sum: Option<Tensor<1>>, left: usize },
     /// Summed over the micro-batches (f32); `None`: no gradient at all.
     Final(Option<Tensor<1>>),
     /// In a bucket handed to the communicator.
@@ -133,7 +161,7 @@ struct Reducer<'a> {
     dp: &'a DataParallel,
     comm: &'a dyn Communicator,
     device: &'a Device,
-    /// The slot of each parameter whose gradient the backward hands out whole.
+    /// The slot of each parameter whose gradient the backward hands out in parts.
     early: HashMap<ParamId, usize>,
     previous: GradientsParams,
     slots: Vec<SlotState>,
@@ -146,16 +174,19 @@ impl Reducer<'_> {
     fn run(mut self, inbox: Receiver<Delivery>) {
         for delivery in inbox {
             match delivery {
-                Delivery::Final(id, grad) => {
-                    let Some(&slot) = self.early.get(&id) else {
-                        continue;
-                    };
-                    let grad = grad.map(|g| self.dp.flat_accumulation_type(g));
-                    self.finish(slot, grad);
+                Delivery::Part(id, part) => {
+                    if let Some(&slot) = self.early.get(&id) {
+                        self.add_part(slot, part);
+                    }
                 }
                 Delivery::Rest(mut grads) => {
                     for slot in 0..self.slots.len() {
-                        if matches!(self.slots[slot], SlotState::Waiting) {
+                        // A block whose backward did not run (an unused layer) left its parts
+                        // to the end, where autodiff has summed what there was.
+                        if matches!(
+                            self.slots[slot],
+                            SlotState::Waiting | SlotState::Parts { .. }
+                        ) {
                             let grad = take_flat(&mut grads, &self.dp.slots()[slot]);
                             self.finish(slot, grad);
                         }
@@ -165,6 +196,23 @@ impl Reducer<'_> {
             if !self.reduce_ready() {
                 return;
             }
+        }
+    }
+
+    /// Adds a block's part to `slot`'s gradient as autodiff does (the new part plus the sum so
+    /// far, in the working type); with the last part, the gradient is final.
+    fn add_part(&mut self, slot: usize, part: Option<Tensor<1>>) {
+        let SlotState::Parts { sum, left } = &mut self.slots[slot] else {
+            return;
+        };
+        *sum = match (part, sum.take()) {
+            (Some(part), Some(sum)) => Some(part.add(sum)),
+            (part, sum) => part.or(sum),
+        };
+        *left -= 1;
+        if *left == 0 {
+            let grad = sum.take().map(|g| self.dp.flat_accumulation_type(g));
+            self.finish(slot, grad);
         }
     }
 

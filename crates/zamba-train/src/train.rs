@@ -487,7 +487,7 @@ fn distribute(
         ctx.rank,
         ctx.world_size,
     )
-    .with_reduction_order(&model.layer_params_in_backward_order())
+    .with_reduction_order(&model.gradient_order())
     .with_precision(config.runtime.precision)
     .with_transport(config.dist.grad_reduce_dtype);
     let compute = ctx.compute_device();

@@ -40,7 +40,7 @@ fn layout(
     rank: usize,
 ) -> DataParallel {
     DataParallel::new(model, BUCKET_BYTES, sharding, rank, WORLD)
-        .with_reduction_order(&model.layer_params_in_backward_order())
+        .with_reduction_order(&model.gradient_order())
         .with_precision(precision)
 }
 

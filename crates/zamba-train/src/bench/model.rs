@@ -54,6 +54,9 @@ pub struct ModelArgs {
     /// With --world: reduce gradients after the backward instead of during it.
     #[arg(long)]
     pub(super) no_overlap: bool,
+    /// With --world: gradient buckets of up to this many MiB (see dist.bucket_mb).
+    #[arg(long, default_value_t = 25.0)]
+    pub(super) bucket_mb: f64,
     /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
     #[arg(long, default_value = "cpu")]
     pub(super) device: DeviceChoice,
@@ -133,6 +136,12 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
         if a.device != DeviceChoice::Cpu {
             bail!("--world runs the ranks as threads on the CPU; leave out --device (or use cpu)");
         }
+        if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0) {
+            bail!(
+                "--bucket-mb {}: a bucket must hold a positive number of MiB",
+                a.bucket_mb
+            );
+        }
         return super::world::run(&super::world::WorldBench {
             config: &config,
             batch: a.batch,
@@ -147,6 +156,7 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
             checkpointing: a.activation_checkpointing,
             overlap: !a.no_overlap,
             link_gbps: a.link_gbps,
+            bucket_mb: a.bucket_mb,
         });
     }
     let device = device_for(a.device, 0, a.precision)?;
@@ -213,7 +223,7 @@ fn train_steps(
         .pop()
         .expect("a group of one");
     let dp = DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1)
-        .with_reduction_order(&model.layer_params_in_backward_order())
+        .with_reduction_order(&model.gradient_order())
         .with_precision(precision);
     let mut optimizer = AdamW::new(bench_adamw());
     let mut model = dp.prepare(model, &mut optimizer, comm.as_ref(), compute)?;

@@ -42,6 +42,8 @@ pub struct WorldBench<'a> {
     pub overlap: bool,
     /// Simulate links of this many Gbit/s per rank.
     pub link_gbps: Option<f64>,
+    /// Gradient buckets of up to this many MiB.
+    pub bucket_mb: f64,
 }
 
 /// Time per step on rank 0, split into its parts, and the heap of the ranks' training state.
@@ -127,12 +129,14 @@ fn run_on_link(b: &WorldBench, gbps: f64) -> Result<()> {
     let (batch, world) = (b.batch, b.world);
     println!(
         "data-parallel step, {batch} × {} tokens per step, {:?}, precision {}, activation checkpointing {}, \
-         {world} ranks as threads sharing {} cores, each on a simulated {gbps} Gbit/s link, reduction {}",
+         {world} ranks as threads sharing {} cores, each on a simulated {gbps} Gbit/s link, buckets of {} MiB, \
+         reduction {}",
         b.seq_len,
         b.sharding,
         b.precision,
         b.checkpointing,
         rayon::current_num_threads(),
+        b.bucket_mb,
         match b.overlap {
             true => "overlapped with the backward",
             false => "after the backward (--no-overlap)",
@@ -251,8 +255,9 @@ fn rank_steps(
         1 => Sharding::Replicated,
         _ => b.sharding,
     };
-    let dp = DataParallel::new(&model, 25 << 20, sharding, rank, world)
-        .with_reduction_order(&model.layer_params_in_backward_order())
+    let bucket_bytes = (b.bucket_mb * (1 << 20) as f64) as usize;
+    let dp = DataParallel::new(&model, bucket_bytes, sharding, rank, world)
+        .with_reduction_order(&model.gradient_order())
         .with_precision(b.precision);
     let mut optimizer = AdamW::new(bench_adamw());
     let mut model = dp.prepare(model, &mut optimizer, comm, &compute)?;
