@@ -120,7 +120,7 @@ mod tests {
                         let rank = link.rank() as f32;
                         let x = Tensor::<1>::ones([1000], &device).mul_scalar(rank + 1.0);
                         let sum = link.all_reduce(x, ReduceOp::Sum).unwrap();
-                        sum.into_data().to_vec::<f32>().unwrap()
+                        sum.into_data().try_into_vec_as::<f32>().unwrap()
                     })
                 })
                 .collect();
@@ -142,7 +142,7 @@ mod tests {
         let f32s = Tensor::<1>::zeros([100], &device);
         assert!((seconds(&f32s, 1.0) - 0.3).abs() < 1e-9);
         assert!((seconds(&f32s, 2.0) - 0.6).abs() < 1e-9);
-        let bf16s = f32s.cast(burn::tensor::DType::BF16);
+        let bf16s = f32s.clone().cast(burn::tensor::DType::BF16);
         assert!((seconds(&bf16s, 1.0) - 0.15).abs() < 1e-9);
     }
 }

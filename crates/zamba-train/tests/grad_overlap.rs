@@ -1,8 +1,12 @@
 //! Gradient reduction overlapped with the backward (`dist.overlap_grad_reduce`): on ranks as
 //! threads, overlapped and non-overlapped steps give the same parameters bit for bit (plain data
-//! parallelism and ZeRO-1, f32 and bf16), and the first buckets' collectives start while the
-//! backward of the last micro-batch still runs.
+//! parallelism and ZeRO-1, f32 and bf16), and so do processes over TCP; the first buckets'
+//! collectives start while the backward of the last micro-batch still runs.
 
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -290,4 +294,43 @@ fn the_first_buckets_are_reduced_while_the_backward_runs() {
     for (begun, _) in begun_at_backward_end(false) {
         assert_eq!(begun, 0);
     }
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_zamba-train");
+
+/// `zamba-train launch` of 2 processes (TCP) for 2 steps of 2 micro-batches per rank, with layer
+/// recomputation and ZeRO-1; the steps' loss bits.
+fn launched_losses(tmp: &Path, name: &str, overlap: bool) -> Vec<(u64, Option<u64>)> {
+    let config = common::write_config(tmp, name, "[train]\nsteps = 2\n");
+    let settings = [
+        "batch.micro_batch=2".to_string(),
+        "optimizer.zero=1".into(),
+        "train.activation_checkpointing=layers".into(),
+        "checkpoint.every=100".into(),
+        "eval.every=100".into(),
+        "dist.timeout_s=60".into(),
+        format!("dist.overlap_grad_reduce={overlap}"),
+    ];
+    let mut cmd = Command::new(BIN);
+    cmd.args(["launch", "--nproc-per-node", "2", "--", "--config"])
+        .arg(&config);
+    for s in &settings {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.stdout(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::step_losses(&tmp.join(name))
+}
+
+#[test]
+fn processes_over_tcp_train_the_same_bits_with_and_without_overlap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let overlapped = launched_losses(tmp.path(), "overlapped", true);
+    let after = launched_losses(tmp.path(), "after", false);
+    assert_eq!(overlapped.len(), 2);
+    assert_eq!(overlapped, after);
 }
