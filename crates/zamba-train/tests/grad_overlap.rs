@@ -298,10 +298,11 @@ fn the_first_buckets_are_reduced_while_the_backward_runs() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_zamba-train");
 
-/// `zamba-train launch` of 2 processes (TCP) for 2 steps of 2 micro-batches per rank, with layer
+/// `zamba-train launch` of 2 processes (TCP) for 3 steps of 2 micro-batches per rank, with layer
 /// recomputation and ZeRO-1; the steps' loss bits.
 fn launched_losses(tmp: &Path, name: &str, overlap: bool) -> Vec<(u64, Option<u64>)> {
-    let config = common::write_config(tmp, name, "[train]\nsteps = 2\n");
+    let extra = format!("{}\n[train]\nsteps = 3\n", common::SCHEDULE);
+    let config = common::write_config(tmp, name, &extra);
     let settings = [
         "batch.micro_batch=2".to_string(),
         "optimizer.zero=1".into(),
@@ -331,6 +332,6 @@ fn processes_over_tcp_train_the_same_bits_with_and_without_overlap() {
     let tmp = tempfile::tempdir().unwrap();
     let overlapped = launched_losses(tmp.path(), "overlapped", true);
     let after = launched_losses(tmp.path(), "after", false);
-    assert_eq!(overlapped.len(), 2);
+    assert_eq!(overlapped.len(), 3);
     assert_eq!(overlapped, after);
 }
