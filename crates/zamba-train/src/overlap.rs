@@ -30,8 +30,8 @@ use crate::data_parallel::{DataParallel, take_flat};
 /// What the step thread hands the communication thread.
 enum Delivery {
     /// A block's part of a parameter's gradient of the last micro-batch, flattened, in the
-    /// working type.
-    Part(ParamId, Option<Tensor<1>>),
+    /// working type (boxed: a tensor handle is large next to the other variant).
+    Part(ParamId, Option<Box<Tensor<1>>>),
     /// The rest of the last micro-batch's gradients once its backward is over (in f32).
     Rest(GradientsParams),
 }
@@ -79,7 +79,7 @@ pub(crate) fn reduce_during_backward(
         let sink = deliveries.clone();
         let guard = install_gradient_sink(Box::new(move |id, grad| {
             // A closed inbox means the reduction failed; the step thread reports why.
-            let _ = sink.send(Delivery::Part(id, grad));
+            let _ = sink.send(Delivery::Part(id, grad.map(Box::new)));
         }));
         let rest = backward();
         drop(guard);
@@ -176,7 +176,7 @@ impl Reducer<'_> {
             match delivery {
                 Delivery::Part(id, part) => {
                     if let Some(&slot) = self.early.get(&id) {
-                        self.add_part(slot, part);
+                        self.add_part(slot, part.map(|p| *p));
                     }
                 }
                 Delivery::Rest(mut grads) => {
