@@ -127,6 +127,11 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
     if a.predict {
         return super::predict::run(a, &config);
     }
+    if a.world < 2 && (a.link_gbps.is_some() || a.no_overlap) {
+        bail!(
+            "--link-gbps and --no-overlap concern the traffic between ranks: add --world N (N ≥ 2)"
+        );
+    }
     if a.world > 1 {
         if a.trace.is_some() {
             bail!(
