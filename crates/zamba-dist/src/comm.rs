@@ -20,7 +20,11 @@ pub enum ReduceOp {
 /// result is on the same device, in the same dtype. Results are bit-identical on every rank.
 /// A collective that cannot complete within the group's time-out fails with an error that names
 /// the ranks at fault; it never hangs.
-pub trait Communicator: Send {
+///
+/// A communicator may be handed to another thread (a communication thread that reduces gradients
+/// while the backward goes on), so it is `Sync`; the order of the collectives is still one
+/// sequence per rank: while one thread makes calls, the others make none.
+pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
 

@@ -26,6 +26,7 @@ mod single;
 pub mod store;
 mod tcp;
 mod thread;
+mod throttle;
 mod token;
 mod wire;
 
@@ -45,6 +46,7 @@ pub use rendezvous::{
 pub use single::SingleRank;
 pub use tcp::TcpCommunicator;
 pub use thread::{ThreadCommunicator, thread_group};
+pub use throttle::ThrottledLink;
 pub use token::{check_token, create_token_file, generate_token, read_token_file};
 
 /// Total memory of CUDA device `index` in bytes: `None` in a build without `cuda`.

@@ -9,9 +9,9 @@
 //! interrupted: a watchdog thread then ends the process with a message. Barrier and
 //! `broadcast_bytes` (small host messages) go through the store.
 
-use std::cell::{Cell, RefCell};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use burn::backend::Cube;
@@ -40,22 +40,33 @@ pub struct NcclCommunicator {
     timeout: Duration,
     comm: RawComm,
     stream: Arc<CudaStream>,
-    _context: Arc<CudaContext>,
-    rendezvous: RefCell<Rendezvous>,
+    context: Arc<CudaContext>,
+    rendezvous: Mutex<Rendezvous>,
     /// Ends a wait for the GPU early (a signal): the communicator is then aborted.
     interrupt: Interrupt,
     heartbeat: Heartbeat,
     watchdog: Watchdog,
     /// Store-backed operations (barrier, broadcast_bytes) so far: they name their keys.
-    store_ops: Cell<u64>,
-    fault: RefCell<Option<DistError>>,
+    store_ops: AtomicU64,
+    fault: Mutex<Option<DistError>>,
+    /// Held through each NCCL call: one thread at a time uses the NCCL communicator.
+    calls: Mutex<()>,
 }
 
 /// The NCCL communicator handle (a raw pointer).
 struct RawComm(sys::ncclComm_t);
 // SAFETY: NCCL lets a communicator be used from any thread, one call at a time. Its owner,
-// `NcclCommunicator`, is not `Sync` (it holds `RefCell`s), so one thread at a time makes calls.
+// `NcclCommunicator`, makes every call holding its `calls` lock.
 unsafe impl Send for RawComm {}
+// SAFETY: as above: shared references reach the handle only through calls that hold the lock.
+unsafe impl Sync for RawComm {}
+
+/// `mutex` locked; a panic while it was held leaves the group failed, not the data torn.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn nccl_error(what: &str, e: nccl::NcclError) -> DistError {
     // SAFETY: ncclGetErrorString returns a static C string for any result code.
@@ -119,25 +130,26 @@ impl NcclCommunicator {
             timeout,
             comm: RawComm(comm),
             stream,
-            _context: context,
-            rendezvous: RefCell::new(rendezvous),
+            context,
+            rendezvous: Mutex::new(rendezvous),
             interrupt,
             heartbeat,
             watchdog,
-            store_ops: Cell::new(0),
-            fault: RefCell::new(None),
+            store_ops: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            calls: Mutex::new(()),
         })
     }
 
     fn check_fault(&self) -> Result<(), DistError> {
-        match &*self.fault.borrow() {
+        match &*lock(&self.fault) {
             Some(fault) => Err(fault.clone()),
             None => Ok(()),
         }
     }
 
     fn fail(&self, error: DistError) -> DistError {
-        self.fault.borrow_mut().get_or_insert(error.clone());
+        lock(&self.fault).get_or_insert(error.clone());
         error
     }
 
@@ -162,9 +174,14 @@ impl NcclCommunicator {
             sys::cudaStream_t,
         ) -> Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<Tensor<1>, DistError> {
+        let _one_call_at_a_time = lock(&self.calls);
         self.check_fault()?;
         let index = self.enter();
         let label = format!("{name} #{index}");
+        // The calling thread may be a communication thread, not the one that made the context.
+        self.context
+            .bind_to_thread()
+            .map_err(|e| cuda_error(&label, e))?;
         let device = input.device();
         if device != Device::cuda(self.device_index) {
             return Err(DistError::Invalid(format!(
@@ -269,7 +286,7 @@ impl NcclCommunicator {
 
     /// The error for a collective that timed out, naming the ranks the heartbeats point at.
     fn blame(&self, label: &str, index: u64) -> DistError {
-        let mut rendezvous = self.rendezvous.borrow_mut();
+        let mut rendezvous = lock(&self.rendezvous);
         match find_culprits(
             &mut rendezvous.store,
             self.world,
@@ -296,9 +313,8 @@ impl NcclCommunicator {
         self.check_fault()?;
         let index = self.enter();
         let label = format!("{name} #{index}");
-        let op = self.store_ops.get();
-        self.store_ops.set(op + 1);
-        let mut guard = self.rendezvous.borrow_mut();
+        let op = self.store_ops.fetch_add(1, Ordering::SeqCst);
+        let mut guard = lock(&self.rendezvous);
         let store = &mut guard.store;
         let result = (|| {
             if let Some(value) = value {
@@ -495,7 +511,7 @@ impl Communicator for NcclCommunicator {
         if let Some(value) = value {
             return Ok(value);
         }
-        let mut rendezvous = self.rendezvous.borrow_mut();
+        let mut rendezvous = lock(&self.rendezvous);
         rendezvous
             .store
             .get(&format!("op/{op}/value"), Duration::ZERO)?
@@ -509,7 +525,7 @@ impl Communicator for NcclCommunicator {
 
 impl Drop for NcclCommunicator {
     fn drop(&mut self) {
-        if self.fault.borrow().is_none() {
+        if lock(&self.fault).is_none() {
             let _ = self.stream.synchronize();
             // SAFETY: no collective is in flight; the communicator is not used again.
             let _ = unsafe { nccl::comm_destroy(self.comm.0) };

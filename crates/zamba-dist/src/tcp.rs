@@ -8,9 +8,9 @@
 //! sends every rank an error naming it. A rank only ever sends when rank 0 has asked, so no
 //! rank is left blocked on a write when the group fails.
 
-use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use half::bf16;
@@ -42,10 +42,10 @@ pub struct TcpCommunicator {
     timeout: Duration,
     interrupt: Interrupt,
     /// Rank 0: the connections to ranks 1.. (index r - 1). Other ranks: the one to rank 0.
-    links: RefCell<Vec<TcpStream>>,
-    next_index: std::cell::Cell<u64>,
+    links: Mutex<Vec<TcpStream>>,
+    next_index: AtomicU64,
     /// The group's first failure; every later call returns it.
-    fault: RefCell<Option<DistError>>,
+    fault: Mutex<Option<DistError>>,
 }
 
 impl TcpCommunicator {
@@ -87,9 +87,9 @@ impl TcpCommunicator {
             world,
             timeout,
             interrupt,
-            links: RefCell::new(links),
-            next_index: std::cell::Cell::new(0),
-            fault: RefCell::new(None),
+            links: Mutex::new(links),
+            next_index: AtomicU64::new(0),
+            fault: Mutex::new(None),
         })
     }
 }
@@ -261,27 +261,35 @@ impl Joining<'_> {
 
 impl HostExchange for TcpCommunicator {
     fn exchange(&self, call: Call, input: Payload) -> Result<Payload, DistError> {
-        let index = self.next_index.get();
+        let index = self.next_index.load(Ordering::Relaxed);
         let label = call.label(index);
         call.check_local(self.world, &label)?;
-        self.next_index.set(index + 1);
-        if let Some(fault) = &*self.fault.borrow() {
+        self.next_index.store(index + 1, Ordering::Relaxed);
+        if let Some(fault) = &*lock(&self.fault) {
             return Err(fault.clone());
         }
-        let mut links = self.links.borrow_mut();
+        let mut links = lock(&self.links);
         let result = if self.rank == 0 {
             self.lead(&mut links, call, input, index, &label)
         } else {
             self.follow(&mut links[0], call, input, index, &label)
         };
         if let Err(e) = &result {
-            self.fault.borrow_mut().get_or_insert(e.clone());
+            lock(&self.fault).get_or_insert(e.clone());
         }
         result
     }
 }
 
 host_communicator!(TcpCommunicator);
+
+/// `mutex` locked; a thread that panicked holding it left nothing half-written that matters
+/// here (a failed collective fails the group).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 impl TcpCommunicator {
     /// Rank 0's side of a collective.

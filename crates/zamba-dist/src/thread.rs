@@ -6,7 +6,7 @@
 //! communicator, fails the collective on every rank with an error naming it. A failed group
 //! stays failed.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ pub fn thread_group(world: usize, opts: &DistOptions) -> Vec<Box<dyn Communicato
                 rank,
                 world,
                 shared: shared.clone(),
-                next_index: Cell::new(0),
+                next_index: AtomicU64::new(0),
             }) as Box<dyn Communicator>
         })
         .collect()
@@ -42,7 +42,7 @@ pub struct ThreadCommunicator {
     world: usize,
     shared: Arc<Shared>,
     /// Index of this rank's next collective.
-    next_index: Cell<u64>,
+    next_index: AtomicU64,
 }
 
 struct Shared {
@@ -141,10 +141,10 @@ impl Shared {
 impl HostExchange for ThreadCommunicator {
     fn exchange(&self, call: Call, input: Payload) -> Result<Payload, DistError> {
         let shared = &*self.shared;
-        let index = self.next_index.get();
+        let index = self.next_index.load(Ordering::Relaxed);
         let label = call.label(index);
         call.check_local(self.world, &label)?;
-        self.next_index.set(index + 1);
+        self.next_index.store(index + 1, Ordering::Relaxed);
         let deadline = Instant::now() + shared.timeout;
         let mut state = shared.lock();
 

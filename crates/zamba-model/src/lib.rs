@@ -7,6 +7,7 @@ pub mod device_checks;
 pub mod error;
 pub mod exec;
 pub mod generate;
+pub mod gradient_hook;
 pub mod hf;
 pub mod hf_export;
 pub mod loss;

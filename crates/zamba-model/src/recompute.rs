@@ -129,7 +129,8 @@ impl<I: Iterator<Item = DispatchTensor>> ModuleMapper for ReplaceParams<I> {
     }
 }
 
-/// The gradient of every float parameter, in visiting order, after the activations'.
+/// The gradient of every float parameter, in visiting order, after the activations'; each also
+/// goes to the thread's gradient sink, if any (see [`crate::gradient_hook`]).
 struct CollectGrads<'a> {
     grads: &'a Gradients,
     out: Vec<Option<DispatchTensor>>,
@@ -137,7 +138,8 @@ struct CollectGrads<'a> {
 
 impl ModuleVisitor for CollectGrads<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out
-            .push(param.val().grad(self.grads).map(Tensor::into_dispatch));
+        let grad = param.val().grad(self.grads);
+        crate::gradient_hook::deliver(param.id, grad.as_ref());
+        self.out.push(grad.map(Tensor::into_dispatch));
     }
 }

@@ -44,7 +44,7 @@ mod trace;
 
 pub use category::Category;
 pub use recorder::{
-    Attached, Capture, CaptureHandle, Span, begin, end, recording, span, span_with,
+    Attached, Capture, CaptureHandle, Span, begin, current_capture, end, recording, span, span_with,
 };
 pub use summary::{CategoryTime, Summary};
 pub use trace::{SpanRecord, Trace, chrome_json_of};

@@ -30,8 +30,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// The track named `name`, added if new: a thread started anew for each step (a
+    /// communication thread) continues the track of its predecessor.
     fn add_track(&self, name: String) -> usize {
         let mut tracks = self.tracks.lock().expect("trace tracks lock");
+        if let Some(existing) = tracks.iter().position(|t| *t == name) {
+            return existing;
+        }
         tracks.push(name);
         tracks.len() - 1
     }
@@ -107,6 +112,20 @@ fn set_thread_sync(sync: Rc<dyn Fn()>) {
             recorder.sync = Some(sync);
         }
     });
+}
+
+/// The capture this thread records into and the name of its track, for a helper thread to
+/// join it ([`CaptureHandle::attach`]); `None` when this thread does not record.
+pub fn current_capture() -> Option<(CaptureHandle, String)> {
+    THREAD.with_borrow(|slot| {
+        slot.as_ref().map(|recorder| {
+            let tracks = recorder.shared.tracks.lock().expect("trace tracks lock");
+            let handle = CaptureHandle {
+                shared: recorder.shared.clone(),
+            };
+            (handle, tracks[recorder.track].clone())
+        })
+    })
 }
 
 /// Whether this thread records spans now.

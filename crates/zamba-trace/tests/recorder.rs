@@ -210,3 +210,31 @@ fn several_captures_make_one_document_with_a_process_each() {
         .collect();
     assert_eq!(processes, ["rank 0", "rank 1"]);
 }
+
+#[test]
+fn helper_threads_join_the_current_capture_and_successive_ones_share_a_track() {
+    assert!(
+        zamba_trace::current_capture().is_none(),
+        "not recording yet"
+    );
+    let capture = Capture::start("rank 0");
+    for step in 0..2 {
+        let (handle, track) = zamba_trace::current_capture().expect("this thread records");
+        assert_eq!(track, "rank 0");
+        std::thread::spawn(move || {
+            let _attached = handle.attach(format!("{track} communication"));
+            let _c = span_with(Category::Communication, || format!("bucket of step {step}"));
+        })
+        .join()
+        .unwrap();
+    }
+    let trace = capture.finish();
+    assert_eq!(trace.tracks(), ["rank 0", "rank 0 communication"]);
+    let comm: Vec<&str> = trace
+        .spans()
+        .iter()
+        .filter(|s| s.track == 1)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(comm, ["bucket of step 0", "bucket of step 1"]);
+}

@@ -118,7 +118,7 @@ pub fn working_dtype(precision: Precision) -> DType {
 }
 
 /// Gradients are summed over micro-batches, reduced and applied in this type.
-const GRAD_DTYPE: DType = DType::F32;
+pub(crate) const GRAD_DTYPE: DType = DType::F32;
 
 /// Whether the optimizer keeps f32 master weights apart from the working parameters: exactly
 /// when those are not f32 (the updates of bf16 weights would round away).
@@ -250,6 +250,8 @@ pub struct DataParallel {
     slots: Vec<ParamSlot>,
     buckets: Vec<Bucket>,
     segments: Vec<Segment>,
+    /// Elements per bucket (f32 gradients).
+    capacity: usize,
     sharding: Sharding,
     /// The working parameters' type (see [`working_dtype`]).
     working: DType,
@@ -269,9 +271,25 @@ impl DataParallel {
         rank: usize,
         world: usize,
     ) -> Self {
-        let slots = param_slots(model);
-        let numels: Vec<usize> = slots.iter().map(|s| s.numel).collect();
-        let buckets = bucket_slots(&numels, bucket_capacity(bucket_bytes))
+        let mut dp = Self {
+            slots: param_slots(model),
+            buckets: Vec::new(),
+            segments: Vec::new(),
+            capacity: bucket_capacity(bucket_bytes),
+            sharding,
+            working: DType::F32,
+            transport: ReduceDtype::F32,
+            rank,
+            world,
+        };
+        dp.lay_out();
+        dp
+    }
+
+    /// Parameters in buckets in their order, and this rank's segments of them.
+    fn lay_out(&mut self) {
+        let numels: Vec<usize> = self.slots.iter().map(|s| s.numel).collect();
+        self.buckets = bucket_slots(&numels, self.capacity)
             .into_iter()
             .map(|range| {
                 let offsets = numels[range.clone()]
@@ -285,22 +303,24 @@ impl DataParallel {
                 Bucket {
                     slots: range,
                     offsets,
-                    chunk: len.div_ceil(world),
+                    chunk: len.div_ceil(self.world),
                 }
             })
             .collect();
-        let mut dp = Self {
-            slots,
-            buckets,
-            segments: Vec::new(),
-            sharding,
-            working: DType::F32,
-            transport: ReduceDtype::F32,
-            rank,
-            world,
-        };
-        dp.segments = dp.optimizer_segments();
-        dp
+        self.segments = self.optimizer_segments();
+    }
+
+    /// Buckets filled in the order the backward finishes gradients: the parameters of `first`
+    /// (in its order), then the others in the model's visiting order. Reduced in bucket order,
+    /// the first buckets can go while the backward still computes the later ones' gradients.
+    pub fn with_reduction_order(mut self, first: &[ParamId]) -> Self {
+        let rank: HashMap<ParamId, usize> =
+            first.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        // A stable sort: the others keep their visiting order, after every listed one.
+        self.slots
+            .sort_by_key(|slot| rank.get(&slot.id).copied().unwrap_or(first.len()));
+        self.lay_out();
+        self
     }
 
     /// Working parameters in `precision`'s type: bf16 ones with f32 master weights under
@@ -373,6 +393,15 @@ impl DataParallel {
         grads
     }
 
+    /// One parameter's flattened micro-batch gradient in the type gradients are summed in, as
+    /// [`accumulation_type`](Self::accumulation_type) makes it.
+    pub fn flat_accumulation_type(&self, grad: Tensor<1>) -> Tensor<1> {
+        match self.working == GRAD_DTYPE {
+            true => grad,
+            false => grad.cast(GRAD_DTYPE),
+        }
+    }
+
     /// Module path of a segment's parameter.
     pub fn path(&self, segment: &Segment) -> &str {
         &self.slots[segment.slot].path
@@ -387,37 +416,79 @@ impl DataParallel {
         comm: &dyn Communicator,
         device: &Device,
     ) -> Result<(Vec<Tensor<1>>, Tensor<1>), DistError> {
+        let mut reduced = Vec::with_capacity(self.buckets.len());
+        for b in 0..self.buckets.len() {
+            let parts = self
+                .bucket_params(b)
+                .map(|s| take_flat(&mut grads, &self.slots[s]));
+            reduced.push(self.reduce_bucket(b, parts.collect(), comm, device)?);
+        }
+        Ok(self.reduced_segments(reduced, device))
+    }
+
+    /// How many buckets the parameters fill.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// The indices (in [`slots`](Self::slots)) of bucket `b`'s parameters.
+    pub fn bucket_params(&self, b: usize) -> Range<usize> {
+        self.buckets[b].slots.clone()
+    }
+
+    /// Bucket `b` averaged over the ranks, from this rank's f32 gradients of its parameters
+    /// (`None`: no gradient, zeros): the whole bucket, or under ZeRO-1 this rank's chunk of it.
+    pub fn reduce_bucket(
+        &self,
+        b: usize,
+        parts: Vec<Option<Tensor<1>>>,
+        comm: &dyn Communicator,
+        device: &Device,
+    ) -> Result<Tensor<1>, DistError> {
+        let _bucket = span_with(Category::Gradients, || self.bucket_name(b));
+        let bucket = &self.buckets[b];
+        let parts = bucket
+            .slots
+            .clone()
+            .zip(parts)
+            .map(|(s, part)| part.unwrap_or_else(|| Tensor::zeros([self.slots[s].numel], device)))
+            .collect();
+        let flat = self.padded(bucket, parts, device);
+        Ok(match self.sharding {
+            // One rank's gradients are their own average: no round trip through the
+            // communicator (a copy out and back of every gradient).
+            _ if self.world == 1 => flat,
+            Sharding::Replicated => {
+                let full = span(Category::Communication, "all-reduce")
+                    .run(|| comm.all_reduce(to(flat, self.transport.dtype()), ReduceOp::Avg))?;
+                to(full, GRAD_DTYPE)
+            }
+            Sharding::Zero1 => {
+                let _comm = span(Category::Communication, "reduce-scatter");
+                let chunk = comm.reduce_scatter(to(flat, self.transport.dtype()), ReduceOp::Avg)?;
+                to(chunk, GRAD_DTYPE)
+            }
+        })
+    }
+
+    /// The gradient of each of [`segments`](Self::segments) out of every bucket's
+    /// [`reduce_bucket`](Self::reduce_bucket) result, and this rank's partial sum of squares
+    /// (over its chunks, in bucket order; summed over ranks it is the squared global norm),
+    /// shape `[1]`.
+    pub fn reduced_segments(
+        &self,
+        reduced: Vec<Tensor<1>>,
+        device: &Device,
+    ) -> (Vec<Tensor<1>>, Tensor<1>) {
+        assert_eq!(reduced.len(), self.buckets.len(), "one result per bucket");
         let mut segment_grads = Vec::with_capacity(self.segments.len());
         let mut sum_squares = Tensor::<1>::zeros([1], device);
         let mut segments = self.segments.iter().peekable();
-        for (b, bucket) in self.buckets.iter().enumerate() {
-            let _bucket = span_with(Category::Gradients, || self.bucket_name(b));
-            let parts = bucket
-                .slots
-                .clone()
-                .map(|s| {
-                    let slot = &self.slots[s];
-                    take_flat(&mut grads, slot)
-                        .unwrap_or_else(|| Tensor::zeros([slot.numel], device))
-                })
-                .collect();
-            let flat = self.padded(bucket, parts, device);
+        for (b, (bucket, result)) in self.buckets.iter().zip(reduced).enumerate() {
             let (chunk, full) = match self.sharding {
-                // One rank's gradients are their own average: no round trip through the
-                // communicator (a copy out and back of every gradient).
-                _ if self.world == 1 => (flat.clone(), Some(flat)),
-                Sharding::Replicated => {
-                    let full = span(Category::Communication, "all-reduce")
-                        .run(|| comm.all_reduce(to(flat, self.transport.dtype()), ReduceOp::Avg))?;
-                    let full = to(full, GRAD_DTYPE);
-                    (full.clone().slice(self.owned(bucket)), Some(full))
-                }
-                Sharding::Zero1 => {
-                    let _comm = span(Category::Communication, "reduce-scatter");
-                    let chunk =
-                        comm.reduce_scatter(to(flat, self.transport.dtype()), ReduceOp::Avg)?;
-                    (to(chunk, GRAD_DTYPE), None)
-                }
+                _ if self.world == 1 => (result.clone(), Some(result)),
+                Sharding::Replicated => (result.clone().slice(self.owned(bucket)), Some(result)),
+                Sharding::Zero1 => (result, None),
             };
             sum_squares = sum_squares + chunk.clone().square().sum();
             let chunk_start = self.owned(bucket).start;
@@ -432,7 +503,7 @@ impl DataParallel {
                 });
             }
         }
-        Ok((segment_grads, sum_squares))
+        (segment_grads, sum_squares)
     }
 
     /// Current values of each of [`segments`](Self::segments), flat, without autodiff.
@@ -456,7 +527,7 @@ impl DataParallel {
     /// Writes the updated values of this rank's segments (in the working type) into the model:
     /// directly when every rank holds every parameter, by all-gathering each bucket's chunks
     /// under ZeRO-1.
-    fn apply<M: Module>(
+    pub fn apply<M: Module>(
         &self,
         model: M,
         updated: Vec<Tensor<1>>,
@@ -494,10 +565,7 @@ impl DataParallel {
         Ok(set_values(model, new_values))
     }
 
-    /// One optimizer step: AdamW on this rank's segments with their averaged `grads` (from
-    /// [`reduce_gradients`](Self::reduce_gradients)) scaled by `grad_scale` (the clipping
-    /// factor), then the new values into every rank's parameters. With master weights AdamW
-    /// updates those, and the working parameters become their bf16 rounding.
+    /// One optimizer step: [`optimize`](Self::optimize), then [`apply`](Self::apply).
     #[allow(clippy::too_many_arguments)]
     pub fn update<M: Module>(
         &self,
@@ -509,9 +577,26 @@ impl DataParallel {
         comm: &dyn Communicator,
         device: &Device,
     ) -> Result<M, DistError> {
+        let updated = self.optimize(&model, optimizer, grads, lr, grad_scale);
+        span(Category::Optimizer, "apply updated parameters")
+            .run(|| self.apply(model, updated, comm, device))
+    }
+
+    /// AdamW on this rank's segments with their averaged `grads` (from
+    /// [`reduce_gradients`](Self::reduce_gradients)) scaled by `grad_scale` (the clipping
+    /// factor): the segments' new values in the working type. With master weights AdamW
+    /// updates those, and the working values are their bf16 rounding.
+    pub fn optimize<M: Module>(
+        &self,
+        model: &M,
+        optimizer: &mut AdamW,
+        grads: Vec<Tensor<1>>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Vec<Tensor<1>> {
         let values = match self.keeps_master() {
             true => self.take_master(optimizer),
-            false => self.segment_values(&model),
+            false => self.segment_values(model),
         };
         let segments = self
             .segments
@@ -527,12 +612,15 @@ impl DataParallel {
             .collect();
         let updated =
             span(Category::Optimizer, "adamw").run(|| optimizer.update(segments, lr, grad_scale));
-        let _apply = span(Category::Optimizer, "apply updated parameters");
-        let updated = match self.keeps_master() {
+        match self.keeps_master() {
             true => self.keep_master(optimizer, updated),
             false => updated,
-        };
-        self.apply(model, updated, comm, device)
+        }
+    }
+
+    /// Whether [`apply`](Self::apply) communicates (all-gathers the updated chunks).
+    pub fn gathers_updates(&self) -> bool {
+        self.sharding == Sharding::Zero1 && self.world > 1
     }
 
     /// This rank's master weights, in segment order, taken out of `optimizer`.
@@ -735,7 +823,7 @@ fn own_buffer(t: Tensor<1>) -> Tensor<1> {
 }
 
 /// `t` in `dtype` (unchanged if it already is).
-fn to(t: Tensor<1>, dtype: DType) -> Tensor<1> {
+pub(crate) fn to(t: Tensor<1>, dtype: DType) -> Tensor<1> {
     match t.dtype() == dtype {
         true => t,
         false => t.cast(dtype),
@@ -762,7 +850,7 @@ fn cast_grad(grads: &mut GradientsParams, slot: &ParamSlot, dtype: DType) {
 }
 
 /// Removes a parameter's gradient from `grads`, flattened (`None` if it has none).
-fn take_flat(grads: &mut GradientsParams, slot: &ParamSlot) -> Option<Tensor<1>> {
+pub(crate) fn take_flat(grads: &mut GradientsParams, slot: &ParamSlot) -> Option<Tensor<1>> {
     let n = [slot.numel];
     match slot.shape.len() {
         1 => grads.remove::<1>(slot.id).map(|g| g.inner()),

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod memory_plan;
 pub mod metrics;
 pub mod optim;
+mod overlap;
 pub mod peak;
 pub mod plot;
 pub mod profile;

@@ -1,7 +1,10 @@
 //! One optimizer step of data-parallel training, as the trainer and the benchmarks run it:
-//! micro-batches → this rank's gradient sum → one bucketed all-reduce (ZeRO-1: reduce-scatter)
-//! → one more of [loss, partial sum of squares, stop request], so that every rank takes the same
-//! decisions → skip, or clip + AdamW update.
+//! micro-batches → this rank's gradient sum → one bucketed all-reduce (ZeRO-1: reduce-scatter),
+//! overlapped with the last micro-batch's backward (see [`crate::overlap`]) → one more of
+//! [loss, partial sum of squares, stop request], so that every rank takes the same decisions →
+//! skip, or clip + AdamW update.
+
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -22,6 +25,9 @@ pub struct StepContext<'a> {
     /// Without autodiff: where gradients are reduced and the optimizer runs.
     pub compute: &'a Device,
     pub dp: &'a DataParallel,
+    /// Reduce gradients on a communication thread while the last micro-batch's backward runs
+    /// (`dist.overlap_grad_reduce`); else after it. The results are the same bit for bit.
+    pub overlap: bool,
 }
 
 /// Why an update must be skipped, given the agreed loss and gradient norm.
@@ -42,7 +48,9 @@ pub struct StepSettings<'a> {
 pub enum StepEvent {
     /// Micro-batch `micro`'s forward and loss are computed; its backward is next.
     Forward { micro: usize },
-    /// Every micro-batch's backward is done and the gradients summed.
+    /// Every micro-batch's backward is done and the gradients summed; with overlap, the
+    /// reduction of some buckets may be under way or done, and no collective of the rest has
+    /// started.
     Gradients,
     /// Gradients are reduced over the ranks and the loss and norm agreed.
     Reduced,
@@ -72,6 +80,10 @@ pub struct StepOutcome {
     pub interrupted: bool,
     /// Why the update was skipped, if it was.
     pub skipped: Option<String>,
+    /// How long this rank's step waited on communication: the gradient reduction past the end
+    /// of the backward, the agreement, and the all-gather of updated parameters (ZeRO-1). What
+    /// the communication thread does while the backward runs is not in it.
+    pub communication_wait: Duration,
 }
 
 /// One step on this rank's `micro_batches` (inputs, targets): returns the model after the update
@@ -87,20 +99,36 @@ pub fn train_step<I>(
 where
     I: ExactSizeIterator<Item = (Tensor<2, Int>, Tensor<2, Int>)>,
 {
-    let (grads, loss_sum) = local_gradients(&model, micro_batches, ctx, observer)?;
-    observer.observe(StepEvent::Gradients)?;
-    let (grads, sum_squares) = ctx.dp.reduce_gradients(grads, ctx.comm, ctx.compute)?;
+    let (grads, sum_squares, loss_sum, mut waited) = match ctx.overlap && ctx.comm.world_size() > 1
+    {
+        true => overlapped_gradients(&model, micro_batches, ctx, observer)?,
+        false => {
+            let (grads, loss_sum) = local_gradients(&model, micro_batches, ctx, observer)?;
+            observer.observe(StepEvent::Gradients)?;
+            let reducing = Instant::now();
+            let (grads, sum_squares) = ctx.dp.reduce_gradients(grads, ctx.comm, ctx.compute)?;
+            (grads, sum_squares, loss_sum, reducing.elapsed())
+        }
+    };
     let stop_requested = settings.stop.is_some_and(StopSignal::requested);
+    let agreeing = Instant::now();
     let (loss, grad_norm, interrupted) = agree(ctx, loss_sum, sum_squares, stop_requested)?;
+    waited += agreeing.elapsed();
     observer.observe(StepEvent::Reduced)?;
     let skipped = (settings.skip)(loss, grad_norm);
     let model = match skipped {
         Some(_) => model,
         None => {
             let scale = clip_factor(grad_norm, settings.clip_grad_norm);
-            let lr = settings.lr;
-            ctx.dp
-                .update(model, optimizer, grads, lr, scale, ctx.comm, ctx.compute)?
+            let (dp, lr) = (ctx.dp, settings.lr);
+            let updated = dp.optimize(&model, optimizer, grads, lr, scale);
+            let applying = Instant::now();
+            let model = span(Category::Optimizer, "apply updated parameters")
+                .run(|| dp.apply(model, updated, ctx.comm, ctx.compute))?;
+            if dp.gathers_updates() {
+                waited += applying.elapsed();
+            }
+            model
         }
     };
     observer.observe(StepEvent::Updated)?;
@@ -109,6 +137,7 @@ where
         grad_norm,
         interrupted,
         skipped,
+        communication_wait: waited,
     };
     Ok((model, outcome))
 }
@@ -129,21 +158,79 @@ where
     let accum = micro_batches.len();
     let mut accumulator = GradientsAccumulator::new();
     let mut loss_sum = Tensor::<1>::zeros([1], &ctx.device.clone().without_autodiff());
-    for (m, (inputs, targets)) in micro_batches.enumerate() {
-        let logits =
-            span_with(Category::Forward, || format!("forward {m}")).run(|| model.forward(inputs));
-        let loss = cross_entropy(logits, targets) / accum as f64;
-        loss_sum = loss_sum + loss.clone().inner().reshape([1]);
-        observer.observe(StepEvent::Forward { micro: m })?;
-        let grads =
-            span_with(Category::Backward, || format!("backward {m}")).run(|| loss.backward());
+    for (m, batch) in micro_batches.enumerate() {
+        let loss = forward(model, batch, m, accum, &mut loss_sum, observer)?;
+        let grads = backward(model, loss, m, ctx);
         let _accumulate = span(Category::Gradients, "accumulate gradients");
-        let grads = ctx
-            .dp
-            .accumulation_type(GradientsParams::from_grads(grads, model));
         accumulator.accumulate(model, grads);
     }
     Ok((accumulator.grads(), loss_sum))
+}
+
+/// As [`local_gradients`] followed by [`DataParallel::reduce_gradients`], with the reduction
+/// overlapped with the last micro-batch's backward: the segments' averaged gradients, this
+/// rank's partial sum of squares, its summed loss, and how long it waited for the reduction
+/// once the backward was over.
+fn overlapped_gradients<I>(
+    model: &ZambaModel,
+    micro_batches: I,
+    ctx: &StepContext,
+    observer: &mut dyn StepObserver,
+) -> Result<(Vec<Tensor<1>>, Tensor<1>, Tensor<1>, Duration)>
+where
+    I: ExactSizeIterator<Item = (Tensor<2, Int>, Tensor<2, Int>)>,
+{
+    let accum = micro_batches.len();
+    let mut accumulator = GradientsAccumulator::new();
+    let mut loss_sum = Tensor::<1>::zeros([1], &ctx.device.clone().without_autodiff());
+    let mut last = None;
+    for (m, batch) in micro_batches.enumerate() {
+        let loss = forward(model, batch, m, accum, &mut loss_sum, observer)?;
+        if m + 1 < accum {
+            let grads = backward(model, loss, m, ctx);
+            let _accumulate = span(Category::Gradients, "accumulate gradients");
+            accumulator.accumulate(model, grads);
+        } else {
+            last = Some(loss);
+        }
+    }
+    let last = last.ok_or_else(|| anyhow::anyhow!("a step needs at least one micro-batch"))?;
+    let (reduced, waited) = crate::overlap::reduce_during_backward(
+        ctx.dp,
+        ctx.comm,
+        ctx.compute,
+        &model.gradients_final_in_backward(),
+        accumulator.grads(),
+        || backward(model, last, accum - 1, ctx),
+        || observer.observe(StepEvent::Gradients),
+    )?;
+    let (grads, sum_squares) = ctx.dp.reduced_segments(reduced, ctx.compute);
+    Ok((grads, sum_squares, loss_sum, waited))
+}
+
+/// Micro-batch `m` of `accum`'s forward: its loss (with autodiff), divided by `accum`, also
+/// added to `loss_sum`.
+fn forward(
+    model: &ZambaModel,
+    (inputs, targets): (Tensor<2, Int>, Tensor<2, Int>),
+    m: usize,
+    accum: usize,
+    loss_sum: &mut Tensor<1>,
+    observer: &mut dyn StepObserver,
+) -> Result<Tensor<1>> {
+    let logits =
+        span_with(Category::Forward, || format!("forward {m}")).run(|| model.forward(inputs));
+    let loss = cross_entropy(logits, targets) / accum as f64;
+    *loss_sum = loss_sum.clone() + loss.clone().inner().reshape([1]);
+    observer.observe(StepEvent::Forward { micro: m })?;
+    Ok(loss)
+}
+
+/// Micro-batch `m`'s backward: its gradients, in the type they are summed in.
+fn backward(model: &ZambaModel, loss: Tensor<1>, m: usize, ctx: &StepContext) -> GradientsParams {
+    let grads = span_with(Category::Backward, || format!("backward {m}")).run(|| loss.backward());
+    ctx.dp
+        .accumulation_type(GradientsParams::from_grads(grads, model))
 }
 
 /// One all-reduce of [this rank's loss, its partial sum of squared gradients, its stop request]

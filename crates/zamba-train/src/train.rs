@@ -258,6 +258,7 @@ impl RankRun {
             device: &ctx.device,
             compute: &compute,
             dp: &self.dp,
+            overlap: config.dist.overlap_grad_reduce,
         };
         let loss_window = &self.state.loss_window;
         let settings = StepSettings {
@@ -496,6 +497,7 @@ fn distribute(
         ctx.rank,
         ctx.world_size,
     )
+    .with_reduction_order(&model.gradient_order())
     .with_precision(config.runtime.precision)
     .with_transport(config.dist.grad_reduce_dtype);
     let compute = ctx.compute_device();

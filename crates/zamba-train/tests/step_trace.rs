@@ -158,15 +158,16 @@ fn profile_steps_trace_every_rank_with_nested_spans_covering_each_step() {
     let traces = tmp.path().join("traced/traces");
     for rank in 0..2 {
         let events = read_trace(&traces.join(format!("steps-1-2.rank-{rank}.json")));
+        let step_track = events[index_of(&events, "step 1")].track;
         let roots: Vec<&str> = events
             .iter()
-            .filter(|e| e.parent.is_none())
+            .filter(|e| e.parent.is_none() && e.track == step_track)
             .map(|e| e.name.as_str())
             .collect();
         assert_eq!(
             roots,
             ["step 1", "step 2"],
-            "every span inside a traced step"
+            "every span of the rank's track inside a traced step"
         );
         for step in ["step 1", "step 2"] {
             let root = index_of(&events, step);
@@ -176,7 +177,6 @@ fn profile_steps_trace_every_rank_with_nested_spans_covering_each_step() {
                 "forward",
                 "loss",
                 "backward",
-                "gradients",
                 "communication",
                 "optimizer",
             ] {
@@ -189,16 +189,23 @@ fn profile_steps_trace_every_rank_with_nested_spans_covering_each_step() {
             for phase in ["eval", "checkpoint"] {
                 assert_eq!(phases.contains(&phase), step == "step 1", "{step}: {phase}");
             }
-            let inside = descendants(&events, root);
-            // One bucket of gradients here, averaged over the two ranks.
-            let bucket = inside
+            // The gradients are reduced on the rank's communication thread, overlapped with the
+            // backward (dist.overlap_grad_reduce): buckets on a track of their own, within the
+            // step, each around its collective.
+            let (start, end) = (events[root].start, events[root].end + ROUNDING_US);
+            let on_comm_track = |e: &&Event| {
+                e.track.0 == step_track.0
+                    && e.track != step_track
+                    && e.start >= start
+                    && e.end <= end
+            };
+            let bucket = events
                 .iter()
-                .position(|e| e.name.starts_with("bucket 0"))
-                .unwrap();
-            assert_eq!(inside[bucket].cat, "gradients");
+                .position(|e| on_comm_track(&e) && e.name.starts_with("bucket 0"))
+                .unwrap_or_else(|| panic!("{step} of rank {rank}: no bucket 0"));
+            assert_eq!(events[bucket].cat, "gradients");
             assert!(
-                inside
-                    .iter()
+                children(&events, bucket)
                     .any(|e| e.name == "all-reduce" && e.cat == "communication")
             );
 

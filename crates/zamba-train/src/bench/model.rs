@@ -46,6 +46,17 @@ pub struct ModelArgs {
     /// replicated.
     #[arg(long)]
     pub(super) zero: bool,
+    /// With --world: throttle every rank's communicator to a link of this many Gbit/s (a
+    /// simulation: each collective sleeps for its bytes on the wire) and print the step's
+    /// data-parallel efficiency.
+    #[arg(long, value_name = "G")]
+    pub(super) link_gbps: Option<f64>,
+    /// With --world: reduce gradients after the backward instead of during it.
+    #[arg(long)]
+    pub(super) no_overlap: bool,
+    /// With --world: gradient buckets of up to this many MiB (see dist.bucket_mb).
+    #[arg(long, default_value_t = 25.0)]
+    pub(super) bucket_mb: f64,
     /// cpu, cuda, cuda:N or cube-cpu (see runtime.device).
     #[arg(long, default_value = "cpu")]
     pub(super) device: DeviceChoice,
@@ -116,6 +127,11 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
     if a.predict {
         return super::predict::run(a, &config);
     }
+    if a.world < 2 && (a.link_gbps.is_some() || a.no_overlap) {
+        bail!(
+            "--link-gbps and --no-overlap concern the traffic between ranks: add --world N (N ≥ 2)"
+        );
+    }
     if a.world > 1 {
         if a.trace.is_some() {
             bail!(
@@ -124,6 +140,12 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
         }
         if a.device != DeviceChoice::Cpu {
             bail!("--world runs the ranks as threads on the CPU; leave out --device (or use cpu)");
+        }
+        if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0) {
+            bail!(
+                "--bucket-mb {}: a bucket must hold a positive number of MiB",
+                a.bucket_mb
+            );
         }
         return super::world::run(&super::world::WorldBench {
             config: &config,
@@ -137,6 +159,9 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
             },
             precision: a.precision,
             checkpointing: a.activation_checkpointing,
+            overlap: !a.no_overlap,
+            link_gbps: a.link_gbps,
+            bucket_mb: a.bucket_mb,
         });
     }
     let device = device_for(a.device, 0, a.precision)?;
@@ -202,8 +227,9 @@ fn train_steps(
     let comm = zamba_dist::thread_group(1, &DistOptions::default())
         .pop()
         .expect("a group of one");
-    let dp =
-        DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1).with_precision(precision);
+    let dp = DataParallel::new(&model, 25 << 20, Sharding::Replicated, 0, 1)
+        .with_reduction_order(&model.gradient_order())
+        .with_precision(precision);
     let mut optimizer = AdamW::new(bench_adamw());
     let mut model = dp.prepare(model, &mut optimizer, comm.as_ref(), compute)?;
     let device = inputs.device();
@@ -212,6 +238,7 @@ fn train_steps(
         device: &device,
         compute,
         dp: &dp,
+        overlap: true,
     };
     let (mut grads_time, mut update_time) = (Duration::ZERO, Duration::ZERO);
     let mut heap = HeapUse::default();

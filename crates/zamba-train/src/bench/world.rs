@@ -2,14 +2,16 @@
 //! rows, bucketed gradient averaging, the agreement on loss and norm, AdamW and the parameter
 //! update — with N ranks as threads against one rank, on the same global batch and the same cores;
 //! and the heap each rank's training state takes (parameters, gradients, master weights, moments)
-//! against the estimate `--dry-run` makes of it.
+//! against the estimate `--dry-run` makes of it. With `--link-gbps`, the ranks' links are
+//! throttled to a slower interconnect ([`ThrottledLink`]) and the step's data-parallel efficiency
+//! is what the communication it cannot hide behind the backward leaves of it.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
-use zamba_dist::{Communicator, DistOptions};
+use zamba_dist::{Communicator, DistOptions, ThrottledLink};
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
@@ -36,6 +38,12 @@ pub struct WorldBench<'a> {
     pub sharding: Sharding,
     pub precision: Precision,
     pub checkpointing: ActivationCheckpointing,
+    /// Reduce gradients during the backward (the trainer's default) rather than after it.
+    pub overlap: bool,
+    /// Simulate links of this many Gbit/s per rank.
+    pub link_gbps: Option<f64>,
+    /// Gradient buckets of up to this many MiB.
+    pub bucket_mb: f64,
 }
 
 /// Time per step on rank 0, split into its parts, and the heap of the ranks' training state.
@@ -44,6 +52,12 @@ struct StepTimes {
     compute: Duration,
     sync: Duration,
     update: Duration,
+    /// The last micro-batch's backward (within `compute`).
+    backward: Duration,
+    /// What the step waited on communication ([`StepOutcome::communication_wait`]).
+    exposed: Duration,
+    /// Time on the simulated link (with `--link-gbps`).
+    wire: Duration,
     /// Live heap of all ranks' state once the gradients are summed, less the heap once the
     /// ranks have dropped their models and optimizers, divided by the ranks.
     state_per_rank: f64,
@@ -55,11 +69,15 @@ impl StepTimes {
     }
 }
 
-/// Runs `steps` measured steps (after one warm-up) with 1 and with `world` thread ranks.
+/// Runs `steps` measured steps (after one warm-up) with 1 and with `world` thread ranks; with a
+/// simulated link, with `world` ranks only.
 pub fn run(b: &WorldBench) -> Result<()> {
     let (batch, world) = (b.batch, b.world);
     if batch % world != 0 {
         bail!("--batch {batch} must be divisible by --world {world}");
+    }
+    if let Some(gbps) = b.link_gbps {
+        return run_on_link(b, gbps);
     }
     let flops = FlopsPerToken::of(b.config, b.seq_len).train();
     let tokens = (batch * b.seq_len) as f64;
@@ -100,6 +118,53 @@ pub fn run(b: &WorldBench) -> Result<()> {
     match mismatches.is_empty() {
         true => Ok(()),
         false => bail!("{}", mismatches.join("; ")),
+    }
+}
+
+/// `world` ranks on links of `gbps` Gbit/s: the step, the traffic and the efficiency.
+fn run_on_link(b: &WorldBench, gbps: f64) -> Result<()> {
+    if !(gbps.is_finite() && gbps > 0.0) {
+        bail!("--link-gbps {gbps}: a link's bandwidth must be a positive number of Gbit/s");
+    }
+    let (batch, world) = (b.batch, b.world);
+    println!(
+        "data-parallel step, {batch} × {} tokens per step, {:?}, precision {}, activation checkpointing {}, \
+         {world} ranks as threads sharing {} cores, each on a simulated {gbps} Gbit/s link, buckets of {} MiB, \
+         reduction {}",
+        b.seq_len,
+        b.sharding,
+        b.precision,
+        b.checkpointing,
+        rayon::current_num_threads(),
+        b.bucket_mb,
+        match b.overlap {
+            true => "overlapped with the backward",
+            false => "after the backward (--no-overlap)",
+        }
+    );
+    let t = measure(b, batch / world, world)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let step = t.total();
+    println!(
+        "  {:.1} ms/step: forward+backward {:.1} ms (backward {:.1} ms), gradient averaging + agreement {:.1} ms, \
+         AdamW + parameter update {:.1} ms; {:.1} ms on the wire per step",
+        ms(step),
+        ms(t.compute),
+        ms(t.backward),
+        ms(t.sync),
+        ms(t.update),
+        ms(t.wire)
+    );
+    let exposed = t.exposed.min(step);
+    println!(
+        "data-parallel efficiency {:.1}% (exposed communication {:.1} ms of {:.1} ms per step)",
+        100.0 * (1.0 - exposed.as_secs_f64() / step.as_secs_f64()),
+        ms(exposed),
+        ms(step)
+    );
+    match check_state(b, world, t.state_per_rank) {
+        Some(mismatch) => bail!("{mismatch}"),
+        None => Ok(()),
     }
 }
 
@@ -147,8 +212,15 @@ fn measure(b: &WorldBench, rows: usize, world: usize) -> Result<StepTimes> {
             .map(|comm| {
                 let rank0 = &rank0;
                 scope.spawn(move || -> Result<()> {
-                    let times = rank_steps(b, rows, comm.as_ref())?;
-                    if comm.rank() == 0 {
+                    let rank = comm.rank();
+                    let times = match b.link_gbps {
+                        Some(gbps) => {
+                            let link = ThrottledLink::new(comm, gbps);
+                            rank_steps(b, rows, &link, Some(&link))?
+                        }
+                        None => rank_steps(b, rows, comm.as_ref(), None)?,
+                    };
+                    if rank == 0 {
                         *rank0.lock().expect("not poisoned") = times;
                     }
                     Ok(())
@@ -162,9 +234,14 @@ fn measure(b: &WorldBench, rows: usize, world: usize) -> Result<StepTimes> {
     Ok(rank0.into_inner().expect("not poisoned"))
 }
 
-/// One rank's steps; returns the mean time of the measured ones and, from one more step, the
-/// heap of the ranks' state.
-fn rank_steps(b: &WorldBench, rows: usize, comm: &dyn Communicator) -> Result<StepTimes> {
+/// One rank's steps (on `link` when it is the communicator); returns the mean time of the
+/// measured ones and, from one more step, the heap of the ranks' state.
+fn rank_steps(
+    b: &WorldBench,
+    rows: usize,
+    comm: &dyn Communicator,
+    link: Option<&ThrottledLink>,
+) -> Result<StepTimes> {
     let device = Device::flex().autodiff();
     let compute = Device::flex();
     let execution = Execution {
@@ -178,24 +255,32 @@ fn rank_steps(b: &WorldBench, rows: usize, comm: &dyn Communicator) -> Result<St
         1 => Sharding::Replicated,
         _ => b.sharding,
     };
-    let dp = DataParallel::new(&model, 25 << 20, sharding, rank, world).with_precision(b.precision);
+    let bucket_bytes = (b.bucket_mb * (1 << 20) as f64) as usize;
+    let dp = DataParallel::new(&model, bucket_bytes, sharding, rank, world)
+        .with_reduction_order(&model.gradient_order())
+        .with_precision(b.precision);
     let mut optimizer = AdamW::new(bench_adamw());
     let mut model = dp.prepare(model, &mut optimizer, comm, &compute)?;
     device.seed(rank as u64);
     let (inputs, targets) = random_batch(rows, b.seq_len, b.config.vocab_size, &device);
-    let ctx = StepContext {
-        comm,
-        device: &device,
-        compute: &compute,
-        dp: &dp,
-    };
     let mut total = StepTimes::default();
+    let on_wire = || link.map_or(Duration::ZERO, ThrottledLink::time_on_wire);
     for step in 0..=b.steps + 1 {
         comm.barrier()?;
         let probe = step > b.steps;
+        // The heap probe's barrier must not run beside the communication thread's collectives.
+        let ctx = StepContext {
+            comm,
+            device: &device,
+            compute: &compute,
+            dp: &dp,
+            overlap: b.overlap && !probe,
+        };
         let mut clock = RankClock::new(comm, probe);
         let micro_batches = std::iter::once((inputs.clone(), targets.clone()));
-        (model, _) = train_step(
+        let wire_before = on_wire();
+        let outcome;
+        (model, outcome) = train_step(
             model,
             &mut optimizer,
             micro_batches,
@@ -207,8 +292,11 @@ fn rank_steps(b: &WorldBench, rows: usize, comm: &dyn Communicator) -> Result<St
             total.state_per_rank = clock.state_heap as f64;
         } else if step > 0 {
             total.compute += clock.gradients - clock.start;
+            total.backward += clock.gradients - clock.forward;
             total.sync += clock.reduced - clock.gradients;
             total.update += clock.updated - clock.reduced;
+            total.exposed += outcome.communication_wait;
+            total.wire += on_wire() - wire_before;
         }
     }
     // What the state held is what dropping it frees: buffers the compute library keeps per
@@ -220,6 +308,9 @@ fn rank_steps(b: &WorldBench, rows: usize, comm: &dyn Communicator) -> Result<St
         compute: total.compute / n,
         sync: total.sync / n,
         update: total.update / n,
+        backward: total.backward / n,
+        exposed: total.exposed / n,
+        wire: total.wire / n,
         state_per_rank: (total.state_per_rank - without_state) / world as f64,
     })
 }
@@ -244,6 +335,8 @@ struct RankClock<'a> {
     comm: &'a dyn Communicator,
     probe: bool,
     start: Instant,
+    /// The (last) micro-batch's forward is done.
+    forward: Instant,
     gradients: Instant,
     reduced: Instant,
     updated: Instant,
@@ -257,6 +350,7 @@ impl<'a> RankClock<'a> {
             comm,
             probe,
             start: now,
+            forward: now,
             gradients: now,
             reduced: now,
             updated: now,
@@ -268,7 +362,7 @@ impl<'a> RankClock<'a> {
 impl StepObserver for RankClock<'_> {
     fn observe(&mut self, event: StepEvent) -> Result<()> {
         match event {
-            StepEvent::Forward { .. } => {}
+            StepEvent::Forward { .. } => self.forward = Instant::now(),
             StepEvent::Gradients => {
                 self.gradients = Instant::now();
                 if self.probe {

@@ -392,6 +392,11 @@ pub struct DistSection {
     /// rank that applies them.
     #[schemars(with = "String", extend("enum" = ["f32", "bf16"]))]
     pub grad_reduce_dtype: ReduceDtype,
+    /// Reduce gradients on a communication thread while the backward of the step's last
+    /// micro-batch goes on, each bucket as soon as its gradients are final (with
+    /// `runtime.activation_checkpointing = "layers"`; without it the reduction starts when the
+    /// backward ends). `false` reduces after the backward. The results are the same bit for bit.
+    pub overlap_grad_reduce: bool,
 }
 
 impl Default for DistSection {
@@ -401,6 +406,7 @@ impl Default for DistSection {
             timeout_s: 300.0,
             signal_grace_s: 10.0,
             grad_reduce_dtype: ReduceDtype::F32,
+            overlap_grad_reduce: true,
         }
     }
 }
