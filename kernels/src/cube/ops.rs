@@ -1,12 +1,15 @@
 //! The products of the model on the CubeCL backend — `linear`, the per-head products — written
 //! with [`product`] (whose forward and backward use the matmul routine of the device's runtime,
 //! see [`super::gemm`]) instead of Burn's `matmul`; causal attention, the fused op of
-//! [`super::attention`].
+//! [`super::attention`]; RMSNorm and the GELU gate, the fused ops of [`super::rms_norm`] and
+//! [`super::gelu`].
 
 use burn::tensor::Tensor;
 
 pub(crate) use super::attention::causal_attention;
+pub(crate) use super::gelu::gelu_mul;
 use super::product::product;
+pub(crate) use super::rms_norm::rms_norm;
 
 /// `x · weight` over the last dimension of `x` (see [`crate::linear`]).
 pub(crate) fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
