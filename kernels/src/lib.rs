@@ -47,7 +47,7 @@ pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
 pub use linear::{linear, linear_channels_first, linear_reference};
-pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use rms_norm::{RMS_NORM_CUBE_BLOCKS, rms_norm, rms_norm_reference};
 pub use scan::{
     ScanInputs, ScanShape, cube_scan_chunk, fused_kernel_available, scan_bytes, scan_chunk,
     scan_flops, scan_lane_ops, selective_scan, selective_scan_reference,

@@ -21,6 +21,11 @@ use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, output};
 use crate::simd::{Isa, Lanes, simd_dispatch, simd_level};
 
+/// Most blocks of rows the CubeCL RMSNorm cuts a call's rows into: each block is one cube, whose
+/// `d gamma` sum over its rows is written (`f32 × width`) and then summed over the blocks in
+/// order.
+pub const RMS_NORM_CUBE_BLOCKS: usize = 1024;
+
 /// `x / sqrt(mean(x²) + eps) · gamma` over the last dimension of `x` (`gamma`: `[width]`).
 /// Fused on Flex devices and on CubeCL devices (features `cuda`, `cube-cpu`: any float dtype,
 /// statistics in f32, one f32 per row kept for the backward); [`rms_norm_reference`] (Burn's

@@ -25,7 +25,7 @@ use super::buffers::{address_type, empty, kernel_dtype, to_dtype};
 const MAX_UNITS: usize = 256;
 /// Cubes of one launch, at most: the rows are cut into this many blocks or fewer, each block's
 /// `d gamma` summed in one cube (on a GPU, about one wave of 256-unit cubes).
-const MAX_CUBES: usize = 1024;
+const MAX_CUBES: usize = crate::RMS_NORM_CUBE_BLOCKS;
 
 /// RMSNorm over the last dimension of `x` on a CubeCL device (see [`crate::rms_norm`]).
 pub(crate) fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {

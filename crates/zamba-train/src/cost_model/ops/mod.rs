@@ -16,9 +16,7 @@ mod gemm;
 mod unfused;
 
 use gemm::{GEMMS, gemm, weight_casts};
-use unfused::{
-    UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY, UNFUSED_GELU_GATE, UNFUSED_RMS_NORM, unfused_conv,
-};
+use unfused::{UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY, unfused_conv};
 
 use super::{Kernels, OpClass, Rate, Workload};
 use crate::config::DistSection;
@@ -65,7 +63,7 @@ pub(super) fn count(w: &Workload, kernels: Kernels) -> Vec<OpCost> {
     ops.push(attention(&s, kernels));
     ops.extend(scan(&s, kernels));
     ops.push(conv(&s, kernels));
-    ops.push(gelu_gate(&s, kernels));
+    ops.push(gelu_gate(&s));
     ops.push(norms(&s, kernels));
     ops.push(other_elementwise(&s, w, kernels));
     ops.push(weight_casts(&s, kernels));
@@ -264,17 +262,14 @@ fn conv(s: &Shape, kernels: Kernels) -> OpCost {
     }
 }
 
-/// `gelu(gate) · up` of each use of the shared MLP on `[T, I]`. Planned: forward reads gate and
-/// up and writes the product; backward reads both and the output gradient, writes two gradients.
-fn gelu_gate(s: &Shape, kernels: Kernels) -> OpCost {
+/// `gelu(gate) · up` of each use of the shared MLP on `[T, I]`, in both kernel sets one fused
+/// kernel each way (kernels/src/cube/gelu): the forward reads gate and up and writes the product;
+/// the backward reads both and the output gradient, writes two gradients.
+fn gelu_gate(s: &Shape) -> OpCost {
     let volume = s.t * s.i * s.e;
-    let (bytes, launches) = match kernels {
-        Kernels::Planned => (s.forwards * 3.0 + 5.0, s.forwards + 1.0),
-        Kernels::Current => UNFUSED_GELU_GATE.per_step(s.forwards),
-    };
     OpCost {
-        bytes: s.uses * bytes * volume,
-        launches: s.uses * launches,
+        bytes: s.uses * (s.forwards * 3.0 + 5.0) * volume,
+        launches: s.uses * (s.forwards + 1.0),
         ..OpCost::new(OpClass::GeluGate)
     }
 }
@@ -283,10 +278,13 @@ fn gelu_gate(s: &Shape, kernels: Kernels) -> OpCost {
 /// (widths 2d and d). Planned: a layer's norm fused with the residual add before it (forward: read
 /// the residual and the branch, write the new residual and the normalised output; backward: read
 /// the input, the output gradient and the residual gradient, write the residual's and the
-/// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current: Burn's
-/// formulation on f32 input and output.
+/// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current
+/// (kernels/src/cube/rms_norm): the norm alone on f32 input and output, one kernel forward (read
+/// x, write y and one f32 per row), two backward (read x, dy and the row statistics, write dx and
+/// each block of rows' dγ; then the sum over the blocks).
 fn norms(s: &Shape, kernels: Kernels) -> OpCost {
     let (e, td) = (s.e, s.t * s.d);
+    let instances = s.layers + 2.0 * s.uses;
     let (bytes, launches) = match kernels {
         Kernels::Planned => {
             let layer = |forwards: f64| forwards * (8.0 + 2.0 * e) + 12.0 + 2.0 * e;
@@ -295,18 +293,20 @@ fn norms(s: &Shape, kernels: Kernels) -> OpCost {
             let pre_ff = s.forwards * 2.0 * e + 3.0 * e;
             let per_use = shared_input + pre_ff;
             let bytes = td * (s.layers * layer(s.forwards) + layer(1.0) + s.uses * per_use);
-            let instances = s.layers + 2.0 * s.uses;
             (bytes, instances * (s.forwards + 2.0) + 3.0)
         }
         Kernels::Current => {
-            let (bytes, launches) = UNFUSED_RMS_NORM.per_step(s.forwards);
+            // Per width d: x read and y written per forward; x, dy read and dx written backward;
+            // the blocks' dγ sums written and read once.
+            let blocks = s.t.min(zamba_kernels::RMS_NORM_CUBE_BLOCKS as f64);
+            let pass = |forwards: f64| (forwards * 8.0 + 12.0) * td + 8.0 * blocks * s.d;
+            // One f32 per row: written by each forward, read by the backward.
+            let stats = |forwards: f64| (forwards + 1.0) * 4.0 * s.t;
             // Widths in units of d: layers d, shared input 2d, pre-ff d; the final norm runs once.
-            let final_norm = UNFUSED_RMS_NORM.per_step(1.0);
             let widths = s.layers + 3.0 * s.uses;
-            (
-                4.0 * td * (widths * bytes + final_norm.0),
-                (s.layers + 2.0 * s.uses) * launches + final_norm.1,
-            )
+            let bytes =
+                widths * pass(s.forwards) + pass(1.0) + instances * stats(s.forwards) + stats(1.0);
+            (bytes, instances * (s.forwards + 2.0) + 3.0)
         }
     };
     OpCost {
