@@ -1,8 +1,9 @@
 //! Fused kernels of a Zamba training step for Burn 0.22. On Flex (the CPU) each op is one
 //! multi-threaded, vectorised pass where tensor ops take several single-threaded ones; on Burn's
-//! CubeCL backend (features `cuda`, `cube-cpu`) the scan runs `#[cube]` kernels and the products
-//! use the runtime's own matmul routine. Each op also has its tensor-op definition
-//! (`*_reference`): the fallback on devices without the kernel, and what the tests compare it with.
+//! CubeCL backend (features `cuda`, `cube-cpu`) the scan, attention, RMSNorm and the GELU gate
+//! run `#[cube]` kernels and the products use the runtime's own matmul routine. Each op also has
+//! its tensor-op definition (`*_reference`): the fallback on devices without the kernel, and what
+//! the tests compare it with.
 //!
 //! - [`selective_scan`], the Mamba-1 recurrence, in the [`scan`] module (its formula, layout,
 //!   memory, determinism and backends);
@@ -10,7 +11,8 @@
 //!   [`gelu_mul`], [`cross_entropy`], [`causal_conv1d_silu`] and [`rms_norm`], each with a
 //!   hand-written backward; [`adamw_update`], the optimizer step;
 //! - [`recompute`]: a block of the model recomputed in the backward (activation checkpointing);
-//! - [`device_checks`]: the scan on a device against the CPU kernel (the tests, `selftest`);
+//! - [`device_checks`]: the Cube kernels on a device against the CPU kernel or the tensor-op
+//!   definitions (the tests, `selftest`);
 //!   [`kernel_devices`]: the devices of this build that have the kernels.
 
 mod adamw;
