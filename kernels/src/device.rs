@@ -27,7 +27,7 @@ pub(crate) fn on_flex(device: &Device) -> bool {
 }
 
 /// Whether `device` is a CubeCL device (with or without autodiff): where the products, the
-/// attention, RMSNorm and the GELU gate run through `cube::ops`.
+/// attention, RMSNorm, the GELU gate and the conv run through `cube::ops`.
 #[cfg(feature = "cube")]
 pub(crate) fn on_cube(device: &Device) -> bool {
     matches!(

@@ -93,10 +93,11 @@ fn a_gemms_flops_and_bytes_by_hand() {
     );
 }
 
-/// Today's fused RMSNorm and GELU gate on zamba-tiny (T = 16 tokens, d = 64, I = 256, 6 layers,
-/// 2 uses of the shared block), bf16 with recomputation (two forwards), by hand.
+/// Today's fused RMSNorm, GELU gate and conv on zamba-tiny (T = 16 tokens from 2 × 8, d = 64,
+/// d_inner 128, I = 256, 4 taps, 6 layers, 2 uses of the shared block), bf16 with recomputation
+/// (two forwards), by hand.
 #[test]
-fn the_fused_norm_and_gelu_gate_by_hand() {
+fn the_fused_norm_gelu_gate_and_conv_by_hand() {
     let c = tiny();
     let w = workload(&c, BF16_LAYERS.0, BF16_LAYERS.1);
     let norm = cost(&w, Kernels::Current, OpClass::RmsNorm);
@@ -121,6 +122,20 @@ fn the_fused_norm_and_gelu_gate_by_hand() {
     assert_eq!(gate.bytes, 2.0 * (2.0 * 3.0 + 5.0) * 16.0 * 256.0 * 2.0);
     assert_eq!(gate.launches, 2.0 * 3.0);
     assert_eq!(gate, cost(&w, Kernels::Planned, OpClass::GeluGate));
+    // The conv per layer: x read and the output written per forward, x and dout read and dx
+    // written backward ([2, 128, 8] in bf16), and the 5 f32 sums of each of 2 · 128 lanes' one
+    // chunk written and read; a forward, the backward and the sum.
+    let conv = cost(&w, Kernels::Current, OpClass::CausalConv);
+    let volume = 2.0 * 128.0 * 8.0 * 2.0;
+    assert_eq!(
+        conv.bytes,
+        6.0 * ((2.0 * 2.0 + 3.0) * volume + 2.0 * 4.0 * 5.0 * 256.0)
+    );
+    assert_eq!(conv.launches, 6.0 * (2.0 + 2.0));
+    assert_eq!(
+        conv.launches,
+        cost(&w, Kernels::Planned, OpClass::CausalConv).launches
+    );
 }
 
 /// The scan's bytes are the kernels' accounting: zamba-tiny has `B·D·L` = 2 · 128 · 8 = 2048

@@ -16,7 +16,7 @@ mod gemm;
 mod unfused;
 
 use gemm::{GEMMS, gemm, weight_casts};
-use unfused::{UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY, unfused_conv};
+use unfused::{UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY};
 
 use super::{Kernels, OpClass, Rate, Workload};
 use crate::config::DistSection;
@@ -237,27 +237,28 @@ fn scan_chunk(kernels: Kernels, state: usize) -> usize {
     }
 }
 
-/// The depthwise causal conv + SiLU of every layer on `[B, D, L]`. Planned: one pass forward
-/// (read x, write the output), one backward (read x and the output gradient, write dx).
+/// The depthwise causal conv + SiLU of every layer on `[B, D, L]`: one pass forward (read x,
+/// write the output), one backward (read x and the output gradient, write dx), then the sum of
+/// the weight and bias gradients. Current (kernels/src/cube/conv): the planned passes, the
+/// backward also writing `K + 1` f32 sums per chunk of steps (read back by the sum) and
+/// recomputing each pre-activation `K + 1` times.
 fn conv(s: &Shape, kernels: Kernels) -> OpCost {
     let c = &s.config;
     let forward_flops = s.layers * conv_flops_per_token(c) * s.t;
     let volume = s.t * s.di * s.e;
-    let (bytes, launches) = match kernels {
-        Kernels::Planned => (s.forwards * 2.0 + 3.0, s.forwards + 2.0),
+    let (partial_bytes, backward_forwards) = match kernels {
+        Kernels::Planned => (0.0, 2.0),
         Kernels::Current => {
-            let u = unfused_conv(s.k);
-            (
-                s.forwards * u.forward.volumes + u.backward.volumes,
-                s.forwards * u.forward.kernels + u.backward.kernels,
-            )
+            let chunks =
+                s.batch as f64 * s.di * s.len.div_ceil(zamba_kernels::CONV_CUBE_CHUNK) as f64;
+            (2.0 * 4.0 * (s.k + 1.0) * chunks, s.k + 3.0)
         }
     };
     OpCost {
         model_flops: 3.0 * forward_flops,
-        flops: (s.forwards + 2.0) * forward_flops,
-        bytes: s.layers * bytes * volume,
-        launches: s.layers * launches,
+        flops: (s.forwards + backward_forwards) * forward_flops,
+        bytes: s.layers * ((s.forwards * 2.0 + 3.0) * volume + partial_bytes),
+        launches: s.layers * (s.forwards + 2.0),
         ..OpCost::new(OpClass::CausalConv)
     }
 }

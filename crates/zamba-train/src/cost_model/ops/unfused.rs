@@ -24,22 +24,6 @@ impl Unfused {
     }
 }
 
-/// Zero padding and `cat` (2), per tap a shifted multiply and an add (5), SiLU as a sigmoid and a
-/// multiply (5). Backward: SiLU (16), per tap the product's two gradients, the slice's scatter
-/// into the padded gradient and its sum (12), the `cat`'s slice and the bias sum (3).
-pub(super) fn unfused_conv(taps: f64) -> Unfused {
-    Unfused {
-        forward: Passes {
-            volumes: 7.0 + 5.0 * taps,
-            kernels: 4.0 + 2.0 * taps,
-        },
-        backward: Passes {
-            volumes: 19.0 + 12.0 * taps,
-            kernels: 8.0 + 5.0 * taps,
-        },
-    }
-}
-
 /// `log_softmax` (max, subtract, exp, sum, log, subtract: 8 volumes) and the target pick; backward:
 /// the pick's scatter into zeros (2), the sums' broadcasts and the exp's gradient (8).
 pub(super) const UNFUSED_CROSS_ENTROPY: Unfused = Unfused {
