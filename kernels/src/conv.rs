@@ -9,7 +9,8 @@
 //! full pass over `[batch, channels, len]` (single-threaded on Flex), with autodiff keeping most
 //! of the intermediates. The fused forward makes one pass per lane (a (batch, channel) row,
 //! vectorized over time, lanes in parallel) and keeps only its input; the backward recomputes
-//! `a` and produces all three gradients in one more pass per lane.
+//! `a` and produces all three gradients in one more pass per lane. On CubeCL devices, `#[cube]`
+//! kernels (`cube::conv`).
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -24,15 +25,24 @@ use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, output};
 use crate::simd::{Isa, Lanes, SCALAR, sigmoid, simd_dispatch, simd_level};
 
+/// Steps of a lane per unit of the CubeCL conv's backward: each chunk's `K + 1` weight and bias
+/// gradient sums are written (f32) and then summed over batch and chunks in order.
+pub const CONV_CUBE_CHUNK: usize = 64;
+
 /// The fused `silu(causal_depthwise_conv(x) + bias)`; `x`: `[batch, channels, len]`, `weight`:
 /// `[channels, K]` (tap `K-1` multiplies the current step), `bias`: `[channels]`. Returns
-/// `[batch, channels, len]`. Fused on Flex devices, [`causal_conv1d_silu_reference`] elsewhere.
+/// `[batch, channels, len]`. Fused on Flex devices and on CubeCL devices (features `cuda`,
+/// `cube-cpu`: any float dtype, f32 arithmetic), [`causal_conv1d_silu_reference`] elsewhere.
 ///
 /// # Panics
 /// If the shapes disagree.
 pub fn causal_conv1d_silu(x: Tensor<3>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<3> {
     let _span = zamba_trace::span(zamba_trace::Category::Elementwise, "causal conv + silu");
     check_shapes(&x, &weight, &bias);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        return crate::cube::ops::causal_conv1d_silu(x, weight, bias);
+    }
     if !crate::on_flex(&x.device()) {
         return causal_conv1d_silu_reference(x, weight, bias);
     }

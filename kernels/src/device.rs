@@ -26,8 +26,8 @@ pub(crate) fn on_flex(device: &Device) -> bool {
     )
 }
 
-/// Whether `device` is a CubeCL device (with or without autodiff): where the products and the
-/// attention run through `cube::ops`.
+/// Whether `device` is a CubeCL device (with or without autodiff): where the products, the
+/// attention, RMSNorm, the GELU gate and the conv run through `cube::ops`.
 #[cfg(feature = "cube")]
 pub(crate) fn on_cube(device: &Device) -> bool {
     matches!(

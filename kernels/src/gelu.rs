@@ -3,7 +3,8 @@
 //! As tensor ops on Flex this is libm's scalar `erf` over every element, then a product, and in
 //! the backward GELU's derivative (another `erf` and `exp` per element) and two more products,
 //! each pass single-threaded. Fused: one vectorised, multi-threaded pass each way; the backward
-//! recomputes `erf` from the kept inputs rather than keeping `gelu(gate)`.
+//! recomputes `erf` from the kept inputs rather than keeping `gelu(gate)`. On CubeCL devices, the
+//! same passes as `#[cube]` kernels (`cube::gelu`).
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -19,7 +20,8 @@ use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, output};
 use crate::simd::{Isa, Lanes, exp_approx, simd_dispatch, simd_level};
 
-/// `gelu(gate) · up`, `gelu(x) = x/2 · (1 + erf(x/√2))`. Fused on Flex devices;
+/// `gelu(gate) · up`, `gelu(x) = x/2 · (1 + erf(x/√2))`. Fused on Flex devices and on CubeCL
+/// devices (features `cuda`, `cube-cpu`: any float dtype, f32 arithmetic);
 /// [`gelu_mul_reference`] elsewhere.
 ///
 /// # Panics
@@ -27,6 +29,10 @@ use crate::simd::{Isa, Lanes, exp_approx, simd_dispatch, simd_level};
 pub fn gelu_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     let _span = zamba_trace::span(zamba_trace::Category::Elementwise, "gelu · up");
     check(&gate, &up);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&gate.device()) {
+        return crate::cube::ops::gelu_mul(gate, up);
+    }
     if !crate::on_flex(&gate.device()) {
         return gelu_mul_reference(gate, up);
     }

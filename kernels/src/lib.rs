@@ -1,8 +1,9 @@
 //! Fused kernels of a Zamba training step for Burn 0.22. On Flex (the CPU) each op is one
 //! multi-threaded, vectorised pass where tensor ops take several single-threaded ones; on Burn's
-//! CubeCL backend (features `cuda`, `cube-cpu`) the scan runs `#[cube]` kernels and the products
-//! use the runtime's own matmul routine. Each op also has its tensor-op definition
-//! (`*_reference`): the fallback on devices without the kernel, and what the tests compare it with.
+//! CubeCL backend (features `cuda`, `cube-cpu`) the scan, attention, RMSNorm, the GELU gate and
+//! the conv run `#[cube]` kernels and the products use the runtime's own matmul routine. Each op also has
+//! its tensor-op definition (`*_reference`): the fallback on devices without the kernel, and what
+//! the tests compare it with.
 //!
 //! - [`selective_scan`], the Mamba-1 recurrence, in the [`scan`] module (its formula, layout,
 //!   memory, determinism and backends);
@@ -10,7 +11,8 @@
 //!   [`gelu_mul`], [`cross_entropy`], [`causal_conv1d_silu`] and [`rms_norm`], each with a
 //!   hand-written backward; [`adamw_update`], the optimizer step;
 //! - [`recompute`]: a block of the model recomputed in the backward (activation checkpointing);
-//! - [`device_checks`]: the scan on a device against the CPU kernel (the tests, `selftest`);
+//! - [`device_checks`]: the Cube kernels on a device against the CPU kernel or the tensor-op
+//!   definitions (the tests, `selftest`);
 //!   [`kernel_devices`]: the devices of this build that have the kernels.
 
 mod adamw;
@@ -37,7 +39,7 @@ mod strided;
 pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
 pub use attention::{causal_attention, causal_attention_reference};
 pub use backward_span::{BlockEdge, mark_backward_span};
-pub use conv::{causal_conv1d_silu, causal_conv1d_silu_reference};
+pub use conv::{CONV_CUBE_CHUNK, causal_conv1d_silu, causal_conv1d_silu_reference};
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
 pub use device::kernel_devices;
 #[cfg(feature = "cube")]
@@ -47,7 +49,7 @@ pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
 pub use linear::{linear, linear_channels_first, linear_reference};
-pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use rms_norm::{RMS_NORM_CUBE_BLOCKS, rms_norm, rms_norm_reference};
 pub use scan::{
     ScanInputs, ScanShape, cube_scan_chunk, fused_kernel_available, scan_bytes, scan_chunk,
     scan_flops, scan_lane_ops, selective_scan, selective_scan_reference,

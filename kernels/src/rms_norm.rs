@@ -3,7 +3,8 @@
 //! Burn's `RmsNorm` is seven tensor ops forward and about a dozen backward, each a pass over the
 //! activations (single-threaded on Flex). The fused forward makes one pass per row (rows in
 //! parallel) and keeps its input and one `f32` per row; the backward makes one pass per row and
-//! sums `d gamma` over a fixed partition of the rows (deterministic).
+//! sums `d gamma` over a fixed partition of the rows (deterministic). On CubeCL devices, the same
+//! passes as `#[cube]` kernels (`cube::rms_norm`).
 
 use std::sync::Arc;
 
@@ -20,15 +21,28 @@ use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, contiguous_f32, from_f32, output};
 use crate::simd::{Isa, Lanes, simd_dispatch, simd_level};
 
+/// Most blocks of rows the CubeCL RMSNorm cuts a call's rows into: each block is one cube, whose
+/// `d gamma` sum over its rows is written (`f32 × width`) and then summed over the blocks in
+/// order.
+pub const RMS_NORM_CUBE_BLOCKS: usize = 1024;
+
 /// `x / sqrt(mean(x²) + eps) · gamma` over the last dimension of `x` (`gamma`: `[width]`).
-/// Fused on Flex devices; [`rms_norm_reference`] (Burn's formulation) elsewhere.
+/// Fused on Flex devices and on CubeCL devices (features `cuda`, `cube-cpu`: any float dtype,
+/// statistics in f32, one f32 per row kept for the backward); [`rms_norm_reference`] (Burn's
+/// formulation) elsewhere.
 ///
 /// # Panics
 /// If `gamma`'s length is not `x`'s last dimension, or `eps` is negative or not finite.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {
     let _span = zamba_trace::span(zamba_trace::Category::Norm, "rms norm");
     check(&x, &gamma, eps);
-    if !crate::on_flex(&x.device()) {
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        return crate::cube::ops::rms_norm(x, gamma, eps);
+    }
+    // Without elements there are no rows to reshape into (Burn's `reshape` reads a 0 as "keep
+    // this dimension").
+    if !crate::on_flex(&x.device()) || x.shape().num_elements() == 0 {
         return rms_norm_reference(x, gamma, eps);
     }
     let dims = x.dims();

@@ -1,8 +1,14 @@
-//! Products, per-head products and attention on Burn's CubeCL backend ([`ops`]): matrix products
-//! through [`gemm`] with a routine chosen for the device's runtime, as one autodiff op
-//! ([`product`]); causal attention as one fused flash-style op ([`attention`]).
+//! Products, per-head products, attention, RMSNorm, the GELU gate and the causal conv + SiLU on
+//! Burn's CubeCL backend ([`ops`]): matrix products through [`gemm`] with a routine chosen for the
+//! device's runtime, as one autodiff op ([`product`]); causal attention as one fused flash-style
+//! op ([`attention`]); RMSNorm ([`rms_norm`]), the GELU gate ([`gelu`]) and the conv ([`conv`]) as
+//! fused passes.
 
 mod attention;
+mod buffers;
+mod conv;
+mod gelu;
 mod gemm;
 pub(crate) mod ops;
 mod product;
+mod rms_norm;

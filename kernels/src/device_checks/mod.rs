@@ -5,10 +5,18 @@
 //!
 //! - [`scan_checks`]: the selective scan against the CPU kernel;
 //! - [`attention_checks`]: causal attention against Burn's attention (the plain-tensor
-//!   definition, [`crate::causal_attention_reference`]) on the CPU.
+//!   definition, [`crate::causal_attention_reference`]) on the CPU;
+//! - [`norm_gate_checks`]: RMSNorm and the GELU gate against their tensor-op definitions
+//!   ([`crate::rms_norm_reference`], [`crate::gelu_mul_reference`]) on the CPU;
+//! - [`conv_checks`]: the causal conv + SiLU against its tensor-op definition
+//!   ([`crate::causal_conv1d_silu_reference`]) on the CPU.
 
 mod attention;
+mod conv;
+mod norm_gate;
 mod scan;
 
 pub use attention::{AttentionCase, AttentionRun, attention_checks};
+pub use conv::{ConvCase, ConvRun, conv_checks};
+pub use norm_gate::{NormGateCase, NormGateOp, NormGateRun, norm_gate_checks};
 pub use scan::{INPUT_NAMES, ScanCase, ScanRun, odd_sizes, scan_checks};

@@ -7,8 +7,9 @@
 //!
 //! Two kernel sets are modelled: [`Kernels::Planned`] (the kernels issue 21 plans: cuBLASLt
 //! GEMMs, a mamba-ssm-class scan, flash attention, fused element-wise kernels, a multi-tensor
-//! AdamW) and [`Kernels::Current`] (the Cube path as it is: every element-wise op its own kernel,
-//! weights cast per call, the fused attention kernel on the CUDA cores).
+//! AdamW) and [`Kernels::Current`] (the Cube path as it is: the fused attention kernel on the
+//! CUDA cores, fused RMSNorm, GELU-gate and conv kernels, cross-entropy, AdamW and the other
+//! element-wise ops one kernel per tensor op, weights cast per call).
 
 pub mod card;
 mod ops;

@@ -15,13 +15,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Cube, DType, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{Shape, Tensor};
-use burn_cubecl::kernel::{cast, untile};
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn::tensor::Tensor;
+use burn_cubecl::kernel::untile;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::client::Client;
-use cubecl::ir::AddressType;
 use cubecl::{CubeCount, CubeDim};
+
+use super::buffers::{address_type, empty, kernel_dtype, to_dtype};
 
 /// Rows per cube, at most: two 32-wide warps on a GPU.
 const MAX_UNITS: usize = 64;
@@ -93,10 +93,7 @@ struct Inputs {
 impl Inputs {
     fn new(q: CubeTensor, k: CubeTensor, v: CubeTensor, scale: f32) -> Self {
         let dtype = q.dtype;
-        let act = match dtype {
-            DType::F32 | DType::F16 | DType::BF16 => dtype,
-            _ => DType::F32,
-        };
+        let act = kernel_dtype(dtype);
         let [q, k, v] = [q, k, v].map(|t| untile(to_dtype(t, act)));
         Self {
             q,
@@ -226,31 +223,6 @@ fn backward(x: &Inputs, out: &CubeTensor, lse: &CubeTensor, dout: CubeTensor) ->
         );
     }
     [dq, dk, dv].map(|g| to_dtype(g, x.dtype))
-}
-
-fn to_dtype(t: CubeTensor, dtype: DType) -> CubeTensor {
-    match t.dtype == dtype {
-        true => t,
-        false => cast(t, dtype),
-    }
-}
-
-/// An uninitialised contiguous tensor on the device of `like`.
-fn empty<const R: usize>(like: &CubeTensor, shape: [usize; R], dtype: DType) -> CubeTensor {
-    empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new(shape),
-        dtype,
-    )
-}
-
-fn address_type(tensors: &[&CubeTensor]) -> AddressType {
-    tensors
-        .iter()
-        .map(|t| t.required_address_type())
-        .max()
-        .unwrap_or_default()
 }
 
 impl CubeAttentionBackend for Cube {

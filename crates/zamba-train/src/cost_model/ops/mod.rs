@@ -16,9 +16,7 @@ mod gemm;
 mod unfused;
 
 use gemm::{GEMMS, gemm, weight_casts};
-use unfused::{
-    UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY, UNFUSED_GELU_GATE, UNFUSED_RMS_NORM, unfused_conv,
-};
+use unfused::{UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY};
 
 use super::{Kernels, OpClass, Rate, Workload};
 use crate::config::DistSection;
@@ -65,7 +63,7 @@ pub(super) fn count(w: &Workload, kernels: Kernels) -> Vec<OpCost> {
     ops.push(attention(&s, kernels));
     ops.extend(scan(&s, kernels));
     ops.push(conv(&s, kernels));
-    ops.push(gelu_gate(&s, kernels));
+    ops.push(gelu_gate(&s));
     ops.push(norms(&s, kernels));
     ops.push(other_elementwise(&s, w, kernels));
     ops.push(weight_casts(&s, kernels));
@@ -239,42 +237,40 @@ fn scan_chunk(kernels: Kernels, state: usize) -> usize {
     }
 }
 
-/// The depthwise causal conv + SiLU of every layer on `[B, D, L]`. Planned: one pass forward
-/// (read x, write the output), one backward (read x and the output gradient, write dx).
+/// The depthwise causal conv + SiLU of every layer on `[B, D, L]`: one pass forward (read x,
+/// write the output), one backward (read x and the output gradient, write dx), then the sum of
+/// the weight and bias gradients. Current (kernels/src/cube/conv): the planned passes, the
+/// backward also writing `K + 1` f32 sums per chunk of steps (read back by the sum) and
+/// recomputing each pre-activation `K + 1` times.
 fn conv(s: &Shape, kernels: Kernels) -> OpCost {
     let c = &s.config;
     let forward_flops = s.layers * conv_flops_per_token(c) * s.t;
     let volume = s.t * s.di * s.e;
-    let (bytes, launches) = match kernels {
-        Kernels::Planned => (s.forwards * 2.0 + 3.0, s.forwards + 2.0),
+    let (partial_bytes, backward_forwards) = match kernels {
+        Kernels::Planned => (0.0, 2.0),
         Kernels::Current => {
-            let u = unfused_conv(s.k);
-            (
-                s.forwards * u.forward.volumes + u.backward.volumes,
-                s.forwards * u.forward.kernels + u.backward.kernels,
-            )
+            let chunks =
+                s.batch as f64 * s.di * s.len.div_ceil(zamba_kernels::CONV_CUBE_CHUNK) as f64;
+            (2.0 * 4.0 * (s.k + 1.0) * chunks, s.k + 3.0)
         }
     };
     OpCost {
         model_flops: 3.0 * forward_flops,
-        flops: (s.forwards + 2.0) * forward_flops,
-        bytes: s.layers * bytes * volume,
-        launches: s.layers * launches,
+        flops: (s.forwards + backward_forwards) * forward_flops,
+        bytes: s.layers * ((s.forwards * 2.0 + 3.0) * volume + partial_bytes),
+        launches: s.layers * (s.forwards + 2.0),
         ..OpCost::new(OpClass::CausalConv)
     }
 }
 
-/// `gelu(gate) · up` of each use of the shared MLP on `[T, I]`. Planned: forward reads gate and
-/// up and writes the product; backward reads both and the output gradient, writes two gradients.
-fn gelu_gate(s: &Shape, kernels: Kernels) -> OpCost {
+/// `gelu(gate) · up` of each use of the shared MLP on `[T, I]`, in both kernel sets one fused
+/// kernel each way (kernels/src/cube/gelu): the forward reads gate and up and writes the product;
+/// the backward reads both and the output gradient, writes two gradients.
+fn gelu_gate(s: &Shape) -> OpCost {
     let volume = s.t * s.i * s.e;
-    let (bytes, launches) = match kernels {
-        Kernels::Planned => (s.forwards * 3.0 + 5.0, s.forwards + 1.0),
-        Kernels::Current => UNFUSED_GELU_GATE.per_step(s.forwards),
-    };
     OpCost {
-        bytes: s.uses * bytes * volume,
-        launches: s.uses * launches,
+        bytes: s.uses * (s.forwards * 3.0 + 5.0) * volume,
+        launches: s.uses * (s.forwards + 1.0),
         ..OpCost::new(OpClass::GeluGate)
     }
 }
@@ -283,10 +279,13 @@ fn gelu_gate(s: &Shape, kernels: Kernels) -> OpCost {
 /// (widths 2d and d). Planned: a layer's norm fused with the residual add before it (forward: read
 /// the residual and the branch, write the new residual and the normalised output; backward: read
 /// the input, the output gradient and the residual gradient, write the residual's and the
-/// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current: Burn's
-/// formulation on f32 input and output.
+/// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current
+/// (kernels/src/cube/rms_norm): the norm alone on f32 input and output, one kernel forward (read
+/// x, write y and one f32 per row), two backward (read x, dy and the row statistics, write dx and
+/// each block of rows' dγ; then the sum over the blocks).
 fn norms(s: &Shape, kernels: Kernels) -> OpCost {
     let (e, td) = (s.e, s.t * s.d);
+    let instances = s.layers + 2.0 * s.uses;
     let (bytes, launches) = match kernels {
         Kernels::Planned => {
             let layer = |forwards: f64| forwards * (8.0 + 2.0 * e) + 12.0 + 2.0 * e;
@@ -295,18 +294,20 @@ fn norms(s: &Shape, kernels: Kernels) -> OpCost {
             let pre_ff = s.forwards * 2.0 * e + 3.0 * e;
             let per_use = shared_input + pre_ff;
             let bytes = td * (s.layers * layer(s.forwards) + layer(1.0) + s.uses * per_use);
-            let instances = s.layers + 2.0 * s.uses;
             (bytes, instances * (s.forwards + 2.0) + 3.0)
         }
         Kernels::Current => {
-            let (bytes, launches) = UNFUSED_RMS_NORM.per_step(s.forwards);
+            // Per width d: x read and y written per forward; x, dy read and dx written backward;
+            // the blocks' dγ sums written and read once.
+            let blocks = s.t.min(zamba_kernels::RMS_NORM_CUBE_BLOCKS as f64);
+            let pass = |forwards: f64| (forwards * 8.0 + 12.0) * td + 8.0 * blocks * s.d;
+            // One f32 per row: written by each forward, read by the backward.
+            let stats = |forwards: f64| (forwards + 1.0) * 4.0 * s.t;
             // Widths in units of d: layers d, shared input 2d, pre-ff d; the final norm runs once.
-            let final_norm = UNFUSED_RMS_NORM.per_step(1.0);
             let widths = s.layers + 3.0 * s.uses;
-            (
-                4.0 * td * (widths * bytes + final_norm.0),
-                (s.layers + 2.0 * s.uses) * launches + final_norm.1,
-            )
+            let bytes =
+                widths * pass(s.forwards) + pass(1.0) + instances * stats(s.forwards) + stats(1.0);
+            (bytes, instances * (s.forwards + 2.0) + 3.0)
         }
     };
     OpCost {
