@@ -57,9 +57,7 @@ impl AttentionCase {
     /// Rounds `q`, `k`, `v` and `w` to bf16-representable values.
     pub fn rounded_to_bf16(mut self) -> Self {
         for v in &mut self.values {
-            for x in v.iter_mut() {
-                *x = half::bf16::from_f32(*x).to_f32();
-            }
+            super::round_to_bf16(v);
         }
         self
     }

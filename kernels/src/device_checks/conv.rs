@@ -55,9 +55,7 @@ impl ConvCase {
     /// Rounds every value to a bf16-representable one.
     pub fn rounded_to_bf16(mut self) -> Self {
         for v in &mut self.values {
-            for x in v.iter_mut() {
-                *x = half::bf16::from_f32(*x).to_f32();
-            }
+            super::round_to_bf16(v);
         }
         self
     }

@@ -20,3 +20,11 @@ pub use attention::{AttentionCase, AttentionRun, attention_checks};
 pub use conv::{ConvCase, ConvRun, conv_checks};
 pub use norm_gate::{NormGateCase, NormGateOp, NormGateRun, norm_gate_checks};
 pub use scan::{INPUT_NAMES, ScanCase, ScanRun, odd_sizes, scan_checks};
+
+/// Rounds every value to the nearest bf16-representable one, so that a bf16 run and its f32
+/// reference start from the same inputs.
+fn round_to_bf16(values: &mut [f32]) {
+    for x in values {
+        *x = half::bf16::from_f32(*x).to_f32();
+    }
+}

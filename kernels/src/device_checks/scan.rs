@@ -85,10 +85,7 @@ impl ScanCase {
     /// Rounds the activations (`u, delta, b, c, z`) to bf16-representable values.
     pub fn rounded_to_bf16(mut self) -> Self {
         for i in [0, 1, 3, 4, 6] {
-            self.inputs[i] = self.inputs[i]
-                .iter()
-                .map(|&x| half::bf16::from_f32(x).to_f32())
-                .collect();
+            super::round_to_bf16(&mut self.inputs[i]);
         }
         self
     }
