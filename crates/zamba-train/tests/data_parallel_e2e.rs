@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SCHEDULE, free_port, options, step_losses, write_config};
+use common::{SCHEDULE, free_port, options, step_losses, weights, write_config};
 use zamba_train::checkpoint::{self, TrainerState};
 use zamba_train::metrics::DONE_FILE;
 use zamba_train::train::{TrainOptions, train};
@@ -40,21 +40,7 @@ fn losses(run_dir: &Path) -> Vec<f64> {
 /// All weights of the newest checkpoint, flat.
 fn final_weights(run_dir: &Path) -> Vec<f32> {
     let (_, dir) = checkpoint::list(run_dir).unwrap().pop().unwrap();
-    let bytes = std::fs::read(dir.join("model/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
-    names.sort();
-    names
-        .iter()
-        .flat_map(|n| {
-            st.tensor(n)
-                .unwrap()
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    weights(&dir)
 }
 
 fn trainer_state(run_dir: &Path) -> TrainerState {

@@ -19,7 +19,7 @@ use zamba_train::data_parallel::{DataParallel, ReduceDtype, Sharding};
 use zamba_train::optim::{AdamW, AdamWParams};
 use zamba_train::train::{TrainOptions, train};
 
-use common::{SCHEDULE, options, step_losses, write_config};
+use common::{SCHEDULE, options, step_losses, weights, write_config};
 
 #[derive(Module, Debug)]
 struct Toy {
@@ -362,25 +362,6 @@ fn losses(run_dir: &Path) -> Vec<f64> {
     step_losses(run_dir)
         .into_iter()
         .map(|(_, bits)| f64::from_bits(bits.unwrap()))
-        .collect()
-}
-
-/// Every weight of a checkpoint's model, flat, in name order.
-fn weights(checkpoint: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(checkpoint.join("model/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
-    names.sort();
-    names
-        .iter()
-        .flat_map(|n| {
-            st.tensor(n)
-                .unwrap()
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect::<Vec<_>>()
-        })
         .collect()
 }
 
