@@ -25,7 +25,8 @@
 #            memory, and the step's time split by op class (spans with device synchronisation);
 #            first the cost model's prediction of the same run on this card (predict*.json)
 #   scan     the scan op's achieved bandwidth against a measured device-to-device copy
-#   dist     NCCL (world 1): collectives' values, all-reduce bandwidth
+#   dist     NCCL (world 1): collectives' values, a collective issued from a second thread while
+#            compute is queued (it must not wait for that compute), all-reduce bandwidth
 # then `zamba-train bench report`: one table, also OUT/summary.json.
 #
 # Library search order (printed): LD_LIBRARY_PATH, /usr/local/cuda/lib64 (and CUDA_HOME),
@@ -212,8 +213,8 @@ section_dist() {
     local backend=nccl sizes="1M,16M,64M,256M"
     [[ ${DEVICE} == cuda* ]] || backend=tcp
     [[ ${SMOKE} -eq 1 ]] && sizes="64K,1M"
-    "${BIN}" bench allreduce --backend "${backend}" --world 1 --check --sizes "${sizes}" \
-        --iters 10 --json "${OUT}/dist.json"
+    "${BIN}" bench allreduce --backend "${backend}" --world 1 --check --overlap-probe \
+        --sizes "${sizes}" --iters 10 --json "${OUT}/dist.json"
 }
 
 # Runs "$@" while sampling the GPU's used memory; the peak goes to OUT/memory-peak.txt.

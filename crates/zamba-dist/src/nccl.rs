@@ -2,10 +2,15 @@
 //! unique id rank 0 publishes through the rendezvous store), collectives in place on the
 //! device memory of Burn's CUDA tensors, on a stream of our own.
 //!
-//! Burn does not expose its compute stream, so each collective goes: sync the device (the
-//! tensor is computed) → NCCL on our stream → poll the stream until done. The poll has the
-//! group's deadline: past it the communicator is aborted, and the heartbeats say which ranks
-//! are at fault. A call that hangs inside NCCL's host code (not on the stream) cannot be
+//! CubeCL gives every thread its own CUDA stream and orders work across them with events: a
+//! buffer written on one thread's stream and used on another's makes the second wait for the
+//! first's event. It does not expose the streams themselves, so NCCL cannot wait on them on the
+//! device. Each collective instead goes: resolve the buffers on the calling thread's stream (the
+//! event waits for their producers are queued there) → wait on the host for that stream alone →
+//! NCCL on our stream → poll it until done. On the communication thread that overlaps the
+//! reduction with the backward, the wait is for that thread's stream only — the buckets'
+//! producers — while the backward's own stream goes on. The poll has the group's deadline: past
+//! it the communicator is aborted, and the heartbeats say which ranks are at fault. A call that hangs inside NCCL's host code (not on the stream) cannot be
 //! interrupted: a watchdog thread then ends the process with a message. Barrier and
 //! `broadcast_bytes` (small host messages) go through the store.
 
@@ -199,8 +204,6 @@ impl NcclCommunicator {
             }
         };
         let count = input.dims()[0];
-        // The tensor's producers run on Burn's stream, which we cannot wait on: sync it all.
-        device.sync().map_err(|e| cuda_error(&label, e))?;
         let src = contiguous(primitive(input, &label)?);
         let dst = if out_len == count && src.can_mut() {
             src.clone()
@@ -215,6 +218,9 @@ impl NcclCommunicator {
             .client
             .get_resource::<CudaServer>(dst.handle.clone())
             .map_err(|e| cuda_error(&label, e))?;
+        // Last, so that it covers what is queued above: the copy into `src`, and the waits on
+        // other threads' streams that resolving the two buffers queued on this one.
+        device.sync().map_err(|e| cuda_error(&label, e))?;
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         let deadline = Instant::now() + self.timeout;
         self.watchdog.arm(

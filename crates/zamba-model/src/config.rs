@@ -141,7 +141,13 @@ impl Default for ZambaConfig {
 
 /// Named presets. `zamba-7b` is Zyphra/Zamba-7B-v1, `zamba-1b` the same architecture at ~1B
 /// parameters (the GPU check's model); the others are proxies sized for CPU.
-pub const PRESETS: &[&str] = &["zamba-7b", "zamba-1b", "zamba-tiny", "zamba-bench"];
+pub const PRESETS: &[&str] = &[
+    "zamba-7b",
+    "zamba-1b",
+    "zamba-tiny",
+    "zamba-bench",
+    "zamba-7b-shape",
+];
 
 impl ZambaConfig {
     /// A named preset (see [`PRESETS`]).
@@ -170,6 +176,12 @@ impl ZambaConfig {
             // The benchmark configuration of docs/performance.md (~8M parameters): 12 layers,
             // hybrid at 2 and 7.
             "zamba-bench" => proxy(256, 12, 8, 4096),
+            // Zamba-7B's layout (76 layers, hybrid at 2, 7, 13, …, 73; MLP 4×; 16 attention
+            // heads) at hidden 128, the vocabulary scaled with the hidden size (32000 · 128 /
+            // 3712): the embedding, the shared block and the layers hold about 7B's shares of the
+            // parameters, so the backward finishes the gradients in 7B's proportions — what
+            // gradient reduction overlapped with it depends on (`bench model --world --link-gbps`).
+            "zamba-7b-shape" => proxy(128, 76, 16, 1104),
             other => {
                 return Err(ModelError::Config(format!(
                     "unknown model preset {other:?}; known presets: {}",
@@ -397,6 +409,31 @@ mod tests {
         assert_eq!(c.hybrid_layers(), vec![2, 7, 13, 19, 25]);
         let total = crate::params::ParamCounts::of(&c).total();
         assert!((0.95e9..1.05e9).contains(&(total as f64)), "{total}");
+    }
+
+    #[test]
+    fn seven_b_shape_holds_seven_b_shares_of_the_parameters() {
+        let shares = |name: &str| {
+            let c = ZambaConfig::preset(name).unwrap();
+            let p = crate::params::ParamCounts::of(&c);
+            let total = p.total() as f64;
+            (
+                c.hybrid_layers(),
+                [p.embedding, p.shared_block, p.mamba + p.hybrid_linears].map(|n| n as f64 / total),
+            )
+        };
+        let (seven_b_layers, seven_b) = shares("zamba-7b");
+        let (shape_layers, shape) = shares("zamba-7b-shape");
+        assert_eq!(shape_layers, seven_b_layers);
+        for (part, (ours, theirs)) in ["embedding", "shared block", "layers"]
+            .iter()
+            .zip(shape.iter().zip(seven_b))
+        {
+            assert!(
+                (ours / theirs - 1.0).abs() < 0.25,
+                "{part}: {ours:.4} of the parameters, Zamba-7B {theirs:.4}"
+            );
+        }
     }
 
     #[test]

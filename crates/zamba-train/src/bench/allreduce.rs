@@ -6,6 +6,8 @@ use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
 use clap::Args;
 
+use super::overlap_probe::{self, OverlapProbe};
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum AllreduceBackend {
     /// Ranks as threads of this process, sharing memory.
@@ -41,7 +43,12 @@ pub struct AllreduceArgs {
     /// all-gather, broadcast) on each rank; a wrong value is an error.
     #[arg(long)]
     check: bool,
-    /// Also write the table (and the check's outcome) as JSON to this file.
+    /// Also check that a collective issued from a second thread waits for its own tensor only,
+    /// not for the compute queued before it on the device (see docs/distributed.md); an error if
+    /// it does not on NCCL. On CPU ranks only its value is checked.
+    #[arg(long)]
+    overlap_probe: bool,
+    /// Also write the table (and the checks' outcomes) as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -165,6 +172,13 @@ pub(super) fn run(a: &AllreduceArgs) -> Result<()> {
             "collectives check: all-reduce, reduce-scatter, all-gather, broadcast correct on every rank"
         );
     }
+    let probe = match a.overlap_probe {
+        true => Some(probe_group(
+            &group,
+            matches!(a.backend, AllreduceBackend::Nccl),
+        )?),
+        false => None,
+    };
     println!(
         "all_reduce (sum), {:?} backend, world {}, {:?}, {} iterations per size",
         a.backend, a.world, a.dtype, a.iters
@@ -225,11 +239,53 @@ pub(super) fn run(a: &AllreduceArgs) -> Result<()> {
             "world": a.world,
             "dtype": format!("{:?}", a.dtype).to_lowercase(),
             "checked": a.check,
+            "overlap_probe": probe.as_ref().map(OverlapProbe::json),
             "sizes": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
-    Ok(())
+    match probe {
+        Some(p) if p.meaningful && !p.overlapped() => bail!(
+            "overlap probe: the collective waited for the compute queued before it ({:.1} ms of \
+             {:.1} ms): gradient reduction would not overlap the backward",
+            p.collective.as_secs_f64() * 1e3,
+            p.compute.as_secs_f64() * 1e3
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// [`overlap_probe::run`] on every rank at once; rank 0's result, printed.
+fn probe_group(
+    group: &[(Box<dyn zamba_dist::Communicator>, Device)],
+    on_gpu: bool,
+) -> Result<OverlapProbe> {
+    let mut results = std::thread::scope(|s| {
+        let joins: Vec<_> = group
+            .iter()
+            .map(|(comm, device)| {
+                s.spawn(move || overlap_probe::run(comm.as_ref(), device, on_gpu))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("overlap probe thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let rank0 = results.swap_remove(0);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "overlap probe: a collective from a second thread returned after {:.1} ms, the compute queued \
+         before it took {:.1} ms: {}",
+        ms(rank0.collective),
+        ms(rank0.compute),
+        match (rank0.meaningful, rank0.overlapped()) {
+            (false, _) => "value correct (CPU ops run eagerly: the timing shows nothing)",
+            (true, true) => "overlapped, value correct",
+            (true, false) => "NOT overlapped",
+        }
+    );
+    Ok(rank0)
 }
 
 /// Every collective on every rank, against the values it must give: rank `r` contributes

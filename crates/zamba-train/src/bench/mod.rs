@@ -5,6 +5,7 @@
 mod allreduce;
 mod decode;
 mod model;
+mod overlap_probe;
 mod predict;
 mod report;
 mod scan;

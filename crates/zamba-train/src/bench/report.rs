@@ -251,6 +251,19 @@ fn render(s: &Value) -> String {
         },
         best_bus.map_or("n/a".into(), |b| format!("{b:.1} GB/s"))
     );
+    let probe = &s["dist"]["overlap_probe"];
+    if probe.is_object() {
+        out += &format!(
+            "               collective during compute: returned after {} ms of the {} ms queued before it ({})\n",
+            fmt(&probe["collective_ms"], 1.0, 1),
+            fmt(&probe["compute_ms"], 1.0, 1),
+            match (probe["meaningful"].as_bool(), probe["overlapped"].as_bool()) {
+                (Some(true), Some(true)) => "overlapped",
+                (Some(true), _) => "NOT overlapped",
+                _ => "CPU: timing not meaningful",
+            }
+        );
+    }
     out
 }
 

@@ -64,7 +64,7 @@ fn starter_values(preset: &str) -> Result<toml::Table, StarterError> {
                 "",
                 "",
             ),
-            "zamba-bench" => (
+            "zamba-bench" | "zamba-7b-shape" => (
                 &synthetic_model,
                 synthetic_sources,
                 256,
