@@ -3,7 +3,11 @@
 # `zamba-train` with `--features cuda`, stripped, packed with the GPU check and the transformers
 # fixture its model checks read, into target/zamba-gpu-bundle.tar.xz (at most 60 MiB).
 #
-#   scripts/gpu-bundle.sh
+#   scripts/gpu-bundle.sh [--with-nvrtc]
+#
+# --with-nvrtc also builds `zamba-train-nvrtc` (`--features cuda-nvrtc`: the CubeCL kernels
+# compiled as CUDA C++ by NVRTC instead of through LLVM) in target/nvrtc, for the check's nvrtc
+# section to time against the default binary; a second release build (about as long again).
 #
 # On a GPU node (NVIDIA driver; NCCL and the other CUDA libraries the binary loads at run time
 # may live only in a Python environment's nvidia/*/lib folders), with no compiler and no network:
@@ -17,6 +21,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LIMIT_MIB=60
+NVRTC=0
+case "${1:-}" in
+    --with-nvrtc) NVRTC=1 ;;
+    "") ;;
+    *) echo "gpu-bundle: error: unknown argument '$1' (expected nothing or --with-nvrtc)" >&2; exit 2 ;;
+esac
 NAME="zamba-gpu-bundle"
 STAGE="target/${NAME}"
 ARCHIVE="target/${NAME}.tar.xz"
@@ -24,11 +34,19 @@ ARCHIVE="target/${NAME}.tar.xz"
 bash scripts/prepare-llvm.sh
 # shellcheck disable=SC2086
 cargo build --release -p zamba-train --features cuda ${CARGO_FLAGS:-}
+if (( NVRTC )); then
+    # shellcheck disable=SC2086
+    CARGO_TARGET_DIR=target/nvrtc cargo build --release -p zamba-train --features cuda-nvrtc ${CARGO_FLAGS:-}
+fi
 
 rm -rf "${STAGE}" "${ARCHIVE}"
 mkdir -p "${STAGE}/fixtures"
 cp target/release/zamba-train "${STAGE}/"
 strip "${STAGE}/zamba-train"
+if (( NVRTC )); then
+    cp target/nvrtc/release/zamba-train "${STAGE}/zamba-train-nvrtc"
+    strip "${STAGE}/zamba-train-nvrtc"
+fi
 cp scripts/gpu-check.sh "${STAGE}/"
 cp -r tests/fixtures/zamba-tiny-h2 "${STAGE}/fixtures/"
 cat >"${STAGE}/README.txt" <<EOF

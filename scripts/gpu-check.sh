@@ -25,6 +25,8 @@
 #            memory, and the step's time split by op class (spans with device synchronisation);
 #            first the cost model's prediction of the same run on this card (predict*.json)
 #   scan     the scan op's achieved bandwidth against a measured device-to-device copy
+#   nvrtc    the step section's run with zamba-train-nvrtc (beside zamba-train; kernels compiled by
+#            NVRTC instead of LLVM: scripts/gpu-bundle.sh --with-nvrtc), when that binary is there
 #   dist     NCCL (world 1): collectives' values, a collective issued from a second thread while
 #            compute is queued (it must not wait for that compute), all-reduce bandwidth
 # then `zamba-train bench report`: one table, also OUT/summary.json.
@@ -41,7 +43,7 @@ SMOKE=0
 BUDGET=450
 SECTIONS=()
 # Each section's own time limit in seconds (the budget may cut it shorter).
-declare -A LIMIT=([env]=30 [kernels]=90 [model]=120 [peak]=60 [step]=180 [scan]=60 [dist]=60)
+declare -A LIMIT=([env]=30 [kernels]=90 [model]=120 [peak]=60 [step]=180 [scan]=60 [nvrtc]=150 [dist]=60)
 
 die() { printf 'gpu-check: error: %s\n' "$*" >&2; exit 2; }
 
@@ -53,12 +55,14 @@ while [[ $# -gt 0 ]]; do
         --fixtures) FIXTURES="${2:?--fixtures needs a folder}"; shift ;;
         --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
         -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        env|kernels|model|peak|step|scan|dist) SECTIONS+=("$1") ;;
+        env|kernels|model|peak|step|scan|nvrtc|dist) SECTIONS+=("$1") ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
 done
-[[ ${#SECTIONS[@]} -gt 0 ]] || SECTIONS=(env kernels model peak step scan dist)
+DEFAULT_SECTIONS=1
+[[ ${#SECTIONS[@]} -gt 0 ]] && DEFAULT_SECTIONS=0
+[[ ${DEFAULT_SECTIONS} -eq 0 ]] || SECTIONS=(env kernels model peak step scan dist)
 
 # The binary: --bin, else beside this script (the bundle), else the source tree's release build.
 find_binary() {
@@ -66,6 +70,11 @@ find_binary() {
     for dir in ${BIN_DIR:+"${BIN_DIR}"} "${HERE}" "${HERE}/../target/release"; do
         if [[ -x "${dir}/zamba-train" ]]; then
             BIN="$(cd "${dir}" && pwd)/zamba-train"
+            BIN_NVRTC="${BIN}-nvrtc"
+            # With its NVRTC twin beside it, the default run times that one too (before dist).
+            if [[ ${DEFAULT_SECTIONS} -eq 1 && -x "${BIN_NVRTC}" ]]; then
+                SECTIONS=(env kernels model peak step scan nvrtc dist)
+            fi
             return 0
         fi
     done
@@ -167,18 +176,32 @@ section_peak() {
         --json "${OUT}/peak.json"
 }
 
-section_step() {
+# The step's model, batch and arithmetic (tiny with --smoke): the step and nvrtc sections' run.
+step_args() {
     if [[ ${SMOKE} -eq 1 ]]; then
-        set -- --preset zamba-tiny --batch 1 --seq-len 64
+        echo --preset zamba-tiny --batch 1 --seq-len 64
     else
-        set -- --preset zamba-1b --batch 1 --seq-len 4096
+        echo --preset zamba-1b --batch 1 --seq-len 4096
     fi
-    set -- "$@" --precision bf16 --activation-checkpointing layers
+    echo --precision bf16 --activation-checkpointing layers
+}
+
+section_step() {
+    # shellcheck disable=SC2046
+    set -- $(step_args)
     predict_step "$@"
     local steps=3
     [[ ${SMOKE} -eq 1 ]] && steps=2
     with_memory_peak "${BIN}" bench model --device "${DEVICE}" "$@" --steps "${steps}" \
         --no-torch --trace "${OUT}/step-trace.json" --json-file "${OUT}/step.json"
+}
+
+# The step section's run (untraced) with the binary whose kernels NVRTC compiles.
+section_nvrtc() {
+    [[ -x "${BIN_NVRTC}" ]] || { echo "no ${BIN_NVRTC} (scripts/gpu-bundle.sh --with-nvrtc)"; return 1; }
+    # shellcheck disable=SC2046
+    "${BIN_NVRTC}" bench model --device "${DEVICE}" $(step_args) --steps 2 --no-torch \
+        --json-file "${OUT}/step-nvrtc.json"
 }
 
 # The cost model's prediction of the step section's run on this card (the datasheet's H100 SXM
@@ -271,8 +294,8 @@ this check needs an NVIDIA GPU with its driver (nvidia-smi), and a binary built 
     : >"${OUT}/sections.txt"
     echo "binary: ${BIN}"
     locate_libraries
-    export BIN OUT DEVICE SMOKE FIXTURES
-    export -f json_string with_memory_peak predict_step "${SECTIONS[@]/#/section_}"
+    export BIN BIN_NVRTC OUT DEVICE SMOKE FIXTURES
+    export -f json_string with_memory_peak predict_step step_args "${SECTIONS[@]/#/section_}"
     CHECK_START=${SECONDS}
     for s in "${SECTIONS[@]}"; do
         run_section "${s}"

@@ -16,6 +16,13 @@ pub fn kernel_devices() -> Vec<Device> {
     devices
 }
 
+/// What compiles the CubeCL kernels for CUDA devices in this build: LLVM's NVPTX backend
+/// (cubecl-cuda's default) or, with the `cuda-nvrtc` feature, CUDA C++ through NVRTC.
+pub const CUDA_KERNEL_COMPILER: &str = match cfg!(feature = "cuda-nvrtc") {
+    true => "CUDA C++ through NVRTC",
+    false => "LLVM (NVPTX)",
+};
+
 /// Whether `device` is a Flex device (with or without autodiff): where the fused CPU ops
 /// ([`crate::cross_entropy`], [`crate::causal_conv1d_silu`], [`crate::rms_norm`],
 /// [`crate::adamw_update`]) run; elsewhere they fall back to their tensor-op definitions.

@@ -41,10 +41,10 @@ pub use attention::{causal_attention, causal_attention_reference};
 pub use backward_span::{BlockEdge, mark_backward_span};
 pub use conv::{CONV_CUBE_CHUNK, causal_conv1d_silu, causal_conv1d_silu_reference};
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
-pub use device::kernel_devices;
 #[cfg(feature = "cube")]
 pub(crate) use device::on_cube;
 pub(crate) use device::on_flex;
+pub use device::{CUDA_KERNEL_COMPILER, kernel_devices};
 pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};

@@ -18,9 +18,12 @@ use crate::{Communicator, DistError, ReduceOp};
 /// `inner`, as if every rank's link carried `gbps` Gbit/s.
 pub struct ThrottledLink {
     inner: Box<dyn Communicator>,
-    bytes_per_second: f64,
+    /// The link's bytes per second, as `f64` bits (settable while collectives run).
+    bytes_per_second: AtomicU64,
     /// Nanoseconds slept so far.
     slept: AtomicU64,
+    /// Bytes this rank put on the link so far.
+    sent: AtomicU64,
 }
 
 impl ThrottledLink {
@@ -31,11 +34,27 @@ impl ThrottledLink {
             gbps.is_finite() && gbps > 0.0,
             "a link's bandwidth must be positive, got {gbps} Gbit/s"
         );
-        Self {
+        let link = Self {
             inner,
-            bytes_per_second: gbps * 1e9 / 8.0,
+            bytes_per_second: AtomicU64::new(0),
             slept: AtomicU64::new(0),
-        }
+            sent: AtomicU64::new(0),
+        };
+        link.set_gbps(gbps);
+        link
+    }
+
+    /// From the next collective on, the link carries `gbps` Gbit/s.
+    ///
+    /// # Panics
+    /// If `gbps` is not a positive finite number.
+    pub fn set_gbps(&self, gbps: f64) {
+        assert!(
+            gbps.is_finite() && gbps > 0.0,
+            "a link's bandwidth must be positive, got {gbps} Gbit/s"
+        );
+        self.bytes_per_second
+            .store((gbps * 1e9 / 8.0).to_bits(), Ordering::Relaxed);
     }
 
     /// The time all collectives so far spent on the simulated link.
@@ -43,24 +62,35 @@ impl ThrottledLink {
         Duration::from_nanos(self.slept.load(Ordering::Relaxed))
     }
 
-    /// The time on the link of a collective that sends `(W−1)/W` of `tensor`'s bytes `times`
+    /// The bytes this rank's collectives have put on the link so far.
+    pub fn bytes_on_wire(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The bytes on the link of a collective that sends `(W−1)/W` of `tensor`'s bytes `times`
     /// times.
-    fn transfer_time(&self, tensor: &Tensor<1>, times: f64) -> Duration {
+    fn transfer_bytes(&self, tensor: &Tensor<1>, times: f64) -> f64 {
         let world = self.inner.world_size() as f64;
         let bytes = (tensor.dims()[0] * tensor.dtype().size()) as f64;
-        let share = (world - 1.0) / world;
-        Duration::from_secs_f64(times * share * bytes / self.bytes_per_second)
+        times * (world - 1.0) / world * bytes
+    }
+
+    fn transfer_time(&self, bytes: f64) -> Duration {
+        let rate = f64::from_bits(self.bytes_per_second.load(Ordering::Relaxed));
+        Duration::from_secs_f64(bytes / rate)
     }
 
     fn after(
         &self,
         result: Result<Tensor<1>, DistError>,
-        wire: Duration,
+        bytes: f64,
     ) -> Result<Tensor<1>, DistError> {
         let result = result?;
+        let wire = self.transfer_time(bytes);
         std::thread::sleep(wire);
         self.slept
             .fetch_add(wire.as_nanos() as u64, Ordering::Relaxed);
+        self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(result)
     }
 }
@@ -73,23 +103,23 @@ impl Communicator for ThrottledLink {
         self.inner.world_size()
     }
     fn all_reduce(&self, tensor: Tensor<1>, op: ReduceOp) -> Result<Tensor<1>, DistError> {
-        let wire = self.transfer_time(&tensor, 2.0);
-        self.after(self.inner.all_reduce(tensor, op), wire)
+        let bytes = self.transfer_bytes(&tensor, 2.0);
+        self.after(self.inner.all_reduce(tensor, op), bytes)
     }
     fn reduce_scatter(&self, tensor: Tensor<1>, op: ReduceOp) -> Result<Tensor<1>, DistError> {
-        let wire = self.transfer_time(&tensor, 1.0);
-        self.after(self.inner.reduce_scatter(tensor, op), wire)
+        let bytes = self.transfer_bytes(&tensor, 1.0);
+        self.after(self.inner.reduce_scatter(tensor, op), bytes)
     }
     fn all_gather(&self, shard: Tensor<1>) -> Result<Tensor<1>, DistError> {
         // The gathered buffer is `world` shards; each rank sends all but its own.
-        let wire = self.transfer_time(&shard, self.inner.world_size() as f64);
-        self.after(self.inner.all_gather(shard), wire)
+        let bytes = self.transfer_bytes(&shard, self.inner.world_size() as f64);
+        self.after(self.inner.all_gather(shard), bytes)
     }
     fn broadcast(&self, tensor: Tensor<1>, root: usize) -> Result<Tensor<1>, DistError> {
         // A pipelined ring broadcast sends the whole buffer once over every link.
         let world = self.inner.world_size() as f64;
-        let wire = self.transfer_time(&tensor, world / (world - 1.0).max(1.0));
-        self.after(self.inner.broadcast(tensor, root), wire)
+        let bytes = self.transfer_bytes(&tensor, world / (world - 1.0).max(1.0));
+        self.after(self.inner.broadcast(tensor, root), bytes)
     }
     fn broadcast_bytes(&self, bytes: Option<Vec<u8>>, root: usize) -> Result<Vec<u8>, DistError> {
         self.inner.broadcast_bytes(bytes, root)
@@ -137,12 +167,42 @@ mod tests {
         let mut comms = thread_group(4, &DistOptions::default());
         // 8 kbit/s = 1000 bytes/s.
         let link = ThrottledLink::new(comms.remove(0), 8e-6);
-        let seconds = |tensor, times| link.transfer_time(tensor, times).as_secs_f64();
+        let seconds = |tensor, times| {
+            link.transfer_time(link.transfer_bytes(tensor, times))
+                .as_secs_f64()
+        };
         // 3/4 of the buffer per pass on 4 ranks: 300 of 400 bytes f32, 150 of 200 bf16.
         let f32s = Tensor::<1>::zeros([100], &device);
         assert!((seconds(&f32s, 1.0) - 0.3).abs() < 1e-9);
         assert!((seconds(&f32s, 2.0) - 0.6).abs() < 1e-9);
         let bf16s = f32s.clone().cast(burn::tensor::DType::BF16);
         assert!((seconds(&bf16s, 1.0) - 0.15).abs() < 1e-9);
+        // A new rate applies to what follows.
+        link.set_gbps(16e-6);
+        assert!((seconds(&f32s, 2.0) - 0.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_link_counts_the_bytes_it_carried() {
+        let device = Device::flex();
+        let comms = thread_group(2, &DistOptions::default());
+        let sent: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let device = device.clone();
+                    s.spawn(move || {
+                        let link = ThrottledLink::new(comm, 1.0);
+                        // 1000 f32: all-reduce 2 · 1/2 · 4000 bytes, all-gather of 500: 2 · 1/2 · 2000.
+                        let x = Tensor::<1>::ones([1000], &device);
+                        link.all_reduce(x.clone(), ReduceOp::Sum).unwrap();
+                        link.all_gather(x.slice([0..500])).unwrap();
+                        link.bytes_on_wire()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(sent, vec![6000, 6000]);
     }
 }

@@ -70,6 +70,14 @@ fn cuda(first: usize, _local_rank: usize) -> Result<Device> {
     )
 }
 
+/// What compiles the CubeCL kernels `choice` runs, where this build chooses it (CUDA devices).
+pub fn kernel_compiler(choice: DeviceChoice) -> Option<&'static str> {
+    match choice {
+        DeviceChoice::Cuda(_) => Some(zamba_kernels::CUDA_KERNEL_COMPILER),
+        DeviceChoice::Cpu | DeviceChoice::CubeCpu => None,
+    }
+}
+
 /// Checks that `device` can compute in `precision`.
 pub fn check_precision(device: &Device, choice: DeviceChoice, precision: Precision) -> Result<()> {
     if precision == Precision::Bf16 && !device.supports_dtype(DType::BF16) {

@@ -81,7 +81,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         true => vec![Group::Kernels, Group::Model],
         false => args.only,
     };
-    println!("selftest on {} ({device:?})", args.device);
+    let compiler = crate::device::kernel_compiler(args.device)
+        .map_or(String::new(), |c| format!(", kernels compiled by {c}"));
+    println!("selftest on {} ({device:?}{compiler})", args.device);
     let mut records = Vec::new();
     for group in groups {
         let checks = match group {

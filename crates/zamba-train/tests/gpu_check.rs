@@ -289,6 +289,48 @@ fn predict_refuses_bad_input_with_the_fix() {
 }
 
 #[test]
+fn a_bundle_with_the_nvrtc_twin_times_it_beside_the_step() {
+    // A bundle folder holding the binary and its twin (here the same binary twice).
+    let bundle = tempfile::tempdir().unwrap();
+    let binary = bin_dir().join("zamba-train");
+    for name in ["zamba-train", "zamba-train-nvrtc"] {
+        std::os::unix::fs::symlink(&binary, bundle.path().join(name)).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new("bash")
+        .arg(script())
+        .args(["--smoke", "--bin"])
+        .arg(bundle.path())
+        .arg("--out")
+        .arg(out.path())
+        .args(["step", "nvrtc"])
+        .output()
+        .expect("run gpu-check.sh");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    let summary = json(&out.path().join("summary.json"));
+    let twin = &summary["step_nvrtc"];
+    assert!(twin["tokens_per_sec"].as_f64().unwrap() > 0.0, "{summary}");
+    assert!(stdout.contains("NVRTC kernels"), "{stdout}");
+
+    // Without the twin, asking for its section fails that section and says how to get it.
+    std::fs::remove_file(bundle.path().join("zamba-train-nvrtc")).unwrap();
+    let run = Command::new("bash")
+        .arg(script())
+        .args(["--smoke", "--bin"])
+        .arg(bundle.path())
+        .arg("--out")
+        .arg(out.path())
+        .arg("nvrtc")
+        .output()
+        .expect("run gpu-check.sh");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success());
+    assert!(stdout.contains("gpu-bundle.sh --with-nvrtc"), "{stdout}");
+}
+
+#[test]
 fn without_a_gpu_the_full_check_refuses_at_once() {
     if cfg!(feature = "cuda") {
         return; // a CUDA build may be on a GPU machine, where the real check would run

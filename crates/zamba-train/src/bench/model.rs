@@ -18,12 +18,13 @@ use zamba_model::{
 use zamba_trace::{Capture, Category, span};
 use zamba_train::cost_model::{Card, Kernels};
 use zamba_train::data_parallel::{DataParallel, Sharding, StateBytes};
-use zamba_train::device::{DeviceChoice, attention_kernel, device_for};
+use zamba_train::device::{DeviceChoice, attention_kernel, device_for, kernel_compiler};
 use zamba_train::memory;
 use zamba_train::optim::AdamW;
 use zamba_train::step::{StepContext, StepEvent, StepObserver, train_step};
 
 use super::scan::{ScanShape, scan_times};
+use super::world::LinkSpeed;
 use super::{BENCH_STEP, Machine, bench_adamw, load_average, random_batch, sync, time};
 
 #[derive(Args)]
@@ -48,9 +49,10 @@ pub struct ModelArgs {
     pub(super) zero: bool,
     /// With --world: throttle every rank's communicator to a link of this many Gbit/s (a
     /// simulation: each collective sleeps for its bytes on the wire) and print the step's
-    /// data-parallel efficiency.
-    #[arg(long, value_name = "G")]
-    pub(super) link_gbps: Option<f64>,
+    /// data-parallel efficiency. `auto`: the speed at which a step's gradient traffic takes as
+    /// long as its backward, measured on a calibration step.
+    #[arg(long, value_name = "G|auto")]
+    pub(super) link_gbps: Option<LinkSpeed>,
     /// With --world: reduce gradients after the backward instead of during it.
     #[arg(long)]
     pub(super) no_overlap: bool,
@@ -160,7 +162,7 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
             precision: a.precision,
             checkpointing: a.activation_checkpointing,
             overlap: !a.no_overlap,
-            link_gbps: a.link_gbps,
+            link: a.link_gbps,
             bucket_mb: a.bucket_mb,
         });
     }
@@ -395,8 +397,15 @@ fn report(
     let scan_share = config.num_hidden_layers as f64 * scan_step / step_time;
     let params = ParamCounts::of(config).total() as f64;
     println!(
-        "model {} ({} parameters), batch {} × seq {}, device {}, precision {}, activation checkpointing {}",
-        a.preset, params, a.batch, a.seq_len, a.device, a.precision, a.activation_checkpointing
+        "model {} ({} parameters), batch {} × seq {}, device {}{}, precision {}, activation checkpointing {}",
+        a.preset,
+        params,
+        a.batch,
+        a.seq_len,
+        a.device,
+        kernel_compiler(a.device).map_or(String::new(), |c| format!(" (kernels compiled by {c})")),
+        a.precision,
+        a.activation_checkpointing
     );
     println!(
         "  train step: {:.3} s (forward+backward {:.3} s, AdamW update {:.3} s) → {:.0} tokens/s",
@@ -432,6 +441,7 @@ fn report(
             "batch": a.batch,
             "seq_len": a.seq_len,
             "device": a.device.to_string(),
+            "kernel_compiler": kernel_compiler(a.device),
             "precision": a.precision.to_string(),
             "threads": rayon::current_num_threads(),
             "step_seconds": step_time,

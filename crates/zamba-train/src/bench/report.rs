@@ -68,6 +68,22 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
         });
     let achieved = num(&step["model_gflops"]);
     let mfu = |peak: Option<f64>| achieved.zip(peak).map(|(a, p)| a / p);
+    let datasheet_peak = card.map(|c| c.bf16_flops() / 1e9);
+    // The same run with the kernels compiled by NVRTC (the nvrtc section), where it ran.
+    let nvrtc = read_json(&a.dir, "step-nvrtc");
+    let step_nvrtc = match nvrtc.is_null() {
+        true => Value::Null,
+        false => {
+            let achieved = num(&nvrtc["model_gflops"]);
+            let mfu = |peak: Option<f64>| achieved.zip(peak).map(|(a, p)| a / p);
+            json!({
+                "tokens_per_sec": nvrtc["tokens_per_sec"],
+                "model_gflops": achieved,
+                "mfu_vs_measured_peak": mfu(measured_peak),
+                "mfu_vs_datasheet_peak": mfu(datasheet_peak),
+            })
+        }
+    };
     let memory_peak_mib = std::fs::read_to_string(a.dir.join("memory-peak.txt"))
         .ok()
         .and_then(|t| t.trim().parse::<f64>().ok());
@@ -97,7 +113,8 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
             "tokens_per_sec": step["tokens_per_sec"],
             "model_gflops": achieved,
             "mfu_vs_measured_peak": mfu(measured_peak),
-            "mfu_vs_datasheet_peak": mfu(card.map(|c| c.bf16_flops() / 1e9)),
+            "mfu_vs_datasheet_peak": mfu(datasheet_peak),
+            "kernel_compiler": step["kernel_compiler"],
             "device_memory_peak_mib": memory_peak_mib,
             "device_pool_peak_mb": step["device_pool_peak_mb"],
             "split": step["traced_step"]["split"],
@@ -105,6 +122,7 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
             "scan_backward_seconds": step["traced_step"]["scan_backward_seconds"],
             "traced_step_seconds": step["traced_step"]["wall_seconds"],
         },
+        "step_nvrtc": step_nvrtc,
         "scan": {
             "achieved_gbps": scan["achieved_gbps"],
             "copy_gbps": scan["copy_gbps"],
@@ -203,6 +221,19 @@ fn render(s: &Value) -> String {
         fmt(&st["mfu_vs_measured_peak"], 100.0, 1),
         fmt(&st["mfu_vs_datasheet_peak"], 100.0, 1),
     );
+    let nv = &s["step_nvrtc"];
+    if nv.is_object() {
+        out += &format!(
+            "  NVRTC kernels    {} tokens/s | {} TFLOP/s | MFU {}% of measured, {}% of datasheet (above: {})\n",
+            fmt(&nv["tokens_per_sec"], 1.0, 0),
+            fmt(&nv["model_gflops"], 1e-3, 1),
+            fmt(&nv["mfu_vs_measured_peak"], 100.0, 1),
+            fmt(&nv["mfu_vs_datasheet_peak"], 100.0, 1),
+            st["kernel_compiler"]
+                .as_str()
+                .unwrap_or("the default compiler"),
+        );
+    }
     out += &format!(
         "memory         device peak {} MiB (nvidia-smi) | pool peak {} MB\n",
         fmt(&st["device_memory_peak_mib"], 1.0, 0),

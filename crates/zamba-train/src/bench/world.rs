@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use burn::tensor::Device;
-use zamba_dist::{Communicator, DistOptions, ThrottledLink};
+use burn::tensor::{Device, Tensor};
+use zamba_dist::{Communicator, DistOptions, ReduceOp, ThrottledLink};
 use zamba_model::params::{FlopsPerToken, ParamCounts};
 use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
@@ -40,11 +40,39 @@ pub struct WorldBench<'a> {
     pub checkpointing: ActivationCheckpointing,
     /// Reduce gradients during the backward (the trainer's default) rather than after it.
     pub overlap: bool,
-    /// Simulate links of this many Gbit/s per rank.
-    pub link_gbps: Option<f64>,
+    /// Simulate a slower link per rank.
+    pub link: Option<LinkSpeed>,
     /// Gradient buckets of up to this many MiB.
     pub bucket_mb: f64,
 }
+
+/// The simulated link of `--link-gbps`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LinkSpeed {
+    Gbps(f64),
+    /// As fast as makes a step's gradient traffic take as long as its backward, both measured
+    /// on a calibration step on an unthrottled link (`--link-gbps auto`).
+    MatchBackward,
+}
+
+impl std::str::FromStr for LinkSpeed {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(LinkSpeed::MatchBackward),
+            number => match number.parse::<f64>() {
+                Ok(gbps) if gbps.is_finite() && gbps > 0.0 => Ok(LinkSpeed::Gbps(gbps)),
+                _ => Err(format!(
+                    "{text:?} is neither a positive number of Gbit/s (e.g. 0.1) nor \"auto\""
+                )),
+            },
+        }
+    }
+}
+
+/// A link this fast puts no measurable time on the wire: the calibration step's.
+const UNTHROTTLED_GBPS: f64 = 1e6;
 
 /// Time per step on rank 0, split into its parts, and the heap of the ranks' training state.
 #[derive(Default, Clone, Copy)]
@@ -58,6 +86,8 @@ struct StepTimes {
     exposed: Duration,
     /// Time on the simulated link (with `--link-gbps`).
     wire: Duration,
+    /// The simulated link's Gbit/s (with `--link-gbps`; chosen by the calibration with `auto`).
+    gbps: f64,
     /// Live heap of all ranks' state once the gradients are summed, less the heap once the
     /// ranks have dropped their models and optimizers, divided by the ranks.
     state_per_rank: f64,
@@ -76,8 +106,8 @@ pub fn run(b: &WorldBench) -> Result<()> {
     if batch % world != 0 {
         bail!("--batch {batch} must be divisible by --world {world}");
     }
-    if let Some(gbps) = b.link_gbps {
-        return run_on_link(b, gbps);
+    if let Some(speed) = b.link {
+        return run_on_link(b, speed);
     }
     let flops = FlopsPerToken::of(b.config, b.seq_len).train();
     let tokens = (batch * b.seq_len) as f64;
@@ -122,14 +152,19 @@ pub fn run(b: &WorldBench) -> Result<()> {
 }
 
 /// `world` ranks on links of `gbps` Gbit/s: the step, the traffic and the efficiency.
-fn run_on_link(b: &WorldBench, gbps: f64) -> Result<()> {
-    if !(gbps.is_finite() && gbps > 0.0) {
-        bail!("--link-gbps {gbps}: a link's bandwidth must be a positive number of Gbit/s");
-    }
+fn run_on_link(b: &WorldBench, speed: LinkSpeed) -> Result<()> {
     let (batch, world) = (b.batch, b.world);
+    let link = match speed {
+        LinkSpeed::Gbps(gbps) => format!("a simulated {gbps} Gbit/s link"),
+        LinkSpeed::MatchBackward => {
+            "a simulated link on which the step's gradient traffic takes as long as its backward \
+             (both measured on a calibration step)"
+                .into()
+        }
+    };
     println!(
         "data-parallel step, {batch} × {} tokens per step, {:?}, precision {}, activation checkpointing {}, \
-         {world} ranks as threads sharing {} cores, each on a simulated {gbps} Gbit/s link, buckets of {} MiB, \
+         {world} ranks as threads sharing {} cores, each on {link}, buckets of {} MiB, \
          reduction {}",
         b.seq_len,
         b.sharding,
@@ -145,6 +180,9 @@ fn run_on_link(b: &WorldBench, gbps: f64) -> Result<()> {
     let t = measure(b, batch / world, world)?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let step = t.total();
+    if speed == LinkSpeed::MatchBackward {
+        println!("  link: {:.4} Gbit/s per rank", t.gbps);
+    }
     println!(
         "  {:.1} ms/step: forward+backward {:.1} ms (backward {:.1} ms), gradient averaging + agreement {:.1} ms, \
          AdamW + parameter update {:.1} ms; {:.1} ms on the wire per step",
@@ -213,10 +251,14 @@ fn measure(b: &WorldBench, rows: usize, world: usize) -> Result<StepTimes> {
                 let rank0 = &rank0;
                 scope.spawn(move || -> Result<()> {
                     let rank = comm.rank();
-                    let times = match b.link_gbps {
-                        Some(gbps) => {
+                    let times = match b.link {
+                        Some(speed) => {
+                            let gbps = match speed {
+                                LinkSpeed::Gbps(gbps) => gbps,
+                                LinkSpeed::MatchBackward => UNTHROTTLED_GBPS,
+                            };
                             let link = ThrottledLink::new(comm, gbps);
-                            rank_steps(b, rows, &link, Some(&link))?
+                            rank_steps(b, rows, &link, Some((&link, speed)))?
                         }
                         None => rank_steps(b, rows, comm.as_ref(), None)?,
                     };
@@ -240,7 +282,7 @@ fn rank_steps(
     b: &WorldBench,
     rows: usize,
     comm: &dyn Communicator,
-    link: Option<&ThrottledLink>,
+    link: Option<(&ThrottledLink, LinkSpeed)>,
 ) -> Result<StepTimes> {
     let device = Device::flex().autodiff();
     let compute = Device::flex();
@@ -264,10 +306,15 @@ fn rank_steps(
     device.seed(rank as u64);
     let (inputs, targets) = random_batch(rows, b.seq_len, b.config.vocab_size, &device);
     let mut total = StepTimes::default();
-    let on_wire = || link.map_or(Duration::ZERO, ThrottledLink::time_on_wire);
-    for step in 0..=b.steps + 1 {
+    let on_wire = || link.map_or(Duration::ZERO, |(l, _)| l.time_on_wire());
+    let bytes_on_wire = || link.map_or(0, |(l, _)| l.bytes_on_wire());
+    // A warm-up step, with `auto` a calibration step, then the measured steps, then the probe.
+    let calibration = matches!(link, Some((_, LinkSpeed::MatchBackward))).then_some(1);
+    let first_measured = 1 + calibration.unwrap_or(0);
+    let probe_step = first_measured + b.steps;
+    for step in 0..=probe_step {
         comm.barrier()?;
-        let probe = step > b.steps;
+        let probe = step == probe_step;
         // The heap probe's barrier must not run beside the communication thread's collectives.
         let ctx = StepContext {
             comm,
@@ -278,7 +325,7 @@ fn rank_steps(
         };
         let mut clock = RankClock::new(comm, probe);
         let micro_batches = std::iter::once((inputs.clone(), targets.clone()));
-        let wire_before = on_wire();
+        let (wire_before, bytes_before) = (on_wire(), bytes_on_wire());
         let outcome;
         (model, outcome) = train_step(
             model,
@@ -290,7 +337,11 @@ fn rank_steps(
         )?;
         if probe {
             total.state_per_rank = clock.state_heap as f64;
-        } else if step > 0 {
+        } else if Some(step) == calibration {
+            let backward = clock.gradients - clock.forward;
+            let bytes = bytes_on_wire() - bytes_before;
+            total.gbps = match_backward(comm, link, bytes, backward, &compute)?;
+        } else if step >= first_measured {
             total.compute += clock.gradients - clock.start;
             total.backward += clock.gradients - clock.forward;
             total.sync += clock.reduced - clock.gradients;
@@ -311,8 +362,42 @@ fn rank_steps(
         backward: total.backward / n,
         exposed: total.exposed / n,
         wire: total.wire / n,
+        gbps: match link {
+            Some((_, LinkSpeed::Gbps(gbps))) => gbps,
+            _ => total.gbps,
+        },
         state_per_rank: (total.state_per_rank - without_state) / world as f64,
     })
+}
+
+/// Sets `link` to the speed at which `bytes` take `backward` on the wire, both averaged over the
+/// ranks so that every rank's link is the same; returns that speed in Gbit/s.
+fn match_backward(
+    comm: &dyn Communicator,
+    link: Option<(&ThrottledLink, LinkSpeed)>,
+    bytes: u64,
+    backward: Duration,
+    compute: &Device,
+) -> Result<f64> {
+    let Some((link, _)) = link else {
+        bail!("a link to calibrate is needed");
+    };
+    let mine = Tensor::<1>::from_floats([bytes as f32, backward.as_secs_f32()], compute);
+    let mean = comm
+        .all_reduce(mine, ReduceOp::Avg)?
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow!("reading the calibration back: {e:?}"))?;
+    let (bytes, seconds) = (mean[0] as f64, mean[1] as f64);
+    if bytes <= 0.0 || seconds <= 0.0 {
+        bail!(
+            "--link-gbps auto: the calibration step sent {bytes} bytes in a backward of {seconds} s; \
+             nothing to match (is the gradient reduced at all?)"
+        );
+    }
+    let gbps = bytes * 8.0 / seconds / 1e9;
+    link.set_gbps(gbps);
+    Ok(gbps)
 }
 
 /// The process's live heap as rank 0 reads it while every rank waits at the same point (ranks
