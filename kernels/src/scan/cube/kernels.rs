@@ -122,7 +122,10 @@ pub(super) fn scan_backward<F: Float>(
     let mut states = Array::<f32>::new(comptime!((chunk + 1) * state));
     // Two buffers of [2 · state, units] contributions, alternating by step: a unit writes the
     // next step's buffer only after the barrier that ends every read of it.
-    let mut shared = Shared::<[f32]>::new_slice(comptime!(4 * state * units));
+    // Rows padded to `units + 1` floats: the sum's reads (one row per unit, same column) then
+    // fall in distinct banks, as do the writes (one column per unit, same row).
+    let pitch = comptime!(units + 1);
+    let mut shared = Shared::<[f32]>::new_slice(comptime!(4 * state * (units + 1)));
     let mut parity = 0usize;
 
     let chunks = (len + chunk - 1) / chunk;
@@ -161,7 +164,7 @@ pub(super) fn scan_backward<F: Float>(
             let dy = g * zt * sz;
             let b_t = b_row + t * b.stride(2);
             let c_t = c_row + t * c.stride(2);
-            let buffer = parity * 2 * state * units;
+            let buffer = parity * 2 * state * pitch;
             let mut y = d_skip * ut;
             let mut r = 0.0f32;
             let mut hb = 0.0f32;
@@ -178,8 +181,8 @@ pub(super) fn scan_backward<F: Float>(
                 da[k] += has * dt;
                 hb += h * b_k;
                 carry[k] = decay * h;
-                shared[buffer + k * units + unit] = select(active, h * dt * ut, 0.0);
-                shared[buffer + (state + k) * units + unit] = select(active, dy * cur, 0.0);
+                shared[buffer + k * pitch + unit] = select(active, h * dt * ut, 0.0);
+                shared[buffer + (state + k) * pitch + unit] = select(active, dy * cur, 0.0);
             }
             let ddelta_t = (ut * hb + r) * softplus_grad(x);
             d_skip_grad += dy * ut;
@@ -198,7 +201,7 @@ pub(super) fn scan_backward<F: Float>(
                 if q < 2 * state {
                     let mut sum = 0.0f32;
                     for w in 0..units {
-                        sum += shared[buffer + q * units + w];
+                        sum += shared[buffer + q * pitch + w];
                     }
                     let dst = parts_row + t * state;
                     if q < state {

@@ -184,10 +184,11 @@ fn forward_layout(client: &Client, len: usize) -> ForwardLayout {
 }
 
 /// Units per cube of the backward: consecutive channels of one group, as many as the client and
-/// the shared memory (two `[2 · state, units]` f32 buffers) allow.
+/// the shared memory (two `[2 · state, units + 1]` f32 buffers) allow.
 fn backward_units(client: &Client, dims: &ScanShape) -> usize {
     let hardware = &client.properties().hardware;
-    let by_shared = hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>());
+    let by_shared =
+        (hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>())).saturating_sub(1);
     [
         MAX_BACKWARD_UNITS,
         hardware.max_units_per_cube as usize,
