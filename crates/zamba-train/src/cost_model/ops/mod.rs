@@ -192,9 +192,10 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
     let (bytes_f, mut bytes_b) = scan_bytes(shape, chunk, s.e as usize);
     let model = s.layers * scan_flops_per_token(c) * s.t;
     // Today's kernels (kernels/src/scan/cube): the forward runs a cube per (batch, channel)
-    // lane, its units along time (`B·D` cubes: enough); the backward one unit per lane, a cube
-    // per 32 consecutive channels of a group, each cube writing its own f32 partial of dB and
-    // dC (`[B·G, cubes per group, L, N]`), read back by their sums.
+    // lane, its units along time (`B·D` cubes: enough). The backward runs one unit per lane, a
+    // cube per 32 consecutive channels of a group: its `B·D` threads fill the card no better than
+    // `B·D / 256` blocks of 256 would, and each cube writes its own f32 partial of dB and dC
+    // (`[B·G, cubes per group, L, N]`), read back by their sums.
     let groups = c.n_mamba_heads;
     let cubes_per_group = (di / groups).div_ceil(CURRENT_BACKWARD_CHANNELS);
     let (forward_blocks, backward_blocks) = match kernels {
@@ -206,10 +207,7 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
             flops_f += 6 * (b * di * s.len * n) as u64;
             let partials = (b * groups * cubes_per_group * s.len * n) as u64;
             bytes_b += 2 * 2 * 4 * partials;
-            (
-                Some((b * di) as f64),
-                Some((b * groups * cubes_per_group) as f64),
-            )
+            (Some((b * di) as f64), Some((b * di) as f64 / 256.0))
         }
     };
     let backward_kernels = match kernels {
