@@ -261,13 +261,13 @@ fn walk_steps<F: Float>(
     for i in 0..items {
         let t = first + i;
         if t < len {
-            if save_checkpoints {
-                if t % checkpoint_chunk == 0 && t > 0 {
-                    let dst = rows.checkpoint + (t / checkpoint_chunk - 1) * state;
-                    #[unroll]
-                    for k in 0..state {
-                        checkpoints[dst + k] = s[k];
-                    }
+            // The state entering each chunk of the backward's but the first.
+            let in_chunk = t % checkpoint_chunk;
+            if save_checkpoints && in_chunk == 0 && t > 0 {
+                let dst = rows.checkpoint + (t / checkpoint_chunk - 1) * state;
+                #[unroll]
+                for k in 0..state {
+                    checkpoints[dst + k] = s[k];
                 }
             }
             let dt = dt_items[i];

@@ -128,7 +128,7 @@ pub(super) fn scan_backward<F: Float>(
     let mut shared = Shared::<[f32]>::new_slice(comptime!(4 * state * (units + 1)));
     let mut parity = 0usize;
 
-    let chunks = (len + chunk - 1) / chunk;
+    let chunks = len.div_ceil(chunk);
     for chunk_back in 0..chunks {
         let chunk_index = chunks - 1 - chunk_back;
         let t0 = chunk_index * chunk;
