@@ -24,9 +24,11 @@ use crate::scan::{ScanShape, cube_scan_chunk};
 /// Units per cube of the forward, at most: mamba-ssm's 128 threads for long sequences.
 const MAX_FORWARD_UNITS: usize = 128;
 
-/// Consecutive time steps per unit of the forward (mamba-ssm: 4 to 16 by length): enough to
-/// amortise the scan across units, few enough for registers (two f32 per step).
-const FORWARD_ITEMS: usize = 8;
+/// Consecutive time steps per unit of the forward (mamba-ssm: 4 to 16 by length). More would
+/// amortise the scan across units over more work, but every loop over them is unrolled (two f32
+/// registers per step), and at 8 the CPU runtime's LLVM compile of the kernel's variants made the
+/// cube-cpu tests half again as slow; a GPU measurement decides whether 8 is worth it there.
+const FORWARD_ITEMS: usize = 4;
 
 /// Units per cube of the backward, at most: one 32-wide warp on a GPU (a cheap barrier per step),
 /// fewer where the client allows fewer (the CPU runtime: one unit per core).
