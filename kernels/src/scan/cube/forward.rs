@@ -15,7 +15,8 @@
 //! 3. each unit applies the maps before it to the state entering the pass (every unit holds that
 //!    *carry* in registers and advances it by all plane totals at the end of the pass) and walks
 //!    its steps again: states, `y = Σ C s + D u`, `y · silu(z)`, and with `save_checkpoints` the
-//!    state entering every `checkpoint_chunk`-th step for the backward.
+//!    state entering every `checkpoint_chunk`-th step for the backward. The walk recomputes each
+//!    decay `exp(Δ A[n])`: keeping all `items · state` of step 1's would not fit in registers.
 //!
 //! The state is `state` f32 registers per unit; the loop over it is inside the loop over time,
 //! so a step's row of `B`/`C` (`[batch, groups, len, state]`, time-major) is read contiguously.
@@ -90,30 +91,22 @@ pub(super) fn scan_forward<F: Float>(
     for pass in 0..passes {
         let first = pass * span + unit * items;
         // 1. This unit's steps as one map per state.
-        #[unroll]
-        for k in 0..state {
-            decay[k] = 1.0;
-            input[k] = 0.0;
-        }
-        #[unroll]
-        for i in 0..items {
-            let t = first + i;
-            let valid = t < len;
-            let at = select(valid, t, len - 1);
-            let x = f32::cast_from(delta[rows.delta + at * delta.stride(2)]) + bias;
-            let dt = select(valid, softplus(x), 0.0);
-            let ut = f32::cast_from(u[rows.u + at * u.stride(2)]);
-            dt_items[i] = dt;
-            u_items[i] = ut;
-            let du = dt * ut;
-            let b_t = rows.b + at * b.stride(2);
-            #[unroll]
-            for k in 0..state {
-                let e = (dt * a_row[k]).exp();
-                decay[k] *= e;
-                input[k] = e * input[k] + du * f32::cast_from(b[b_t + k * b.stride(3)]);
-            }
-        }
+        compose_steps::<F>(
+            u,
+            delta,
+            b,
+            &rows,
+            &a_row,
+            bias,
+            first,
+            len,
+            &mut decay,
+            &mut input,
+            &mut dt_items,
+            &mut u_items,
+            state,
+            items,
+        );
         // 2. Scan across units: s ↦ decay · s + input, earlier units applied first.
         let lane = unit % plane;
         let buffer = (pass % 2) * planes * 2 * state;
@@ -180,6 +173,53 @@ struct Rows {
     b: usize,
     c: usize,
     checkpoint: usize,
+}
+
+/// Step 1 of the forward for one unit's `items` steps from `first`: their `Δ` and `u` (kept for
+/// the walk), and the map `s ↦ decay · s + input` per state that the steps compose to. Steps past
+/// `len` read the last step (a valid address) with `Δ = 0`: the identity.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn compose_steps<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    b: &Tensor<F>,
+    rows: &Rows,
+    a_row: &Array<f32>,
+    bias: f32,
+    first: usize,
+    len: usize,
+    decay: &mut Array<f32>,
+    input: &mut Array<f32>,
+    dt_items: &mut Array<f32>,
+    u_items: &mut Array<f32>,
+    #[comptime] state: usize,
+    #[comptime] items: usize,
+) {
+    #[unroll]
+    for k in 0..state {
+        decay[k] = 1.0;
+        input[k] = 0.0;
+    }
+    #[unroll]
+    for i in 0..items {
+        let t = first + i;
+        let valid = t < len;
+        let at = select(valid, t, len - 1);
+        let x = f32::cast_from(delta[rows.delta + at * delta.stride(2)]) + bias;
+        let dt = select(valid, softplus(x), 0.0);
+        let ut = f32::cast_from(u[rows.u + at * u.stride(2)]);
+        dt_items[i] = dt;
+        u_items[i] = ut;
+        let du = dt * ut;
+        let b_t = rows.b + at * b.stride(2);
+        #[unroll]
+        for k in 0..state {
+            let e = (dt * a_row[k]).exp();
+            decay[k] *= e;
+            input[k] = e * input[k] + du * f32::cast_from(b[b_t + k * b.stride(3)]);
+        }
+    }
 }
 
 /// Inclusive scan of the maps `(decay, input)` over the `plane` lanes of a plane (`lane` is this
