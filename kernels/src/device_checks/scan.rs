@@ -37,6 +37,8 @@ pub struct ScanCase {
     pub size: ScanShape,
     pub inputs: [Vec<f32>; 8],
     pub w: Vec<f32>,
+    /// Whether the activations reach the op as transposed views (see [`ScanCase::strided`]).
+    pub strided: bool,
 }
 
 impl ScanCase {
@@ -71,7 +73,51 @@ impl ScanCase {
             size,
             inputs: [u, delta, a, b, c, d, z, delta_bias],
             w,
+            strided: false,
         }
+    }
+
+    /// The same values, the activations handed to the op as transposed views, as a model's
+    /// projections produce them: `u`, `delta`, `z` stored `[batch, len, channels]`, `B`, `C`
+    /// stored `[batch, len, groups, state]`, each with dims 1 and 2 swapped. [`ScanCase::run`]
+    /// still returns every value in the order of the contiguous layout.
+    pub fn strided(mut self) -> Self {
+        self.strided = true;
+        self
+    }
+
+    /// Input `i` in the order [`ScanCase::run`] stores it: `to_stored` moves a contiguous
+    /// value to the strided storage order, `!to_stored` back.
+    fn reorder(&self, i: usize, values: &[f32], to_stored: bool) -> Vec<f32> {
+        let ScanShape {
+            batch,
+            channels,
+            groups,
+            len,
+            state,
+        } = self.size;
+        // (outer, rows, cols, inner): contiguous order [outer, rows, cols, inner], stored order
+        // [outer, cols, rows, inner].
+        let (rows, cols, inner) = match i {
+            0 | 1 | 6 if self.strided => (channels, len, 1),
+            3 | 4 if self.strided => (groups, len, state),
+            _ => return values.to_vec(),
+        };
+        let (from, to) = match to_stored {
+            true => ((rows, cols), (cols, rows)),
+            false => ((cols, rows), (rows, cols)),
+        };
+        let mut out = vec![0.0; values.len()];
+        for o in 0..batch {
+            for r in 0..from.0 {
+                for c in 0..from.1 {
+                    let src = ((o * from.0 + r) * from.1 + c) * inner;
+                    let dst = ((o * to.0 + c) * to.1 + r) * inner;
+                    out[dst..dst + inner].copy_from_slice(&values[src..src + inner]);
+                }
+            }
+        }
+        out
     }
 
     /// Sets every `every`-th Δ pre-activation beyond softplus's linear threshold of 20.
@@ -119,10 +165,9 @@ impl ScanCase {
         let device = device.clone().autodiff();
         let shapes = self.shapes();
         let input = |i: usize| -> Tensor<1> {
-            let t = Tensor::<1>::from_data(
-                TensorData::new(self.inputs[i].clone(), [self.inputs[i].len()]),
-                &device,
-            );
+            let stored = self.reorder(i, &self.inputs[i], true);
+            let t =
+                Tensor::<1>::from_data(TensorData::new(stored, [self.inputs[i].len()]), &device);
             match [0, 1, 3, 4, 6].contains(&i) {
                 true => t.cast(activations),
                 false => t,
@@ -131,14 +176,28 @@ impl ScanCase {
         };
         let leaves: [Tensor<1>; 8] = std::array::from_fn(input);
         let dims = |i: usize| shapes[i].clone();
+        let rows = |i: usize| -> Tensor<3> {
+            let [b, c, l] = to3(&dims(i));
+            match self.strided {
+                true => leaves[i].clone().reshape([b, l, c]).swap_dims(1, 2),
+                false => leaves[i].clone().reshape([b, c, l]),
+            }
+        };
+        let bc = |i: usize| -> Tensor<4> {
+            let [b, g, l, n] = to4(&dims(i));
+            match self.strided {
+                true => leaves[i].clone().reshape([b, l, g, n]).swap_dims(1, 2),
+                false => leaves[i].clone().reshape([b, g, l, n]),
+            }
+        };
         let out = selective_scan(ScanInputs {
-            u: leaves[0].clone().reshape(to3(&dims(0))),
-            delta: leaves[1].clone().reshape(to3(&dims(1))),
+            u: rows(0),
+            delta: rows(1),
             a: leaves[2].clone().reshape([dims(2)[0], dims(2)[1]]),
-            b: leaves[3].clone().reshape(to4(&dims(3))),
-            c: leaves[4].clone().reshape(to4(&dims(4))),
+            b: bc(3),
+            c: bc(4),
             d: leaves[5].clone(),
-            z: leaves[6].clone().reshape(to3(&dims(6))),
+            z: rows(6),
             delta_bias: leaves[7].clone(),
         });
         if out.dtype() != activations {
@@ -162,7 +221,7 @@ impl ScanCase {
                     leaf.dtype()
                 ));
             }
-            grad_values.push(f32_values(grad));
+            grad_values.push(self.reorder(i, &f32_values(grad), false));
         }
         Ok(ScanRun {
             out: f32_values(out.flatten::<1>(0, 2)),
@@ -252,8 +311,27 @@ pub fn scan_checks(device: &Device) -> Vec<Check> {
             },
         ));
     }
+    checks.push(strided_views(device));
     checks.push(deterministic(device));
     checks
+}
+
+/// Transposed views of the activations give the contiguous run's results bit for bit (the
+/// kernels read at any strides; the arithmetic is the same).
+fn strided_views(device: &Device) -> Check {
+    Check::run("scan transposed inputs = contiguous, bit for bit", || {
+        let case = ScanCase::new(odd_sizes()[2], 31);
+        let contiguous = case.run(device, DType::F32)?;
+        let strided = case.strided().run(device, DType::F32)?;
+        let bits = |run: &ScanRun| -> Vec<u32> {
+            let all = std::iter::once(&run.out).chain(&run.grads);
+            all.flat_map(|v| v.iter().map(|x| x.to_bits())).collect()
+        };
+        match bits(&contiguous) == bits(&strided) {
+            true => Ok("output and every gradient identical".into()),
+            false => Err("transposed views change the results".into()),
+        }
+    })
 }
 
 fn vs_cpu_kernel(device: &Device) -> Check {

@@ -58,10 +58,11 @@
 //! chunk-boundary states, and a backward from them), implemented twice:
 //! - Flex: the CPU kernel above (`cpu.rs`, chunks of 64 steps; `flex.rs` hands it Flex's tensors);
 //! - Burn's CubeCL backend (`Cube`: CUDA with the `cuda` feature, the LLVM-compiled CPU runtime
-//!   with `cube-cpu`): `#[cube]` kernels with the structure of mamba-ssm's selective scan, see
-//!   `cube/kernels.rs`. Activations may be f32, f16 or bf16 (read and written in their type; the
-//!   state and every sum are f32); the chunk is sized to keep the recomputed states in unit-local
-//!   memory ([`scan_chunk`]).
+//!   with `cube-cpu`): `#[cube]` kernels, a forward in mamba-ssm's layout (a cube per lane, its
+//!   units along time, their maps combined by a scan: `cube/forward.rs`) and a backward of one unit
+//!   per lane (`cube/kernels.rs`). Activations may be f32, f16 or bf16 (read and written in their
+//!   type; the state and every sum are f32); the checkpoint chunk is sized to keep the backward's
+//!   recomputed states in unit-local memory ([`scan_chunk`]).
 //!
 //! The op is a Burn backend extension (`#[backend_extension(Flex, Cube, Autodiff)]`), routed by
 //! the device: in Burn 0.22 a `Tensor`'s `Device` wraps a `burn::backend::DispatchDevice` enum

@@ -1,11 +1,11 @@
-//! The `#[cube]` kernels of the scan (kept apart from Burn's names: `cubecl::prelude` has its own
-//! `Tensor` and `Float`).
+//! The backward `#[cube]` kernels of the scan and the helpers both directions share (kept apart
+//! from Burn's names: `cubecl::prelude` has its own `Tensor` and `Float`); the forward is in
+//! `forward.rs`.
 //!
-//! Structure of mamba-ssm's selective scan: one unit per (batch, channel) *lane*, its
-//! `state`-long recurrence state in registers, sequential over time. Activations (`u`, `delta`,
-//! `z`, `B`, `C`, the output and their gradients) are read and written in their own float type
-//! `F` (f32, f16 or bf16) at any strides; the state, the parameters (`A`, `D`, `delta_bias`) and
-//! every accumulation are `f32`.
+//! The backward runs one unit per (batch, channel) *lane*, its `state`-long recurrence state in
+//! registers, sequential over time. Activations (`u`, `delta`, `z`, `B`, `C`, the output and
+//! their gradients) are read and written in their own float type `F` (f32, f16 or bf16) at any
+//! strides; the state, the parameters (`A`, `D`, `delta_bias`) and every accumulation are `f32`.
 //!
 //! The backward walks each lane's chunks last to first, restores the chunk's entry state from the
 //! forward's checkpoints, recomputes the chunk's states into unit-local memory and walks them back
@@ -18,7 +18,7 @@ use cubecl::prelude::*;
 
 /// `softplus(x) = log1p(exp(x))`, and `x` itself above 20 (mamba-ssm's threshold).
 #[cube]
-fn softplus(x: f32) -> f32 {
+pub(super) fn softplus(x: f32) -> f32 {
     select(x > 20.0, x, x.exp().log1p())
 }
 
@@ -29,91 +29,14 @@ fn softplus_grad(x: f32) -> f32 {
 }
 
 #[cube]
-fn sigmoid(x: f32) -> f32 {
+pub(super) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
 /// Offset of the row `(i, j, ..)` of a tensor of rank 3 or more.
 #[cube]
-fn row<F: Float>(t: &Tensor<F>, i: usize, j: usize) -> usize {
+pub(super) fn row<F: Float>(t: &Tensor<F>, i: usize, j: usize) -> usize {
     i * t.stride(0) + j * t.stride(1)
-}
-
-/// Forward of one lane per unit. Writes `y · silu(z)` and, with `save_checkpoints`, the state
-/// entering chunk `k ≥ 1` to `checkpoints[batch, channel, k - 1, :]`.
-#[allow(clippy::too_many_arguments)]
-#[cube(launch, address_type = "dynamic")]
-pub(super) fn scan_forward<F: Float>(
-    u: &Tensor<F>,
-    delta: &Tensor<F>,
-    z: &Tensor<F>,
-    b: &Tensor<F>,
-    c: &Tensor<F>,
-    a: &Tensor<f32>,
-    d: &Tensor<f32>,
-    delta_bias: &Tensor<f32>,
-    out: &mut Tensor<F>,
-    checkpoints: &mut Tensor<f32>,
-    #[comptime] state: usize,
-    #[comptime] chunk: usize,
-    #[comptime] save_checkpoints: bool,
-    #[define(F)] _dtype: ElemType,
-) {
-    let channels = u.shape(1);
-    let len = u.shape(2);
-    let lane = ABSOLUTE_POS;
-    if lane >= u.shape(0) * channels {
-        terminate!();
-    }
-    let batch = lane / channels;
-    let channel = lane % channels;
-    let group = channel / (channels / b.shape(1));
-
-    let mut s = Array::<f32>::new(state);
-    let mut a_row = Array::<f32>::new(state);
-    #[unroll]
-    for k in 0..state {
-        s[k] = 0.0;
-        a_row[k] = a[channel * state + k];
-    }
-    let d_skip = d[channel];
-    let bias = delta_bias[channel];
-    let (u_row, delta_row, z_row) = (
-        row(u, batch, channel),
-        row(delta, batch, channel),
-        row(z, batch, channel),
-    );
-    let out_row = batch * out.stride(0) + channel * out.stride(1);
-    let out_step = out.stride(2);
-    let b_row = row(b, batch, group);
-    let c_row = row(c, batch, group);
-    let checkpoint_row = lane * checkpoints.shape(2) * state;
-
-    for t in 0..len {
-        if save_checkpoints {
-            if t % chunk == 0 && t > 0 {
-                let dst = checkpoint_row + (t / chunk - 1) * state;
-                #[unroll]
-                for k in 0..state {
-                    checkpoints[dst + k] = s[k];
-                }
-            }
-        }
-        let dt = softplus(f32::cast_from(delta[delta_row + t * delta.stride(2)]) + bias);
-        let ut = f32::cast_from(u[u_row + t * u.stride(2)]);
-        let zt = f32::cast_from(z[z_row + t * z.stride(2)]);
-        let du = dt * ut;
-        let b_t = b_row + t * b.stride(2);
-        let c_t = c_row + t * c.stride(2);
-        let mut y = d_skip * ut;
-        #[unroll]
-        for k in 0..state {
-            let next = (dt * a_row[k]).exp() * s[k] + du * f32::cast_from(b[b_t + k * b.stride(3)]);
-            s[k] = next;
-            y += f32::cast_from(c[c_t + k * c.stride(3)]) * next;
-        }
-        out[out_row + t * out_step] = F::cast_from(y * zt * sigmoid(zt));
-    }
 }
 
 /// Backward of one lane per unit; the units of a cube are `units` consecutive channels of one
@@ -199,10 +122,13 @@ pub(super) fn scan_backward<F: Float>(
     let mut states = Array::<f32>::new(comptime!((chunk + 1) * state));
     // Two buffers of [2 · state, units] contributions, alternating by step: a unit writes the
     // next step's buffer only after the barrier that ends every read of it.
-    let mut shared = Shared::<[f32]>::new_slice(comptime!(4 * state * units));
+    // Rows padded to `units + 1` floats: the sum's reads (one row per unit, same column) then
+    // fall in distinct banks, as do the writes (one column per unit, same row).
+    let pitch = comptime!(units + 1);
+    let mut shared = Shared::<[f32]>::new_slice(comptime!(4 * state * (units + 1)));
     let mut parity = 0usize;
 
-    let chunks = (len + chunk - 1) / chunk;
+    let chunks = len.div_ceil(chunk);
     for chunk_back in 0..chunks {
         let chunk_index = chunks - 1 - chunk_back;
         let t0 = chunk_index * chunk;
@@ -238,7 +164,7 @@ pub(super) fn scan_backward<F: Float>(
             let dy = g * zt * sz;
             let b_t = b_row + t * b.stride(2);
             let c_t = c_row + t * c.stride(2);
-            let buffer = parity * 2 * state * units;
+            let buffer = parity * 2 * state * pitch;
             let mut y = d_skip * ut;
             let mut r = 0.0f32;
             let mut hb = 0.0f32;
@@ -255,8 +181,8 @@ pub(super) fn scan_backward<F: Float>(
                 da[k] += has * dt;
                 hb += h * b_k;
                 carry[k] = decay * h;
-                shared[buffer + k * units + unit] = select(active, h * dt * ut, 0.0);
-                shared[buffer + (state + k) * units + unit] = select(active, dy * cur, 0.0);
+                shared[buffer + k * pitch + unit] = select(active, h * dt * ut, 0.0);
+                shared[buffer + (state + k) * pitch + unit] = select(active, dy * cur, 0.0);
             }
             let ddelta_t = (ut * hb + r) * softplus_grad(x);
             d_skip_grad += dy * ut;
@@ -275,7 +201,7 @@ pub(super) fn scan_backward<F: Float>(
                 if q < 2 * state {
                     let mut sum = 0.0f32;
                     for w in 0..units {
-                        sum += shared[buffer + q * units + w];
+                        sum += shared[buffer + q * pitch + w];
                     }
                     let dst = parts_row + t * state;
                     if q < state {

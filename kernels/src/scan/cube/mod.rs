@@ -1,7 +1,9 @@
-//! The CubeCL kernels ([`kernels`]) behind the scan's kernel interface on Burn's `Cube` backend:
-//! CUDA with the `cuda` feature, the LLVM-compiled CPU runtime with `cube-cpu`. Everything that
-//! depends on the device (units per cube, the chunk) is taken from the client's limits.
+//! The CubeCL kernels ([`forward`], [`kernels`]) behind the scan's kernel interface on Burn's
+//! `Cube` backend: CUDA with the `cuda` feature, the LLVM-compiled CPU runtime with `cube-cpu`.
+//! Everything that depends on the device (units per cube, plane width, the chunk) is taken from
+//! the client's properties.
 
+mod forward;
 mod kernels;
 
 use burn::backend::{Cube, DType, TensorMetadata};
@@ -11,12 +13,22 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::ops::{permute, reshape};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::client::Client;
+use cubecl::features::Plane;
 use cubecl::ir::AddressType;
 use cubecl::prelude::ElemType;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::scan::op::{ScanKernel, ScanTensors};
 use crate::scan::{ScanShape, cube_scan_chunk};
+
+/// Units per cube of the forward, at most: mamba-ssm's 128 threads for long sequences.
+const MAX_FORWARD_UNITS: usize = 128;
+
+/// Consecutive time steps per unit of the forward (mamba-ssm: 4 to 16 by length). More would
+/// amortise the scan across units over more work, but every loop over them is unrolled (two f32
+/// registers per step), and at 8 the CPU runtime's LLVM compile of the kernel's variants made the
+/// cube-cpu tests half again as slow; a GPU measurement decides whether 8 is worth it there.
+const FORWARD_ITEMS: usize = 4;
 
 /// Units per cube of the backward, at most: one 32-wide warp on a GPU (a cheap barrier per step),
 /// fewer where the client allows fewer (the CPU runtime: one unit per core).
@@ -81,6 +93,18 @@ impl CubeInputs {
             .unwrap_or_default()
     }
 
+    /// A new contiguous `[batch, channels, len]` tensor of the activation type: each lane's row
+    /// time-contiguous, as the forward's units write it.
+    fn empty_lanes(&self) -> CubeTensor {
+        let ScanShape {
+            batch,
+            channels,
+            len,
+            ..
+        } = self.dims;
+        empty(&self.u, [batch, channels, len], self.act)
+    }
+
     /// A new `[batch, channels, len]` tensor of the activation type, laid out channel-fastest
     /// (`[batch, len, channels]` in memory) so that the units of a cube, consecutive channels,
     /// write consecutive addresses at every step.
@@ -117,11 +141,56 @@ fn elem(dtype: DType) -> ElemType {
     burn::backend::cubecl::dtype_to_storage_type(dtype)
 }
 
+/// How the forward splits one lane over a cube (see `forward.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ForwardLayout {
+    units: usize,
+    items: usize,
+    /// Plane (warp) width used by the scan across units: the device's fixed plane size where
+    /// it has plane operations, else 1 (every unit its own plane; shared memory only).
+    plane: usize,
+}
+
+/// The forward's layout for sequences of `len` steps on `client`: units a multiple of the
+/// plane, no more than the client allows or than `len` needs.
+fn forward_layout(client: &Client, len: usize) -> ForwardLayout {
+    let properties = client.properties();
+    let hardware = &properties.hardware;
+    let cap = [
+        MAX_FORWARD_UNITS,
+        hardware.max_units_per_cube as usize,
+        hardware.max_cube_dim.0 as usize,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1)
+    .max(1);
+    let fixed_plane = hardware.plane_size_min == hardware.plane_size_max;
+    let plane = match hardware.plane_size_max as usize {
+        width
+            if properties.features.plane.contains(Plane::Ops)
+                && fixed_plane
+                && width.is_power_of_two()
+                && width <= cap =>
+        {
+            width
+        }
+        _ => 1,
+    };
+    let needed = len.div_ceil(FORWARD_ITEMS).div_ceil(plane) * plane;
+    ForwardLayout {
+        units: needed.min(cap / plane * plane),
+        items: FORWARD_ITEMS,
+        plane,
+    }
+}
+
 /// Units per cube of the backward: consecutive channels of one group, as many as the client and
-/// the shared memory (two `[2 · state, units]` f32 buffers) allow.
+/// the shared memory (two `[2 · state, units + 1]` f32 buffers) allow.
 fn backward_units(client: &Client, dims: &ScanShape) -> usize {
     let hardware = &client.properties().hardware;
-    let by_shared = hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>());
+    let by_shared =
+        (hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>())).saturating_sub(1);
     [
         MAX_BACKWARD_UNITS,
         hardware.max_units_per_cube as usize,
@@ -153,7 +222,7 @@ impl ScanKernel for Cube {
         } = x.dims;
         let chunk = cube_scan_chunk(state);
         let client = x.u.client.clone();
-        let out = x.empty_rows();
+        let out = x.empty_lanes();
         // Without checkpoints the kernel still takes a (never written) one-element tensor.
         let saved = match keep_checkpoints {
             true => len.div_ceil(chunk).saturating_sub(1).max(1),
@@ -163,13 +232,11 @@ impl ScanKernel for Cube {
             0 => empty(&x.u, [1, 1, 1, 1], DType::F32),
             _ => empty(&x.u, [batch, channels, saved, state], DType::F32),
         };
-        let lanes = batch * channels;
-        let cube_dim = CubeDim::new(&client, lanes);
-        let cube_count = calculate_cube_count_elemwise(&client, lanes, cube_dim);
-        kernels::scan_forward::launch(
+        let layout = forward_layout(&client, len);
+        forward::scan_forward::launch(
             &client,
-            cube_count,
-            cube_dim,
+            CubeCount::Static(channels as u32, batch as u32, 1),
+            CubeDim::new_1d(layout.units as u32),
             x.address_type(&[&out, &checkpoints]),
             x.u.clone().into_tensor_arg(),
             x.delta.clone().into_tensor_arg(),
@@ -182,6 +249,9 @@ impl ScanKernel for Cube {
             out.clone().into_tensor_arg(),
             checkpoints.clone().into_tensor_arg(),
             state,
+            layout.units,
+            layout.items,
+            layout.plane,
             chunk,
             keep_checkpoints,
             elem(x.act),

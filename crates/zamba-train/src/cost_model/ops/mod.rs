@@ -187,20 +187,34 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
         len: s.len,
         state: n,
     };
-    let (flops_f, flops_b) = scan_flops(shape);
+    let (mut flops_f, flops_b) = scan_flops(shape);
     let chunk = scan_chunk(kernels, n);
-    let (bytes_f, bytes_b) = scan_bytes(shape, chunk, s.e as usize);
+    let (bytes_f, mut bytes_b) = scan_bytes(shape, chunk, s.e as usize);
     let model = s.layers * scan_flops_per_token(c) * s.t;
-    // Today's kernels run one thread per (batch, channel), in blocks of 256.
-    let blocks = match kernels {
-        Kernels::Planned => None,
-        Kernels::Current => Some((b * di).div_ceil(256) as f64),
+    // Today's kernels (kernels/src/scan/cube): the forward runs a cube per (batch, channel)
+    // lane, its units along time (`B·D` cubes: enough). The backward runs one unit per lane, a
+    // cube per 32 consecutive channels of a group: its `B·D` threads fill the card no better than
+    // `B·D / 256` blocks of 256 would, and each cube writes its own f32 partial of dB and dC
+    // (`[B·G, cubes per group, L, N]`), read back by their sums.
+    let groups = c.n_mamba_heads;
+    let cubes_per_group = (di / groups).div_ceil(CURRENT_BACKWARD_CHANNELS);
+    let (forward_blocks, backward_blocks) = match kernels {
+        Kernels::Planned => (None, None),
+        Kernels::Current => {
+            // The forward first composes each unit's steps into one map per state (`Δ·A`, its
+            // `exp`, the decay product, the input: 6 FLOPs per state element), then walks them
+            // again as `scan_flops` counts.
+            flops_f += 6 * (b * di * s.len * n) as u64;
+            let partials = (b * groups * cubes_per_group * s.len * n) as u64;
+            bytes_b += 2 * 2 * 4 * partials;
+            (Some((b * di) as f64), Some((b * di) as f64 / 256.0))
+        }
     };
     let backward_kernels = match kernels {
         Kernels::Planned => 1.0,
         Kernels::Current => 4.0, // the scan, then three reductions of dB, dC and the parameters
     };
-    let layer = |class, model_flops, flops: u64, bytes: u64, forwards, kernels| OpCost {
+    let layer = |class, model_flops, flops: u64, bytes: u64, forwards, kernels, blocks| OpCost {
         model_flops,
         flops: s.layers * forwards * flops as f64,
         bytes: s.layers * forwards * bytes as f64,
@@ -216,6 +230,7 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
             bytes_f,
             s.forwards,
             1.0,
+            forward_blocks,
         ),
         layer(
             OpClass::ScanBackward,
@@ -224,9 +239,13 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
             bytes_b,
             1.0,
             backward_kernels,
+            backward_blocks,
         ),
     ]
 }
+
+/// Channels per cube of today's Cube backward (one 32-wide warp, kernels/src/scan/cube).
+const CURRENT_BACKWARD_CHANNELS: usize = 32;
 
 /// Steps per checkpointed state: mamba-ssm's 2048-step chunks (planned); the Cube kernel's
 /// (current).
