@@ -135,26 +135,30 @@ mod tests {
     use crate::{DistOptions, thread_group};
     use burn::tensor::Device;
 
-    #[test]
-    fn a_throttled_group_computes_what_the_group_does() {
+    /// `rank` run by each of two thread ranks on a 1 Gbit/s link; their results in rank order.
+    fn on_two_links<T: Send>(rank: impl Fn(&ThrottledLink, &Device) -> T + Sync) -> Vec<T> {
         let device = Device::flex();
         let comms = thread_group(2, &DistOptions::default());
-        // 1 Gbit/s: 4000 bytes on the wire, 32 µs of sleep.
-        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let handles: Vec<_> = comms
                 .into_iter()
                 .map(|comm| {
-                    let device = device.clone();
-                    s.spawn(move || {
-                        let link = ThrottledLink::new(comm, 1.0);
-                        let rank = link.rank() as f32;
-                        let x = Tensor::<1>::ones([1000], &device).mul_scalar(rank + 1.0);
-                        let sum = link.all_reduce(x, ReduceOp::Sum).unwrap();
-                        sum.into_data().try_into_vec_as::<f32>().unwrap()
-                    })
+                    let (device, rank) = (&device, &rank);
+                    s.spawn(move || rank(&ThrottledLink::new(comm, 1.0), device))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn a_throttled_group_computes_what_the_group_does() {
+        // 1 Gbit/s: 4000 bytes on the wire, 32 µs of sleep.
+        let results = on_two_links(|link, device| {
+            let rank = link.rank() as f32;
+            let x = Tensor::<1>::ones([1000], device).mul_scalar(rank + 1.0);
+            let sum = link.all_reduce(x, ReduceOp::Sum).unwrap();
+            sum.into_data().try_into_vec_as::<f32>().unwrap()
         });
         for values in results {
             assert!(values.iter().all(|&v| v == 3.0));
@@ -184,24 +188,12 @@ mod tests {
 
     #[test]
     fn the_link_counts_the_bytes_it_carried() {
-        let device = Device::flex();
-        let comms = thread_group(2, &DistOptions::default());
-        let sent: Vec<u64> = std::thread::scope(|s| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .map(|comm| {
-                    let device = device.clone();
-                    s.spawn(move || {
-                        let link = ThrottledLink::new(comm, 1.0);
-                        // 1000 f32: all-reduce 2 · 1/2 · 4000 bytes, all-gather of 500: 2 · 1/2 · 2000.
-                        let x = Tensor::<1>::ones([1000], &device);
-                        link.all_reduce(x.clone(), ReduceOp::Sum).unwrap();
-                        link.all_gather(x.slice([0..500])).unwrap();
-                        link.bytes_on_wire()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let sent = on_two_links(|link, device| {
+            // 1000 f32: all-reduce 2 · 1/2 · 4000 bytes, all-gather of 500: 2 · 1/2 · 2000.
+            let x = Tensor::<1>::ones([1000], device);
+            link.all_reduce(x.clone(), ReduceOp::Sum).unwrap();
+            link.all_gather(x.slice([0..500])).unwrap();
+            link.bytes_on_wire()
         });
         assert_eq!(sent, vec![6000, 6000]);
     }

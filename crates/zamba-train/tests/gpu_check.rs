@@ -297,15 +297,18 @@ fn a_bundle_with_the_nvrtc_twin_times_it_beside_the_step() {
         std::os::unix::fs::symlink(&binary, bundle.path().join(name)).unwrap();
     }
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new("bash")
-        .arg(script())
-        .args(["--smoke", "--bin"])
-        .arg(bundle.path())
-        .arg("--out")
-        .arg(out.path())
-        .args(["step", "nvrtc"])
-        .output()
-        .expect("run gpu-check.sh");
+    let smoke = |sections: &[&str]| {
+        Command::new("bash")
+            .arg(script())
+            .args(["--smoke", "--bin"])
+            .arg(bundle.path())
+            .arg("--out")
+            .arg(out.path())
+            .args(sections)
+            .output()
+            .expect("run gpu-check.sh")
+    };
+    let run = smoke(&["step", "nvrtc"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stdout}\n{stderr}");
@@ -316,15 +319,7 @@ fn a_bundle_with_the_nvrtc_twin_times_it_beside_the_step() {
 
     // Without the twin, asking for its section fails that section and says how to get it.
     std::fs::remove_file(bundle.path().join("zamba-train-nvrtc")).unwrap();
-    let run = Command::new("bash")
-        .arg(script())
-        .args(["--smoke", "--bin"])
-        .arg(bundle.path())
-        .arg("--out")
-        .arg(out.path())
-        .arg("nvrtc")
-        .output()
-        .expect("run gpu-check.sh");
+    let run = smoke(&["nvrtc"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(!run.status.success());
     assert!(stdout.contains("gpu-bundle.sh --with-nvrtc"), "{stdout}");
