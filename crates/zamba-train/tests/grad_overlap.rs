@@ -335,3 +335,69 @@ fn processes_over_tcp_train_the_same_bits_with_and_without_overlap() {
     assert_eq!(overlapped.len(), 3);
     assert_eq!(overlapped, after);
 }
+
+/// The value after `after` on the line of `stdout` that holds it, as a number.
+fn figure(stdout: &str, after: &str) -> f64 {
+    let rest = &stdout[stdout
+        .find(after)
+        .unwrap_or_else(|| panic!("{after:?} in {stdout}"))
+        + after.len()..];
+    let number: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    number
+        .parse()
+        .unwrap_or_else(|_| panic!("a number after {after:?} in {stdout}"))
+}
+
+#[test]
+fn bench_model_matches_the_link_to_the_backward_and_reports_the_efficiency() {
+    let bench = |link: &str| {
+        Command::new(BIN)
+            .args(["bench", "model", "--preset", "zamba-tiny", "--world", "2"])
+            .args(["--batch", "2", "--seq-len", "32", "--steps", "1"])
+            .args([
+                "--activation-checkpointing",
+                "layers",
+                "--bucket-mb",
+                "0.03",
+            ])
+            .arg(format!("--link-gbps={link}"))
+            .output()
+            .unwrap()
+    };
+    let run = bench("auto");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // The calibration chose a link, the measured step put time on it, and the efficiency is a
+    // share of the step.
+    assert!(figure(&stdout, "link: ") > 0.0, "{stdout}");
+    let wire_ms = stdout
+        .split(" ms on the wire per step")
+        .next()
+        .and_then(|before| before.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(
+        wire_ms.is_some_and(|ms| ms > 0.0),
+        "time on the wire: {stdout}"
+    );
+    let efficiency = figure(&stdout, "data-parallel efficiency ");
+    assert!(efficiency > 0.0 && efficiency <= 100.0, "{stdout}");
+
+    for bad in ["fast", "0", "-1", "inf"] {
+        let run = bench(bad);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "--link-gbps {bad} accepted");
+        assert!(
+            stderr.contains("--link-gbps")
+                && stderr.contains("auto")
+                && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
