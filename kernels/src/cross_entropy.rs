@@ -30,14 +30,21 @@ pub const IGNORE_INDEX: i64 = -100;
 /// that are not [`IGNORE_INDEX`]: `mean_r (logsumexp(logits[r]) - logits[r, targets[r]])`.
 /// Returns a one-element tensor; 0 (and a zero gradient) when every target is ignored.
 ///
-/// Fused on Flex devices (see the module docs); [`cross_entropy_reference`] elsewhere. The two
-/// agree to float rounding (the fused `exp` has a relative error below 2e-7).
+/// Fused on Flex devices (see the module docs) and on CubeCL devices (features `cuda`,
+/// `cube-cpu`: the logits read in their own float dtype, f32 statistics, `cube::cross_entropy`);
+/// [`cross_entropy_reference`] elsewhere. They agree to float rounding (the Flex kernel's `exp`
+/// has a relative error below 2e-7).
 ///
 /// # Panics
-/// If the shapes disagree, or a target is neither [`IGNORE_INDEX`] nor in `0..vocab`.
+/// If the shapes disagree, or (on Flex) a target is neither [`IGNORE_INDEX`] nor in `0..vocab`.
+/// A CubeCL device does not stop to read the targets back: such a target makes the loss NaN.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let _span = zamba_trace::span(zamba_trace::Category::Loss, "cross-entropy");
     check_shapes(&logits, &targets);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&logits.device()) {
+        return crate::cube::ops::cross_entropy(logits, targets);
+    }
     if !crate::on_flex(&logits.device()) {
         return cross_entropy_reference(logits, targets);
     }

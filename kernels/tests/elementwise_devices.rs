@@ -1,9 +1,10 @@
-//! RMSNorm, the GELU gate and the causal conv + SiLU on every device of this build
-//! (`zamba_kernels::kernel_devices`: Flex, and the CubeCL CPU runtime with `--features cube-cpu`,
-//! CUDA with `cuda`): the device checks of `zamba_kernels::device_checks::norm_gate_checks` and
-//! `conv_checks`, also run by `zamba-train selftest`.
+//! RMSNorm, the GELU gate, the causal conv + SiLU and the cross-entropy on every device of this
+//! build (`zamba_kernels::kernel_devices`: Flex, and the CubeCL CPU runtime with
+//! `--features cube-cpu`, CUDA with `cuda`): the device checks of
+//! `zamba_kernels::device_checks::{norm_gate_checks, conv_checks, cross_entropy_checks}`, also
+//! run by `zamba-train selftest`.
 
-use zamba_kernels::device_checks::{conv_checks, norm_gate_checks};
+use zamba_kernels::device_checks::{conv_checks, cross_entropy_checks, norm_gate_checks};
 use zamba_kernels::kernel_devices;
 
 #[test]
@@ -12,6 +13,7 @@ fn device_checks_pass_on_every_device() {
     for device in kernel_devices() {
         let mut checks = norm_gate_checks(&device);
         checks.extend(conv_checks(&device));
+        checks.extend(cross_entropy_checks(&device));
         for check in checks {
             println!("{device:?}: {check}");
             if !check.is_passed() {

@@ -9,15 +9,19 @@
 //! - [`norm_gate_checks`]: RMSNorm and the GELU gate against their tensor-op definitions
 //!   ([`crate::rms_norm_reference`], [`crate::gelu_mul_reference`]) on the CPU;
 //! - [`conv_checks`]: the causal conv + SiLU against its tensor-op definition
-//!   ([`crate::causal_conv1d_silu_reference`]) on the CPU.
+//!   ([`crate::causal_conv1d_silu_reference`]) on the CPU;
+//! - [`cross_entropy_checks`]: the cross-entropy against its tensor-op definition
+//!   ([`crate::cross_entropy_reference`]) on the CPU.
 
 mod attention;
 mod conv;
+mod cross_entropy;
 mod norm_gate;
 mod scan;
 
 pub use attention::{AttentionCase, AttentionRun, attention_checks};
 pub use conv::{ConvCase, ConvRun, conv_checks};
+pub use cross_entropy::{CrossEntropyCase, CrossEntropyRun, Ignored, cross_entropy_checks};
 pub use norm_gate::{NormGateCase, NormGateOp, NormGateRun, norm_gate_checks};
 pub use scan::{INPUT_NAMES, ScanCase, ScanRun, odd_sizes, scan_checks};
 
