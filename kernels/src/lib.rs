@@ -1,7 +1,8 @@
 //! Fused kernels of a Zamba training step for Burn 0.22. On Flex (the CPU) each op is one
 //! multi-threaded, vectorised pass where tensor ops take several single-threaded ones; on Burn's
-//! CubeCL backend (features `cuda`, `cube-cpu`) the scan, attention, RMSNorm, the GELU gate and
-//! the conv run `#[cube]` kernels and the products use the runtime's own matmul routine. Each op also has
+//! CubeCL backend (features `cuda`, `cube-cpu`) the scan, attention, RMSNorm, the GELU gate,
+//! the conv, the cross-entropy and AdamW run `#[cube]` kernels and the products use the
+//! runtime's own matmul routine. Each op also has
 //! its tensor-op definition (`*_reference`): the fallback on devices without the kernel, and what
 //! the tests compare it with.
 //!
@@ -36,7 +37,7 @@ pub mod scan;
 mod simd;
 mod strided;
 
-pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
+pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference, adamw_update_with_working};
 pub use attention::{causal_attention, causal_attention_reference};
 pub use backward_span::{BlockEdge, mark_backward_span};
 pub use conv::{CONV_CUBE_CHUNK, causal_conv1d_silu, causal_conv1d_silu_reference};

@@ -1,10 +1,13 @@
-//! RMSNorm, the GELU gate, the causal conv + SiLU and the cross-entropy on every device of this
-//! build (`zamba_kernels::kernel_devices`: Flex, and the CubeCL CPU runtime with
+//! RMSNorm, the GELU gate, the causal conv + SiLU, the cross-entropy and AdamW on every device
+//! of this build (`zamba_kernels::kernel_devices`: Flex, and the CubeCL CPU runtime with
 //! `--features cube-cpu`, CUDA with `cuda`): the device checks of
-//! `zamba_kernels::device_checks::{norm_gate_checks, conv_checks, cross_entropy_checks}`, also
+//! `zamba_kernels::device_checks::{norm_gate_checks, conv_checks, cross_entropy_checks,
+//! adamw_checks}`, also
 //! run by `zamba-train selftest`.
 
-use zamba_kernels::device_checks::{conv_checks, cross_entropy_checks, norm_gate_checks};
+use zamba_kernels::device_checks::{
+    adamw_checks, conv_checks, cross_entropy_checks, norm_gate_checks,
+};
 use zamba_kernels::kernel_devices;
 
 #[test]
@@ -14,6 +17,7 @@ fn device_checks_pass_on_every_device() {
         let mut checks = norm_gate_checks(&device);
         checks.extend(conv_checks(&device));
         checks.extend(cross_entropy_checks(&device));
+        checks.extend(adamw_checks(&device));
         for check in checks {
             println!("{device:?}: {check}");
             if !check.is_passed() {

@@ -2,8 +2,10 @@
 //! Burn's CubeCL backend ([`ops`]): matrix products through [`gemm`] with a routine chosen for the
 //! device's runtime, as one autodiff op ([`product`]); causal attention as one fused flash-style
 //! op ([`attention`]); RMSNorm ([`rms_norm`]), the GELU gate ([`gelu`]), the conv ([`conv`]) and
-//! the cross-entropy ([`cross_entropy`]) as fused passes.
+//! the cross-entropy ([`cross_entropy`]) as fused passes; the AdamW update as one launch
+//! ([`adamw`]).
 
+mod adamw;
 mod attention;
 mod buffers;
 mod conv;

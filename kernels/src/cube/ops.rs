@@ -3,10 +3,11 @@
 //! see [`super::gemm`]) instead of Burn's `matmul`; causal attention, the fused op of
 //! [`super::attention`]; RMSNorm, the GELU gate, the causal conv + SiLU and the cross-entropy,
 //! the fused ops of [`super::rms_norm`], [`super::gelu`], [`super::conv`] and
-//! [`super::cross_entropy`].
+//! [`super::cross_entropy`]; the AdamW update of [`super::adamw`].
 
 use burn::tensor::Tensor;
 
+pub(crate) use super::adamw::adamw_update;
 pub(crate) use super::attention::causal_attention;
 pub(crate) use super::conv::causal_conv1d_silu;
 pub(crate) use super::cross_entropy::cross_entropy;

@@ -11,14 +11,18 @@
 //! - [`conv_checks`]: the causal conv + SiLU against its tensor-op definition
 //!   ([`crate::causal_conv1d_silu_reference`]) on the CPU;
 //! - [`cross_entropy_checks`]: the cross-entropy against its tensor-op definition
-//!   ([`crate::cross_entropy_reference`]) on the CPU.
+//!   ([`crate::cross_entropy_reference`]) on the CPU;
+//! - [`adamw_checks`]: the AdamW update against its tensor-op definition
+//!   ([`crate::adamw_update_reference`]) on the device and on the CPU, bit for bit.
 
+mod adamw;
 mod attention;
 mod conv;
 mod cross_entropy;
 mod norm_gate;
 mod scan;
 
+pub use adamw::adamw_checks;
 pub use attention::{AttentionCase, AttentionRun, attention_checks};
 pub use conv::{ConvCase, ConvRun, conv_checks};
 pub use cross_entropy::{CrossEntropyCase, CrossEntropyRun, Ignored, cross_entropy_checks};
