@@ -8,8 +8,8 @@
 //! Two kernel sets are modelled: [`Kernels::Planned`] (the kernels issue 21 plans: cuBLASLt
 //! GEMMs, a mamba-ssm-class scan, flash attention, fused element-wise kernels, a multi-tensor
 //! AdamW) and [`Kernels::Current`] (the Cube path as it is: the fused attention kernel on the
-//! CUDA cores, fused RMSNorm, GELU-gate and conv kernels, cross-entropy, AdamW and the other
-//! element-wise ops one kernel per tensor op, weights cast per call).
+//! CUDA cores, fused RMSNorm, GELU-gate, conv and cross-entropy kernels, AdamW one launch per
+//! tensor, the other element-wise ops one kernel per tensor op, weights cast per call).
 
 pub mod card;
 mod ops;

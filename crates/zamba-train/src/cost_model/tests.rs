@@ -264,9 +264,14 @@ fn current_kernels_cast_weights_in_bf16_only_and_move_more_bytes() {
         Kernels::Current,
         Fractions::of(Kernels::Current),
     );
-    for group in [Group::Attention, Group::Loss, Group::Optimizer] {
+    assert!(
+        current.group_seconds(Group::Attention) > 2.0 * planned.group_seconds(Group::Attention)
+    );
+    // The loss and AdamW are fused kernels already, the loss on the model's f32 copy of the
+    // logits, AdamW one launch per tensor and a cast for the bf16 copy: slower than planned.
+    for group in [Group::Loss, Group::Optimizer] {
         assert!(
-            current.group_seconds(group) > 2.0 * planned.group_seconds(group),
+            current.group_seconds(group) > planned.group_seconds(group),
             "{group:?}"
         );
     }
@@ -288,6 +293,35 @@ fn current_kernels_cast_weights_in_bf16_only_and_move_more_bytes() {
         (attention.rate, flash.rate),
         (Rate::Vector, Rate::Attention)
     );
+}
+
+/// Today's fused cross-entropy and AdamW on zamba-tiny in bf16, by hand.
+#[test]
+fn the_fused_loss_and_adamw_by_hand() {
+    let c = tiny();
+    let w = workload(&c, BF16_LAYERS.0, BF16_LAYERS.1);
+    let (t, v) = (16.0, c.vocab_size as f64);
+    // The f32 logits read forward, read and their gradient written backward; per row the target
+    // (three reads), lse (written, read) and the row loss (written, read); three launches.
+    let loss = cost(&w, Kernels::Current, OpClass::CrossEntropy);
+    assert_eq!(loss.bytes, 3.0 * 4.0 * t * v + 28.0 * t);
+    assert_eq!(loss.launches, 3.0);
+    // Per parameter: θ, g, m, v read and θ, m, v written in f32 (28 bytes), then θ read again
+    // and its bf16 copy written (6); one update and one cast per tensor.
+    let adamw = cost(&w, Kernels::Current, OpClass::Optimizer);
+    let params = zamba_model::params::ParamCounts::of(&c).total() as f64;
+    let tensors = zamba_model::param_table::param_table(&c).len() as f64;
+    assert_eq!(adamw.bytes, 34.0 * params);
+    assert_eq!(adamw.launches, 2.0 * tensors);
+    let fp32 = cost(
+        &Workload {
+            precision: Precision::Fp32,
+            ..w
+        },
+        Kernels::Current,
+        OpClass::Optimizer,
+    );
+    assert_eq!((fp32.bytes, fp32.launches), (28.0 * params, tensors));
 }
 
 #[test]

@@ -13,10 +13,8 @@ use zamba_model::params::{ParamCounts, conv_flops_per_token, scan_flops_per_toke
 use zamba_model::{ActivationCheckpointing, Precision};
 
 mod gemm;
-mod unfused;
 
 use gemm::{GEMMS, gemm, weight_casts};
-use unfused::{UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY};
 
 use super::{Kernels, OpClass, Rate, Workload};
 use crate::config::DistSection;
@@ -369,15 +367,20 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
 }
 
 /// The loss over `[T, V]` logits. Planned: a chunked kernel reading the bf16 logits in the
-/// forward, reading them again and writing their gradient in the backward. Current: Burn's
-/// `log_softmax` on the f32 copy of the logits.
+/// forward, reading them again and writing their gradient in the backward. Current
+/// (kernels/src/cube/cross_entropy): the same two passes, on the f32 copy of the logits the model
+/// hands the loss (its cast is counted with the other element-wise ops), plus the per-row
+/// statistics (one f32 log-sum-exp and one row loss, the i32 targets) and one small launch
+/// for the mean.
 fn cross_entropy(s: &Shape, kernels: Kernels) -> OpCost {
     let logits = s.t * s.v;
     let (bytes, launches) = match kernels {
         Kernels::Planned => (3.0 * logits * s.e, 2.0),
         Kernels::Current => {
-            let (volumes, launches) = UNFUSED_CROSS_ENTROPY.per_step(1.0);
-            (volumes * logits * 4.0, launches)
+            // Per row: the forward reads the target, writes lse and the row loss (12); the mean
+            // reads the row loss and the target (8); the backward the target and lse (8).
+            let per_row = 12.0 + 8.0 + 8.0;
+            (3.0 * logits * 4.0 + per_row * s.t, 3.0)
         }
     };
     OpCost {
@@ -405,20 +408,27 @@ fn gradient_accumulation(w: &Workload, kernels: Kernels) -> OpCost {
 }
 
 /// AdamW over every parameter. Planned: one pass per gradient bucket reading the f32 master,
-/// gradient and moments, writing master and moments (and the bf16 working copy in bf16). Current:
-/// Burn's formulation, per parameter tensor.
+/// gradient and moments, writing master and moments (and the bf16 working copy in bf16). Current
+/// (kernels/src/cube/adamw): the same pass, one launch per parameter tensor (the optimizer keeps
+/// its state per parameter, a ZeRO-1 rank per segment of one); in bf16 the working copy is
+/// still a cast of its own after the update (the kernel can write it in its pass, the optimizer
+/// does not ask for it yet).
 fn optimizer(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     let params = ParamCounts::of(w.config).total() as f64;
+    let bf16_copy = if s.cast > 0.0 { 2.0 } else { 0.0 };
     let (bytes, launches) = match kernels {
         Kernels::Planned => {
             let bucket = DistSection::default().bucket_mb * (1 << 20) as f64;
-            let bf16_copy = if s.cast > 0.0 { 2.0 } else { 0.0 };
             ((28.0 + bf16_copy) * params, (4.0 * params / bucket).ceil())
         }
         Kernels::Current => {
             let tensors = param_table(w.config).len() as f64;
-            let (volumes, kernels) = UNFUSED_ADAMW.per_step(1.0);
-            (volumes * 4.0 * params, kernels * tensors)
+            // The cast reads the f32 master again and writes the copy.
+            let (cast_bytes, casts) = match s.cast > 0.0 {
+                true => (4.0 + bf16_copy, tensors),
+                false => (0.0, 0.0),
+            };
+            ((28.0 + cast_bytes) * params, tensors + casts)
         }
     };
     OpCost {
