@@ -9,7 +9,7 @@
 //! - [`selective_scan`], the Mamba-1 recurrence, in the [`scan`] module (its formula, layout,
 //!   memory, determinism and backends);
 //! - [`linear`] and [`per_head_matmul`] (direct GEMMs on strided operands), [`causal_attention`],
-//!   [`gelu_mul`], [`cross_entropy`], [`causal_conv1d_silu`] and [`rms_norm`], each with a
+//!   [`gelu_mul`], [`cross_entropy`], [`causal_conv1d_silu`], [`rms_norm`] and [`add_rms_norm`], each with a
 //!   hand-written backward; [`adamw_update`], the optimizer step;
 //! - [`recompute`]: a block of the model recomputed in the backward (activation checkpointing);
 //! - [`device_checks`]: the Cube kernels on a device against the CPU kernel or the tensor-op
@@ -50,7 +50,9 @@ pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
 pub use linear::{linear, linear_channels_first, linear_reference};
-pub use rms_norm::{RMS_NORM_CUBE_BLOCKS, rms_norm, rms_norm_reference};
+pub use rms_norm::{
+    RMS_NORM_CUBE_BLOCKS, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference,
+};
 pub use scan::{
     ScanInputs, ScanShape, cube_scan_chunk, fused_kernel_available, scan_bytes, scan_chunk,
     scan_flops, scan_lane_ops, selective_scan, selective_scan_reference,

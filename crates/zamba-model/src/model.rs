@@ -218,6 +218,11 @@ fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
     zamba_kernels::rms_norm(f32(x), f32(norm.gamma.val()), norm.epsilon)
 }
 
+/// [`rms_norm`] of `x + t`, the sum never kept (one fused op on CubeCL devices).
+fn add_rms_norm(norm: &RmsNorm, x: Tensor<3>, t: Tensor<3>) -> Tensor<3> {
+    zamba_kernels::add_rms_norm(f32(x), f32(t), f32(norm.gamma.val()), norm.epsilon)
+}
+
 /// The ONE shared attention + MLP block. Its input is `[x, x0]` (width 2d); no residual inside.
 #[derive(Module, Debug)]
 pub struct SharedTransformer {
@@ -406,17 +411,17 @@ impl ZambaModel {
             let run = move |(norm, mamba): &(RmsNorm, MambaMixer), inputs: Vec<Tensor<3>>| {
                 let mut inputs = inputs.into_iter();
                 let x = inputs.next().expect("the residual stream");
-                let mamba_in = match inputs.next() {
+                let normed = match inputs.next() {
                     Some(t) => {
                         expect_same_dtype(
                             "hybrid layer input",
                             &[("x", x.dtype()), ("t", t.dtype())],
                         );
-                        x.clone() + t
+                        add_rms_norm(norm, x.clone(), t)
                     }
-                    None => x.clone(),
+                    None => rms_norm(norm, x.clone()),
                 };
-                x + f32(mamba.forward(rms_norm(norm, mamba_in), compute))
+                x + f32(mamba.forward(normed, compute))
             };
             x = match recompute {
                 true => checkpointed(&block, inputs, run),

@@ -13,7 +13,7 @@ pub(crate) use super::conv::causal_conv1d_silu;
 pub(crate) use super::cross_entropy::cross_entropy;
 pub(crate) use super::gelu::gelu_mul;
 use super::product::product;
-pub(crate) use super::rms_norm::rms_norm;
+pub(crate) use super::rms_norm::{add_rms_norm, rms_norm};
 
 /// `x · weight` over the last dimension of `x` (see [`crate::linear`]).
 pub(crate) fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {

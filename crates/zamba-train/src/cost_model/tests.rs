@@ -109,7 +109,9 @@ fn the_fused_norm_gelu_gate_and_conv_by_hand() {
     let tensors = 12.0 * (28.0 * td + blocks) + 20.0 * td + blocks;
     // One f32 per row, written per forward and read backward: 10 norms recomputed, the final one.
     let stats = 10.0 * 3.0 * 4.0 * 16.0 + 2.0 * 4.0 * 16.0;
-    assert_eq!(norm.bytes, tensors + stats);
+    // The two hybrid layers' norms read `t` in both forwards and the backward.
+    let addend = 2.0 * 3.0 * 4.0 * td;
+    assert_eq!(norm.bytes, tensors + stats + addend);
     assert_eq!(norm.launches, 10.0 * (2.0 + 2.0) + 3.0);
     // The planned kernel's launches (it also fuses the residual add).
     assert_eq!(
@@ -268,7 +270,7 @@ fn current_kernels_cast_weights_in_bf16_only_and_move_more_bytes() {
         current.group_seconds(Group::Attention) > 2.0 * planned.group_seconds(Group::Attention)
     );
     // The loss and AdamW are fused kernels already, the loss on the model's f32 copy of the
-    // logits, AdamW one launch per tensor and a cast for the bf16 copy: slower than planned.
+    // logits, AdamW one launch per tensor rather than per bucket: slower than planned.
     for group in [Group::Loss, Group::Optimizer] {
         assert!(
             current.group_seconds(group) > planned.group_seconds(group),
@@ -306,13 +308,13 @@ fn the_fused_loss_and_adamw_by_hand() {
     let loss = cost(&w, Kernels::Current, OpClass::CrossEntropy);
     assert_eq!(loss.bytes, 3.0 * 4.0 * t * v + 28.0 * t);
     assert_eq!(loss.launches, 3.0);
-    // Per parameter: θ, g, m, v read and θ, m, v written in f32 (28 bytes), then θ read again
-    // and its bf16 copy written (6); one update and one cast per tensor.
+    // Per parameter: θ, g, m, v read and θ, m, v written in f32 (28 bytes) and the bf16 copy
+    // written (2) in one launch per tensor.
     let adamw = cost(&w, Kernels::Current, OpClass::Optimizer);
     let params = zamba_model::params::ParamCounts::of(&c).total() as f64;
     let tensors = zamba_model::param_table::param_table(&c).len() as f64;
-    assert_eq!(adamw.bytes, 34.0 * params);
-    assert_eq!(adamw.launches, 2.0 * tensors);
+    assert_eq!(adamw.bytes, 30.0 * params);
+    assert_eq!(adamw.launches, tensors);
     let fp32 = cost(
         &Workload {
             precision: Precision::Fp32,

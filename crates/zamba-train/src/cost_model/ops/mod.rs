@@ -278,9 +278,10 @@ fn gelu_gate(s: &Shape) -> OpCost {
 /// the residual and the branch, write the new residual and the normalised output; backward: read
 /// the input, the output gradient and the residual gradient, write the residual's and the
 /// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current
-/// (kernels/src/cube/rms_norm): the norm alone on f32 input and output, one kernel forward (read
-/// x, write y and one f32 per row), two backward (read x, dy and the row statistics, write dx and
-/// each block of rows' dγ; then the sum over the blocks).
+/// (kernels/src/cube/rms_norm): on f32 input and output, one kernel forward (read x, write y and
+/// one f32 per row), two backward (read x, dy and the row statistics, write dx and each block of
+/// rows' dγ; then the sum over the blocks); a hybrid layer's norm also reads the shared block's
+/// `t` and normalises `x + t` (never written) both ways, the layer's residual add stays apart.
 fn norms(s: &Shape, kernels: Kernels) -> OpCost {
     let (e, td) = (s.e, s.t * s.d);
     let instances = s.layers + 2.0 * s.uses;
@@ -303,8 +304,13 @@ fn norms(s: &Shape, kernels: Kernels) -> OpCost {
             let stats = |forwards: f64| (forwards + 1.0) * 4.0 * s.t;
             // Widths in units of d: layers d, shared input 2d, pre-ff d; the final norm runs once.
             let widths = s.layers + 3.0 * s.uses;
-            let bytes =
-                widths * pass(s.forwards) + pass(1.0) + instances * stats(s.forwards) + stats(1.0);
+            // A hybrid layer's `t`, read by each forward and the backward.
+            let addend = s.uses * (s.forwards + 1.0) * 4.0 * td;
+            let bytes = widths * pass(s.forwards)
+                + pass(1.0)
+                + instances * stats(s.forwards)
+                + stats(1.0)
+                + addend;
             (bytes, instances * (s.forwards + 2.0) + 3.0)
         }
     };
@@ -337,8 +343,8 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
             // backward: the same casts, the sum of the residual's two gradients.
             let layer = s.forwards * (2.0 * c + 12.0) + 2.0 * c + 12.0;
             let layer_kernels = (s.forwards + 1.0) * (1.0 + 2.0 * casts);
-            // Hybrid layers: x + t; x's third gradient (from [x, x0]).
-            let hybrid = s.forwards * 12.0 + 12.0;
+            // Hybrid layers: x's third gradient (from [x, x0]); `x + t` is the norm's.
+            let hybrid = 12.0;
             // Per use, forward: [x, x0] (16), u cast by each of q, k, v (width 2d: 6c), the
             // attention block's output to f32, h cast by gate and up, t to f32 (4c). Backward: the
             // same casts, u's gradient summed over q, k, v (2 sums at width 2d: 48), h's over gate
@@ -354,7 +360,7 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
             let launches = 3.0
                 + 3.0 * pad
                 + s.layers * layer_kernels
-                + s.uses * (s.forwards + 1.0 + shared_kernels)
+                + s.uses * (1.0 + shared_kernels)
                 + 4.0 * casts;
             (bytes, launches)
         }
@@ -407,32 +413,22 @@ fn gradient_accumulation(w: &Workload, kernels: Kernels) -> OpCost {
     }
 }
 
-/// AdamW over every parameter. Planned: one pass per gradient bucket reading the f32 master,
-/// gradient and moments, writing master and moments (and the bf16 working copy in bf16). Current
-/// (kernels/src/cube/adamw): the same pass, one launch per parameter tensor (the optimizer keeps
-/// its state per parameter, a ZeRO-1 rank per segment of one); in bf16 the working copy is
-/// still a cast of its own after the update (the kernel can write it in its pass, the optimizer
-/// does not ask for it yet).
+/// AdamW over every parameter: one pass reading the f32 master, gradient and moments, writing
+/// master and moments (and the bf16 working copy in bf16). Planned: one launch per gradient
+/// bucket. Current (kernels/src/cube/adamw): one launch per parameter tensor (the optimizer keeps
+/// its state per parameter, a ZeRO-1 rank per segment of one).
 fn optimizer(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     let params = ParamCounts::of(w.config).total() as f64;
     let bf16_copy = if s.cast > 0.0 { 2.0 } else { 0.0 };
-    let (bytes, launches) = match kernels {
+    let launches = match kernels {
         Kernels::Planned => {
             let bucket = DistSection::default().bucket_mb * (1 << 20) as f64;
-            ((28.0 + bf16_copy) * params, (4.0 * params / bucket).ceil())
+            (4.0 * params / bucket).ceil()
         }
-        Kernels::Current => {
-            let tensors = param_table(w.config).len() as f64;
-            // The cast reads the f32 master again and writes the copy.
-            let (cast_bytes, casts) = match s.cast > 0.0 {
-                true => (4.0 + bf16_copy, tensors),
-                false => (0.0, 0.0),
-            };
-            ((28.0 + cast_bytes) * params, tensors + casts)
-        }
+        Kernels::Current => param_table(w.config).len() as f64,
     };
     OpCost {
-        bytes,
+        bytes: (28.0 + bf16_copy) * params,
         launches,
         ..OpCost::new(OpClass::Optimizer)
     }
