@@ -42,6 +42,9 @@ pub struct CrossEntropyCase {
     pub logits: Vec<f32>,
     pub targets: Vec<i64>,
     pub scale: f32,
+    /// The op gets the gradient's leaf itself (its buffer shared), not a product of it that only
+    /// the op holds (whose buffer the backward may overwrite with the gradient).
+    pub shared_logits: bool,
 }
 
 impl CrossEntropyCase {
@@ -62,6 +65,7 @@ impl CrossEntropyCase {
             logits,
             targets,
             scale: 1.5,
+            shared_logits: false,
         }
     }
 
@@ -89,9 +93,13 @@ impl CrossEntropyCase {
             TensorData::new(self.targets.clone(), [self.rows]),
             &device,
         );
+        let input = match self.shared_logits {
+            true => logits.clone(),
+            false => logits.clone() * 1.0,
+        };
         let loss = match reference {
-            false => cross_entropy(logits.clone(), targets),
-            true => cross_entropy_reference(logits.clone(), targets),
+            false => cross_entropy(input, targets),
+            true => cross_entropy_reference(input, targets),
         };
         if loss.dtype() != dtype {
             return Err(format!("loss in {:?}, expected {dtype:?}", loss.dtype()));
@@ -188,22 +196,33 @@ fn bf16_vs_reference(device: &Device) -> Check {
     })
 }
 
-/// Two runs agree bit for bit, in f32 and (where supported) bf16.
+/// Two runs agree bit for bit, in f32 and (where supported) bf16, and with the logits' buffer
+/// shared (the gradient written elsewhere) or not (written over it).
 fn deterministic(device: &Device) -> Check {
-    Check::run("cross-entropy deterministic bit for bit", || {
-        let case = CrossEntropyCase::new(300, 1031, Ignored::Some, 0.0, 17);
-        let mut dtypes = vec![DType::F32];
-        if *device != Device::flex() && device.supports_dtype(DType::BF16) {
-            dtypes.push(DType::BF16);
-        }
-        for dtype in dtypes {
-            let first = case.run(device, dtype, false)?;
-            if case.run(device, dtype, false)? != first {
-                return Err(format!("two {dtype:?} runs on the same inputs differ"));
+    Check::run(
+        "cross-entropy deterministic bit for bit, in place or not",
+        || {
+            let case = CrossEntropyCase::new(300, 1031, Ignored::Some, 0.0, 17);
+            let shared = CrossEntropyCase {
+                shared_logits: true,
+                ..case.clone()
+            };
+            let mut dtypes = vec![DType::F32];
+            if *device != Device::flex() && device.supports_dtype(DType::BF16) {
+                dtypes.push(DType::BF16);
             }
-        }
-        Ok("two runs identical".into())
-    })
+            for dtype in dtypes {
+                let first = case.run(device, dtype, false)?;
+                if case.run(device, dtype, false)? != first {
+                    return Err(format!("two {dtype:?} runs on the same inputs differ"));
+                }
+                if shared.run(device, dtype, false)? != first {
+                    return Err(format!("{dtype:?}: shared logits give another result"));
+                }
+            }
+            Ok("two runs identical, shared logits too".into())
+        },
+    )
 }
 
 /// Every target ignored: exactly 0 and a zero gradient (not NaN, as a mean over no rows).

@@ -2,8 +2,9 @@
 //! per row over the logits in their own dtype, an online f32 `(max, Σ exp)` over the vocabulary
 //! in chunks of a cube's width, keeping one f32 log-sum-exp per row, then one small fixed-order
 //! mean over the valid rows. Backward: one element-wise pass writing
-//! `(softmax − onehot) · dloss / valid` in the logits' dtype. No f32 copy of the logits and no
-//! `[rows, vocab]` intermediate; no float atomics (bit-identical reruns). Kernels in [`kernels`].
+//! `(softmax − onehot) · dloss / valid` in the logits' dtype, over the logits' buffer when the op
+//! holds the only reference to it. No f32 copy of the logits and no `[rows, vocab]`
+//! intermediate; no float atomics (bit-identical reruns). Kernels in [`kernels`].
 
 mod kernels;
 
@@ -144,10 +145,14 @@ fn forward(x: &Inputs) -> (CubeTensor, Statistics) {
     (loss, Statistics { lse, count })
 }
 
-/// `d logits` in the logits' dtype for the loss gradient `dloss` (`[1]`).
+/// `d logits` in the logits' dtype for the loss gradient `dloss` (`[1]`), written over the
+/// logits when no other tensor shares their buffer (each element is read before it is written).
 fn backward(x: &Inputs, stats: &Statistics, dloss: CubeTensor) -> CubeTensor {
     let dloss = into_contiguous(to_dtype(dloss, x.act));
-    let grad = empty(&x.logits, x.logits.shape(), x.act);
+    let grad = match x.logits.can_mut() {
+        true => x.logits.clone(),
+        false => empty(&x.logits, x.logits.shape(), x.act),
+    };
     let elements = x.rows * x.vocab;
     if elements > 0 {
         let client = &x.logits.client;
