@@ -226,13 +226,11 @@ fn backward(x: &Inputs, rstd: &CubeTensor, dy: CubeTensor) -> [CubeTensor; 2] {
 
 impl CubeRmsNormBackend for Cube {
     fn cube_rms_norm(x: CubeTensor, gamma: CubeTensor, eps: f32) -> CubeTensor {
-        let inputs = Inputs::new(x, None, gamma, eps);
-        to_dtype(forward(&inputs, false).0, inputs.dtype)
+        untracked_forward(&Inputs::new(x, None, gamma, eps))
     }
 
     fn cube_add_rms_norm(x: CubeTensor, t: CubeTensor, gamma: CubeTensor, eps: f32) -> CubeTensor {
-        let inputs = Inputs::new(x, Some(t), gamma, eps);
-        to_dtype(forward(&inputs, false).0, inputs.dtype)
+        untracked_forward(&Inputs::new(x, Some(t), gamma, eps))
     }
 }
 
@@ -292,11 +290,16 @@ impl Backward<Cube, 3> for AddRmsNormBackward {
     }
 }
 
-/// The forward of an autodiff op: with the statistics and the state for `prep` when tracked.
-fn tracked_forward(inputs: Inputs, tracked: bool) -> (CubeTensor, Option<RmsNormState>) {
-    let (y, rstd) = forward(&inputs, tracked);
-    let y = to_dtype(y, inputs.dtype);
-    (y, rstd.map(|rstd| RmsNormState { inputs, rstd }))
+/// The output in the inputs' dtype, and the state its backward needs.
+fn tracked_forward(inputs: Inputs) -> (CubeTensor, RmsNormState) {
+    let (y, rstd) = forward(&inputs, true);
+    let rstd = rstd.expect("a forward asked for the statistics keeps them");
+    (to_dtype(y, inputs.dtype), RmsNormState { inputs, rstd })
+}
+
+/// The output in the inputs' dtype, without statistics.
+fn untracked_forward(inputs: &Inputs) -> CubeTensor {
+    to_dtype(forward(inputs, false).0, inputs.dtype)
 }
 
 impl<C: CheckpointStrategy> CubeRmsNormBackend for Autodiff<Cube, C> {
@@ -312,11 +315,11 @@ impl<C: CheckpointStrategy> CubeRmsNormBackend for Autodiff<Cube, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => match tracked_forward(inputs, true) {
-                (y, Some(state)) => prep.finish(state, y),
-                (_, None) => unreachable!("a forward asked for the statistics keeps them"),
-            },
-            OpsKind::UnTracked(prep) => prep.finish(tracked_forward(inputs, false).0),
+            OpsKind::Tracked(prep) => {
+                let (y, state) = tracked_forward(inputs);
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(untracked_forward(&inputs)),
         }
     }
 
@@ -333,11 +336,11 @@ impl<C: CheckpointStrategy> CubeRmsNormBackend for Autodiff<Cube, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => match tracked_forward(inputs, true) {
-                (y, Some(state)) => prep.finish(state, y),
-                (_, None) => unreachable!("a forward asked for the statistics keeps them"),
-            },
-            OpsKind::UnTracked(prep) => prep.finish(tracked_forward(inputs, false).0),
+            OpsKind::Tracked(prep) => {
+                let (y, state) = tracked_forward(inputs);
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(untracked_forward(&inputs)),
         }
     }
 }
