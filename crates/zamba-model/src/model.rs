@@ -434,11 +434,19 @@ impl ZambaModel {
 
     /// Logits `[B, L, vocab]` (f32) with the tied embedding head.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        f32(self.logits(tokens))
+    }
+
+    /// [`forward`](Self::forward)'s logits in the compute type (bf16 under `Precision::Bf16`), as
+    /// the head's product writes them: what the loss reads, without an f32 copy of
+    /// `[B, L, vocab]` (the cross-entropy takes any float type and keeps its statistics in f32,
+    /// so the loss and the gradient are the same as from the f32 copy).
+    pub fn logits(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let compute = Compute::new(self.execution.precision);
         let h = compute.cast(self.hidden_states(tokens));
         // The tied head reads the embedding transposed, in place.
         let head = compute.cast(self.embed_tokens.weight.val().transpose());
-        f32(zamba_kernels::linear(h, head))
+        zamba_kernels::linear(h, head)
     }
 
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

@@ -96,20 +96,17 @@ pub(super) fn cross_entropy_rows<F: Float>(
 }
 
 /// One cube of `units` units (a power of two): the mean of `row_loss` over the rows whose target
-/// is not `ignore_index`, into `loss[0]` (in `F`), and that count (at least 1, f32) into
-/// `count[0]`. Unit `u` sums rows `u, u + units, …` in order, then the units' sums are added in
-/// a fixed tree.
-#[allow(clippy::too_many_arguments)]
+/// is not `ignore_index`, into `loss[0]`, and that count (at least 1) into `count[0]`. Unit `u`
+/// sums rows `u, u + units, …` in order, then the units' sums are added in a fixed tree.
 #[cube(launch, address_type = "dynamic")]
-pub(super) fn mean_over_rows<F: Float>(
+pub(super) fn mean_over_rows(
     row_loss: &Tensor<f32>,
     targets: &Tensor<i32>,
-    loss: &mut Tensor<F>,
+    loss: &mut Tensor<f32>,
     count: &mut Tensor<f32>,
     rows: usize,
     ignore_index: i32,
     #[comptime] units: usize,
-    #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS_X as usize;
     let mut totals = Shared::<[f32]>::new_slice(units);
@@ -138,7 +135,7 @@ pub(super) fn mean_over_rows<F: Float>(
     }
     if unit == 0 {
         let n = f32::max(counts[0], 1.0);
-        loss[0] = F::cast_from(totals[0] / n);
+        loss[0] = totals[0] / n;
         count[0] = n;
     }
 }
@@ -151,7 +148,7 @@ pub(super) fn cross_entropy_backward<F: Float>(
     logits: &Tensor<F>,
     targets: &Tensor<i32>,
     lse: &Tensor<f32>,
-    dloss: &Tensor<F>,
+    dloss: &Tensor<f32>,
     count: &Tensor<f32>,
     grad: &mut Tensor<F>,
     vocab: usize,
@@ -166,7 +163,7 @@ pub(super) fn cross_entropy_backward<F: Float>(
         if target != ignore_index {
             let p = (f32::cast_from(logits[i]) - lse[row]).exp();
             let onehot = select(usize::cast_from(target) == i - row * vocab, 1.0f32, 0.0f32);
-            g = (p - onehot) * (f32::cast_from(dloss[0]) / count[0]);
+            g = (p - onehot) * (dloss[0] / count[0]);
         }
         grad[i] = F::cast_from(g);
     }

@@ -1,7 +1,7 @@
 //! Cross-entropy over the vocabulary as one fused op on Burn's CubeCL backend. Forward: one pass
 //! per row over the logits in their own dtype, an online f32 `(max, Σ exp)` over the vocabulary
 //! in chunks of a cube's width, keeping one f32 log-sum-exp per row, then one small fixed-order
-//! mean over the valid rows. Backward: one element-wise pass writing
+//! mean over the valid rows (the loss in f32). Backward: one element-wise pass writing
 //! `(softmax − onehot) · dloss / valid` in the logits' dtype, over the logits' buffer when the op
 //! holds the only reference to it. No f32 copy of the logits and no `[rows, vocab]`
 //! intermediate; no float atomics (bit-identical reruns). Kernels in [`kernels`].
@@ -100,7 +100,7 @@ struct Statistics {
     count: CubeTensor,
 }
 
-/// The loss (`[1]`, in the kernels' type) and the statistics.
+/// The loss (`[1]`, f32) and the statistics.
 fn forward(x: &Inputs) -> (CubeTensor, Statistics) {
     let client = &x.logits.client;
     let units = x.units();
@@ -126,7 +126,7 @@ fn forward(x: &Inputs) -> (CubeTensor, Statistics) {
             x.elem(),
         );
     }
-    let loss = empty(&x.logits, [1], x.act);
+    let loss = empty(&x.logits, [1], DType::F32);
     let count = empty(&x.logits, [1], DType::F32);
     kernels::mean_over_rows::launch(
         client,
@@ -140,7 +140,6 @@ fn forward(x: &Inputs) -> (CubeTensor, Statistics) {
         x.rows,
         ignore,
         units,
-        x.elem(),
     );
     (loss, Statistics { lse, count })
 }
@@ -148,7 +147,7 @@ fn forward(x: &Inputs) -> (CubeTensor, Statistics) {
 /// `d logits` in the logits' dtype for the loss gradient `dloss` (`[1]`), written over the
 /// logits when no other tensor shares their buffer (each element is read before it is written).
 fn backward(x: &Inputs, stats: &Statistics, dloss: CubeTensor) -> CubeTensor {
-    let dloss = into_contiguous(to_dtype(dloss, x.act));
+    let dloss = into_contiguous(to_dtype(dloss, DType::F32));
     let grad = match x.logits.can_mut() {
         true => x.logits.clone(),
         false => empty(&x.logits, x.logits.shape(), x.act),
@@ -178,8 +177,7 @@ fn backward(x: &Inputs, stats: &Statistics, dloss: CubeTensor) -> CubeTensor {
 
 impl CubeCrossEntropyBackend for Cube {
     fn cube_cross_entropy(logits: CubeTensor, targets: CubeTensor) -> CubeTensor {
-        let inputs = Inputs::new(logits, targets);
-        to_dtype(forward(&inputs).0, inputs.dtype)
+        forward(&Inputs::new(logits, targets)).0
     }
 }
 
@@ -219,7 +217,6 @@ impl<C: CheckpointStrategy> CubeCrossEntropyBackend for Autodiff<Cube, C> {
         let (logits, guard) = logits.into_parts();
         let inputs = Inputs::new(logits, targets);
         let (loss, stats) = forward(&inputs);
-        let loss = to_dtype(loss, inputs.dtype);
         match CrossEntropyBackward
             .prepare::<C>([guard])
             .compute_bound()

@@ -324,8 +324,7 @@ fn norms(s: &Shape, kernels: Kernels) -> OpCost {
 /// What no other class covers. Planned: the embedding lookup and its gradient (a dense f32
 /// gradient of the table, zeroed, rows added), and the gradient sums where the residual stream
 /// and the embeddings feed the shared block. Current: also every cast between f32 and bf16 of
-/// activations, the residual adds, `[x, x0]`'s concatenation, the padding mask and the f32 copy
-/// of the logits.
+/// activations, the residual adds, `[x, x0]`'s concatenation and the padding mask.
 fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     let (td, c) = (s.t * s.d, s.cast);
     let embedding = td * 8.0 + s.v * s.d * 4.0 + td * 12.0;
@@ -351,8 +350,9 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
             // and up (12), the slices of [x, x0]'s gradient (16), x0's gradient sum (12).
             let shared = s.forwards * (16.0 + 10.0 * c) + 10.0 * c + 48.0 + 12.0 + 16.0 + 12.0;
             let shared_kernels = s.forwards * (1.0 + 7.0 * casts) + 7.0 * casts + 6.0;
-            // The final norm's output to bf16 and the logits to f32, and their gradients back.
-            let head = 2.0 * c * (td + s.t * s.v);
+            // The final norm's output to bf16 and its gradient back (the loss reads the logits
+            // in the compute type).
+            let head = 2.0 * c * td;
             let bytes = embedding
                 + pad * 2.0 * 12.0 * td
                 + td * (s.layers * layer + s.uses * (hybrid + shared))
@@ -361,7 +361,7 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
                 + 3.0 * pad
                 + s.layers * layer_kernels
                 + s.uses * (1.0 + shared_kernels)
-                + 4.0 * casts;
+                + 2.0 * casts;
             (bytes, launches)
         }
     };
@@ -372,12 +372,10 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     }
 }
 
-/// The loss over `[T, V]` logits. Planned: a chunked kernel reading the bf16 logits in the
-/// forward, reading them again and writing their gradient in the backward. Current
-/// (kernels/src/cube/cross_entropy): the same two passes, on the f32 copy of the logits the model
-/// hands the loss (its cast is counted with the other element-wise ops), plus the per-row
-/// statistics (one f32 log-sum-exp and one row loss, the i32 targets) and one small launch
-/// for the mean.
+/// The loss over `[T, V]` logits. Planned: a chunked kernel reading the logits (in the compute
+/// type) in the forward, reading them again and writing their gradient in the backward. Current
+/// (kernels/src/cube/cross_entropy): the same two passes, plus the per-row statistics (one f32
+/// log-sum-exp and one row loss, the i32 targets) and one small launch for the mean.
 fn cross_entropy(s: &Shape, kernels: Kernels) -> OpCost {
     let logits = s.t * s.v;
     let (bytes, launches) = match kernels {
@@ -386,7 +384,7 @@ fn cross_entropy(s: &Shape, kernels: Kernels) -> OpCost {
             // Per row: the forward reads the target, writes lse and the row loss (12); the mean
             // reads the row loss and the target (8); the backward the target and lse (8).
             let per_row = 12.0 + 8.0 + 8.0;
-            (3.0 * logits * 4.0 + per_row * s.t, 3.0)
+            (3.0 * logits * s.e + per_row * s.t, 3.0)
         }
     };
     OpCost {
