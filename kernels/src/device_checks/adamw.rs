@@ -4,10 +4,10 @@
 //!
 //! Both sides write the same f32 operations in the same order, yet the kernel's results are not
 //! bit-identical to the tensor ops' on `cube-cpu`: about a third of the values differ in their
-//! last bit (1 ulp) after three steps (CubeCL compiles the kernel's arithmetic as one
-//! expression, where each tensor op rounds to memory). On a GPU a compiler may also contract a
-//! multiply and an add into one fused multiply-add. The check allows [`TOLERANCE`], a few f32
-//! roundings of the update's terms, and reports the worst error.
+//! last bit after three steps, because CubeCL's instruction combiner (cubecl-opt's
+//! `InstCombine`, run for every target) turns each `a · b + c` of the kernel into one fused
+//! multiply-add, where the tensor ops round the product first. The check allows [`TOLERANCE`], a
+//! few f32 roundings of the update's terms, and reports the worst error.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 

@@ -15,7 +15,7 @@
 //! - [`cross_entropy_checks`]: the cross-entropy against its tensor-op definition
 //!   ([`crate::cross_entropy_reference`]) on the CPU;
 //! - [`adamw_checks`]: the AdamW update against its tensor-op definition
-//!   ([`crate::adamw_update_reference`]) on the device and on the CPU, bit for bit.
+//!   ([`crate::adamw_update_reference`]) on the device and on the CPU, within an ulp.
 
 mod adamw;
 mod add_norm;
