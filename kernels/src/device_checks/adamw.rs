@@ -30,7 +30,7 @@ fn hyper(step: u64) -> AdamWHyper {
         beta1: 0.9,
         beta2: 0.95,
         eps: 1e-8,
-        weight_decay: if step % 2 == 0 { 0.1 } else { 0.0 },
+        weight_decay: if step.is_multiple_of(2) { 0.1 } else { 0.0 },
         step,
         grad_scale: 0.7,
     }
