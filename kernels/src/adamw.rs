@@ -3,13 +3,14 @@
 //! Written with tensor ops, an update reads and writes the parameter and both moments through
 //! about ten separate element-wise ops (each a full pass over the tensor, each single-threaded on
 //! Flex). [`adamw_update`] does the same arithmetic, in the same order and the same `f32`
-//! rounding, in one multi-threaded pass, updating the buffers in place when it owns them: its
-//! results are bit-identical to [`adamw_update_reference`] (tested), so switching between the two
-//! never changes a training run.
+//! rounding, in one multi-threaded pass, updating the buffers in place when it owns them: on Flex
+//! its results are bit-identical to [`adamw_update_reference`] (tested), so switching between the
+//! two never changes a training run. On CubeCL devices it is one launch (`cube::adamw`), within
+//! an ulp of the reference: CubeCL compiles each `a · b + c` as a fused multiply-add.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::backend::{Backend, DType, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -34,22 +35,22 @@ pub struct AdamWHyper {
 
 /// The `f32` constants of one update, each rounded once from its `f64` definition exactly as a
 /// tensor op rounds a scalar operand.
-#[derive(Clone, Copy)]
-struct Coefficients {
-    grad_scale: f32,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bias1: f32,
-    bias2: f32,
-    eps: f32,
-    keep: f32,
-    lr: f32,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Coefficients {
+    pub(crate) grad_scale: f32,
+    pub(crate) beta1: f32,
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) bias1: f32,
+    pub(crate) bias2: f32,
+    pub(crate) eps: f32,
+    pub(crate) keep: f32,
+    pub(crate) lr: f32,
 }
 
 impl Coefficients {
-    fn new(h: &AdamWHyper) -> Self {
+    pub(crate) fn new(h: &AdamWHyper) -> Self {
         let t = i32::try_from(h.step).unwrap_or(i32::MAX);
         Self {
             grad_scale: h.grad_scale as f32,
@@ -67,15 +68,19 @@ impl Coefficients {
 }
 
 /// One AdamW step: returns the updated `(theta, m, v)`. All four tensors are flat and of the
-/// same length; `m` and `v` start at zero. With `g = grad · grad_scale`:
+/// same length; `m` and `v` start at zero; `grad` may be in another float type than the others
+/// (bf16 gradients of f32 parameters: widened exactly). With `g = grad · grad_scale`:
 ///
 /// ```text
 /// m ← β1·m + (1-β1)·g        v ← β2·v + (1-β2)·g²
 /// θ ← θ·(1 - lr·wd) - lr · (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + eps)
 /// ```
 ///
-/// One fused pass on Flex devices; the tensor-op formulation ([`adamw_update_reference`]) on
-/// every other device. Results are identical either way.
+/// One fused pass on Flex devices and one launch on CubeCL devices (features `cuda`,
+/// `cube-cpu`; f32 state, `cube::adamw`); the tensor-op formulation
+/// ([`adamw_update_reference`]) on every other device. Flex's results are the reference's bit
+/// for bit; the CubeCL kernel's are within an ulp of them (fused multiply-adds; see
+/// [`crate::device_checks`]).
 ///
 /// # Panics
 /// If the four lengths differ.
@@ -87,6 +92,12 @@ pub fn adamw_update(
     hyper: &AdamWHyper,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     check_lengths(&theta, &grad, &m, &v);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&theta.device()) {
+        let ([theta, m, v], _) = crate::cube::ops::adamw_update([theta, grad, m, v], hyper, None);
+        return (theta, m, v);
+    }
+    let grad = grad.cast(theta.dtype());
     if !crate::on_flex(&theta.device()) {
         return adamw_update_reference(theta, grad, m, v, hyper);
     }
@@ -106,6 +117,30 @@ pub fn adamw_update(
     )
 }
 
+/// [`adamw_update`] that also returns the updated `theta` rounded to `working` (the bf16
+/// working copy of f32 master weights): on CubeCL devices written by the same launch, elsewhere
+/// cast after the update. The same values either way.
+pub fn adamw_update_with_working(
+    theta: Tensor<1>,
+    grad: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    hyper: &AdamWHyper,
+    working: DType,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>) {
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&theta.device()) {
+        check_lengths(&theta, &grad, &m, &v);
+        let ([theta, m, v], copy) =
+            crate::cube::ops::adamw_update([theta, grad, m, v], hyper, Some(working));
+        let copy = copy.expect("the kernel writes the working copy it is asked for");
+        return (theta, m, v, copy);
+    }
+    let (theta, m, v) = adamw_update(theta, grad, m, v, hyper);
+    let copy = theta.clone().cast(working);
+    (theta, m, v, copy)
+}
+
 /// [`adamw_update`] written with tensor ops (any backend): the definition the fused pass matches
 /// bit for bit.
 pub fn adamw_update_reference(
@@ -116,6 +151,7 @@ pub fn adamw_update_reference(
     hyper: &AdamWHyper,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     check_lengths(&theta, &grad, &m, &v);
+    let grad = grad.cast(theta.dtype());
     let h = hyper;
     let t = i32::try_from(h.step).unwrap_or(i32::MAX);
     let g = grad * h.grad_scale;
@@ -130,12 +166,7 @@ pub fn adamw_update_reference(
 fn check_lengths(theta: &Tensor<1>, grad: &Tensor<1>, m: &Tensor<1>, v: &Tensor<1>) {
     expect_same_dtype(
         "adamw_update",
-        &[
-            ("theta", theta.dtype()),
-            ("grad", grad.dtype()),
-            ("m", m.dtype()),
-            ("v", v.dtype()),
-        ],
+        &[("theta", theta.dtype()), ("m", m.dtype()), ("v", v.dtype())],
     );
     let lengths = [theta, grad, m, v].map(|t| t.dims()[0]);
     assert!(

@@ -26,18 +26,27 @@ use crate::simd::{Isa, Lanes, exp_approx, simd_dispatch, simd_level};
 /// Targets equal to this id are padding/masked and do not count (PyTorch's default `-100`).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Mean cross-entropy of `logits` `[rows, vocab]` against `targets` `[rows]`, over the targets
-/// that are not [`IGNORE_INDEX`]: `mean_r (logsumexp(logits[r]) - logits[r, targets[r]])`.
-/// Returns a one-element tensor; 0 (and a zero gradient) when every target is ignored.
+/// Mean cross-entropy of `logits` `[rows, vocab]` (any float type: bf16 logits need no f32 copy)
+/// against `targets` `[rows]`, over the targets that are not [`IGNORE_INDEX`]:
+/// `mean_r (logsumexp(logits[r]) - logits[r, targets[r]])`. Returns a one-element f32 tensor
+/// (the statistics are f32 whatever the logits' type); 0 (and a zero gradient) when every target
+/// is ignored. The gradient of the logits comes back in their type.
 ///
-/// Fused on Flex devices (see the module docs); [`cross_entropy_reference`] elsewhere. The two
-/// agree to float rounding (the fused `exp` has a relative error below 2e-7).
+/// Fused on Flex devices (see the module docs) and on CubeCL devices (features `cuda`,
+/// `cube-cpu`: the logits read in their own float dtype, f32 statistics, `cube::cross_entropy`);
+/// [`cross_entropy_reference`] elsewhere. They agree to float rounding (the Flex kernel's `exp`
+/// has a relative error below 2e-7).
 ///
 /// # Panics
-/// If the shapes disagree, or a target is neither [`IGNORE_INDEX`] nor in `0..vocab`.
+/// If the shapes disagree, or (on Flex) a target is neither [`IGNORE_INDEX`] nor in `0..vocab`.
+/// A CubeCL device does not stop to read the targets back: such a target makes the loss NaN.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let _span = zamba_trace::span(zamba_trace::Category::Loss, "cross-entropy");
     check_shapes(&logits, &targets);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&logits.device()) {
+        return crate::cube::ops::cross_entropy(logits, targets);
+    }
     if !crate::on_flex(&logits.device()) {
         return cross_entropy_reference(logits, targets);
     }
@@ -47,12 +56,12 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     ))
 }
 
-/// [`cross_entropy`] written with tensor ops (`log_softmax`, `gather`, masked mean); runs on any
-/// backend and is differentiated by Burn's autodiff.
+/// [`cross_entropy`] written with tensor ops (`log_softmax` of the logits cast to f32, `gather`,
+/// masked mean); runs on any backend and is differentiated by Burn's autodiff.
 pub fn cross_entropy_reference(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     check_shapes(&logits, &targets);
     let [rows, _] = logits.dims();
-    let log_probs = log_softmax(logits, 1);
+    let log_probs = log_softmax(logits.cast(DType::F32), 1);
     let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
     let safe_targets = targets.mask_fill(valid.clone().bool_not(), 0);
     let picked = log_probs
@@ -176,17 +185,16 @@ fn softmax_times_generic<V: Lanes>(isa: Isa<V>, row: &mut [f32], lse: f32, scale
     }
 }
 
-fn loss_tensor(loss: f32, dtype: DType) -> FlexTensor {
-    from_f32(vec![loss], Shape::new([1]), dtype)
+fn loss_tensor(loss: f32) -> FlexTensor {
+    from_f32(vec![loss], Shape::new([1]), DType::F32)
 }
 
 impl CrossEntropyBackend for Flex {
     fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
-        let dtype = logits.dtype();
         let vocab = logits.layout().shape()[1];
         let logits = contiguous_f32(logits);
         let forward = Forward::run(as_f32(&logits), vocab, int_ids(&targets));
-        loss_tensor(forward.loss, dtype)
+        loss_tensor(forward.loss)
     }
 }
 
@@ -232,7 +240,7 @@ impl<C: CheckpointStrategy> CrossEntropyBackend for Autodiff<Flex, C> {
         let vocab = logits.layout().shape()[1];
         let logits = contiguous_f32(logits);
         let forward = Forward::run(as_f32(&logits), vocab, int_ids(&targets));
-        let out = loss_tensor(forward.loss, dtype);
+        let out = loss_tensor(forward.loss);
         match CrossEntropyBackward
             .prepare::<C>([guard])
             .compute_bound()

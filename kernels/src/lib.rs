@@ -1,14 +1,15 @@
 //! Fused kernels of a Zamba training step for Burn 0.22. On Flex (the CPU) each op is one
 //! multi-threaded, vectorised pass where tensor ops take several single-threaded ones; on Burn's
-//! CubeCL backend (features `cuda`, `cube-cpu`) the scan, attention, RMSNorm, the GELU gate and
-//! the conv run `#[cube]` kernels and the products use the runtime's own matmul routine. Each op also has
+//! CubeCL backend (features `cuda`, `cube-cpu`) the scan, attention, RMSNorm, the GELU gate,
+//! the conv, the cross-entropy and AdamW run `#[cube]` kernels and the products use the
+//! runtime's own matmul routine. Each op also has
 //! its tensor-op definition (`*_reference`): the fallback on devices without the kernel, and what
 //! the tests compare it with.
 //!
 //! - [`selective_scan`], the Mamba-1 recurrence, in the [`scan`] module (its formula, layout,
 //!   memory, determinism and backends);
 //! - [`linear`] and [`per_head_matmul`] (direct GEMMs on strided operands), [`causal_attention`],
-//!   [`gelu_mul`], [`cross_entropy`], [`causal_conv1d_silu`] and [`rms_norm`], each with a
+//!   [`gelu_mul`], [`cross_entropy`], [`causal_conv1d_silu`], [`rms_norm`] and [`add_rms_norm`], each with a
 //!   hand-written backward; [`adamw_update`], the optimizer step;
 //! - [`recompute`]: a block of the model recomputed in the backward (activation checkpointing);
 //! - [`device_checks`]: the Cube kernels on a device against the CPU kernel or the tensor-op
@@ -36,7 +37,7 @@ pub mod scan;
 mod simd;
 mod strided;
 
-pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference};
+pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference, adamw_update_with_working};
 pub use attention::{causal_attention, causal_attention_reference};
 pub use backward_span::{BlockEdge, mark_backward_span};
 pub use conv::{CONV_CUBE_CHUNK, causal_conv1d_silu, causal_conv1d_silu_reference};
@@ -49,7 +50,9 @@ pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};
 pub use linear::{linear, linear_channels_first, linear_reference};
-pub use rms_norm::{RMS_NORM_CUBE_BLOCKS, rms_norm, rms_norm_reference};
+pub use rms_norm::{
+    RMS_NORM_CUBE_BLOCKS, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference,
+};
 pub use scan::{
     ScanInputs, ScanShape, cube_scan_chunk, fused_kernel_available, scan_bytes, scan_chunk,
     scan_flops, scan_lane_ops, selective_scan, selective_scan_reference,

@@ -56,6 +56,45 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
     y.reshape(dims)
 }
 
+/// `rms_norm(x + t, gamma, eps)`: the norm of a residual sum that nothing else reads (a hybrid
+/// layer's `x + t` before its Mamba block). On CubeCL devices one fused op: the sum is formed in
+/// registers and never written, the backward recomputes it and returns its gradient for both `x`
+/// and `t`. Elsewhere the add, then [`rms_norm`].
+///
+/// # Panics
+/// As [`rms_norm`], and if `x` and `t` differ in shape.
+pub fn add_rms_norm<const D: usize>(
+    x: Tensor<D>,
+    t: Tensor<D>,
+    gamma: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    assert!(
+        x.dims() == t.dims(),
+        "add_rms_norm: x {:?} and t {:?} must have the same shape",
+        x.dims(),
+        t.dims()
+    );
+    expect_same_dtype("add_rms_norm", &[("x", x.dtype()), ("t", t.dtype())]);
+    #[cfg(feature = "cube")]
+    if crate::on_cube(&x.device()) {
+        let _span = zamba_trace::span(zamba_trace::Category::Norm, "add + rms norm");
+        check(&x, &gamma, eps);
+        return crate::cube::ops::add_rms_norm(x, t, gamma, eps);
+    }
+    rms_norm(x + t, gamma, eps)
+}
+
+/// [`add_rms_norm`] with tensor ops; any backend.
+pub fn add_rms_norm_reference<const D: usize>(
+    x: Tensor<D>,
+    t: Tensor<D>,
+    gamma: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    rms_norm_reference(x + t, gamma, eps)
+}
+
 /// [`rms_norm`] with tensor ops, as Burn's `RmsNorm` computes it; any backend.
 pub fn rms_norm_reference<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {
     check(&x, &gamma, eps);

@@ -218,6 +218,11 @@ fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
     zamba_kernels::rms_norm(f32(x), f32(norm.gamma.val()), norm.epsilon)
 }
 
+/// [`rms_norm`] of `x + t`, the sum never kept (one fused op on CubeCL devices).
+fn add_rms_norm(norm: &RmsNorm, x: Tensor<3>, t: Tensor<3>) -> Tensor<3> {
+    zamba_kernels::add_rms_norm(f32(x), f32(t), f32(norm.gamma.val()), norm.epsilon)
+}
+
 /// The ONE shared attention + MLP block. Its input is `[x, x0]` (width 2d); no residual inside.
 #[derive(Module, Debug)]
 pub struct SharedTransformer {
@@ -406,17 +411,17 @@ impl ZambaModel {
             let run = move |(norm, mamba): &(RmsNorm, MambaMixer), inputs: Vec<Tensor<3>>| {
                 let mut inputs = inputs.into_iter();
                 let x = inputs.next().expect("the residual stream");
-                let mamba_in = match inputs.next() {
+                let normed = match inputs.next() {
                     Some(t) => {
                         expect_same_dtype(
                             "hybrid layer input",
                             &[("x", x.dtype()), ("t", t.dtype())],
                         );
-                        x.clone() + t
+                        add_rms_norm(norm, x.clone(), t)
                     }
-                    None => x.clone(),
+                    None => rms_norm(norm, x.clone()),
                 };
-                x + f32(mamba.forward(rms_norm(norm, mamba_in), compute))
+                x + f32(mamba.forward(normed, compute))
             };
             x = match recompute {
                 true => checkpointed(&block, inputs, run),
@@ -429,11 +434,19 @@ impl ZambaModel {
 
     /// Logits `[B, L, vocab]` (f32) with the tied embedding head.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        f32(self.logits(tokens))
+    }
+
+    /// [`forward`](Self::forward)'s logits in the compute type (bf16 under `Precision::Bf16`), as
+    /// the head's product writes them: what the loss reads, without an f32 copy of
+    /// `[B, L, vocab]` (the cross-entropy takes any float type and keeps its statistics in f32,
+    /// so the loss and the gradient are the same as from the f32 copy).
+    pub fn logits(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let compute = Compute::new(self.execution.precision);
         let h = compute.cast(self.hidden_states(tokens));
         // The tied head reads the embedding transposed, in place.
         let head = compute.cast(self.embed_tokens.weight.val().transpose());
-        f32(zamba_kernels::linear(h, head))
+        zamba_kernels::linear(h, head)
     }
 
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

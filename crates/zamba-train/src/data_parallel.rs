@@ -610,11 +610,14 @@ impl DataParallel {
                 grad,
             })
             .collect();
-        let updated =
-            span(Category::Optimizer, "adamw").run(|| optimizer.update(segments, lr, grad_scale));
+        let adamw = span(Category::Optimizer, "adamw");
         match self.keeps_master() {
-            true => self.keep_master(optimizer, updated),
-            false => updated,
+            true => {
+                let updated = adamw
+                    .run(|| optimizer.update_with_working(segments, lr, grad_scale, self.working));
+                self.keep_master(optimizer, updated)
+            }
+            false => adamw.run(|| optimizer.update(segments, lr, grad_scale)),
         }
     }
 
@@ -641,13 +644,17 @@ impl DataParallel {
             .collect()
     }
 
-    /// Stores updated master weights in `optimizer`; returns their working-type rounding.
-    fn keep_master(&self, optimizer: &mut AdamW, master: Vec<Tensor<1>>) -> Vec<Tensor<1>> {
+    /// Stores master weights in `optimizer`; returns the working-type roundings paired with them
+    /// (after an update, written by it: see [`AdamW::update_with_working`]).
+    fn keep_master(
+        &self,
+        optimizer: &mut AdamW,
+        updated: Vec<(Tensor<1>, Tensor<1>)>,
+    ) -> Vec<Tensor<1>> {
         self.segments
             .iter()
-            .zip(master)
-            .map(|(s, value)| {
-                let working = to(value.clone(), self.working);
+            .zip(updated)
+            .map(|(s, (value, working))| {
                 let master = Master {
                     range: s.range.clone(),
                     value,
@@ -690,7 +697,14 @@ impl DataParallel {
             }
         }
         let master = self.take_master(optimizer);
-        let working = self.keep_master(optimizer, master);
+        let rounded = master
+            .into_iter()
+            .map(|value| {
+                let working = to(value.clone(), self.working);
+                (value, working)
+            })
+            .collect();
+        let working = self.keep_master(optimizer, rounded);
         self.apply(model, working, comm, device)
     }
 

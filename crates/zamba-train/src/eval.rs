@@ -81,7 +81,7 @@ pub fn loss_sums(
             .iter()
             .filter(|&&t| t != IGNORE_INDEX)
             .count() as u64;
-        let mean = cross_entropy(model.forward(inputs), targets).reshape([1]);
+        let mean = cross_entropy(model.logits(inputs), targets).reshape([1]);
         sums.loss = sums.loss + mean * counted as f64;
         sums.tokens += counted;
         sums.sequences += batch.rows as u64;

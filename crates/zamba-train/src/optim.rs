@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use zamba_kernels::{AdamWHyper, adamw_update};
+use zamba_kernels::{AdamWHyper, adamw_update, adamw_update_with_working};
 use zamba_model::param_table::{DecayGroup, decay_group};
 
 use crate::config::OptimizerSection;
@@ -124,32 +124,42 @@ impl AdamW {
         lr: f64,
         grad_scale: f64,
     ) -> Vec<Tensor<1>> {
+        self.update_each(segments, lr, grad_scale, None)
+            .into_iter()
+            .map(|(value, _)| value)
+            .collect()
+    }
+
+    /// [`update`](Self::update) of f32 master weights that also returns each new value rounded to
+    /// `working` (the bf16 working parameters): written by the update's own pass on CubeCL
+    /// devices, cast after it elsewhere (the same values).
+    pub fn update_with_working(
+        &mut self,
+        segments: Vec<SegmentUpdate>,
+        lr: f64,
+        grad_scale: f64,
+        working: DType,
+    ) -> Vec<(Tensor<1>, Tensor<1>)> {
+        self.update_each(segments, lr, grad_scale, Some(working))
+            .into_iter()
+            .map(|(value, copy)| (value, copy.expect("a copy is made when asked for")))
+            .collect()
+    }
+
+    fn update_each(
+        &mut self,
+        segments: Vec<SegmentUpdate>,
+        lr: f64,
+        grad_scale: f64,
+        working: Option<DType>,
+    ) -> Vec<(Tensor<1>, Option<Tensor<1>>)> {
         let first = self.step == 0;
         self.step += 1;
-        let p = self.params;
         segments
             .into_iter()
             .map(|s| {
-                let state = match self.moments.remove(s.path) {
-                    Some(state) => {
-                        assert_eq!(
-                            state.range, s.range,
-                            "moments of {} cover other elements",
-                            s.path
-                        );
-                        state
-                    }
-                    None if first => Moments {
-                        range: s.range.clone(),
-                        m: s.value.zeros_like(),
-                        v: s.value.zeros_like(),
-                    },
-                    None => panic!(
-                        "no AdamW moments for {} after {} updates",
-                        s.path,
-                        self.step - 1
-                    ),
-                };
+                let state = self.take_moments(&s, first);
+                let p = self.params;
                 let decay = if is_decayed(s.path, p.decay_embeddings) {
                     p.weight_decay
                 } else {
@@ -157,7 +167,19 @@ impl AdamW {
                 };
                 // PyTorch: θ·(1 − lr·wd) − lr · m̂ / (sqrt(v̂) + eps), one fused pass per tensor.
                 let hyper = p.hyper(lr, decay, self.step, grad_scale);
-                let (updated, m, v) = adamw_update(s.value, s.grad, state.m, state.v, &hyper);
+                let (updated, m, v, copy) = match working {
+                    Some(dtype) => {
+                        let (updated, m, v, copy) = adamw_update_with_working(
+                            s.value, s.grad, state.m, state.v, &hyper, dtype,
+                        );
+                        (updated, m, v, Some(copy))
+                    }
+                    None => {
+                        let (updated, m, v) =
+                            adamw_update(s.value, s.grad, state.m, state.v, &hyper);
+                        (updated, m, v, None)
+                    }
+                };
                 self.moments.insert(
                     s.path.to_owned(),
                     Moments {
@@ -166,9 +188,33 @@ impl AdamW {
                         v,
                     },
                 );
-                updated
+                (updated, copy)
             })
             .collect()
+    }
+
+    /// The moments of segment `s`, taken out: zeros on the `first` update.
+    fn take_moments(&mut self, s: &SegmentUpdate, first: bool) -> Moments {
+        match self.moments.remove(s.path) {
+            Some(state) => {
+                assert_eq!(
+                    state.range, s.range,
+                    "moments of {} cover other elements",
+                    s.path
+                );
+                state
+            }
+            None if first => Moments {
+                range: s.range.clone(),
+                m: s.value.zeros_like(),
+                v: s.value.zeros_like(),
+            },
+            None => panic!(
+                "no AdamW moments for {} after {} updates",
+                s.path,
+                self.step - 1
+            ),
+        }
     }
 }
 

@@ -91,7 +91,10 @@ pub fn run(args: SelftestArgs) -> Result<()> {
                 let mut checks = zamba_kernels::device_checks::scan_checks(&device);
                 checks.extend(zamba_kernels::device_checks::attention_checks(&device));
                 checks.extend(zamba_kernels::device_checks::norm_gate_checks(&device));
+                checks.extend(zamba_kernels::device_checks::add_norm_checks(&device));
                 checks.extend(zamba_kernels::device_checks::conv_checks(&device));
+                checks.extend(zamba_kernels::device_checks::cross_entropy_checks(&device));
+                checks.extend(zamba_kernels::device_checks::adamw_checks(&device));
                 checks
             }
             Group::Model => zamba_model::device_checks::model_checks(&device, &fixtures),

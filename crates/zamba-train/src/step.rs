@@ -219,7 +219,7 @@ fn forward(
     observer: &mut dyn StepObserver,
 ) -> Result<Tensor<1>> {
     let logits =
-        span_with(Category::Forward, || format!("forward {m}")).run(|| model.forward(inputs));
+        span_with(Category::Forward, || format!("forward {m}")).run(|| model.logits(inputs));
     let loss = cross_entropy(logits, targets) / accum as f64;
     *loss_sum = loss_sum.clone() + loss.clone().inner().reshape([1]);
     observer.observe(StepEvent::Forward { micro: m })?;

@@ -1,16 +1,19 @@
 //! The products of the model on the CubeCL backend — `linear`, the per-head products — written
 //! with [`product`] (whose forward and backward use the matmul routine of the device's runtime,
 //! see [`super::gemm`]) instead of Burn's `matmul`; causal attention, the fused op of
-//! [`super::attention`]; RMSNorm, the GELU gate and the causal conv + SiLU, the fused ops of
-//! [`super::rms_norm`], [`super::gelu`] and [`super::conv`].
+//! [`super::attention`]; RMSNorm, the GELU gate, the causal conv + SiLU and the cross-entropy,
+//! the fused ops of [`super::rms_norm`], [`super::gelu`], [`super::conv`] and
+//! [`super::cross_entropy`]; the AdamW update of [`super::adamw`].
 
 use burn::tensor::Tensor;
 
+pub(crate) use super::adamw::adamw_update;
 pub(crate) use super::attention::causal_attention;
 pub(crate) use super::conv::causal_conv1d_silu;
+pub(crate) use super::cross_entropy::cross_entropy;
 pub(crate) use super::gelu::gelu_mul;
 use super::product::product;
-pub(crate) use super::rms_norm::rms_norm;
+pub(crate) use super::rms_norm::{add_rms_norm, rms_norm};
 
 /// `x · weight` over the last dimension of `x` (see [`crate::linear`]).
 pub(crate) fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {

@@ -8,16 +8,28 @@
 //!   definition, [`crate::causal_attention_reference`]) on the CPU;
 //! - [`norm_gate_checks`]: RMSNorm and the GELU gate against their tensor-op definitions
 //!   ([`crate::rms_norm_reference`], [`crate::gelu_mul_reference`]) on the CPU;
+//! - [`add_norm_checks`]: RMSNorm of a residual sum against the add and
+//!   [`crate::rms_norm_reference`] on the CPU;
 //! - [`conv_checks`]: the causal conv + SiLU against its tensor-op definition
-//!   ([`crate::causal_conv1d_silu_reference`]) on the CPU.
+//!   ([`crate::causal_conv1d_silu_reference`]) on the CPU;
+//! - [`cross_entropy_checks`]: the cross-entropy against its tensor-op definition
+//!   ([`crate::cross_entropy_reference`]) on the CPU;
+//! - [`adamw_checks`]: the AdamW update against its tensor-op definition
+//!   ([`crate::adamw_update_reference`]) on the device and on the CPU, within an ulp.
 
+mod adamw;
+mod add_norm;
 mod attention;
 mod conv;
+mod cross_entropy;
 mod norm_gate;
 mod scan;
 
+pub use adamw::adamw_checks;
+pub use add_norm::{AddNormCase, add_norm_checks};
 pub use attention::{AttentionCase, AttentionRun, attention_checks};
 pub use conv::{ConvCase, ConvRun, conv_checks};
+pub use cross_entropy::{CrossEntropyCase, CrossEntropyRun, Ignored, cross_entropy_checks};
 pub use norm_gate::{NormGateCase, NormGateOp, NormGateRun, norm_gate_checks};
 pub use scan::{INPUT_NAMES, ScanCase, ScanRun, odd_sizes, scan_checks};
 

@@ -8,8 +8,8 @@
 //! Two kernel sets are modelled: [`Kernels::Planned`] (the kernels issue 21 plans: cuBLASLt
 //! GEMMs, a mamba-ssm-class scan, flash attention, fused element-wise kernels, a multi-tensor
 //! AdamW) and [`Kernels::Current`] (the Cube path as it is: the fused attention kernel on the
-//! CUDA cores, fused RMSNorm, GELU-gate and conv kernels, cross-entropy, AdamW and the other
-//! element-wise ops one kernel per tensor op, weights cast per call).
+//! CUDA cores, fused RMSNorm, GELU-gate, conv and cross-entropy kernels, AdamW one launch per
+//! tensor, the other element-wise ops one kernel per tensor op, weights cast per call).
 
 pub mod card;
 mod ops;
@@ -216,7 +216,7 @@ impl OpClass {
             OpClass::GeluGate => "GELU gate",
             OpClass::RmsNorm => "RMSNorm",
             OpClass::OtherElementwise => "element-wise: residual, casts, embedding",
-            OpClass::WeightCasts => "weight casts f32 -> bf16",
+            OpClass::WeightCasts => "weight-gradient casts bf16 -> f32",
             OpClass::CrossEntropy => "cross-entropy",
             OpClass::GradientAccumulation => "gradient accumulation",
             OpClass::Optimizer => "optimizer (AdamW)",

@@ -36,13 +36,25 @@ fn block_rows(rows: usize, rows_per_cube: usize) -> (usize, usize) {
     (first, select(end < rows, end, rows))
 }
 
-/// The forward, per row of `x` (`rows` rows of `width`, contiguous):
+/// `x[i]` (f32), plus `t[i]` with `add`.
+#[cube]
+fn input<F: Float>(x: &Tensor<F>, t: &Tensor<F>, i: usize, #[comptime] add: bool) -> f32 {
+    let mut v = f32::cast_from(x[i]);
+    if add {
+        v += f32::cast_from(t[i]);
+    }
+    v
+}
+
+/// The forward, per row of `x` (`rows` rows of `width`, contiguous), with `x` replaced by the sum
+/// `x + t` (formed in registers, never written) when `add`:
 /// `y = x · rstd · gamma` with `rstd = 1 / sqrt(mean(x²) + eps)`; with `keep_rstd`, the row's
 /// `rstd` (f32) into `rstd`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch, address_type = "dynamic")]
 pub(super) fn rms_norm_forward<F: Float>(
     x: &Tensor<F>,
+    t: &Tensor<F>,
     gamma: &Tensor<F>,
     y: &mut Tensor<F>,
     rstd: &mut Tensor<f32>,
@@ -52,6 +64,7 @@ pub(super) fn rms_norm_forward<F: Float>(
     #[comptime] width: usize,
     #[comptime] units: usize,
     #[comptime] keep_rstd: bool,
+    #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS_X as usize;
@@ -67,7 +80,7 @@ pub(super) fn rms_norm_forward<F: Float>(
             let c = k * units + unit;
             let mut v = 0.0f32;
             if c < width {
-                v = f32::cast_from(x[base + c]);
+                v = input(x, t, base + c, add);
             }
             values[k] = v;
             squares += v * v;
@@ -94,11 +107,13 @@ pub(super) fn rms_norm_forward<F: Float>(
 /// ```
 ///
 /// `dx` contiguous like `x`; `partials` a `[cubes, width]` f32 tensor, row `b` the `d gamma` sum
-/// of cube `b`'s rows in order (summed over cubes by [`sum_partials`]).
+/// of cube `b`'s rows in order (summed over cubes by [`sum_partials`]). With `add`, `x` is the
+/// sum `x + t`, recomputed, and `dx` the gradient of both.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch, address_type = "dynamic")]
 pub(super) fn rms_norm_backward<F: Float>(
     x: &Tensor<F>,
+    t: &Tensor<F>,
     gamma: &Tensor<F>,
     rstd: &Tensor<f32>,
     dy: &Tensor<F>,
@@ -108,6 +123,7 @@ pub(super) fn rms_norm_backward<F: Float>(
     rows_per_cube: usize,
     #[comptime] width: usize,
     #[comptime] units: usize,
+    #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS_X as usize;
@@ -131,7 +147,7 @@ pub(super) fn rms_norm_backward<F: Float>(
             let mut xh = 0.0f32;
             let mut g = 0.0f32;
             if c < width {
-                xh = f32::cast_from(x[base + c]) * r;
+                xh = input(x, t, base + c, add) * r;
                 let d = f32::cast_from(dy[base + c]);
                 g = d * f32::cast_from(gamma[c]);
                 dgamma[k] += d * xh;

@@ -1,7 +1,9 @@
-//! RMSNorm over the last dimension as one fused op on Burn's CubeCL backend: the forward is one
-//! pass per row that keeps one f32 `rstd` per row; the backward is one pass per row for `dx`,
-//! each cube summing `d gamma` over its fixed block of rows, then one fixed-order sum over the
-//! blocks (no float atomics: bit-identical reruns). Kernels in [`kernels`].
+//! RMSNorm over the last dimension as one fused op on Burn's CubeCL backend, of `x` or of a sum
+//! `x + t` (formed in registers, never written; recomputed by the backward, whose `dx` is the
+//! gradient of both): the forward is one pass per row that keeps one f32 `rstd` per row; the
+//! backward is one pass per row for `dx`, each cube summing `d gamma` over its fixed block of
+//! rows, then one fixed-order sum over the blocks (no float atomics: bit-identical reruns).
+//! Kernels in [`kernels`].
 //!
 //! Units per cube come from the client's limits (the CPU runtime: one unit per core; a GPU: 256),
 //! so the same code runs on both.
@@ -36,10 +38,32 @@ pub(crate) fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64)
     ))
 }
 
+/// RMSNorm of `x + t` on a CubeCL device (see [`crate::add_rms_norm`]).
+pub(crate) fn add_rms_norm<const D: usize>(
+    x: Tensor<D>,
+    t: Tensor<D>,
+    gamma: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as CubeRmsNormBackend>::cube_add_rms_norm(
+        x.into_dispatch(),
+        t.into_dispatch(),
+        gamma.into_dispatch(),
+        eps as f32,
+    ))
+}
+
 #[backend_extension(Cube, Autodiff)]
 pub(crate) trait CubeRmsNormBackend: Backend {
     fn cube_rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f32)
     -> FloatTensor<Self>;
+
+    fn cube_add_rms_norm(
+        x: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
 }
 
 /// How the rows are cut: units per cube (a power of two), rows per cube and cubes.
@@ -76,10 +100,12 @@ impl Geometry {
 }
 
 /// The inputs as the kernels read them (contiguous, in one float type), `x`'s rows of `width`,
-/// and the dtype the op returns its output and gradients in.
+/// and the dtype the op returns its output and gradients in; `t`, added to `x`, where the op
+/// normalises a sum.
 #[derive(Clone, Debug)]
 struct Inputs {
     x: CubeTensor,
+    t: Option<CubeTensor>,
     gamma: CubeTensor,
     rows: usize,
     width: usize,
@@ -89,15 +115,18 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(x: CubeTensor, gamma: CubeTensor, eps: f32) -> Self {
+    fn new(x: CubeTensor, t: Option<CubeTensor>, gamma: CubeTensor, eps: f32) -> Self {
         let dtype = x.dtype;
         let act = kernel_dtype(dtype);
-        let [x, gamma] = [x, gamma].map(|t| into_contiguous(to_dtype(t, act)));
+        let readable = |t| into_contiguous(to_dtype(t, act));
+        let [x, gamma] = [x, gamma].map(readable);
+        let t = t.map(readable);
         let shape = x.shape();
         let width = shape[shape.num_dims() - 1];
         let rows = shape.num_elements().checked_div(width).unwrap_or(0);
         Self {
             x,
+            t,
             gamma,
             rows,
             width,
@@ -109,6 +138,11 @@ impl Inputs {
 
     fn elem(&self) -> cubecl::prelude::ElemType {
         dtype_to_storage_type(self.act)
+    }
+
+    /// The kernels' `t` argument: `t`, or `x` again (never read) when nothing is added.
+    fn addend(&self) -> CubeTensor {
+        self.t.clone().unwrap_or_else(|| self.x.clone())
     }
 }
 
@@ -126,6 +160,7 @@ fn forward(x: &Inputs, keep_rstd: bool) -> (CubeTensor, Option<CubeTensor>) {
             CubeDim::new_1d(g.units as u32),
             address_type(&[&x.x, &y]),
             x.x.clone().into_tensor_arg(),
+            x.addend().into_tensor_arg(),
             x.gamma.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
             rstd.clone().into_tensor_arg(),
@@ -135,6 +170,7 @@ fn forward(x: &Inputs, keep_rstd: bool) -> (CubeTensor, Option<CubeTensor>) {
             width,
             g.units,
             keep_rstd,
+            x.t.is_some(),
             x.elem(),
         );
     }
@@ -159,6 +195,7 @@ fn backward(x: &Inputs, rstd: &CubeTensor, dy: CubeTensor) -> [CubeTensor; 2] {
                 CubeDim::new_1d(g.units as u32),
                 address_type(&[&x.x, &dy, &dx]),
                 x.x.clone().into_tensor_arg(),
+                x.addend().into_tensor_arg(),
                 x.gamma.clone().into_tensor_arg(),
                 rstd.clone().into_tensor_arg(),
                 dy.into_tensor_arg(),
@@ -168,6 +205,7 @@ fn backward(x: &Inputs, rstd: &CubeTensor, dy: CubeTensor) -> [CubeTensor; 2] {
                 g.rows_per_cube,
                 width,
                 g.units,
+                x.t.is_some(),
                 x.elem(),
             );
         }
@@ -188,8 +226,11 @@ fn backward(x: &Inputs, rstd: &CubeTensor, dy: CubeTensor) -> [CubeTensor; 2] {
 
 impl CubeRmsNormBackend for Cube {
     fn cube_rms_norm(x: CubeTensor, gamma: CubeTensor, eps: f32) -> CubeTensor {
-        let inputs = Inputs::new(x, gamma, eps);
-        to_dtype(forward(&inputs, false).0, inputs.dtype)
+        untracked_forward(&Inputs::new(x, None, gamma, eps))
+    }
+
+    fn cube_add_rms_norm(x: CubeTensor, t: CubeTensor, gamma: CubeTensor, eps: f32) -> CubeTensor {
+        untracked_forward(&Inputs::new(x, Some(t), gamma, eps))
     }
 }
 
@@ -224,6 +265,43 @@ impl Backward<Cube, 2> for RmsNormBackward {
     }
 }
 
+#[derive(Debug)]
+struct AddRmsNormBackward;
+
+impl Backward<Cube, 3> for AddRmsNormBackward {
+    type State = RmsNormState;
+
+    /// `x` and `t` share the sum's gradient.
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let _span = zamba_trace::span(zamba_trace::Category::Norm, "add + rms norm backward");
+        let dy = grads.consume::<Cube>(&ops.node);
+        let RmsNormState { inputs, rstd } = ops.state;
+        let [dsum, dgamma] = backward(&inputs, &rstd, dy);
+        for (parent, grad) in ops.parents.into_iter().zip([dsum.clone(), dsum, dgamma]) {
+            if let Some(node) = parent {
+                grads.register::<Cube>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The output in the inputs' dtype, and the state its backward needs.
+fn tracked_forward(inputs: Inputs) -> (CubeTensor, RmsNormState) {
+    let (y, rstd) = forward(&inputs, true);
+    let rstd = rstd.expect("a forward asked for the statistics keeps them");
+    (to_dtype(y, inputs.dtype), RmsNormState { inputs, rstd })
+}
+
+/// The output in the inputs' dtype, without statistics.
+fn untracked_forward(inputs: &Inputs) -> CubeTensor {
+    to_dtype(forward(inputs, false).0, inputs.dtype)
+}
+
 impl<C: CheckpointStrategy> CubeRmsNormBackend for Autodiff<Cube, C> {
     fn cube_rms_norm(
         x: FloatTensor<Self>,
@@ -231,22 +309,38 @@ impl<C: CheckpointStrategy> CubeRmsNormBackend for Autodiff<Cube, C> {
         eps: f32,
     ) -> FloatTensor<Self> {
         let [(x, gx), (gamma, gg)] = [x, gamma].map(|t| t.into_parts());
-        let inputs = Inputs::new(x, gamma, eps);
+        let inputs = Inputs::new(x, None, gamma, eps);
         match RmsNormBackward
             .prepare::<C>([gx, gg])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (y, rstd) = forward(&inputs, true);
-                let rstd = rstd.expect("a forward asked for the statistics keeps them");
-                let y = to_dtype(y, inputs.dtype);
-                prep.finish(RmsNormState { inputs, rstd }, y)
+                let (y, state) = tracked_forward(inputs);
+                prep.finish(state, y)
             }
-            OpsKind::UnTracked(prep) => {
-                let y = forward(&inputs, false).0;
-                prep.finish(to_dtype(y, inputs.dtype))
+            OpsKind::UnTracked(prep) => prep.finish(untracked_forward(&inputs)),
+        }
+    }
+
+    fn cube_add_rms_norm(
+        x: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        let [(x, gx), (t, gt), (gamma, gg)] = [x, t, gamma].map(|t| t.into_parts());
+        let inputs = Inputs::new(x, Some(t), gamma, eps);
+        match AddRmsNormBackward
+            .prepare::<C>([gx, gt, gg])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, state) = tracked_forward(inputs);
+                prep.finish(state, y)
             }
+            OpsKind::UnTracked(prep) => prep.finish(untracked_forward(&inputs)),
         }
     }
 }

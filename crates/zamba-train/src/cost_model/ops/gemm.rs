@@ -147,17 +147,17 @@ pub(super) fn gemm(g: &Gemm, s: &Shape, kernels: Kernels) -> OpCost {
     }
 }
 
-/// Current kernels in bf16: every product casts its f32 weight to bf16 at each call (each
-/// forward, and each use of the shared block), and the weight gradient back to f32.
+/// Current kernels in bf16: the products get bf16 weights as they are (the optimizer writes that
+/// working copy once per step, beside the f32 master) and write bf16 weight gradients, which the
+/// backward sums over a weight's uses; each is cast to f32 once per micro-batch to be accumulated.
 pub(super) fn weight_casts(s: &Shape, kernels: Kernels) -> OpCost {
     let mut cost = OpCost::new(OpClass::WeightCasts);
     if kernels == Kernels::Planned || s.cast == 0.0 {
         return cost;
     }
     for g in &GEMMS {
-        let (uses, forwards) = ((g.uses)(s), g.forwards(s));
-        cost.bytes += uses * (forwards + 1.0) * g.weights(s) * s.cast;
-        cost.launches += uses * (forwards + 1.0);
+        cost.bytes += g.weights(s) * s.cast;
+        cost.launches += 1.0;
     }
     cost
 }

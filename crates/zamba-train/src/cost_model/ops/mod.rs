@@ -13,10 +13,8 @@ use zamba_model::params::{ParamCounts, conv_flops_per_token, scan_flops_per_toke
 use zamba_model::{ActivationCheckpointing, Precision};
 
 mod gemm;
-mod unfused;
 
 use gemm::{GEMMS, gemm, weight_casts};
-use unfused::{UNFUSED_ADAMW, UNFUSED_CROSS_ENTROPY};
 
 use super::{Kernels, OpClass, Rate, Workload};
 use crate::config::DistSection;
@@ -299,9 +297,10 @@ fn gelu_gate(s: &Shape) -> OpCost {
 /// the residual and the branch, write the new residual and the normalised output; backward: read
 /// the input, the output gradient and the residual gradient, write the residual's and the
 /// branch's gradients), one kernel forward, two backward (dx, then dγ's sum). Current
-/// (kernels/src/cube/rms_norm): the norm alone on f32 input and output, one kernel forward (read
-/// x, write y and one f32 per row), two backward (read x, dy and the row statistics, write dx and
-/// each block of rows' dγ; then the sum over the blocks).
+/// (kernels/src/cube/rms_norm): on f32 input and output, one kernel forward (read x, write y and
+/// one f32 per row), two backward (read x, dy and the row statistics, write dx and each block of
+/// rows' dγ; then the sum over the blocks); a hybrid layer's norm also reads the shared block's
+/// `t` and normalises `x + t` (never written) both ways, the layer's residual add stays apart.
 fn norms(s: &Shape, kernels: Kernels) -> OpCost {
     let (e, td) = (s.e, s.t * s.d);
     let instances = s.layers + 2.0 * s.uses;
@@ -324,8 +323,13 @@ fn norms(s: &Shape, kernels: Kernels) -> OpCost {
             let stats = |forwards: f64| (forwards + 1.0) * 4.0 * s.t;
             // Widths in units of d: layers d, shared input 2d, pre-ff d; the final norm runs once.
             let widths = s.layers + 3.0 * s.uses;
-            let bytes =
-                widths * pass(s.forwards) + pass(1.0) + instances * stats(s.forwards) + stats(1.0);
+            // A hybrid layer's `t`, read by each forward and the backward.
+            let addend = s.uses * (s.forwards + 1.0) * 4.0 * td;
+            let bytes = widths * pass(s.forwards)
+                + pass(1.0)
+                + instances * stats(s.forwards)
+                + stats(1.0)
+                + addend;
             (bytes, instances * (s.forwards + 2.0) + 3.0)
         }
     };
@@ -339,8 +343,7 @@ fn norms(s: &Shape, kernels: Kernels) -> OpCost {
 /// What no other class covers. Planned: the embedding lookup and its gradient (a dense f32
 /// gradient of the table, zeroed, rows added), and the gradient sums where the residual stream
 /// and the embeddings feed the shared block. Current: also every cast between f32 and bf16 of
-/// activations, the residual adds, `[x, x0]`'s concatenation, the padding mask and the f32 copy
-/// of the logits.
+/// activations, the residual adds, `[x, x0]`'s concatenation and the padding mask.
 fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     let (td, c) = (s.t * s.d, s.cast);
     let embedding = td * 8.0 + s.v * s.d * 4.0 + td * 12.0;
@@ -358,16 +361,17 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
             // backward: the same casts, the sum of the residual's two gradients.
             let layer = s.forwards * (2.0 * c + 12.0) + 2.0 * c + 12.0;
             let layer_kernels = (s.forwards + 1.0) * (1.0 + 2.0 * casts);
-            // Hybrid layers: x + t; x's third gradient (from [x, x0]).
-            let hybrid = s.forwards * 12.0 + 12.0;
+            // Hybrid layers: x's third gradient (from [x, x0]); `x + t` is the norm's.
+            let hybrid = 12.0;
             // Per use, forward: [x, x0] (16), u cast by each of q, k, v (width 2d: 6c), the
             // attention block's output to f32, h cast by gate and up, t to f32 (4c). Backward: the
             // same casts, u's gradient summed over q, k, v (2 sums at width 2d: 48), h's over gate
             // and up (12), the slices of [x, x0]'s gradient (16), x0's gradient sum (12).
             let shared = s.forwards * (16.0 + 10.0 * c) + 10.0 * c + 48.0 + 12.0 + 16.0 + 12.0;
             let shared_kernels = s.forwards * (1.0 + 7.0 * casts) + 7.0 * casts + 6.0;
-            // The final norm's output to bf16 and the logits to f32, and their gradients back.
-            let head = 2.0 * c * (td + s.t * s.v);
+            // The final norm's output to bf16 and its gradient back (the loss reads the logits
+            // in the compute type).
+            let head = 2.0 * c * td;
             let bytes = embedding
                 + pad * 2.0 * 12.0 * td
                 + td * (s.layers * layer + s.uses * (hybrid + shared))
@@ -375,8 +379,8 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
             let launches = 3.0
                 + 3.0 * pad
                 + s.layers * layer_kernels
-                + s.uses * (s.forwards + 1.0 + shared_kernels)
-                + 4.0 * casts;
+                + s.uses * (1.0 + shared_kernels)
+                + 2.0 * casts;
             (bytes, launches)
         }
     };
@@ -387,16 +391,19 @@ fn other_elementwise(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     }
 }
 
-/// The loss over `[T, V]` logits. Planned: a chunked kernel reading the bf16 logits in the
-/// forward, reading them again and writing their gradient in the backward. Current: Burn's
-/// `log_softmax` on the f32 copy of the logits.
+/// The loss over `[T, V]` logits. Planned: a chunked kernel reading the logits (in the compute
+/// type) in the forward, reading them again and writing their gradient in the backward. Current
+/// (kernels/src/cube/cross_entropy): the same two passes, plus the per-row statistics (one f32
+/// log-sum-exp and one row loss, the i32 targets) and one small launch for the mean.
 fn cross_entropy(s: &Shape, kernels: Kernels) -> OpCost {
     let logits = s.t * s.v;
     let (bytes, launches) = match kernels {
         Kernels::Planned => (3.0 * logits * s.e, 2.0),
         Kernels::Current => {
-            let (volumes, launches) = UNFUSED_CROSS_ENTROPY.per_step(1.0);
-            (volumes * logits * 4.0, launches)
+            // Per row: the forward reads the target, writes lse and the row loss (12); the mean
+            // reads the row loss and the target (8); the backward the target and lse (8).
+            let per_row = 12.0 + 8.0 + 8.0;
+            (3.0 * logits * s.e + per_row * s.t, 3.0)
         }
     };
     OpCost {
@@ -423,25 +430,22 @@ fn gradient_accumulation(w: &Workload, kernels: Kernels) -> OpCost {
     }
 }
 
-/// AdamW over every parameter. Planned: one pass per gradient bucket reading the f32 master,
-/// gradient and moments, writing master and moments (and the bf16 working copy in bf16). Current:
-/// Burn's formulation, per parameter tensor.
+/// AdamW over every parameter: one pass reading the f32 master, gradient and moments, writing
+/// master and moments (and the bf16 working copy in bf16). Planned: one launch per gradient
+/// bucket. Current (kernels/src/cube/adamw): one launch per parameter tensor (the optimizer keeps
+/// its state per parameter, a ZeRO-1 rank per segment of one).
 fn optimizer(s: &Shape, w: &Workload, kernels: Kernels) -> OpCost {
     let params = ParamCounts::of(w.config).total() as f64;
-    let (bytes, launches) = match kernels {
+    let bf16_copy = if s.cast > 0.0 { 2.0 } else { 0.0 };
+    let launches = match kernels {
         Kernels::Planned => {
             let bucket = DistSection::default().bucket_mb * (1 << 20) as f64;
-            let bf16_copy = if s.cast > 0.0 { 2.0 } else { 0.0 };
-            ((28.0 + bf16_copy) * params, (4.0 * params / bucket).ceil())
+            (4.0 * params / bucket).ceil()
         }
-        Kernels::Current => {
-            let tensors = param_table(w.config).len() as f64;
-            let (volumes, kernels) = UNFUSED_ADAMW.per_step(1.0);
-            (volumes * 4.0 * params, kernels * tensors)
-        }
+        Kernels::Current => param_table(w.config).len() as f64,
     };
     OpCost {
-        bytes,
+        bytes: (28.0 + bf16_copy) * params,
         launches,
         ..OpCost::new(OpClass::Optimizer)
     }
