@@ -86,6 +86,8 @@ mod op;
 mod reference;
 
 pub use cpu::scan_lane_ops;
+#[cfg(feature = "cube")]
+pub(crate) use cube::with_backward_layout;
 
 use burn::backend::DispatchDevice;
 use burn::tensor::{Device, Tensor};
@@ -225,15 +227,12 @@ fn rank<const R: usize>(name: &str, shape: &[usize]) -> [usize; R] {
     })
 }
 
-/// Floats of unit-local memory the Cube backward may spend on one chunk of recomputed states.
-const CUBE_LOCAL_STATE_FLOATS: usize = 256;
-
-/// Time steps per checkpoint chunk of the Cube kernel for state size `state`: as many as fit
-/// `CUBE_LOCAL_STATE_FLOATS` recomputed states, a power of two in `4..=64`. Defined without the
+/// Time steps per checkpoint chunk of the Cube kernel: one pass of its backward (units along
+/// time × steps per unit; the backward stages a chunk in shared memory, not in registers, so the
+/// state size does not bound it). Takes `state` as [`scan_chunk`] does; defined without the
 /// `cube` feature so that the GPU cost model can use it on any build.
-pub fn cube_scan_chunk(state: usize) -> usize {
-    let fit = (CUBE_LOCAL_STATE_FLOATS / state.max(1)).clamp(4, 64);
-    1 << fit.ilog2()
+pub fn cube_scan_chunk(_state: usize) -> usize {
+    64
 }
 
 /// Time steps per checkpoint chunk of the fused kernel on `device` for state size `state` (the
