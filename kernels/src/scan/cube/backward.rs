@@ -121,12 +121,12 @@ pub(super) fn scan_backward<F: Float>(
     let mut reverse_totals = Shared::<[f32]>::new_slice(comptime!(rows * planes * 2));
     // The adjoint carried into each chunk from the later one, per row and state.
     let mut carry = Shared::<[f32]>::new_slice(comptime!(rows * state));
-    // dA of this unit's steps so far, per state.
-    let mut da = Shared::<[f32]>::new_slice(comptime!(rows * units * state));
-    let da_row = (row_index * units + unit) * state;
+    // One state's dA of each unit's steps in the chunk, and the row's dA so far (unit 0's).
+    let mut unit_da = Shared::<[f32]>::new_slice(comptime!(rows * units));
+    let mut da = Shared::<[f32]>::new_slice(comptime!(rows * state));
     for n in 0..state {
         carry[row_index * state + n] = 0.0;
-        da[da_row + n] = 0.0;
+        da[row_index * state + n] = 0.0;
     }
     let bias = delta_bias[channel];
     let d_skip = d[channel];
@@ -195,12 +195,17 @@ pub(super) fn scan_backward<F: Float>(
                 items,
                 plane,
             );
-            da[da_row + n] += da_n;
+            unit_da[row_index * units + unit] = da_n;
             // Every unit of the row computed the same carry past the chunk; after this barrier
             // no unit reads the old one.
             sync_cube();
             if unit == 0 {
                 carry[carry_at] = carried;
+                let mut sum = 0.0f32;
+                for w in 0..units {
+                    sum += unit_da[row_index * units + w];
+                }
+                da[carry_at] += sum;
             }
             sum_contributions(
                 &contributions,
@@ -223,10 +228,11 @@ pub(super) fn scan_backward<F: Float>(
         bias_grad += bias_part;
     }
     if active {
-        // [dA (state), dD, d delta_bias] of this unit's steps of the lane.
+        // [dA (state), dD, d delta_bias] of this unit's steps of the lane; the row's dA, which
+        // only unit 0 wrote, in unit 0's.
         let dst = ((batch * units + unit) * channels + channel) * (state + 2);
         for n in 0..state {
-            lane_parts[dst + n] = da[da_row + n];
+            lane_parts[dst + n] = select(unit == 0, da[row_index * state + n], 0.0);
         }
         lane_parts[dst + state] = d_skip_grad;
         lane_parts[dst + state + 1] = bias_grad;

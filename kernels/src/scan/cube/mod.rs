@@ -38,8 +38,10 @@ const FORWARD_ITEMS: usize = 4;
 const MAX_BACKWARD_UNITS: usize = 32;
 
 /// Channels per cube of the backward, at most: `dB`/`dC` are summed over them in shared memory
-/// before the per-cube partials go to memory (more rows: less partial traffic, fewer cubes).
-const MAX_BACKWARD_ROWS: usize = 4;
+/// before the per-cube partials go to memory (more rows: less partial traffic, fewer cubes; 16
+/// leaves `B·D / 16` cubes of 512 units, 256 for zamba-1b at micro-batch 1, and ~41 KB of
+/// shared memory per cube).
+const MAX_BACKWARD_ROWS: usize = 16;
 
 /// The eight inputs as the kernels read them: activations (`u, delta, z, b, c`) in one float
 /// type, parameters (`a, d, delta_bias`) contiguous `f32`; and the dtype each input came in.
@@ -202,6 +204,13 @@ struct BackwardLayout {
     plane: usize,
 }
 
+/// f32s of shared memory of one backward cube (see `backward.rs`): per row the staged chunk
+/// (7 fields), the `dB`/`dC` contributions, the two scans' plane totals, the carried adjoint,
+/// the units' and the row's `dA`.
+fn backward_shared_floats(rows: usize, units: usize, state: usize, chunk: usize) -> usize {
+    rows * (9 * chunk + 4 * units + 2 * state + units)
+}
+
 thread_local! {
     /// `(rows, units)` the backward launches on this thread instead of its own choice (see
     /// [`with_backward_layout`]).
@@ -231,11 +240,14 @@ fn backward_layout(client: &Client, dims: &ScanShape, chunk: usize) -> BackwardL
     let cap = (hardware.max_units_per_cube as usize)
         .min(hardware.max_cube_dim.0 as usize * hardware.max_cube_dim.1 as usize)
         .max(1);
+    let by_shared = hardware.max_shared_memory_size
+        / (backward_shared_floats(1, MAX_BACKWARD_UNITS, dims.state, chunk) * size_of::<f32>());
     let rows = [
         MAX_BACKWARD_ROWS,
         dims.channels / dims.groups,
         cap,
         hardware.max_cube_dim.1 as usize,
+        by_shared,
     ]
     .into_iter()
     .min()
