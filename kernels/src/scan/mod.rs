@@ -59,10 +59,11 @@
 //! - Flex: the CPU kernel above (`cpu.rs`, chunks of 64 steps; `flex.rs` hands it Flex's tensors);
 //! - Burn's CubeCL backend (`Cube`: CUDA with the `cuda` feature, the LLVM-compiled CPU runtime
 //!   with `cube-cpu`): `#[cube]` kernels, a forward in mamba-ssm's layout (a cube per lane, its
-//!   units along time, their maps combined by a scan: `cube/forward.rs`) and a backward of one unit
-//!   per lane (`cube/kernels.rs`). Activations may be f32, f16 or bf16 (read and written in their
-//!   type; the state and every sum are f32); the checkpoint chunk is sized to keep the backward's
-//!   recomputed states in unit-local memory ([`scan_chunk`]).
+//!   units along time, their maps combined by a scan: `cube/forward.rs`) and a backward in the same
+//!   class (a cube of a few channels × units along time, the states and the adjoint recomputed per
+//!   chunk by scans across units, `dB`/`dC` summed over the cube's channels: `cube/backward.rs`).
+//!   Activations may be f32, f16 or bf16 (read and written in their type; the state and every sum
+//!   are f32); the checkpoint chunk is one pass of the backward ([`cube_scan_chunk`]).
 //!
 //! The op is a Burn backend extension (`#[backend_extension(Flex, Cube, Autodiff)]`), routed by
 //! the device: in Burn 0.22 a `Tensor`'s `Device` wraps a `burn::backend::DispatchDevice` enum

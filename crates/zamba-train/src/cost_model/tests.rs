@@ -205,7 +205,7 @@ fn the_roofline_takes_the_slower_ceiling_plus_the_launches() {
         bf16_tflops: 1e-3, // 1 GFLOP/s
         f32_tflops: 1e-3,
         hbm_tbs: 1e-3, // 1 GB/s
-        sms: 4,
+        sms: 64,
     };
     let f = Fractions::of(Kernels::Planned);
     let p = predict(&w, card, Kernels::Planned, f);
@@ -223,7 +223,7 @@ fn the_roofline_takes_the_slower_ceiling_plus_the_launches() {
     assert_eq!(p.step_seconds(), step);
     assert!((p.tokens_per_second() - 16.0 / step).abs() < 1e-9);
     assert!((p.mfu() - w.model_flops() / step / 1e9).abs() < 1e-12);
-    // The current scan backward's 256 threads, one block's worth, use a quarter of the 4 SMs.
+    // The current scan backward's 16 cubes (B·G = 4, 4 per group) use a quarter of the 64 SMs.
     let current = predict(&w, card, Kernels::Current, Fractions::of(Kernels::Current));
     let scan = current
         .ops

@@ -12,18 +12,31 @@
 //!      scanned across the units of the row (plane shuffles within a plane, shared memory across
 //!      planes: the forward's scheme) and applied to the chunk's entry state from the forward's
 //!      checkpoints; each unit walks its steps and stages `s_t[n]`;
-//!    - the adjoint `g_t = exp(Δ_t A) ⊙ ∂L/∂s_t`, carried from later steps to earlier ones: the
-//!      reverse-time maps `g ↦ exp(Δ_t A)(dy_t C_t + g)` composed per unit and scanned across
-//!      units in reverse order, applied to the carry from the later chunk; each unit walks its
-//!      steps backward accumulating per step `Σ_n` terms of `dΔ`, `du`, `y` in shared memory and
-//!      its `dA[n]`;
+//!    - the adjoint `g_t = exp(Δ_t A) ⊙ h_t` (`h_t = ∂L/∂s_t`), carried from later steps to
+//!      earlier ones: the reverse-time maps `g ↦ exp(Δ_t A)(dy_t C_t + g)` composed per unit and
+//!      scanned across units in reverse order, applied to the carry from the later chunk; each
+//!      unit walks its steps backward accumulating per step the `Σ_n` terms of `dΔ`, `du`, `y`
+//!      in shared memory, and its `dA[n]` (summed over the row's units in order by unit 0);
 //!    - `dB_t[n]`, `dC_t[n]`: each unit's contributions meet in shared memory and are summed over
 //!      the cube's rows in row order into one partial per cube (`[batch · groups, block, len,
 //!      state]`), which `sum_parts` adds over the blocks in order;
 //! 3. each unit writes `du`, `ddelta`, `dz` of its steps.
 //!
-//! No atomics and every sum in a fixed order: results are deterministic. Steps past the end
-//! compute as `Δ = 0`, `dy = 0` (identity maps, no contributions).
+//! Per step, with `dy_t = dout_t silu(z_t)`:
+//! ```text
+//! h_t    = dy_t C_t + exp(Δ_{t+1}A) ⊙ h_{t+1}
+//! dC_t  += dy_t s_t          dB_t += h_t Δ_t u_t         dA   += Δ_t h_t ⊙ exp(Δ_t A) ⊙ s_{t-1}
+//! dΔ_t   = Σ h_t ⊙ exp(Δ_t A) ⊙ s_{t-1} ⊙ A + u_t Σ h_t ⊙ B_t
+//! du_t   = Δ_t Σ h_t ⊙ B_t + D dy_t                      dD  += dy_t u_t
+//! dz_t   = dout_t y_t silu'(z_t)                         ddelta_t = dΔ_t softplus'(delta_t + bias)
+//! ```
+//!
+//! The chunk's per-step values live in shared memory, not in unit-local arrays (no spills), and
+//! one state at a time in registers; the price is reading a step's `B`/`C` once per state and
+//! pass (four times per state element in all), strided by the state size. No atomics and every
+//! sum in a fixed order: results are deterministic. Steps past the end compute as `Δ = 0`,
+//! `dy = 0` (identity maps, no contributions). Verified on the CPU runtime only: the plane
+//! shuffles run only on a GPU, where no scan kernel has run yet.
 
 use cubecl::prelude::*;
 
