@@ -55,9 +55,15 @@ const HB: usize = 5;
 const Y: usize = 6;
 const FIELDS: usize = 7;
 
-/// Offsets of one lane's rows in each tensor, and where its unit's steps are staged.
+/// One unit's lane: its place in the cube, the offsets of its rows in each tensor, where its
+/// steps are staged.
 #[derive(CubeType, Clone)]
 struct Lane {
+    channel: usize,
+    /// `UNIT_POS_X`: the unit's place along time.
+    unit: usize,
+    /// `UNIT_POS_Y`: the channel's row of the cube.
+    line: usize,
     u: usize,
     delta: usize,
     z: usize,
@@ -68,6 +74,12 @@ struct Lane {
     checkpoint: usize,
     /// The unit's step 0 in field 0 of the staging memory (`+ field · rows · chunk + j · units`).
     slot: usize,
+    /// The unit's `[dA, dD, d delta_bias]` in `lane_parts`.
+    params: usize,
+    /// The cube's partial of `dB`/`dC` at step 0, state 0.
+    bc_parts: usize,
+    /// Whether the row holds a channel (the last cube of a group may have spare rows, which
+    /// compute on its last channel and write nothing).
     active: bool,
 }
 
@@ -102,30 +114,23 @@ pub(super) fn scan_backward<F: Float>(
 ) {
     let chunk = comptime!(units * items);
     let planes = comptime!(units / plane);
-    let channels = u.shape(1);
     let len = u.shape(2);
-    let groups = b.shape(1);
-    let per_group = channels / groups;
-    let batch_group = CUBE_POS_Y as usize;
-    let (batch, group) = (batch_group / groups, batch_group % groups);
-    let unit = UNIT_POS_X as usize;
-    let row_index = UNIT_POS_Y as usize;
-    let local = CUBE_POS_X as usize * rows + row_index;
-    let active = local < per_group;
-    let channel = group * per_group + select(active, local, per_group - 1);
-    let lane = Lane {
-        u: row(u, batch, channel),
-        delta: row(delta, batch, channel),
-        z: row(z, batch, channel),
-        dout: row(dout, batch, channel),
-        // du, ddelta and dz share one layout (made by the launcher).
-        grad: batch * du.stride(0) + channel * du.stride(1),
-        b: row(b, batch, group),
-        c: row(c, batch, group),
-        checkpoint: (batch * channels + channel) * checkpoints.shape(2) * state,
-        slot: row_index * chunk + unit,
-        active,
-    };
+    let lane = lane_of::<F>(
+        u,
+        delta,
+        z,
+        dout,
+        du,
+        b,
+        c,
+        checkpoints,
+        db_parts,
+        state,
+        rows,
+        units,
+        items,
+    );
+    let (channel, unit, line) = (lane.channel, lane.unit, lane.line);
     let mut staging = Shared::<[f32]>::new_slice(comptime!(FIELDS * rows * chunk));
     // [dB | dC][rows, chunk]: one state's contributions of every unit, summed over the rows.
     let mut contributions = Shared::<[f32]>::new_slice(comptime!(2 * rows * chunk));
@@ -138,14 +143,13 @@ pub(super) fn scan_backward<F: Float>(
     let mut unit_da = Shared::<[f32]>::new_slice(comptime!(rows * units));
     let mut da = Shared::<[f32]>::new_slice(comptime!(rows * state));
     for n in 0..state {
-        carry[row_index * state + n] = 0.0;
-        da[row_index * state + n] = 0.0;
+        carry[line * state + n] = 0.0;
+        da[line * state + n] = 0.0;
     }
     let bias = delta_bias[channel];
     let d_skip = d[channel];
     let mut d_skip_grad = 0.0f32;
     let mut bias_grad = 0.0f32;
-    let parts_row = (batch_group * db_parts.shape(1) + CUBE_POS_X as usize) * len * state;
 
     let chunks = len.div_ceil(chunk);
     for chunk_back in 0..chunks {
@@ -180,14 +184,12 @@ pub(super) fn scan_backward<F: Float>(
                 n,
                 first,
                 len,
-                unit,
-                row_index,
                 rows,
                 units,
                 items,
                 plane,
             );
-            let carry_at = row_index * state + n;
+            let carry_at = line * state + n;
             let (da_n, carried) = adjoint::<F>(
                 b,
                 c,
@@ -201,14 +203,12 @@ pub(super) fn scan_backward<F: Float>(
                 n,
                 first,
                 len,
-                unit,
-                row_index,
                 rows,
                 units,
                 items,
                 plane,
             );
-            unit_da[row_index * units + unit] = da_n;
+            unit_da[line * units + unit] = da_n;
             // Every unit of the row computed the same carry past the chunk; after this barrier
             // no unit reads the old one.
             sync_cube();
@@ -216,7 +216,7 @@ pub(super) fn scan_backward<F: Float>(
                 carry[carry_at] = carried;
                 let mut sum = 0.0f32;
                 for w in 0..units {
-                    sum += unit_da[row_index * units + w];
+                    sum += unit_da[line * units + w];
                 }
                 da[carry_at] += sum;
             }
@@ -224,7 +224,7 @@ pub(super) fn scan_backward<F: Float>(
                 &contributions,
                 db_parts,
                 dc_parts,
-                parts_row + n,
+                lane.bc_parts + n,
                 chunk_index * chunk,
                 len,
                 state,
@@ -240,15 +240,65 @@ pub(super) fn scan_backward<F: Float>(
         d_skip_grad += d_skip_part;
         bias_grad += bias_part;
     }
-    if active {
+    if lane.active {
         // [dA (state), dD, d delta_bias] of this unit's steps of the lane; the row's dA, which
         // only unit 0 wrote, in unit 0's.
-        let dst = ((batch * units + unit) * channels + channel) * (state + 2);
+        let dst = lane.params;
         for n in 0..state {
-            lane_parts[dst + n] = select(unit == 0, da[row_index * state + n], 0.0);
+            lane_parts[dst + n] = select(unit == 0, da[line * state + n], 0.0);
         }
         lane_parts[dst + state] = d_skip_grad;
         lane_parts[dst + state + 1] = bias_grad;
+    }
+}
+
+/// The lane of this unit: cube `(block, batch · groups + group)` holds channels `block · rows ..`
+/// of the group, one per row.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn lane_of<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    dout: &Tensor<F>,
+    du: &mut Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    checkpoints: &Tensor<f32>,
+    db_parts: &mut Tensor<f32>,
+    #[comptime] state: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] items: usize,
+) -> Lane {
+    let channels = u.shape(1);
+    let groups = b.shape(1);
+    let per_group = channels / groups;
+    let batch_group = CUBE_POS_Y as usize;
+    let (batch, group) = (batch_group / groups, batch_group % groups);
+    let block = CUBE_POS_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let line = UNIT_POS_Y as usize;
+    let local = block * rows + line;
+    let active = local < per_group;
+    let channel = group * per_group + select(active, local, per_group - 1);
+    Lane {
+        channel,
+        unit,
+        line,
+        u: row(u, batch, channel),
+        delta: row(delta, batch, channel),
+        z: row(z, batch, channel),
+        dout: row(dout, batch, channel),
+        // du, ddelta and dz share one layout (made by the launcher).
+        grad: batch * du.stride(0) + channel * du.stride(1),
+        b: row(b, batch, group),
+        c: row(c, batch, group),
+        checkpoint: (batch * channels + channel) * checkpoints.shape(2) * state,
+        slot: line * units * items + unit,
+        params: ((batch * units + unit) * channels + channel) * (state + 2),
+        bc_parts: (batch_group * db_parts.shape(1) + block) * u.shape(2) * state,
+        active,
     }
 }
 
@@ -308,8 +358,6 @@ fn forward_states<F: Float>(
     n: usize,
     first: usize,
     len: usize,
-    unit: usize,
-    row_index: usize,
     #[comptime] rows: usize,
     #[comptime] units: usize,
     #[comptime] items: usize,
@@ -327,18 +375,19 @@ fn forward_states<F: Float>(
         decay *= e;
         input = e * input + staging[DU * area + slot] * b_t;
     }
+    let (unit, line) = (lane.unit, lane.line);
     let in_plane = unit % plane;
     let (decay, input) = scan_maps(decay, input, in_plane, plane, false);
     let (before_decay, before_input) = exclusive_map(decay, input, in_plane, plane, false);
     if in_plane == plane - 1 {
-        let dst = (row_index * planes + unit / plane) * 2;
+        let dst = (line * planes + unit / plane) * 2;
         totals[dst] = decay;
         totals[dst + 1] = input;
     }
     sync_cube();
     let mut s = entry;
     for p in 0..unit / plane {
-        let src = (row_index * planes + p) * 2;
+        let src = (line * planes + p) * 2;
         s = totals[src] * s + totals[src + 1];
     }
     s = before_decay * s + before_input;
@@ -371,8 +420,6 @@ fn adjoint<F: Float>(
     n: usize,
     first: usize,
     len: usize,
-    unit: usize,
-    row_index: usize,
     #[comptime] rows: usize,
     #[comptime] units: usize,
     #[comptime] items: usize,
@@ -392,11 +439,12 @@ fn adjoint<F: Float>(
         decay *= e;
         input = e * (staging[DY * area + slot] * c_t + input);
     }
+    let (unit, line) = (lane.unit, lane.line);
     let in_plane = unit % plane;
     let (decay, input) = scan_maps(decay, input, in_plane, plane, true);
     let (after_decay, after_input) = exclusive_map(decay, input, in_plane, plane, true);
     if in_plane == 0 {
-        let dst = (row_index * planes + unit / plane) * 2;
+        let dst = (line * planes + unit / plane) * 2;
         totals[dst] = decay;
         totals[dst + 1] = input;
     }
@@ -406,7 +454,7 @@ fn adjoint<F: Float>(
     let mut g = carried;
     for p_back in 0..planes {
         let p = planes - 1 - p_back;
-        let src = (row_index * planes + p) * 2;
+        let src = (line * planes + p) * 2;
         past = totals[src] * past + totals[src + 1];
         g = select(p > unit / plane, past, g);
     }
