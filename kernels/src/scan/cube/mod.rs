@@ -223,13 +223,18 @@ thread_local! {
 /// `units` must be a power of two dividing the chunk.
 pub(crate) fn with_backward_layout<R>(rows: usize, units: usize, f: impl FnOnce() -> R) -> R {
     assert!(
-        units.is_power_of_two() && cube_scan_chunk(1) % units == 0 && rows > 0,
+        units.is_power_of_two() && cube_scan_chunk(1).is_multiple_of(units) && rows > 0,
         "backward layout {rows} × {units}: units must be a power of two dividing the chunk"
     );
-    let previous = FORCED_BACKWARD.replace(Some((rows, units)));
-    let result = f();
-    FORCED_BACKWARD.set(previous);
-    result
+    /// Puts the previous layout back, also when `f` panics.
+    struct Restore(Option<(usize, usize)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_BACKWARD.set(self.0);
+        }
+    }
+    let _restore = Restore(FORCED_BACKWARD.replace(Some((rows, units))));
+    f()
 }
 
 /// The backward's layout on `client`: as many rows as the group and the client allow (up to
