@@ -324,33 +324,45 @@ pub fn scan_checks(device: &Device) -> Vec<Check> {
     checks
 }
 
-/// The Cube backward in a layout the CPU runtime would not choose (its cubes are as wide as its
-/// cores), against the CPU kernel: 2 channels per cube, the last cube of each group half filled,
-/// and 2 units along time (the scans across units). Small: the CPU runtime runs a thread per
-/// unit, and more threads than cores make its barriers slow.
+/// Layouts of the Cube backward (`rows × units` per cube) that the device would not choose at
+/// the check's sizes: 2 channels per cube, the last cube of each group half filled, 2 units along
+/// time (the scans across units in shared memory); with CUDA also 64 units, two 32-wide planes
+/// per channel (the shuffles and the step between planes, which the default layout's one plane
+/// per channel never takes). The CPU runtime runs a thread per unit, and more threads than cores
+/// make its barriers slow: it gets only the small layout.
+#[cfg(feature = "cube")]
+const FORCED_LAYOUTS: &[(usize, usize)] = if cfg!(feature = "cuda") {
+    &[(2, 2), (2, 64)]
+} else {
+    &[(2, 2)]
+};
+
+/// The Cube backward in each of [`FORCED_LAYOUTS`] against the CPU kernel.
 #[cfg(feature = "cube")]
 fn backward_layouts(device: &Device) -> Check {
-    Check::run("scan backward, 2 rows × 2 units vs the CPU kernel", || {
-        let size = ScanShape {
-            batch: 1,
-            channels: 6,
-            groups: 2,
-            len: 70,
-            state: 3,
-        };
-        let case = ScanCase::new(size, 41).with_large_deltas(23);
-        let want = case.run(&Device::flex(), DType::F32)?;
-        let got = crate::scan::with_backward_layout(2, 2, || case.run(device, DType::F32))?;
-        let mut c = Comparisons::new();
-        got.compare(
-            &format!("{size:?}"),
-            &want,
-            F32_TOLERANCE,
-            F32_TOLERANCE,
-            &mut c,
-        );
-        c.outcome()
-    })
+    Check::run(
+        "scan backward, other cube layouts vs the CPU kernel",
+        || {
+            let size = ScanShape {
+                batch: 1,
+                channels: 6,
+                groups: 2,
+                len: 70,
+                state: 3,
+            };
+            let case = ScanCase::new(size, 41).with_large_deltas(23);
+            let want = case.run(&Device::flex(), DType::F32)?;
+            let mut c = Comparisons::new();
+            for &(rows, units) in FORCED_LAYOUTS {
+                let got = crate::scan::with_backward_layout(rows, units, || {
+                    case.run(device, DType::F32)
+                })?;
+                let what = format!("{rows} rows × {units} units, {size:?}");
+                got.compare(&what, &want, F32_TOLERANCE, F32_TOLERANCE, &mut c);
+            }
+            c.outcome()
+        },
+    )
 }
 
 /// Transposed views of the activations give the contiguous run's results bit for bit (the
