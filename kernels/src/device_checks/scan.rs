@@ -8,8 +8,9 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use crate::check::{Check, Comparisons, Rng};
 use crate::{ScanInputs, ScanShape, scan_chunk, selective_scan};
 
-/// Odd sizes: lengths that are no multiple of either kernel's chunk, N = 1 and 16, several heads,
-/// groups whose channels do not fill the last cube of the CubeCL backward, a single step.
+/// Odd sizes: lengths that are no multiple of either kernel's chunk, N = 1, 5 and 16, several
+/// heads, groups whose channels do not fill the last cube of the CubeCL backward, groups of one
+/// channel (the backward's cube then spends its units on time), a single step.
 pub fn odd_sizes() -> Vec<ScanShape> {
     let s = |batch, channels, groups, len, state| ScanShape {
         batch,
@@ -22,7 +23,7 @@ pub fn odd_sizes() -> Vec<ScanShape> {
         s(2, 6, 2, 37, 16),
         s(3, 5, 1, 150, 1),
         s(2, 12, 3, 45, 16),
-        s(1, 10, 2, 70, 5),
+        s(1, 3, 3, 70, 5),
         s(2, 4, 4, 1, 16),
     ]
 }
@@ -313,7 +314,55 @@ pub fn scan_checks(device: &Device) -> Vec<Check> {
     }
     checks.push(strided_views(device));
     checks.push(deterministic(device));
+    #[cfg(feature = "cube")]
+    if matches!(
+        device.clone().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Cube(_)
+    ) {
+        checks.push(backward_layouts(device));
+    }
     checks
+}
+
+/// Layouts of the Cube backward (`rows × units` per cube) that the device would not choose at
+/// the check's sizes: 2 channels per cube, the last cube of each group half filled, 2 units along
+/// time (the scans across units in shared memory); with CUDA also 64 units, two 32-wide planes
+/// per channel (the shuffles and the step between planes, which the default layout's one plane
+/// per channel never takes). The CPU runtime runs a thread per unit, and more threads than cores
+/// make its barriers slow: it gets only the small layout.
+#[cfg(feature = "cube")]
+const FORCED_LAYOUTS: &[(usize, usize)] = if cfg!(feature = "cuda") {
+    &[(2, 2), (2, 64)]
+} else {
+    &[(2, 2)]
+};
+
+/// The Cube backward in each of [`FORCED_LAYOUTS`] against the CPU kernel.
+#[cfg(feature = "cube")]
+fn backward_layouts(device: &Device) -> Check {
+    Check::run(
+        "scan backward, other cube layouts vs the CPU kernel",
+        || {
+            let size = ScanShape {
+                batch: 1,
+                channels: 6,
+                groups: 2,
+                len: 70,
+                state: 3,
+            };
+            let case = ScanCase::new(size, 41).with_large_deltas(23);
+            let want = case.run(&Device::flex(), DType::F32)?;
+            let mut c = Comparisons::new();
+            for &(rows, units) in FORCED_LAYOUTS {
+                let got = crate::scan::with_backward_layout(rows, units, || {
+                    case.run(device, DType::F32)
+                })?;
+                let what = format!("{rows} rows × {units} units, {size:?}");
+                got.compare(&what, &want, F32_TOLERANCE, F32_TOLERANCE, &mut c);
+            }
+            c.outcome()
+        },
+    )
 }
 
 /// Transposed views of the activations give the contiguous run's results bit for bit (the

@@ -59,10 +59,11 @@
 //! - Flex: the CPU kernel above (`cpu.rs`, chunks of 64 steps; `flex.rs` hands it Flex's tensors);
 //! - Burn's CubeCL backend (`Cube`: CUDA with the `cuda` feature, the LLVM-compiled CPU runtime
 //!   with `cube-cpu`): `#[cube]` kernels, a forward in mamba-ssm's layout (a cube per lane, its
-//!   units along time, their maps combined by a scan: `cube/forward.rs`) and a backward of one unit
-//!   per lane (`cube/kernels.rs`). Activations may be f32, f16 or bf16 (read and written in their
-//!   type; the state and every sum are f32); the checkpoint chunk is sized to keep the backward's
-//!   recomputed states in unit-local memory ([`scan_chunk`]).
+//!   units along time, their maps combined by a scan: `cube/forward.rs`) and a backward in the same
+//!   class (a cube of a few channels × units along time, the states and the adjoint recomputed per
+//!   chunk by scans across units, `dB`/`dC` summed over the cube's channels: `cube/backward.rs`).
+//!   Activations may be f32, f16 or bf16 (read and written in their type; the state and every sum
+//!   are f32); the checkpoint chunk is one pass of the backward ([`cube_scan_chunk`]).
 //!
 //! The op is a Burn backend extension (`#[backend_extension(Flex, Cube, Autodiff)]`), routed by
 //! the device: in Burn 0.22 a `Tensor`'s `Device` wraps a `burn::backend::DispatchDevice` enum
@@ -86,6 +87,8 @@ mod op;
 mod reference;
 
 pub use cpu::scan_lane_ops;
+#[cfg(feature = "cube")]
+pub(crate) use cube::with_backward_layout;
 
 use burn::backend::DispatchDevice;
 use burn::tensor::{Device, Tensor};
@@ -225,15 +228,12 @@ fn rank<const R: usize>(name: &str, shape: &[usize]) -> [usize; R] {
     })
 }
 
-/// Floats of unit-local memory the Cube backward may spend on one chunk of recomputed states.
-const CUBE_LOCAL_STATE_FLOATS: usize = 256;
-
-/// Time steps per checkpoint chunk of the Cube kernel for state size `state`: as many as fit
-/// `CUBE_LOCAL_STATE_FLOATS` recomputed states, a power of two in `4..=64`. Defined without the
+/// Time steps per checkpoint chunk of the Cube kernel: one pass of its backward (units along
+/// time × steps per unit; the backward stages a chunk in shared memory, not in registers, so the
+/// state size does not bound it). Takes `state` as [`scan_chunk`] does; defined without the
 /// `cube` feature so that the GPU cost model can use it on any build.
-pub fn cube_scan_chunk(state: usize) -> usize {
-    let fit = (CUBE_LOCAL_STATE_FLOATS / state.max(1)).clamp(4, 64);
-    1 << fit.ilog2()
+pub fn cube_scan_chunk(_state: usize) -> usize {
+    64
 }
 
 /// Time steps per checkpoint chunk of the fused kernel on `device` for state size `state` (the

@@ -155,23 +155,21 @@ fn the_scans_bytes_by_hand() {
     assert_eq!(f.bytes, 6.0 * 2.0 * forward, "6 layers, two forwards each");
     assert_eq!(b.bytes, 6.0 * backward);
     assert_eq!(b.model_flops, 2.0 * f.model_flops);
-    // The Cube kernel's 16-step chunks leave no checkpoint at 8 steps either; its forward runs
-    // a cube per lane. Its backward runs a cube per 32 channels of a group (64 per group: 2
+    // The Cube kernel's 64-step chunks leave no checkpoint at 8 steps either; its forward runs
+    // a cube per lane. Its backward runs a cube per 16 channels of a group (64 per group: 4
     // cubes), each writing an f32 partial of dB and dC that its sums read back.
     // Its forward composes each unit's steps into maps before walking them: 6 FLOPs more per
-    // (lane, step, state) element, B·D·L·N = 2048 · 16.
+    // (lane, step, state) element, B·D·L·N = 2048 · 16; its backward composes those maps and the
+    // adjoint's: 12 more.
     let current = cost(&w, Kernels::Current, OpClass::ScanForward);
     assert_eq!(current.bytes, f.bytes);
     assert_eq!(current.flops - f.flops, 6.0 * 2.0 * 6.0 * 2048.0 * 16.0);
     assert_eq!(current.blocks, Some(256.0));
     let current = cost(&w, Kernels::Current, OpClass::ScanBackward);
-    let partials = 2.0 * 2.0 * 2.0 * 8.0 * 16.0; // B·G·cubes per group·L·N
+    let partials = 2.0 * 2.0 * 4.0 * 8.0 * 16.0; // B·G·cubes per group·L·N
     assert_eq!(current.bytes, 6.0 * (backward + 2.0 * 2.0 * 4.0 * partials));
-    assert_eq!(
-        current.blocks,
-        Some(1.0),
-        "B·D = 256 threads: one block's worth"
-    );
+    assert_eq!(current.flops - b.flops, 6.0 * 12.0 * 2048.0 * 16.0);
+    assert_eq!(current.blocks, Some(16.0), "B·G·4 cubes");
 }
 
 #[test]
@@ -209,7 +207,7 @@ fn the_roofline_takes_the_slower_ceiling_plus_the_launches() {
         bf16_tflops: 1e-3, // 1 GFLOP/s
         f32_tflops: 1e-3,
         hbm_tbs: 1e-3, // 1 GB/s
-        sms: 4,
+        sms: 64,
     };
     let f = Fractions::of(Kernels::Planned);
     let p = predict(&w, card, Kernels::Planned, f);
@@ -227,7 +225,7 @@ fn the_roofline_takes_the_slower_ceiling_plus_the_launches() {
     assert_eq!(p.step_seconds(), step);
     assert!((p.tokens_per_second() - 16.0 / step).abs() < 1e-9);
     assert!((p.mfu() - w.model_flops() / step / 1e9).abs() < 1e-12);
-    // The current scan backward's 256 threads, one block's worth, use a quarter of the 4 SMs.
+    // The current scan backward's 16 cubes (B·G = 4, 4 per group) use a quarter of the 64 SMs.
     let current = predict(&w, card, Kernels::Current, Fractions::of(Kernels::Current));
     let scan = current
         .ops

@@ -3,8 +3,11 @@
 //! Everything that depends on the device (units per cube, plane width, the chunk) is taken from
 //! the client's properties.
 
+mod backward;
 mod forward;
 mod kernels;
+
+use std::cell::Cell;
 
 use burn::backend::{Cube, DType, TensorMetadata};
 use burn::tensor::Shape;
@@ -30,9 +33,15 @@ const MAX_FORWARD_UNITS: usize = 128;
 /// cube-cpu tests half again as slow; a GPU measurement decides whether 8 is worth it there.
 const FORWARD_ITEMS: usize = 4;
 
-/// Units per cube of the backward, at most: one 32-wide warp on a GPU (a cheap barrier per step),
-/// fewer where the client allows fewer (the CPU runtime: one unit per core).
+/// Units along time per channel of the backward, at most: one 32-wide warp on a GPU, so that the
+/// scans across units are plane shuffles but for one shared-memory step.
 const MAX_BACKWARD_UNITS: usize = 32;
+
+/// Channels per cube of the backward, at most: `dB`/`dC` are summed over them in shared memory
+/// before the per-cube partials go to memory (more rows: less partial traffic, fewer cubes; 16
+/// leaves `B·D / 16` cubes of 512 units, 256 for zamba-1b at micro-batch 1, and ~41 KB of
+/// shared memory per cube).
+const MAX_BACKWARD_ROWS: usize = 16;
 
 /// The eight inputs as the kernels read them: activations (`u, delta, z, b, c`) in one float
 /// type, parameters (`a, d, delta_bias`) contiguous `f32`; and the dtype each input came in.
@@ -185,23 +194,97 @@ fn forward_layout(client: &Client, len: usize) -> ForwardLayout {
     }
 }
 
-/// Units per cube of the backward: consecutive channels of one group, as many as the client and
-/// the shared memory (two `[2 · state, units + 1]` f32 buffers) allow.
-fn backward_units(client: &Client, dims: &ScanShape) -> usize {
-    let hardware = &client.properties().hardware;
-    let by_shared =
-        (hardware.max_shared_memory_size / (4 * dims.state * size_of::<f32>())).saturating_sub(1);
-    [
-        MAX_BACKWARD_UNITS,
-        hardware.max_units_per_cube as usize,
-        hardware.max_cube_dim.0 as usize,
-        by_shared,
+/// How the backward splits a cube (see `backward.rs`): `rows` channels of one group, each walked
+/// by `units` units along time owning `items` steps of a chunk; `plane` as in [`ForwardLayout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BackwardLayout {
+    rows: usize,
+    units: usize,
+    items: usize,
+    plane: usize,
+}
+
+/// f32s of shared memory of one backward cube (see `backward.rs`): per row the staged chunk
+/// (7 fields), the `dB`/`dC` contributions, the two scans' plane totals, the carried adjoint,
+/// the units' and the row's `dA`.
+fn backward_shared_floats(rows: usize, units: usize, state: usize, chunk: usize) -> usize {
+    rows * (9 * chunk + 4 * units + 2 * state + units)
+}
+
+thread_local! {
+    /// `(rows, units)` the backward launches on this thread instead of its own choice (see
+    /// [`with_backward_layout`]).
+    static FORCED_BACKWARD: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the Cube backward launched as `rows` channels × `units` units along time per
+/// cube on this thread, whatever the client's limits (a device check compares layouts that the
+/// device would not choose at its sizes: the CPU runtime's cubes are only as wide as its cores).
+/// `units` must be a power of two dividing the chunk.
+pub(crate) fn with_backward_layout<R>(rows: usize, units: usize, f: impl FnOnce() -> R) -> R {
+    assert!(
+        units.is_power_of_two() && cube_scan_chunk(1).is_multiple_of(units) && rows > 0,
+        "backward layout {rows} × {units}: units must be a power of two dividing the chunk"
+    );
+    /// Puts the previous layout back, also when `f` panics.
+    struct Restore(Option<(usize, usize)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_BACKWARD.set(self.0);
+        }
+    }
+    let _restore = Restore(FORCED_BACKWARD.replace(Some((rows, units))));
+    f()
+}
+
+/// The backward's layout on `client`: as many rows as the group and the client allow (up to
+/// [`MAX_BACKWARD_ROWS`]), then as many units along time (a power of two dividing the chunk).
+fn backward_layout(client: &Client, dims: &ScanShape, chunk: usize) -> BackwardLayout {
+    let properties = client.properties();
+    let hardware = &properties.hardware;
+    let cap = (hardware.max_units_per_cube as usize)
+        .min(hardware.max_cube_dim.0 as usize * hardware.max_cube_dim.1 as usize)
+        .max(1);
+    let by_shared = hardware.max_shared_memory_size
+        / (backward_shared_floats(1, MAX_BACKWARD_UNITS, dims.state, chunk) * size_of::<f32>());
+    let rows = [
+        MAX_BACKWARD_ROWS,
         dims.channels / dims.groups,
+        cap,
+        hardware.max_cube_dim.1 as usize,
+        by_shared,
     ]
     .into_iter()
     .min()
     .unwrap_or(1)
-    .max(1)
+    .max(1);
+    let fit = [
+        MAX_BACKWARD_UNITS,
+        cap / rows,
+        hardware.max_cube_dim.0 as usize,
+        chunk,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1)
+    .max(1);
+    let (rows, units) = FORCED_BACKWARD.get().unwrap_or((rows, 1 << fit.ilog2()));
+    let plane = match hardware.plane_size_max as usize {
+        width
+            if properties.features.plane.contains(Plane::Ops)
+                && hardware.plane_size_min == hardware.plane_size_max
+                && units % width == 0 =>
+        {
+            width
+        }
+        _ => 1,
+    };
+    BackwardLayout {
+        rows,
+        units,
+        items: chunk / units,
+        plane,
+    }
 }
 
 impl ScanKernel for Cube {
@@ -270,16 +353,17 @@ impl ScanKernel for Cube {
         } = x.dims;
         let client = x.u.client.clone();
         let dout = untile(to_dtype(dout, x.act));
-        let units = backward_units(&client, &x.dims);
-        let blocks = (channels / groups).div_ceil(units);
+        let chunk = cube_scan_chunk(state);
+        let layout = backward_layout(&client, &x.dims, chunk);
+        let blocks = (channels / groups).div_ceil(layout.rows);
         let (du, ddelta, dz) = (x.empty_rows(), x.empty_rows(), x.empty_rows());
         let db_parts = empty(&x.u, [batch * groups, blocks, len, state], DType::F32);
         let dc_parts = empty(&x.u, [batch * groups, blocks, len, state], DType::F32);
-        let lane_parts = empty(&x.u, [batch, channels, state + 2], DType::F32);
-        kernels::scan_backward::launch(
+        let lane_parts = empty(&x.u, [batch, layout.units, channels, state + 2], DType::F32);
+        backward::scan_backward::launch(
             &client,
             CubeCount::Static(blocks as u32, (batch * groups) as u32, 1),
-            CubeDim::new_1d(units as u32),
+            CubeDim::new_2d(layout.units as u32, layout.rows as u32),
             x.address_type(&[&dout, &du, &ddelta, &dz, &db_parts, &dc_parts]),
             x.u.clone().into_tensor_arg(),
             x.delta.clone().into_tensor_arg(),
@@ -298,15 +382,19 @@ impl ScanKernel for Cube {
             dc_parts.clone().into_tensor_arg(),
             lane_parts.clone().into_tensor_arg(),
             state,
-            cube_scan_chunk(state),
-            units,
+            layout.rows,
+            layout.units,
+            layout.items,
+            layout.plane,
             elem(x.act),
         );
         let bc_shape = [batch, groups, len, state];
         let db = sum_parts(&db_parts, [batch * groups, blocks, len * state], x.act);
         let dc = sum_parts(&dc_parts, [batch * groups, blocks, len * state], x.act);
-        // Per-lane [dA, dD, d delta_bias] summed over batch, then split by column.
-        let params = sum_parts(&lane_parts, [1, batch, channels * (state + 2)], DType::F32);
+        // Per-unit, per-lane [dA, dD, d delta_bias] summed over batch and units, then split by
+        // column.
+        let units = batch * layout.units;
+        let params = sum_parts(&lane_parts, [1, units, channels * (state + 2)], DType::F32);
         let params = reshape(params, Shape::new([channels, state + 2]));
         let column = |columns: std::ops::Range<usize>| {
             into_contiguous(slice(params.clone(), &[0..channels, columns]))

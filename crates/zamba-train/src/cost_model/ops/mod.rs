@@ -185,15 +185,15 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
         len: s.len,
         state: n,
     };
-    let (mut flops_f, flops_b) = scan_flops(shape);
+    let (mut flops_f, mut flops_b) = scan_flops(shape);
     let chunk = scan_chunk(kernels, n);
     let (bytes_f, mut bytes_b) = scan_bytes(shape, chunk, s.e as usize);
     let model = s.layers * scan_flops_per_token(c) * s.t;
     // Today's kernels (kernels/src/scan/cube): the forward runs a cube per (batch, channel)
-    // lane, its units along time (`B·D` cubes: enough). The backward runs one unit per lane, a
-    // cube per 32 consecutive channels of a group: its `B·D` threads fill the card no better than
-    // `B·D / 256` blocks of 256 would, and each cube writes its own f32 partial of dB and dC
-    // (`[B·G, cubes per group, L, N]`), read back by their sums.
+    // lane, its units along time (`B·D` cubes: enough). The backward runs a cube per 16
+    // consecutive channels of a group, 32 units along time each (`B·D / 16` cubes of 512), and
+    // each cube writes its own f32 partial of dB and dC (`[B·G, cubes per group, L, N]`), read
+    // back by their sums.
     let groups = c.n_mamba_heads;
     let cubes_per_group = (di / groups).div_ceil(CURRENT_BACKWARD_CHANNELS);
     let (forward_blocks, backward_blocks) = match kernels {
@@ -201,11 +201,15 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
         Kernels::Current => {
             // The forward first composes each unit's steps into one map per state (`Δ·A`, its
             // `exp`, the decay product, the input: 6 FLOPs per state element), then walks them
-            // again as `scan_flops` counts.
+            // again as `scan_flops` counts. The backward composes the same maps to recompute the
+            // states and the adjoint's reverse-time maps (`Δ·A`, its `exp`, the decay product,
+            // `dy·C`, the add and the product: 6 more).
             flops_f += 6 * (b * di * s.len * n) as u64;
+            flops_b += 12 * (b * di * s.len * n) as u64;
             let partials = (b * groups * cubes_per_group * s.len * n) as u64;
             bytes_b += 2 * 2 * 4 * partials;
-            (Some((b * di) as f64), Some((b * di) as f64 / 256.0))
+            let backward_cubes = b * groups * cubes_per_group;
+            (Some((b * di) as f64), Some(backward_cubes as f64))
         }
     };
     let backward_kernels = match kernels {
@@ -242,8 +246,9 @@ fn scan(s: &Shape, kernels: Kernels) -> [OpCost; 2] {
     ]
 }
 
-/// Channels per cube of today's Cube backward (one 32-wide warp, kernels/src/scan/cube).
-const CURRENT_BACKWARD_CHANNELS: usize = 32;
+/// Channels per cube of today's Cube backward on a GPU (kernels/src/scan/cube:
+/// `MAX_BACKWARD_ROWS`).
+const CURRENT_BACKWARD_CHANNELS: usize = 16;
 
 /// Steps per checkpointed state: mamba-ssm's 2048-step chunks (planned); the Cube kernel's
 /// (current).
