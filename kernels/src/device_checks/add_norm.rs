@@ -31,9 +31,7 @@ impl AddNormCase {
 
     /// Rounds every value to a bf16-representable one.
     pub fn rounded_to_bf16(mut self) -> Self {
-        for v in &mut self.values {
-            super::round_to_bf16(v);
-        }
+        super::round_to_bf16(&mut self.values);
         self
     }
 

@@ -56,9 +56,7 @@ impl AttentionCase {
 
     /// Rounds `q`, `k`, `v` and `w` to bf16-representable values.
     pub fn rounded_to_bf16(mut self) -> Self {
-        for v in &mut self.values {
-            super::round_to_bf16(v);
-        }
+        super::round_to_bf16(&mut self.values);
         self
     }
 

@@ -54,9 +54,7 @@ impl ConvCase {
 
     /// Rounds every value to a bf16-representable one.
     pub fn rounded_to_bf16(mut self) -> Self {
-        for v in &mut self.values {
-            super::round_to_bf16(v);
-        }
+        super::round_to_bf16(&mut self.values);
         self
     }
 

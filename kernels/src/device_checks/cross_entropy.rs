@@ -71,7 +71,7 @@ impl CrossEntropyCase {
 
     /// Rounds the logits to bf16-representable values.
     pub fn rounded_to_bf16(mut self) -> Self {
-        super::round_to_bf16(&mut self.logits);
+        super::round_to_bf16([&mut self.logits]);
         self
     }
 

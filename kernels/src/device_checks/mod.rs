@@ -35,8 +35,8 @@ pub use scan::{INPUT_NAMES, ScanCase, ScanRun, odd_sizes, scan_checks};
 
 /// Rounds every value to the nearest bf16-representable one, so that a bf16 run and its f32
 /// reference start from the same inputs.
-fn round_to_bf16(values: &mut [f32]) {
-    for x in values {
+fn round_to_bf16<'a>(inputs: impl IntoIterator<Item = &'a mut Vec<f32>>) {
+    for x in inputs.into_iter().flatten() {
         *x = half::bf16::from_f32(*x).to_f32();
     }
 }

@@ -131,9 +131,8 @@ impl ScanCase {
 
     /// Rounds the activations (`u, delta, b, c, z`) to bf16-representable values.
     pub fn rounded_to_bf16(mut self) -> Self {
-        for i in [0, 1, 3, 4, 6] {
-            super::round_to_bf16(&mut self.inputs[i]);
-        }
+        let [u, delta, _, b, c, _, z, _] = &mut self.inputs;
+        super::round_to_bf16([u, delta, b, c, z]);
         self
     }
 
