@@ -364,7 +364,6 @@ fn forward_states<F: Float>(
     #[comptime] plane: usize,
 ) -> f32 {
     let area = comptime!(rows * units * items);
-    let planes = comptime!(units / plane);
     let b_n = lane.b + n * b.stride(3);
     let mut decay = 1.0f32;
     let mut input = 0.0f32;
@@ -375,23 +374,8 @@ fn forward_states<F: Float>(
         decay *= e;
         input = e * input + staging[DU * area + slot] * b_t;
     }
-    let (unit, line) = (lane.unit, lane.line);
-    let in_plane = unit % plane;
-    let (decay, input) = scan_maps(decay, input, in_plane, plane, false);
-    let (before_decay, before_input) = exclusive_map(decay, input, in_plane, plane, false);
-    if in_plane == plane - 1 {
-        let dst = (line * planes + unit / plane) * 2;
-        totals[dst] = decay;
-        totals[dst + 1] = input;
-    }
-    sync_cube();
-    let mut s = entry;
-    for p in 0..unit / plane {
-        let src = (line * planes + p) * 2;
-        s = totals[src] * s + totals[src + 1];
-    }
-    s = before_decay * s + before_input;
-    let s_entry = s;
+    let (s_entry, _) = combine_units(decay, input, lane, totals, entry, units, plane, false);
+    let mut s = s_entry;
     for j in 0..items {
         let slot = lane.slot + j * units;
         let e = (staging[DT * area + slot] * a_n).exp();
@@ -426,7 +410,6 @@ fn adjoint<F: Float>(
     #[comptime] plane: usize,
 ) -> (f32, f32) {
     let area = comptime!(rows * units * items);
-    let planes = comptime!(units / plane);
     let (b_n, c_n) = (lane.b + n * b.stride(3), lane.c + n * c.stride(3));
     // The reverse-time map g ↦ exp(Δ_t A)(dy_t C_t + g) of the unit's steps, last step first.
     let mut decay = 1.0f32;
@@ -439,26 +422,8 @@ fn adjoint<F: Float>(
         decay *= e;
         input = e * (staging[DY * area + slot] * c_t + input);
     }
-    let (unit, line) = (lane.unit, lane.line);
-    let in_plane = unit % plane;
-    let (decay, input) = scan_maps(decay, input, in_plane, plane, true);
-    let (after_decay, after_input) = exclusive_map(decay, input, in_plane, plane, true);
-    if in_plane == 0 {
-        let dst = (line * planes + unit / plane) * 2;
-        totals[dst] = decay;
-        totals[dst + 1] = input;
-    }
-    sync_cube();
-    // Later planes first: the adjoint entering this unit's plane, and past the whole chunk.
-    let mut past = carried;
-    let mut g = carried;
-    for p_back in 0..planes {
-        let p = planes - 1 - p_back;
-        let src = (line * planes + p) * 2;
-        past = totals[src] * past + totals[src + 1];
-        g = select(p > unit / plane, past, g);
-    }
-    g = after_decay * g + after_input;
+    let (g, past) = combine_units(decay, input, lane, totals, carried, units, plane, true);
+    let mut g = g;
     let mut da_n = 0.0f32;
     for j_back in 0..items {
         let j = items - 1 - j_back;
@@ -484,6 +449,59 @@ fn adjoint<F: Float>(
         contributions[area + slot] = select(lane.active, dc, 0.0);
     }
     (da_n, past)
+}
+
+/// Combines the units' maps `x ↦ decay · x + input` of one row (each unit's map composed over its
+/// steps) in time order, or with `reverse` in reverse time: within a plane by [`scan_maps`], across
+/// planes through `totals`. `entering` is the value entering the row's steps (in the scan's
+/// order); returns the value entering this unit's steps, and the value past all of the row's.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn combine_units(
+    decay: f32,
+    input: f32,
+    lane: &Lane,
+    totals: &mut Shared<[f32]>,
+    entering: f32,
+    #[comptime] units: usize,
+    #[comptime] plane: usize,
+    #[comptime] reverse: bool,
+) -> (f32, f32) {
+    let planes = comptime!(units / plane);
+    let (line, in_plane, own_plane) = (lane.line, lane.unit % plane, lane.unit / plane);
+    let (decay, input) = scan_maps(decay, input, in_plane, plane, reverse);
+    let (edge_decay, edge_input) = exclusive_map(decay, input, in_plane, plane, reverse);
+    // The lane holding its plane's whole map: the last in the scan's order.
+    let holds_total = if comptime!(reverse) {
+        in_plane == 0
+    } else {
+        in_plane == plane - 1
+    };
+    if holds_total {
+        let dst = (line * planes + own_plane) * 2;
+        totals[dst] = decay;
+        totals[dst + 1] = input;
+    }
+    sync_cube();
+    // The planes in the scan's order: the value past each, kept while it is before this unit's.
+    let mut past = entering;
+    let mut at_plane = entering;
+    for k in 0..planes {
+        let p = if comptime!(reverse) {
+            planes - 1 - k
+        } else {
+            k
+        };
+        let src = (line * planes + p) * 2;
+        past = totals[src] * past + totals[src + 1];
+        let before_own = if comptime!(reverse) {
+            p > own_plane
+        } else {
+            p < own_plane
+        };
+        at_plane = select(before_own, past, at_plane);
+    }
+    (edge_decay * at_plane + edge_input, past)
 }
 
 /// Inclusive scan of the units' maps `x ↦ decay · x + input` over the `plane` lanes of a plane
