@@ -40,7 +40,7 @@
 
 use cubecl::prelude::*;
 
-use super::kernels::{row, sigmoid, softplus, softplus_grad};
+use super::kernels::{exclusive_map, row, scan_maps, sigmoid, softplus, softplus_grad};
 
 /// The fields of a cube's staging memory, each a `[rows, chunk]` array (a unit's step `j` of row
 /// `r` at `r · chunk + j · units + unit`: consecutive units, consecutive floats): `Δ`, `Δ u`,
@@ -502,80 +502,6 @@ fn combine_units(
         at_plane = select(before_own, past, at_plane);
     }
     (edge_decay * at_plane + edge_input, past)
-}
-
-/// Inclusive scan of the units' maps `x ↦ decay · x + input` over the `plane` lanes of a plane
-/// (`lane` is this unit's): in time order, or with `reverse` from the last lane down (each
-/// lane's map then applies after those of the lanes above it). With `plane = 1` the unit's own
-/// map is its plane's total.
-#[cube]
-fn scan_maps(
-    decay: f32,
-    input: f32,
-    lane: usize,
-    #[comptime] plane: usize,
-    #[comptime] reverse: bool,
-) -> (f32, f32) {
-    let mut decay = decay;
-    let mut input = input;
-    if comptime!(plane > 1) {
-        #[unroll]
-        for round in 0..comptime!(plane.trailing_zeros() as usize) {
-            let offset = comptime!(1usize << round);
-            let (other_decay, other_input, take) =
-                neighbour(decay, input, lane, offset, plane, reverse);
-            let composed = decay * other_input + input;
-            decay = select(take, decay * other_decay, decay);
-            input = select(take, composed, input);
-        }
-    }
-    (decay, input)
-}
-
-/// The map of the lane `offset` below this one (above with `reverse`), and whether there is one.
-#[cube]
-fn neighbour(
-    decay: f32,
-    input: f32,
-    lane: usize,
-    #[comptime] offset: usize,
-    #[comptime] plane: usize,
-    #[comptime] reverse: bool,
-) -> (f32, f32, bool) {
-    if comptime!(reverse) {
-        (
-            plane_shuffle_down(decay, offset as u32),
-            plane_shuffle_down(input, offset as u32),
-            lane + offset < plane,
-        )
-    } else {
-        (
-            plane_shuffle_up(decay, offset as u32),
-            plane_shuffle_up(input, offset as u32),
-            lane >= offset,
-        )
-    }
-}
-
-/// The exclusive scan from the inclusive one: the neighbour's map (below in time order, above
-/// with `reverse`), the identity at the plane's edge.
-#[cube]
-fn exclusive_map(
-    decay: f32,
-    input: f32,
-    lane: usize,
-    #[comptime] plane: usize,
-    #[comptime] reverse: bool,
-) -> (f32, f32) {
-    let mut out_decay = 1.0f32;
-    let mut out_input = 0.0f32;
-    if comptime!(plane > 1) {
-        let (other_decay, other_input, take) =
-            neighbour(decay, input, lane, 1usize, plane, reverse);
-        out_decay = select(take, other_decay, 1.0);
-        out_input = select(take, other_input, 0.0);
-    }
-    (out_decay, out_input)
 }
 
 /// Sums one state's staged `dB`, `dC` contributions over the cube's rows, in row order, into the

@@ -25,7 +25,7 @@
 
 use cubecl::prelude::*;
 
-use super::kernels::{row, sigmoid, softplus};
+use super::kernels::{exclusive_map, row, scan_maps, sigmoid, softplus};
 
 /// See the module docs. `plane` must divide `units` and be 1 where the device has no plane
 /// operations; `checkpoints` is `[batch, channels, saved, state]` (a one-element placeholder
@@ -110,7 +110,12 @@ pub(super) fn scan_forward<F: Float>(
         // 2. Scan across units: s ↦ decay · s + input, earlier units applied first.
         let lane = unit % plane;
         let buffer = (pass % 2) * planes * 2 * state;
-        plane_inclusive_scan(&mut decay, &mut input, state, plane, lane);
+        #[unroll]
+        for k in 0..state {
+            let (total_decay, total_input) = scan_maps(decay[k], input[k], lane, plane, false);
+            decay[k] = total_decay;
+            input[k] = total_input;
+        }
         if lane == plane - 1 {
             let dst = buffer + (unit / plane) * 2 * state;
             #[unroll]
@@ -119,7 +124,13 @@ pub(super) fn scan_forward<F: Float>(
                 totals[dst + state + k] = input[k];
             }
         }
-        plane_exclusive(&mut decay, &mut input, state, plane, lane);
+        #[unroll]
+        for k in 0..state {
+            let (before_decay, before_input) =
+                exclusive_map(decay[k], input[k], lane, plane, false);
+            decay[k] = before_decay;
+            input[k] = before_input;
+        }
         sync_cube();
         // 3. The state entering this unit's steps (the carry, the planes before this unit's,
         // the lanes before it in its plane), then the carry past the whole pass.
@@ -218,58 +229,6 @@ fn compose_steps<F: Float>(
             let e = (dt * a_row[k]).exp();
             decay[k] *= e;
             input[k] = e * input[k] + du * f32::cast_from(b[b_t + k * b.stride(3)]);
-        }
-    }
-}
-
-/// Inclusive scan of the maps `(decay, input)` over the `plane` lanes of a plane (`lane` is this
-/// unit's), by shuffles: afterwards the last lane holds the plane's total. With `plane = 1`
-/// nothing is emitted: a unit's own map is its plane's total.
-#[cube]
-fn plane_inclusive_scan(
-    decay: &mut Array<f32>,
-    input: &mut Array<f32>,
-    #[comptime] state: usize,
-    #[comptime] plane: usize,
-    lane: usize,
-) {
-    if comptime!(plane > 1) {
-        #[unroll]
-        for round in 0..comptime!(plane.trailing_zeros() as usize) {
-            let offset = comptime!(1usize << round);
-            let take = lane >= offset;
-            #[unroll]
-            for k in 0..state {
-                let earlier_decay = plane_shuffle_up(decay[k], offset as u32);
-                let earlier_input = plane_shuffle_up(input[k], offset as u32);
-                let composed = decay[k] * earlier_input + input[k];
-                decay[k] = select(take, decay[k] * earlier_decay, decay[k]);
-                input[k] = select(take, composed, input[k]);
-            }
-        }
-    }
-}
-
-/// Turns the plane's inclusive scan into the exclusive one: lane `i` gets lane `i - 1`'s map,
-/// lane 0 the identity.
-#[cube]
-fn plane_exclusive(
-    decay: &mut Array<f32>,
-    input: &mut Array<f32>,
-    #[comptime] state: usize,
-    #[comptime] plane: usize,
-    lane: usize,
-) {
-    #[unroll]
-    for k in 0..state {
-        if comptime!(plane > 1) {
-            let earlier_decay = plane_shuffle_up(decay[k], 1);
-            let earlier_input = plane_shuffle_up(input[k], 1);
-            decay[k] = select(lane > 0, earlier_decay, 1.0);
-            input[k] = select(lane > 0, earlier_input, 0.0);
-        } else {
-            decay[k] = 1.0;
-            input[k] = 0.0;
         }
     }
 }
