@@ -191,14 +191,7 @@ fn a_background_write_that_fails_stops_the_run_and_keeps_the_earlier_checkpoints
     // Resumed to step 12 with a 64 KiB limit on file size (RLIMIT_FSIZE, as a full disk would:
     // writes fail): the step-9 checkpoint, written in the background, fails, and the run stops
     // at a step boundary after it with an error instead of training on.
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -f 64; trap '' XFSZ; exec '{BIN}' --config '{}' --set train.steps=12 --set {ASYNC}",
-            config.display()
-        ))
-        .output()
-        .unwrap();
+    let out = common::train_on_a_full_disk(&config, &["train.steps=12", ASYNC]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -179,14 +179,7 @@ fn a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier_ones(
 
     // Resume for three more steps with a 64 KiB limit on file size (RLIMIT_FSIZE, as a full disk
     // would: writes fail), so the step-9 checkpoint's files cannot be written.
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -f 64; trap '' XFSZ; exec '{BIN}' --config '{}' --set train.steps=9",
-            config.display()
-        ))
-        .output()
-        .unwrap();
+    let out = common::train_on_a_full_disk(&config, &["train.steps=9"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

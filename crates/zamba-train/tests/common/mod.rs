@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use zamba_train::train::TrainOptions;
@@ -160,6 +160,21 @@ pub fn finish(mut child: Child, limit: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
+}
+
+/// The trainer on `config` with `sets` (`--set KEY=VALUE` each) under a 64 KiB limit on the size
+/// of a file (RLIMIT_FSIZE, as a full disk would: writes fail, the process is not killed).
+pub fn train_on_a_full_disk(config: &Path, sets: &[&str]) -> Output {
+    let sets: String = sets.iter().map(|s| format!(" --set '{s}'")).collect();
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 64; trap '' XFSZ; exec '{}' --config '{}'{sets}",
+            env!("CARGO_BIN_EXE_zamba-train"),
+            config.display()
+        ))
+        .output()
+        .unwrap()
 }
 
 pub fn stderr(out: &Output) -> String {
