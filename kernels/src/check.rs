@@ -218,6 +218,26 @@ impl Comparisons {
         }
     }
 
+    /// Compares each gradient `got[i]` of input `names[i]` with `want[i]`; a gradient missing on
+    /// either side is a failure.
+    pub fn close_grads(
+        &mut self,
+        what: &str,
+        names: &[&str],
+        got: &[Option<Vec<f32>>],
+        want: &[Option<Vec<f32>>],
+        tolerance: f64,
+    ) {
+        for (name, (got, want)) in names.iter().zip(got.iter().zip(want)) {
+            match (got, want) {
+                (Some(got), Some(want)) => {
+                    self.close(format!("{what} d{name}"), got, want, tolerance)
+                }
+                _ => self.require(false, || format!("{what}: no gradient of {name}")),
+            }
+        }
+    }
+
     /// Requires `ok`, else records `failure`.
     pub fn require(&mut self, ok: bool, failure: impl FnOnce() -> String) {
         if !ok {

@@ -136,15 +136,7 @@ pub struct AttentionRun {
 impl AttentionRun {
     fn compare(&self, what: &str, want: &Self, [out_tol, grad_tol]: [f64; 2], c: &mut Comparisons) {
         c.close(format!("{what} out"), &self.out, &want.out, out_tol);
-        for (name, (got, want)) in ["q", "k", "v"]
-            .iter()
-            .zip(self.grads.iter().zip(&want.grads))
-        {
-            match (got, want) {
-                (Some(got), Some(want)) => c.close(format!("{what} d{name}"), got, want, grad_tol),
-                _ => c.require(false, || format!("{what}: no gradient of {name}")),
-            }
-        }
+        c.close_grads(what, &["q", "k", "v"], &self.grads, &want.grads, grad_tol);
     }
 }
 

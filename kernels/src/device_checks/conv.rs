@@ -138,15 +138,13 @@ pub struct ConvRun {
 impl ConvRun {
     fn compare(&self, what: &str, want: &Self, tol: f64, c: &mut Comparisons) {
         c.close(format!("{what} out"), &self.out, &want.out, tol);
-        for (name, (got, want)) in ["x", "weight", "bias"]
-            .iter()
-            .zip(self.grads.iter().zip(&want.grads))
-        {
-            match (got, want) {
-                (Some(got), Some(want)) => c.close(format!("{what} d{name}"), got, want, tol),
-                _ => c.require(false, || format!("{what}: no gradient of {name}")),
-            }
-        }
+        c.close_grads(
+            what,
+            &["x", "weight", "bias"],
+            &self.grads,
+            &want.grads,
+            tol,
+        );
     }
 }
 

@@ -176,12 +176,7 @@ pub struct NormGateRun {
 impl NormGateRun {
     fn compare(&self, what: &str, op: NormGateOp, want: &Self, tol: f64, c: &mut Comparisons) {
         c.close(format!("{what} out"), &self.out, &want.out, tol);
-        for (name, (got, want)) in op.inputs().iter().zip(self.grads.iter().zip(&want.grads)) {
-            match (got, want) {
-                (Some(got), Some(want)) => c.close(format!("{what} d{name}"), got, want, tol),
-                _ => c.require(false, || format!("{what}: no gradient of {name}")),
-            }
-        }
+        c.close_grads(what, &op.inputs(), &self.grads, &want.grads, tol);
     }
 }
 
