@@ -13,6 +13,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
+// Names the derives of the Cube kernel's argument expand to (see `Coefficients`).
+#[cfg(feature = "cube")]
+use cubecl::prelude::KernelBuilder;
 
 use crate::dtype::expect_same_dtype;
 use crate::host::{as_f32, as_f32_mut, contiguous_f32};
@@ -34,8 +37,12 @@ pub struct AdamWHyper {
 }
 
 /// The `f32` constants of one update, each rounded once from its `f64` definition exactly as a
-/// tensor op rounds a scalar operand.
+/// tensor op rounds a scalar operand; also the Cube kernel's argument (`cube/adamw`).
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(
+    feature = "cube",
+    derive(cubecl::prelude::CubeType, cubecl::prelude::CubeLaunch)
+)]
 pub(crate) struct Coefficients {
     pub(crate) grad_scale: f32,
     pub(crate) beta1: f32,

@@ -3,21 +3,7 @@
 
 use cubecl::prelude::*;
 
-/// The f32 constants of one update (see `crate::adamw::Coefficients`: each rounded once from its
-/// f64 definition, as a tensor op rounds a scalar operand).
-#[derive(CubeType, CubeLaunch, Clone, Copy)]
-pub(super) struct Coefficients {
-    pub grad_scale: f32,
-    pub beta1: f32,
-    pub one_minus_beta1: f32,
-    pub beta2: f32,
-    pub one_minus_beta2: f32,
-    pub bias1: f32,
-    pub bias2: f32,
-    pub eps: f32,
-    pub keep: f32,
-    pub lr: f32,
-}
+use crate::adamw::Coefficients;
 
 /// One element per unit, with `g = grad · grad_scale`:
 ///

@@ -15,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::buffers::{address_type, empty, kernel_dtype, to_dtype};
-use crate::adamw::{AdamWHyper, Coefficients};
+use crate::adamw::{AdamWHyper, Coefficients, CoefficientsLaunch};
 
 /// `(theta, m, v)` after one update, and `theta` in `working` when asked (see
 /// [`crate::adamw_update`], [`crate::adamw_update_with_working`]).
@@ -143,7 +143,7 @@ fn update(
             m_out.clone().into_tensor_arg(),
             v_out.clone().into_tensor_arg(),
             working_out.clone().into_tensor_arg(),
-            kernels::CoefficientsLaunch::new(
+            CoefficientsLaunch::new(
                 c.grad_scale,
                 c.beta1,
                 c.one_minus_beta1,
