@@ -309,8 +309,11 @@ fn rank_steps(
     let on_wire = || link.map_or(Duration::ZERO, |(l, _)| l.time_on_wire());
     let bytes_on_wire = || link.map_or(0, |(l, _)| l.bytes_on_wire());
     // A warm-up step, with `auto` a calibration step, then the measured steps, then the probe.
-    let calibration = matches!(link, Some((_, LinkSpeed::MatchBackward))).then_some(1);
-    let first_measured = 1 + calibration.unwrap_or(0);
+    let calibration = match link {
+        Some((link, LinkSpeed::MatchBackward)) => Some((1, link)),
+        _ => None,
+    };
+    let first_measured = 1 + usize::from(calibration.is_some());
     let probe_step = first_measured + b.steps;
     for step in 0..=probe_step {
         comm.barrier()?;
@@ -337,7 +340,7 @@ fn rank_steps(
         )?;
         if probe {
             total.state_per_rank = clock.state_heap as f64;
-        } else if Some(step) == calibration {
+        } else if let Some((_, link)) = calibration.filter(|(at, _)| *at == step) {
             let backward = clock.gradients - clock.forward;
             let bytes = bytes_on_wire() - bytes_before;
             total.gbps = match_backward(comm, link, bytes, backward, &compute)?;
@@ -374,14 +377,11 @@ fn rank_steps(
 /// ranks so that every rank's link is the same; returns that speed in Gbit/s.
 fn match_backward(
     comm: &dyn Communicator,
-    link: Option<(&ThrottledLink, LinkSpeed)>,
+    link: &ThrottledLink,
     bytes: u64,
     backward: Duration,
     compute: &Device,
 ) -> Result<f64> {
-    let Some((link, _)) = link else {
-        bail!("a link to calibrate is needed");
-    };
     let mine = Tensor::<1>::from_floats([bytes as f32, backward.as_secs_f32()], compute);
     let mean = comm
         .all_reduce(mine, ReduceOp::Avg)?
