@@ -71,6 +71,23 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) ->
     ))
 }
 
+/// Which kernels [`causal_attention`] runs on `device` for inputs of `dtype` with head dimension
+/// `head_dim`, where `device` is a CubeCL device: the tile kernels (tensor cores where the device
+/// has them for `dtype`) or the row kernels; `None` elsewhere.
+#[cfg(feature = "cube")]
+pub fn cube_attention_kernels(
+    device: &burn::tensor::Device,
+    dtype: DType,
+    head_dim: usize,
+) -> Option<&'static str> {
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube) => Some(crate::cube::ops::attention_kernels_on(
+            cube, dtype, head_dim,
+        )),
+        _ => None,
+    }
+}
+
 /// [`causal_attention`] with Burn's `attention` (key/value heads repeated for grouped queries);
 /// any backend.
 pub fn causal_attention_reference(

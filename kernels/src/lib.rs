@@ -38,10 +38,14 @@ mod simd;
 mod strided;
 
 pub use adamw::{AdamWHyper, adamw_update, adamw_update_reference, adamw_update_with_working};
+#[cfg(feature = "cube")]
+pub use attention::cube_attention_kernels;
 pub use attention::{causal_attention, causal_attention_reference};
 pub use backward_span::{BlockEdge, mark_backward_span};
 pub use conv::{CONV_CUBE_CHUNK, causal_conv1d_silu, causal_conv1d_silu_reference};
 pub use cross_entropy::{IGNORE_INDEX, cross_entropy, cross_entropy_reference};
+#[cfg(feature = "cube")]
+pub use cube::attention_tile_shapes;
 #[cfg(feature = "cube")]
 pub(crate) use device::on_cube;
 pub(crate) use device::on_flex;

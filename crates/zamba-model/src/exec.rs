@@ -25,6 +25,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The compute type: what the products, the scan's activations and attention run in.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// What autodiff keeps for the backward pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -84,11 +94,9 @@ pub(crate) struct Compute {
 
 impl Compute {
     pub(crate) fn new(precision: Precision) -> Self {
-        let dtype = match precision {
-            Precision::Fp32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
-        };
-        Self { dtype }
+        Self {
+            dtype: precision.dtype(),
+        }
     }
 
     /// `t` in the compute type (unchanged if it already is).

@@ -78,6 +78,22 @@ pub fn kernel_compiler(choice: DeviceChoice) -> Option<&'static str> {
     }
 }
 
+/// Which attention kernels a model of attention head dimension `head_dim` runs on `device` in
+/// `precision`: on CubeCL devices the tile or row kernels of `zamba_kernels`; `None` on the CPU.
+pub fn attention_kernels(
+    device: &Device,
+    precision: Precision,
+    head_dim: usize,
+) -> Option<&'static str> {
+    #[cfg(any(feature = "cuda", feature = "cube-cpu"))]
+    return zamba_kernels::cube_attention_kernels(device, precision.dtype(), head_dim);
+    #[cfg(not(any(feature = "cuda", feature = "cube-cpu")))]
+    {
+        let _ = (device, precision, head_dim);
+        None
+    }
+}
+
 /// Checks that `device` can compute in `precision`.
 pub fn check_precision(device: &Device, choice: DeviceChoice, precision: Precision) -> Result<()> {
     if precision == Precision::Bf16 && !device.supports_dtype(DType::BF16) {

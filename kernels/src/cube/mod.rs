@@ -7,6 +7,7 @@
 
 mod adamw;
 mod attention;
+pub use attention::tile_shapes as attention_tile_shapes;
 mod buffers;
 mod conv;
 mod cross_entropy;

@@ -8,7 +8,7 @@
 use burn::tensor::Tensor;
 
 pub(crate) use super::adamw::adamw_update;
-pub(crate) use super::attention::causal_attention;
+pub(crate) use super::attention::{causal_attention, kernels_on as attention_kernels_on};
 pub(crate) use super::conv::causal_conv1d_silu;
 pub(crate) use super::cross_entropy::cross_entropy;
 pub(crate) use super::gelu::gelu_mul;

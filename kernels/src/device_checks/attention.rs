@@ -2,9 +2,11 @@
 //! ([`causal_attention_reference`] on Flex, the plain-tensor definition): the output and the
 //! gradients of `q`, `k` and `v`.
 //!
-//! The fused kernels have no matrix-unit products: every product and sum is f32 on every device,
-//! so f32 inputs get an f32 tolerance everywhere; bf16 inputs are rounded on the way in, the
-//! output and the gradients on the way out.
+//! f32 inputs run the row kernels, whose products and sums are all f32 on every device: an f32
+//! tolerance everywhere. bf16 inputs are rounded on the way in, the output and the gradients on
+//! the way out; with a head dimension a multiple of 16 they run the tile kernels (tensor cores on
+//! a GPU, the same tile products by plane units on the CPU runtime), which also round the
+//! probabilities and `dS` to bf16 as operands of the next product.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
@@ -21,6 +23,19 @@ pub fn odd_sizes() -> Vec<([usize; 5], bool)> {
         ([3, 33, 6, 3, 7], true),
         ([1, 130, 2, 2, 8], true),
         ([2, 1, 2, 1, 5], false),
+    ]
+}
+
+/// Sizes of the tile kernels' check (head dimensions multiples of 16): lengths that cross the
+/// planes' 16 rows and the 64-row tiles, grouped queries (groups of 2 and 3), transposed views,
+/// one step.
+fn tile_sizes() -> Vec<([usize; 5], bool)> {
+    vec![
+        ([2, 37, 4, 2, 16], false),
+        ([1, 70, 3, 1, 32], true),
+        ([1, 130, 2, 2, 16], false),
+        ([2, 1, 2, 1, 16], false),
+        ([1, 45, 2, 1, 48], true),
     ]
 }
 
@@ -165,6 +180,9 @@ pub fn attention_checks(device: &Device) -> Vec<Check> {
             c.outcome()
         }));
     }
+    if *device != Device::flex() && device.supports_dtype(DType::BF16) {
+        checks.push(tiles_vs_reference(device));
+    }
     checks.push(partly_tracked_and_deterministic(device));
     checks.push(empty_sequence(device));
     checks
@@ -182,6 +200,38 @@ fn vs_reference(device: &Device) -> Check {
         }
         c.outcome()
     })
+}
+
+/// bf16 inputs through the tile kernels (the check fails where a CubeCL device would run the row
+/// kernels instead) against the reference in f32, and a second run bit for bit the same.
+fn tiles_vs_reference(device: &Device) -> Check {
+    Check::run(
+        "attention bf16 tile kernels vs the reference in f32",
+        || {
+            #[allow(unused_mut)]
+            let mut kernels = "";
+            #[cfg(feature = "cube")]
+            if let Some(name) = crate::cube_attention_kernels(device, DType::BF16, 16) {
+                if !name.starts_with("tile") {
+                    return Err(format!("bf16 with head dimension 16 runs the {name}"));
+                }
+                kernels = name;
+            }
+            let mut c = Comparisons::new();
+            for (n, (dims, strided)) in tile_sizes().into_iter().enumerate() {
+                let case = AttentionCase::new(dims, strided, 300 + n as u64).rounded_to_bf16();
+                let want = case.run(&Device::flex(), DType::F32, true, ALL)?;
+                let got = case.run(device, DType::BF16, false, ALL)?;
+                let what = format!("{dims:?}{}", if strided { " strided" } else { "" });
+                got.compare(&what, &want, BF16_TOLERANCE, &mut c);
+                if n == 0 {
+                    let again = case.run(device, DType::BF16, false, ALL)?;
+                    c.require(again == got, || format!("{what}: two runs differ"));
+                }
+            }
+            c.outcome().map(|worst| format!("{kernels}; {worst}"))
+        },
+    )
 }
 
 /// Two runs agree bit for bit; a run with only `k` tracked gives the same output and the same

@@ -18,7 +18,9 @@ use zamba_model::{
 use zamba_trace::{Capture, Category, span};
 use zamba_train::cost_model::{Card, Kernels};
 use zamba_train::data_parallel::{DataParallel, Sharding, StateBytes};
-use zamba_train::device::{DeviceChoice, attention_kernel, device_for, kernel_compiler};
+use zamba_train::device::{
+    DeviceChoice, attention_kernel, attention_kernels, device_for, kernel_compiler,
+};
 use zamba_train::memory;
 use zamba_train::optim::AdamW;
 use zamba_train::step::{StepContext, StepEvent, StepObserver, train_step};
@@ -396,14 +398,16 @@ fn report(
     let scan_step = forwards * scan_f.as_secs_f64() + scan_b.as_secs_f64();
     let scan_share = config.num_hidden_layers as f64 * scan_step / step_time;
     let params = ParamCounts::of(config).total() as f64;
+    let attention = attention_kernels(device, a.precision, config.attention_head_dim());
     println!(
-        "model {} ({} parameters), batch {} × seq {}, device {}{}, precision {}, activation checkpointing {}",
+        "model {} ({} parameters), batch {} × seq {}, device {}{}{}, precision {}, activation checkpointing {}",
         a.preset,
         params,
         a.batch,
         a.seq_len,
         a.device,
         kernel_compiler(a.device).map_or(String::new(), |c| format!(" (kernels compiled by {c})")),
+        attention.map_or(String::new(), |k| format!(", attention: {k}")),
         a.precision,
         a.activation_checkpointing
     );
@@ -442,6 +446,7 @@ fn report(
             "seq_len": a.seq_len,
             "device": a.device.to_string(),
             "kernel_compiler": kernel_compiler(a.device),
+            "attention_kernels": attention,
             "precision": a.precision.to_string(),
             "threads": rayon::current_num_threads(),
             "step_seconds": step_time,

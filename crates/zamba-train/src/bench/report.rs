@@ -115,6 +115,7 @@ pub(super) fn run(a: &ReportArgs) -> Result<()> {
             "mfu_vs_measured_peak": mfu(measured_peak),
             "mfu_vs_datasheet_peak": mfu(datasheet_peak),
             "kernel_compiler": step["kernel_compiler"],
+            "attention_kernels": step["attention_kernels"],
             "device_memory_peak_mib": memory_peak_mib,
             "device_pool_peak_mb": step["device_pool_peak_mb"],
             "split": step["traced_step"]["split"],
@@ -221,6 +222,9 @@ fn render(s: &Value) -> String {
         fmt(&st["mfu_vs_measured_peak"], 100.0, 1),
         fmt(&st["mfu_vs_datasheet_peak"], 100.0, 1),
     );
+    if let Some(kernels) = st["attention_kernels"].as_str() {
+        out += &format!("  attention      {kernels}\n");
+    }
     let nv = &s["step_nvrtc"];
     if nv.is_object() {
         out += &format!(

@@ -289,9 +289,10 @@ fn current_kernels_cast_weights_in_bf16_only_and_move_more_bytes() {
         );
     }
     assert!(planned.mfu() > current.mfu() && planned.mfu() < 1.0);
-    // The Cube kernel keeps no scores (traffic within 2× of the planned flash kernel's, not one
-    // bf16 [1, 16, 4096, 4096] volume per use and pass), and its products, more of them than
-    // flash attention's for the second recomputation in the backward, run on the CUDA cores.
+    // The Cube kernels keep no scores (traffic within 2× of the planned flash kernel's, not one
+    // bf16 [1, 16, 4096, 4096] volume per use and pass), and their products, more of them than
+    // flash attention's for the second recomputation in the backward, run on the tensor cores
+    // in bf16 (head dimension 256, a multiple of 16: the tile kernels).
     let attention = cost(&bf16, Kernels::Current, OpClass::Attention);
     let flash = cost(&bf16, Kernels::Planned, OpClass::Attention);
     assert!(attention.bytes < 2.0 * flash.bytes);
@@ -304,8 +305,11 @@ fn current_kernels_cast_weights_in_bf16_only_and_move_more_bytes() {
     assert!(norm.bytes < planned_norm.bytes && norm.bytes > 0.5 * planned_norm.bytes);
     assert_eq!(
         (attention.rate, flash.rate),
-        (Rate::Vector, Rate::Attention)
+        (Rate::Attention, Rate::Attention)
     );
+    // In f32 the row kernels run: scalar products on the CUDA cores.
+    let f32_attention = cost(&fp32, Kernels::Current, OpClass::Attention);
+    assert_eq!(f32_attention.rate, Rate::Vector);
 }
 
 /// Today's fused cross-entropy and AdamW on zamba-tiny in bf16, by hand.

@@ -1,13 +1,21 @@
 //! Causal attention as one fused op on Burn's CubeCL backend, flash-style: the forward keeps the
 //! output and one f32 log-sum-exp per query row, never an `L × L` matrix; the backward recomputes
-//! the probabilities tile by tile from them. Three kernels ([`kernels`]): the forward, the
-//! backward's query side (dQ, and `D = rowsum(dO ⊙ O)`), its key side (dK, dV, with the query
-//! heads of a grouped key/value head summed in order). Memory: `O(B · L · H · hd)`.
+//! the probabilities tile by tile from them. Three kernels: the forward, the backward's query side
+//! (dQ, and `D = rowsum(dO ⊙ O)`), its key side (dK, dV, with the query heads of a grouped
+//! key/value head summed in order). Memory: `O(B · L · H · hd)`.
 //!
-//! The units per cube and the tile of rows staged in shared memory come from the client's limits
-//! (the CPU runtime: one unit per core; a GPU: two warps), so the same code runs on both.
+//! Two implementations of the three: [`tiles`], 16 × 16 tile products on the tensor cores, for
+//! f16/bf16 inputs with a head dimension a multiple of 16 (the training path: zamba-1b's 256,
+//! Zamba-7B's 464); [`kernels`], one unit per row with f32 products, for everything else (f32
+//! inputs, odd head dimensions). Where a device has no tensor cores for the inputs' type (the
+//! CPU runtime) the tile kernels compute their tile products with the plane's own units, so the
+//! same kernels are verified without a GPU.
+//!
+//! Cube sizes and the tiles staged in shared memory come from the client's limits (the CPU
+//! runtime: one unit per core; a GPU: warps of 32), so the same code runs on both.
 
 mod kernels;
+mod tiles;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -18,10 +26,13 @@ use burn::backend::{Autodiff, Backend, Cube, DType, Dispatch, TensorMetadata, ba
 use burn::tensor::Tensor;
 use burn_cubecl::kernel::untile;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::Device as CubeDevice;
 use cubecl::client::Client;
+use cubecl::features::MmaConfig;
 use cubecl::{CubeCount, CubeDim};
 
 use super::buffers::{address_type, empty, kernel_dtype, to_dtype};
+use tiles::Tiling;
 
 /// Rows per cube, at most: two 32-wide warps on a GPU.
 const MAX_UNITS: usize = 64;
@@ -50,7 +61,8 @@ pub(crate) trait CubeAttentionBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Rows per cube and rows per shared tile on `client` for head dimension `head_dim`.
+/// The row kernels' shape: rows per cube (one unit each) and rows per shared tile on `client` for
+/// head dimension `head_dim`.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     units: usize,
@@ -77,6 +89,167 @@ impl Geometry {
     }
 }
 
+/// `(planes, tile)` shapes of the tile kernels, largest first (see [`TilePass::shape`]).
+const TILE_SHAPES: [(usize, usize); 7] = [
+    (4, 64),
+    (4, 32),
+    (2, 64),
+    (2, 32),
+    (2, 16),
+    (1, 32),
+    (1, 16),
+];
+/// Resident planes per multiprocessor beyond which more do not count (registers and the warp
+/// schedulers bound them before shared memory does).
+const MAX_RESIDENT_PLANES: usize = 16;
+
+/// The three kernels of one call: [`kernels`] or [`tiles`] (see the module docs).
+#[derive(Clone, Copy, Debug)]
+enum Kernels {
+    Rows(Geometry),
+    Tiles {
+        forward: Tiling,
+        query: Tiling,
+        key: Tiling,
+    },
+}
+
+/// A tile kernel, by its shared-memory layout.
+#[derive(Clone, Copy, Debug)]
+enum TilePass {
+    Forward,
+    Query,
+    Key,
+}
+
+/// What bounds a tile kernel's cube on a device.
+#[derive(Clone, Copy, Debug)]
+struct CubeLimits {
+    /// Units per plane.
+    plane: usize,
+    /// Units per cube.
+    units: usize,
+    /// Shared memory per cube, bytes: on NVIDIA GPUs about a multiprocessor's whole shared
+    /// memory, so that the cubes resident per multiprocessor are about `shared / bytes`.
+    shared: usize,
+}
+
+impl TilePass {
+    /// The `(planes, tile)` of [`TILE_SHAPES`] that fits `limits` and keeps the most planes
+    /// resident per multiprocessor (at most [`MAX_RESIDENT_PLANES`]), the earlier on a tie; `None`
+    /// when none fits.
+    fn shape(self, head_dim: usize, elem: usize, limits: CubeLimits) -> Option<(usize, usize)> {
+        let resident_planes = |planes: usize, tile: usize| {
+            let bytes = self.shared_bytes(planes, tile, head_dim, elem);
+            let fits = planes * limits.plane <= limits.units && bytes <= limits.shared;
+            fits.then(|| (planes * (limits.shared / bytes)).min(MAX_RESIDENT_PLANES))
+        };
+        let mut best: Option<(usize, (usize, usize))> = None;
+        for (planes, tile) in TILE_SHAPES {
+            if let Some(score) = resident_planes(planes, tile)
+                && best.is_none_or(|(top, _)| score > top)
+            {
+                best = Some((score, (planes, tile)));
+            }
+        }
+        best.map(|(_, shape)| shape)
+    }
+
+    /// Shared memory of one cube: its buffers of `[rows, hd]`, `[tile, hd]` and `[rows, tile]`
+    /// elements, in the inputs' type (`elem` bytes) or f32, and its f32 statistics (see
+    /// `tiles.rs`), each aligned to 32 bytes.
+    fn shared_bytes(self, planes: usize, tile: usize, head_dim: usize, elem: usize) -> usize {
+        let rows = tiles::FRAGMENT * planes;
+        // (row buffers in E, in f32; tile buffers in E; score buffers in f32, in E; statistics)
+        let (row_e, row_f, tile_e, score_f, score_e, stats) = match self {
+            TilePass::Forward => (1, 1, 2, 1, 1, 3 * rows),
+            TilePass::Query => (2, 1, 2, 2, 1, 2 * rows),
+            TilePass::Key => (2, 2, 2, 2, 2, 2 * tile),
+        };
+        let buffers = row_e + row_f + tile_e + score_f + score_e + 1;
+        rows * head_dim * (row_e * elem + row_f * 4)
+            + tile * head_dim * tile_e * elem
+            + rows * tile * (score_f * 4 + score_e * elem)
+            + stats * 4
+            + buffers * 32
+    }
+}
+
+impl Kernels {
+    /// The tile kernels for f16/bf16 inputs with a head dimension a multiple of 16 where their
+    /// cubes fit the device, else the row kernels.
+    fn choose(client: &Client, act: DType, head_dim: usize) -> Self {
+        let rows = Kernels::Rows(Geometry::of(client, head_dim));
+        if !matches!(act, DType::F16 | DType::BF16) || head_dim % tiles::FRAGMENT != 0 {
+            return rows;
+        }
+        let properties = client.properties();
+        let elem = dtype_to_storage_type(act);
+        let tensor_cores = properties.features.matmul.cmma.contains(&MmaConfig {
+            a_type: elem,
+            b_type: elem,
+            cd_type: dtype_to_storage_type(DType::F32),
+            m: tiles::FRAGMENT as u32,
+            n: tiles::FRAGMENT as u32,
+            k: tiles::FRAGMENT as u32,
+        });
+        let hardware = &properties.hardware;
+        let plane = (hardware.plane_size_max as usize).max(1);
+        let units = hardware.max_units_per_cube.min(hardware.max_cube_dim.0) as usize;
+        let shared = hardware.max_shared_memory_size;
+        let Some(shapes) = tile_shapes(head_dim, act.size(), plane, units, shared) else {
+            return rows;
+        };
+        let [forward, query, key] = shapes.map(|(planes, tile)| Tiling {
+            head_dim,
+            tile,
+            planes,
+            plane,
+            tensor_cores,
+        });
+        Kernels::Tiles {
+            forward,
+            query,
+            key,
+        }
+    }
+}
+
+/// Which kernels [`causal_attention`] runs on the Cube device `device` for inputs of `dtype` with
+/// head dimension `head_dim` (logs and device checks).
+pub(crate) fn kernels_on(device: &CubeDevice, dtype: DType, head_dim: usize) -> &'static str {
+    match Kernels::choose(&device.client(), kernel_dtype(dtype), head_dim) {
+        Kernels::Rows(_) => "row kernels (f32 products)",
+        Kernels::Tiles { forward, .. } => match forward.tensor_cores {
+            true => "tile kernels on the tensor cores",
+            false => "tile kernels, tile products by the plane's units",
+        },
+    }
+}
+
+/// The tile kernels' `(planes, tile)` shapes — forward, dQ, dK/dV — for head dimension
+/// `head_dim`, inputs of `elem_bytes` bytes and a device with `plane` units per plane, `units`
+/// units and `shared` bytes of shared memory per cube; `None` where a kernel fits no shape (the
+/// row kernels run).
+pub fn tile_shapes(
+    head_dim: usize,
+    elem_bytes: usize,
+    plane: usize,
+    units: usize,
+    shared: usize,
+) -> Option<[(usize, usize); 3]> {
+    let limits = CubeLimits {
+        plane,
+        units,
+        shared,
+    };
+    Some([
+        TilePass::Forward.shape(head_dim, elem_bytes, limits)?,
+        TilePass::Query.shape(head_dim, elem_bytes, limits)?,
+        TilePass::Key.shape(head_dim, elem_bytes, limits)?,
+    ])
+}
+
 /// The inputs as the kernels read them, in one float type, and what the op returns them in.
 #[derive(Clone, Debug)]
 struct Inputs {
@@ -88,6 +261,7 @@ struct Inputs {
     /// The inputs' dtype: the output's and the gradients'.
     dtype: DType,
     scale: f32,
+    kernels: Kernels,
 }
 
 impl Inputs {
@@ -95,6 +269,7 @@ impl Inputs {
         let dtype = q.dtype;
         let act = kernel_dtype(dtype);
         let [q, k, v] = [q, k, v].map(|t| untile(to_dtype(t, act)));
+        let kernels = Kernels::choose(&q.client, act, q.shape()[3]);
         Self {
             q,
             k,
@@ -102,6 +277,7 @@ impl Inputs {
             act,
             dtype,
             scale,
+            kernels,
         }
     }
 
@@ -119,21 +295,28 @@ impl Inputs {
         dtype_to_storage_type(self.act)
     }
 
-    /// One cube per `units` rows of each (batch, head) of `heads` heads.
+    /// One cube per `rows` rows of each (batch, head) of `heads` heads.
     ///
     /// # Panics
     /// If the device cannot launch that many cubes (batch × heads beyond 65,535 on CUDA).
-    fn cubes(&self, geometry: Geometry, heads: usize) -> CubeCount {
+    fn cubes(&self, rows: usize, heads: usize) -> CubeCount {
         let [batch, len, ..] = self.dims();
-        let blocks = len.div_ceil(geometry.units);
+        let blocks = len.div_ceil(rows);
         let (max_x, max_y, _) = self.q.client.properties().hardware.max_cube_count;
         assert!(
             blocks <= max_x as usize && batch * heads <= max_y as usize,
-            "causal_attention: {blocks} blocks of {} rows × {batch} batch × {heads} heads exceed \
-             the device's grid ({max_x} × {max_y} cubes); use a smaller micro-batch",
-            geometry.units
+            "causal_attention: {blocks} blocks of {rows} rows × {batch} batch × {heads} heads \
+             exceed the device's grid ({max_x} × {max_y} cubes); use a smaller micro-batch"
         );
         CubeCount::Static(blocks as u32, (batch * heads) as u32, 1)
+    }
+
+    /// The launch of a tile kernel of `tiling` over `heads` heads: its cubes and their units.
+    fn tile_launch(&self, tiling: Tiling, heads: usize) -> (CubeCount, CubeDim) {
+        (
+            self.cubes(tiling.rows(), heads),
+            CubeDim::new_1d(tiling.units() as u32),
+        )
     }
 }
 
@@ -147,26 +330,49 @@ fn forward(x: &Inputs, keep_lse: bool) -> (CubeTensor, Option<CubeTensor>) {
         true => empty(&x.q, [batch, heads, len], DType::F32),
         false => empty(&x.q, [1, 1, 1], DType::F32),
     };
-    if !x.is_empty() {
-        let client = x.q.client.clone();
-        let geometry = Geometry::of(&client, head_dim);
-        kernels::attention_forward::launch(
+    if x.is_empty() {
+        return (out, keep_lse.then_some(lse));
+    }
+    let client = x.q.client.clone();
+    let address = address_type(&[&x.q, &x.k, &x.v, &out, &lse]);
+    let [q, k, v] = [&x.q, &x.k, &x.v].map(|t| t.clone().into_tensor_arg());
+    let (out_arg, lse_arg) = (out.clone().into_tensor_arg(), lse.clone().into_tensor_arg());
+    match x.kernels {
+        Kernels::Rows(geometry) => kernels::attention_forward::launch(
             &client,
-            x.cubes(geometry, heads),
+            x.cubes(geometry.units, heads),
             CubeDim::new_1d(geometry.units as u32),
-            address_type(&[&x.q, &x.k, &x.v, &out, &lse]),
-            x.q.clone().into_tensor_arg(),
-            x.k.clone().into_tensor_arg(),
-            x.v.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
+            address,
+            q,
+            k,
+            v,
+            out_arg,
+            lse_arg,
             x.scale,
             head_dim,
             geometry.tile,
             geometry.units,
             keep_lse,
             x.elem(),
-        );
+        ),
+        Kernels::Tiles { forward, .. } => {
+            let (cubes, cube_dim) = x.tile_launch(forward, heads);
+            tiles::attention_forward::launch(
+                &client,
+                cubes,
+                cube_dim,
+                address,
+                q,
+                k,
+                v,
+                out_arg,
+                lse_arg,
+                x.scale,
+                forward,
+                keep_lse,
+                x.elem(),
+            )
+        }
     }
     (out, keep_lse.then_some(lse))
 }
@@ -179,50 +385,125 @@ fn backward(x: &Inputs, out: &CubeTensor, lse: &CubeTensor, dout: CubeTensor) ->
     let dk = empty(&x.q, [batch, len, kv_heads, head_dim], x.act);
     let dv = empty(&x.q, [batch, len, kv_heads, head_dim], x.act);
     if !x.is_empty() {
-        let client = x.q.client.clone();
-        let geometry = Geometry::of(&client, head_dim);
-        let cube_dim = CubeDim::new_1d(geometry.units as u32);
         let delta = empty(&x.q, [batch, heads, len], DType::F32);
-        kernels::attention_backward_query::launch(
-            &client,
-            x.cubes(geometry, heads),
-            cube_dim,
-            address_type(&[&x.q, &x.k, &x.v, out, &dout, lse, &dq, &delta]),
-            x.q.clone().into_tensor_arg(),
-            x.k.clone().into_tensor_arg(),
-            x.v.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            dout.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            dq.clone().into_tensor_arg(),
-            delta.clone().into_tensor_arg(),
-            x.scale,
-            head_dim,
-            geometry.tile,
-            geometry.units,
-            x.elem(),
-        );
-        kernels::attention_backward_key::launch(
-            &client,
-            x.cubes(geometry, kv_heads),
-            cube_dim,
-            address_type(&[&x.q, &x.k, &x.v, &dout, lse, &delta, &dk, &dv]),
-            x.q.clone().into_tensor_arg(),
-            x.k.clone().into_tensor_arg(),
-            x.v.clone().into_tensor_arg(),
-            dout.into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            delta.into_tensor_arg(),
-            dk.clone().into_tensor_arg(),
-            dv.clone().into_tensor_arg(),
-            x.scale,
-            head_dim,
-            geometry.tile,
-            geometry.units,
-            x.elem(),
-        );
+        backward_query(x, out, lse, &dout, &dq, &delta);
+        backward_key(x, lse, &dout, &delta, &dk, &dv);
     }
     [dq, dk, dv].map(|g| to_dtype(g, x.dtype))
+}
+
+/// `dq` and `delta = rowsum(dO ⊙ O)` (`[B, H, L]`, f32).
+fn backward_query(
+    x: &Inputs,
+    out: &CubeTensor,
+    lse: &CubeTensor,
+    dout: &CubeTensor,
+    dq: &CubeTensor,
+    delta: &CubeTensor,
+) {
+    let [_, _, heads, _, head_dim] = x.dims();
+    let client = &x.q.client;
+    let address = address_type(&[&x.q, &x.k, &x.v, out, dout, lse, dq, delta]);
+    let [q, k, v, out, dout, lse, dq, delta] =
+        [&x.q, &x.k, &x.v, out, dout, lse, dq, delta].map(|t| t.clone().into_tensor_arg());
+    match x.kernels {
+        Kernels::Rows(geometry) => kernels::attention_backward_query::launch(
+            client,
+            x.cubes(geometry.units, heads),
+            CubeDim::new_1d(geometry.units as u32),
+            address,
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse,
+            dq,
+            delta,
+            x.scale,
+            head_dim,
+            geometry.tile,
+            geometry.units,
+            x.elem(),
+        ),
+        Kernels::Tiles { query, .. } => {
+            let (cubes, cube_dim) = x.tile_launch(query, heads);
+            tiles::attention_backward_query::launch(
+                client,
+                cubes,
+                cube_dim,
+                address,
+                q,
+                k,
+                v,
+                out,
+                dout,
+                lse,
+                dq,
+                delta,
+                x.scale,
+                query,
+                x.elem(),
+            )
+        }
+    }
+}
+
+/// `dk` and `dv`, from `delta` of [`backward_query`].
+fn backward_key(
+    x: &Inputs,
+    lse: &CubeTensor,
+    dout: &CubeTensor,
+    delta: &CubeTensor,
+    dk: &CubeTensor,
+    dv: &CubeTensor,
+) {
+    let [_, _, _, kv_heads, head_dim] = x.dims();
+    let client = &x.q.client;
+    let address = address_type(&[&x.q, &x.k, &x.v, dout, lse, delta, dk, dv]);
+    let [q, k, v, dout, lse, delta, dk, dv] =
+        [&x.q, &x.k, &x.v, dout, lse, delta, dk, dv].map(|t| t.clone().into_tensor_arg());
+    match x.kernels {
+        Kernels::Rows(geometry) => kernels::attention_backward_key::launch(
+            client,
+            x.cubes(geometry.units, kv_heads),
+            CubeDim::new_1d(geometry.units as u32),
+            address,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            x.scale,
+            head_dim,
+            geometry.tile,
+            geometry.units,
+            x.elem(),
+        ),
+        Kernels::Tiles { key, .. } => {
+            let (cubes, cube_dim) = x.tile_launch(key, kv_heads);
+            tiles::attention_backward_key::launch(
+                client,
+                cubes,
+                cube_dim,
+                address,
+                q,
+                k,
+                v,
+                dout,
+                lse,
+                delta,
+                dk,
+                dv,
+                x.scale,
+                key,
+                x.elem(),
+            )
+        }
+    }
 }
 
 impl CubeAttentionBackend for Cube {

@@ -147,9 +147,10 @@ impl Shape {
 /// Causal attention over each use of the shared block: flash-style kernels (inputs read and the
 /// output written once, an f32 log-sum-exp per row and head, masked blocks skipped). Planned: on
 /// tensor cores, the backward recomputing the scores once (5 products against the forward's 2).
-/// Current (kernels/src/cube/attention): scalar f32 products on the CUDA cores, one launch
-/// forward and two backward, each of which recomputes the scores (7 products; the key-side pass
-/// reads `q`, `dO` and the row statistics again).
+/// Current (kernels/src/cube/attention): one launch forward and two backward, each of which
+/// recomputes the scores (7 products; the key-side pass reads `q`, `dO` and the row statistics
+/// again); bf16 with a head dimension a multiple of 16 runs the tile kernels (tensor cores),
+/// f32 or another head dimension the row kernels (scalar f32 products on the CUDA cores).
 fn attention(s: &Shape, kernels: Kernels) -> OpCost {
     let full_forward = 4.0 * s.t * s.len as f64 * s.a * s.uses;
     let causal = (s.len as f64 + 1.0) / (2.0 * s.len as f64);
@@ -158,9 +159,15 @@ fn attention(s: &Shape, kernels: Kernels) -> OpCost {
     let forward_io = 2.0 * q + 2.0 * kv;
     let backward_io = 3.0 * q + 2.0 * kv + q + 2.0 * kv;
     let forwards = s.forwards * (forward_io + lse);
+    let tiles = s.e == 2.0 && s.config.attention_head_dim() % 16 == 0;
     let (backward_products, backward_bytes, backward_launches, rate) = match kernels {
         Kernels::Planned => (2.5, backward_io + lse, 3.0, Rate::Attention),
-        Kernels::Current => (3.5, backward_io + 2.0 * q + 3.0 * lse, 2.0, Rate::Vector),
+        Kernels::Current => (
+            3.5,
+            backward_io + 2.0 * q + 3.0 * lse,
+            2.0,
+            if tiles { Rate::Attention } else { Rate::Vector },
+        ),
     };
     OpCost {
         model_flops: 3.0 * full_forward,
