@@ -15,7 +15,7 @@
 #   tar xf zamba-gpu-bundle.tar.xz && cd zamba-gpu-bundle && ./gpu-check.sh
 #
 # Needs what a `--features cuda` build needs (scripts/prepare-llvm.sh: python3 with pip, PyPI
-# reachable once), ~12 minutes of a 2-core machine from a cold target dir, and `strip`, `tar`,
+# reachable once; also for CUDA's libdevice, from NVIDIA's nvcc wheel), ~12 minutes of a 2-core machine from a cold target dir, and `strip`, `tar`,
 # `xz`. Env: CARGO_FLAGS (extra cargo flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,31 @@ esac
 NAME="zamba-gpu-bundle"
 STAGE="target/${NAME}"
 ARCHIVE="target/${NAME}.tar.xz"
+
+# CUDA's libdevice (the math functions — exp, log, tanh — that LLVM's NVPTX backend links into
+# every kernel using them), from NVIDIA's pinned, hash-checked nvcc wheel, into $1: the GPU node
+# may have a driver and pip's CUDA libraries but no toolkit, and no network.
+LIBDEVICE_WHEEL="nvidia-cuda-nvcc-cu12==12.9.86"
+LIBDEVICE_WHEEL_SHA="5d6a0d32fdc7ea39917c20065614ae93add6f577d840233237ff08e9a38f58f0"
+bundle_libdevice() {
+    local wheels="target/libdevice-wheel"
+    mkdir -p "${wheels}" "$1"
+    if ! compgen -G "${wheels}/nvidia_cuda_nvcc_cu12-*.whl" >/dev/null; then
+        "${PYTHON:-python3}" -m pip download --quiet --no-deps --only-binary=:all: \
+            --platform manylinux2010_x86_64 --dest "${wheels}" "${LIBDEVICE_WHEEL}"
+    fi
+    local wheel
+    wheel=$(compgen -G "${wheels}/nvidia_cuda_nvcc_cu12-*.whl" | head -n 1)
+    echo "${LIBDEVICE_WHEEL_SHA}  ${wheel}" | sha256sum --check --quiet \
+        || { echo "gpu-bundle: error: ${wheel} does not have the pinned hash" >&2; exit 1; }
+    "${PYTHON:-python3}" - "${wheel}" "$1" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    data = wheel.read("nvidia/cuda_nvcc/nvvm/libdevice/libdevice.10.bc")
+with open(f"{sys.argv[2]}/libdevice.10.bc", "wb") as out:
+    out.write(data)
+PY
+}
 
 bash scripts/prepare-llvm.sh
 # shellcheck disable=SC2086
@@ -48,6 +73,7 @@ if (( NVRTC )); then
     strip "${STAGE}/zamba-train-nvrtc"
 fi
 cp scripts/gpu-check.sh "${STAGE}/"
+bundle_libdevice "${STAGE}/cuda/nvvm/libdevice"
 cp -r tests/fixtures/zamba-tiny-h2 "${STAGE}/fixtures/"
 cat >"${STAGE}/README.txt" <<EOF
 zamba-train GPU bundle ($(git describe --always --dirty 2>/dev/null || echo unknown), built $(date -u +%Y-%m-%d))
@@ -60,6 +86,9 @@ Results: gpu-check-out/ (one log and one JSON per section, summary.json, the tab
 The binary also runs alone: ./zamba-train selftest --device cuda, ./zamba-train --help.
 It loads libcuda (the driver) and, for the dist section, libnccl at run time; gpu-check.sh finds
 them on LD_LIBRARY_PATH, /usr/local/cuda/lib64 or a Python environment's nvidia/*/lib folders.
+Its kernels link CUDA's libdevice when they are compiled: gpu-check.sh sets CUDA_PATH to a CUDA
+toolkit if there is one, else to cuda/ here (libdevice from NVIDIA's nvcc wheel). To run the
+binary alone without a toolkit: CUDA_PATH=$PWD/cuda ./zamba-train ...
 EOF
 tar -C target -cJf "${ARCHIVE}" "${NAME}"
 

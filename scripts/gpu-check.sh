@@ -33,6 +33,8 @@
 #
 # Library search order (printed): LD_LIBRARY_PATH, /usr/local/cuda/lib64 (and CUDA_HOME),
 # Python site-packages nvidia/*/lib (pip's PyTorch layout). libcuda comes with the driver.
+# CUDA_PATH (printed) is set for the kernel compilers: a toolkit with libdevice and the CUDA headers
+# (CUDA_PATH, CUDA_HOME, /usr/local/cuda, /opt/cuda), else links to pip's copies or the bundle's.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -81,25 +83,80 @@ find_binary() {
     die "no zamba-train binary in ${BIN_DIR:-${HERE} or ${HERE}/../target/release}; pass --bin DIR"
 }
 
-# Folders that may hold the CUDA user-space libraries, in search order.
-library_dirs() {
-    local d
-    IFS=: read -ra d <<<"${LD_LIBRARY_PATH:-}"
-    printf '%s\n' "${d[@]}"
-    [[ -n "${CUDA_HOME:-}" ]] && printf '%s\n' "${CUDA_HOME}/lib64"
-    printf '%s\n' /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64
+# Python's site-packages folders (where pip puts PyTorch's nvidia/* and triton wheels).
+python_roots() {
     local python
     for python in python3 python; do
         command -v "${python}" >/dev/null 2>&1 || continue
         "${python}" - <<'PY' 2>/dev/null
-import glob, site, sys
+import site, sys
 roots = list(getattr(site, "getsitepackages", lambda: [])()) + [site.getusersitepackages()] + sys.path
 for root in dict.fromkeys(roots):
-    for lib in sorted(glob.glob(f"{root}/nvidia/*/lib")):
-        print(lib)
+    print(root)
 PY
         break
     done
+}
+
+# Folders that may hold the CUDA user-space libraries, in search order.
+library_dirs() {
+    local d root
+    IFS=: read -ra d <<<"${LD_LIBRARY_PATH:-}"
+    printf '%s\n' "${d[@]}"
+    [[ -n "${CUDA_HOME:-}" ]] && printf '%s\n' "${CUDA_HOME}/lib64"
+    printf '%s\n' /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64
+    while read -r root; do
+        compgen -G "${root}/nvidia/*/lib" || true
+    done < <(python_roots)
+}
+
+# CUDA toolkit roots to look in, in order; last, the bundle's own cuda/ (libdevice only, from
+# scripts/gpu-bundle.sh).
+toolkit_roots() {
+    printf '%s\n' "${CUDA_PATH:-}" "${CUDA_HOME:-}" /usr/local/cuda /opt/cuda "${HERE}/cuda"
+}
+
+# The first existing file among $@ (paths relative to each toolkit root, then to each Python
+# site-packages folder); prints its path.
+find_toolkit_file() {
+    local root relative
+    while read -r root; do
+        [[ -n "${root}" ]] || continue
+        for relative in "$@"; do
+            [[ -f "${root}/${relative}" ]] && { printf '%s\n' "${root}/${relative}"; return 0; }
+        done
+    done < <(toolkit_roots; python_roots)
+    return 1
+}
+
+# Sets CUDA_PATH for the kernels' compilers: LLVM's NVPTX backend links CUDA's libdevice
+# (nvvm/libdevice/libdevice.10.bc: exp, log, tanh, … — every kernel with a softmax, SiLU or the
+# scan needs it), NVRTC includes the CUDA headers (include/cuda_bf16.h). A toolkit with both is used
+# as it is; otherwise (a driver plus pip's CUDA wheels: nvidia/cuda_nvcc, nvidia/cuda_runtime, or
+# triton's copy of libdevice) a folder of links to what was found stands in for one. Appends to
+# OUT/libraries.txt.
+locate_toolkit() {
+    local libdevice include
+    libdevice=$(find_toolkit_file nvvm/libdevice/libdevice.10.bc \
+        nvidia/cuda_nvcc/nvvm/libdevice/libdevice.10.bc triton/backends/nvidia/lib/libdevice.10.bc) \
+        || libdevice=""
+    include=$(find_toolkit_file include/cuda_bf16.h nvidia/cuda_runtime/include/cuda_bf16.h) \
+        || include=""
+    local root="${libdevice%/nvvm/libdevice/libdevice.10.bc}"
+    if [[ -n "${libdevice}" && -n "${include}" && "${include}" == "${root}/include/cuda_bf16.h" ]]; then
+        export CUDA_PATH="${root}"
+    elif [[ -n "${libdevice}${include}" ]]; then
+        export CUDA_PATH="${OUT}/cuda-toolkit"
+        mkdir -p "${CUDA_PATH}/nvvm/libdevice"
+        [[ -n "${libdevice}" ]] && ln -sf "${libdevice}" "${CUDA_PATH}/nvvm/libdevice/libdevice.10.bc"
+        [[ -n "${include}" ]] && ln -sfn "$(dirname "${include}")" "${CUDA_PATH}/include"
+    fi
+    printf '%-9s %s\n' libdevice "${libdevice:-not found (set CUDA_PATH to a CUDA toolkit, or pip install nvidia-cuda-nvcc-cu12)}" \
+        | tee -a "${OUT}/libraries.txt"
+    printf '%-9s %s\n' headers "${include:-not found (NVRTC-compiled kernels need include/cuda_bf16.h)}" \
+        | tee -a "${OUT}/libraries.txt"
+    [[ -n "${CUDA_PATH:-}" ]] && echo "CUDA_PATH=${CUDA_PATH}"
+    return 0
 }
 
 # Finds library $1 (a soname pattern); prints its path.
@@ -294,6 +351,7 @@ this check needs an NVIDIA GPU with its driver (nvidia-smi), and a binary built 
     : >"${OUT}/sections.txt"
     echo "binary: ${BIN}"
     locate_libraries
+    locate_toolkit
     export BIN BIN_NVRTC OUT DEVICE SMOKE FIXTURES
     export -f json_string with_memory_peak predict_step step_args "${SECTIONS[@]/#/section_}"
     CHECK_START=${SECONDS}

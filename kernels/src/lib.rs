@@ -49,7 +49,7 @@ pub use cube::attention_tile_shapes;
 #[cfg(feature = "cube")]
 pub(crate) use device::on_cube;
 pub(crate) use device::on_flex;
-pub use device::{CUDA_KERNEL_COMPILER, kernel_devices};
+pub use device::{CUDA_KERNEL_COMPILER, cuda_kernel_compiler_problem, kernel_devices};
 pub use dtype::expect_same_dtype;
 pub use gelu::{gelu_mul, gelu_mul_reference};
 pub use heads::{per_head_matmul, per_head_matmul_reference, per_head_matmul_transposed};

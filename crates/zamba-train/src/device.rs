@@ -59,6 +59,10 @@ fn cuda(first: usize, local_rank: usize) -> Result<Device> {
              visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
         );
     }
+    let cuda_path = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from);
+    if let Some(problem) = zamba_kernels::cuda_kernel_compiler_problem(cuda_path.as_deref()) {
+        bail!("device \"cuda:{index}\": {problem}");
+    }
     Ok(Device::cuda(index))
 }
 

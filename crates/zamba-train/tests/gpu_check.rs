@@ -350,3 +350,60 @@ fn without_a_gpu_the_full_check_refuses_at_once() {
         "nothing ran before the refusal"
     );
 }
+
+/// Without a CUDA toolkit, the check stands pip's libdevice and CUDA headers (a Python
+/// environment's nvidia/cuda_nvcc and nvidia/cuda_runtime) in for one: CUDA_PATH becomes a folder
+/// of links to them, and the env section lists both.
+#[test]
+fn pips_libdevice_and_headers_stand_in_for_a_toolkit() {
+    let site = tempfile::tempdir().unwrap();
+    let libdevice = site
+        .path()
+        .join("nvidia/cuda_nvcc/nvvm/libdevice/libdevice.10.bc");
+    let header = site.path().join("nvidia/cuda_runtime/include/cuda_bf16.h");
+    for file in [&libdevice, &header] {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, b"stand-in").unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new("bash")
+        .arg(script())
+        .args(["--smoke", "env", "--bin"])
+        .arg(bin_dir())
+        .arg("--out")
+        .arg(out.path())
+        .env("PYTHONPATH", site.path())
+        .env_remove("CUDA_PATH")
+        .env_remove("CUDA_HOME")
+        .output()
+        .expect("run gpu-check.sh");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}");
+    let libraries: Vec<String> = json(&out.path().join("env.json"))["libraries"]
+        .as_array()
+        .expect("libraries")
+        .iter()
+        .map(|l| l.as_str().unwrap_or_default().to_string())
+        .collect();
+    let listed = |name: &str, path: &Path| {
+        libraries
+            .iter()
+            .any(|l| l.starts_with(name) && l.ends_with(&path.display().to_string()))
+    };
+    // A machine with a real toolkit finds that first; this one (CI) has none.
+    if Path::new("/usr/local/cuda/nvvm/libdevice/libdevice.10.bc").exists() {
+        return;
+    }
+    assert!(listed("libdevice", &libdevice), "{libraries:?}");
+    assert!(listed("headers", &header), "{libraries:?}");
+    let toolkit = out.path().join("cuda-toolkit");
+    assert_eq!(
+        std::fs::read(toolkit.join("nvvm/libdevice/libdevice.10.bc")).unwrap(),
+        b"stand-in"
+    );
+    assert!(toolkit.join("include/cuda_bf16.h").is_file());
+    assert!(
+        stdout.contains(&format!("CUDA_PATH={}", toolkit.display())),
+        "{stdout}"
+    );
+}

@@ -15,6 +15,8 @@
 //! runtime: one unit per core; a GPU: warps of 32), so the same code runs on both.
 
 mod kernels;
+#[cfg(all(test, feature = "cuda"))]
+mod ptx_tests;
 mod tiles;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
