@@ -24,4 +24,4 @@ pub use exec::{ActivationCheckpointing, Execution, Precision};
 pub use hf::{SaveDtype, load_hf, save_hf};
 pub use loss::{IGNORE_INDEX, cross_entropy, next_token_loss};
 pub use model::ZambaModel;
-pub use weights::{HostTensor, Init, RandomInit, WeightSource};
+pub use weights::{HostTensor, Init, RandomInit, WeightSource, random_tokens};

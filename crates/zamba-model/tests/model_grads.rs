@@ -5,21 +5,16 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Device, Distribution, Gradients, Int, Tensor};
+use burn::tensor::{Device, Gradients, Int, Tensor};
 use zamba_model::params::ParamCounts;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss};
+use zamba_model::{RandomInit, ZambaConfig, ZambaModel, next_token_loss, random_tokens};
 
 fn tiny() -> ZambaConfig {
     ZambaConfig::preset("zamba-tiny").unwrap()
 }
 
 fn tokens(config: &ZambaConfig, device: &Device, batch: usize, len: usize) -> Tensor<2, Int> {
-    device.seed(3);
-    Tensor::random(
-        [batch, len],
-        Distribution::Uniform(0.0, config.vocab_size as f64),
-        device,
-    )
+    random_tokens(3, config.vocab_size, [batch, len], device)
 }
 
 struct CollectGrads<'a> {

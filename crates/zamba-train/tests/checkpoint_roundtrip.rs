@@ -7,10 +7,10 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use zamba_data::{LoaderState, SourceCursor};
 use zamba_dist::SingleRank;
-use zamba_model::{RandomInit, SaveDtype, ZambaConfig, ZambaModel, next_token_loss};
+use zamba_model::{RandomInit, SaveDtype, ZambaConfig, ZambaModel, next_token_loss, random_tokens};
 use zamba_train::checkpoint::{self, Snapshot, TrainerState, moments};
 use zamba_train::data_parallel::{DataParallel, Sharding, param_slots};
 use zamba_train::optim::{AdamW, AdamWParams, Master, Moments};
@@ -86,12 +86,7 @@ fn save_then_load_gives_back_everything() {
     let config = ZambaConfig::preset("zamba-tiny").unwrap();
     let device = Device::flex().autodiff();
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(1), &device).unwrap();
-    device.seed(2);
-    let tokens = Tensor::<2, Int>::random(
-        [2, 9],
-        Distribution::Uniform(0.0, config.vocab_size as f64),
-        &device,
-    );
+    let tokens = random_tokens(2, config.vocab_size, [2, 9], &device);
     let grads = GradientsParams::from_grads(
         next_token_loss(model.forward(tokens.clone()), tokens).backward(),
         &model,

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use zamba_dist::{Communicator, DistError, DistOptions, ReduceOp, thread_group};
 use zamba_model::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel,
+    random_tokens,
 };
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::optim::{AdamW, AdamWParams};
@@ -51,9 +52,9 @@ fn layout(
 /// This rank's micro-batches of step `step`: 2 of 1 × 16 random tokens.
 fn micro_batches(rank: usize, step: usize) -> Vec<(Tensor<2, Int>, Tensor<2, Int>)> {
     let device = Device::flex().autodiff();
-    device.seed((100 * step + rank) as u64);
-    let tokens = || Tensor::<2, Int>::random([1, 16], Distribution::Uniform(0.0, 512.0), &device);
-    (0..2).map(|_| (tokens(), tokens())).collect()
+    let tokens =
+        |i: usize| random_tokens((1000 * step + 10 * rank + i) as u64, 512, [1, 16], &device);
+    (0..2).map(|m| (tokens(2 * m), tokens(2 * m + 1))).collect()
 }
 
 /// Every parameter's bits, in visiting order.

@@ -4,9 +4,9 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use zamba_dist::SingleRank;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy};
+use zamba_model::{RandomInit, ZambaConfig, ZambaModel, cross_entropy, random_tokens};
 use zamba_train::data_parallel::{DataParallel, Sharding};
 use zamba_train::optim::{AdamW, AdamWParams, clip_factor, is_decayed};
 
@@ -154,12 +154,7 @@ fn two_micro_batches_of_b_equal_one_batch_of_2b() {
     let config = ZambaConfig::preset("zamba-tiny").unwrap();
     let device = Device::flex().autodiff();
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(4), &device).unwrap();
-    device.seed(9);
-    let tokens = Tensor::<2, Int>::random(
-        [4, 17],
-        Distribution::Uniform(0.0, config.vocab_size as f64),
-        &device,
-    );
+    let tokens = random_tokens(9, config.vocab_size, [4, 17], &device);
     let rows = |a: usize, b: usize| tokens.clone().slice([a..b, 0..17]);
     let loss_of = |t: Tensor<2, Int>| {
         let [b, l] = t.dims();

@@ -3,9 +3,9 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::Device;
 use clap::Args;
-use zamba_model::{RandomInit, ZambaConfig, ZambaModel};
+use zamba_model::{RandomInit, ZambaConfig, ZambaModel, random_tokens};
 
 use super::time;
 
@@ -57,11 +57,7 @@ pub(super) fn run(a: &DecodeArgs) -> Result<()> {
             let _ = decoder.step(&token(decoder.len())).into_data();
         }
         let per_step = t.elapsed().as_secs_f64() / a.steps as f64;
-        let tokens = Tensor::<2, Int>::random(
-            [a.batch, prefix],
-            Distribution::Uniform(0.0, config.vocab_size as f64),
-            &device,
-        );
+        let tokens = random_tokens(0, config.vocab_size, [a.batch, prefix], &device);
         let forward = time(1, || {
             let _ = model.forward(tokens.clone()).into_data();
         });

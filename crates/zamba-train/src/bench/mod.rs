@@ -14,9 +14,9 @@ mod world;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use burn::tensor::{DType, Device, Distribution, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 use clap::{Args, Subcommand};
-use zamba_model::Precision;
+use zamba_model::{Precision, random_tokens};
 use zamba_train::device::{DeviceChoice, device_for};
 use zamba_train::optim::AdamWParams;
 use zamba_train::peak::{PEAK_SHAPES, PeakReport, measure_f32_peak};
@@ -200,16 +200,13 @@ fn time<F: FnMut()>(repeats: usize, mut f: F) -> Duration {
 /// `seq_len`), so the model runs `seq_len` positions per row, every one of which is a counted
 /// token.
 fn random_batch(
+    seed: u64,
     rows: usize,
     seq_len: usize,
     vocab: usize,
     device: &Device,
 ) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let tokens = Tensor::<2, Int>::random(
-        [rows, seq_len + 1],
-        Distribution::Uniform(0.0, vocab as f64),
-        device,
-    );
+    let tokens = random_tokens(seed, vocab, [rows, seq_len + 1], device);
     (
         tokens.clone().slice([0..rows, 0..seq_len]),
         tokens.slice([0..rows, 1..seq_len + 1]),

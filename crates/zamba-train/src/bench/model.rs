@@ -194,7 +194,7 @@ pub(super) fn run(a: &ModelArgs) -> Result<()> {
     };
     let model = ZambaModel::from_source(&config, &mut RandomInit::new(0), &autodiff)?
         .with_execution(execution);
-    let batch = random_batch(a.batch, a.seq_len, config.vocab_size, &autodiff);
+    let batch = random_batch(0, a.batch, a.seq_len, config.vocab_size, &autodiff);
     let (model, measured) = train_steps(
         model,
         &batch,

@@ -303,8 +303,8 @@ fn rank_steps(
         .with_precision(b.precision);
     let mut optimizer = AdamW::new(bench_adamw());
     let mut model = dp.prepare(model, &mut optimizer, comm, &compute)?;
-    device.seed(rank as u64);
-    let (inputs, targets) = random_batch(rows, b.seq_len, b.config.vocab_size, &device);
+    let (inputs, targets) =
+        random_batch(rank as u64, rows, b.seq_len, b.config.vocab_size, &device);
     let mut total = StepTimes::default();
     let on_wire = || link.map_or(Duration::ZERO, |(l, _)| l.time_on_wire());
     let bytes_on_wire = || link.map_or(0, |(l, _)| l.bytes_on_wire());
