@@ -5,7 +5,7 @@
 //! no model is built (`zamba-train bench model --device cuda --predict`). docs/performance.md
 //! explains what it counts, the fractions and what it ignores.
 //!
-//! Two kernel sets are modelled: [`Kernels::Planned`] (the kernels issue 21 plans: cuBLASLt
+//! Two kernel sets are modelled: [`Kernels::Planned`] (the GPU step's design target: cuBLASLt
 //! GEMMs, a mamba-ssm-class scan, flash attention, fused element-wise kernels, a multi-tensor
 //! AdamW) and [`Kernels::Current`] (the Cube path as it is: the fused attention's tile kernels on
 //! the tensor cores in bf16 (its row kernels on the CUDA cores in f32), fused RMSNorm, GELU-gate, conv and cross-entropy kernels, AdamW one launch per
