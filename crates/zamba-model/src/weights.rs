@@ -255,7 +255,7 @@ mod tests {
             random_tokens(seed, 50, [3, 40], &device)
                 .into_data()
                 .convert::<i64>()
-                .to_vec::<i64>()
+                .try_to_vec::<i64>()
                 .unwrap()
         };
         let alone: Vec<_> = (0..8).map(ids).collect();
