@@ -15,7 +15,7 @@ use zamba_kernels::check::{Arithmetic, Check, Comparisons};
 
 use crate::{
     ActivationCheckpointing, Execution, Precision, RandomInit, ZambaConfig, ZambaModel, load_hf,
-    next_token_loss,
+    next_token_loss, random_tokens,
 };
 
 /// The fixture the bf16 and transformers checks read (written by scripts/make_hf_fixture.py):
@@ -68,14 +68,6 @@ pub fn run(model: &ZambaModel, execution: Execution, tokens: &Tensor<2, Int>) ->
             .expect("f32 logits"),
         grads: collect.out,
     }
-}
-
-/// A fixed pseudo-random `[batch, len]` token sequence, the same on every device.
-pub fn tokens(vocab: usize, batch: usize, len: usize, device: &Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> = (0..batch * len)
-        .map(|i| ((i as u64 * 2_654_435_761 + 12_345) % vocab as u64) as i64)
-        .collect();
-    Tensor::from_data(TensorData::new(ids, [batch, len]), device)
 }
 
 pub const FP32: Execution = Execution {
@@ -152,9 +144,13 @@ pub fn model_checks(device: &Device, fixtures: &Path) -> Vec<Check> {
 /// gradients 0.1, as [`bf16_close_to_fp32`]).
 fn matches_flex(device: &Device) -> Result<String, String> {
     let flex = Device::flex().autodiff();
-    let want = run(&tiny_on(&flex), FP32, &tokens(512, 2, 21, &flex));
+    let want = run(
+        &tiny_on(&flex),
+        FP32,
+        &random_tokens(0, 512, [2, 21], &flex),
+    );
     let ad = device.clone().autodiff();
-    let got = run(&tiny_on(device), FP32, &tokens(512, 2, 21, &ad));
+    let got = run(&tiny_on(device), FP32, &random_tokens(0, 512, [2, 21], &ad));
     let arithmetic = Arithmetic::of(device, DType::F32);
     let tolerances = [
         arithmetic.tolerance(1e-5 * want.loss.abs(), 0.02),
@@ -172,7 +168,7 @@ fn matches_flex(device: &Device) -> Result<String, String> {
 fn recomputation(device: &Device) -> Result<String, String> {
     let ad = device.clone().autodiff();
     let model = tiny_on(device);
-    let tokens = tokens(512, 2, 19, &ad);
+    let tokens = random_tokens(0, 512, [2, 19], &ad);
     let kept = run(&model, FP32, &tokens);
     let layers = Execution {
         checkpointing: ActivationCheckpointing::Layers,
