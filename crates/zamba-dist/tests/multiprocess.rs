@@ -182,6 +182,13 @@ fn stubborn_rank() -> i32 {
 
 /// Rank 1 brings another `data.seq_len` than rank 0.
 fn fingerprint_rank() -> i32 {
+    // The launcher sends SIGTERM to rank 0 once rank 1 has exited with the verdict; a trainer's
+    // rank handles SIGTERM (zamba-train's `signals`) and so still reports it, and so does this one.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGTERM,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
     let info = RendezvousInfo::from_env().unwrap();
     let mut opts = opts(30_000);
     opts.fingerprint.push("binary", "same");
